@@ -1,0 +1,37 @@
+# Two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch; install it before the project so pip never pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test venv sample-data bench clean
+
+$(BIN)/aeflow: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(BIN)/aeflow
+
+venv: $(BIN)/aeflow
+
+demo: venv
+	$(BIN)/aeflow demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+sample-data: venv
+	$(BIN)/aeflow sample-data
+
+bench: venv
+	$(BIN)/python -m benchmarks.train_overhead
+	$(BIN)/python -m benchmarks.preprocess
+	$(BIN)/python -m benchmarks.overhead
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,135 @@
+"""Dense (fully connected) autoencoder for tabular data.
+
+Pure PyTorch: no Prefect, no fsspec, no pandas. The model's configuration is a
+small frozen dataclass that round-trips through JSON, so a model is always saved
+as ``config.json`` + ``weights.safetensors`` and rebuilt without unpickling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+}
+
+
+@dataclass(frozen=True)
+class DenseAEConfig:
+    """Shape and regularisation of a :class:`DenseAutoencoder`.
+
+    Attributes:
+        in_features: Width of the input (and of the reconstruction).
+        latent_dim: Width of the code ``z``.
+        hidden: Encoder widths from input to code; the decoder mirrors them.
+            The seed's example ``3000 -> 1500 -> 200`` is
+            ``DenseAEConfig(3000, 200, hidden=(1500,))``.
+        activation: One of :data:`ACTIVATIONS`.
+        dropout: Dropout after each hidden activation (0 disables it).
+        batch_norm: Batch normalisation before each hidden activation.
+    """
+
+    in_features: int
+    latent_dim: int
+    hidden: tuple[int, ...] = (256, 128)
+    activation: str = "gelu"
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {self.in_features}")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {list(self.hidden)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DenseAEConfig:
+        d = dict(d)
+        d["hidden"] = tuple(d.get("hidden", ()))
+        return cls(**d)
+
+
+@dataclass
+class AEOutput:
+    """What :meth:`DenseAutoencoder.forward` returns.
+
+    Attributes:
+        x_hat: The reconstruction, same shape as the input.
+        z: The latent code.
+    """
+
+    x_hat: Tensor
+    z: Tensor
+
+
+def _mlp(widths: list[int], cfg: DenseAEConfig, last_plain: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if last_plain and i == len(widths) - 2:
+            break
+        if cfg.batch_norm:
+            layers.append(nn.BatchNorm1d(b))
+        layers.append(ACTIVATIONS[cfg.activation]())
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+    return nn.Sequential(*layers)
+
+
+class DenseAutoencoder(nn.Module):
+    """A symmetric MLP autoencoder: ``in -> hidden... -> latent -> ...hidden -> in``.
+
+    The code and the reconstruction are linear (no activation), so the model can
+    represent PCA exactly and the reconstruction is unbounded, as scaled tabular
+    data is.
+    """
+
+    kind = "dense"
+
+    def __init__(self, config: DenseAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.in_features, *config.hidden, config.latent_dim]
+        self.encoder = _mlp(widths, config, last_plain=True)
+        self.decoder = _mlp(widths[::-1], config, last_plain=True)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: Tensor) -> AEOutput:
+        z = self.encode(x)
+        return AEOutput(x_hat=self.decode(z), z=z)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_dense(config: dict[str, Any]) -> DenseAutoencoder:
+    return DenseAutoencoder(DenseAEConfig.from_dict(config))
+

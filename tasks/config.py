@@ -1,0 +1,210 @@
+"""Typed run configuration.
+
+The CLI, a YAML file (``--config``), ``--set key=value`` overrides and deployment
+parameters in ``prefect.yaml`` all produce the same frozen :class:`RunConfig`,
+which is the flow's only parameter (Prefect derives the UI form from it).
+Nothing here reads settings at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import ConfigError
+
+DEFAULT_OUTPUT = "./artifacts"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class LoadConfig(Frozen):
+    """Where the data is and which columns play which role."""
+
+    input: str | None = Field(
+        None, description="Training data: a CSV/Parquet file, folder or glob at any fsspec URI (./x.csv, s3://b/raw/*.parquet)."
+    )
+    apply_to: str | None = Field(
+        None, description="Data to apply the model to (default: the input). Same forms as input."
+    )
+    format: Literal["auto", "csv", "parquet"] = Field("auto", description="File format; auto goes by extension.")
+    label_column: str | None = Field(None, description="Kept out of training; used for evaluation and plots.")
+    id_column: str | None = Field(None, description="Carried through to every output table.")
+    exclude_columns: tuple[str, ...] = Field((), description="Columns to ignore entirely.")
+    blocksize_mb: int = Field(64, ge=1, description="Target size of one Dask partition when splitting large CSV files.")
+
+
+class PreprocessConfig(Frozen):
+    """Scaling and the train/validation split (computed on the Dask cluster)."""
+
+    scaler: Literal["standard", "minmax", "none"] = Field("standard", description="Feature scaling fitted on training rows.")
+    val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of rows held out for validation and metrics.")
+    split_seed: int = Field(0, description="Seed of the deterministic train/validation split.")
+
+
+class ModelConfig(Frozen):
+    """Autoencoder architecture."""
+
+    latent_dim: int = Field(8, ge=1, le=4096, description="Width of the code z.")
+    hidden: tuple[int, ...] = Field((256, 128), description="Encoder widths from input to code; the decoder mirrors them.")
+    activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu", "elu"] = "gelu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(h < 1 for h in v):
+            raise ValueError(f"hidden widths must be >= 1, got {list(v)}")
+        return v
+
+
+class TrainConfig(Frozen):
+    """Optimiser, early stopping and device."""
+
+    epochs: int = Field(200, ge=1, description="Upper bound; early stopping usually ends sooner.")
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(15, ge=1, description="Epochs without validation improvement before stopping.")
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+
+
+class AppConfig(Frozen):
+    """Base of each application's own settings (``tasks/apps/<name>.py: Config``)."""
+
+    name: ClassVar[str] = ""
+
+
+class RunConfig(Frozen):
+    """One run of one application. Subclassed per application with its ``app`` type."""
+
+    app: AppConfig = AppConfig()
+    output: str = Field(DEFAULT_OUTPUT, description="Artifact root: a local folder or s3://bucket/prefix.")
+    model_run: str | None = Field(
+        None, description="Reuse the model of this run (its URI) instead of training: train once, apply daily."
+    )
+    run_id: str | None = Field(None, description="Name the run (default: time + fingerprint).")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster).")
+    skip_existing: bool = Field(
+        False, description="Skip the run when a complete run with the same input and config exists (idempotent backfills)."
+    )
+    load: LoadConfig = LoadConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    # Fields that change where or how fast a run happens but not what it computes.
+    _NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("output", "run_id", "dask_address", "skip_existing")
+
+    @property
+    def app_name(self) -> str:
+        return type(self.app).name
+
+    def fingerprint(self, input_hashes: dict[str, Any]) -> str:
+        """Hash of (app, inputs' content hashes, config): equal runs have equal fingerprints."""
+        cfg = self.model_dump(mode="json", exclude=set(self._NOT_FINGERPRINTED))
+        cfg["train"].pop("device", None)
+        blob = json.dumps({"app": self.app_name, "inputs": input_hashes, "config": cfg}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one ``--set key.path=value``; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {err['msg']}{got_s}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def resolve_config(
+    cls: type[RunConfig],
+    *,
+    file: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> RunConfig:
+    """Build a run config: defaults < YAML file < explicit options < ``--set`` items.
+
+    Args:
+        cls: The application's RunConfig subclass.
+        file: Optional YAML file with the same nesting as the config.
+        options: Dotted paths to values given on the command line (``None`` = not given).
+        sets: ``key.path=value`` strings.
+
+    Raises:
+        ConfigError: naming the offending key and value.
+    """
+    data: dict[str, Any] = read_config_file(file) if file else {}
+    data.pop("app_name", None)
+    for key, value in (options or {}).items():
+        if value is not None:
+            _set_path(data, key, value)
+    for item in sets or []:
+        key, value = parse_set(item)
+        _set_path(data, key, value)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from e

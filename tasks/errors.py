@@ -1,0 +1,38 @@
+"""Domain errors: one clear message for the user, no traceback.
+
+Every error a user can cause by what they pass (a file, a column, a value, an
+option) is an :class:`AeflowError`. The CLI prints its message and exits with
+:attr:`AeflowError.exit_code`; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AeflowError(Exception):
+    """Base class of errors caused by the user's input or configuration."""
+
+    exit_code = 1
+
+
+class InputError(AeflowError):
+    """The input data is missing, unreadable or violates the schema."""
+
+    exit_code = 3
+
+
+class ConfigError(AeflowError):
+    """An option or configuration value is invalid."""
+
+    exit_code = 2
+
+
+class StorageError(AeflowError):
+    """The artifact store cannot be read or written (bucket, permissions, missing run)."""
+
+    exit_code = 4
+
+
+class ModelMismatchError(AeflowError):
+    """The data does not fit the model it is applied with (columns, app, shape)."""
+
+    exit_code = 5

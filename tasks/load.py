@@ -1,0 +1,343 @@
+"""Validated loading of tables (CSV/Parquet file, folder or glob at any fsspec URI).
+
+``inspect_table`` looks at every file's header/footer once (cheap: no data is
+read beyond a small sample) to check that the files agree, infer the schema and
+plan the Dask partitions. ``to_dask`` turns the plan into a lazy Dask DataFrame
+whose partitions are parsed *and validated with pandera* by the workers; a bad
+value surfaces at the first compute as an :class:`InputError` naming the file,
+the column and the value.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass, replace
+
+import dask.dataframe as dd
+import pandas as pd
+import pyarrow.parquet as pq
+from fsspec.utils import read_block as fs_read_block
+from prefect import task
+
+from tasks.config import LoadConfig
+from tasks.errors import InputError
+from tasks.prefect_utils import IO_TASK
+from tasks.schemas import TableSchema, infer_schema, validate_block
+from tasks.storage import FileRecord, is_local, to_uri, url_to_fs
+
+_EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SAMPLE_ROWS = 2000
+
+
+def _format_of(path: str) -> str | None:
+    low = path.lower()
+    for ext, fmt in sorted(_EXTENSIONS.items(), key=lambda kv: -len(kv[0])):
+        if low.endswith(ext):
+            return fmt
+    return None
+
+
+@dataclass(frozen=True)
+class Block:
+    """One Dask partition: a byte range of a CSV file or row groups of a Parquet file."""
+
+    uri: str
+    fmt: str
+    index: int
+    offset: int = 0
+    length: int | None = None
+    row_groups: tuple[int, ...] = ()
+    row_offset: int | None = 0
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """An inspected input: its files (with hashes), partition plan and schema."""
+
+    uri: str
+    fmt: str
+    files: tuple[FileRecord, ...]
+    blocks: tuple[Block, ...]
+    schema: TableSchema
+    columns: tuple[str, ...]
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.blocks)
+
+
+def list_table_files(uri: str, fmt: str = "auto") -> tuple[object, list[str]]:
+    """Resolve a file, folder (recursive) or glob to the table files it names.
+
+    Raises:
+        InputError: nothing there, a missing bucket, or no CSV/Parquet files.
+    """
+    fs, path = url_to_fs(uri)
+    try:
+        if any(ch in path for ch in "*?["):
+            paths = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isdir(path):
+            paths = [p for p in fs.find(path) if _format_of(p) is not None]
+        elif fs.exists(path):
+            paths = [path]
+        else:
+            paths = None
+    except PermissionError as e:
+        raise InputError(f"cannot read {uri}: permission denied ({e})") from e
+    except OSError as e:
+        raise InputError(f"cannot read {uri}: {e}") from e
+    if paths is None:
+        if not is_local(fs):
+            bucket = path.split("/")[0]
+            try:
+                bucket_ok = fs.exists(bucket)
+            except Exception:  # unreachable endpoint: report the original problem
+                bucket_ok = True
+            if not bucket_ok:
+                raise InputError(f"cannot read {uri}: bucket {bucket!r} does not exist")
+        raise InputError(f"input {uri} does not exist")
+    paths = sorted(p for p in paths if not os.path.basename(p.rstrip("/")).startswith((".", "_")))
+    if fmt != "auto":
+        typed = [p for p in paths if _format_of(p) in (fmt, None)]
+    else:
+        typed = [p for p in paths if _format_of(p) is not None]
+        unknown = [p for p in paths if _format_of(p) is None]
+        if unknown and len(paths) == 1:
+            raise InputError(
+                f"{to_uri(fs, unknown[0])}: unknown file type; use .csv, .csv.gz or .parquet, or pass --format"
+            )
+    if not typed:
+        raise InputError(f"no CSV or Parquet files found at {uri}")
+    return fs, typed
+
+
+def _file_hash(fs, path: str, info: dict) -> str:
+    if not is_local(fs):
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            return f"etag:{str(etag).strip(chr(34))}"
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _csv_header(fs, path: str, compression: str | None) -> list[str]:
+    with fs.open(path, "rb", compression=compression) as f:
+        head = f.read(1 << 16)
+        while b"\n" not in head:
+            more = f.read(1 << 16)
+            if not more:
+                break
+            head += more
+    line = head.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+    return [c.strip() for c in next(csv.reader([line]))] if line else []
+
+
+def _parquet_meta(fs, path: str, uri: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except Exception as e:
+        raise InputError(f"{uri}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+
+
+def _parquet_columns(pf: pq.ParquetFile) -> list[str]:
+    names = list(pf.schema_arrow.names)
+    meta = pf.schema_arrow.pandas_metadata or {}
+    index_cols = {c for c in meta.get("index_columns", []) if isinstance(c, str)}
+    return [n for n in names if n not in index_cols]
+
+
+def inspect_table(
+    uri: str,
+    load: LoadConfig,
+    *,
+    allow_nulls: bool = False,
+    schema: TableSchema | None = None,
+    role: str = "input",
+) -> TableSource:
+    """Check the files at ``uri`` agree, plan partitions, and infer (or check) the schema.
+
+    Args:
+        uri: File, folder or glob.
+        load: Roles of columns and the block size.
+        allow_nulls: Whether feature nulls pass validation (impute only).
+        schema: A schema fitted earlier (``--model``/``--apply-to``): the files
+            must have its columns; otherwise one is inferred from a sample.
+        role: How to call this input in messages (``input``, ``apply-to``).
+
+    Raises:
+        InputError / ModelMismatchError: with a message naming the file and the problem.
+    """
+    fs, paths = list_table_files(uri, load.format)
+    blocksize = load.blocksize_mb * (1 << 20)
+    files: list[FileRecord] = []
+    blocks: list[Block] = []
+    columns: list[str] | None = None
+    first_uri = ""
+    sample: pd.DataFrame | None = None
+    fmt_seen: set[str] = set()
+    for path in paths:
+        furi = to_uri(fs, path)
+        fmt = load.format if load.format != "auto" else _format_of(path)
+        fmt_seen.add(fmt)
+        info = fs.info(path)
+        size = int(info.get("size") or 0)
+        if size == 0:
+            raise InputError(f"{furi} is empty (0 bytes)")
+        if fmt == "csv":
+            compression = "gzip" if path.lower().endswith(".gz") else None
+            cols = _csv_header(fs, path, compression)
+            if not cols or all(c == "" for c in cols):
+                raise InputError(f"{furi} has no header line")
+            if sample is None:
+                try:
+                    with fs.open(path, "rb", compression=compression) as f:
+                        sample = pd.read_csv(f, nrows=SAMPLE_ROWS)
+                except (pd.errors.ParserError, UnicodeDecodeError) as e:
+                    raise InputError(f"{furi}: not a readable CSV file ({e})") from e
+                if len(sample) == 0:
+                    raise InputError(f"{furi} has a header but no data rows")
+            else:
+                with fs.open(path, "rb", compression=compression) as f:
+                    f.readline()
+                    if not f.readline().strip():
+                        raise InputError(f"{furi} has a header but no data rows")
+            if compression or size <= blocksize:
+                spans = [(0, None)]
+            else:
+                spans = [(o, min(blocksize, size - o)) for o in range(0, size, blocksize)]
+            for j, (off, length) in enumerate(spans):
+                blocks.append(
+                    Block(furi, "csv", len(blocks), off, length, (), 0 if j == 0 else None, compression)
+                )
+        else:
+            pf = _parquet_meta(fs, path, furi)
+            cols = _parquet_columns(pf)
+            if pf.metadata.num_rows == 0:
+                raise InputError(f"{furi} has a schema but no data rows")
+            if sample is None:
+                sample = pf.read_row_group(0, columns=cols).slice(0, SAMPLE_ROWS).to_pandas()
+            group, group_bytes, row_offset, group_start = [], 0, 0, 0
+            for rg in range(pf.num_row_groups):
+                meta = pf.metadata.row_group(rg)
+                if group and group_bytes + meta.total_byte_size > blocksize:
+                    blocks.append(Block(furi, "parquet", len(blocks), row_groups=tuple(group), row_offset=group_start))
+                    group, group_bytes, group_start = [], 0, row_offset
+                group.append(rg)
+                group_bytes += meta.total_byte_size
+                row_offset += meta.num_rows
+            blocks.append(Block(furi, "parquet", len(blocks), row_groups=tuple(group), row_offset=group_start))
+        if columns is None:
+            columns, first_uri = cols, furi
+        elif set(cols) != set(columns):
+            missing = sorted(set(columns) - set(cols))
+            extra = sorted(set(cols) - set(columns))
+            raise InputError(
+                f"{furi} has different columns from {first_uri}: "
+                + ", ".join(p for p in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if p)
+            )
+        files.append(FileRecord(path=furi, size=size, hash=_file_hash(fs, path, info)))
+    if len(fmt_seen) > 1:
+        raise InputError(f"{uri} mixes CSV and Parquet files; point it at one kind")
+    assert columns is not None and sample is not None
+    source_name = first_uri if len(files) == 1 else f"{uri} ({len(files)} files)"
+    if schema is None:
+        schema = infer_schema(
+            sample,
+            label=load.label_column,
+            id_column=load.id_column,
+            exclude=tuple(load.exclude_columns),
+            allow_nulls=allow_nulls,
+            source=source_name,
+        )
+    else:
+        schema.check_compatible(columns, f"{role} {source_name}")
+        schema = schema.with_nulls(allow_nulls)
+    return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns))
+
+
+def _locate(block: Block):
+    if block.row_offset is None:
+        return lambda i: f"row {int(i) + 1} of the block at byte {block.offset}"
+    if block.fmt == "csv":
+        return lambda i: f"line {int(i) + 2}"
+    return lambda i: f"row {block.row_offset + int(i)}"
+
+
+def read_block(block: Block, schema: TableSchema, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Parse and validate one partition (runs on a Dask worker).
+
+    Returns the block with feature columns as float64, id/label coerced, and
+    excluded columns dropped, in file column order.
+    """
+    fs, path = url_to_fs(block.uri)
+    try:
+        if block.fmt == "csv":
+            if block.length is None:
+                with fs.open(path, "rb", compression=block.compression) as f:
+                    df = pd.read_csv(f)
+            else:
+                with fs.open(path, "rb") as f:
+                    data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
+                if block.offset == 0:
+                    df = pd.read_csv(io.BytesIO(data))
+                else:
+                    df = pd.read_csv(io.BytesIO(data), header=None, names=list(columns))
+        else:
+            pf = pq.ParquetFile(fs.open(path, "rb"))
+            df = pf.read_row_groups(list(block.row_groups), columns=list(columns)).to_pandas()
+    except InputError:
+        raise
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
+        raise InputError(f"{block.uri}: cannot parse ({type(e).__name__}: {e})") from e
+    df.columns = [str(c) for c in df.columns]
+    df = validate_block(df.reset_index(drop=True), schema, source=block.uri, locate=_locate(block))
+    keep = [c for c in df.columns if c not in set(schema.excluded)]
+    return df[keep]
+
+
+def _meta(source: TableSource) -> pd.DataFrame:
+    ts = source.schema
+    cols: dict[str, pd.Series] = {}
+    for name in source.columns:
+        if name in ts.excluded:
+            continue
+        if name in ts.feature_names:
+            spec = next(c for c in ts.features if c.name == name)
+            cols[name] = pd.Series([], dtype="float64" if spec.kind == "numeric" else "str")
+        elif name == ts.id:
+            cols[name] = pd.Series([], dtype=ts.id_dtype or "str")
+        elif name == ts.label:
+            cols[name] = pd.Series([], dtype=ts.label_dtype or "str")
+    return pd.DataFrame(cols)
+
+
+def to_dask(source: TableSource) -> dd.DataFrame:
+    """A lazy Dask DataFrame over the source: one partition per block, in input order."""
+    return dd.from_map(
+        read_block,
+        list(source.blocks),
+        schema=source.schema,
+        columns=source.columns,
+        meta=_meta(source),
+        enforce_metadata=False,
+        label="aeflow-load",
+    )
+
+
+@task(name="inspect-input", **IO_TASK)
+def inspect_input(
+    uri: str, load: LoadConfig, allow_nulls: bool = False, schema: TableSchema | None = None, role: str = "input"
+) -> TableSource:
+    """Prefect task over :func:`inspect_table` (retried on transient storage errors only)."""
+    return inspect_table(uri, load, allow_nulls=allow_nulls, schema=schema, role=role)
+
+
+def with_schema(source: TableSource, schema: TableSchema) -> TableSource:
+    return replace(source, schema=schema)

@@ -1,0 +1,155 @@
+"""Training as a Prefect-friendly function: checkpoints into the run, progress on screen and in the UI.
+
+The loop itself is ``models.training.fit`` (pure torch); this module wires its
+callbacks to the run directory (safetensors checkpoints every epoch, resumed
+automatically when an interrupted run of the same fingerprint is restarted), a
+rich progress bar on the terminal, and a Prefect progress artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from models.training import LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss
+from tasks.config import TrainConfig
+from tasks.storage import RunDir
+
+log = logging.getLogger("aeflow.train")
+
+
+def settings_from(cfg: TrainConfig) -> TrainSettings:
+    return TrainSettings(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow/task run (unit tests, benchmarks)
+        return log
+
+
+class _UiProgress:
+    """A Prefect progress artifact, when running inside a flow; silently nothing otherwise."""
+
+    def __init__(self, key: str, description: str) -> None:
+        self.id = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import FlowRunContext, TaskRunContext
+
+            if FlowRunContext.get() or TaskRunContext.get():
+                self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        except Exception as e:  # the UI is a nicety; never fail training for it
+            log.debug("no progress artifact: %s", e)
+
+    def update(self, pct: float) -> None:
+        if self.id is None:
+            return
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.id, progress=pct)
+        except Exception as e:
+            log.debug("progress artifact update failed: %s", e)
+
+
+def train_model(
+    model: nn.Module,
+    train_x: np.ndarray | Any,
+    val_x: np.ndarray | Any,
+    cfg: TrainConfig,
+    *,
+    run: RunDir | None,
+    loss_fn: LossFn = reconstruction_loss,
+    label: str = "training",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train with per-epoch checkpoints in ``run`` and resume from an existing checkpoint.
+
+    Args:
+        model: A freshly built model (its weights are replaced on resume).
+        train_x / val_x: Samples (numpy or tensors).
+        cfg: Optimiser, epochs, patience, seed, device.
+        run: The run directory receiving ``checkpoint/`` (None: no checkpoints).
+        loss_fn: ``loss_fn(model, batch, generator)``.
+        label: Shown on the progress bar and the UI artifact.
+    """
+    settings = settings_from(cfg)
+    logger = _run_logger()
+    resume = None
+    if run is not None:
+        saved = run.load_checkpoint()
+        if saved is not None:
+            try:
+                resume = TrainState.from_flat(*saved)
+                model.load_state_dict(resume.model)  # shape check before the loop
+                logger.info("resuming %s from the checkpoint of epoch %d in %s", label, resume.epoch, run.uri)
+            except Exception as e:  # a checkpoint of another architecture: start over
+                logger.warning("ignoring incompatible checkpoint in %s: %s", run.uri, e)
+                resume = None
+
+    ui = _UiProgress(key=f"{(run.app if run else 'aeflow')}-training".lower(), description=f"{label}: epochs done / budget")
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[train]:.4g} val {task.fields[val]:.4g}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress or not console.is_terminal,
+        transient=False,
+    )
+    task_id = progress.add_task(label, total=settings.epochs, train=float("nan"), val=float("nan"))
+    if resume is not None:
+        progress.update(task_id, completed=resume.epoch)
+
+    def on_epoch(stats: Any, budget: int) -> None:
+        progress.update(task_id, completed=stats.epoch, train=stats.train_loss, val=stats.val_loss)
+        ui.update(100.0 * stats.epoch / budget)
+        if stats.epoch == 1 or stats.epoch % 10 == 0:
+            logger.info(
+                "%s epoch %d/%d: train %.5g, val %.5g (best %.5g)",
+                label, stats.epoch, budget, stats.train_loss, stats.val_loss, stats.best_val_loss,
+            )
+
+    def on_checkpoint(state: TrainState) -> None:
+        if run is not None:
+            run.save_checkpoint(*state.to_flat())
+
+    with progress:
+        result = fit(
+            model,
+            train_x,
+            val_x,
+            settings,
+            loss_fn=loss_fn,
+            resume=resume,
+            on_epoch=on_epoch,
+            on_checkpoint=on_checkpoint if run is not None else None,
+        )
+    ui.update(100.0)
+    logger.info(
+        "%s done: %d epochs (best %d, val loss %.5g) in %.1fs on %s, %.0f samples/s",
+        label, result.epochs_run, result.best_epoch, result.best_val_loss, result.seconds,
+        result.device, result.train_samples_per_s,
+    )
+    sys.stderr.flush()
+    return result

@@ -1,0 +1,162 @@
+"""Bad input through the CLI: one clear message naming the file/column/value, a non-zero
+exit, no traceback, and nothing written (no manifest, no outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import files_under
+
+pytestmark = [pytest.mark.cli]
+runner = CliRunner()
+FAST = ["--epochs", "3", "--patience", "2"]
+
+
+def _frame(n=60):
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(n, 5)), columns=[f"f{i}" for i in range(5)])
+    df.insert(0, "id", range(n))
+    df["label"] = rng.integers(0, 2, n)
+    return df
+
+
+def _write(path, df):
+    if str(path).endswith(".parquet"):
+        df.to_parquet(path, index=False)
+    else:
+        df.to_csv(path, index=False)
+    return str(path)
+
+
+def case_missing_file(d):
+    return [str(d / "missing.csv")], "input {d}/missing.csv does not exist"
+
+
+def case_empty_file(d):
+    (d / "empty.csv").write_bytes(b"")
+    return [str(d / "empty.csv")], "{d}/empty.csv is empty (0 bytes)"
+
+
+def case_header_only(d):
+    (d / "header.csv").write_text("id,f0,f1,label\n")
+    return [str(d / "header.csv")], "{d}/header.csv has a header but no data rows"
+
+
+def case_non_numeric(d):
+    df = _frame().astype({"f2": object})
+    df.loc[17, "f2"] = "twelve"
+    return [_write(d / "t.csv", df)], "{d}/t.csv: column 'f2' has non-numeric values: 'twelve' at line 19"
+
+
+def case_all_null(d):
+    return [_write(d / "t.csv", _frame().assign(f1=np.nan))], "{d}/t.csv: column 'f1' is entirely null"
+
+
+def case_inf(d):
+    df = _frame()
+    df.loc[4, "f3"] = -np.inf
+    return [_write(d / "t.parquet", df)], "{d}/t.parquet: column 'f3' has infinite values: -inf at row 4"
+
+
+def case_unknown_label(d):
+    return [_write(d / "t.csv", _frame()), "--label-column", "klass"], "label column 'klass' not found in {d}/t.csv"
+
+
+def case_unknown_id(d):
+    return [_write(d / "t.csv", _frame()), "--id-column", "key"], "id column 'key' not found in {d}/t.csv"
+
+
+def case_folder_different_columns(d):
+    (d / "in").mkdir()
+    _write(d / "in" / "a.csv", _frame())
+    _write(d / "in" / "b.csv", _frame().rename(columns={"f4": "f5"}))
+    return [str(d / "in")], "{d}/in/b.csv has different columns from {d}/in/a.csv: missing ['f4'], extra ['f5']"
+
+
+def case_corrupt_parquet(d):
+    (d / "bad.parquet").write_bytes(b"PAR1" + b"\x00" * 100 + b"not really parquet")
+    return [str(d / "bad.parquet")], "{d}/bad.parquet: not a readable Parquet file"
+
+
+def case_non_table_file(d):
+    (d / "notes.txt").write_text("hello")
+    return [str(d / "notes.txt")], "{d}/notes.txt: unknown file type"
+
+
+def case_latent_zero(d):
+    return [_write(d / "t.csv", _frame()), "--latent-dim", "0"], "model.latent_dim: Input should be greater than or equal to 1 (got 0)"
+
+
+def case_negative_epochs(d):
+    return [_write(d / "t.csv", _frame()), "--epochs", "-1"], "train.epochs: Input should be greater than or equal to 1"
+
+
+def case_mixed_formats(d):
+    (d / "mix").mkdir()
+    _write(d / "mix" / "a.csv", _frame())
+    _write(d / "mix" / "b.parquet", _frame())
+    return [str(d / "mix")], "mixes CSV and Parquet files"
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input_is_one_clear_message_and_writes_nothing(prefect_server, dask_address, tmp_path, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    args, expected = case(data)
+    out = tmp_path / "artifacts"
+    base = ["run", "reduce", "--output", str(out), "--dask-address", dask_address, *FAST]
+    if "--id-column" not in args:
+        base += ["--id-column", "id"]
+    res = runner.invoke(app, [*base, "--input", *args])
+    assert res.exit_code not in (0, None), res.output
+    assert expected.format(d=data) in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+    assert res.stderr.count("error:") == 1
+    assert files_under(out) == [], "nothing may be written on bad input"
+
+
+def test_bucket_that_does_not_exist(prefect_server, dask_address, s3_endpoint, tmp_path):
+    res = runner.invoke(app, ["run", "reduce", "--input", "s3://no-such-bucket-here/raw/x.parquet",
+                              "--output", str(tmp_path / "o"), "--dask-address", dask_address])
+    assert res.exit_code == 3
+    assert "bucket 'no-such-bucket-here' does not exist" in res.stderr
+    assert files_under(tmp_path / "o") == []
+
+
+def test_output_bucket_that_does_not_exist(prefect_server, dask_address, s3_endpoint, digits_csv):
+    res = runner.invoke(app, ["run", "reduce", "--input", digits_csv, "--output", "s3://no-such-output-bucket/x",
+                              "--dask-address", dask_address, *FAST])
+    assert res.exit_code == 4
+    assert "bucket 'no-such-output-bucket' does not exist" in res.stderr
+
+
+def test_apply_to_with_other_columns(prefect_server, dask_address, tmp_path):
+    train = _write(tmp_path / "train.csv", _frame())
+    out = tmp_path / "artifacts"
+    res = runner.invoke(app, ["run", "reduce", "--input", train, "--id-column", "id", "--label-column", "label",
+                              "--output", str(out), "--dask-address", dask_address, "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    before = files_under(out)
+    new = _write(tmp_path / "new.parquet", _frame().drop(columns=["f1"]).assign(extra=1.0))
+    res = runner.invoke(app, ["run", "reduce", "--model", model, "--apply-to", new, "--output", str(out),
+                              "--dask-address", dask_address])
+    assert res.exit_code == 5
+    assert f"apply-to {new} does not have the columns the model was trained on: missing ['f1'], unexpected ['extra']" in res.stderr
+    assert files_under(out) == before, "a failed run writes nothing and leaves earlier runs untouched"
+
+
+def test_model_that_does_not_exist(prefect_server, tmp_path):
+    res = runner.invoke(app, ["run", "reduce", "--model", str(tmp_path / "runs" / "reduce" / "nope"),
+                              "--apply-to", str(tmp_path / "x.csv"), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 4
+    assert "does not exist" in res.stderr

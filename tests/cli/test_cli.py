@@ -1,0 +1,85 @@
+"""The aeflow CLI through typer's CliRunner, against the session's Prefect server."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = [pytest.mark.cli]
+runner = CliRunner()
+FAST = ["--epochs", "5", "--patience", "3", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(prefect_server, dask_address, digits_csv, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli-out"))
+    res = runner.invoke(app, ["run", "reduce", "--input", digits_csv, "--label-column", "target", "--id-column", "id",
+                              "--latent-dim", "2", "--output", out, "--dask-address", dask_address, "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1]), out
+
+
+def test_run_json_has_uri_outputs_metrics(cli_run):
+    payload, out = cli_run
+    assert payload["run_uri"].startswith(out)
+    assert set(payload["outputs"]) >= {"embeddings", "embedding_plot", "summary"}
+    assert set(payload["metrics"]) >= {"recon_mse", "trustworthiness"}
+    assert set(payload["baselines"]["pca"]) == {"recon_mse", "trustworthiness"}
+
+
+def test_runs_list_and_show(cli_run):
+    payload, out = cli_run
+    res = runner.invoke(app, ["runs", "list", "--output", out, "--json"])
+    assert res.exit_code == 0, res.output
+    listed = json.loads(res.stdout)
+    assert [r["run_id"] for r in listed] == [payload["run_id"]]
+    res = runner.invoke(app, ["runs", "list", "--output", out, "--app", "reduce"])
+    assert payload["run_id"] in res.stdout
+    res = runner.invoke(app, ["runs", "show", payload["run_uri"]])
+    assert res.exit_code == 0 and "embeddings.parquet" in res.stdout and "trustworthiness" in res.stdout
+    res = runner.invoke(app, ["runs", "show", payload["run_uri"], "--json"])
+    assert json.loads(res.stdout)["run_id"] == payload["run_id"]
+
+
+def test_config_file_and_set_overrides(prefect_server, dask_address, digits_csv, tmp_path):
+    cfg = tmp_path / "reduce.yaml"
+    cfg.write_text(yaml.safe_dump({"load": {"input": digits_csv, "id_column": "id", "label_column": "target"},
+                                   "model": {"latent_dim": 5, "hidden": [32]}, "train": {"epochs": 3}}))
+    res = runner.invoke(app, ["run", "reduce", "--config", str(cfg), "--latent-dim", "3", "--set", "train.epochs=2",
+                              "--set", "preprocess.val_fraction=0.3", "--output", str(tmp_path / "o"),
+                              "--dask-address", dask_address, "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    emb = pd.read_parquet(payload["outputs"]["embeddings"])
+    assert list(emb.columns) == ["id", "z_0", "z_1", "z_2"], "--latent-dim beats the file"
+    manifest = json.loads(open(f"{payload['run_uri']}/manifest.json").read())
+    assert manifest["config"]["train"]["epochs"] == 2, "--set beats the file"
+    assert manifest["config"]["model"]["hidden"] == [32]
+    assert manifest["config"]["preprocess"]["val_fraction"] == 0.3
+    assert manifest["extra"]["train"]["epochs_run"] == 2
+
+
+def test_help_lists_commands_and_options():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("run", "runs", "sample-data", "demo"):
+        assert cmd in res.stdout
+    res = runner.invoke(app, ["run", "reduce", "--help"])
+    for opt in ("--input", "--apply-to", "--model", "--latent-dim", "--label-column", "--id-column", "--config", "--set", "--json"):
+        assert opt in res.stdout
+
+
+def test_sample_data(tmp_path):
+    res = runner.invoke(app, ["sample-data", "--output", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    digits = pd.read_csv(tmp_path / "digits.csv")
+    assert digits.shape == (1797, 66) and list(digits.columns[:2]) == ["id", "pixel_0_0"]
+    assert pd.read_parquet(tmp_path / "breast_cancer.parquet").shape == (569, 32)
+    assert pd.read_csv(tmp_path / "wine.csv")["target"].nunique() == 3
+    assert pd.read_parquet(tmp_path / "diabetes.parquet").shape == (442, 12)

@@ -1,0 +1,123 @@
+"""Shared fixtures: real components started by the tests themselves.
+
+- one Prefect API server for the session (``prefect_test_harness``),
+- one Dask ``LocalCluster`` (2 worker processes) for the session,
+- one S3 endpoint (moto's ``ThreadedMotoServer`` on 127.0.0.1) for the session,
+- small tables synthesised from scikit-learn's bundled datasets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+# No network here: keep Prefect from phoning home. Set before anything imports prefect.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from tasks.sample_data import sample_frame  # noqa: E402
+
+TEST_BUCKET = "aeflow-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def dask_address(s3_endpoint):
+    """A real Dask LocalCluster with 2 worker processes; flows connect via dask_address.
+
+    Workers read S3 credentials from their environment, as in production, so the
+    S3 endpoint's variables are set before the worker processes start.
+    """
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, with credentials in the environment as s3fs reads them."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(TEST_BUCKET)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3fs_client(s3_endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem()
+
+
+@pytest.fixture(scope="session")
+def digits_frame() -> pd.DataFrame:
+    """400 rows of scikit-learn's digits: id, 64 pixels, target."""
+    return sample_frame("digits").iloc[:400].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def digits_csv(tmp_path_factory, digits_frame) -> str:
+    path = tmp_path_factory.mktemp("data") / "digits.csv"
+    digits_frame.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def wine_parquet(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "wine.parquet"
+    sample_frame("wine").to_parquet(path, index=False)
+    return str(path)
+
+
+def files_under(root) -> list[str]:
+    """Every file below ``root`` (empty list if it does not exist)."""
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        out += [os.path.join(dirpath, f) for f in files]
+    return sorted(out)
+
+
+FAST_TRAIN = {"train.epochs": 6, "train.patience": 3, "train.batch_size": 64}

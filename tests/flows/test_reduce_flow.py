@@ -1,0 +1,143 @@
+"""The reduce flow end to end on a real Prefect server and Dask cluster; outputs read back."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.pipeline import FLOWS, RunResult
+from tasks.apps.reduce import ReduceRunConfig
+from tasks.config import resolve_config
+from tasks.storage import ArtifactStore, open_run
+from tests.conftest import FAST_TRAIN
+
+pytestmark = [pytest.mark.flows]
+
+
+def _config(**options):
+    return resolve_config(ReduceRunConfig, options={**FAST_TRAIN, **options})
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_server, dask_address, digits_csv, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reduce-out"))
+    cfg = _config(**{"load.input": digits_csv, "load.label_column": "target", "load.id_column": "id",
+                     "model.latent_dim": 3, "output": out, "dask_address": dask_address})
+    state = FLOWS["reduce"](config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), out, cfg
+
+
+def test_outputs_read_back(trained, digits_frame):
+    result, out, _ = trained
+    assert isinstance(result, RunResult)
+    emb = pd.read_parquet(result.outputs["embeddings"])
+    assert list(emb.columns) == ["id", "z_0", "z_1", "z_2"]
+    assert emb["id"].tolist() == digits_frame["id"].tolist(), "one row per input row, in input order"
+    assert emb[["z_0", "z_1", "z_2"]].dtypes.eq("float32").all()
+    assert np.isfinite(emb[["z_0", "z_1", "z_2"]].to_numpy()).all()
+    assert emb[["z_0", "z_1", "z_2"]].std().min() > 1e-3, "codes are not collapsed"
+    for key in ("embedding_plot", "training_plot", "summary"):
+        assert os.path.getsize(result.outputs[key]) > 1000
+    with open(result.outputs["embedding_plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manifest_records_everything(trained, digits_csv):
+    result, out, cfg = trained
+    m = open_run(result.run_uri).manifest()
+    assert m.app == "reduce" and m.run_id == result.run_id
+    assert m.inputs["input"][0].path == digits_csv and m.inputs["input"][0].hash.startswith("sha256:")
+    assert m.config["model"]["latent_dim"] == 3
+    assert {"torch", "prefect", "dask", "pandas"} <= set(m.versions)
+    assert {"inspect", "preprocess", "train", "apply", "evaluate", "report"} <= set(m.timings)
+    assert set(m.metrics) >= {"recon_mse", "trustworthiness"}
+    assert set(m.baselines["pca"]) == {"recon_mse", "trustworthiness"}
+    assert 0.5 < m.metrics["trustworthiness"] <= 1.0
+    paths = {o.path for o in m.outputs}
+    assert {"embeddings.parquet", "model/config.json", "model/weights.safetensors", "report/summary.md"} <= paths
+    assert not any(p.startswith("checkpoint/") for p in paths), "checkpoints are removed on success"
+    for o in m.outputs:
+        assert o.size == os.path.getsize(os.path.join(result.run_uri, o.path))
+    assert m.extra["prefect"]["flow_run_id"]
+    assert [r.run_id for r in ArtifactStore(out).list_runs("reduce")] == [result.run_id]
+
+
+def test_model_reuse_gives_identical_embeddings(trained, dask_address, tmp_path, digits_frame):
+    result, out, _ = trained
+    new = tmp_path / "new.parquet"
+    digits_frame.iloc[::-1].to_parquet(new, index=False)  # same rows, another order and format
+    cfg = _config(**{"model_run": result.run_uri, "load.apply_to": str(new), "output": out, "dask_address": dask_address})
+    r2 = FLOWS["reduce"](config=cfg)
+    assert r2.run_id != result.run_id
+    a = pd.read_parquet(result.outputs["embeddings"]).set_index("id")
+    b = pd.read_parquet(r2.outputs["embeddings"])
+    assert b["id"].tolist() == digits_frame["id"].iloc[::-1].tolist()
+    np.testing.assert_allclose(b.set_index("id").loc[a.index].to_numpy(), a.to_numpy(), atol=1e-5)
+    m2 = open_run(r2.run_uri).manifest()
+    assert m2.model_run == result.run_uri
+    assert "model/config.json" not in {o.path for o in m2.outputs}
+
+
+def test_skip_existing_and_resume_after_interruption(prefect_server, dask_address, digits_csv, tmp_path):
+    from models.dense import DenseAEConfig, DenseAutoencoder
+    from models.training import TrainState, fit
+    from tasks.load import inspect_table
+    from tasks.train import settings_from
+
+    out = str(tmp_path / "art")
+    base = {"load.input": digits_csv, "load.label_column": "target", "load.id_column": "id", "output": out,
+            "dask_address": dask_address,
+            "train.epochs": 8, "train.patience": 100}
+    first = FLOWS["reduce"](config=_config(**base))
+    again = FLOWS["reduce"](config=_config(**base, skip_existing=True))
+    assert again.skipped and again.run_id == first.run_id
+
+    # Simulate a run of another config killed after epoch 4: only its marker and checkpoint exist.
+    cfg = _config(**{**base, "train.epochs": 9})
+    src = inspect_table(digits_csv, cfg.load)
+    interrupted = ArtifactStore(out).start_run("reduce", cfg.fingerprint({"input": [f.hash for f in src.files]}), {})
+
+    def checkpoint_then_die(state: TrainState) -> None:
+        interrupted.save_checkpoint(*state.to_flat())
+        if state.epoch == 4:
+            raise KeyboardInterrupt
+
+    m = cfg.model
+    model = DenseAutoencoder(DenseAEConfig(64, m.latent_dim, hidden=m.hidden, activation=m.activation))
+    x = pd.read_csv(digits_csv).drop(columns=["id", "target"]).to_numpy("float32")
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, x, x[:10], settings_from(cfg.train), on_checkpoint=checkpoint_then_die)
+    assert not interrupted.is_complete
+
+    resumed = FLOWS["reduce"](config=cfg)
+    assert resumed.run_id == interrupted.run_id, "the rerun continues the interrupted run"
+    manifest = open_run(resumed.run_uri).manifest()
+    assert manifest.extra["train"]["resumed_from_epoch"] == 4
+    assert manifest.extra["train"]["epochs_run"] == 9
+
+
+def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_frame):
+    from tests.conftest import TEST_BUCKET
+
+    for i, start in enumerate((0, 200)):
+        with s3fs_client.open(f"{TEST_BUCKET}/raw/2026-11-26/part{i}.parquet", "wb") as f:
+            digits_frame.iloc[start : start + 200].to_parquet(f, index=False)
+    cfg = _config(**{"load.input": f"s3://{TEST_BUCKET}/raw/2026-11-26/*.parquet", "load.id_column": "id",
+                     "load.label_column": "target", "output": f"s3://{TEST_BUCKET}/aeflow", "model.latent_dim": 4,
+                     "dask_address": dask_address})
+    result = FLOWS["reduce"](config=cfg)
+    assert result.run_uri.startswith(f"s3://{TEST_BUCKET}/aeflow/runs/reduce/")
+    key = result.run_uri[len("s3://"):]
+    manifest = json.loads(s3fs_client.cat_file(f"{key}/manifest.json"))
+    assert [f["path"] for f in manifest["inputs"]["input"]] == [
+        f"s3://{TEST_BUCKET}/raw/2026-11-26/part0.parquet", f"s3://{TEST_BUCKET}/raw/2026-11-26/part1.parquet"]
+    with s3fs_client.open(f"{key}/embeddings.parquet", "rb") as f:
+        emb = pd.read_parquet(f)
+    assert emb["id"].tolist() == list(range(400)) and emb.shape[1] == 5
+    assert s3fs_client.exists(f"{key}/model/weights.safetensors")
+    assert [m.run_id for m in ArtifactStore(f"s3://{TEST_BUCKET}/aeflow").list_runs()] == [result.run_id]
