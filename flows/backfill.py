@@ -15,6 +15,7 @@ whose earlier flow run failed, crashed or was cancelled gets a new flow run.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import hashlib
 import json
@@ -116,7 +117,9 @@ def run_in_process(
     outcomes: dict[dt.date, DateOutcome] = {}
     with _shared_dask(config.dask_address, needed=True) as address:
         with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="backfill") as pool:
-            futures = {pool.submit(one, d, address): d for d in dates}
+            # Each date runs in a copy of this context, so Prefect settings (API URL, profile) and
+            # tags set by the caller reach the worker threads.
+            futures = {pool.submit(contextvars.copy_context().run, one, d, address): d for d in dates}
             for fut in as_completed(futures):
                 outcome = fut.result()
                 with lock:

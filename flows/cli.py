@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -377,10 +378,16 @@ def serve(
             err.print(f"starting a Prefect server (SQLite) at http://{host}:{port} ...", highlight=False)
             try:
                 server = start_server(host, port, server_env(api_url))
+                err.print(f"prefect server pid {server.pid}", highlight=False)
             except AeflowError as e:
                 _fail(e)
     os.environ["PREFECT_API_URL"] = api_url
     ui_url = api_url.removesuffix("/api")
+
+    def _terminate(signum: int, _frame: Any) -> None:  # `kill`/`docker stop` shut down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     err.print(f"[bold]UI:[/] {ui_url}  —  serving {', '.join(s.name for s in specs)}; Ctrl-C stops", highlight=False)
     try:
         serve_deployments(specs, limit=limit)
@@ -388,6 +395,8 @@ def serve(
         pass
     finally:
         if server is not None:
+            # The server has its own process group, so Ctrl-C reaches the runner first and the
+            # runner can still pause its deployments; then the server goes.
             err.print("stopping the Prefect server", highlight=False)
             stop_process_group(server)
 

@@ -171,8 +171,14 @@ def server_env(api_url: str, home: str | None = None) -> dict[str, str]:
     return env
 
 
-def start_server(host: str, port: int, env: dict[str, str], log_path: str | None = None, timeout: float = 90.0) -> subprocess.Popen:
-    """Start ``prefect server start`` (SQLite in PREFECT_HOME) in its own process group; wait until healthy."""
+def start_server(
+    host: str, port: int, env: dict[str, str], log_path: str | None = None, timeout: float = 120.0, new_session: bool = True
+) -> subprocess.Popen:
+    """Start ``prefect server start`` (SQLite in PREFECT_HOME) and wait until it is healthy.
+
+    ``new_session`` puts it in its own process group (stop it with :func:`stop_process_group`),
+    so a terminal's Ctrl-C reaches only the caller, which stops the server after its own cleanup.
+    """
     api_url = f"http://{host}:{port}/api"
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
@@ -180,7 +186,7 @@ def start_server(host: str, port: int, env: dict[str, str], log_path: str | None
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=new_session,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -189,16 +195,20 @@ def start_server(host: str, port: int, env: dict[str, str], log_path: str | None
         if api_healthy(api_url):
             return proc
         time.sleep(0.5)
-    stop_process_group(proc)
+    if new_session:
+        stop_process_group(proc)
+    else:
+        proc.terminate()
+        proc.wait(15)
     raise ConfigError(f"prefect server did not become healthy at {api_url} within {timeout:.0f}s")
 
 
-def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then SIGKILL."""
+def stop_process_group(proc: subprocess.Popen, grace: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """Signal the process group of ``proc`` (started with ``start_new_session``), then SIGKILL it."""
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         return
     try:

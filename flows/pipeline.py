@@ -243,7 +243,9 @@ def _flow_run_name(app: str) -> Callable[[], str]:
                 src = render(src, day)
             except Exception:  # a bad date fails the run itself, with its message; never the name
                 day = None
-        tail = src.rstrip("/").rsplit("/", 1)[-1][:40]
+        parts_ = [p for p in src.rstrip("/").split("/") if p]
+        # the file, or for a glob like data/2026-11-02/*.csv the folder that names the partition
+        tail = next((p for p in reversed(parts_) if not any(c in p for c in "*?[")), "")[:40]
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         parts = [app] + ([day.isoformat()] if day else []) + ([tail] if tail else []) + [stamp]
         return "-".join(parts)
