@@ -356,13 +356,26 @@ def serve(
 ) -> None:
     """Start a Prefect server (SQLite) unless --api-url, register prefect.yaml's deployments, and run them.
 
+    Every application flow that prefect.yaml does not name also gets an on-demand
+    deployment (named after the flow), so new applications are runnable at once.
+
     Open the UI at http://HOST:PORT, pick a deployment, press Run. Scheduled runs
     execute here too. Ctrl-C stops the runner and the server this command started.
     """
-    from flows.deploy import api_healthy, load_specs, serve_deployments, server_env, start_server, stop_process_group
+    from flows.deploy import (
+        api_healthy,
+        load_specs,
+        serve_deployments,
+        server_env,
+        start_server,
+        stop_process_group,
+        with_default_deployments,
+    )
 
     try:
         specs = load_specs(file, deployment)
+        if not deployment:
+            specs = with_default_deployments(specs)
     except AeflowError as e:
         _fail(e)
     server = None

@@ -105,6 +105,32 @@ def load_specs(path: str | Path = DEFAULT_FILE, names: list[str] | None = None) 
     return specs
 
 
+def with_default_deployments(specs: list[DeploymentSpec]) -> list[DeploymentSpec]:
+    """``specs`` plus an on-demand deployment for every deployable flow that ``specs`` does not name.
+
+    A newly registered application is thus runnable from the UI as soon as it is in
+    the registry; its schedules are added to ``prefect.yaml`` when it needs them.
+    """
+    from flows.orchestration import ENTRYPOINTS
+
+    named = {s.module_entrypoint.rsplit(".", 1)[-1] for s in specs if s.module_entrypoint.startswith("flows.orchestration.")}
+    taken = {s.name for s in specs}
+    extra = []
+    for attr, fl in ENTRYPOINTS.items():
+        if attr in named or fl.name in taken:
+            continue
+        app_name = attr.removesuffix("_train_apply")
+        extra.append(
+            DeploymentSpec(
+                name=fl.name,
+                entrypoint=f"flows/orchestration.py:{attr}",
+                tags=("aeflow", app_name),
+                description=f"On demand (not in prefect.yaml): {fl.description}",
+            )
+        )
+    return specs + extra
+
+
 def _schedule(s: dict[str, Any]) -> Any:
     from prefect.schedules import Cron, Interval, RRule
 
