@@ -6,7 +6,6 @@ Its attributes are generated from the registry (``flows.pipeline.FLOWS``), so an
 application added to the registry is deployable without touching this file.
 """
 
-from __future__ import annotations
 
 import datetime as dt
 from typing import Any

@@ -103,7 +103,7 @@ def test_nightly_run_reads_the_partition_of_its_scheduled_date(served):
 @pytest.fixture(scope="module")
 def bad_partitions(served, digits_frame):
     root = served.workdir / "bf"
-    write_partitions(root, digits_frame.drop(columns=["target"]), DAILY, bad=BAD_DAY)
+    write_partitions(root, digits_frame, DAILY, bad=BAD_DAY)
     return root
 
 
@@ -120,7 +120,7 @@ def _backfill(served, *args):
 
 def test_backfill_in_process_with_a_bad_partition_then_rerun(served, bad_partitions, dask_address, digits_frame, tmp_path):
     out = tmp_path / "out"
-    common = ["-i", f"{bad_partitions}/{{date}}/*.csv", "--id-column", "id", "-o", str(out), "--parallel", "2",
+    common = ["-i", f"{bad_partitions}/{{date}}/*.csv", "--id-column", "id", "--label-column", "target", "-o", str(out), "--parallel", "2",
               "--dask-address", dask_address, "--set", "train.epochs=3", "--set", "train.batch_size=64"]
     res, rows = _backfill(served, *common)
     assert res.exit_code == 1, res.output
@@ -136,7 +136,7 @@ def test_backfill_in_process_with_a_bad_partition_then_rerun(served, bad_partiti
         assert done[rows[d]["run_uri"]].inputs["input"][0].path.endswith(f"{d}/part.csv")
 
     # the partition is repaired (the others are rewritten byte for byte); the same command redoes only that date
-    write_partitions(bad_partitions, digits_frame.drop(columns=["target"]), DAILY, bad=None)
+    write_partitions(bad_partitions, digits_frame, DAILY, bad=None)
     res2, rows2 = _backfill(served, *common)
     assert res2.exit_code == 0, res2.output
     assert [rows2[d]["status"] for d in good] == ["skipped", "skipped"]
