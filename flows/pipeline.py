@@ -6,6 +6,7 @@ baselines) -> report -> manifest (last). A failure anywhere discards the run's
 outputs: no manifest, nothing half-written, other runs untouched.
 """
 
+import datetime as dt
 import importlib
 import importlib.metadata
 import logging
@@ -222,21 +223,43 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, tra
 
 
 def _flow_run_name(app: str) -> Callable[[], str]:
-    """Run names people can read in the UI: app, input file and start time."""
+    """Run names people can read in the UI: app, run date (scheduled/backfill), input file, start time."""
 
     def name() -> str:
         from prefect.runtime import flow_run
 
-        cfg = flow_run.parameters.get("config") or {}
+        from tasks.schedule import has_template, render, run_date
+
+        params = flow_run.parameters
+        cfg = params.get("config") or {}
         if isinstance(cfg, BaseModel):
             cfg = cfg.model_dump()
         load = cfg.get("load") or {}
         src = load.get("apply_to") or load.get("input") or ""
-        tail = src.rstrip("/").rsplit("/", 1)[-1][:40]
+        day = None
+        if params.get("date") or has_template(src):
+            try:
+                day = run_date(params.get("date"), params.get("timezone") or "UTC")
+                src = render(src, day)
+            except Exception:  # a bad date fails the run itself, with its message; never the name
+                day = None
+        parts_ = [p for p in src.rstrip("/").split("/") if p]
+        # the file, or for a glob like data/2026-11-02/*.csv the folder that names the partition
+        tail = next((p for p in reversed(parts_) if not any(c in p for c in "*?[")), "")[:40]
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        return f"{app}-{tail}-{stamp}" if tail else f"{app}-{stamp}"
+        parts = [app] + ([day.isoformat()] if day else []) + ([tail] if tail else []) + [stamp]
+        return "-".join(parts)
 
     return name
+
+
+FLOW_ARGS_DOC = """
+
+Args:
+    config: The run's configuration. URIs may hold date templates such as {date} or {yesterday}.
+    date: Run date (YYYY-MM-DD) filling the templates; empty = the scheduled start time's date.
+    timezone: IANA time zone in which the scheduled start time is read as a date.
+"""
 
 
 def make_table_flow(app_name: str) -> Any:
@@ -244,11 +267,20 @@ def make_table_flow(app_name: str) -> Any:
     app = get_app(app_name)
     config_cls = app.RunConfig
 
-    def body(config: config_cls = config_cls()) -> RunResult:  # type: ignore[valid-type]
+    def body(
+        config: config_cls = config_cls(),  # type: ignore[valid-type]
+        date: dt.date | None = None,
+        timezone: str = "UTC",
+    ) -> RunResult:
+        # ``date`` fills {date}-style templates in the config (default: the scheduled start's date in
+        # ``timezone``); see tasks/schedule.py. ``model_run: latest`` picks the newest trained model.
+        from tasks.schedule import prepare_config
+
+        config, _day = prepare_config(config, date, timezone)
         return run_table_app(config)
 
     doc = (importlib.import_module(type(app).__module__).__doc__ or app_name).strip()
-    body.__doc__ = doc
+    body.__doc__ = doc + FLOW_ARGS_DOC
     body.__name__ = app_name
     return flow(
         name=app_name,

@@ -1,0 +1,257 @@
+"""Backfills: one run of an application per date, in-process or as flow runs of a deployment.
+
+In process (the default), each date runs the application's flow with its input
+template filled for that date and ``skip_existing`` on, so a date whose run
+already has a complete manifest for the same input and config is skipped, and
+a second backfill redoes only what failed (a failed, cancelled or crashed run
+leaves no manifest). ``force`` runs every date again. Dates run ``parallel`` at a
+time, sharing one Dask cluster.
+
+Through a deployment, each date becomes a flow run of that deployment on the
+server (visible in the UI, tagged ``backfill``), created with an idempotency key
+per date and parameters, so repeating a backfill does not duplicate runs; a date
+whose earlier flow run failed, crashed or was cancelled gets a new flow run.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.errors import AeflowError, ConfigError
+
+FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
+FINAL_STATES = FAILED_STATES | {"COMPLETED"}
+
+
+@dataclass
+class DateOutcome:
+    """What happened to one date of a backfill."""
+
+    date: dt.date
+    status: str  # completed | skipped | failed | crashed | cancelled | scheduled | pending | running ...
+    run_uri: str = ""
+    message: str = ""
+    flow_run_id: str = ""
+    flow_run_name: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status not in {"failed", "crashed", "cancelled", "cancelling", "error"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "date": self.date.isoformat(),
+            "status": self.status,
+            "run_uri": self.run_uri,
+            "message": self.message,
+            "flow_run_id": self.flow_run_id,
+            "flow_run_name": self.flow_run_name,
+        }
+
+
+def date_options(template: str, model: str | None) -> dict[str, Any]:
+    """The config keys a backfill sets: the template is the training input, or with a model the data to apply to."""
+    if model:
+        return {"model_run": model, "load.apply_to": template}
+    return {"load.input": template}
+
+
+@contextmanager
+def _shared_dask(address: str | None, needed: bool) -> Iterator[str | None]:
+    """One Dask cluster for every date of the backfill (unless the user gave a scheduler)."""
+    if address or not needed:
+        yield address
+        return
+    from tasks.preprocess import dask_client
+
+    with dask_client(None) as client:
+        yield client.scheduler.address
+
+
+def run_in_process(
+    app_name: str,
+    dates: list[dt.date],
+    config: Any,
+    *,
+    parallel: int = 1,
+    force: bool = False,
+    on_done: Callable[[DateOutcome], None] | None = None,
+) -> list[DateOutcome]:
+    """Run ``app_name``'s flow once per date (``config`` holds the templates); return outcomes in date order."""
+    from prefect import tags
+
+    from flows.pipeline import FLOWS
+
+    flow_fn = FLOWS[app_name]
+    config = config.model_copy(update={"skip_existing": not force})
+    lock = threading.Lock()
+
+    def one(day: dt.date, dask_address: str | None) -> DateOutcome:
+        cfg = config.model_copy(update={"dask_address": dask_address}) if dask_address else config
+        try:
+            with tags("backfill", app_name):
+                state = flow_fn(config=cfg, date=day, return_state=True)
+        except BaseException as e:  # the flow engine re-raises a few things (e.g. bad parameters)
+            return DateOutcome(day, "failed", message=_message(e))
+        name = ""
+        if state.state_details and state.state_details.flow_run_id:
+            name = str(state.state_details.flow_run_id)
+        if state.is_completed():
+            result = state.result()
+            return DateOutcome(day, "skipped" if result.skipped else "completed", result.run_uri, flow_run_id=name)
+        exc = state.result(raise_on_failure=False)
+        msg = _message(exc) if isinstance(exc, BaseException) else (state.message or "")
+        return DateOutcome(day, state.type.value.lower(), message=msg, flow_run_id=name)
+
+    _connect_once()
+    outcomes: dict[dt.date, DateOutcome] = {}
+    with _shared_dask(config.dask_address, needed=True) as address:
+        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="backfill") as pool:
+            # Each date runs in a copy of this context, so Prefect settings (API URL, profile) and
+            # tags set by the caller reach the worker threads.
+            futures = {pool.submit(contextvars.copy_context().run, one, d, address): d for d in dates}
+            for fut in as_completed(futures):
+                outcome = fut.result()
+                with lock:
+                    outcomes[outcome.date] = outcome
+                if on_done:
+                    on_done(outcome)
+    return [outcomes[d] for d in dates]
+
+
+def _connect_once() -> None:
+    """Reach the API once from this thread, so that in ephemeral mode (no PREFECT_API_URL) the
+    temporary server starts once here instead of racing to start in every worker thread."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, AeflowError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+# ------------------------------------------------------------------------------------------
+# through a deployment
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def find_deployment(client: Any, name: str) -> Any:
+    """A deployment by ``flow/deployment`` or by its bare deployment name (when unique)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.exceptions import ObjectNotFound
+
+    if "/" in name:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound as e:
+            raise ConfigError(f"no deployment {name!r} on the server") from e
+    found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+    if not found:
+        raise ConfigError(f"no deployment named {name!r} on the server")
+    if len(found) > 1:
+        raise ConfigError(f"several deployments are named {name!r}; use FLOW/DEPLOYMENT")
+    return found[0]
+
+
+def run_via_deployment(
+    deployment_name: str,
+    dates: list[dt.date],
+    config_overrides: dict[str, Any],
+    *,
+    app_name: str,
+    force: bool = False,
+    wait: bool = False,
+    poll_s: float = 2.0,
+    on_done: Callable[[DateOutcome], None] | None = None,
+) -> list[DateOutcome]:
+    """Create one flow run of the deployment per date (tagged ``backfill``); optionally wait for them."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
+    outcomes: list[DateOutcome] = []
+    with get_client(sync_client=True) as client:
+        dep = find_deployment(client, deployment_name)
+        base_cfg = (dep.parameters or {}).get("config") or {}
+        cfg = _deep_merge(base_cfg, config_overrides)
+        cfg["skip_existing"] = not force
+        for day in dates:
+            params = {**(dep.parameters or {}), "config": cfg, "date": day.isoformat()}
+            digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            base_key = f"aeflow-backfill/{dep.id}/{day.isoformat()}/{digest}"
+            if force:
+                base_key += f"/force-{time.time_ns()}"
+            fr = None
+            for attempt in range(100):
+                key = base_key if attempt == 0 else f"{base_key}/retry-{attempt}"
+                try:
+                    fr = client.create_flow_run_from_deployment(
+                        dep.id, parameters=params, tags=["backfill", app_name], idempotency_key=key
+                    )
+                except Exception as e:  # e.g. parameters rejected by the deployment's schema
+                    outcomes.append(DateOutcome(day, "error", message=_message(e)))
+                    fr = None
+                    break
+                if fr.state is None or fr.state.type.value not in FAILED_STATES:
+                    break  # a new run, or one that is scheduled, running or complete: keep it
+            if fr is None:
+                if on_done:
+                    on_done(outcomes[-1])
+                continue
+            state = fr.state.type.value if fr.state else "PENDING"
+            outcome = DateOutcome(
+                day,
+                "skipped" if state == "COMPLETED" else state.lower(),
+                run_uri=f"{ui}/runs/flow-run/{fr.id}" if ui else str(fr.id),
+                flow_run_id=str(fr.id),
+                flow_run_name=fr.name,
+            )
+            outcomes.append(outcome)
+            if on_done and not wait:
+                on_done(outcome)
+        if wait:
+            pending = {o.flow_run_id: o for o in outcomes if o.flow_run_id}
+            for o in outcomes:
+                if o.status == "skipped" or not o.flow_run_id:
+                    pending.pop(o.flow_run_id, None)
+                    if on_done and o.flow_run_id:
+                        on_done(o)
+            while pending:
+                time.sleep(poll_s)
+                for frid, o in list(pending.items()):
+                    fr = client.read_flow_run(frid)
+                    st = fr.state.type.value if fr.state else "PENDING"
+                    o.status = st.lower()
+                    if st in FINAL_STATES:
+                        if st != "COMPLETED":
+                            o.message = fr.state.message or ""
+                        del pending[frid]
+                        if on_done:
+                            on_done(o)
+    return outcomes
+
+
+def exit_code(outcomes: list[DateOutcome]) -> int:
+    return 0 if all(o.ok for o in outcomes) else 1
+
+

@@ -1,0 +1,36 @@
+"""``aeflow backfill`` and ``aeflow serve`` refuse bad arguments with one clear message, before running anything."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = [pytest.mark.cli]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["reduce", "-i", "raw/day.csv", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "has no date field"),
+        (["reduce", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "--input-template is required"),
+        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-05", "--end", "2026-11-02"], 2, "is before start date"),
+        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-31", "--end", "2026-12-02"], 2, "invalid date '2026-11-31'"),
+        (["nope", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02"], 5, "unknown application 'nope'"),
+        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02", "--set", "train.epochs=0"], 2,
+         "train.epochs"),
+    ],
+)
+def test_backfill_rejects_bad_arguments(args, code, message):
+    res = runner.invoke(app, ["backfill", *args])
+    assert res.exit_code == code, res.output
+    assert message in " ".join(res.output.split()), res.output
+
+
+def test_serve_rejects_a_missing_file_and_an_unreachable_server(tmp_path):
+    res = runner.invoke(app, ["serve", "--file", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["serve", "--api-url", "http://127.0.0.1:9/api"])
+    assert res.exit_code == 4 and "no healthy Prefect server at http://127.0.0.1:9/api" in res.output

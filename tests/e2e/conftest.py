@@ -1,0 +1,170 @@
+"""End-to-end fixtures: ``aeflow serve`` as a user runs it, in its own process group.
+
+``aeflow serve --port P`` starts a real ``prefect server start`` (SQLite in its own
+PREFECT_HOME), registers the deployments of the repository's ``prefect.yaml`` (a
+copy whose training is shortened and which uses the session's Dask cluster) and
+executes their runs. Everything it starts shares one process group, which the
+teardown interrupts (Ctrl-C) and, should anything survive, kills.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DAILY = [dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)]
+BAD_DAY = DAILY[1]
+
+
+@dataclass
+class Served:
+    api_url: str
+    ui_url: str
+    workdir: Path
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self) -> Any:
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.api_url)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def deployment(self, name: str) -> Any:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        with self.client() as c:
+            found = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+        assert len(found) == 1, f"deployment {name!r}: {found}"
+        return found[0]
+
+    def wait_final(self, flow_run_id: Any, timeout: float = 240.0) -> Any:
+        """Poll a flow run until it is in a final state; fail with the serve log when it does not get there."""
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                fr = c.read_flow_run(flow_run_id)
+                if fr.state is not None and fr.state.is_final():
+                    return fr
+                assert self.proc.poll() is None, f"aeflow serve exited early:\n{self.log_tail()}"
+                time.sleep(1.0)
+        pytest.fail(f"flow run {flow_run_id} not finished after {timeout:.0f}s (state {fr.state}):\n{self.log_tail()}")
+
+
+def write_partitions(root: Path, frame, days: list[dt.date], bad: dt.date | None = None) -> None:
+    """One CSV partition per day (``root/{date}/part.csv``); ``bad`` gets a non-numeric cell."""
+    rows = len(frame) // len(days)
+    for i, day in enumerate(days):
+        part = frame.iloc[i * rows:(i + 1) * rows].copy()
+        if day == bad:
+            part = part.astype(object)
+            part.iloc[3, 5] = "twelve"
+        (root / day.isoformat()).mkdir(parents=True, exist_ok=True)
+        part.to_csv(root / day.isoformat() / "part.csv", index=False)
+
+
+def test_prefect_yaml(dest: Path, dask_address: str) -> Path:
+    """The repository's prefect.yaml with short training and the session's Dask cluster."""
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for d in doc["deployments"]:
+        cfg = d.setdefault("parameters", {}).setdefault("config", {})
+        cfg.setdefault("train", {}).update({"epochs": 4, "patience": 2, "batch_size": 64})
+        cfg["dask_address"] = dask_address
+    dest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+test_prefect_yaml.__test__ = False  # a helper, not a test
+
+
+def _stop(proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> bool:
+    """Ctrl-C ``aeflow serve``; SIGKILL whatever is left of it and of its server. True when it stopped on its own."""
+    m = re.search(rb"prefect server pid (\d+)", log.read_bytes())
+    server_pid = int(m.group(1)) if m else None
+    clean = True
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            clean = False
+    for pgid in (proc.pid, server_pid):  # the serve group (flow run processes) and the server's group
+        if pgid is None:
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.poll() is None:
+        proc.wait(10)
+    return clean
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, dask_address, digits_frame):
+    """``aeflow serve`` on a free port with its own PREFECT_HOME, data and artifact root in a temp dir."""
+    from flows.deploy import api_healthy
+
+    work = tmp_path_factory.mktemp("served")
+    (work / "artifacts" / "sample-data").mkdir(parents=True)
+    digits_frame.to_csv(work / "artifacts" / "sample-data" / "digits.csv", index=False)
+    write_partitions(work / "data" / "daily", digits_frame.drop(columns=["target"]), DAILY)
+    spec = test_prefect_yaml(work / "prefect.yaml", dask_address)
+
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_HOME": str(work / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        # schedule runs within seconds of registering a deployment, not after a minute
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+    })
+    env.pop("PREFECT_PROFILES_PATH", None)
+    log = work / "serve.log"
+    with open(log, "wb") as log_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--file", str(spec)],
+            cwd=work, env=env, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    s = Served(api_url, f"http://127.0.0.1:{port}", work, proc, log)
+    try:
+        deadline = time.monotonic() + 240
+        names: set[str] = set()
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"aeflow serve exited with {proc.returncode}:\n{s.log_tail()}"
+            if api_healthy(api_url):
+                with s.client() as c:
+                    names = {d.name for d in c.read_deployments()}
+                if {"reduce", "reduce-nightly", "reduce-weekly-retrain"} <= names and b"Your deployments are being served" in log.read_bytes():
+                    break
+            time.sleep(1.0)
+        else:
+            pytest.fail(f"deployments not registered after 240s (have {sorted(names)}):\n{s.log_tail()}")
+        yield s
+    finally:
+        clean = _stop(proc, log)
+        still_up = api_healthy(api_url, timeout=1.0)
+    assert clean, f"aeflow serve did not stop on Ctrl-C:\n{s.log_tail()}"
+    assert not still_up, "the Prefect server outlived aeflow serve"
