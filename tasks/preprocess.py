@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 
 from tasks.config import PreprocessConfig
@@ -46,6 +47,45 @@ log = logging.getLogger("aeflow.preprocess")
 # Dask client
 
 
+class _QuietUserErrors(WorkerPlugin):
+    """Dask worker plugin: a user's bad input is reported once by aeflow, not also as a
+    worker "Compute Failed" log with a traceback."""
+
+    name = "aeflow-quiet-user-errors"
+
+    def setup(self, worker: Any) -> None:
+        from tasks.errors import AeflowError
+
+        names = tuple(f"{c.__name__}(" for c in _subclasses(AeflowError))
+
+        class _Filter(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                if str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple):
+                    return not any(str(a).startswith(names) for a in record.args)
+                return True
+
+        logging.getLogger("distributed.worker").addFilter(_Filter())
+
+    def teardown(self, worker: Any) -> None:
+        return None
+
+
+def _subclasses(cls: type) -> list[type]:
+    out, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(c.__subclasses__())
+    return out
+
+
+def _install_plugins(client: Any) -> None:
+    try:
+        client.register_plugin(_QuietUserErrors(), name=_QuietUserErrors.name)
+    except Exception as e:  # a scheduler that refuses plugins still works; logs are just noisier
+        log.debug("could not register the worker plugin: %s", e)
+
+
 @contextlib.contextmanager
 def dask_client(address: str | None = None, n_workers: int | None = None) -> Iterator[Any]:
     """A distributed client: the scheduler at ``address``, or a new ``LocalCluster``.
@@ -60,6 +100,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
             client = Client(address, timeout="20s")
         except OSError as e:
             raise InputError(f"cannot connect to the Dask scheduler at {address}: {e}") from e
+        _install_plugins(client)
         try:
             yield client
         finally:
@@ -69,6 +110,8 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
     # Worker processes read their logging config from the environment when they start.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    # A worker still busy when the cluster closes is killed after a grace period; that is expected here.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
     with (
         dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "warning"}),
         LocalCluster(
@@ -80,6 +123,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
         ) as cluster,
         Client(cluster) as client,
     ):
+        _install_plugins(client)
         yield client
 
 

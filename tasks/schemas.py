@@ -210,9 +210,10 @@ def summarise_schema_errors(
         locate: ``locate(index) -> str`` turning a block row index into "line 12"/"row 11".
     """
     fc = err.failure_cases.copy()
-    # A failed coercion is also reported as a dtype failure; the coercion says it better.
     coerced = set(fc.loc[fc["check"].astype(str).str.startswith("coerce_dtype"), "column"].astype(str))
-    fc = fc[~(fc["check"].astype(str).str.startswith("dtype(") & fc["column"].astype(str).isin(coerced))]
+    # Values that cannot be coerced also fail every later check of that column (dtype, finite):
+    # report the coercion alone.
+    fc = fc[~(~fc["check"].astype(str).str.startswith("coerce_dtype") & fc["column"].astype(str).isin(coerced))]
     parts = []
     for (column, check), grp in fc.groupby([fc["column"].astype(str), fc["check"].astype(str)], sort=False):
         if check == "column_in_schema":
