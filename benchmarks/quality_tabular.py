@@ -45,7 +45,7 @@ from sklearn.manifold import trustworthiness  # noqa: E402
 from tasks.apps import detect, extract, impute, reduce  # noqa: E402
 from tasks.config import ModelConfig  # noqa: E402
 
-ET_SEEDS = 3  # IterativeImputer(ExtraTrees) takes ~90 s per run on digits here: first 3 seeds only
+ET_SEEDS = 2  # IterativeImputer(ExtraTrees) takes ~90 s per run on digits here: first 2 seeds only
 
 LOADERS = {
     "breast_cancer": datasets.load_breast_cancer,
@@ -84,12 +84,15 @@ def verdict(ours: float, other: float, higher_better: bool) -> str:
 # detect
 
 
+SETTINGS = {"detect_subsamples": 20, "impute_seeds": 10}
+
+
 def detect_cases(quick: bool):
     """(dataset, case label, normal rows, anomaly rows) subsamples, fixed seeds."""
     x, y = load("breast_cancer")
     normal, malignant = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     n_anom = int(round(0.06 / 0.94 * len(normal)))
-    for s in range(5 if quick else 20):
+    for s in range(5 if quick else SETTINGS["detect_subsamples"]):
         yield "breast_cancer", s, x, normal, np.random.default_rng(s).choice(malignant, n_anom, replace=False)
     for name, rate, classes in (("wine", 0.10, None), ("digits", 0.10, None)):
         x, y = load(name)
@@ -146,7 +149,7 @@ def bench_impute(quick: bool) -> list[str]:
         x, _ = load(name)
         groups = impute.numeric_groups(x.shape[1])
         lo, hi = x.min(0), x.max(0)
-        for seed in range(3 if quick else 10):
+        for seed in range(3 if quick else SETTINGS["impute_seeds"]):
             # 20% MCAR: the hidden cells are truly missing for every method (transductive, as users run imputers).
             hidden = np.random.default_rng(seed).random(x.shape) < 0.2
             xm = np.where(hidden, np.nan, x)
@@ -233,7 +236,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Fewer seeds/cases (a smoke run, not for RESULTS.md).")
     p.add_argument("--only", default=",".join(BENCHES), help="Comma-separated subset of " + ",".join(BENCHES))
+    p.add_argument("--detect-subsamples", type=int, default=20, help="Breast-cancer subsamples for detect (20).")
+    p.add_argument("--impute-seeds", type=int, default=10, help="MCAR seeds for impute (10).")
     args = p.parse_args()
+    SETTINGS.update(detect_subsamples=args.detect_subsamples, impute_seeds=args.impute_seeds)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
