@@ -315,6 +315,10 @@ def demo(
     jobs: list[tuple[str, str, dict[str, Any]]] = [
         ("reduce", "digits", {"model.latent_dim": 2}),
         ("reduce", "breast_cancer", {"model.latent_dim": 2}),
+        ("extract", "digits", {}),
+        # breast cancer's label 0 is malignant: the anomalies of this demo.
+        ("detect", "breast_cancer", {"app.positive_label": "0"}),
+        ("impute", "wine", {}),
     ]
     summary = Table(title="aeflow demo", title_justify="left")
     for col in ("app", "data", "aeflow", "baseline", "run URI"):

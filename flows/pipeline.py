@@ -34,8 +34,8 @@ from tasks.apps import (
 )
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
-from tasks.load import inspect_input
-from tasks.preprocess import dask_client, prepare_task
+from tasks.load import inspect_input, with_schema
+from tasks.preprocess import categories_task, dask_client, prepare_task
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
 from tasks.storage import ArtifactStore, Manifest, RunDir, open_run
 
@@ -145,6 +145,11 @@ def run_table_app(config: RunConfig) -> RunResult:
     log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
     try:
         with dask_client(config.dask_address), _stage(timings, "preprocess"):
+            if train_src:
+                # Categories come from the whole training input; data applied to in the same run shares them.
+                train_src = categories_task(train_src, config.preprocess)
+                if target_src:
+                    target_src = with_schema(target_src, train_src.schema)
             train_prep = prepare_task(train_src, config.preprocess, run, "preprocessed") if train_src else None
             stats = fitted.stats if fitted is not None else train_prep.stats
             target_prep = (
@@ -153,7 +158,11 @@ def run_table_app(config: RunConfig) -> RunResult:
                 else train_prep
             )
         schema = fitted.schema if fitted is not None else train_src.schema
-        ctx = TableContext(config=config, run=run, schema=schema, train=train_prep, target=target_prep, device=device)
+        warnings = target_prep.unseen_warnings if target_prep is not train_prep else []
+        for w in warnings:
+            log.warning("%s", w)
+        ctx = TableContext(config=config, run=run, schema=schema, train=train_prep, target=target_prep, device=device,
+                           source=target_src or train_src)
 
         if fitted is None:
             with _stage(timings, "train"):
@@ -162,6 +171,7 @@ def run_table_app(config: RunConfig) -> RunResult:
             outputs = apply_task(app, ctx, fitted)
         with _stage(timings, "evaluate"):
             evaluation: Evaluation = evaluate_task(app, ctx, fitted)
+        evaluation.notes.extend(f"warning: {w}" for w in warnings)
         with _stage(timings, "report"):
             outputs.update(report_task(app, ctx, fitted, evaluation))
         result = _publish(app.name, run, config, created, fingerprint, train_src, target_src, fitted,

@@ -6,10 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from models.dense import DenseAEConfig, DenseAutoencoder, build_dense
+from models.dense import DenseAEConfig, DenseAutoencoder, MaskedDenseAutoencoder, build_dense, build_masked_dense
 
 MODEL_BUILDERS = {
     "dense": build_dense,
+    "masked_dense": build_masked_dense,
 }
 
 
@@ -22,4 +23,4 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return builder(config)
 
 
-__all__ = ["DenseAEConfig", "DenseAutoencoder", "MODEL_BUILDERS", "build_model"]
+__all__ = ["DenseAEConfig", "DenseAutoencoder", "MaskedDenseAutoencoder", "MODEL_BUILDERS", "build_model"]

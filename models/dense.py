@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -133,3 +134,46 @@ def count_parameters(model: nn.Module) -> int:
 def build_dense(config: dict[str, Any]) -> DenseAutoencoder:
     return DenseAutoencoder(DenseAEConfig.from_dict(config))
 
+
+
+class MaskedDenseAutoencoder(DenseAutoencoder):
+    """A dense autoencoder for incomplete rows: missing cells are ``NaN`` in the input.
+
+    The encoder sees the observed values (missing ones set to 0, the scaled mean)
+    and the missingness mask side by side, so it can tell "missing" from "zero";
+    the decoder reconstructs every cell. ``in_features`` is the width of the data,
+    the encoder's input is twice as wide.
+    """
+
+    kind = "masked_dense"
+
+    def __init__(self, config: DenseAEConfig) -> None:
+        super().__init__(config)
+        widths = [2 * config.in_features, *config.hidden, config.latent_dim]
+        self.encoder = _mlp(widths, config, last_plain=True)
+
+    def encode(self, x: Tensor) -> Tensor:
+        missing = x.isnan()
+        return self.encoder(torch.cat([x.masked_fill(missing, 0.0), missing.to(x.dtype)], dim=1))
+
+
+def masked_reconstruction_loss(
+    model: nn.Module, batch: Tensor, generator: torch.Generator, hide: float = 0.25, visible_weight: float = 0.25
+) -> Tensor:
+    """Denoising objective for imputation: hide a random share of the *observed* cells and
+    reconstruct them (and, with a smaller weight, the cells left visible). Cells missing
+    in the data carry no loss.
+    """
+    observed = ~batch.isnan()
+    hidden = (torch.rand(batch.shape, generator=generator).to(batch.device) < hide) & observed
+    x_hat = model(batch.masked_fill(hidden, float("nan"))).x_hat.float()
+    target = batch.float().nan_to_num(0.0)
+    err = (x_hat - target) ** 2
+    visible = observed & ~hidden
+    hid_loss = (err * hidden).sum() / hidden.sum().clamp(min=1)
+    vis_loss = (err * visible).sum() / visible.sum().clamp(min=1)
+    return hid_loss + visible_weight * vis_loss
+
+
+def build_masked_dense(config: dict[str, Any]) -> MaskedDenseAutoencoder:
+    return MaskedDenseAutoencoder(DenseAEConfig.from_dict(config))

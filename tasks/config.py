@@ -47,6 +47,9 @@ class PreprocessConfig(Frozen):
     scaler: Literal["standard", "minmax", "none"] = Field("standard", description="Feature scaling fitted on training rows.")
     val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of rows held out for validation and metrics.")
     split_seed: int = Field(0, description="Seed of the deterministic train/validation split.")
+    max_categories: int = Field(
+        100, ge=1, description="Most distinct values a categorical column may have at fit time (one-hot width)."
+    )
 
 
 class ModelConfig(Frozen):

@@ -169,7 +169,8 @@ def encode_partition(df: pd.DataFrame, schema: TableSchema) -> pd.DataFrame:
             values = df[c.name]
             null = values.isna().to_numpy()
             for cat in c.categories:
-                onehot = (values == cat).to_numpy(dtype="float32", na_value=0.0)
+                # fillna first: pandas' Arrow-backed strings compare to a nullable boolean.
+                onehot = values.eq(cat).fillna(False).to_numpy(dtype=bool).astype("float32")
                 onehot[null] = np.nan
                 cols[f"{c.name}={cat}"] = onehot
     out = pd.DataFrame(cols, index=df.index)
@@ -179,6 +180,53 @@ def encode_partition(df: pd.DataFrame, schema: TableSchema) -> pd.DataFrame:
     if SPLIT_COL in df.columns:
         out[SPLIT_COL] = df[SPLIT_COL]
     return out
+
+
+def unseen_categories(df: pd.DataFrame, schema: TableSchema, max_examples: int = 3) -> dict[str, list]:
+    """{column: [count, examples]} of categorical values not seen at fit time (encoded as all zeros)."""
+    out: dict[str, list] = {}
+    for c in schema.categorical:
+        values = df[c.name]
+        bad = values.notna() & ~values.isin(c.categories)
+        if bad.any():
+            out[c.name] = [int(bad.sum()), sorted(map(str, values[bad].unique()))[:max_examples]]
+    return out
+
+
+def _partition_categories(df: pd.DataFrame, columns: list[str], cap: int) -> dict[str, list[str]]:
+    # Capped so that a high-cardinality column costs O(cap) memory per partition, not O(rows).
+    return {c: sorted(map(str, df[c].dropna().unique()))[: cap + 1] for c in columns}
+
+
+def collect_categories(source: TableSource, max_categories: int = 100) -> TableSource:
+    """Categories of every categorical feature over the whole input (one Dask pass).
+
+    Unique values per partition are merged on the client and sorted, so the
+    one-hot layout is deterministic. A no-op when no feature is categorical.
+
+    Raises:
+        InputError: a column has more than ``max_categories`` distinct values.
+    """
+    columns = [c.name for c in source.schema.categorical]
+    if not columns:
+        return source
+    parts = to_dask(source).to_delayed()
+    found = dask.compute(*[dask.delayed(_partition_categories)(p, columns, max_categories) for p in parts])
+    merged: dict[str, tuple[str, ...]] = {}
+    for c in columns:
+        values = sorted(set().union(*(f[c] for f in found)))
+        if len(values) > max_categories:
+            raise InputError(
+                f"{source.uri}: categorical column {c!r} has more than {max_categories} distinct values "
+                f"(e.g. {values[:3]}); pass it as --id-column, --exclude it, or raise "
+                f"--set preprocess.max_categories=N"
+            )
+        if not values:
+            raise InputError(f"{source.uri}: categorical column {c!r} is entirely null")
+        merged[c] = tuple(values)
+    from tasks.load import with_schema
+
+    return with_schema(source, source.schema.with_categories(merged))
 
 
 def partition_moments(df: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarray | int]:
@@ -224,6 +272,10 @@ def merge_moments(parts: list[dict[str, Any]]) -> dict[str, Any]:
         acc["nonnull_all"] = acc["nonnull_all"] + p["nonnull_all"]
         acc["rows"] += p["rows"]
         acc["val_rows"] += p["val_rows"]
+        for col, (count, examples) in p.get("unseen", {}).items():
+            have = acc.setdefault("unseen", {}).setdefault(col, [0, []])
+            have[0] += count
+            have[1] = sorted(set(have[1]) | set(examples))[:3]
     if acc is None:
         raise ValueError("no partitions")
     return acc
@@ -311,6 +363,7 @@ def scale(ddf: dd.DataFrame, stats: ScalingStats) -> dd.DataFrame:
 def _process_partition(df: pd.DataFrame, schema: TableSchema, out_uri: str | None, columns: list[str]) -> dict[str, Any]:
     enc = encode_partition(df, schema)
     mom = partition_moments(enc, columns)
+    mom["unseen"] = unseen_categories(df, schema)
     if out_uri is not None:
         fs, path = url_to_fs(out_uri)
         buf = io.BytesIO()
@@ -332,6 +385,16 @@ class PreparedTable:
     id_column: str | None
     label_column: str | None
     nonnull: tuple[int, ...] = ()
+    # {column: [rows, example values]} of categories not seen at fit time (encoded as all-zero one-hot).
+    unseen: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def unseen_warnings(self) -> list[str]:
+        return [
+            f"{self.source_uri}: column {col!r} has {n} value(s) of categories not seen at fit time "
+            f"(e.g. {ex}); encoded as all-zero one-hot"
+            for col, (n, ex) in self.unseen.items()
+        ]
 
     @property
     def n_train(self) -> int:
@@ -392,6 +455,7 @@ def prepare(
         id_column=schema.id,
         label_column=schema.label if schema.label in source.columns else None,
         nonnull=tuple(int(v) for v in mom["nonnull_all"]),
+        unseen=dict(mom.get("unseen", {})),
     )
     if run is not None:
         run.write_json(f"{prefix}/stats.json", {"stats": stats.to_dict(), "n_rows": prepared.n_rows, "n_val": prepared.n_val})
@@ -423,6 +487,12 @@ def read_prepared(prep: PreparedTable, *, split: str = "all", scaled: bool = Tru
 
 # ---------------------------------------------------------------------------------------
 # Prefect task
+
+
+@task(name="categories", **IO_TASK)
+def categories_task(source: TableSource, cfg: PreprocessConfig) -> TableSource:
+    """Prefect task over :func:`collect_categories`."""
+    return collect_categories(source, cfg.max_categories)
 
 
 @task(name="preprocess", task_run_name="preprocess-{prefix}", **IO_TASK)

@@ -71,6 +71,18 @@ class TableSchema:
         )
         return cls(**d)
 
+    @property
+    def categorical(self) -> list[ColumnSpec]:
+        return [c for c in self.features if c.kind == "categorical"]
+
+    def with_categories(self, categories: dict[str, tuple[str, ...]]) -> TableSchema:
+        """A copy whose categorical features carry the categories collected at fit time."""
+        d = self.to_dict()
+        for c in d["features"]:
+            if c["name"] in categories:
+                c["categories"] = list(categories[c["name"]])
+        return TableSchema.from_dict(d)
+
     def with_nulls(self, allow: bool) -> TableSchema:
         d = self.to_dict()
         d["allow_nulls"] = allow
@@ -107,6 +119,21 @@ def _dtype_family(series: pd.Series) -> str:
     return "str"
 
 
+def _is_categorical(series: pd.Series) -> bool:
+    """A text column is categorical when most of its sampled values are not numbers.
+
+    A mostly numeric column with a stray string stays numeric, so that value is
+    reported as an error by validation instead of silently becoming a category.
+    """
+    if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+        return False
+    values = series.dropna()
+    if len(values) == 0:
+        return False
+    numeric = pd.to_numeric(values.astype(str), errors="coerce").notna().mean()
+    return bool(numeric < 0.5)
+
+
 def infer_schema(
     sample: pd.DataFrame,
     *,
@@ -117,6 +144,10 @@ def infer_schema(
     source: str,
 ) -> TableSchema:
     """Infer roles and kinds from the first rows of the input.
+
+    Text columns whose sampled values are mostly not numbers are categorical;
+    their categories are collected over the whole input later
+    (:func:`tasks.preprocess.collect_categories`).
 
     Raises:
         InputError: an option names a column that is not there, or no feature is left.
@@ -132,7 +163,11 @@ def infer_schema(
     if label is not None and label == id_column:
         raise InputError(f"column {label!r} cannot be both the label and the id column")
     roles = {label, id_column, *exclude} - {None}
-    features = tuple(ColumnSpec(c, "numeric") for c in columns if c not in roles)
+    features = tuple(
+        ColumnSpec(c, "categorical" if _is_categorical(sample[c]) else "numeric")
+        for c in columns
+        if c not in roles
+    )
     if not features:
         raise InputError(f"{source} has no feature columns left after the label, id and excluded columns")
     id_dtype = _dtype_family(sample[id_column]) if id_column else None
@@ -150,6 +185,8 @@ def infer_schema(
         label_dtype=label_dtype,
         excluded=tuple(exclude),
         allow_nulls=allow_nulls,
+        # dtypes as read at fit time: outputs that give features back (impute) restore them.
+        extra={"dtypes": {c: str(sample[c].dtype) for c in columns}},
     )
 
 

@@ -34,7 +34,7 @@ from tasks.schemas import TableSchema
 from tasks.storage import RunDir, url_to_fs
 from tasks.train import train_model
 
-APP_MODULES = ("reduce",)
+APP_MODULES = ("reduce", "extract", "detect", "impute")
 _REGISTRY: dict[str, TableApp] = {}
 
 
@@ -91,6 +91,8 @@ class TableContext:
     train: PreparedTable | None
     target: PreparedTable
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The inspected input that ``target`` was prepared from (apps that need the raw values, e.g. impute).
+    source: Any = None
 
     @cached_property
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:

@@ -1,0 +1,258 @@
+"""Quality of the tabular applications against the tools users would otherwise pick.
+
+Runs the applications' own code paths (the plain functions in ``tasks/apps/``,
+with each application's default RunConfig: no per-dataset settings) on
+scikit-learn's bundled datasets, with fixed seeds, and prints Markdown tables of
+mean ± std over seeds, with each goal marked met or missed (and by how much).
+
+    python -m benchmarks.quality_tabular [--quick] [--only detect,impute,extract,reduce]
+
+- detect: breast cancer (malignant subsampled to ~6% anomalies), wine (one class
+  as anomalies, ~10%), digits (one class vs the rest, ~10%); regimes "clean"
+  (trained on 70% of the normal rows, scored on the other 30% plus the anomalies)
+  and "contaminated" (trained and scored on everything). ROC-AUC of ours vs
+  IsolationForest, PCA reconstruction error and pyod's AutoEncoder (defaults).
+- impute: 20% MCAR on breast cancer, wine, diabetes, digits; RMSE on min-max
+  scaled values of the hidden cells vs mean, KNNImputer(5), IterativeImputer
+  (BayesianRidge) and IterativeImputer(ExtraTrees).
+- extract: digits, stratified 5-fold LogisticRegression accuracy on raw, PCA-16,
+  AE-16, and with 10 / 50 labels per class.
+- reduce: digits, held-out (20%) reconstruction MSE and trustworthiness vs PCA
+  at d = 2, 4, 8, 16.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread per library: on a small shared machine, BLAS/torch thread pools spin against
+# each other (IterativeImputer took 195 s instead of 7 s on digits with two threads here).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn import datasets  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.manifold import trustworthiness  # noqa: E402
+
+from tasks.apps import detect, extract, impute, reduce  # noqa: E402
+from tasks.config import ModelConfig  # noqa: E402
+
+ET_SEEDS = 2  # IterativeImputer(ExtraTrees) takes ~90 s per run on digits here: first 2 seeds only
+
+LOADERS = {
+    "breast_cancer": datasets.load_breast_cancer,
+    "wine": datasets.load_wine,
+    "diabetes": datasets.load_diabetes,
+    "digits": datasets.load_digits,
+}
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    b = LOADERS[name]()
+    return b.data.astype("float64"), b.target
+
+
+def standardise(fit_x: np.ndarray, *xs: np.ndarray) -> list[np.ndarray]:
+    """The pipeline's standard scaler (nan-aware, constant columns left unscaled)."""
+    mu, sd = np.nanmean(fit_x, 0), np.nanstd(fit_x, 0, ddof=1)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    return [((x - mu) / sd).astype("float32") for x in (fit_x, *xs)]
+
+
+def split_rows(n: int, val: float, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 99]).random(n) < val
+
+
+def ms(v: list[float]) -> str:
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "—"
+
+
+def verdict(ours: float, other: float, higher_better: bool) -> str:
+    diff = ours - other if higher_better else other - ours
+    return "met" if diff >= 0 else f"missed by {abs(diff):.3f}"
+
+
+# ---------------------------------------------------------------------------------------
+# detect
+
+
+SETTINGS = {"detect_subsamples": 20, "impute_seeds": 10}
+
+
+def detect_cases(quick: bool):
+    """(dataset, case label, normal rows, anomaly rows) subsamples, fixed seeds."""
+    x, y = load("breast_cancer")
+    normal, malignant = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    n_anom = int(round(0.06 / 0.94 * len(normal)))
+    for s in range(5 if quick else SETTINGS["detect_subsamples"]):
+        yield "breast_cancer", s, x, normal, np.random.default_rng(s).choice(malignant, n_anom, replace=False)
+    for name, rate, classes in (("wine", 0.10, None), ("digits", 0.10, None)):
+        x, y = load(name)
+        cls = np.unique(y)
+        cls = cls[:3] if quick and name == "digits" else cls
+        for c in cls:
+            normal, anom = np.flatnonzero(y != c), np.flatnonzero(y == c)
+            n_anom = min(len(anom), int(round(rate / (1 - rate) * len(normal))))
+            yield name, int(c), x, normal, np.random.default_rng(int(c)).choice(anom, n_anom, replace=False)
+
+
+def bench_detect(quick: bool) -> list[str]:
+    rc = detect.DetectRunConfig()
+    cfg = rc.app
+    res: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for name, case, x, normal, anom in detect_cases(quick):
+        rng = np.random.default_rng([case, 7])
+        perm = rng.permutation(normal)
+        clean_train = perm[: int(0.7 * len(perm))]
+        clean_test = np.concatenate([perm[int(0.7 * len(perm)) :], anom])
+        everything = np.concatenate([normal, anom])
+        for regime, tr, te in (("clean", clean_train, clean_test), ("contaminated", everything, everything)):
+            y = np.isin(te, anom)
+            fx, tx = standardise(x[tr], x[te])
+            val = split_rows(len(fx), 0.2, case)
+            model, _ = detect.fit_detector(fx[~val], fx[val], rc.model, rc.train.model_copy(update={"seed": case}),
+                                           contamination=cfg.contamination, robust=cfg.robust)
+            scores = {"aeflow": detect.anomaly_scores(model, tx)}
+            scores.update(detect.baseline_scores(fx, tx, k=rc.model.latent_dim, contamination=cfg.contamination, seed=case))
+            for method, s in scores.items():
+                res[(name, regime)][method].append(detect.ranking_metrics(y, s)["roc_auc"])
+        print(f"  detect {name} case {case} done", flush=True)
+    methods = ["aeflow", "isolation_forest", "pca", "pyod_autoencoder"]
+    lines = ["### detect: ROC-AUC (mean ± std over subsamples / anomaly classes)", "",
+             "| dataset | regime | n | aeflow | IsolationForest | PCA recon | pyod AutoEncoder | goal: ≥ IF | goal: ≥ pyod AE |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (name, regime), d in res.items():
+        m = {k: float(np.mean(v)) for k, v in d.items()}
+        lines.append(
+            f"| {name} | {regime} | {len(d['aeflow'])} | " + " | ".join(ms(d[k]) for k in methods)
+            + f" | {verdict(m['aeflow'], m['isolation_forest'], True)} | {verdict(m['aeflow'], m['pyod_autoencoder'], True)} |"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# impute
+
+
+def bench_impute(quick: bool) -> list[str]:
+    rc = impute.ImputeRunConfig()
+    res: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for name in ("breast_cancer", "wine", "diabetes", "digits"):
+        x, _ = load(name)
+        groups = impute.numeric_groups(x.shape[1])
+        lo, hi = x.min(0), x.max(0)
+        for seed in range(3 if quick else SETTINGS["impute_seeds"]):
+            # 20% MCAR: the hidden cells are truly missing for every method (transductive, as users run imputers).
+            hidden = np.random.default_rng(seed).random(x.shape) < 0.2
+            xm = np.where(hidden, np.nan, x)
+            (xs,) = standardise(xm)
+            mu, sd = np.nanmean(xm, 0), np.nanstd(xm, 0, ddof=1)
+            sd = np.where(sd > 1e-12, sd, 1.0)
+            val = split_rows(len(xs), 0.1, seed)
+            t0 = time.perf_counter()
+            model, _ = impute.fit_imputer(xs[~val], xs[val], rc.model, rc.train.model_copy(update={"seed": seed}),
+                                          mask_fraction=rc.app.mask_fraction)
+            filled = {"aeflow": impute.fill(xs, impute.reconstruct(model, xs), groups)}
+            res[name]["_seconds_aeflow"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            filled.update(impute.baseline_imputations(None, xs, groups, k=5, seed=seed, extra_trees=seed < ET_SEEDS))
+            res[name]["_seconds_baselines"].append(time.perf_counter() - t0)
+            for method, f in filled.items():  # noqa: B007
+                err = impute.imputation_errors(x, f * sd + mu, hidden, groups, lo, hi)
+                res[name][method].append(err["rmse"])
+            print(f"  impute {name} seed {seed} done", flush=True)
+    methods = ["aeflow", "mean_mode", "knn", "iterative", "iterative_extratrees"]
+    lines = ["### impute: RMSE on hidden cells, min-max scaled (mean ± std over seeds; lower is better)", "",
+             f"| dataset | seeds | aeflow | mean | KNNImputer(5) | Iterative(BayesianRidge) | Iterative(ExtraTrees, {ET_SEEDS} seeds) "
+             "| goal: ≤ KNN | goal: ≤ Iterative(BR) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in res.items():
+        m = {k: float(np.mean(v)) for k, v in d.items()}
+        lines.append(
+            f"| {name} | {len(d['aeflow'])} | " + " | ".join(ms(d[k]) for k in methods)
+            + f" | {verdict(m['aeflow'], m['knn'], False)} | {verdict(m['aeflow'], m['iterative'], False)} |"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# extract and reduce
+
+
+def bench_extract(quick: bool) -> list[str]:
+    rc = extract.ExtractRunConfig()
+    x, y = load("digits")
+    (xs,) = standardise(x)
+    res = extract.downstream_accuracy(xs, y, rc.model, rc.train, folds=5, few_labels=tuple(rc.app.few_labels), seed=0)
+    k = rc.model.latent_dim
+    lines = [f"### extract: digits, stratified 5-fold LogisticRegression accuracy (k = {k}; encoder/PCA fitted on training folds only)", "",
+             f"| labels | raw (64) | PCA-{k} | AE-{k} (aeflow) | goal: AE ≥ PCA |", "|---|---|---|---|---|"]
+    for metric, label in [("accuracy", "all")] + [(f"accuracy_{n}_per_class", f"{n} per class") for n in rc.app.few_labels]:
+        lines.append(f"| {label} | {res['raw'][metric]:.3f} | {res['pca'][metric]:.3f} | {res['ae'][metric]:.3f} | "
+                     f"{verdict(res['ae'][metric], res['pca'][metric], True)} |")
+    return lines
+
+
+def bench_reduce(quick: bool) -> list[str]:
+    rc = reduce.ReduceRunConfig()
+    x, _ = load("digits")
+    lines = ["### reduce: digits, held-out 20% (mean ± std over seeds)", "",
+             "| d | MSE aeflow | MSE PCA | trustworthiness aeflow | trustworthiness PCA |", "|---|---|---|---|---|"]
+    for d in (2, 4, 8, 16):
+        r = defaultdict(list)
+        for seed in range(2 if quick else 3):
+            val = split_rows(len(x), 0.2, seed)
+            tx, vx = standardise(x[~val], x[val])
+            inner = split_rows(len(tx), 0.1, seed + 1)
+            mcfg = ModelConfig(**{**rc.model.model_dump(), "latent_dim": d})
+            model = extract.train_encoder(tx, mcfg, rc.train.model_copy(update={"seed": seed}), seed=seed)
+            del inner
+            from models.training import predict
+
+            recon = predict(lambda b: model(b).x_hat, vx, device=torch.device("cpu"))
+            z = extract.encode(model, vx)
+            pca = PCA(n_components=d, random_state=seed).fit(tx)
+            zp = pca.transform(vx)
+            r["mse_ae"].append(float(np.mean((recon - vx) ** 2)))
+            r["mse_pca"].append(float(np.mean((pca.inverse_transform(zp) - vx) ** 2)))
+            r["tw_ae"].append(float(trustworthiness(vx, z, n_neighbors=10)))
+            r["tw_pca"].append(float(trustworthiness(vx, zp, n_neighbors=10)))
+        lines.append(f"| {d} | {ms(r['mse_ae'])} | {ms(r['mse_pca'])} | {ms(r['tw_ae'])} | {ms(r['tw_pca'])} |")
+    return lines
+
+
+BENCHES = {"detect": bench_detect, "impute": bench_impute, "extract": bench_extract, "reduce": bench_reduce}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="Fewer seeds/cases (a smoke run, not for RESULTS.md).")
+    p.add_argument("--only", default=",".join(BENCHES), help="Comma-separated subset of " + ",".join(BENCHES))
+    p.add_argument("--detect-subsamples", type=int, default=20, help="Breast-cancer subsamples for detect (20).")
+    p.add_argument("--impute-seeds", type=int, default=10, help="MCAR seeds for impute (10).")
+    args = p.parse_args()
+    SETTINGS.update(detect_subsamples=args.detect_subsamples, impute_seeds=args.impute_seeds)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    t0 = time.perf_counter()
+    out = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
+           f"{torch.__version__} on CPU, {torch.get_num_threads()} threads.", ""]
+    for name in args.only.split(","):
+        ts = time.perf_counter()
+        print(f"running {name} …", flush=True)
+        out += BENCHES[name](args.quick) + ["", f"({name}: {time.perf_counter() - ts:.0f} s)", ""]
+    out.append(f"Total {time.perf_counter() - t0:.0f} s.")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""detect: anomaly detection by autoencoder reconstruction error, with the pyod contract.
+
+``contamination`` is validated in (0, 0.5]; ``threshold_`` is fixed once at fit
+time as the (1 - contamination) percentile of the training scores, or given with
+``--threshold``. Output ``scores.parquet``: the id column (when given), ``score``
+(mean squared reconstruction error in scaled units; higher = more anomalous) and
+``is_anomaly`` (``score > threshold_``), one row per input row in input order.
+
+Semi-supervised use: fit on ``--input`` (normal data), score ``--apply-to``.
+Unsupervised use: fit and score the same data; training is robust to the
+anomalies it contains because each batch's largest-loss share (the
+contamination) is left out of the loss (a trimmed reconstruction loss).
+
+With a label column (``positive_label`` marks anomalies): ROC-AUC and average
+precision for ours and, on the same data in the same run, for IsolationForest,
+PCA reconstruction error and pyod's ``AutoEncoder`` with its default settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch import Tensor, nn
+
+from models.dense import DenseAEConfig, DenseAutoencoder
+from models.training import predict
+from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
+from tasks.report import save_figure, training_curve
+from tasks.train import train_model
+
+log = logging.getLogger("aeflow.detect")
+PYOD_MIN_ROWS = 64
+
+
+class Config(AppConfig):
+    """Settings of the detect application."""
+
+    name = "detect"
+    contamination: float = Field(
+        0.1, gt=0.0, le=0.5, description="Expected share of anomalies in the training data, in (0, 0.5]."
+    )
+    threshold: float | None = Field(
+        None, description="Fixed score threshold (default: the training scores' (1 - contamination) percentile)."
+    )
+    robust: bool = Field(True, description="Trim each batch's largest losses (the contamination share) while training.")
+    positive_label: str = Field("1", description="Label value that marks an anomaly (for the metrics).")
+    bins: int = Field(50, ge=5, description="Bins of the score histogram.")
+
+
+class DetectRunConfig(RunConfig):
+    """A run of detect: the flow's parameter."""
+
+    app: Config = Config()
+    # A short, regularised fit: an autoencoder trained to convergence also learns to reconstruct
+    # the anomalies in its training data (benchmarks/RESULTS.md: contaminated regime).
+    model: ModelConfig = ModelConfig(latent_dim=4, hidden=(64, 32), dropout=0.2)
+    train: TrainConfig = TrainConfig(epochs=15, batch_size=32, weight_decay=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Plain functions (used by the app and by benchmarks/quality_tabular.py)
+
+
+def trimmed_loss(model: nn.Module, batch: Tensor, generator: torch.Generator, trim: float = 0.0) -> Tensor:
+    """Mean squared reconstruction error over the batch's rows, leaving out its ``trim`` share
+    of largest per-row losses: anomalies in the training data then barely shape the model."""
+    per_row = ((model(batch).x_hat.float() - batch.float()) ** 2).mean(dim=1)
+    keep = len(per_row) - int(np.floor(trim * len(per_row)))
+    if 0 < keep < len(per_row):
+        per_row = torch.topk(per_row, keep, largest=False).values
+    return per_row.mean()
+
+
+def fit_detector(
+    train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+    contamination: float, robust: bool = True, run=None, show_progress: bool = False,
+) -> tuple[DenseAutoencoder, object]:
+    model = DenseAutoencoder(
+        DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
+                      model_cfg.dropout, model_cfg.batch_norm)
+    )
+    loss = partial(trimmed_loss, trim=contamination if robust else 0.0)
+    result = train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label="detect autoencoder",
+                         show_progress=show_progress)
+    return model, result
+
+
+def anomaly_scores(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """Mean squared reconstruction error per row (higher = more anomalous)."""
+    model.eval()
+    x_hat = predict(lambda b: model(b).x_hat, x, device=torch.device(device))
+    return np.mean((x_hat.astype("float64") - x) ** 2, axis=1)
+
+
+def fit_threshold(train_scores: np.ndarray, contamination: float) -> float:
+    """pyod's rule: the (1 - contamination) percentile of the training scores."""
+    return float(np.percentile(train_scores, 100.0 * (1.0 - contamination)))
+
+
+def baseline_scores(fit_x: np.ndarray, x: np.ndarray, *, k: int, contamination: float, seed: int) -> dict[str, np.ndarray]:
+    """Scores of the detectors a user would otherwise pick, fitted on ``fit_x``, scoring ``x``."""
+    out: dict[str, np.ndarray] = {}
+    iforest = IsolationForest(random_state=seed, contamination=contamination).fit(fit_x)
+    out["isolation_forest"] = -iforest.score_samples(x)
+    k = min(k, fit_x.shape[1], len(fit_x))
+    pca = PCA(n_components=k, random_state=seed).fit(fit_x)
+    out["pca"] = np.mean((pca.inverse_transform(pca.transform(x)) - x) ** 2, axis=1)
+    if len(fit_x) < PYOD_MIN_ROWS:
+        # pyod drops the ragged last batch of 32: with fewer rows it trains on nothing and fails.
+        log.warning("pyod AutoEncoder baseline skipped: %d rows, it needs at least %d", len(fit_x), PYOD_MIN_ROWS)
+        return out
+    torch_state = torch.random.get_rng_state()
+    try:
+        from pyod.models.auto_encoder import AutoEncoder
+
+        pyod_ae = AutoEncoder(contamination=contamination, random_state=seed, verbose=0)
+        pyod_ae.fit(fit_x)
+        out["pyod_autoencoder"] = np.asarray(pyod_ae.decision_function(x), dtype="float64")
+    except Exception as e:  # a baseline must never fail the run it is compared in
+        log.warning("pyod AutoEncoder baseline skipped: %s: %s", type(e).__name__, e)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    return out
+
+
+def ranking_metrics(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    return {"roc_auc": float(roc_auc_score(y, scores)), "average_precision": float(average_precision_score(y, scores))}
+
+
+# ---------------------------------------------------------------------------------------
+# The application
+
+
+@register
+class Detect(TableApp):
+    name = "detect"
+    Config = Config
+    RunConfig = DetectRunConfig
+    cli_options = (
+        ("--contamination", "app.contamination", float, "Expected share of anomalies in the training data, in (0, 0.5]."),
+        ("--threshold", "app.threshold", float, "Fixed score threshold instead of the contamination percentile."),
+        ("--positive-label", "app.positive_label", str, "Label value that marks an anomaly (metrics only)."),
+        ("--latent-dim", "model.latent_dim", int, "Width of the autoencoder's code."),
+    )
+
+    def fit(self, ctx: TableContext) -> Fitted:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        train_x, val_x, _, _ = ctx.train_arrays
+        model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train,
+                                     contamination=cfg.contamination, robust=cfg.robust, run=ctx.run, show_progress=True)
+        scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
+        threshold = cfg.threshold if cfg.threshold is not None else fit_threshold(scores, cfg.contamination)
+        state = {
+            "threshold_": float(threshold),
+            "threshold_source_": "given" if cfg.threshold is not None else f"training percentile {100 * (1 - cfg.contamination):g}",
+            "contamination": cfg.contamination,
+            "train_score_mean_": float(scores.mean()),
+        }
+        return Fitted(model=model, schema=ctx.schema, stats=ctx.train.stats, train=result, state=state)
+
+    def threshold(self, ctx: TableContext, fitted: Fitted) -> float:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        # A --threshold given when reusing a model overrides the fitted one; otherwise threshold_ stands.
+        return float(cfg.threshold) if cfg.threshold is not None else float(fitted.state["threshold_"])
+
+    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
+        thr = self.threshold(ctx, fitted)
+        with PartWriter(ctx.run, "scores.parquet") as out:
+            for x, side in iter_parts(ctx.target, fitted.stats):
+                s = anomaly_scores(fitted.model, x, ctx.device)
+                df = pd.DataFrame({"score": s.astype("float64"), "is_anomaly": s > thr})
+                if fitted.schema.id:
+                    df.insert(0, fitted.schema.id, side[fitted.schema.id].to_numpy())
+                out.write(df)
+        return {"scores": "scores.parquet"}
+
+    def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        ev = Evaluation()
+        x, side = ctx.target_arrays
+        scores = anomaly_scores(fitted.model, x, ctx.device)
+        thr = self.threshold(ctx, fitted)
+        flagged = scores > thr
+        ev.metrics["threshold"] = thr
+        ev.metrics["anomaly_rate"] = float(flagged.mean())
+        label = fitted.schema.label
+        if not label or label not in side.columns:
+            ev.notes.append("no label column: ROC-AUC and average precision not evaluated")
+            return ev
+        known = side[label].notna().to_numpy()
+        y = (side[label].astype(str).to_numpy() == cfg.positive_label)[known]
+        if y.all() or not y.any():
+            ev.notes.append(f"labels hold a single class (positive_label={cfg.positive_label!r}): ranking metrics skipped")
+            return ev
+        ev.metrics.update(ranking_metrics(y, scores[known]))
+        tp = int((flagged[known] & y).sum())
+        ev.metrics["precision_at_threshold"] = tp / max(int(flagged[known].sum()), 1)
+        ev.metrics["recall_at_threshold"] = tp / int(y.sum())
+        if ctx.train is not None:
+            tx, vx, _, _ = ctx.train_arrays
+            fit_x = np.concatenate([tx, vx])
+            where = "fitted on the input, scoring the applied data" if ctx.target is not ctx.train else "fitted and scored on the input"
+        else:
+            fit_x, where = x, "fitted and scored on the applied data (the model was reused)"
+        for name, s in baseline_scores(fit_x, x, k=fitted.model.config.latent_dim, contamination=cfg.contamination,
+                                       seed=ctx.config.train.seed).items():
+            ev.baselines[name] = ranking_metrics(y, s[known])
+        ev.notes.append(f"anomalies: label {label!r} == {cfg.positive_label!r}; baselines {where}; pyod AutoEncoder with default settings")
+        return ev
+
+    def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
+        import matplotlib.pyplot as plt
+
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        x, side = ctx.target_arrays
+        scores = anomaly_scores(fitted.model, x, ctx.device)
+        thr = self.threshold(ctx, fitted)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        label = fitted.schema.label
+        if label and label in side.columns and side[label].notna().any():
+            y = side[label].astype(str).to_numpy() == cfg.positive_label
+            ax.hist([scores[~y], scores[y]], bins=cfg.bins, stacked=True, label=["normal (label)", "anomaly (label)"])
+            ax.legend()
+        else:
+            ax.hist(scores, bins=cfg.bins)
+        ax.axvline(thr, color="red", ls="--", label=f"threshold_ {thr:.4g}")
+        ax.set_xlabel("anomaly score (reconstruction MSE)")
+        ax.set_ylabel("rows")
+        ax.set_title(f"Scores: {int((scores > thr).sum())} of {len(scores)} above the threshold")
+        ax.legend()
+        out = {"histogram": save_figure(ctx.run, "report/score_histogram.png", fig)}
+        if fitted.train is not None:
+            curve = training_curve(ctx.run, fitted.train.history)
+            if curve:
+                out["training_plot"] = curve
+        return out

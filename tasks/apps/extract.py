@@ -1,0 +1,201 @@
+"""extract: feature extraction with the encoder of a dense autoencoder.
+
+Output ``features.parquet``: the id column (when given), then ``f_0..f_{k-1}``
+(the encoder's code), one row per input row in input order. With a label
+column, ``evaluate`` reports stratified k-fold (default 5) accuracy of a
+LogisticRegression on the raw (scaled) features, on PCA-k and on AE-k, where
+PCA and the autoencoder are fitted on the training folds only; and the same
+with few labels (10 and 50 per class: the classifier sees only those, PCA and
+the encoder all training-fold rows without their labels).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+from models.dense import DenseAEConfig, DenseAutoencoder
+from models.training import predict
+from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
+from tasks.preprocess import read_prepared
+from tasks.report import training_curve
+from tasks.train import train_model
+
+
+class Config(AppConfig):
+    """Settings of the extract application."""
+
+    name = "extract"
+    cv_folds: int = Field(5, ge=2, le=20, description="Stratified folds of the downstream-accuracy evaluation.")
+    few_labels: tuple[int, ...] = Field((10, 50), description="Labels per class of the few-label evaluation.")
+    cv_max_rows: int = Field(5000, ge=50, description="Rows (sampled) used by the evaluation, which trains one encoder per fold.")
+    logreg_max_iter: int = Field(2000, ge=10, description="Iterations of the downstream LogisticRegression.")
+
+
+class ExtractRunConfig(RunConfig):
+    """A run of extract: the flow's parameter."""
+
+    app: Config = Config()
+    model: ModelConfig = ModelConfig(latent_dim=16, hidden=(256, 128))
+
+
+# ---------------------------------------------------------------------------------------
+# Plain functions (used by the app and by benchmarks/quality_tabular.py)
+
+
+def train_encoder(
+    x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, val_fraction: float = 0.1, seed: int = 0
+) -> DenseAutoencoder:
+    """Train a dense autoencoder on ``x`` (a random ``val_fraction`` of rows drives early stopping)."""
+    rng = np.random.default_rng(seed)
+    val = rng.random(len(x)) < val_fraction
+    if val.all() or not val.any():
+        val = np.zeros(len(x), bool)
+    model = DenseAutoencoder(
+        DenseAEConfig(x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
+                      model_cfg.dropout, model_cfg.batch_norm)
+    )
+    train_model(model, x[~val], x[val], train_cfg, run=None, label="extract encoder (evaluation fold)", show_progress=False)
+    return model
+
+
+def encode(model: torch.nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    model.eval()
+    return predict(model.encode, x, device=torch.device(device))
+
+
+def _few(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    idx = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    return np.sort(np.concatenate(idx))
+
+
+def _accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, max_iter: int) -> float:
+    scaler = StandardScaler().fit(f_train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = LogisticRegression(max_iter=max_iter).fit(scaler.transform(f_train), y_train)
+    return float(np.mean(clf.predict(scaler.transform(f_test)) == y_test))
+
+
+def downstream_accuracy(
+    x: np.ndarray,
+    y: np.ndarray,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    folds: int = 5,
+    few_labels: tuple[int, ...] = (10, 50),
+    seed: int = 0,
+    max_iter: int = 2000,
+    encoder_fn: Any = None,
+) -> dict[str, dict[str, float]]:
+    """Stratified k-fold accuracy of LogisticRegression on raw, PCA-k and AE-k features.
+
+    PCA and the autoencoder are fitted on the training folds only (all their rows,
+    without labels); the few-label variants fit the classifier on ``n`` labelled
+    rows per class of the training fold.
+
+    Returns:
+        ``{"raw"|"pca"|"ae": {"accuracy": ..., "accuracy_10_per_class": ..., ...}}`` (fold means).
+    """
+    k = model_cfg.latent_dim
+    encoder_fn = encoder_fn or (lambda xt, s: train_encoder(xt, model_cfg, train_cfg, seed=s))
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    acc: dict[str, dict[str, list[float]]] = {m: {} for m in ("raw", "pca", "ae")}
+    for fold, (tr, te) in enumerate(skf.split(x, y)):
+        feats: dict[str, tuple[np.ndarray, np.ndarray]] = {"raw": (x[tr], x[te])}
+        if k <= min(len(tr), x.shape[1]):
+            pca = PCA(n_components=k, random_state=seed).fit(x[tr])
+            feats["pca"] = (pca.transform(x[tr]), pca.transform(x[te]))
+        model = encoder_fn(x[tr], seed + fold)
+        feats["ae"] = (encode(model, x[tr]), encode(model, x[te]))
+        rng = np.random.default_rng([seed, fold])
+        subsets = {"accuracy": np.arange(len(tr))}
+        for n in few_labels:
+            subsets[f"accuracy_{n}_per_class"] = _few(y[tr], n, rng)
+        for method, (ftr, fte) in feats.items():
+            for metric, sub in subsets.items():
+                acc[method].setdefault(metric, []).append(_accuracy(ftr[sub], y[tr][sub], fte, y[te], max_iter))
+    return {m: {name: float(np.mean(v)) for name, v in d.items()} for m, d in acc.items() if d}
+
+
+# ---------------------------------------------------------------------------------------
+# The application
+
+
+@register
+class Extract(TableApp):
+    name = "extract"
+    Config = Config
+    RunConfig = ExtractRunConfig
+    cli_options = (
+        ("--latent-dim", "model.latent_dim", int, "Number of extracted features k (f_0..f_{k-1})."),
+        ("--cv-folds", "app.cv_folds", int, "Stratified folds of the downstream-accuracy evaluation."),
+    )
+
+    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
+        k = fitted.model.config.latent_dim
+        with PartWriter(ctx.run, "features.parquet") as out:
+            for x, side in iter_parts(ctx.target, fitted.stats):
+                df = pd.DataFrame(self.encode(fitted, x, ctx.device).astype("float32"), columns=[f"f_{i}" for i in range(k)])
+                if fitted.schema.id:
+                    df.insert(0, fitted.schema.id, side[fitted.schema.id].to_numpy())
+                out.write(df)
+        return {"features": "features.parquet"}
+
+    def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        ev = Evaluation()
+        label = fitted.schema.label
+        prep = ctx.target
+        if not label or prep.label_column is None:
+            ev.notes.append("no label column: downstream accuracy not evaluated")
+            return ev
+        x, side = read_prepared(prep)
+        y = side[label].to_numpy()
+        keep = pd.notna(side[label]).to_numpy()
+        x, y = x[keep], y[keep].astype(str)
+        rng = np.random.default_rng(ctx.config.train.seed)
+        if len(x) > cfg.cv_max_rows:
+            idx = np.sort(rng.choice(len(x), cfg.cv_max_rows, replace=False))
+            x, y = x[idx], y[idx]
+            ev.notes.append(f"evaluation on a sample of {cfg.cv_max_rows} rows")
+        _, counts = np.unique(y, return_counts=True)
+        folds = min(cfg.cv_folds, int(counts.min()) if len(counts) else 0)
+        if len(counts) < 2 or folds < 2:
+            ev.notes.append("fewer than 2 classes with 2 rows each: downstream accuracy not evaluated")
+            return ev
+        if folds < cfg.cv_folds:
+            ev.notes.append(f"{folds} folds (the smallest class has {counts.min()} rows)")
+        train_cfg = ctx.config.train.model_copy(update={"device": str(ctx.device)})
+        res = downstream_accuracy(
+            x, y, ctx.config.model.model_copy(update={"latent_dim": fitted.model.config.latent_dim}), train_cfg,
+            folds=folds, few_labels=tuple(cfg.few_labels), seed=ctx.config.train.seed, max_iter=cfg.logreg_max_iter,
+        )
+        ev.metrics.update(res["ae"])
+        ev.metrics["n_eval_rows"] = len(x)
+        ev.baselines["raw"] = res["raw"]
+        if "pca" in res:
+            ev.baselines["pca"] = res["pca"]
+        ev.notes.append(
+            f"stratified {folds}-fold LogisticRegression accuracy; PCA and the autoencoder fitted on training folds only"
+        )
+        return ev
+
+    def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
+        if fitted.train is not None:
+            curve = training_curve(ctx.run, fitted.train.history)
+            if curve:
+                return {"training_plot": curve}
+        return {}

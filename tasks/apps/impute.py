@@ -1,0 +1,313 @@
+"""impute: missing values filled by a masked (denoising) autoencoder.
+
+The only application that accepts nulls in its feature columns. The model sees
+each row's observed values and its missingness mask; it is trained by hiding a
+random share (``mask_fraction``) of the *observed* cells of every batch and
+reconstructing them. Output ``imputed.parquet``: the input's columns (excluded
+ones aside), in their order and with the dtypes they were read with at fit time,
+one row per input row in input order, no nulls in the features, and every
+observed value unchanged (filled cells only). Categorical cells are filled with
+the category whose one-hot output is largest; integer columns are rounded.
+
+``evaluate`` hides a further share of observed cells (``eval_fraction``, default
+20%, MCAR, seeded by ``eval_seed``) of the held-out rows and reports RMSE on them
+(numeric columns, on min-max scaled values) and accuracy (categorical columns),
+for ours and for mean/mode, ``KNNImputer(k=5)`` and ``IterativeImputer``
+(BayesianRidge), fitted on the same training rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from functools import partial
+
+from models.dense import DenseAEConfig, MaskedDenseAutoencoder, masked_reconstruction_loss
+from models.training import predict
+from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
+from tasks.errors import InputError
+from tasks.load import read_block
+from tasks.preprocess import ScalingStats, read_prepared
+from tasks.report import training_curve
+from tasks.schemas import ColumnSpec, TableSchema
+from tasks.train import train_model
+
+
+class Config(AppConfig):
+    """Settings of the impute application."""
+
+    name = "impute"
+    mask_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of observed cells hidden in each training batch.")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of observed cells hidden (MCAR) for the evaluation.")
+    eval_seed: int = Field(0, description="Seed of the evaluation's hidden cells.")
+    knn_neighbors: int = Field(5, ge=1, description="k of the KNNImputer baseline.")
+    baseline_max_rows: int = Field(20000, ge=10, description="Training rows (sampled) the baselines are fitted on.")
+
+
+class ImputeRunConfig(RunConfig):
+    """A run of impute: the flow's parameter."""
+
+    app: Config = Config()
+    model: ModelConfig = ModelConfig(latent_dim=32, hidden=(256, 128))
+    train: TrainConfig = TrainConfig(patience=30, weight_decay=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Plain functions (used by the app and by benchmarks/quality_tabular.py)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One feature and the columns of the encoded matrix that hold it."""
+
+    spec: ColumnSpec
+    cols: tuple[int, ...]
+
+
+def feature_groups(schema: TableSchema) -> list[Group]:
+    out, i = [], 0
+    for c in schema.features:
+        width = 1 if c.kind == "numeric" else len(c.categories)
+        out.append(Group(c, tuple(range(i, i + width))))
+        i += width
+    return out
+
+
+def numeric_groups(d: int) -> list[Group]:
+    """Groups of a purely numeric matrix (benchmarks)."""
+    return [Group(ColumnSpec(f"x{i}"), (i,)) for i in range(d)]
+
+
+def fit_imputer(
+    train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+    mask_fraction: float, run=None, show_progress: bool = False,
+) -> tuple[MaskedDenseAutoencoder, object]:
+    """Train the masked autoencoder on scaled rows with ``NaN`` for missing cells."""
+    model = MaskedDenseAutoencoder(
+        DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
+                      model_cfg.dropout, model_cfg.batch_norm)
+    )
+    loss = partial(masked_reconstruction_loss, hide=mask_fraction)
+    result = train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label="impute autoencoder",
+                         show_progress=show_progress)
+    return model, result
+
+
+def reconstruct(model: torch.nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    model.eval()
+    return predict(lambda b: model(b).x_hat, x, device=torch.device(device))
+
+
+def fill(x: np.ndarray, x_hat: np.ndarray, groups: list[Group]) -> np.ndarray:
+    """Missing cells from ``x_hat``; categorical groups as a one-hot of their largest output."""
+    out = np.where(np.isnan(x), x_hat, x).astype("float64")
+    for g in groups:
+        if g.spec.kind == "categorical" and len(g.cols) > 0:
+            cols = list(g.cols)
+            missing = np.isnan(x[:, cols[0]])
+            if missing.any():
+                onehot = np.zeros((int(missing.sum()), len(cols)))
+                onehot[np.arange(len(onehot)), np.argmax(x_hat[missing][:, cols], axis=1)] = 1.0
+                out[np.ix_(missing, cols)] = onehot
+    return out
+
+
+def hide_cells(x: np.ndarray, groups: list[Group], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hide ``fraction`` of the observed feature cells (MCAR, seeded). Returns (x with NaN, hidden[n, features])."""
+    rng = np.random.default_rng(seed)
+    observed = np.column_stack([~np.isnan(x[:, g.cols[0]]) for g in groups]) if groups else np.zeros((len(x), 0), bool)
+    hidden = (rng.random(observed.shape) < fraction) & observed
+    out = x.copy()
+    for j, g in enumerate(groups):
+        out[np.ix_(hidden[:, j], list(g.cols))] = np.nan
+    return out, hidden
+
+
+def baseline_imputations(
+    fit_x: np.ndarray | None, x: np.ndarray, groups: list[Group], *, k: int = 5, seed: int = 0,
+    extra_trees: bool = False,
+) -> dict[str, np.ndarray]:
+    """Mean/mode, KNNImputer and IterativeImputer fitted on ``fit_x`` (None: on ``x`` itself)."""
+    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
+    from sklearn.impute import IterativeImputer, KNNImputer, SimpleImputer
+
+    imputers = {
+        "mean_mode": SimpleImputer(strategy="mean", keep_empty_features=True),
+        "knn": KNNImputer(n_neighbors=k, keep_empty_features=True),
+        "iterative": IterativeImputer(random_state=seed, max_iter=10, keep_empty_features=True),
+    }
+    if extra_trees:
+        from sklearn.ensemble import ExtraTreesRegressor
+
+        imputers["iterative_extratrees"] = IterativeImputer(
+            estimator=ExtraTreesRegressor(n_estimators=10, random_state=seed), random_state=seed, max_iter=10,
+            keep_empty_features=True,
+        )
+    out = {}
+    for name, imp in imputers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # IterativeImputer's "did not converge" is its normal state here
+            x_hat = imp.fit(fit_x if fit_x is not None else x).transform(x)
+        # A one-hot group's mean is a distribution over categories: its argmax is the mode.
+        out[name] = fill(x, x_hat, groups)
+    return out
+
+
+def imputation_errors(
+    truth: np.ndarray, imputed: np.ndarray, hidden: np.ndarray, groups: list[Group], lo: np.ndarray, hi: np.ndarray
+) -> dict[str, float | int | None]:
+    """RMSE over hidden numeric cells on min-max scaled values (``lo``/``hi`` in the same units
+    as ``truth``), and accuracy over hidden categorical cells."""
+    sq, n_num, right, n_cat = 0.0, 0, 0, 0
+    for j, g in enumerate(groups):
+        rows = hidden[:, j]
+        if not rows.any():
+            continue
+        if g.spec.kind == "numeric":
+            c = g.cols[0]
+            span = hi[c] - lo[c] if hi[c] - lo[c] > 1e-12 else 1.0
+            sq += float(np.sum(((imputed[rows, c] - truth[rows, c]) / span) ** 2))
+            n_num += int(rows.sum())
+        else:
+            cols = list(g.cols)
+            right += int(np.sum(np.argmax(imputed[rows][:, cols], 1) == np.argmax(truth[rows][:, cols], 1)))
+            n_cat += int(rows.sum())
+    return {
+        "rmse": float(np.sqrt(sq / n_num)) if n_num else None,
+        "accuracy": right / n_cat if n_cat else None,
+        "hidden_numeric_cells": n_num,
+        "hidden_categorical_cells": n_cat,
+    }
+
+
+def _restore_dtype(values: pd.Series, dtype: str | None) -> pd.Series:
+    if not dtype:
+        return values
+    try:
+        if dtype == "bool":
+            return values.astype("float64") > 0.5
+        if dtype.lower().startswith(("int", "uint")) and pd.api.types.is_float_dtype(values):
+            return values.round().astype(dtype)
+        return values.astype(dtype)
+    except (TypeError, ValueError):  # e.g. nulls left in a label column read as int: keep what we have
+        return values
+
+
+# ---------------------------------------------------------------------------------------
+# The application
+
+
+@register
+class Impute(TableApp):
+    name = "impute"
+    Config = Config
+    RunConfig = ImputeRunConfig
+    allow_nulls = True
+    model_kind = "masked_dense"
+    cli_options = (
+        ("--mask-fraction", "app.mask_fraction", float, "Share of observed cells hidden in each training batch."),
+        ("--eval-fraction", "app.eval_fraction", float, "Share of observed cells hidden for the evaluation (MCAR)."),
+        ("--eval-seed", "app.eval_seed", int, "Seed of the evaluation's hidden cells."),
+        ("--latent-dim", "model.latent_dim", int, "Width of the autoencoder's code."),
+    )
+
+    def fit(self, ctx: TableContext) -> Fitted:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        prep = ctx.train
+        for g in feature_groups(ctx.schema):
+            if prep.nonnull and all(prep.nonnull[c] == 0 for c in g.cols):
+                raise InputError(
+                    f"{prep.source_uri}: column {g.spec.name!r} is entirely null: there is no observed value to learn "
+                    f"it from; --exclude it"
+                )
+        train_x, val_x, _, _ = ctx.train_arrays
+        model, result = fit_imputer(train_x, val_x, ctx.config.model, ctx.config.train, mask_fraction=cfg.mask_fraction,
+                                    run=ctx.run, show_progress=True)
+        return Fitted(model=model, schema=ctx.schema, stats=prep.stats, train=result)
+
+    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
+        schema = fitted.schema
+        groups = feature_groups(schema)
+        dtypes = schema.extra.get("dtypes", {})
+        source = ctx.source
+        filled_cells = 0
+        with PartWriter(ctx.run, "imputed.parquet") as out:
+            for block, (x, _side) in zip(source.blocks, iter_parts(ctx.target, fitted.stats), strict=True):
+                raw = read_block(block, source.schema, source.columns).reset_index(drop=True)
+                if len(raw) != len(x):
+                    raise RuntimeError(f"partition {block.index} of {block.uri}: {len(raw)} rows read, {len(x)} prepared")
+                values = fitted.stats.inverse(fill(x, reconstruct(fitted.model, x, ctx.device), groups))
+                for g in groups:
+                    name = g.spec.name
+                    missing = raw[name].isna().to_numpy()
+                    if not missing.any():
+                        continue
+                    filled_cells += int(missing.sum())
+                    if g.spec.kind == "numeric":
+                        col = raw[name].to_numpy(dtype="float64", na_value=np.nan, copy=True)
+                        col[missing] = values[missing, g.cols[0]]
+                        raw[name] = col
+                    else:
+                        cats = np.array(g.spec.categories, dtype=object)
+                        col = raw[name].to_numpy(dtype=object, copy=True)
+                        col[missing] = cats[np.argmax(values[missing][:, list(g.cols)], axis=1)]
+                        raw[name] = col
+                for name in raw.columns:
+                    raw[name] = _restore_dtype(raw[name], dtypes.get(name))
+                out.write(raw)
+        self._filled = filled_cells
+        return {"imputed": "imputed.parquet"}
+
+    def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        ev = Evaluation()
+        groups = feature_groups(fitted.schema)
+        if ctx.train is not None and ctx.target is ctx.train:
+            fit_x, eval_x, _, _ = ctx.train_arrays
+            where = "held-out validation rows; baselines fitted on the training rows"
+            if len(eval_x) == 0:
+                eval_x, fit_x = fit_x, None
+                where = "the training rows (no validation rows); baselines fitted on them"
+        elif ctx.train is not None:
+            tx, vx, _, _ = ctx.train_arrays
+            fit_x, (eval_x, _) = np.concatenate([tx, vx]), ctx.target_arrays
+            where = "the applied data; baselines fitted on the input"
+        else:
+            fit_x, (eval_x, _) = None, ctx.target_arrays
+            where = "the applied data; baselines fitted on it (the model was reused)"
+        n_missing = int(sum(np.isnan(eval_x[:, g.cols[0]]).sum() for g in groups))
+        ev.metrics["missing_share"] = n_missing / max(eval_x.shape[0] * len(groups), 1)
+        hidden_x, hidden = hide_cells(eval_x, groups, cfg.eval_fraction, cfg.eval_seed)
+        if not hidden.any():
+            ev.notes.append("no observed cells to hide: imputation metrics skipped")
+            return ev
+        stats: ScalingStats = fitted.stats
+        lo, hi = np.array(stats.min), np.array(stats.max)
+        truth = stats.inverse(np.nan_to_num(eval_x))
+        ours = stats.inverse(fill(hidden_x, reconstruct(fitted.model, hidden_x, ctx.device), groups))
+        ev.metrics.update(imputation_errors(truth, ours, hidden, groups, lo, hi))
+        if fit_x is not None and len(fit_x) > cfg.baseline_max_rows:
+            rows = np.random.default_rng(cfg.eval_seed).choice(len(fit_x), cfg.baseline_max_rows, replace=False)
+            fit_x = fit_x[np.sort(rows)]
+        for name, imp in baseline_imputations(fit_x, hidden_x, groups, k=cfg.knn_neighbors,
+                                               seed=ctx.config.train.seed).items():
+            errs = imputation_errors(truth, stats.inverse(imp), hidden, groups, lo, hi)
+            ev.baselines[name] = {k: errs[k] for k in ("rmse", "accuracy")}
+        ev.notes.append(
+            f"{cfg.eval_fraction:.0%} of observed cells hidden (MCAR, seed {cfg.eval_seed}) in {where}; "
+            "RMSE on min-max scaled values (training min/max), accuracy over categorical cells"
+        )
+        return ev
+
+    def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
+        if fitted.train is not None:
+            curve = training_curve(ctx.run, fitted.train.history)
+            if curve:
+                return {"training_plot": curve}
+        return {}

@@ -1,0 +1,88 @@
+"""Bad input to the tabular applications through the CLI: one clear message, the right exit
+code, and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import files_under
+from tests.flows.test_tabular_flows import mixed_frame, one_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = [pytest.mark.cli, pytest.mark.tabular]
+runner = CliRunner()
+FAST = ["--epochs", "3", "--patience", "2"]
+
+
+def _invoke(args, dask_address):
+    return runner.invoke(app, [*args, "--dask-address", dask_address, *FAST])
+
+
+@pytest.mark.parametrize("name", ["detect", "extract"])
+def test_nulls_are_refused_outside_impute(name, prefect_server, dask_address, tmp_path):
+    df = mixed_frame(40, anomalies=0)
+    df.loc[[4, 9], "b"] = np.nan
+    df.to_csv(tmp_path / "t.csv", index=False)
+    res = _invoke(["run", name, "--input", str(tmp_path / "t.csv"), "--output", str(tmp_path / "o")], dask_address)
+    assert res.exit_code == 3, res.output
+    assert f"{tmp_path}/t.csv: column 'b' has null values (use the impute application" in res.stderr
+    assert "Traceback" not in res.output
+    assert files_under(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "0.6"])
+def test_contamination_outside_the_open_closed_interval(value, tmp_path):
+    mixed_frame(20).to_csv(tmp_path / "t.csv", index=False)
+    res = runner.invoke(app, ["run", "detect", "--input", str(tmp_path / "t.csv"), "--contamination", value,
+                              "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "app.contamination: Input should be" in res.stderr and f"(got {float(value)})" in res.stderr
+    assert files_under(tmp_path / "o") == []
+
+
+def test_all_null_column_given_to_impute(prefect_server, dask_address, tmp_path):
+    df = mixed_frame(40, anomalies=0).assign(c=np.nan)
+    df.loc[3, "a"] = np.nan
+    df.to_parquet(tmp_path / "t.parquet", index=False)
+    res = _invoke(["run", "impute", "--input", str(tmp_path / "t.parquet"), "--id-column", "id",
+                   "--output", str(tmp_path / "o")], dask_address)
+    assert res.exit_code == 3, res.output
+    assert "column 'c' is entirely null: there is no observed value to learn it from" in res.stderr
+    assert not [f for f in files_under(tmp_path / "o") if f.endswith("manifest.json")]
+
+
+def test_apply_to_columns_and_unseen_category_with_a_saved_model(prefect_server, dask_address, tmp_path):
+    mixed_frame(60).to_csv(tmp_path / "train.csv", index=False)
+    out = tmp_path / "art"
+    res = _invoke(["run", "detect", "--input", str(tmp_path / "train.csv"), "--id-column", "id",
+                   "--label-column", "label", "--output", str(out), "--json"], dask_address)
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    before = files_under(out)
+
+    wrong = mixed_frame(20).drop(columns=["b"]).assign(extra=1.0)
+    wrong.to_parquet(tmp_path / "wrong.parquet", index=False)
+    res = _invoke(["run", "detect", "--model", model, "--apply-to", str(tmp_path / "wrong.parquet"),
+                   "--output", str(out)], dask_address)
+    assert res.exit_code == 5
+    assert "does not have the columns the model was trained on: missing ['b'], unexpected ['extra']" in res.stderr
+    assert files_under(out) == before, "a failed run writes nothing"
+
+    # An unseen category is not a crash: all-zero one-hot, scored, and a warning in the manifest.
+    new = mixed_frame(20, seed=5)
+    new.loc[0, "color"] = "teal"
+    new.to_csv(tmp_path / "new.csv", index=False)
+    res = _invoke(["run", "detect", "--model", model, "--apply-to", str(tmp_path / "new.csv"),
+                   "--output", str(out), "--json"], dask_address)
+    assert res.exit_code == 0, res.output
+    run_uri = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    manifest = json.loads(open(f"{run_uri}/manifest.json").read())
+    assert any("column 'color' has 1 value(s) of categories not seen at fit time (e.g. ['teal'])" in n
+               for n in manifest["extra"]["notes"])
+    scores = pd.read_parquet(f"{run_uri}/scores.parquet")
+    assert scores["id"].tolist() == new["id"].tolist() and scores["score"].notna().all()

@@ -1,0 +1,171 @@
+"""extract, detect and impute end to end on a real Prefect server and Dask cluster, on a tiny
+mixed (numeric + categorical) table; outputs read back and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.pipeline import FLOWS
+from tasks.apps import get_app
+from tasks.config import resolve_config
+from tasks.storage import open_run
+from tests.conftest import FAST_TRAIN
+
+pytestmark = [pytest.mark.flows, pytest.mark.tabular]
+FAST = {**FAST_TRAIN, "train.epochs": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny data gains nothing from thread pools, and on a small shared CI machine torch's and
+    BLAS's pools spin against each other (10-30x slower here): one thread for these tests."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+def mixed_frame(n: int = 150, seed: int = 0, anomalies: int = 10) -> pd.DataFrame:
+    """id, four correlated numeric features, a categorical ``color`` tied to them, an integer
+    ``count``, and ``label`` = 1 on the last ``anomalies`` rows (shifted far from the rest)."""
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=n)
+    color = np.where(t > 0.4, "red", np.where(t < -0.4, "blue", "green"))
+    df = pd.DataFrame({
+        "id": [f"r{i:03d}" for i in range(n)],
+        "a": t + 0.1 * rng.normal(size=n),
+        "b": 2 * t + 0.1 * rng.normal(size=n),
+        "color": color,
+        "c": -t + 0.1 * rng.normal(size=n),
+        "count": (10 + 3 * t).round().astype("int64"),
+        "label": 0,
+    })
+    if anomalies:
+        idx = np.arange(n - anomalies, n)
+        df.loc[idx, ["a", "b", "c"]] = rng.normal(size=(anomalies, 3)) * 4 + np.array([3.0, -6.0, 3.0])
+        df.loc[idx, "label"] = 1
+    return df
+
+
+def run(app: str, **options):
+    cfg = resolve_config(get_app(app).RunConfig, options={**FAST, **options})
+    state = FLOWS[app](config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tabular")
+    df = mixed_frame()
+    df.to_csv(d / "mixed.csv", index=False)
+    return d, df
+
+
+def _common(d, dask_address, **extra):
+    return {"load.input": str(d / "mixed.csv"), "load.id_column": "id", "load.label_column": "label",
+            "output": str(d / "artifacts"), "dask_address": dask_address, **extra}
+
+
+# ---------------------------------------------------------------------------------------
+# extract
+
+
+def test_extract_features_metrics_and_reuse(prefect_server, dask_address, data, tmp_path):
+    d, df = data
+    res = run("extract", **_common(d, dask_address, **{"model.latent_dim": 3, "app.few_labels": [5]}))
+    feats = pd.read_parquet(res.outputs["features"])
+    assert list(feats.columns) == ["id", "f_0", "f_1", "f_2"]
+    assert feats["id"].tolist() == df["id"].tolist()
+    assert (feats[["f_0", "f_1", "f_2"]].dtypes == "float32").all() and np.isfinite(feats.iloc[:, 1:].to_numpy()).all()
+    assert {"accuracy", "accuracy_5_per_class"} <= set(res.metrics)
+    assert set(res.baselines) == {"raw", "pca"} and "accuracy" in res.baselines["pca"]
+    assert 0.5 <= res.metrics["accuracy"] <= 1.0
+
+    # --model reuse on the same rows in another order and format: identical features.
+    new = tmp_path / "new.parquet"
+    df.iloc[::-1].to_parquet(new, index=False)
+    again = run("extract", **{"model_run": res.run_uri, "load.apply_to": str(new), "output": str(d / "artifacts"),
+                              "dask_address": dask_address})
+    b = pd.read_parquet(again.outputs["features"])
+    assert b["id"].tolist() == df["id"].iloc[::-1].tolist()
+    np.testing.assert_allclose(b.set_index("id").loc[feats["id"]].to_numpy(), feats.set_index("id").to_numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# detect
+
+
+def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_address, data):
+    d, df = data
+    res = run("detect", **_common(d, dask_address, **{"app.contamination": 0.1}))
+    scores = pd.read_parquet(res.outputs["scores"])
+    assert list(scores.columns) == ["id", "score", "is_anomaly"]
+    assert scores["id"].tolist() == df["id"].tolist()
+    assert scores["score"].dtype == "float64" and scores["is_anomaly"].dtype == bool
+    meta = json.loads(open(os.path.join(res.run_uri, "model", "config.json")).read())
+    thr = meta["state"]["threshold_"]
+    assert (scores["is_anomaly"] == (scores["score"] > thr)).all(), "is_anomaly means score > threshold_"
+    # threshold_ is the training scores' 90th percentile: ~10% of the training rows are above it.
+    assert abs(scores["is_anomaly"].mean() - 0.1) <= 0.02
+    assert res.metrics["threshold"] == pytest.approx(thr)
+    assert {"roc_auc", "average_precision"} <= set(res.metrics)
+    assert set(res.baselines) == {"isolation_forest", "pca", "pyod_autoencoder"}
+    assert res.metrics["roc_auc"] > 0.8, "the shifted rows score high"
+    with open(res.outputs["histogram"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    again = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"),
+                             "output": str(d / "artifacts"), "dask_address": dask_address})
+    s2 = pd.read_parquet(again.outputs["scores"])
+    np.testing.assert_allclose(s2["score"], scores["score"], rtol=1e-6)
+    assert (s2["is_anomaly"] == scores["is_anomaly"]).all(), "the fitted threshold_ travels with the model"
+
+    fixed = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"), "app.threshold": 1e9,
+                             "output": str(d / "artifacts"), "dask_address": dask_address})
+    assert not pd.read_parquet(fixed.outputs["scores"])["is_anomaly"].any(), "--threshold overrides threshold_"
+
+
+# ---------------------------------------------------------------------------------------
+# impute
+
+
+def test_impute_fills_only_missing_cells_with_the_input_dtypes(prefect_server, dask_address, data, tmp_path):
+    d, full = data
+    df = full.drop(columns=["label"])
+    rng = np.random.default_rng(1)
+    holes = df.copy()
+    for col in ("a", "b", "color", "c", "count"):
+        holes.loc[rng.random(len(df)) < 0.15, col] = None
+    holes.loc[0, "count"] = None  # pandas then reads count as float64: that is its input dtype
+    path = tmp_path / "holes.parquet"
+    holes.to_parquet(path, index=False)
+    original = pd.read_parquet(path)
+    res = run("impute", **{"load.input": str(path), "load.id_column": "id", "output": str(tmp_path / "art"),
+                           "dask_address": dask_address})
+    out = pd.read_parquet(res.outputs["imputed"])
+    assert list(out.columns) == list(original.columns)
+    assert out.dtypes.astype(str).tolist() == original.dtypes.astype(str).tolist()
+    assert out["id"].tolist() == original["id"].tolist()
+    assert not out.isna().any().any(), "no nulls left"
+    for col in ("a", "b", "color", "c", "count"):
+        seen = original[col].notna()
+        assert (out.loc[seen, col] == original.loc[seen, col]).all(), f"observed values of {col} unchanged"
+    assert set(out["color"]) <= {"red", "green", "blue"}
+    assert {"rmse", "accuracy"} <= set(res.metrics)
+    assert set(res.baselines) == {"mean_mode", "knn", "iterative"}
+    assert 0 < res.metrics["rmse"] < 1 and 0 <= res.metrics["accuracy"] <= 1
+
+    again = run("impute", **{"model_run": res.run_uri, "load.apply_to": str(path), "output": str(tmp_path / "art"),
+                             "dask_address": dask_address})
+    pd.testing.assert_frame_equal(pd.read_parquet(again.outputs["imputed"]), out)
+    assert open_run(again.run_uri).manifest().model_run == res.run_uri
