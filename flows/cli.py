@@ -151,7 +151,10 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
 
 def _make_run_command(application: Any) -> None:
     extra = [(flag.lstrip("-").replace("-", "_"), (flag,), path, typ, help_) for flag, path, typ, help_ in application.cli_options]
-    option_specs = list(COMMON_OPTIONS) + extra
+    # Image applications name the common options that apply to them (no table columns).
+    accepted = getattr(application, "common_options", None)
+    common = [o for o in COMMON_OPTIONS if accepted is None or o[0] in accepted]
+    option_specs = common + extra
     params = []
     for name, flags, _path, typ, help_ in option_specs:
         params.append(

@@ -6,10 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
 from models.dense import DenseAEConfig, DenseAutoencoder, build_dense
 
 MODEL_BUILDERS = {
     "dense": build_dense,
+    "conv": build_conv,
 }
 
 
@@ -22,4 +24,4 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return builder(config)
 
 
-__all__ = ["DenseAEConfig", "DenseAutoencoder", "MODEL_BUILDERS", "build_model"]
+__all__ = ["ConvAEConfig", "ConvAutoencoder", "DenseAEConfig", "DenseAutoencoder", "MODEL_BUILDERS", "build_model"]
