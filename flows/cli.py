@@ -290,6 +290,47 @@ def runs_show(
     out.print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.timings.items()))
 
 
+@app.command("search")
+def search(
+    index: Annotated[str, typer.Option("--index", help="URI of an index run, e.g. ./artifacts/runs/index/<run_id>.")],
+    query: Annotated[list[str], typer.Option("--query", help="Query image, or a folder of them (repeatable); searched in one batch.")],
+    k: Annotated[int, typer.Option("--k", help="Number of neighbours per query.")] = 10,
+    sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
+) -> None:
+    """Find the k nearest images of each query in an index built by `aeflow run index`."""
+    from tasks.apps.index import open_index, search as search_index, search_sheet
+    from tasks.images import list_images
+    from tasks.storage import to_uri
+
+    try:
+        queries: list[str] = []
+        for q in query:
+            fs, paths, _others, _root = list_images(q, "query")
+            queries += [to_uri(fs, p) for p in paths]
+        loaded = open_index(index)
+        hits, arrays = search_index(loaded, queries, k)
+        if sheet:
+            from tasks.storage import url_to_fs
+
+            fs, path = url_to_fs(sheet)
+            fs.pipe_file(path, search_sheet(loaded, queries, arrays, hits))
+    except AeflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps([{"query": q, "results": [h.__dict__ for h in row]} for q, row in zip(queries, hits, strict=True)]))
+        return
+    for q, row in zip(queries, hits, strict=True):
+        table = Table(title=f"nearest to {q}", title_justify="left")
+        for col in ("rank", "distance", "label", "image"):
+            table.add_column(col, justify="right" if col in ("rank", "distance") else "left", overflow="fold")
+        for h in row:
+            table.add_row(str(h.rank), f"{h.distance:.4g}", h.label, h.path)
+        out.print(table)
+    if sheet:
+        out.print(f"contact sheet: {sheet}", highlight=False, soft_wrap=True)
+
+
 @app.command("sample-data")
 def sample_data(
     output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the sample data into.")] = "./artifacts/sample-data",

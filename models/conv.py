@@ -261,8 +261,10 @@ def tiled_apply(
     """Apply an image-to-image ``fn`` to ``x`` ``(N, C, H, W)`` in overlapping tiles.
 
     Each tile is processed with its context, and neighbouring tiles are blended
-    with linear ramps across their ``overlap``: the weights sum to one
-    everywhere, so there is no seam, and memory is bounded by the tile size.
+    across their ``overlap``: each tile's outer quarter of the overlap (where it
+    lacks context) gets no weight and the middle half a linear ramp, weights are
+    normalised to sum to one everywhere, so there is no seam, and memory is
+    bounded by the tile size.
     Images no larger than ``tile`` go through ``fn`` whole.
     """
     n, c, h, w = x.shape
@@ -296,11 +298,18 @@ def tiled_apply(
 
 
 def _taper_two(n: int, lead: int, trail: int) -> Tensor:
+    """Weights of one tile along one axis: zero over the outer quarter of each overlap (the
+    pixels a tile sees with the least context), then a linear ramp to one."""
     w = torch.ones(n)
-    if lead > 0:
-        w[:lead] = torch.minimum(w[:lead], (torch.arange(lead, dtype=torch.float32) + 0.5) / lead)
-    if trail > 0:
-        w[n - trail :] = torch.minimum(w[n - trail :], ((torch.arange(trail, dtype=torch.float32) + 0.5) / trail).flip(0))
+    for length, flip in ((lead, False), (trail, True)):
+        if length <= 0:
+            continue
+        t = torch.arange(length, dtype=torch.float32) + 0.5
+        ramp = ((t - length / 4) / (length / 2)).clamp(1e-4, 1.0)
+        if flip:
+            w[n - length :] = torch.minimum(w[n - length :], ramp.flip(0))
+        else:
+            w[:length] = torch.minimum(w[:length], ramp)
     return w
 
 
