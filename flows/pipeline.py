@@ -178,8 +178,8 @@ def run_image_app(config: RunConfig) -> RunResult:
     (or ``--model``) -> apply -> evaluate -> report -> manifest; a failure anywhere
     discards the run.
     """
-    from tasks.apps.images_base import ImageContext
-    from tasks.images import inspect_images, load_images_task
+    from tasks.apps.images_base import ImageContext, load_images_task
+    from tasks.images import inspect_images
 
     app = get_app(config.app_name)
     log = _logger()

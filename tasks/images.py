@@ -10,6 +10,8 @@ the run directory. A file that does not decode names itself in one
 :class:`InputError`; with ``skip_bad`` it is left out and listed instead.
 
 Reading shards back (:func:`read_images`, :func:`iter_images`) never unpickles.
+This module does not import Prefect: Dask workers import it to decode, and should
+start fast (the Prefect task over :func:`load_images` is in ``tasks.apps.images_base``).
 Reused by every image application (denoise, index, and the learned codec).
 """
 
@@ -25,12 +27,10 @@ from typing import Any, Literal
 
 import dask
 import numpy as np
-from prefect import task
 from pydantic import Field
 
 from tasks.config import Frozen
 from tasks.errors import InputError
-from tasks.prefect_utils import IO_TASK
 from tasks.storage import FileRecord, RunDir, is_local, to_uri, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -360,9 +360,3 @@ def stack_images(imset: ImageSet) -> np.ndarray:
     if len(shapes) > 1:
         raise InputError(f"{imset.source_uri}: images have different shapes {sorted(shapes)[:3]}...; set a size to resize them")
     return np.stack(read_images(imset)) if len(imset) else np.zeros((0, 1, 1, 1), np.uint8)
-
-
-@task(name="load-images", task_run_name="load-images-{prefix}", **IO_TASK)
-def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, prefix: str) -> ImageSet:
-    """Prefect task over :func:`load_images` (validation errors are not retried)."""
-    return load_images(source, load, run=run, prefix=prefix)

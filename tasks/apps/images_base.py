@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from prefect import task
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
@@ -24,7 +25,8 @@ from models.conv import ConvAEConfig, ConvAutoencoder
 from models.training import TrainResult
 from tasks.config import AppConfig, Frozen, RunConfig
 from tasks.errors import InputError, ModelMismatchError
-from tasks.images import ImageLoadConfig, ImageSet, read_images
+from tasks.images import ImageLoadConfig, ImageSet, ImageSource, load_images, read_images
+from tasks.prefect_utils import IO_TASK
 from tasks.storage import MODEL_DIR, RunDir
 
 
@@ -208,3 +210,9 @@ class ImageApp:
 def images_of(imset: ImageSet, idx: np.ndarray | None = None) -> list[np.ndarray]:
     images = read_images(imset)
     return images if idx is None else [images[i] for i in idx]
+
+
+@task(name="load-images", task_run_name="load-images-{prefix}", **IO_TASK)
+def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, prefix: str) -> ImageSet:
+    """Prefect task over :func:`load_images` (validation errors are not retried)."""
+    return load_images(source, load, run=run, prefix=prefix)
