@@ -336,12 +336,17 @@ def sample_data(
     output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the sample data into.")] = "./artifacts/sample-data",
     overwrite: Annotated[bool, typer.Option(help="Rewrite files that exist.")] = False,
 ) -> None:
-    """Write the bundled sample datasets (scikit-learn's digits, breast cancer, wine, diabetes)."""
-    from tasks.sample_data import SAMPLE_TABLES, write_sample_tables
+    """Write the bundled sample datasets (scikit-learn's digits, breast cancer, wine, diabetes)
+    and image sets (digits as PNG class folders; scikit-image's photographs, train/held-out)."""
+    from tasks.sample_data import SAMPLE_TABLES, write_sample_images, write_sample_tables
 
     paths = write_sample_tables(output, overwrite=overwrite)
     for t in SAMPLE_TABLES:
         out.print(f"{paths[t.name]}  ({t.description}; label '{t.label}', id '{t.id}')", highlight=False)
+    images = write_sample_images(output, overwrite=overwrite)
+    out.print(f"{images['digit_images']}/<digit>/<id>.png  (1797 8x8 digits as PNG, one folder per class)", highlight=False)
+    out.print(f"{images['photos_train']}  (scikit-image photographs for training)", highlight=False)
+    out.print(f"{images['photos_heldout']}  (camera, astronaut, coffee: held out, never trained on)", highlight=False)
 
 
 @app.command("demo")
@@ -359,14 +364,29 @@ def demo(
         ("reduce", "digits", {"model.latent_dim": 2}),
         ("reduce", "breast_cancer", {"model.latent_dim": 2}),
     ]
+    # Image applications (issue 4): denoise photographs, index the digit images.
+    from tasks.sample_data import write_sample_images
+
+    images = write_sample_images(data_dir)
+    image_jobs: list[tuple[str, str, dict[str, Any]]] = [
+        # Small budgets: conv training on a CPU is slow (see benchmarks/RESULTS.md for longer runs).
+        ("denoise", "photos", {"load.input": images["photos_train"], "app.eval_images": 3,
+                               "app.patches": 400 if quick else 1500, "train.epochs": 2 if quick else 6}),
+        ("index", "digit images", {"load.input": images["digit_images"], "load.size": 16,
+                                   "model.channels": [16, 32, 32], "train.epochs": 3 if quick else 12}),
+    ]
     summary = Table(title="aeflow demo", title_justify="left")
     for col in ("app", "data", "aeflow", "baseline", "run URI"):
         summary.add_column(col, overflow="fold")
     failures = 0
-    for app_name, data, opts in jobs:
-        t = labels[data]
-        options = {"load.input": paths[data], "load.label_column": t.label, "load.id_column": t.id, "output": output, **opts}
-        if quick:
+    all_jobs = [(a, d, o, True) for a, d, o in jobs] + [(a, d, o, False) for a, d, o in image_jobs]
+    for app_name, data, opts, tabular in all_jobs:
+        if tabular:
+            t = labels[data]
+            options = {"load.input": paths[data], "load.label_column": t.label, "load.id_column": t.id, "output": output, **opts}
+        else:
+            options = {"output": output, **opts}
+        if quick and tabular:
             options["train.epochs"] = 15
         err.rule(f"{app_name} on {data}")
         try:
