@@ -152,7 +152,10 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
 
 def _make_run_command(application: Any) -> None:
     extra = [(flag.lstrip("-").replace("-", "_"), (flag,), path, typ, help_) for flag, path, typ, help_ in application.cli_options]
-    option_specs = list(COMMON_OPTIONS) + extra
+    # Image applications name the common options that apply to them (no table columns).
+    accepted = getattr(application, "common_options", None)
+    common = [o for o in COMMON_OPTIONS if accepted is None or o[0] in accepted]
+    option_specs = common + extra
     params = []
     for name, flags, _path, typ, help_ in option_specs:
         params.append(
@@ -288,17 +291,63 @@ def runs_show(
     out.print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.timings.items()))
 
 
+@app.command("search")
+def search(
+    index: Annotated[str, typer.Option("--index", help="URI of an index run, e.g. ./artifacts/runs/index/<run_id>.")],
+    query: Annotated[list[str], typer.Option("--query", help="Query image, or a folder of them (repeatable); searched in one batch.")],
+    k: Annotated[int, typer.Option("--k", help="Number of neighbours per query.")] = 10,
+    sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
+) -> None:
+    """Find the k nearest images of each query in an index built by `aeflow run index`."""
+    from tasks.apps.index import open_index, search as search_index, search_sheet
+    from tasks.images import list_images
+    from tasks.storage import to_uri
+
+    try:
+        queries: list[str] = []
+        for q in query:
+            fs, paths, _others, _root = list_images(q, "query")
+            queries += [to_uri(fs, p) for p in paths]
+        loaded = open_index(index)
+        hits, arrays = search_index(loaded, queries, k)
+        if sheet:
+            from tasks.storage import url_to_fs
+
+            fs, path = url_to_fs(sheet)
+            fs.pipe_file(path, search_sheet(loaded, queries, arrays, hits))
+    except AeflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps([{"query": q, "results": [h.__dict__ for h in row]} for q, row in zip(queries, hits, strict=True)]))
+        return
+    for q, row in zip(queries, hits, strict=True):
+        table = Table(title=f"nearest to {q}", title_justify="left")
+        for col in ("rank", "distance", "label", "image"):
+            table.add_column(col, justify="right" if col in ("rank", "distance") else "left", overflow="fold")
+        for h in row:
+            table.add_row(str(h.rank), f"{h.distance:.4g}", h.label, h.path)
+        out.print(table)
+    if sheet:
+        out.print(f"contact sheet: {sheet}", highlight=False, soft_wrap=True)
+
+
 @app.command("sample-data")
 def sample_data(
     output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the sample data into.")] = "./artifacts/sample-data",
     overwrite: Annotated[bool, typer.Option(help="Rewrite files that exist.")] = False,
 ) -> None:
-    """Write the bundled sample datasets (scikit-learn's digits, breast cancer, wine, diabetes)."""
-    from tasks.sample_data import SAMPLE_TABLES, write_sample_tables
+    """Write the bundled sample datasets (scikit-learn's digits, breast cancer, wine, diabetes)
+    and image sets (digits as PNG class folders; scikit-image's photographs, train/held-out)."""
+    from tasks.sample_data import SAMPLE_TABLES, write_sample_images, write_sample_tables
 
     paths = write_sample_tables(output, overwrite=overwrite)
     for t in SAMPLE_TABLES:
         out.print(f"{paths[t.name]}  ({t.description}; label '{t.label}', id '{t.id}')", highlight=False)
+    images = write_sample_images(output, overwrite=overwrite)
+    out.print(f"{images['digit_images']}/<digit>/<id>.png  (1797 8x8 digits as PNG, one folder per class)", highlight=False)
+    out.print(f"{images['photos_train']}  (scikit-image photographs for training)", highlight=False)
+    out.print(f"{images['photos_heldout']}  (camera, astronaut, coffee: held out, never trained on)", highlight=False)
 
 
 @app.command("demo")
@@ -320,14 +369,29 @@ def demo(
         ("detect", "breast_cancer", {"app.positive_label": "0"}),
         ("impute", "wine", {}),
     ]
+    # Image applications (issue 4): denoise photographs, index the digit images.
+    from tasks.sample_data import write_sample_images
+
+    images = write_sample_images(data_dir)
+    image_jobs: list[tuple[str, str, dict[str, Any]]] = [
+        # Small budgets: conv training on a CPU is slow (see benchmarks/RESULTS.md for longer runs).
+        ("denoise", "photos", {"load.input": images["photos_train"], "app.eval_images": 3,
+                               "app.patches": 400 if quick else 1500, "train.epochs": 2 if quick else 6}),
+        ("index", "digit images", {"load.input": images["digit_images"], "load.size": 16,
+                                   "model.channels": [16, 32, 32], "train.epochs": 3 if quick else 12}),
+    ]
     summary = Table(title="aeflow demo", title_justify="left")
     for col in ("app", "data", "aeflow", "baseline", "run URI"):
         summary.add_column(col, overflow="fold")
     failures = 0
-    for app_name, data, opts in jobs:
-        t = labels[data]
-        options = {"load.input": paths[data], "load.label_column": t.label, "load.id_column": t.id, "output": output, **opts}
-        if quick:
+    all_jobs = [(a, d, o, True) for a, d, o in jobs] + [(a, d, o, False) for a, d, o in image_jobs]
+    for app_name, data, opts, tabular in all_jobs:
+        if tabular:
+            t = labels[data]
+            options = {"load.input": paths[data], "load.label_column": t.label, "load.id_column": t.id, "output": output, **opts}
+        else:
+            options = {"output": output, **opts}
+        if quick and tabular:
             options["train.epochs"] = 15
         err.rule(f"{app_name} on {data}")
         try:

@@ -174,16 +174,95 @@ def run_table_app(config: RunConfig) -> RunResult:
         evaluation.notes.extend(f"warning: {w}" for w in warnings)
         with _stage(timings, "report"):
             outputs.update(report_task(app, ctx, fitted, evaluation))
-        result = _publish(app.name, run, config, created, fingerprint, train_src, target_src, fitted,
-                          outputs, evaluation, timings, device)
+        inputs = {role: list(src.files) for role, src in (("input", train_src), ("apply_to", target_src)) if src}
+        result = _publish(app.name, run, config, created, fingerprint, inputs, fitted, outputs, evaluation, timings, device)
     except BaseException:
         run.discard()
         raise
     return result
 
 
-def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, train_src, target_src, fitted,
-             outputs: dict[str, str], evaluation: Evaluation, timings: dict[str, float], device) -> RunResult:
+def run_image_app(config: RunConfig) -> RunResult:
+    """Run one image application end to end (the body of every image flow).
+
+    inspect (list and hash files) -> load (Dask: decode, validate, shard) -> fit
+    (or ``--model``) -> apply -> evaluate -> report -> manifest; a failure anywhere
+    discards the run.
+    """
+    from tasks.apps.images_base import ImageContext, load_images_task
+    from tasks.images import inspect_images
+
+    app = get_app(config.app_name)
+    log = _logger()
+    timings: dict[str, float] = {}
+    created = datetime.now(UTC)
+    device = device_for(config)
+    load = config.load
+    store = ArtifactStore(config.output)
+
+    with _stage(timings, "inspect"):
+        fitted = None
+        srcs: dict[str, Any] = {}
+        if config.model_run:
+            fitted = app.load(open_run(config.model_run), device)
+            if not (load.apply_to or load.input):
+                raise ConfigError("--model needs images to apply it to: pass --apply-to (or --input)")
+            srcs["apply_to"] = inspect_images(load.apply_to or load.input, "apply-to", skip_bad=load.skip_bad)
+        else:
+            if not load.input:
+                raise ConfigError("--input is required (or --model RUN to reuse a trained model)")
+            srcs["input"] = inspect_images(load.input, "input", skip_bad=load.skip_bad)
+            if load.apply_to:
+                srcs["apply_to"] = inspect_images(load.apply_to, "apply-to", skip_bad=load.skip_bad)
+        if load.reference:
+            if "apply_to" not in srcs:
+                raise ConfigError("a clean reference needs the noisy images it belongs to: pass --apply-to")
+            srcs["reference"] = inspect_images(load.reference, "reference", skip_bad=load.skip_bad)
+        store.check_writable()
+
+    hashes: dict[str, Any] = {role: [f.hash for f in src.files] for role, src in srcs.items()}
+    if fitted is not None:
+        hashes["model_run"] = config.model_run
+    fingerprint = config.fingerprint(hashes)
+    if config.skip_existing:
+        done = store.find_complete(app.name, fingerprint)
+        if done is not None:
+            log.info("skipping: %s already has a complete run with the same input and config", done.run_uri)
+            return RunResult.from_manifest(done, skipped=True)
+
+    run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
+    log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
+    try:
+        with dask_client(config.dask_address), _stage(timings, "load"):
+            sets = {role: load_images_task(src, load, run, f"images/{role}") for role, src in srcs.items()}
+        for role, imset in sets.items():
+            app.check_sizes(config, imset, role.replace("_", "-"))
+        ctx = ImageContext(config=config, run=run, train=sets.get("input"), target=sets.get("apply_to"),
+                           reference=sets.get("reference"), device=device)
+        if fitted is None:
+            with _stage(timings, "train"):
+                fitted = fit_task(app, ctx)
+        with _stage(timings, "apply"):
+            outputs = apply_task(app, ctx, fitted)
+        with _stage(timings, "evaluate"):
+            evaluation: Evaluation = evaluate_task(app, ctx, fitted)
+        with _stage(timings, "report"):
+            outputs.update(report_task(app, ctx, fitted, evaluation))
+        skipped = [s for imset in sets.values() for s in imset.skipped]
+        extra = {"images": {role: len(imset) for role, imset in sets.items()}, "skipped": skipped}
+        result = _publish(app.name, run, config, created, fingerprint,
+                          {role: list(src.files) for role, src in srcs.items()}, fitted, outputs, evaluation,
+                          timings, device, extra)
+    except BaseException:
+        run.discard()
+        raise
+    return result
+
+
+def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inputs: dict[str, list[Any]], fitted,
+             outputs: dict[str, str], evaluation: Evaluation, timings: dict[str, float], device,
+             extra: dict[str, Any] | None = None) -> RunResult:
+    """Summary, Prefect artifacts, then the manifest (last). Shared by every kind of application."""
     uris = {name: run.uri_of(rel) for name, rel in outputs.items()}
     rows = metrics_rows(evaluation.metrics, evaluation.baselines)
     summary = markdown_summary(app_name, run.uri, evaluation.metrics, evaluation.baselines, uris, evaluation.notes, timings)
@@ -192,16 +271,11 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, tra
     uris["summary"] = run.uri_of("report/summary.md")
     publish_artifacts(app_name, run.uri, rows, summary)
     flow_ctx = FlowRunContext.get()
-    extra: dict[str, Any] = {"named_outputs": outputs, "notes": evaluation.notes}
+    extra = {"named_outputs": outputs, "notes": evaluation.notes, **(extra or {})}
     if fitted.train is not None:
         extra["train"] = {k: v for k, v in fitted.train.to_dict().items() if k != "history"}
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         extra["prefect"] = {"flow_run_id": str(flow_ctx.flow_run.id), "flow_run_name": flow_ctx.flow_run.name}
-    inputs = {}
-    if train_src:
-        inputs["input"] = list(train_src.files)
-    if target_src:
-        inputs["apply_to"] = list(target_src.files)
     manifest = Manifest(
         app=app_name,
         run_id=run.run_id,
@@ -273,9 +347,14 @@ Args:
 
 
 def make_table_flow(app_name: str) -> Any:
-    """The Prefect flow of one tabular application; its parameter is the app's RunConfig."""
+    """The Prefect flow of one application; its parameter is the app's RunConfig.
+
+    Dispatches on the application's kind: tabular apps run :func:`run_table_app`,
+    image apps (``kind = "image"``) :func:`run_image_app`.
+    """
     app = get_app(app_name)
     config_cls = app.RunConfig
+    runner = run_image_app if getattr(app, "kind", "table") == "image" else run_table_app
 
     def body(
         config: config_cls = config_cls(),  # type: ignore[valid-type]
@@ -287,7 +366,7 @@ def make_table_flow(app_name: str) -> Any:
         from tasks.schedule import prepare_config
 
         config, _day = prepare_config(config, date, timezone)
-        return run_table_app(config)
+        return runner(config)
 
     doc = (importlib.import_module(type(app).__module__).__doc__ or app_name).strip()
     body.__doc__ = doc + FLOW_ARGS_DOC

@@ -6,11 +6,13 @@ from typing import Any
 
 from torch import nn
 
+from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
 from models.dense import DenseAEConfig, DenseAutoencoder, MaskedDenseAutoencoder, build_dense, build_masked_dense
 
 MODEL_BUILDERS = {
     "dense": build_dense,
     "masked_dense": build_masked_dense,
+    "conv": build_conv,
 }
 
 
@@ -23,4 +25,13 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return builder(config)
 
 
-__all__ = ["DenseAEConfig", "DenseAutoencoder", "MaskedDenseAutoencoder", "MODEL_BUILDERS", "build_model"]
+
+__all__ = [
+    "ConvAEConfig",
+    "ConvAutoencoder",
+    "DenseAEConfig",
+    "DenseAutoencoder",
+    "MaskedDenseAutoencoder",
+    "MODEL_BUILDERS",
+    "build_model",
+]

@@ -61,3 +61,63 @@ def write_sample_tables(out_dir: str, overwrite: bool = False) -> dict[str, str]
             os.replace(tmp, path)
         written[t.name] = path
     return written
+
+
+# ---------------------------------------------------------------------------------------
+# Image sets (issue 4): digits as PNG class folders, and scikit-image's bundled photographs.
+
+# Held out from every training set: the denoise benchmark scores these.
+HELDOUT_PHOTOS = ("camera", "astronaut", "coffee")
+TRAIN_PHOTOS = (
+    "chelsea", "coins", "rocket", "moon", "text", "brick", "grass", "gravel", "page",
+    "hubble_deep_field", "immunohistochemistry", "clock", "cell", "retina",
+)
+
+
+def write_digit_images(out_dir: str, overwrite: bool = False) -> str:
+    """scikit-learn's 1,797 8x8 digits as grayscale PNGs in class folders: ``{out_dir}/<digit>/<id>.png``."""
+    from PIL import Image
+
+    bunch = datasets.load_digits()
+    marker = os.path.join(out_dir, ".complete")
+    if os.path.exists(marker) and not overwrite:
+        return out_dir
+    for i, (img, label) in enumerate(zip(bunch.images, bunch.target, strict=True)):
+        folder = os.path.join(out_dir, str(label))
+        os.makedirs(folder, exist_ok=True)
+        # 0..16 intensities to 0..255, white digit on black as in the original scans' inverse.
+        Image.fromarray((img * (255.0 / 16.0)).round().astype("uint8"), "L").save(os.path.join(folder, f"{i:04d}.png"))
+    open(marker, "w").close()
+    return out_dir
+
+
+def write_photos(out_dir: str, overwrite: bool = False) -> dict[str, str]:
+    """scikit-image's bundled photographs as PNGs: ``train/`` and ``heldout/`` (never trained on)."""
+    from PIL import Image
+    from skimage import data
+
+    written = {}
+    for split, names in (("train", TRAIN_PHOTOS), ("heldout", HELDOUT_PHOTOS)):
+        folder = os.path.join(out_dir, split)
+        os.makedirs(folder, exist_ok=True)
+        for name in names:
+            path = os.path.join(folder, f"{name}.png")
+            if overwrite or not os.path.exists(path):
+                arr = getattr(data, name)()
+                if arr.dtype != "uint8":
+                    arr = (arr > 0).astype("uint8") * 255
+                tmp = path + ".tmp.png"
+                Image.fromarray(arr).save(tmp)
+                os.replace(tmp, path)
+        written[split] = folder
+    return written
+
+
+def write_sample_images(out_dir: str, overwrite: bool = False) -> dict[str, str]:
+    """Every sample image set under ``out_dir``; returns {name: folder}."""
+    photos = write_photos(os.path.join(out_dir, "photos"), overwrite)
+    return {
+        "digit_images": write_digit_images(os.path.join(out_dir, "digit-images"), overwrite),
+        "photos_train": photos["train"],
+        "photos_heldout": photos["heldout"],
+    }

@@ -34,7 +34,7 @@ from tasks.schemas import TableSchema
 from tasks.storage import RunDir, url_to_fs
 from tasks.train import train_model
 
-APP_MODULES = ("reduce", "extract", "detect", "impute")
+APP_MODULES = ("reduce", "extract", "detect", "impute", "denoise", "index")
 _REGISTRY: dict[str, TableApp] = {}
 
 

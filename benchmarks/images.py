@@ -1,0 +1,206 @@
+"""Image benchmarks (issue 4): denoise quality/speed, index quality/ANN, Dask image loading.
+
+    python -m benchmarks.images loader ann denoise index   # any subset, in that order
+
+Each part prints a table and merges its numbers into benchmarks/images_results.json.
+Fixed seeds; held-out photographs (camera, astronaut, coffee) are never trained on.
+Budgets are small on purpose (a shared 2-core CPU): see RESULTS.md for the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "images_results.json")
+
+
+def _save(part: str, data: dict) -> None:
+    allr = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    allr[part] = data
+    with open(RESULTS, "w") as f:
+        json.dump(allr, f, indent=2)
+    print(json.dumps({part: data}, indent=2))
+
+
+def bench_loader(n: int = 2000, size: int = 64) -> None:
+    from PIL import Image
+
+    from tasks.images import ImageLoadConfig, decode_image, inspect_images, load_images
+    from tasks.preprocess import dask_client
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(n):
+            os.makedirs(f"{d}/c{i % 10}", exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(f"{d}/c{i % 10}/{i:05d}.png")
+        src = inspect_images(d)
+        cfg = ImageLoadConfig(mode="gray", size=32)
+        t0 = time.perf_counter()
+        for f in src.files:
+            with open(f.path, "rb") as fh:
+                decode_image(fh.read(), "gray", 32)
+        loop = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with dask_client(None, n_workers=2):
+            t1 = time.perf_counter()
+            imset = load_images(src, cfg, run=None, prefix="x")  # cold: workers import the decoder
+            cold_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            imset = load_images(src, cfg, run=None, prefix="x")  # warm workers
+            dask_s = time.perf_counter() - t1
+        cluster_s = time.perf_counter() - t0 - cold_s - dask_s
+        assert len(imset) == n
+    _save("loader", {"images": n, "size": f"{size}x{size} RGB PNG -> 32x32 gray", "loop_images_per_s": n / loop,
+                     "dask_images_per_s": n / dask_s, "ratio": loop / dask_s,
+                     "dask_cold_images_per_s": n / cold_s, "cold_ratio": loop / cold_s,
+                     "cluster_start_stop_s": cluster_s, "workers": 2})
+
+
+def bench_ann(n: int = 100_000, d: int = 128, nq: int = 1000) -> None:
+    import faiss
+
+    from tasks.apps.index import Config, build_index, recall_at_k, timed_search
+
+    faiss.omp_set_num_threads(2)
+    rng = np.random.default_rng(0)
+    out = {}
+    # Codes of images live near a low-dimensional manifold: clusters in a 16-D subspace, embedded in d dims.
+    centers = rng.normal(size=(200, 16))
+    basis = rng.normal(size=(16, d)) / 4
+    lab = rng.integers(0, 200, n + nq)
+    clustered = ((centers[lab] + 0.5 * rng.normal(size=(n + nq, 16))) @ basis + 0.05 * rng.normal(size=(n + nq, d))).astype(np.float32)
+    gaussian = rng.normal(size=(n + nq, d)).astype(np.float32)
+    cfg = Config()
+    for name, data in (("clustered (16-D manifold)", clustered), ("iid Gaussian (hard case)", gaussian)):
+        base, queries = data[:n], data[n:]
+        t0 = time.perf_counter()
+        hnsw, _ = build_index(base, "hnsw", cfg)
+        build = time.perf_counter() - t0
+        exact, _ = build_index(base, "exact", cfg)
+        _, ei, eqps = timed_search(exact, queries, 10)
+        _, ai, aqps = timed_search(hnsw, queries, 10)
+        t0 = time.perf_counter()
+        ivf, _ = build_index(base, "ivf", cfg)
+        ivf_build = time.perf_counter() - t0
+        _, ii, iqps = timed_search(ivf, queries, 10)
+        out[name] = {"hnsw_recall_at_10": recall_at_k(ai, ei, 10), "hnsw_qps": aqps, "exact_qps": eqps,
+                     "hnsw_speedup": aqps / eqps, "hnsw_build_s": build,
+                     "ivf_recall_at_10": recall_at_k(ii, ei, 10), "ivf_qps": iqps, "ivf_speedup": iqps / eqps,
+                     "ivf_build_s": ivf_build}
+    _save("ann", {"n": n, "dim": d, "queries": nq, "threads": 2,
+                  "settings": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search,
+                               "ivf_nlist": "4*sqrt(n)", "ivf_nprobe": cfg.ivf_nprobe}, "results": out})
+
+
+def bench_index(size: int = 16, epochs: int = 15) -> None:
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+
+    from models.conv import ConvAEConfig, ConvAutoencoder, reconstruction_loss
+    from models.training import TrainSettings, fit
+    from tasks.apps.index import encode_images, precision_and_map
+
+    dg = load_digits()
+    imgs = np.stack([np.asarray(Image.fromarray((im * 255 / 16).round().astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))[None]
+                     for im in dg.images])
+    y = dg.target
+    q = np.arange(len(y))
+    val = np.random.default_rng(0).random(len(y)) < 0.1
+    torch.manual_seed(0)
+    cfg = ConvAEConfig(1, (16, 32, 32), 8)
+    model = ConvAutoencoder(cfg)
+    t0 = time.perf_counter()
+    fit(model, imgs[~val], imgs[val], TrainSettings(epochs=epochs, batch_size=64, lr=2e-3, patience=5, device="cpu"),
+        loss_fn=reconstruction_loss)
+    train_s = time.perf_counter() - t0
+    z = encode_images(model, imgs, torch.device("cpu"))
+    raw = imgs.reshape(len(y), -1).astype(np.float32) / 255
+    pca = PCA(z.shape[1], random_state=0).fit_transform(raw).astype(np.float32)
+    rows = {}
+    for name, x in (("ae_codes", z), ("raw_pixels", raw), (f"pca_{z.shape[1]}", pca)):
+        p, m = precision_and_map(x, y, q, 10, True)
+        rows[name] = {"precision_at_10": p, "map": m, "dim": int(x.shape[1])}
+    _save("index", {"images": len(y), "size": size, "model": cfg.to_dict(), "epochs": epochs, "train_s": train_s,
+                    "results": rows})
+
+
+def bench_denoise(patches: int = 3000, epochs: int = 4, sigma: float = 25.0) -> None:
+    import torch
+    from PIL import Image
+
+    from models.conv import random_patches
+    from models.noise import DenoisingLoss, NoiseConfig
+    from models.training import TrainSettings, fit
+    from tasks.apps.denoise import _psnr_ssim, baseline_fns, denoise_array
+    from tasks.apps.images_base import ConvModelConfig, ImageFitted
+    from tasks.sample_data import write_photos
+
+    with tempfile.TemporaryDirectory() as d:
+        folders = write_photos(d)
+
+        def read(folder):
+            out = {}
+            for name in sorted(os.listdir(folder)):
+                a = np.asarray(Image.open(os.path.join(folder, name)))
+                out[name] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+            return out
+
+        train, held = read(folders["train"]), read(folders["heldout"])
+    planes = [im[c : c + 1] for im in train.values() for c in range(im.shape[0])]
+    tp = random_patches(planes, patches, 48, 0)
+    vp = random_patches(planes, 256, 48, 1)
+    torch.manual_seed(0)
+    mcfg = ConvModelConfig(channels=(32, 64, 128), latent_channels=64, blocks=1, skip=True, residual=True)
+    model = mcfg.build(1)
+    t0 = time.perf_counter()
+    res = fit(model, tp, vp, TrainSettings(epochs=epochs, batch_size=32, lr=2e-3, patience=10, device="cpu"),
+              loss_fn=DenoisingLoss(NoiseConfig(sigma=sigma)))
+    train_s = time.perf_counter() - t0
+    fitted = ImageFitted(model=model.eval())
+    rng = np.random.default_rng(123)
+    s = sigma / 255
+    fns = baseline_fns(s)
+    methods = ["noisy", "aeflow", "tv", "wavelet", "nl_means", "bm3d"]
+    psnr = {m: [] for m in methods}
+    ssim = {m: [] for m in methods}
+    secs = dict.fromkeys(methods, 0.0)
+    mp = 0.0
+    per_image = {}
+    for name, img in held.items():
+        clean = img.astype(np.float32) / 255
+        noisy = (clean + rng.normal(0, s, clean.shape)).astype(np.float32)
+        mp += clean.shape[1] * clean.shape[2] / 1e6
+        outs = {"noisy": noisy}
+        t0 = time.perf_counter()
+        outs["aeflow"] = denoise_array(fitted, noisy, torch.device("cpu"), 384, 32)
+        secs["aeflow"] += time.perf_counter() - t0
+        for b in ("tv", "wavelet", "nl_means", "bm3d"):
+            t0 = time.perf_counter()
+            outs[b] = np.stack([fns[b](noisy[c].astype(np.float64)) for c in range(noisy.shape[0])])
+            secs[b] += time.perf_counter() - t0
+        per_image[name] = {}
+        for m in methods:
+            p, q = _psnr_ssim(clean, outs[m])
+            psnr[m].append(p)
+            ssim[m].append(q)
+            per_image[name][m] = round(p, 2)
+    table = {m: {"psnr": float(np.mean(psnr[m])), "ssim": float(np.mean(ssim[m])),
+                 "seconds_per_mp": secs[m] / mp if m != "noisy" else 0.0} for m in methods}
+    _save("denoise", {"sigma": sigma, "heldout": list(held), "train_images": list(train), "patches": patches,
+                      "epochs": epochs, "train_s": train_s, "best_val_loss": res.best_val_loss,
+                      "model": mcfg.model_dump(), "results": table, "per_image_psnr": per_image})
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["loader", "ann", "denoise", "index"]
+    for part in parts:
+        print(f"== {part}", flush=True)
+        {"loader": bench_loader, "ann": bench_ann, "index": bench_index, "denoise": bench_denoise}[part]()

@@ -1,0 +1,356 @@
+"""Fully convolutional autoencoders for images, and the building blocks they share.
+
+Pure PyTorch (plus numpy for patch sampling): no Prefect, fsspec or pandas.
+
+- :class:`ConvAutoencoder` — encoder of strided convolutions down to a code ``z``
+  with ``latent_channels`` channels at ``1 / factor`` of the resolution, and a
+  mirrored decoder. Optional U-Net skips (``skip=True``, for restoration) and a
+  residual output (``residual=True``: the decoder predicts a correction added to
+  the input, as DnCNN does). Works on any image size: the input is padded to a
+  multiple of :attr:`ConvAEConfig.factor` and the output cropped back.
+- :func:`tiled_apply` — inference on large images in overlapping tiles blended
+  with a tapered window, so there are no visible seams and memory stays bounded.
+- :func:`random_patches` — seeded random crops for patch-based training.
+- The blocks (:func:`conv_block`, :class:`Down`, :class:`Up`, :func:`pad_to_multiple`)
+  are public so other image models (e.g. a learned codec) reuse them.
+
+Images are float tensors ``(N, C, H, W)`` in ``[0, 1]``; uint8 batches are
+converted by :func:`to_unit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+}
+
+
+@dataclass(frozen=True)
+class ConvAEConfig:
+    """Shape of a :class:`ConvAutoencoder`.
+
+    Attributes:
+        in_channels: 1 (grayscale) or 3 (RGB); the output has the same channels.
+        channels: Width of each resolution level, from full resolution down; every
+            level after the first halves the resolution, so the code is at
+            ``1 / 2**(len(channels) - 1)`` of the input size.
+        latent_channels: Channels of the code ``z`` (a 1x1 projection of the deepest level).
+        blocks: 3x3 convolutions per level (after the down/up-sampling step).
+        skip: U-Net skip connections from encoder to decoder levels. Good for
+            restoration; leave off when the code itself must carry the image (index).
+        residual: Output ``x + decoder(...)`` (the network learns the correction).
+        activation: One of :data:`ACTIVATIONS`.
+        norm: GroupNorm after each convolution.
+    """
+
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 128)
+    latent_channels: int = 16
+    blocks: int = 1
+    skip: bool = False
+    residual: bool = False
+    activation: str = "relu"
+    norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be a non-empty list of widths >= 1, got {list(self.channels)}")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
+        if self.blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {self.blocks}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def factor(self) -> int:
+        """Total downsampling: inputs are padded to a multiple of it."""
+        return 2 ** (len(self.channels) - 1)
+
+    def code_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape ``(C, h, w)`` of the code of a ``height x width`` image."""
+        f = self.factor
+        return self.latent_channels, -(-height // f), -(-width // f)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConvAEConfig:
+        d = dict(d)
+        d["channels"] = tuple(d.get("channels", ()))
+        return cls(**d)
+
+
+@dataclass
+class ConvAEOutput:
+    """What :meth:`ConvAutoencoder.forward` returns: the reconstruction and the code."""
+
+    x_hat: Tensor
+    z: Tensor
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+
+
+def conv_block(c_in: int, c_out: int, n: int = 1, activation: str = "relu", norm: bool = False) -> nn.Sequential:
+    """``n`` times (3x3 conv, optional GroupNorm, activation)."""
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1))
+        if norm:
+            layers.append(nn.GroupNorm(min(8, c_out), c_out))
+        layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class Down(nn.Module):
+    """Halve the resolution with a strided 3x3 conv, then a conv block."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, activation: str = "relu", norm: bool = False) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.act = ACTIVATIONS[activation]()
+        self.block = conv_block(c_out, c_out, n, activation, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(self.act(self.down(x)))
+
+
+class Up(nn.Module):
+    """Double the resolution (2x2 transposed conv), optionally concatenate a skip, then a conv block."""
+
+    def __init__(self, c_in: int, c_out: int, c_skip: int = 0, n: int = 1, activation: str = "relu", norm: bool = False) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.act = ACTIVATIONS[activation]()
+        self.block = conv_block(c_out + c_skip, c_out, n, activation, norm)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        x = self.act(self.up(x))
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.block(x)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad ``(N, C, H, W)`` on the bottom/right to a multiple of ``multiple``; returns (padded, (H, W)).
+
+    Reflection padding where the image is large enough (no artificial edge), else replication.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def to_unit(batch: Tensor) -> Tensor:
+    """uint8 images to float in [0, 1]; float images pass through."""
+    if batch.dtype == torch.uint8:
+        return batch.float().div_(255.0)
+    return batch.float()
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+class ConvAutoencoder(nn.Module):
+    """Fully convolutional autoencoder; see the module docstring."""
+
+    kind = "conv"
+
+    def __init__(self, config: ConvAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, act, norm, n = config.channels, config.activation, config.norm, config.blocks
+        self.stem = conv_block(config.in_channels, c[0], n, act, norm)
+        self.downs = nn.ModuleList([Down(c[i], c[i + 1], n, act, norm) for i in range(len(c) - 1)])
+        self.to_latent = nn.Conv2d(c[-1], config.latent_channels, 1)
+        self.from_latent = nn.Sequential(nn.Conv2d(config.latent_channels, c[-1], 1), ACTIVATIONS[act]())
+        self.ups = nn.ModuleList(
+            [Up(c[i + 1], c[i], c[i] if config.skip else 0, n, act, norm) for i in reversed(range(len(c) - 1))]
+        )
+        self.head = nn.Conv2d(c[0], config.in_channels, 3, padding=1)
+        if config.residual:
+            # Start as the identity: the correction is learned from zero.
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+    def _encode_padded(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h = self.stem(x)
+        skips = [h]
+        for down in self.downs:
+            h = down(h)
+            skips.append(h)
+        return self.to_latent(h), skips
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The code ``z`` ``(N, latent_channels, ceil(H/f), ceil(W/f))`` of images of any size."""
+        x, _ = pad_to_multiple(to_unit(x), self.factor)
+        return self._encode_padded(x)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images from codes (without skips; a model trained with ``skip=True`` needs ``forward``)."""
+        h = self.from_latent(z)
+        for up in self.ups:
+            h = up(h)
+        return self.head(h)
+
+    def forward(self, x: Tensor) -> ConvAEOutput:
+        x = to_unit(x)
+        xp, (h0, w0) = pad_to_multiple(x, self.factor)
+        z, skips = self._encode_padded(xp)
+        h = self.from_latent(z)
+        for i, up in enumerate(self.ups):
+            h = up(h, skips[-2 - i] if self.config.skip else None)
+        out = self.head(h)
+        if self.config.residual:
+            out = xp + out
+        return ConvAEOutput(x_hat=out[..., :h0, :w0], z=z)
+
+
+def build_conv(config: dict[str, Any]) -> ConvAutoencoder:
+    return ConvAutoencoder(ConvAEConfig.from_dict(config))
+
+
+# ---------------------------------------------------------------------------------------
+# Tiled inference and patches
+
+
+def _starts(size: int, tile: int, step: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+@torch.inference_mode()
+def tiled_apply(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+) -> Tensor:
+    """Apply an image-to-image ``fn`` to ``x`` ``(N, C, H, W)`` in overlapping tiles.
+
+    Each tile is processed with its context, and neighbouring tiles are blended
+    across their ``overlap``: each tile's outer quarter of the overlap (where it
+    lacks context) gets no weight and the middle half a linear ramp, weights are
+    normalised to sum to one everywhere, so there is no seam, and memory is
+    bounded by the tile size.
+    Images no larger than ``tile`` go through ``fn`` whole.
+    """
+    n, c, h, w = x.shape
+    if h <= tile and w <= tile:
+        return fn(x)
+    if not 0 <= overlap < tile // 2 + 1:
+        raise ValueError(f"overlap must be in [0, tile/2], got {overlap} for tile {tile}")
+    step = tile - overlap
+    ys, xs = _starts(h, tile, step), _starts(w, tile, step)
+    out: Tensor | None = None
+    weight = torch.zeros(1, 1, h, w, device=x.device)
+    for yi, y0 in enumerate(ys):
+        th = min(tile, h)
+        for xi, x0 in enumerate(xs):
+            tw = min(tile, w)
+            patch = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()
+            if out is None:
+                out = torch.zeros(n, patch.shape[1], h, w, device=x.device)
+            # Overlap with the neighbour may exceed `overlap` for the last tile; ramp over the real overlap.
+            oy_lead = (ys[yi - 1] + th - y0) if yi > 0 else 0
+            oy_trail = (y0 + th - ys[yi + 1]) if yi + 1 < len(ys) else 0
+            ox_lead = (xs[xi - 1] + tw - x0) if xi > 0 else 0
+            ox_trail = (x0 + tw - xs[xi + 1]) if xi + 1 < len(xs) else 0
+            wy = _taper_two(th, oy_lead, oy_trail)
+            wx = _taper_two(tw, ox_lead, ox_trail)
+            win = (wy[:, None] * wx[None, :]).to(x.device)
+            out[..., y0 : y0 + th, x0 : x0 + tw] += patch * win
+            weight[..., y0 : y0 + th, x0 : x0 + tw] += win
+    assert out is not None
+    return out / weight
+
+
+def _taper_two(n: int, lead: int, trail: int) -> Tensor:
+    """Weights of one tile along one axis: zero over the outer quarter of each overlap (the
+    pixels a tile sees with the least context), then a linear ramp to one."""
+    w = torch.ones(n)
+    for length, flip in ((lead, False), (trail, True)):
+        if length <= 0:
+            continue
+        t = torch.arange(length, dtype=torch.float32) + 0.5
+        ramp = ((t - length / 4) / (length / 2)).clamp(1e-4, 1.0)
+        if flip:
+            w[n - length :] = torch.minimum(w[n - length :], ramp.flip(0))
+        else:
+            w[:length] = torch.minimum(w[:length], ramp)
+    return w
+
+
+def random_patches(images: list[np.ndarray], n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` random ``size x size`` crops from CHW uint8 images, as ``(n, C, size, size)``.
+
+    Images are drawn in proportion to their area, so large photographs give more
+    patches than small ones. An image smaller than ``size`` contributes its
+    replicate-padded whole.
+    """
+    if not images:
+        raise ValueError("no images to draw patches from")
+    rng = np.random.default_rng(seed)
+    areas = np.array([im.shape[-2] * im.shape[-1] for im in images], dtype=np.float64)
+    which = rng.choice(len(images), size=n, p=areas / areas.sum())
+    c = images[0].shape[0]
+    out = np.empty((n, c, size, size), dtype=images[0].dtype)
+    for i, j in enumerate(which):
+        im = images[j]
+        h, w = im.shape[-2:]
+        if h < size or w < size:
+            im = np.pad(im, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode="edge")
+            h, w = im.shape[-2:]
+        y = rng.integers(0, h - size + 1)
+        x = rng.integers(0, w - size + 1)
+        out[i] = im[:, y : y + size, x : x + size]
+    return out
+
+
+def augment(batch: Tensor, generator: torch.Generator) -> Tensor:
+    """Random flips and 90-degree rotations of a square patch batch (one draw per batch: cheap)."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    flip = bool(torch.randint(0, 2, (1,), generator=generator))
+    if k:
+        batch = torch.rot90(batch, k, dims=(-2, -1))
+    if flip:
+        batch = batch.flip(-1)
+    return batch
+
+
+def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
+    """MSE between an (augmented) image batch and its reconstruction, in [0, 1] units."""
+    x = augment(to_unit(batch), generator)
+    return F.mse_loss(model(x).x_hat.float(), x)

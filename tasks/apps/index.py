@@ -1,0 +1,453 @@
+"""index: image search on autoencoder codes, with an exact or FAISS ANN index.
+
+``aeflow run index --input image_dir`` trains a convolutional autoencoder (or
+reuses ``--model``), encodes every image (resized to ``--image-size``), builds a
+nearest-neighbour index over the codes — exact for collections up to
+``ann_threshold`` images, FAISS HNSW (or IVF) above — and stores it in the run:
+``index/index.faiss``, ``index/codes.npy``, ``index/ids.parquet`` (id, path,
+relative path, label) and ``index/meta.json``. ``aeflow search --index RUN
+--query image.png`` returns the k nearest images with distances.
+
+With class folders, precision@10 and mAP by label are reported for the AE codes,
+raw pixels and PCA codes of the same size, plus recall@10 of the index against
+exact search and queries per second (exact search as the baseline).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from models.conv import reconstruction_loss
+from models.training import predict
+from tasks.apps import Evaluation, register
+from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageContext, ImageFitted, ImageRunConfig
+from tasks.config import AppConfig, PreprocessConfig, TrainConfig
+from tasks.errors import ConfigError, InputError, ModelMismatchError
+from tasks.images import ImageLoadConfig, decode_image, stack_images
+from tasks.report import save_figure, training_curve
+from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs
+from tasks.train import train_model
+
+INDEX_DIR = "index"
+
+
+class Config(AppConfig):
+    """Settings of the index application."""
+
+    name = "index"
+    index: Literal["auto", "exact", "hnsw", "ivf"] = Field(
+        "auto", description="auto: exact up to ann_threshold images, HNSW above; or force exact, hnsw or ivf."
+    )
+    ann_threshold: int = Field(50_000, ge=0, description="Collections larger than this get an ANN index (auto).")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
+    ef_construction: int = Field(200, ge=8, description="HNSW build-time beam width.")
+    ef_search: int = Field(128, ge=1, description="HNSW search-time beam width.")
+    ivf_nlist: int | None = Field(None, ge=1, description="IVF cells (None: 4 * sqrt(n)).")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
+    k: int = Field(10, ge=1, le=1000, description="Neighbours for precision@k and recall@k.")
+    eval_queries: int = Field(1000, ge=1, description="Queries sampled from the collection for the metrics.")
+    map_max: int = Field(20_000, ge=1, description="mAP ranks the whole collection; skipped above this size.")
+    contact_queries: int = Field(4, ge=0, le=32, description="Queries shown in report/contact_sheet.png.")
+
+
+class IndexRunConfig(ImageRunConfig):
+    """A run of index: the flow's parameter."""
+
+    app: Config = Config()
+    load: ImageLoadConfig = ImageLoadConfig(mode="gray", size=32)
+    model: ConvModelConfig = ConvModelConfig(channels=(32, 64, 64), latent_channels=8)
+    preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.1)
+    train: TrainConfig = TrainConfig(epochs=40, batch_size=64, lr=2e-3, patience=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions: codes, indexes, metrics
+
+
+def encode_images(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """uint8 ``(N, C, H, W)`` images to flat float32 codes ``(N, d)``."""
+    z = predict(model.encode, images, batch_size=batch_size, device=device)
+    return np.ascontiguousarray(z.reshape(len(images), -1), dtype=np.float32)
+
+
+def build_index(codes: np.ndarray, kind: str, cfg: Config, seed: int = 0) -> tuple[Any, str]:
+    """A FAISS index over ``codes`` (L2); returns (index, the kind built)."""
+    import faiss
+
+    n, d = codes.shape
+    if kind == "auto":
+        kind = "exact" if n <= cfg.ann_threshold else "hnsw"
+    if kind == "exact":
+        index = faiss.IndexFlatL2(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
+    else:
+        nlist = cfg.ivf_nlist or max(1, int(4 * math.sqrt(n)))
+        nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants ~39 training points per cell
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        rng = np.random.default_rng(seed)
+        sample = codes[rng.choice(n, min(n, 256 * nlist), replace=False)]
+        index.train(sample)
+        index.nprobe = min(cfg.ivf_nprobe, nlist)
+    index.add(codes)
+    return index, kind
+
+
+def serialize_index(index: Any) -> bytes:
+    import faiss
+
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize_index(data: bytes, meta: dict[str, Any]) -> Any:
+    import faiss
+
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    if meta.get("kind") == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = int(meta["params"]["ef_search"])
+    elif meta.get("kind") == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(meta["params"]["nprobe"])
+    return index
+
+
+def exact_neighbours(x: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    flat = faiss.IndexFlatL2(x.shape[1])
+    flat.add(np.ascontiguousarray(x, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def precision_and_map(x: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, with_map: bool) -> tuple[float, float | None]:
+    """precision@k and mAP by label for queries ``q`` (indices into ``x``), the query itself left out."""
+    _, nn_idx = exact_neighbours(x, x[q], min(k + 1, len(x)))
+    prec = []
+    for row, qi in zip(nn_idx, q, strict=True):
+        row = row[row != qi][:k] if (row == qi).any() else row[:k]
+        prec.append(np.mean(labels[row] == labels[qi]))
+    if not with_map:
+        return float(np.mean(prec)), None
+    xf = x.astype(np.float32)
+    sq = (xf**2).sum(1)
+    aps = []
+    for start in range(0, len(q), 256):
+        qb = q[start : start + 256]
+        d = sq[qb, None] - 2 * xf[qb] @ xf.T + sq[None, :]
+        d[np.arange(len(qb)), qb] = np.inf
+        order = np.argsort(d, axis=1)[:, :-1]
+        rel = labels[order] == labels[qb, None]
+        hits = np.cumsum(rel, axis=1)
+        ranks = np.arange(1, rel.shape[1] + 1)
+        denom = np.maximum(rel.sum(1), 1)
+        aps.extend(((hits / ranks) * rel).sum(1) / denom)
+    return float(np.mean(prec)), float(np.mean(aps))
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    return float(np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Search all queries in one batch; returns (distances, ids, queries per second)."""
+    t0 = time.perf_counter()
+    d, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    dt = time.perf_counter() - t0
+    return d, i, len(queries) / max(dt, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# The application
+
+
+@register
+class Index(ImageApp):
+    name = "index"
+    Config = Config
+    RunConfig = IndexRunConfig
+    cli_options = ImageApp.cli_options + (
+        ("--image-size", "load.size", int, "Images are resized to this square size before encoding."),
+        ("--index-type", "app.index", str, "auto (exact up to --ann-threshold, HNSW above), exact, hnsw or ivf."),
+        ("--ann-threshold", "app.ann_threshold", int, "Collections larger than this get an ANN index (auto)."),
+        ("--latent-channels", "model.latent_channels", int, "Channels of the code (code size = channels x (size/8)^2)."),
+    )
+
+    def min_side(self, config, role: str) -> int:
+        if config.load.size is None:
+            raise ConfigError("index needs one image size for every image: set --image-size (load.size)")
+        return config.model.factor
+
+    def _images(self, ctx: ImageContext) -> tuple[Any, np.ndarray]:
+        imset = ctx.target if ctx.target is not None else ctx.train
+        assert imset is not None
+        return imset, stack_images(imset)
+
+    def fit(self, ctx: ImageContext) -> ImageFitted:
+        tr, va = ctx.split()
+        x = stack_images(ctx.train)
+        model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
+        result = train_model(model, x[tr], x[va], ctx.config.train, run=ctx.run, loss_fn=reconstruction_loss,
+                             label="index autoencoder")
+        model.to(ctx.device).eval()
+        state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x.shape[1])}
+        return ImageFitted(model=model, state=state, train=result)
+
+    def apply(self, ctx: ImageContext, fitted: ImageFitted) -> dict[str, str]:
+        import pandas as pd
+
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        imset, x = self._images(ctx)
+        want = fitted.model.config.in_channels
+        if x.shape[1] != want:
+            raise ModelMismatchError(
+                f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
+                f"{ctx.config.load.mode} gives {x.shape[1]} channels"
+            )
+        codes = encode_images(fitted.model, x, ctx.device)
+        index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
+        run = ctx.run
+        buf = io.BytesIO()
+        np.save(buf, codes, allow_pickle=False)
+        run.write_bytes(f"{INDEX_DIR}/codes.npy", buf.getvalue())
+        run.write_bytes(f"{INDEX_DIR}/index.faiss", serialize_index(index))
+        base = imset.source_uri.rstrip("/")
+        ids = pd.DataFrame({
+            "id": np.arange(len(imset.rel)),
+            "path": [f"{base}/{r}" if not base.lower().endswith((".png", ".jpg", ".jpeg")) else base for r in imset.rel],
+            "rel": list(imset.rel),
+            "label": [lbl if lbl is not None else "" for lbl in imset.labels],
+        })
+        pbuf = io.BytesIO()
+        ids.to_parquet(pbuf, index=False)
+        run.write_bytes(f"{INDEX_DIR}/ids.parquet", pbuf.getvalue())
+        load = ctx.config.load
+        meta = {
+            "kind": kind,
+            "n": int(codes.shape[0]),
+            "dim": int(codes.shape[1]),
+            "metric": "l2",
+            "params": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search,
+                       "nprobe": cfg.ivf_nprobe},
+            "image": {"mode": load.mode, "size": load.size, "fit": load.fit},
+            "model_run": fitted.source_run or run.uri,
+            "model_weights": fitted.weights_hash,
+        }
+        run.write_json(f"{INDEX_DIR}/meta.json", meta)
+        ctx.artifacts["_codes"] = codes  # type: ignore[assignment]  # reused by evaluate/report in this process
+        ctx.artifacts["_index"] = index  # type: ignore[assignment]
+        return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": f"{INDEX_DIR}/codes.npy"}
+
+    def evaluate(self, ctx: ImageContext, fitted: ImageFitted) -> Evaluation:
+        from sklearn.decomposition import PCA
+
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        ev = Evaluation()
+        imset, x = self._images(ctx)
+        codes = ctx.artifacts.get("_codes")
+        index = ctx.artifacts.get("_index")
+        if codes is None:
+            codes = encode_images(fitted.model, x, ctx.device)
+            index, _ = build_index(codes, cfg.index, cfg)
+        n = len(codes)
+        rng = np.random.default_rng(ctx.config.train.seed)
+        q = np.sort(rng.choice(n, min(n, cfg.eval_queries), replace=False))
+        k = min(cfg.k, n - 1) if n > 1 else 1
+        _, exact_i, exact_qps = timed_search(exact_index(codes), codes[q], k)
+        _, ann_i, qps = timed_search(index, codes[q], k)
+        ev.metrics["recall_at_10" if k == 10 else f"recall_at_{k}"] = recall_at_k(ann_i, exact_i, k)
+        ev.metrics["qps"] = qps
+        ev.metrics["code_dim"] = int(codes.shape[1])
+        ev.metrics["n_images"] = n
+        ev.baselines["exact"] = {"qps": exact_qps}
+        if imset.has_labels and n > k:
+            labels = np.array(imset.labels)
+            with_map = n <= cfg.map_max
+            p_name = f"precision_at_{k}"
+            prec, mean_ap = precision_and_map(codes, labels, q, k, with_map)
+            ev.metrics[p_name], ev.metrics["map"] = prec, mean_ap
+            raw = x.reshape(n, -1).astype(np.float32) / 255.0
+            prec, mean_ap = precision_and_map(raw, labels, q, k, with_map)
+            ev.baselines["raw_pixels"] = {p_name: prec, "map": mean_ap}
+            n_comp = min(codes.shape[1], n - 1, raw.shape[1])
+            pca = PCA(n_components=n_comp, random_state=ctx.config.train.seed).fit(raw)
+            prec, mean_ap = precision_and_map(pca.transform(raw).astype(np.float32), labels, q, k, with_map)
+            ev.baselines[f"pca_{n_comp}"] = {p_name: prec, "map": mean_ap}
+            if not with_map:
+                ev.notes.append(f"mAP skipped: {n} images exceed map_max={cfg.map_max}")
+            ev.notes.append(f"precision@{k} and mAP by label over {len(q)} queries from the collection (the query left out)")
+        else:
+            ev.notes.append("no class folders: precision by label skipped")
+        ev.notes.append(f"recall@{k} of the {index_kind(index)} index against exact search; QPS on one batch of {len(q)} queries")
+        return ev
+
+    def report(self, ctx: ImageContext, fitted: ImageFitted, evaluation: Evaluation) -> dict[str, str]:
+        cfg: Config = ctx.config.app  # type: ignore[assignment]
+        out: dict[str, str] = {}
+        codes, index = ctx.artifacts.pop("_codes", None), ctx.artifacts.pop("_index", None)
+        imset, x = self._images(ctx)
+        if cfg.contact_queries and codes is not None and len(codes) > 1:
+            # One query per class when there are classes, else evenly spaced images.
+            if imset.has_labels:
+                first = {}
+                for i, lbl in enumerate(imset.labels):
+                    first.setdefault(lbl, i)
+                q = np.array(list(first.values())[: cfg.contact_queries])
+            else:
+                q = np.linspace(0, len(codes) - 1, min(cfg.contact_queries, len(codes))).astype(int)
+            k = min(cfg.k, len(codes))
+            dist, nn_i = index.search(codes[q], k)
+            png = contact_sheet([x[i] for i in q], [[x[j] for j in row if j >= 0] for row in nn_i], dist,
+                                [imset.rel[i] for i in q], [[imset.rel[j] for j in row if j >= 0] for row in nn_i])
+            ctx.run.write_bytes("report/contact_sheet.png", png)
+            out["contact_sheet"] = "report/contact_sheet.png"
+        if fitted.train is not None:
+            curve = training_curve(ctx.run, fitted.train.history)
+            if curve:
+                out["training_plot"] = curve
+        return out
+
+
+def exact_index(codes: np.ndarray) -> Any:
+    import faiss
+
+    flat = faiss.IndexFlatL2(codes.shape[1])
+    flat.add(codes)
+    return flat
+
+
+def index_kind(index: Any) -> str:
+    name = type(index).__name__
+    return {"IndexFlatL2": "exact", "IndexHNSWFlat": "HNSW", "IndexIVFFlat": "IVF"}.get(name, name)
+
+
+def contact_sheet(queries: list[np.ndarray], results: list[list[np.ndarray]], distances: np.ndarray,
+                  query_names: list[str], result_names: list[list[str]]) -> bytes:
+    """A PNG: one row per query, the query then its results with distances."""
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(queries), 1 + max((len(r) for r in results), default=0)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = queries[i] if j == 0 else (results[i][j - 1] if j - 1 < len(results[i]) else None)
+            if img is None:
+                ax.axis("off")
+                continue
+            a = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+            ax.imshow(a, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            if j == 0:
+                ax.set_title("query", fontsize=7, color="tab:blue")
+                ax.set_xlabel(query_names[i][-18:], fontsize=5)
+            else:
+                ax.set_title(f"{distances[i][j - 1]:.3g}", fontsize=6)
+                ax.set_xlabel(result_names[i][j - 1][-18:], fontsize=5)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# Search (aeflow search)
+
+
+@dataclass
+class SearchHit:
+    rank: int
+    id: int
+    path: str
+    label: str
+    distance: float
+
+
+@dataclass
+class LoadedIndex:
+    run: RunDir
+    meta: dict[str, Any]
+    index: Any
+    ids: Any
+    fitted: ImageFitted
+
+
+def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
+    """Open an index run and the model it was built with; check they belong together."""
+    import pandas as pd
+
+    device = device or torch.device("cpu")
+    run = open_run(uri)
+    if run.app != "index" or not run.exists(f"{INDEX_DIR}/meta.json"):
+        raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
+    meta = run.read_json(f"{INDEX_DIR}/meta.json")
+    model_run = run if run.exists(f"{MODEL_DIR}/config.json") else open_run(meta["model_run"])
+    fitted = Index().load(model_run, device)
+    if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
+        raise ModelMismatchError(
+            f"index {uri} was built with another model: its codes come from weights {meta['model_weights'][:19]}…, "
+            f"but {model_run.uri} holds {str(fitted.weights_hash)[:19]}…; rebuild the index with this model"
+        )
+    index = deserialize_index(run.read_bytes(f"{INDEX_DIR}/index.faiss"), meta)
+    if index.d != meta["dim"]:
+        raise ModelMismatchError(f"index {uri}: index dimension {index.d} differs from meta.json's {meta['dim']}")
+    with run.open(f"{INDEX_DIR}/ids.parquet", "rb") as f:
+        ids = pd.read_parquet(f)
+    return LoadedIndex(run, meta, index, ids, fitted)
+
+
+def read_query(uri: str, meta: dict[str, Any]) -> np.ndarray:
+    """Decode a query image the way the index's images were (mode, size): any mode/size is converted."""
+    fs, path = url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise InputError(f"query {uri} does not exist") from e
+    except OSError as e:
+        raise InputError(f"cannot read query {uri}: {e}") from e
+    img = meta["image"]
+    try:
+        return decode_image(data, img["mode"], img["size"], img.get("fit", "resize"))
+    except ValueError as e:
+        raise InputError(f"query {uri}: {e}") from e
+
+
+def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.device | None = None) -> tuple[list[list[SearchHit]], list[np.ndarray]]:
+    """The ``k`` nearest images of each query (one batched encode and search)."""
+    device = device or torch.device("cpu")
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    arrays = [read_query(q, loaded.meta) for q in queries]
+    x = np.stack(arrays)
+    want = loaded.fitted.model.config.in_channels
+    if x.shape[1] != want:  # cannot happen with mode gray/rgb; "keep" indexes would need one mode
+        raise InputError(f"queries decode to {x.shape[1]} channels but the index's model takes {want}")
+    codes = encode_images(loaded.fitted.model, x, device)
+    if codes.shape[1] != loaded.meta["dim"]:
+        raise ModelMismatchError(f"query codes have {codes.shape[1]} dimensions, the index {loaded.meta['dim']}")
+    dist, idx = loaded.index.search(codes, min(k, loaded.meta["n"]))
+    out = []
+    for drow, irow in zip(dist, idx, strict=True):
+        hits = []
+        for rank, (d, i) in enumerate(((d, i) for d, i in zip(drow, irow, strict=True) if i >= 0), start=1):
+            r = loaded.ids.iloc[int(i)]
+            hits.append(SearchHit(rank, int(r["id"]), str(r["path"]), str(r["label"]), float(d)))
+        out.append(hits)
+    return out, arrays
+
+
+def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:
+    """Contact sheet of queries and their results (results decoded from their original files)."""
+    results = [[read_query(h.path, loaded.meta) for h in row] for row in hits]
+    dist = np.array([[h.distance for h in row] + [np.nan] * (max(len(r) for r in hits) - len(row)) for row in hits])
+    return contact_sheet(arrays, results, dist, queries, [[h.path for h in row] for row in hits])

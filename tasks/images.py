@@ -1,0 +1,362 @@
+"""Validated, Dask-parallel image loading (PNG/JPEG folders at any fsspec URI).
+
+``inspect_images`` lists a file or folder (recursively; local or ``s3://``),
+hashes the files and reads class labels from subfolders (the ImageFolder
+convention: ``root/<class>/.../image.png``). ``load_images`` decodes every file
+on the Dask client in shards of ``shard_size`` files: each worker reads the
+bytes, decodes them with Pillow, normalises the mode (grayscale or RGB), resizes
+or crops when configured, and writes one ``.npz`` shard (uint8 CHW arrays) into
+the run directory. A file that does not decode names itself in one
+:class:`InputError`; with ``skip_bad`` it is left out and listed instead.
+
+Reading shards back (:func:`read_images`, :func:`iter_images`) never unpickles.
+This module does not import Prefect: Dask workers import it to decode, and should
+start fast (the Prefect task over :func:`load_images` is in ``tasks.apps.images_base``).
+Reused by every image application (denoise, index, and the learned codec).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import numpy as np
+from pydantic import Field
+
+from tasks.config import Frozen
+from tasks.errors import InputError
+from tasks.storage import FileRecord, RunDir, is_local, to_uri, url_to_fs
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+Mode = Literal["gray", "rgb", "keep"]
+
+
+class ImageLoadConfig(Frozen):
+    """Where the images are and how they are normalised at the door."""
+
+    input: str | None = Field(None, description="Training images: a PNG/JPEG file or folder (recursive; subfolders name classes), local or s3://.")
+    apply_to: str | None = Field(None, description="Images to apply the model to (default: held-out/training images). Same forms as input.")
+    reference: str | None = Field(
+        None, description="Clean images with the same relative paths as apply_to, for quality metrics (denoise: --clean-reference)."
+    )
+    mode: Mode = Field("gray", description="gray, rgb, or keep (grayscale stays 1 channel, anything else becomes RGB).")
+    size: int | None = Field(None, ge=1, le=8192, description="Resize every image to size x size (None: keep the original size).")
+    fit: Literal["resize", "crop"] = Field(
+        "resize", description="With size: resize (ignores aspect ratio) or crop (shorter side to size, then centre crop)."
+    )
+    skip_bad: bool = Field(False, description="Leave out files that do not decode (listed in the manifest) instead of failing.")
+    shard_size: int = Field(64, ge=1, le=100_000, description="Images per Dask task and per shard file.")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An inspected image input: its files (with hashes), relative paths and labels."""
+
+    uri: str
+    role: str
+    files: tuple[FileRecord, ...]
+    rel: tuple[str, ...]
+    labels: tuple[str | None, ...]
+    not_images: tuple[str, ...] = ()
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.labels) and all(lbl is not None for lbl in self.labels) and len(set(self.labels)) > 1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded images of one input, in shards on storage, in input order (bad files left out)."""
+
+    source_uri: str
+    role: str
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+    rel: tuple[str, ...]
+    labels: tuple[str | None, ...]
+    shapes: tuple[tuple[int, int, int], ...]
+    skipped: tuple[dict[str, str], ...] = ()
+    has_labels: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rel)
+
+    @property
+    def megapixels(self) -> float:
+        return sum(h * w for _, h, w in self.shapes) / 1e6
+
+
+def _is_image_name(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def list_images(uri: str, role: str = "input") -> tuple[Any, list[str], list[str], str]:
+    """Resolve a file or folder to (fs, image paths, non-image paths, root path).
+
+    Raises:
+        InputError: nothing there, a missing bucket, or no PNG/JPEG images.
+    """
+    fs, path = url_to_fs(uri)
+    path = path.rstrip("/") if not is_local(fs) else os.path.abspath(path)
+    try:
+        if fs.isdir(path):
+            found = [p for p in fs.find(path) if not fs.isdir(p)]
+            root = path
+        elif fs.exists(path):
+            found, root = [path], posixpath.dirname(path.replace(os.sep, "/"))
+        else:
+            found = None
+            root = path
+    except PermissionError as e:
+        raise InputError(f"cannot read {role} {uri}: permission denied ({e})") from e
+    except OSError as e:
+        raise InputError(f"cannot read {role} {uri}: {e}") from e
+    if found is None:
+        if not is_local(fs):
+            bucket = path.split("/")[0]
+            try:
+                bucket_ok = fs.exists(bucket)
+            except Exception:  # an unreachable endpoint: report the original problem
+                bucket_ok = True
+            if not bucket_ok:
+                raise InputError(f"cannot read {role} {uri}: bucket {bucket!r} does not exist")
+        raise InputError(f"{role} {uri} does not exist")
+    root_n = root.replace(os.sep, "/").rstrip("/")
+    found = sorted(p for p in found if not _hidden(_rel(p, root_n)))
+    images = [p for p in found if _is_image_name(p)]
+    others = [p for p in found if not _is_image_name(p)]
+    if len(found) == 1 and others:
+        raise InputError(f"{to_uri(fs, others[0])}: not an image file; use PNG or JPEG (.png, .jpg, .jpeg)")
+    if not images:
+        raise InputError(f"no PNG/JPEG images found in {role} {uri}" + (" (the folder is empty)" if not found else ""))
+    return fs, images, others, root_n
+
+
+def _rel(path: str, root: str) -> str:
+    p = path.replace(os.sep, "/")
+    return p[len(root) :].lstrip("/") if p.startswith(root + "/") else posixpath.basename(p)
+
+
+def inspect_images(uri: str, role: str = "input", *, skip_bad: bool = False) -> ImageSource:
+    """List and hash the images at ``uri``; labels from the first subfolder of each path.
+
+    Files with other extensions inside the folder are an error (naming the first),
+    or, with ``skip_bad``, left out and recorded.
+    """
+    fs, paths, others, root = list_images(uri, role)
+    if others and not skip_bad:
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        raise InputError(
+            f"{to_uri(fs, others[0])}: not an image file{more}; {role} {uri} must hold only PNG/JPEG images "
+            "(or pass --skip-bad to leave such files out)"
+        )
+    files, rels, labels = [], [], []
+    for p in paths:
+        info = fs.info(p)
+        size = int(info.get("size") or 0)
+        furi = to_uri(fs, p)
+        if size == 0 and not skip_bad:
+            raise InputError(f"{furi}: empty file (0 bytes), not an image")
+        etag = None if is_local(fs) else (info.get("ETag") or info.get("etag"))
+        digest = f"etag:{str(etag).strip(chr(34))}" if etag else _sha256(fs, p)
+        files.append(FileRecord(path=furi, size=size, hash=digest))
+        rel = _rel(p, root)
+        rels.append(rel)
+        labels.append(rel.split("/")[0] if "/" in rel else None)
+    return ImageSource(uri, role, tuple(files), tuple(rels), tuple(labels), tuple(to_uri(fs, p) for p in others))
+
+
+def _sha256(fs: Any, path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding (pure functions; run on Dask workers)
+
+
+def decode_image(data: bytes, mode: Mode = "gray", size: int | None = None, fit: str = "resize") -> np.ndarray:
+    """Decode PNG/JPEG bytes to a uint8 ``(C, H, W)`` array.
+
+    Raises:
+        ValueError: with the reason when the bytes are not a decodable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            img.load()
+    except UnidentifiedImageError as e:
+        raise ValueError("not a PNG/JPEG image (cannot identify the format)") from e
+    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"cannot decode image: {e}") from e
+    if fmt not in ("PNG", "JPEG", "MPO"):
+        raise ValueError(f"is a {fmt} image; use PNG or JPEG")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: keep the 8 most significant bits (PIL's convert would clip).
+        arr = np.asarray(img, dtype=np.uint32)
+        img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L") if arr.max() > 255 else Image.fromarray(arr.astype(np.uint8), "L")
+    gray_like = img.mode in ("1", "L", "LA", "I", "F")
+    target = {"gray": "L", "rgb": "RGB"}.get(mode) or ("L" if gray_like else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white rather than letting convert() drop alpha to black.
+        base = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(base, img.convert("RGBA"))
+    img = img.convert(target)
+    if size is not None:
+        if fit == "crop":
+            w, h = img.size
+            s = size / min(w, h)
+            img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        else:
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """A uint8 ``(C, H, W)`` or ``(H, W)`` array as PNG bytes."""
+    return _encode(arr, "PNG")
+
+
+def encode_like(arr: np.ndarray, path: str) -> bytes:
+    """Encode in the format the file name asks for (JPEG at quality 95 for .jpg/.jpeg, else PNG)."""
+    return _encode(arr, "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG")
+
+
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(np.ascontiguousarray(a.astype(np.uint8))).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _decode_shard(uris: list[str], mode: Mode, size: int | None, fit: str, out_uri: str | None) -> list[dict[str, Any]]:
+    """Decode one shard of files; write the good ones as one ``.npz``; report every file."""
+    report: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for i, uri in enumerate(uris):
+        try:
+            fs, path = url_to_fs(uri)
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            arr = decode_image(data, mode, size, fit)
+        except ValueError as e:
+            report.append({"ok": False, "reason": str(e)})
+            continue
+        except OSError as e:
+            report.append({"ok": False, "reason": f"cannot read: {e}"})
+            continue
+        arrays[f"i{i:06d}"] = arr
+        report.append({"ok": True, "shape": list(arr.shape)})
+    if out_uri is not None and arrays:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        fs, path = url_to_fs(out_uri)
+        fs.pipe_file(path, buf.getvalue())
+    return report
+
+
+def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | None, prefix: str) -> ImageSet:
+    """Decode ``source`` on the Dask client into shards under ``{run}/{prefix}/``.
+
+    Raises:
+        InputError: the first file that does not decode, by name (unless ``load.skip_bad``),
+            or every file bad.
+    """
+    uris = [f.path for f in source.files]
+    n = load.shard_size
+    groups = [uris[i : i + n] for i in range(0, len(uris), n)]
+    out_uris: list[str | None] = [f"{run.uri_of(prefix)}/shard-{i:05d}.npz" for i in range(len(groups))] if run else [None] * len(groups)
+    if run is not None:
+        run.makedirs(prefix)
+    jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u) for g, u in zip(groups, out_uris, strict=True)]
+    reports = dask.compute(*jobs)
+    bad: list[dict[str, str]] = []
+    keep_rel, keep_labels, shapes, shards, counts = [], [], [], [], []
+    for gi, (rep, out) in enumerate(zip(reports, out_uris, strict=True)):
+        ok_here = 0
+        for j, r in enumerate(rep):
+            k = gi * n + j
+            if not r["ok"]:
+                bad.append({"path": uris[k], "reason": r["reason"]})
+                continue
+            ok_here += 1
+            keep_rel.append(source.rel[k])
+            keep_labels.append(source.labels[k])
+            shapes.append(tuple(r["shape"]))
+        if ok_here and out is not None:
+            shards.append(out)
+            counts.append(ok_here)
+    if bad and not load.skip_bad:
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise InputError(f"{bad[0]['path']}: {bad[0]['reason']}{more}; fix or remove it, or pass --skip-bad")
+    if not keep_rel:
+        raise InputError(f"{source.role} {source.uri}: none of the {len(uris)} files is a decodable PNG/JPEG image")
+    skipped = tuple(bad) + tuple({"path": p, "reason": "not an image file"} for p in source.not_images)
+    labels_ok = all(lbl is not None for lbl in keep_labels) and len(set(keep_labels)) > 1
+    return ImageSet(
+        source_uri=source.uri,
+        role=source.role,
+        shards=tuple(shards),
+        counts=tuple(counts),
+        rel=tuple(keep_rel),
+        labels=tuple(keep_labels),
+        shapes=tuple(shapes),  # type: ignore[arg-type]
+        skipped=skipped,
+        has_labels=labels_ok,
+    )
+
+
+def iter_images(imset: ImageSet) -> Iterator[np.ndarray]:
+    """Decoded images one at a time, in order (one shard in memory at a time)."""
+    for uri in imset.shards:
+        fs, path = url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            for key in sorted(data.files):
+                yield data[key]
+
+
+def read_images(imset: ImageSet) -> list[np.ndarray]:
+    return list(iter_images(imset))
+
+
+def stack_images(imset: ImageSet) -> np.ndarray:
+    """All images as one ``(N, C, H, W)`` uint8 array (they must share one shape, e.g. with ``size``)."""
+    shapes = set(imset.shapes)
+    if len(shapes) > 1:
+        raise InputError(f"{imset.source_uri}: images have different shapes {sorted(shapes)[:3]}...; set a size to resize them")
+    return np.stack(read_images(imset)) if len(imset) else np.zeros((0, 1, 1, 1), np.uint8)

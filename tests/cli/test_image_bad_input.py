@@ -1,0 +1,152 @@
+"""Bad image input through the CLI: one clear message naming the file, a non-zero exit,
+no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import files_under
+
+pytestmark = [pytest.mark.cli]
+runner = CliRunner()
+TINY = ["--epochs", "1", "--patches", "32", "--patch-size", "16", "--set", "model.channels=[8,16]",
+        "--set", "model.latent_channels=4", "--set", "app.baselines=[tv]", "--set", "app.side_by_side=0"]
+
+
+def _png(path, size=(40, 48), seed=0, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def case_corrupt_png(d):
+    _png(d / "imgs" / "a.png")
+    good = _png(d / "b.png").read_bytes()
+    (d / "imgs" / "b.png").write_bytes(good[: len(good) // 2])  # truncated in the middle of the pixel data
+    return str(d / "imgs"), "{d}/imgs/b.png: cannot decode image"
+
+
+def case_png_header_then_garbage(d):
+    _png(d / "imgs" / "a.png")
+    (d / "imgs" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    return str(d / "imgs"), "{d}/imgs/b.png: not a PNG/JPEG image"
+
+
+def case_non_image_file_in_folder(d):
+    _png(d / "imgs" / "a.png")
+    (d / "imgs" / "notes.txt").write_text("hello")
+    return str(d / "imgs"), "{d}/imgs/notes.txt: not an image file"
+
+
+def case_non_image_file(d):
+    (d / "notes.txt").write_text("hello")
+    return str(d / "notes.txt"), "{d}/notes.txt: not an image file; use PNG or JPEG"
+
+
+def case_text_named_png(d):
+    (d / "imgs").mkdir()
+    (d / "imgs" / "fake.png").write_text("this is not a png")
+    return str(d / "imgs"), "{d}/imgs/fake.png: not a PNG/JPEG image"
+
+
+def case_empty_folder(d):
+    (d / "empty").mkdir()
+    return str(d / "empty"), "no PNG/JPEG images found in input {d}/empty (the folder is empty)"
+
+
+def case_missing_folder(d):
+    return str(d / "nope"), "input {d}/nope does not exist"
+
+
+def case_too_small_for_network(d):
+    _png(d / "imgs" / "ok.png")
+    _png(d / "imgs" / "tiny.png", size=(6, 5))
+    return str(d / "imgs"), "{d}/imgs/tiny.png is 6x5 pixels, too small for the network's 16x16 training patches"
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_images_are_one_clear_message_and_write_nothing(prefect_server, dask_address, tmp_path, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    src, expected = case(data)
+    out = tmp_path / "artifacts"
+    res = runner.invoke(app, ["run", "denoise", "--input", src, "--output", str(out), "--dask-address", dask_address, *TINY])
+    assert res.exit_code == 3, res.output
+    assert expected.format(d=data) in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+    assert res.stderr.count("error:") == 1
+    assert files_under(out) == [], "nothing may be written on bad input"
+
+
+@pytest.fixture(scope="module")
+def two_runs(prefect_server, dask_address, tmp_path_factory):
+    """A tiny denoise model and a tiny index, for the model-mismatch cases."""
+    d = tmp_path_factory.mktemp("runs")
+    for i in range(6):
+        _png(d / "imgs" / str(i % 2) / f"{i}.png", size=(24, 24), seed=i)
+    out = d / "artifacts"
+    res = runner.invoke(app, ["run", "denoise", "--input", str(d / "imgs"), "--output", str(out), "--json",
+                              "--dask-address", dask_address, *TINY])
+    assert res.exit_code == 0, res.output
+    denoise = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    res = runner.invoke(app, ["run", "index", "--input", str(d / "imgs"), "--output", str(out), "--json", "--epochs", "1",
+                              "--image-size", "8", "--set", "model.channels=[4,8]", "--latent-channels", "2",
+                              "--dask-address", dask_address])
+    assert res.exit_code == 0, res.output
+    index = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    return d, out, denoise, index
+
+
+def test_index_with_a_denoise_model_is_refused(two_runs, dask_address):
+    d, out, denoise, _ = two_runs
+    before = files_under(out)
+    res = runner.invoke(app, ["run", "index", "--model", denoise, "--apply-to", str(d / "imgs"), "--output", str(out),
+                              "--dask-address", dask_address])
+    assert res.exit_code == 5, res.output
+    assert f"{denoise} holds a model of the 'denoise' application, not 'index'" in res.stderr
+    assert files_under(out) == before
+
+
+def test_search_an_index_whose_model_was_replaced(two_runs, tmp_path):
+    d, out, denoise, index = two_runs
+    copy = tmp_path / "runs" / "index" / "copy"
+    shutil.copytree(index, copy)
+    # Another index model (other weights) in place of the one the codes came from.
+    weights = copy / "model" / "weights.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v + 0.01 for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights))
+    cfg = json.loads((copy / "model" / "config.json").read_text())
+    import hashlib
+
+    cfg["weights"] = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    (copy / "model" / "config.json").write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["search", "--index", str(copy), "--query", str(d / "imgs" / "0" / "0.png")])
+    assert res.exit_code == 5, res.output
+    assert f"index {copy} was built with another model" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_search_with_a_non_index_run_and_a_corrupt_query(two_runs, tmp_path):
+    d, out, denoise, index = two_runs
+    res = runner.invoke(app, ["search", "--index", denoise, "--query", str(d / "imgs" / "0" / "0.png")])
+    assert res.exit_code == 5 and f"{denoise} is a 'denoise' run, not an index run" in res.stderr
+    bad = tmp_path / "q.png"
+    bad.write_bytes(b"GIF89a-not-really")
+    res = runner.invoke(app, ["search", "--index", index, "--query", str(bad)])
+    assert res.exit_code == 3 and f"query {bad}: not a PNG/JPEG image" in res.stderr, res.stderr
+    res = runner.invoke(app, ["search", "--index", index, "--query", str(tmp_path / "missing.png")])
+    assert res.exit_code == 3 and f"query {tmp_path}/missing.png does not exist" in res.stderr, res.stderr

@@ -1,0 +1,224 @@
+"""The denoise and index flows end to end on tiny images (real Prefect server, Dask cluster, S3)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+from typer.testing import CliRunner
+
+from flows.cli import app as cli
+from flows.pipeline import FLOWS
+from tasks.apps.denoise import DenoiseRunConfig
+from tasks.apps.index import IndexRunConfig
+from tasks.config import resolve_config
+from tasks.storage import open_run
+from tests.conftest import TEST_BUCKET
+
+pytestmark = [pytest.mark.flows]
+runner = CliRunner()
+
+TINY_CONV = {"model.channels": [8, 16], "model.latent_channels": 8}
+FAST_DENOISE = {**TINY_CONV, "train.epochs": 5, "train.batch_size": 32, "train.lr": 5e-3, "train.patience": 10,
+                "app.patches": 384, "app.patch_size": 32, "app.baselines": ["tv", "wavelet"], "app.side_by_side": 2}
+FAST_INDEX = {**TINY_CONV, "load.size": 16, "train.epochs": 3, "train.batch_size": 32, "train.patience": 10}
+
+
+def synthetic(i: int, h: int = 56, w: int = 72) -> np.ndarray:
+    """A smooth image with edges: sinusoids and a bright rectangle."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 120 + 70 * np.sin(xx / (5 + i)) * np.cos(yy / (7 + i))
+    img[12 + i : 30 + i, 8 : 36 + i] = 225
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def write_photo_set(root, rng) -> list[str]:
+    """clean/ and noisy/ (sigma 25) with a subfolder, an RGB image and a JPEG; returns relative paths."""
+    rels = []
+    for i in range(5):
+        img = synthetic(i)
+        if i == 3:
+            img = np.stack([img, np.roll(img, 3, axis=1), 255 - img], axis=-1)  # RGB
+        rel = {1: "sub/b.png", 3: "sub/rgb.png", 4: "photo.jpg"}.get(i, f"img{i}.png")
+        noisy = (img + rng.normal(0, 25, img.shape)).clip(0, 255).round().astype(np.uint8)
+        for kind, arr in (("clean", img), ("noisy", noisy)):
+            path = root / kind / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path, quality=98) if rel.endswith(".jpg") else Image.fromarray(arr).save(path)
+        rels.append(rel)
+    return rels
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    return root, write_photo_set(root, np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def denoise_model(prefect_server, dask_address, photos, tmp_path_factory):
+    root, _ = photos
+    out = str(tmp_path_factory.mktemp("denoise-out"))
+    cfg = resolve_config(DenoiseRunConfig, options={**FAST_DENOISE, "load.input": str(root / "clean"), "output": out,
+                                                    "dask_address": dask_address})
+    return FLOWS["denoise"](config=cfg), out
+
+
+def test_denoise_training_run_reports_and_saves_model(denoise_model):
+    result, _ = denoise_model
+    m = open_run(result.run_uri).manifest()
+    assert {"psnr", "ssim", "psnr_noisy", "psnr_gain", "seconds_per_mp"} <= set(m.metrics)
+    assert set(m.baselines) == {"tv", "wavelet"}
+    assert {"model/config.json", "model/weights.safetensors", "report/side_by_side.png", "report/per_image.csv"} <= {
+        o.path for o in m.outputs}
+    assert m.extra["images"] == {"input": 5}
+    assert {"load", "train", "evaluate"} <= set(m.timings)
+    assert json.loads((open(os.path.join(result.run_uri, "model/config.json"))).read())["kind"] == "conv"
+
+
+def test_denoise_apply_mirrors_inputs_and_improves_psnr(denoise_model, photos, dask_address):
+    result, out = denoise_model
+    root, rels = photos
+    cfg = resolve_config(DenoiseRunConfig, options={
+        "model_run": result.run_uri, "load.apply_to": str(root / "noisy"), "load.reference": str(root / "clean"),
+        "output": out, "dask_address": dask_address, "app.baselines": ["tv", "wavelet", "nl_means", "bm3d"],
+        "app.noise_sigma": 25})
+    applied = FLOWS["denoise"](config=cfg)
+    run = applied.run_uri
+    for rel in rels:
+        src, dst = Image.open(root / "noisy" / rel), Image.open(os.path.join(run, "denoised", rel))
+        assert (dst.size, dst.mode, dst.format) == (src.size, src.mode, src.format), rel
+    m = open_run(run).manifest()
+    assert m.model_run == result.run_uri
+    assert "model/config.json" not in {o.path for o in m.outputs}
+    assert m.metrics["psnr"] > m.metrics["psnr_noisy"] + 1.0, m.metrics
+    assert set(m.baselines) == {"tv", "wavelet", "nl_means", "bm3d"}
+    per_image = pd.read_csv(os.path.join(run, "report/per_image.csv"))
+    assert sorted(per_image["image"]) == sorted(rels)
+    assert (per_image["psnr"] > per_image["psnr_noisy"]).all()
+    with open(os.path.join(run, "report/side_by_side.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_denoise_on_s3(denoise_model, photos, dask_address, s3fs_client):
+    result, _ = denoise_model
+    root, rels = photos
+    for kind in ("noisy", "clean"):
+        for rel in rels:
+            s3fs_client.put(str(root / kind / rel), f"{TEST_BUCKET}/photos/{kind}/{rel}")
+    cfg = resolve_config(DenoiseRunConfig, options={
+        "model_run": result.run_uri, "load.apply_to": f"s3://{TEST_BUCKET}/photos/noisy",
+        "load.reference": f"s3://{TEST_BUCKET}/photos/clean", "output": f"s3://{TEST_BUCKET}/aeflow",
+        "dask_address": dask_address, "app.baselines": ["tv"]})
+    applied = FLOWS["denoise"](config=cfg)
+    assert applied.run_uri.startswith(f"s3://{TEST_BUCKET}/aeflow/runs/denoise/")
+    key = applied.run_uri[len("s3://"):]
+    manifest = json.loads(s3fs_client.cat_file(f"{key}/manifest.json"))
+    assert sorted(f["path"] for f in manifest["inputs"]["apply_to"]) == sorted(
+        f"s3://{TEST_BUCKET}/photos/noisy/{r}" for r in rels)
+    for rel in rels:
+        with s3fs_client.open(f"{key}/denoised/{rel}", "rb") as f:
+            assert Image.open(f).size == Image.open(root / "noisy" / rel).size
+    assert manifest["metrics"]["psnr"] > manifest["metrics"]["psnr_noisy"]
+
+
+# ---------------------------------------------------------------------------------------
+# index
+
+
+def write_digits(root, per_class: int = 20, classes: int = 4) -> None:
+    d = load_digits()
+    seen: dict[int, int] = {}
+    for i, (img, label) in enumerate(zip(d.images, d.target, strict=True)):
+        if label >= classes or seen.get(label, 0) >= per_class:
+            continue
+        seen[label] = seen.get(label, 0) + 1
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 255 / 16).round().astype(np.uint8)).save(root / str(label) / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digit-images")
+    write_digits(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def index_run(prefect_server, dask_address, digits_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("index-out"))
+    cfg = resolve_config(IndexRunConfig, options={**FAST_INDEX, "load.input": str(digits_dir), "output": out,
+                                                  "dask_address": dask_address})
+    return FLOWS["index"](config=cfg), out
+
+
+def test_index_outputs_and_metrics(index_run):
+    result, _ = index_run
+    m = open_run(result.run_uri).manifest()
+    paths = {o.path for o in m.outputs}
+    assert {"index/index.faiss", "index/ids.parquet", "index/codes.npy", "index/meta.json",
+            "report/contact_sheet.png", "model/weights.safetensors"} <= paths
+    ids = pd.read_parquet(os.path.join(result.run_uri, "index/ids.parquet"))
+    assert len(ids) == 80 and set(ids["label"]) == {"0", "1", "2", "3"}
+    assert m.metrics["recall_at_10"] == 1.0  # exact index below the ANN threshold
+    assert 0.25 < m.metrics["precision_at_10"] <= 1.0 and m.metrics["map"] is not None
+    assert set(m.baselines) == {"exact", "raw_pixels", "pca_79"}
+    assert m.metrics["code_dim"] == 8 * 8 * 8
+
+
+def test_search_returns_the_query_first(index_run, digits_dir, tmp_path):
+    result, _ = index_run
+    query = sorted((digits_dir / "2").iterdir())[3]
+    sheet = tmp_path / "sheet.png"
+    res = runner.invoke(cli, ["search", "--index", result.run_uri, "--query", str(query), "--k", "5", "--json",
+                              "--sheet", str(sheet)])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert len(payload) == 1 and len(payload[0]["results"]) == 5
+    first = payload[0]["results"][0]
+    assert first["path"] == str(query) and first["distance"] < 1e-6 and first["label"] == "2"
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A folder of queries is one batch: one result list per image, each finds itself.
+    res = runner.invoke(cli, ["search", "--index", result.run_uri, "--query", str(digits_dir / "1"), "--k", "3", "--json"])
+    payload = json.loads(res.stdout)
+    assert len(payload) == 20 and all(p["results"][0]["path"] == p["query"] for p in payload)
+
+
+def test_query_of_another_mode_and_size_is_converted(index_run, digits_dir, tmp_path):
+    result, _ = index_run
+    src = np.asarray(Image.open(sorted((digits_dir / "3").iterdir())[0]))
+    big_rgb = Image.fromarray(np.stack([src] * 3, axis=-1)).resize((40, 40), Image.Resampling.NEAREST)
+    big_rgb.save(tmp_path / "q.png")
+    res = runner.invoke(cli, ["search", "--index", result.run_uri, "--query", str(tmp_path / "q.png"), "--json"])
+    assert res.exit_code == 0, res.output
+    results = json.loads(res.stdout)[0]["results"]
+    assert len(results) == 10 and results[0]["label"] == "3"
+
+
+def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_address, tmp_path):
+    result, out = index_run
+    coll = tmp_path / "coll"
+    for p in sorted(digits_dir.rglob("*.png")):
+        (coll / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (coll / p.parent.name / p.name).write_bytes(p.read_bytes())
+    (coll / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (coll / "notes.txt").write_text("not an image")
+    cfg = resolve_config(IndexRunConfig, options={
+        **FAST_INDEX, "model_run": result.run_uri, "load.apply_to": str(coll), "load.skip_bad": True,
+        "app.index": "hnsw", "output": out, "dask_address": dask_address})
+    ann = FLOWS["index"](config=cfg)
+    m = open_run(ann.run_uri).manifest()
+    assert sorted(s["path"].rsplit("/", 1)[-1] for s in m.extra["skipped"]) == ["broken.png", "notes.txt"]
+    assert m.extra["images"] == {"apply_to": 80}
+    assert json.loads(open(os.path.join(ann.run_uri, "index/meta.json")).read())["kind"] == "hnsw"
+    assert m.metrics["recall_at_10"] >= 0.9
+    # The index has no model of its own: search loads the model run it was built with.
+    q = sorted((coll / "1").iterdir())[0]
+    res = runner.invoke(cli, ["search", "--index", ann.run_uri, "--query", str(q), "--k", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["results"][0]["path"] == str(q)
