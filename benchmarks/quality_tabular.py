@@ -43,6 +43,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import trustworthiness  # noqa: E402
 
 from tasks.apps import detect, extract, impute, reduce  # noqa: E402
+from models.training import predict  # noqa: E402
 from tasks.config import ModelConfig  # noqa: E402
 
 ET_SEEDS = 2  # IterativeImputer(ExtraTrees) takes ~90 s per run on digits here: first 2 seeds only
@@ -211,12 +212,9 @@ def bench_reduce(quick: bool) -> list[str]:
         for seed in range(2 if quick else 3):
             val = split_rows(len(x), 0.2, seed)
             tx, vx = standardise(x[~val], x[val])
-            inner = split_rows(len(tx), 0.1, seed + 1)
             mcfg = ModelConfig(**{**rc.model.model_dump(), "latent_dim": d})
+            # reduce's fit is the base TableApp.fit: a dense AE, plain reconstruction loss, early stopping.
             model = extract.train_encoder(tx, mcfg, rc.train.model_copy(update={"seed": seed}), seed=seed)
-            del inner
-            from models.training import predict
-
             recon = predict(lambda b: model(b).x_hat, vx, device=torch.device("cpu"))
             z = extract.encode(model, vx)
             pca = PCA(n_components=d, random_state=seed).fit(tx)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from functools import partial
 
 from models.dense import DenseAEConfig, MaskedDenseAutoencoder, masked_reconstruction_loss
 from models.training import predict
@@ -33,7 +33,7 @@ from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, i
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
 from tasks.errors import InputError
 from tasks.load import read_block
-from tasks.preprocess import ScalingStats, read_prepared
+from tasks.preprocess import ScalingStats
 from tasks.report import training_curve
 from tasks.schemas import ColumnSpec, TableSchema
 from tasks.train import train_model
@@ -236,7 +236,6 @@ class Impute(TableApp):
         groups = feature_groups(schema)
         dtypes = schema.extra.get("dtypes", {})
         source = ctx.source
-        filled_cells = 0
         with PartWriter(ctx.run, "imputed.parquet") as out:
             for block, (x, _side) in zip(source.blocks, iter_parts(ctx.target, fitted.stats), strict=True):
                 raw = read_block(block, source.schema, source.columns).reset_index(drop=True)
@@ -248,7 +247,6 @@ class Impute(TableApp):
                     missing = raw[name].isna().to_numpy()
                     if not missing.any():
                         continue
-                    filled_cells += int(missing.sum())
                     if g.spec.kind == "numeric":
                         col = raw[name].to_numpy(dtype="float64", na_value=np.nan, copy=True)
                         col[missing] = values[missing, g.cols[0]]
@@ -261,7 +259,6 @@ class Impute(TableApp):
                 for name in raw.columns:
                     raw[name] = _restore_dtype(raw[name], dtypes.get(name))
                 out.write(raw)
-        self._filled = filled_cells
         return {"imputed": "imputed.parquet"}
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
