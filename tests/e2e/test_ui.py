@@ -62,9 +62,12 @@ def test_quick_run_from_the_ui(served, browser, tmp_path):
     wait = WebDriverWait(browser, 60)
     try:
         browser.get(f"{served.ui_url}/deployments")
+        # With every application deployed the list spans pages: search for it, as a user would.
+        search = wait.until(ec.element_to_be_clickable(
+            (By.XPATH, "//input[contains(translate(@placeholder, 'SEARCH', 'search'), 'search')]")))
+        search.send_keys("reduce")
         link = wait.until(ec.element_to_be_clickable(
-            (By.XPATH, "//a[contains(@href, '/deployments/deployment/') and normalize-space()='reduce']")))
-        assert str(dep.id) in link.get_attribute("href")
+            (By.XPATH, f"//a[contains(@href, '/deployments/deployment/{dep.id}') and normalize-space()='reduce']")))
         link.click()
         wait.until(ec.url_contains(str(dep.id)))
         wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Run']"))).click()
