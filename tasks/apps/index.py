@@ -159,6 +159,7 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
 
 def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Search all queries in one batch; returns (distances, ids, queries per second)."""
+    index.search(np.ascontiguousarray(queries[:1], dtype=np.float32), k)  # warm up (threads, caches)
     t0 = time.perf_counter()
     d, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     dt = time.perf_counter() - t0
