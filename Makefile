@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.train_overhead
 	$(BIN)/python -m benchmarks.preprocess
 	$(BIN)/python -m benchmarks.overhead
+	$(BIN)/python -m benchmarks.images
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -115,6 +115,8 @@ class ImageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Files that evaluate writes for people (plots, per-image tables): {name: relative path}.
     artifacts: dict[str, str] = field(default_factory=dict)
+    # In-process results one stage hands to the next (e.g. index codes), never persisted.
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def split(self) -> tuple[np.ndarray, np.ndarray]:
         """(train, validation) indices into ``self.train``: deterministic by relative path and seed."""

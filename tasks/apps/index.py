@@ -159,6 +159,7 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
 
 def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Search all queries in one batch; returns (distances, ids, queries per second)."""
+    index.search(np.ascontiguousarray(queries[:1], dtype=np.float32), k)  # warm up (threads, caches)
     t0 = time.perf_counter()
     d, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     dt = time.perf_counter() - t0
@@ -242,8 +243,7 @@ class Index(ImageApp):
             "model_weights": fitted.weights_hash,
         }
         run.write_json(f"{INDEX_DIR}/meta.json", meta)
-        ctx.artifacts["_codes"] = codes  # type: ignore[assignment]  # reused by evaluate/report in this process
-        ctx.artifacts["_index"] = index  # type: ignore[assignment]
+        ctx.cache["codes"], ctx.cache["index"] = codes, index
         return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": f"{INDEX_DIR}/codes.npy"}
 
     def evaluate(self, ctx: ImageContext, fitted: ImageFitted) -> Evaluation:
@@ -252,8 +252,8 @@ class Index(ImageApp):
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         imset, x = self._images(ctx)
-        codes = ctx.artifacts.get("_codes")
-        index = ctx.artifacts.get("_index")
+        codes = ctx.cache.get("codes")
+        index = ctx.cache.get("index")
         if codes is None:
             codes = encode_images(fitted.model, x, ctx.device)
             index, _ = build_index(codes, cfg.index, cfg)
@@ -292,7 +292,7 @@ class Index(ImageApp):
     def report(self, ctx: ImageContext, fitted: ImageFitted, evaluation: Evaluation) -> dict[str, str]:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         out: dict[str, str] = {}
-        codes, index = ctx.artifacts.pop("_codes", None), ctx.artifacts.pop("_index", None)
+        codes, index = ctx.cache.get("codes"), ctx.cache.get("index")
         imset, x = self._images(ctx)
         if cfg.contact_queries and codes is not None and len(codes) > 1:
             # One query per class when there are classes, else evenly spaced images.
