@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -107,6 +107,25 @@ class RunConfig(Frozen):
 
     # Fields that change where or how fast a run happens but not what it computes.
     _NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("output", "run_id", "dask_address", "skip_existing")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_section_defaults(cls, data: Any) -> Any:
+        """Setting one key of a section keeps the application's other defaults of that section.
+
+        An application may default a section differently (reduce: ``latent_dim=2``); without
+        this, ``--hidden 64`` would rebuild ``model`` from ModelConfig's own defaults and
+        silently drop the application's.
+        """
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            default = info.default if info is not None else None
+            if isinstance(value, dict) and isinstance(default, BaseModel):
+                out[name] = {**default.model_dump(), **value}
+        return out
 
     @property
     def app_name(self) -> str:

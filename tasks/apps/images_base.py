@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from prefect import task
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from models import build_model
@@ -72,24 +72,6 @@ class ImageRunConfig(RunConfig):
 
     load: ImageLoadConfig = ImageLoadConfig()
     model: ConvModelConfig = ConvModelConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _keep_section_defaults(cls, data: Any) -> Any:
-        """Setting one key of a section keeps the application's other defaults of that section.
-
-        Without this, ``--set model.latent_channels=4`` would rebuild ``model`` from the
-        section class's defaults and silently drop e.g. denoise's ``skip=True``.
-        """
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        for name, value in data.items():
-            info = cls.model_fields.get(name)
-            default = info.default if info is not None else None
-            if isinstance(value, dict) and isinstance(default, BaseModel):
-                out[name] = {**default.model_dump(), **value}
-        return out
 
 
 @dataclass

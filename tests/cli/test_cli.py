@@ -83,3 +83,14 @@ def test_sample_data(tmp_path):
     assert pd.read_parquet(tmp_path / "breast_cancer.parquet").shape == (569, 32)
     assert pd.read_csv(tmp_path / "wine.csv")["target"].nunique() == 3
     assert pd.read_parquet(tmp_path / "diabetes.parquet").shape == (442, 12)
+
+
+def test_one_key_of_a_section_keeps_the_apps_other_defaults():
+    """reduce defaults latent_dim to 2; setting only the hidden widths must not reset it."""
+    from tasks.apps.reduce import ReduceRunConfig
+    from tasks.config import resolve_config
+
+    cfg = resolve_config(ReduceRunConfig, options={"model.hidden": [64]})
+    assert cfg.model.hidden == (64,) and cfg.model.latent_dim == 2
+    cfg = resolve_config(ReduceRunConfig, sets=["model.latent_dim=5"])
+    assert cfg.model.latent_dim == 5 and cfg.model.hidden == ReduceRunConfig().model.hidden
