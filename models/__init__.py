@@ -6,10 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from models.codec import CodecConfig, ImageCodec, build_codec
 from models.dense import DenseAEConfig, DenseAutoencoder, build_dense
 
 MODEL_BUILDERS = {
     "dense": build_dense,
+    "codec": build_codec,
 }
 
 
@@ -22,4 +24,4 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return builder(config)
 
 
-__all__ = ["DenseAEConfig", "DenseAutoencoder", "MODEL_BUILDERS", "build_model"]
+__all__ = ["CodecConfig", "ImageCodec", "DenseAEConfig", "DenseAutoencoder", "MODEL_BUILDERS", "build_model"]
