@@ -215,6 +215,8 @@ class FactorizedPrior(nn.Module):
             lo = int(np.searchsorted(cdf[ch], TAIL_MASS))  # first k with P(Y<=k) >= tail
             hi = int(np.searchsorted(cdf[ch], 1 - TAIL_MASS))
             lo, hi = max(lo, 0), min(max(hi, lo), len(grid) - 1)
+            if hi == lo:  # a one-symbol table is not a distribution a coder accepts: widen by one
+                hi, lo = (hi + 1, lo) if hi + 1 < len(grid) else (hi, lo - 1)
             upper = cdf[ch, lo : hi + 1].copy()
             lower = np.concatenate([[0.0], upper[:-1]])
             upper[-1] = 1.0  # the end symbols absorb the tails (values beyond are clamped)

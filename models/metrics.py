@@ -27,7 +27,7 @@ def to_tensor(img: np.ndarray | Tensor) -> Tensor:
     a = np.asarray(img)
     if a.ndim == 2:
         a = a[:, :, None]
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()
+    t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float()
     return (t / 255.0 if a.dtype == np.uint8 else t).unsqueeze(0)
 
 
