@@ -372,12 +372,16 @@ class ImageCodec(nn.Module):
         return float(-torch.log2(lik).sum())
 
     def compress(self, x: Tensor, quality: int) -> dict[str, Any]:
-        """Image (1, 3, H, W) in [0, 1] -> ``{"strings": [payload bytes], "shape": (h, w)}``."""
+        """Image (1, 3, H, W) in [0, 1] -> ``{"strings": [payload bytes], "shape": (h, w), "y": latent}``.
+
+        ``y`` is the integer latent that was coded (for :meth:`estimate_bits` without a second analysis).
+        """
         from models.entropy_coding import encode_latent
 
         y = self.analyse(x, quality)
         freqs, offsets, lengths = self.priors[quality].tables()
-        return {"strings": [encode_latent(y.cpu().numpy(), freqs, offsets, lengths)], "shape": tuple(y.shape[1:])}
+        payload = encode_latent(y.cpu().numpy(), freqs, offsets, lengths)
+        return {"strings": [payload], "shape": tuple(y.shape[1:]), "y": y}
 
     def decompress(self, strings: list[bytes], shape: tuple[int, int], quality: int, size: tuple[int, int]) -> Tensor:
         """Inverse of :meth:`compress`: returns (1, 3, H, W) in [0, 1]."""

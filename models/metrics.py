@@ -60,7 +60,7 @@ def _ssim_parts(x: Tensor, y: Tensor, win: Tensor) -> tuple[Tensor, Tensor]:
 
 def ms_ssim(a: np.ndarray | Tensor, b: np.ndarray | Tensor, win_size: int = 11) -> float:
     """Multi-scale SSIM of two images (data range 1.0 after scaling to [0, 1])."""
-    x, y = to_tensor(a).double(), to_tensor(b).double()
+    x, y = to_tensor(a).float(), to_tensor(b).float()
     if x.shape != y.shape:
         raise ValueError(f"images differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
     side = min(x.shape[-2:])

@@ -144,15 +144,20 @@ def check_quality(codec: LoadedCodec, quality: int) -> int:
     return quality
 
 
-def encode_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int) -> bytes:
-    """One image -> the bytes of its ``.aec`` file."""
+def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int) -> tuple[bytes, torch.Tensor]:
     h, w = img.shape[:2]
     if h < 1 or w < 1:
         raise InputError("empty image")
     with torch.inference_mode():
         enc = codec.model.compress(to_model_input(img, next(codec.model.parameters()).device), quality)
-    return AecFile(model_id=codec.identity, quality=quality, mode=mode, width=w, height=h,
+    data = AecFile(model_id=codec.identity, quality=quality, mode=mode, width=w, height=h,
                    payload=enc["strings"][0]).to_bytes()
+    return data, enc["y"]
+
+
+def encode_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int) -> bytes:
+    """One image -> the bytes of its ``.aec`` file."""
+    return _encode(codec, img, mode, quality)[0]
 
 
 def read_aec(data: bytes, name: str) -> AecFile:
@@ -186,13 +191,6 @@ def decode_aec(codec: LoadedCodec, data: bytes, name: str) -> tuple[np.ndarray, 
     return from_model_output(x_hat, f.mode), f.mode
 
 
-def payload_estimate_bits(codec: LoadedCodec, img: np.ndarray, quality: int) -> float:
-    """What the entropy model says the payload costs, in bits (for the actual-vs-estimate check)."""
-    with torch.inference_mode():
-        y = codec.model.analyse(to_model_input(img, next(codec.model.parameters()).device), quality)
-        return codec.model.estimate_bits(y, quality)
-
-
 @dataclass
 class CodedImage:
     """One image through the codec: real file size, quality and timings."""
@@ -216,14 +214,14 @@ class CodedImage:
 def code_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, name: str) -> CodedImage:
     """Encode, decode (from the bytes), and measure one image."""
     t0 = time.perf_counter()
-    data = encode_image(codec, img, mode, quality)
+    data, y = _encode(codec, img, mode, quality)
     t1 = time.perf_counter()
     decoded, _ = decode_aec(codec, data, name)
     t2 = time.perf_counter()
     h, w = img.shape[:2]
     return CodedImage(
         data=data, decoded=decoded, bpp=8 * len(data) / (h * w), psnr=psnr(img, decoded), ms_ssim=ms_ssim(img, decoded),
-        encode_s=t1 - t0, decode_s=t2 - t1, estimate_bits=payload_estimate_bits(codec, img, quality),
+        encode_s=t1 - t0, decode_s=t2 - t1, estimate_bits=codec.model.estimate_bits(y, quality),
     )
 
 
