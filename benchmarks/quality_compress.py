@@ -69,6 +69,10 @@ def summarise(rd: pd.DataFrame, ours: pd.DataFrame) -> dict[str, object]:
             o = g[g.codec == "aeflow"].sort_values("bpp")
             per_image.append(bd_rate(b.bpp, b.psnr, o.bpp, o.psnr))
         out[f"bd_psnr_{fmt}_per_image"] = per_image
+        # When the PSNR ranges do not overlap BD-rate is undefined; the gap at equal rate still says how far off.
+        inside = mine[(mine.bpp >= base.bpp.min()) & (mine.bpp <= base.bpp.max())]
+        gaps = inside.psnr.to_numpy() - np.interp(inside.bpp, base.bpp, base.psnr)
+        out[f"psnr_gap_{fmt}"] = (float(gaps.min()), float(gaps.max())) if len(gaps) else None
     out["payload_vs_estimate_pct"] = 100 * (ours.payload_bits.sum() / ours.estimate_bits.sum() - 1)
     out["worst_payload_vs_estimate_pct"] = float((100 * (ours.payload_bits / ours.estimate_bits - 1)).abs().max())
     out["encode_mpx_s"] = ours.pixels.sum() / 1e6 / ours.encode_s.sum()
@@ -80,6 +84,10 @@ def _fmt(v: object) -> str:
     if v is None:
         return "n/a (curves do not overlap)"
     return f"{v:+.1f}%" if isinstance(v, float) else str(v)
+
+
+def _gap(v: object) -> str:
+    return "n/a" if v is None else f"{v[0]:+.2f} to {v[1]:+.2f} dB"  # type: ignore[index]
 
 
 def markdown(s: dict[str, object], codec: LoadedCodec, train_info: str, seconds: float) -> str:
@@ -102,6 +110,8 @@ def markdown(s: dict[str, object], codec: LoadedCodec, train_info: str, seconds:
         f"| BD-rate vs WebP (PSNR) | {_fmt(s['bd_psnr_webp'])} | reported |",
         f"| BD-rate vs JPEG (MS-SSIM) | {_fmt(s['bd_msssim_jpeg'])} | reported |",
         f"| BD-rate vs WebP (MS-SSIM) | {_fmt(s['bd_msssim_webp'])} | reported |",
+        f"| PSNR of ours − JPEG at equal bpp (range over our levels) | {_gap(s['psnr_gap_jpeg'])} | |",
+        f"| PSNR of ours − WebP at equal bpp (range over our levels) | {_gap(s['psnr_gap_webp'])} | |",
         f"| per-image BD-rate vs JPEG (PSNR) | {', '.join(_fmt(v) for v in s['bd_psnr_jpeg_per_image'])} | |",  # type: ignore[union-attr]
         f"| payload bits vs entropy-model estimate (all files) | {s['payload_vs_estimate_pct']:+.2f}% "
         f"(worst file {s['worst_payload_vs_estimate_pct']:.2f}%) | within 2% |",
