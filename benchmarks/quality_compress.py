@@ -1,10 +1,10 @@
 """Learned codec vs Pillow JPEG and WebP on held-out bundled photographs (issue 5).
 
-    python -m benchmarks.quality_compress [--codec benchmarks/_work/codec] [--train-minutes 45] [--write]
+    python -m benchmarks.quality_compress [--codec benchmarks/weights/codec] [--train-minutes 45] [--write]
 
 The codec is trained by :mod:`benchmarks.train_codec` on crops of the training
-photographs only (run first when ``--codec`` holds no model, for
-``--train-minutes``). Evaluation on the held-out photographs (chelsea, coffee,
+photographs only; the trained weights are committed in ``benchmarks/weights/codec``
+(3.3 MB). When ``--codec`` holds no model, it is trained first for ``--train-minutes``. Evaluation on the held-out photographs (chelsea, coffee,
 rocket, camera), each coded for real at every quality level: bits per pixel
 from the .aec file sizes, PSNR, MS-SSIM; Pillow JPEG (optimised Huffman, 4:2:0)
 and WebP (method 4) quality sweeps on the same images; BD-rate (PSNR and
@@ -142,7 +142,8 @@ def write_section(path: str, text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--codec", default="benchmarks/_work/codec", help="folder with config.json + weights.safetensors")
+    ap.add_argument("--codec", default="benchmarks/weights/codec",
+                    help="folder with config.json + weights.safetensors (the committed benchmark codec by default)")
     ap.add_argument("--train-minutes", type=float, default=45.0, help="training budget when --codec holds no model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
@@ -153,9 +154,11 @@ def main() -> None:
                         "--minutes", str(args.train_minutes)], check=True)
     model = load_codec(args.codec)
     codec = LoadedCodec(model=model, identity=model.identity(), source=args.codec)
-    steps = "?"
+    import json
+
+    steps = json.load(open(os.path.join(args.codec, "config.json"))).get("steps") or "?"
     state = os.path.join(args.codec, "state.safetensors")
-    if os.path.exists(state):
+    if steps == "?" and os.path.exists(state):
         from safetensors.torch import load_file
 
         steps = str(int(load_file(state)["step"]))

@@ -49,13 +49,13 @@ def training_images() -> list[np.ndarray]:
     return out
 
 
-def save_codec(model: ImageCodec, out: str) -> None:
+def save_codec(model: ImageCodec, out: str, steps: int | None = None) -> None:
     model.eval()
     model.update_tables()
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "weights.safetensors"))
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"kind": model.kind, "config": model.config.to_dict()}, f, indent=2)
+        json.dump({"kind": model.kind, "config": model.config.to_dict(), "steps": steps}, f, indent=2)
     model.train()
 
 
@@ -115,12 +115,12 @@ def main() -> None:
         if step % 20 == 0:
             print(f"step {step} loss {np.mean(log[-20:]):.4f}", flush=True)
         if time.time() >= t_save:
-            save_codec(model, args.out)
+            save_codec(model, args.out, step)
             save_file({**{f"model.{k}": v.contiguous() for k, v in model.state_dict().items()},
                        "step": torch.tensor(step)}, state_path)
             t_save = time.time() + args.save_every
             print(f"saved at step {step}", flush=True)
-    save_codec(model, args.out)
+    save_codec(model, args.out, step)
     save_file({**{f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, "step": torch.tensor(step)},
               state_path)
     print(f"done: {step} steps", flush=True)
