@@ -176,3 +176,26 @@ def test_aec_header_fields_round_trip():
     data = f.to_bytes()
     assert data[:4] == b"\x89AEC" and len(data) == 31 + 4
     assert parse(data) == f
+
+
+def test_committed_benchmark_codec_rate_falls_with_quality():
+    """The codec trained on bundled photographs (benchmarks/weights/codec): fewer bytes at lower levels."""
+    import json
+    import os
+
+    import skimage.data
+    from safetensors.torch import load_file
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
+    meta = json.load(open(os.path.join(folder, "config.json")))
+    model = build_model(meta["kind"], meta["config"])
+    load_codec_state(model, load_file(os.path.join(folder, "weights.safetensors")))
+    model.eval()
+    x = torch.from_numpy(skimage.data.chelsea()[80:208, 150:278].copy()).permute(2, 0, 1)[None].float() / 255
+    sizes, quality = [], []
+    for q in range(model.config.levels):
+        enc = model.compress(x, q)
+        sizes.append(len(enc["strings"][0]))
+        quality.append(psnr(x, model.decompress(enc["strings"], enc["shape"], q, (128, 128))))
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), f"bytes per level {sizes}"
+    assert quality[-1] > quality[0], f"PSNR per level {quality}"
