@@ -117,7 +117,18 @@ def codec_from_files(meta: dict, state_dict: dict, source: str) -> LoadedCodec:
 
 
 def load_codec_run(run_uri: str) -> LoadedCodec:
-    """The codec saved in a ``compress`` run (``--model RUN``)."""
+    """The codec saved in a ``compress`` run (``--model RUN``).
+
+    A plain model folder holding ``config.json`` and ``weights.safetensors`` (such as
+    the committed benchmark codec, ``benchmarks/weights/codec``) is accepted too.
+    """
+    fs, path = url_to_fs(run_uri)
+    folder = path.rstrip("/")
+    if fs.exists(f"{folder}/config.json") and fs.exists(f"{folder}/weights.safetensors"):
+        from safetensors.torch import load
+
+        meta = json.loads(fs.cat_file(f"{folder}/config.json"))
+        return codec_from_files(meta, load(fs.cat_file(f"{folder}/weights.safetensors")), run_uri)
     run = open_run(run_uri)
     meta, state = run.load_model_files()
     return codec_from_files(meta, state, run.uri)

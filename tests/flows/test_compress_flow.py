@@ -196,3 +196,19 @@ def test_bad_images_fail_before_any_work(prefect_server, tmp_path):
     empty.mkdir()
     res = runner.invoke(app, ["run", "compress", "--input", str(empty), "--output", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 3 and "no images" in res.output
+
+
+def test_cli_with_the_committed_benchmark_codec(tmp_path):
+    """--model also takes a model folder: the codec trained on bundled photographs."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
+    src = tmp_path / "cat.png"
+    src.write_bytes(_png(skimage.data.chelsea()[:96, :120]))
+    res = runner.invoke(app, ["compress", str(src), "--model", folder, "--quality", "2", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["decompress", str(tmp_path / "c" / "cat.aec"), "--model", folder, "-o", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    dec = np.asarray(Image.open(tmp_path / "d" / "cat.png"))
+    assert dec.shape == (96, 120, 3)
+    from models.metrics import psnr
+
+    assert psnr(skimage.data.chelsea()[:96, :120], dec) > 22
