@@ -218,9 +218,9 @@ def _make_run_command(application: Any) -> None:
 
 
 def _register_run_commands() -> None:
-    from tasks.apps import load_all
+    from tasks.apps import load_all, load_image_apps
 
-    for application in load_all().values():
+    for application in {**load_all(), **load_image_apps()}.values():
         _make_run_command(application)
 
 
@@ -330,6 +330,87 @@ def search(
         out.print(table)
     if sheet:
         out.print(f"contact sheet: {sheet}", highlight=False, soft_wrap=True)
+
+
+@app.command("compress")
+def compress_cmd(
+    images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG/...; local or s3://).", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="A compress run whose codec to use (its URI).", show_default=False)],
+    output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the .aec files (local or s3://).")] = ".",
+    quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
+) -> None:
+    """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec."""
+    from tasks.codec import check_quality, encode_image, load_codec_run, read_image
+    from tasks.storage import join_uri, url_to_fs
+
+    try:
+        codec = load_codec_run(model)
+        q = check_quality(codec, codec.model.config.levels // 2 if quality is None else quality)
+        fs, _ = url_to_fs(output_dir)
+        fs.makedirs(url_to_fs(output_dir)[1], exist_ok=True)
+        for uri in images:
+            img, mode = read_image(uri)
+            data = encode_image(codec, img, mode, q)
+            name = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".aec"
+            dest = join_uri(output_dir, name)
+            dfs, dpath = url_to_fs(dest)
+            dfs.pipe_file(dpath, data)
+            bpp = 8 * len(data) / (img.shape[0] * img.shape[1])
+            if as_json:
+                print(json.dumps({"input": uri, "output": dest, "bytes": len(data), "bpp": bpp, "quality": q}))
+            else:
+                out.print(f"{uri} -> {dest}  ({len(data):,} bytes, {bpp:.3f} bpp, quality {q})", highlight=False)
+    except AeflowError as e:
+        _fail(e)
+
+
+@app.command("decompress")
+def decompress_cmd(
+    files: Annotated[list[str], typer.Argument(help=".aec files to decode (local or s3://).", show_default=False)],
+    output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the decoded PNGs (local or s3://).")] = ".",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The compress run that made the files (default: found by the files' model identity under --root).", show_default=False)] = None,
+    root: Annotated[str, typer.Option("--root", help="Artifact root searched for the model when --model is not given.")] = "./artifacts",
+) -> None:
+    """Decode .aec files to PNG: OUTDIR/<name>.png. The model is checked against each file's identity."""
+    from tasks.codec import decode_aec, encode_png, find_codec_run, load_codec_run, read_aec
+    from tasks.errors import InputError, ModelMismatchError
+    from tasks.storage import join_uri, url_to_fs
+
+    try:
+        codecs = {}
+        if model:
+            given = load_codec_run(model)
+            codecs[given.identity] = given
+        fs, path = url_to_fs(output_dir)
+        fs.makedirs(path, exist_ok=True)
+        for uri in files:
+            sfs, spath = url_to_fs(uri)
+            try:
+                data = sfs.cat_file(spath)
+            except FileNotFoundError as e:
+                raise InputError(f"{uri}: no such file") from e
+            header = read_aec(data, uri)
+            codec = codecs.get(header.model_id)
+            if codec is None and model:
+                codec = next(iter(codecs.values()))  # decode_aec names both identities
+            if codec is None:
+                codec = find_codec_run(root, header.model_id)
+                if codec is None:
+                    raise ModelMismatchError(
+                        f"{uri}: made by codec {header.model_id_hex}, which no compress run under {root} holds; "
+                        "pass --model RUN"
+                    )
+                codecs[header.model_id] = codec
+            img, mode = decode_aec(codec, data, uri)
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            name = (name[:-4] if name.endswith(".aec") else name).rsplit(".", 1)[0] + ".png"
+            dest = join_uri(output_dir, name)
+            dfs, dpath = url_to_fs(dest)
+            dfs.pipe_file(dpath, encode_png(img))
+            out.print(f"{uri} -> {dest}  ({img.shape[1]}x{img.shape[0]} {mode})", highlight=False)
+    except AeflowError as e:
+        _fail(e)
 
 
 @app.command("sample-data")

@@ -380,3 +380,13 @@ def make_table_flow(app_name: str) -> Any:
 
 
 FLOWS: dict[str, Any] = {name: make_table_flow(name) for name in load_all()}
+
+
+def _add_image_flows() -> None:
+    """Applications with their own flow (not the tabular pipeline): compress."""
+    from flows.compress import compress_flow
+
+    FLOWS["compress"] = compress_flow
+
+
+_add_image_flows()

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from models.codec import CodecConfig, ImageCodec, build_codec
 from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
 from models.dense import DenseAEConfig, DenseAutoencoder, MaskedDenseAutoencoder, build_dense, build_masked_dense
 
@@ -13,6 +14,7 @@ MODEL_BUILDERS = {
     "dense": build_dense,
     "masked_dense": build_masked_dense,
     "conv": build_conv,
+    "codec": build_codec,
 }
 
 
@@ -27,10 +29,12 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
 
 
 __all__ = [
+    "CodecConfig",
     "ConvAEConfig",
     "ConvAutoencoder",
     "DenseAEConfig",
     "DenseAutoencoder",
+    "ImageCodec",
     "MaskedDenseAutoencoder",
     "MODEL_BUILDERS",
     "build_model",

@@ -52,8 +52,15 @@ def load_all() -> dict[str, TableApp]:
     return dict(_REGISTRY)
 
 
+def load_image_apps() -> dict[str, Any]:
+    """Applications with a flow of their own (``flows/compress.py``), not the tabular pipeline."""
+    from tasks.apps.compress import APP as compress
+
+    return {compress.name: compress}
+
+
 def get_app(name: str) -> TableApp:
-    apps = load_all()
+    apps = {**load_all(), **load_image_apps()}
     try:
         return apps[name]
     except KeyError as e:

@@ -1,0 +1,103 @@
+"""Image quality metrics: PSNR and MS-SSIM (Wang et al. 2003), pure PyTorch.
+
+Images are float tensors (B, C, H, W) in [0, 1] or uint8 numpy arrays (H, W[, C]).
+MS-SSIM uses the standard 11x11 Gaussian window (σ = 1.5) and the five scale
+weights of the paper; images too small for five scales use as many as fit, with
+the weights renormalised (noted, so small-image numbers are not compared with
+published ones).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+_K1, _K2 = 0.01, 0.03
+
+
+def to_tensor(img: np.ndarray | Tensor) -> Tensor:
+    """uint8 (H, W) / (H, W, C) numpy, or a float tensor -> float (1, C, H, W) in [0, 1]."""
+    if isinstance(img, Tensor):
+        return img if img.dim() == 4 else img.unsqueeze(0)
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float()
+    return (t / 255.0 if a.dtype == np.uint8 else t).unsqueeze(0)
+
+
+def psnr(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
+    """PSNR in dB of two images on the 0..255 scale (∞ when identical)."""
+    ta, tb = to_tensor(a).double(), to_tensor(b).double()
+    mse = float(((ta - tb) ** 2).mean()) * 255.0**2
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _gaussian(size: int = 11, sigma: float = 1.5, channels: int = 3, dtype=torch.float64) -> Tensor:
+    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def _ssim_parts(x: Tensor, y: Tensor, win: Tensor) -> tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    mu_x = F.conv2d(x, win, groups=c)
+    mu_y = F.conv2d(y, win, groups=c)
+    sxx = F.conv2d(x * x, win, groups=c) - mu_x**2
+    syy = F.conv2d(y * y, win, groups=c) - mu_y**2
+    sxy = F.conv2d(x * y, win, groups=c) - mu_x * mu_y
+    c1, c2 = _K1**2, _K2**2
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    lum = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    return (lum * cs).mean(dim=(1, 2, 3)), cs.mean(dim=(1, 2, 3))
+
+
+def ms_ssim(a: np.ndarray | Tensor, b: np.ndarray | Tensor, win_size: int = 11) -> float:
+    """Multi-scale SSIM of two images (data range 1.0 after scaling to [0, 1])."""
+    x, y = to_tensor(a).float(), to_tensor(b).float()
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    side = min(x.shape[-2:])
+    levels = max(1, min(len(MS_SSIM_WEIGHTS), int(math.floor(math.log2(side / win_size))) + 1)) if side >= win_size else 0
+    if levels == 0:  # smaller than the window: plain SSIM over the whole image as one window
+        win = torch.full((x.shape[1], 1, *x.shape[-2:]), 1.0 / (x.shape[-2] * x.shape[-1]), dtype=x.dtype)
+        s, _ = _ssim_parts(x, y, win)
+        return float(s.mean())
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:levels], dtype=x.dtype)
+    weights = weights / weights.sum()
+    win = _gaussian(win_size, 1.5, x.shape[1], x.dtype)
+    vals = []
+    for i in range(levels):
+        s, cs = _ssim_parts(x, y, win)
+        vals.append(s if i == levels - 1 else cs)
+        if i < levels - 1:
+            x, y = F.avg_pool2d(x, 2, ceil_mode=True), F.avg_pool2d(y, 2, ceil_mode=True)
+    stack = torch.stack([v.clamp_min(1e-12) for v in vals], dim=0)
+    return float(torch.prod(stack ** weights[:, None], dim=0).mean())
+
+
+def bd_rate(rate_a: list[float], psnr_a: list[float], rate_b: list[float], psnr_b: list[float]) -> float | None:
+    """Bjøntegaard delta rate of curve B relative to curve A, in percent (negative: B needs fewer bits).
+
+    Cubic fit of log-rate as a function of PSNR, integrated over the overlapping
+    PSNR interval (VCEG-M33). Returns None when the curves do not overlap or have
+    fewer than 4 points each (too few for the cubic).
+    """
+    ra, pa = np.log(np.asarray(rate_a, float)), np.asarray(psnr_a, float)
+    rb, pb = np.log(np.asarray(rate_b, float)), np.asarray(psnr_b, float)
+    if len(pa) < 4 or len(pb) < 4:
+        return None
+    lo, hi = max(pa.min(), pb.min()), min(pa.max(), pb.max())
+    if not hi > lo:
+        return None
+    fa, fb = np.polyfit(pa, ra, 3), np.polyfit(pb, rb, 3)
+    ia, ib = np.polyint(fa), np.polyint(fb)
+    avg_a = (np.polyval(ia, hi) - np.polyval(ia, lo)) / (hi - lo)
+    avg_b = (np.polyval(ib, hi) - np.polyval(ib, lo)) / (hi - lo)
+    return float((np.exp(avg_b - avg_a) - 1) * 100)

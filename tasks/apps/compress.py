@@ -1,0 +1,335 @@
+"""compress: a learned image codec that writes real entropy-coded .aec files, compared with JPEG and WebP.
+
+Trains (or reuses --model) a variable-rate learned codec on random crops of the
+input images, then compresses every image of --apply-to (default: the input):
+codes/<relpath>.aec and decoded/<relpath>.png. Metrics per image and overall:
+bits per pixel from the file sizes, PSNR, MS-SSIM, encode/decode time; every
+quality level and Pillow JPEG/WebP quality sweeps on the same images give the
+rate-distortion plot and the BD-rate vs JPEG and WebP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+from pydantic import Field, field_validator
+
+from models.codec import CodecConfig, ImageCodec, make_loss_fn, random_patches
+from models.metrics import bd_rate
+from models.training import TrainResult
+from tasks.codec import (
+    IMAGE_EXTENSIONS,
+    JPEG_QUALITIES,
+    WEBP_QUALITIES,
+    LoadedCodec,
+    check_quality,
+    code_image,
+    decode_image_bytes,
+    encode_png,
+    load_codec_run,
+    pillow_point,
+)
+from tasks.config import AppConfig, RunConfig, TrainConfig
+from tasks.errors import InputError
+from tasks.prefect_utils import COMPUTE_TASK
+from tasks.storage import FileRecord, RunDir, to_uri, url_to_fs
+from tasks.train import train_model
+
+
+class CompressConfig(AppConfig):
+    """Settings of the compress application."""
+
+    name: ClassVar[str] = "compress"
+    quality: int | None = Field(
+        None, ge=0, description="Quality level of the written codes/ and decoded/ (0 = lowest rate; default: the middle level)."
+    )
+    channels: int = Field(64, ge=4, le=512, description="Hidden width N of the analysis/synthesis transforms.")
+    latent_channels: int = Field(96, ge=4, le=1024, description="Latent width M.")
+    lambdas: tuple[float, ...] = Field(
+        (0.0025, 0.006, 0.015, 0.04, 0.1), description="Rate-distortion trade-off of each quality level, lowest rate first."
+    )
+    patch_size: int = Field(64, ge=16, le=512, description="Training crop size (a multiple of 16).")
+    patches: int = Field(2048, ge=8, description="Random training crops per epoch (drawn once, seeded).")
+    rd_sweep: bool = Field(True, description="Code every image at every quality level and run the JPEG/WebP sweeps.")
+    jpeg_qualities: tuple[int, ...] = Field(JPEG_QUALITIES, description="Pillow JPEG qualities of the baseline sweep.")
+    webp_qualities: tuple[int, ...] = Field(WEBP_QUALITIES, description="Pillow WebP qualities of the baseline sweep.")
+
+    @field_validator("lambdas")
+    @classmethod
+    def _increasing(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(x <= 0 for x in v) or list(v) != sorted(v):
+            raise ValueError(f"lambdas must be positive and increasing, got {list(v)}")
+        return v
+
+    @field_validator("patch_size")
+    @classmethod
+    def _multiple(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"patch_size must be a multiple of 16, got {v}")
+        return v
+
+
+class CompressRunConfig(RunConfig):
+    """One run of compress (the flow's parameter)."""
+
+    app: CompressConfig = CompressConfig()
+    # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
+    train: TrainConfig = TrainConfig(epochs=20, batch_size=8, lr=5e-4, patience=5)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """The images of one input folder (any fsspec URI), decoded and hashed once at the door."""
+
+    uri: str
+    rels: tuple[str, ...]
+    files: tuple[FileRecord, ...]
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+
+@dataclass
+class CodecFitted:
+    """A trained (or loaded) codec, as the pipeline's publishing step expects it."""
+
+    codec: LoadedCodec
+    train: TrainResult | None = None
+    source_run: str | None = None
+
+    @property
+    def model(self) -> ImageCodec:
+        return self.codec.model
+
+
+@dataclass
+class CompressContext:
+    config: CompressRunConfig
+    run: RunDir
+    train: ImageSource | None
+    target: ImageSource
+    images: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # uri -> (pixels, mode)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def pixels(self, source: ImageSource, rel: str) -> tuple[np.ndarray, str]:
+        return self.images[_join(source.uri, rel)]
+
+
+def _join(base: str, rel: str) -> str:
+    return base.rstrip("/") + "/" + rel
+
+
+def inspect_images(uri: str, role: str, cache: dict[str, tuple[np.ndarray, str]]) -> ImageSource:
+    """List the images under ``uri`` (recursively), decode and hash each once.
+
+    Raises:
+        InputError: no images, or a file that does not decode (named).
+    """
+    fs, root = url_to_fs(uri)
+    try:
+        if fs.isfile(root):
+            paths, root = [root], posixpath.dirname(root.replace("\\", "/"))
+        else:
+            paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
+    except FileNotFoundError as e:
+        raise InputError(f"--{role} {uri}: no such folder") from e
+    if not paths:
+        raise InputError(f"--{role} {uri}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    strip = fs._strip_protocol(root).rstrip("/").replace("\\", "/")
+    base = to_uri(fs, strip)
+    rels, files = [], []
+    for p in paths:
+        data = fs.cat_file(p)
+        file_uri = to_uri(fs, p)
+        rel = p.replace("\\", "/")[len(strip) :].lstrip("/")
+        cache[_join(base, rel)] = decode_image_bytes(data, file_uri)
+        rels.append(rel)
+        files.append(FileRecord(path=file_uri, size=len(data), hash="sha256:" + hashlib.sha256(data).hexdigest()))
+    return ImageSource(uri=base, rels=tuple(rels), files=tuple(files))
+
+
+class CompressApp:
+    """The compress application: fit (train the codec), apply (code every image), evaluate, report."""
+
+    name: ClassVar[str] = "compress"
+    Config: ClassVar[type[AppConfig]] = CompressConfig
+    RunConfig: ClassVar[type[RunConfig]] = CompressRunConfig
+    cli_options: ClassVar[tuple[tuple[str, str, type, str], ...]] = (
+        ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
+        ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),
+        ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
+        ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
+        ("--patches", "app.patches", int, "Random training crops per epoch."),
+    )
+
+    # -- fit ---------------------------------------------------------------------------------
+    def build_model(self, ctx: CompressContext) -> ImageCodec:
+        a = ctx.config.app
+        return ImageCodec(CodecConfig(channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas)))
+
+    def fit(self, ctx: CompressContext) -> CodecFitted:
+        """Train the codec on random crops of the training images; validation on held-back crops."""
+        assert ctx.train is not None
+        a, seed = ctx.config.app, ctx.config.train.seed
+        images = [ctx.pixels(ctx.train, rel)[0] for rel in ctx.train.rels]
+        train_x = random_patches(images, a.patches, a.patch_size, seed=seed)
+        val_x = random_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
+        model = self.build_model(ctx)
+        result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=make_loss_fn(model),
+                             label="compress codec")
+        model.to("cpu").eval()
+        model.update_tables()
+        codec = LoadedCodec(model=model, identity=model.identity(), source=ctx.run.uri)
+        self.save(ctx.run, codec, result)
+        return CodecFitted(codec=codec, train=result)
+
+    def save(self, run: RunDir, codec: LoadedCodec, result: TrainResult | None) -> None:
+        run.save_model(
+            codec.model.kind, codec.model.config.to_dict(), codec.model.state_dict(),
+            {"codec_id": codec.identity_hex,
+             "train": {k: v for k, v in (result.to_dict() if result else {}).items() if k != "history"}},
+        )
+
+    def load(self, model_run: str) -> CodecFitted:
+        codec = load_codec_run(model_run)
+        return CodecFitted(codec=codec, source_run=codec.source)
+
+    def quality(self, config: CompressRunConfig, fitted: CodecFitted) -> int:
+        """The level for codes/ and decoded/: ``--quality`` checked against the model, or its middle level."""
+        q = config.app.quality
+        return check_quality(fitted.codec, fitted.model.config.levels // 2 if q is None else q)
+
+    # -- apply --------------------------------------------------------------------------------
+    def apply(self, ctx: CompressContext, fitted: CodecFitted) -> tuple[dict[str, str], pd.DataFrame]:
+        """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics."""
+        q = self.quality(ctx.config, fitted)
+        rows = []
+        for rel in ctx.target.rels:
+            img, mode = ctx.pixels(ctx.target, rel)
+            name = _join(ctx.target.uri, rel)
+            coded = code_image(fitted.codec, img, mode, q, name)
+            stem = rel.rsplit(".", 1)[0]
+            ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
+            ctx.run.write_bytes(f"decoded/{stem}.png", encode_png(coded.decoded))
+            h, w = img.shape[:2]
+            rows.append({
+                "image": rel, "width": w, "height": h, "mode": mode, "quality": q, "bytes": len(coded.data),
+                "bpp": coded.bpp, "psnr": coded.psnr, "ms_ssim": coded.ms_ssim,
+                "encode_s": coded.encode_s, "decode_s": coded.decode_s,
+                "payload_bits": coded.payload_bits, "estimate_bits": coded.estimate_bits,
+            })
+        table = pd.DataFrame(rows)
+        with ctx.run.open("per_image.parquet", "wb") as f:
+            table.to_parquet(f, index=False)
+        return {"codes": "codes", "decoded": "decoded", "per_image": "per_image.parquet"}, table
+
+    # -- evaluate -------------------------------------------------------------------------------
+    def evaluate(self, ctx: CompressContext, fitted: CodecFitted, per_image: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+        """Overall metrics at the chosen quality; RD sweep of every level and of JPEG/WebP; BD-rates."""
+        from tasks.apps import Evaluation
+
+        a = ctx.config.app
+        px = (per_image["width"] * per_image["height"]).sum()
+        metrics: dict[str, float | int | None] = {
+            "images": len(per_image),
+            "quality": int(per_image["quality"].iloc[0]),
+            "bpp": float(8 * per_image["bytes"].sum() / px),
+            "psnr": float(per_image["psnr"].mean()),
+            "ms_ssim": float(per_image["ms_ssim"].mean()),
+            "encode_mpx_s": float(px / 1e6 / per_image["encode_s"].sum()),
+            "decode_mpx_s": float(px / 1e6 / per_image["decode_s"].sum()),
+            "payload_vs_estimate_pct": float(100 * (per_image["payload_bits"].sum() / per_image["estimate_bits"].sum() - 1)),
+        }
+        notes = [
+            "bpp is measured from the .aec file sizes (header and checksum included); "
+            "PSNR on 0..255 pixels, MS-SSIM in [0, 1], means over images.",
+        ]
+        rd_rows: list[dict[str, Any]] = []
+        if a.rd_sweep:
+            for rel in ctx.target.rels:
+                img, mode = ctx.pixels(ctx.target, rel)
+                for level in range(fitted.model.config.levels):
+                    c = code_image(fitted.codec, img, mode, level, _join(ctx.target.uri, rel))
+                    rd_rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
+                                    "ms_ssim": c.ms_ssim})
+                for fmt, qs in (("jpeg", a.jpeg_qualities), ("webp", a.webp_qualities)):
+                    for qual in qs:
+                        rd_rows.append({"codec": fmt, "setting": qual, "image": rel, **pillow_point(img, fmt, qual)})
+        rd = pd.DataFrame(rd_rows, columns=["codec", "setting", "image", "bpp", "psnr", "ms_ssim"])
+        baselines: dict[str, dict[str, float | int | None]] = {}
+        if len(rd):
+            curves = rd.groupby(["codec", "setting"], as_index=False)[["bpp", "psnr", "ms_ssim"]].mean()
+            ours = curves[curves.codec == "aeflow"].sort_values("bpp")
+            for fmt in ("jpeg", "webp"):
+                base = curves[curves.codec == fmt].sort_values("bpp")
+                metrics[f"bd_rate_vs_{fmt}_pct"] = bd_rate(base.bpp, base.psnr, ours.bpp, ours.psnr)
+                metrics[f"bd_rate_msssim_vs_{fmt}_pct"] = bd_rate(base.bpp, base.ms_ssim, ours.bpp, ours.ms_ssim)
+                # The baseline at the same rate as ours (interpolated along its curve): equal-bpp quality.
+                baselines[fmt] = {
+                    "bpp": metrics["bpp"],
+                    "psnr": float(np.interp(metrics["bpp"], base.bpp, base.psnr)),
+                    "ms_ssim": float(np.interp(metrics["bpp"], base.bpp, base.ms_ssim)),
+                }
+            notes.append("BD-rate: negative means aeflow needs fewer bits than the baseline at equal PSNR "
+                         "(or MS-SSIM), over the PSNR range both curves cover; None when they do not overlap.")
+            with ctx.run.open("rd.parquet", "wb") as f:
+                rd.to_parquet(f, index=False)
+        return Evaluation(metrics=metrics, baselines=baselines, notes=notes), rd
+
+    # -- report --------------------------------------------------------------------------------
+    def report(self, ctx: CompressContext, fitted: CodecFitted, rd: pd.DataFrame) -> dict[str, str]:
+        from tasks.report import plt, save_figure, training_curve
+
+        outputs: dict[str, str] = {}
+        if len(rd):
+            curves = rd.groupby(["codec", "setting"], as_index=False)[["bpp", "psnr", "ms_ssim"]].mean()
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for codec, style in (("aeflow", "o-"), ("jpeg", "s--"), ("webp", "^--")):
+                c = curves[curves.codec == codec].sort_values("bpp")
+                axes[0].plot(c.bpp, c.psnr, style, label=codec)
+                axes[1].plot(c.bpp, c.ms_ssim, style, label=codec)
+            axes[0].set_ylabel("PSNR (dB)")
+            axes[1].set_ylabel("MS-SSIM")
+            for ax in axes:
+                ax.set_xlabel("bits per pixel (file size)")
+                ax.grid(alpha=0.3)
+                ax.legend()
+            fig.suptitle(f"Rate-distortion on {len(ctx.target)} image(s)")
+            outputs["rd_plot"] = save_figure(ctx.run, "report/rd.png", fig)
+            outputs["rd"] = "rd.parquet"
+        if fitted.train is not None:
+            rel = training_curve(ctx.run, fitted.train.history)
+            if rel:
+                outputs["training_plot"] = rel
+        return outputs
+
+
+APP = CompressApp()
+
+
+@task(name="fit", task_run_name="fit-compress", tags=["training"], **COMPUTE_TASK)
+def fit_task(ctx: CompressContext) -> CodecFitted:
+    return APP.fit(ctx)
+
+
+@task(name="apply", task_run_name="apply-compress", **COMPUTE_TASK)
+def apply_task(ctx: CompressContext, fitted: CodecFitted) -> tuple[dict[str, str], pd.DataFrame]:
+    return APP.apply(ctx, fitted)
+
+
+@task(name="evaluate", task_run_name="evaluate-compress", **COMPUTE_TASK)
+def evaluate_task(ctx: CompressContext, fitted: CodecFitted, per_image: pd.DataFrame):
+    return APP.evaluate(ctx, fitted, per_image)
+
+
+@task(name="report", task_run_name="report-compress", **COMPUTE_TASK)
+def report_task(ctx: CompressContext, fitted: CodecFitted, rd: pd.DataFrame) -> dict[str, str]:
+    return APP.report(ctx, fitted, rd)
+

@@ -1,0 +1,264 @@
+"""The learned codec at the task layer: images in and out, ``.aec`` files, models by run or identity.
+
+Plain functions (Pillow, fsspec through the artifact store, the pure-torch codec
+in :mod:`models.codec`); the CLI's ``aeflow compress``/``decompress`` and the
+``compress`` batch job both call them. Every error a user can cause names the
+file and says what is wrong (:class:`~tasks.errors.InputError`,
+:class:`~tasks.errors.ModelMismatchError`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.aec import AecFile, AecFormatError, parse
+from models.codec import ImageCodec, as_rgb, build_codec, load_codec_state
+from models.entropy_coding import EntropyCodingError
+from models.metrics import ms_ssim, psnr
+from tasks.errors import InputError, ModelMismatchError, StorageError
+from tasks.storage import MODEL_DIR, ArtifactStore, RunDir, open_run, url_to_fs
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+def decode_image_bytes(data: bytes, name: str) -> tuple[np.ndarray, str]:
+    """Decode PNG/JPEG/... bytes to uint8 (H, W) for grayscale or (H, W, 3) for colour, and the mode.
+
+    Palette and other colour modes become RGB; an alpha channel is refused (the
+    codec has no alpha plane, and silently dropping it would lose data).
+
+    Raises:
+        InputError: naming ``name`` when the bytes do not decode or have alpha.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+                raise InputError(f"{name}: image has an alpha channel (mode {mode}); the codec stores L or RGB only")
+            if mode in ("L", "1", "I;16", "I", "F"):
+                arr = np.asarray(im.convert("L"))
+                return arr, "L"
+            return np.asarray(im.convert("RGB")), "RGB"
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{name}: not a decodable image ({e})") from e
+
+
+def read_image(uri: str) -> tuple[np.ndarray, str]:
+    fs, path = url_to_fs(uri)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise InputError(f"{uri}: no such file") from e
+    return decode_image_bytes(data, uri)
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def to_model_input(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (H, W[, 3]) -> float (1, 3, H, W) in [0, 1] (grayscale replicated)."""
+    x = torch.from_numpy(np.array(as_rgb(img), copy=True)).permute(2, 0, 1).float().div(255.0)
+    return x.unsqueeze(0).to(device)
+
+
+def from_model_output(x_hat: torch.Tensor, mode: str) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] -> uint8 image in ``mode`` (grayscale: the channel mean)."""
+    a = x_hat[0].detach().float().cpu()
+    if mode == "L":
+        a = a.mean(0, keepdim=True)
+    arr = torch.round(a.clamp(0, 1) * 255.0).to(torch.uint8).permute(1, 2, 0).numpy()
+    return arr[:, :, 0] if mode == "L" else arr
+
+
+# -- the codec -------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCodec:
+    """A codec ready to code, with its identity and where it came from."""
+
+    model: ImageCodec
+    identity: bytes
+    source: str
+
+    @property
+    def identity_hex(self) -> str:
+        return self.identity.hex()
+
+
+def codec_from_files(meta: dict, state_dict: dict, source: str) -> LoadedCodec:
+    if meta.get("kind") != "codec":
+        raise ModelMismatchError(f"{source} holds a {meta.get('kind')!r} model, not a learned image codec")
+    model = build_codec(meta["config"])
+    load_codec_state(model, state_dict)
+    model.eval()
+    if not all(p.has_tables for p in model.priors):
+        raise ModelMismatchError(f"{source}: the codec has no entropy-coding tables (training did not finish)")
+    return LoadedCodec(model=model, identity=model.identity(), source=source)
+
+
+def load_codec_run(run_uri: str) -> LoadedCodec:
+    """The codec saved in a ``compress`` run (``--model RUN``).
+
+    A plain model folder holding ``config.json`` and ``weights.safetensors`` (such as
+    the committed benchmark codec, ``benchmarks/weights/codec``) is accepted too.
+    """
+    fs, path = url_to_fs(run_uri)
+    folder = path.rstrip("/")
+    if fs.exists(f"{folder}/config.json") and fs.exists(f"{folder}/weights.safetensors"):
+        from safetensors.torch import load
+
+        meta = json.loads(fs.cat_file(f"{folder}/config.json"))
+        return codec_from_files(meta, load(fs.cat_file(f"{folder}/weights.safetensors")), run_uri)
+    run = open_run(run_uri)
+    meta, state = run.load_model_files()
+    return codec_from_files(meta, state, run.uri)
+
+
+def find_codec_run(root: str, identity: bytes) -> LoadedCodec | None:
+    """Search the complete ``compress`` runs under ``root`` for the codec with this identity."""
+    store = ArtifactStore(root)
+    for manifest in reversed(store.list_runs("compress")):
+        run = store.run("compress", manifest.run_id)
+        try:
+            meta = run.read_json(f"{MODEL_DIR}/config.json")
+        except (StorageError, json.JSONDecodeError):
+            continue
+        if meta.get("codec_id") == identity.hex():
+            return load_codec_run(run.uri)
+    return None
+
+
+def check_quality(codec: LoadedCodec, quality: int) -> int:
+    levels = codec.model.config.levels
+    if not 0 <= quality < levels:
+        raise InputError(f"--quality must be in 0..{levels - 1} for this model, got {quality}")
+    return quality
+
+
+def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int) -> tuple[bytes, torch.Tensor]:
+    h, w = img.shape[:2]
+    if h < 1 or w < 1:
+        raise InputError("empty image")
+    with torch.inference_mode():
+        enc = codec.model.compress(to_model_input(img, next(codec.model.parameters()).device), quality)
+    data = AecFile(model_id=codec.identity, quality=quality, mode=mode, width=w, height=h,
+                   payload=enc["strings"][0]).to_bytes()
+    return data, enc["y"]
+
+
+def encode_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int) -> bytes:
+    """One image -> the bytes of its ``.aec`` file."""
+    return _encode(codec, img, mode, quality)[0]
+
+
+def read_aec(data: bytes, name: str) -> AecFile:
+    try:
+        return parse(data)
+    except AecFormatError as e:
+        raise InputError(f"{name}: {e}") from e
+
+
+def decode_aec(codec: LoadedCodec, data: bytes, name: str) -> tuple[np.ndarray, str]:
+    """The bytes of an ``.aec`` file -> (uint8 image, mode). Deterministic for a given machine.
+
+    Raises:
+        InputError: malformed, truncated or corrupted file.
+        ModelMismatchError: the file was made by another model.
+    """
+    f = read_aec(data, name)
+    if f.model_id != codec.identity:
+        raise ModelMismatchError(
+            f"{name}: made by codec {f.model_id_hex}, but the model given ({codec.source}) is {codec.identity_hex}"
+        )
+    if f.quality >= codec.model.config.levels:
+        raise InputError(f"{name}: corrupted: quality level {f.quality} does not exist in this model")
+    s = codec.model.stride
+    shape = (-(-f.height // s), -(-f.width // s))
+    try:
+        with torch.inference_mode():
+            x_hat = codec.model.decompress([f.payload], shape, f.quality, (f.height, f.width))
+    except EntropyCodingError as e:
+        raise InputError(f"{name}: corrupted payload: {e}") from e
+    return from_model_output(x_hat, f.mode), f.mode
+
+
+@dataclass
+class CodedImage:
+    """One image through the codec: real file size, quality and timings."""
+
+    data: bytes
+    decoded: np.ndarray
+    bpp: float
+    psnr: float
+    ms_ssim: float
+    encode_s: float
+    decode_s: float
+    estimate_bits: float
+
+    @property
+    def payload_bits(self) -> int:
+        from models.aec import OVERHEAD
+
+        return 8 * (len(self.data) - OVERHEAD)
+
+
+def code_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, name: str) -> CodedImage:
+    """Encode, decode (from the bytes), and measure one image."""
+    t0 = time.perf_counter()
+    data, y = _encode(codec, img, mode, quality)
+    t1 = time.perf_counter()
+    decoded, _ = decode_aec(codec, data, name)
+    t2 = time.perf_counter()
+    h, w = img.shape[:2]
+    return CodedImage(
+        data=data, decoded=decoded, bpp=8 * len(data) / (h * w), psnr=psnr(img, decoded), ms_ssim=ms_ssim(img, decoded),
+        encode_s=t1 - t0, decode_s=t2 - t1, estimate_bits=codec.model.estimate_bits(y, quality),
+    )
+
+
+# -- classical baselines -----------------------------------------------------------------------
+
+JPEG_QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+WEBP_QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+
+
+def pillow_point(img: np.ndarray, fmt: str, quality: int) -> dict[str, float]:
+    """bpp (from the encoded size), PSNR and MS-SSIM of Pillow's JPEG or WebP at ``quality``.
+
+    JPEG uses 4:2:0 chroma subsampling and optimised Huffman tables (Pillow's
+    ``optimize=True``), WebP its default lossy method 4 — what a user would pick.
+    """
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pil = Image.fromarray(img)
+    if fmt == "jpeg":
+        pil.save(buf, format="JPEG", quality=quality, optimize=True)
+    elif fmt == "webp":
+        pil.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"unknown baseline format {fmt!r}")
+    data = buf.getvalue()
+    dec = np.asarray(Image.open(io.BytesIO(data)).convert(pil.mode))
+    h, w = img.shape[:2]
+    return {"bpp": 8 * len(data) / (h * w), "psnr": psnr(img, dec), "ms_ssim": ms_ssim(img, dec)}

@@ -1,0 +1,214 @@
+"""The compress flow end to end on tiny images (real Prefect server, local and S3 storage),
+and ``aeflow compress``/``decompress`` on its codec, including files that must be rejected."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import skimage.data
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.pipeline import FLOWS
+from models.aec import AecFile, parse
+from tasks.apps.compress import CompressRunConfig
+from tasks.codec import decode_aec, load_codec_run
+from tasks.config import resolve_config
+from tasks.storage import open_run
+from tests.conftest import TEST_BUCKET
+
+pytestmark = [pytest.mark.flows]
+runner = CliRunner()
+# A tiny, barely trained codec: these tests check the plumbing and the bitstreams, not quality.
+TINY = {"app.channels": 8, "app.latent_channels": 8, "app.patches": 16, "app.patch_size": 32,
+        "app.jpeg_qualities": [20, 50, 80, 95], "app.webp_qualities": [20, 50, 80, 95],
+        "train.epochs": 1, "train.batch_size": 8}
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images() -> dict[str, bytes]:
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()[60:100, 200:260]).save(buf, format="JPEG", quality=95)
+    return {
+        "astro.png": _png(skimage.data.astronaut()[100:148, 120:184]),   # RGB, 64x48
+        "gray/cam.png": _png(skimage.data.camera()[200:237, 100:150]),    # L, 50x37 (not a multiple of 16)
+        "gray/coffee.jpg": buf.getvalue(),                                  # JPEG input
+    }
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    for rel, data in _images().items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_server, image_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("compress-out"))
+    cfg = resolve_config(CompressRunConfig, options={**TINY, "load.input": str(image_dir), "output": out})
+    state = FLOWS["compress"](config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), out
+
+
+def test_outputs_mirror_inputs_and_decode_identically(trained, image_dir):
+    result, _ = trained
+    run = result.run_uri
+    codec = load_codec_run(run)
+    for rel in _images():
+        src = Image.open(image_dir / rel)
+        data = open(os.path.join(run, "codes", rel + ".aec"), "rb").read()
+        header = parse(data)
+        assert (header.width, header.height, header.mode) == (src.width, src.height, "L" if src.mode == "L" else "RGB")
+        assert header.model_id == codec.identity
+        decoded = Image.open(os.path.join(run, "decoded", rel.rsplit(".", 1)[0] + ".png"))
+        assert decoded.size == src.size and decoded.mode == header.mode
+        again, _ = decode_aec(codec, data, rel)
+        assert np.array_equal(again, np.asarray(decoded)), "decoding is deterministic"
+
+
+def test_metrics_from_file_sizes_and_baselines(trained, image_dir):
+    result, _ = trained
+    per = pd.read_parquet(result.outputs["per_image"])
+    assert sorted(per["image"]) == sorted(_images())
+    for row in per.itertuples():
+        size = os.path.getsize(os.path.join(result.run_uri, "codes", row.image + ".aec"))
+        assert row.bytes == size and row.bpp == pytest.approx(8 * size / (row.width * row.height))
+        assert row.encode_s > 0 and row.decode_s > 0 and 0 < row.ms_ssim <= 1
+    rd = pd.read_parquet(result.outputs["rd"])
+    assert set(rd["codec"]) == {"aeflow", "jpeg", "webp"}
+    assert len(rd[rd.codec == "jpeg"]) == 4 * 3 and len(rd[rd.codec == "aeflow"]) == 5 * 3
+    m = open_run(result.run_uri).manifest()
+    assert {"bpp", "psnr", "ms_ssim", "encode_mpx_s", "decode_mpx_s", "bd_rate_vs_jpeg_pct", "bd_rate_vs_webp_pct",
+            "payload_vs_estimate_pct"} <= set(m.metrics)
+    assert m.metrics["bpp"] == pytest.approx(8 * per["bytes"].sum() / (per.width * per.height).sum())
+    assert set(m.baselines) == {"jpeg", "webp"}
+    paths = {o.path for o in m.outputs}
+    assert {"model/config.json", "model/weights.safetensors", "report/rd.png", "report/summary.md"} <= paths
+    with open(os.path.join(result.run_uri, "report/rd.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(os.path.join(result.run_uri, "model/config.json")))["codec_id"] == load_codec_run(
+        result.run_uri).identity_hex
+
+
+def test_model_reuse_on_s3(trained, image_dir, s3fs_client):
+    """--model reuse with input and output on the moto S3 server: identical codes, read back from S3."""
+    result, _ = trained
+    prefix = f"{TEST_BUCKET}/compress"
+    for rel, data in _images().items():
+        s3fs_client.pipe_file(f"{prefix}/in/{rel}", data)
+    cfg = resolve_config(CompressRunConfig, options={
+        **TINY, "model_run": result.run_uri, "load.apply_to": f"s3://{prefix}/in", "output": f"s3://{prefix}/out",
+        "app.rd_sweep": False})
+    r2 = FLOWS["compress"](config=cfg)
+    assert r2.run_uri.startswith(f"s3://{prefix}/out/runs/compress/")
+    for rel in _images():
+        remote = s3fs_client.cat_file(f"{r2.run_uri[5:]}/codes/{rel}.aec")
+        local = open(os.path.join(result.run_uri, "codes", rel + ".aec"), "rb").read()
+        assert remote == local, "same model, same image: same bytes"
+    reloaded = load_codec_run(r2.run_uri)
+    assert reloaded.identity == load_codec_run(result.run_uri).identity
+    m = open_run(r2.run_uri).manifest()
+    assert m.model_run == result.run_uri and "rd" not in {o.path for o in m.outputs}
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_round_trip_and_quality(trained, image_dir, tmp_path):
+    result, out = trained
+    src = str(image_dir / "astro.png")
+    sizes = []
+    for q in (0, 4):
+        res = runner.invoke(app, ["compress", src, "--model", result.run_uri, "--quality", str(q),
+                                  "-o", str(tmp_path / f"q{q}"), "--json"])
+        assert res.exit_code == 0, res.output
+        sizes.append(json.loads(res.stdout.strip().splitlines()[-1])["bytes"])
+    res = runner.invoke(app, ["decompress", str(tmp_path / "q4" / "astro.aec"), "-o", str(tmp_path / "dec"),
+                              "--root", out])
+    assert res.exit_code == 0, res.output
+    img = Image.open(tmp_path / "dec" / "astro.png")
+    assert img.size == (64, 48) and img.mode == "RGB"
+    res = runner.invoke(app, ["compress", src, "--model", result.run_uri, "--quality", "9", "-o", str(tmp_path)])
+    assert res.exit_code == 3 and "--quality must be in 0..4" in res.output
+
+
+def _bad_files(good: bytes) -> dict[str, tuple[bytes, int, str]]:
+    f = parse(good)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40
+    return {
+        "truncated.aec": (good[: len(good) - 7], 3, "truncated"),
+        "corrupted.aec": (bytes(flipped), 3, "corrupted: checksum mismatch"),
+        "magic.aec": (b"\x89PNG" + good[4:], 3, "not an .aec file (wrong magic bytes)"),
+        "version.aec": (good[:4] + b"\x07" + good[5:], 3, "unsupported .aec format version 7"),
+        "empty.aec": (b"", 3, "not an .aec file"),
+        "foreign.aec": (AecFile(model_id=b"\x00" * 8, quality=f.quality, mode=f.mode, width=f.width,
+                                height=f.height, payload=f.payload).to_bytes(), 5, "made by codec 0000000000000000"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated.aec", "corrupted.aec", "magic.aec", "version.aec", "empty.aec", "foreign.aec"])
+def test_cli_rejects_bad_files(trained, tmp_path, case):
+    result, _ = trained
+    good = open(os.path.join(result.run_uri, "codes", "astro.png.aec"), "rb").read()
+    data, code, message = _bad_files(good)[case]
+    path = tmp_path / case
+    path.write_bytes(data)
+    res = runner.invoke(app, ["decompress", str(path), "--model", result.run_uri, "-o", str(tmp_path / "out")])
+    assert res.exit_code == code, res.output
+    assert f"{path}" in res.output and message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out" / (case[:-4] + ".png")).exists(), "nothing written for a bad file"
+
+
+def test_cli_decompress_without_known_model(trained, tmp_path):
+    result, _ = trained
+    res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
+                              "--root", str(tmp_path / "empty-root"), "-o", str(tmp_path)])
+    assert res.exit_code == 5 and "pass --model RUN" in res.output
+
+
+def test_bad_images_fail_before_any_work(prefect_server, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "ok.png").write_bytes(_png(skimage.data.camera()[:40, :40]))
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    res = runner.invoke(app, ["run", "compress", "--input", str(d), "--output", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 3, res.output
+    assert f"{d}/broken.png: not a decodable image" in res.output
+    assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").rglob("manifest.json"))
+    empty = tmp_path / "none"
+    empty.mkdir()
+    res = runner.invoke(app, ["run", "compress", "--input", str(empty), "--output", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 3 and "no images" in res.output
+
+
+def test_cli_with_the_committed_benchmark_codec(tmp_path):
+    """--model also takes a model folder: the codec trained on bundled photographs."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
+    src = tmp_path / "cat.png"
+    src.write_bytes(_png(skimage.data.chelsea()[:96, :120]))
+    res = runner.invoke(app, ["compress", str(src), "--model", folder, "--quality", "2", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["decompress", str(tmp_path / "c" / "cat.aec"), "--model", folder, "-o", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    dec = np.asarray(Image.open(tmp_path / "d" / "cat.png"))
+    assert dec.shape == (96, 120, 3)
+    from models.metrics import psnr
+
+    assert psnr(skimage.data.chelsea()[:96, :120], dec) > 22
