@@ -461,6 +461,10 @@ def demo(
         ("index", "digit images", {"load.input": images["digit_images"], "load.size": 16,
                                    "model.channels": [16, 32, 32], "train.epochs": 3 if quick else 12}),
     ]
+    # compress: the codec trained by benchmarks/train_codec.py (committed), applied to the held-out photos.
+    codec = Path(__file__).resolve().parents[1] / "benchmarks" / "weights" / "codec"
+    if codec.is_dir():
+        image_jobs.append(("compress", "photos (held out)", {"model_run": str(codec), "load.apply_to": images["photos_heldout"]}))
     summary = Table(title="aeflow demo", title_justify="left")
     for col in ("app", "data", "aeflow", "baseline", "run URI"):
         summary.add_column(col, overflow="fold")

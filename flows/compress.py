@@ -84,9 +84,12 @@ def run_compress_app(config: CompressRunConfig) -> RunResult:
             evaluation, rd = evaluate_task(ctx, fitted, per_image)
         with _stage(timings, "report"):
             outputs.update(report_task(ctx, fitted, rd))
-        result = _publish(APP.name, run, config, created, fingerprint, train_src,
-                          target_src if target_src is not train_src else None, fitted, outputs, evaluation,
-                          timings, "cpu")
+        inputs = {}
+        if train_src is not None:
+            inputs["input"] = list(train_src.files)
+        if target_src is not None and target_src is not train_src:
+            inputs["apply_to"] = list(target_src.files)
+        result = _publish(APP.name, run, config, created, fingerprint, inputs, fitted, outputs, evaluation, timings, "cpu")
     except BaseException:
         run.discard()
         raise
