@@ -21,7 +21,11 @@ def machine() -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         model = cpu
-    return f"{os.cpu_count()} cores ({model}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    load = os.getloadavg()[0]
+    return (
+        f"{os.cpu_count()} cores ({model}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+        f"load average {load:.1f} when the table was written (other jobs on the machine slow both sides)"
+    )
 
 
 def update_section(heading: str, body: str) -> None:

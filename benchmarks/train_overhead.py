@@ -27,7 +27,7 @@ from tasks.train import train_model
 
 CASES = {
     "64-32-8, 200k rows": dict(features=64, hidden=(32,), latent=8, rows=200_000, epochs=3, batch=256),
-    "3000-1500-200, 20k rows": dict(features=3000, hidden=(1500,), latent=200, rows=20_000, epochs=2, batch=256),
+    "3000-1500-200, 20k rows": dict(features=3000, hidden=(1500,), latent=200, rows=20_000, epochs=1, batch=256),
 }
 
 

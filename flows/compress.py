@@ -7,8 +7,9 @@ it; the application's methods (``tasks/apps/compress.py``) stay as they are.
 A failure anywhere discards the run: no manifest, nothing half-written.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: Prefect reads the flow's parameter types at runtime.
 
+import datetime as dt
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,6 +99,14 @@ def run_compress_app(config: CompressRunConfig) -> RunResult:
 
 @flow(name="compress", flow_run_name=_flow_run_name("compress"), validate_parameters=True,
       description="Learned image codec: real .aec bitstreams, decoded PNGs, RD curves and BD-rate vs JPEG/WebP.")
-def compress_flow(config: CompressRunConfig = CompressRunConfig()) -> RunResult:
-    """Train (or reuse --model) a learned codec and compress every image; metrics vs JPEG and WebP."""
+def compress_flow(
+    config: CompressRunConfig = CompressRunConfig(), date: dt.date | None = None, timezone: str = "UTC"
+) -> RunResult:
+    """Train (or reuse --model) a learned codec and compress every image; metrics vs JPEG and WebP.
+
+    ``date``/``timezone`` fill {date}-style templates in the config, as for every application flow.
+    """
+    from tasks.schedule import prepare_config
+
+    config, _day = prepare_config(config, date, timezone)
     return run_compress_app(config)
