@@ -91,8 +91,12 @@ def test_prefect_yaml_deployments_load():
     nightly = by_name["reduce-nightly"]
     assert nightly.schedules[0]["cron"] == "30 2 * * *"
     assert nightly.parameters["config"]["model_run"] == "latest"
-    # everything prefect.yaml names is served as is; nothing is added for reduce
-    assert [s.name for s in with_default_deployments(specs)] == [s.name for s in specs]
+    # everything prefect.yaml names is served as is; only missing pipeline flows are added on demand
+    served = [s.name for s in with_default_deployments(specs)]
+    assert served[: len(specs)] == [s.name for s in specs]
+    added = served[len(specs):]
+    assert "reduce-train-apply" not in added and all(n.endswith("-train-apply") for n in added)
+    assert len(set(served)) == len(served)
 
 
 def test_flows_without_an_entry_get_on_demand_deployments(tmp_path):
