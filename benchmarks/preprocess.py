@@ -1,6 +1,6 @@
 """preprocess: aeflow's Dask preprocessing vs single-threaded pandas, and its peak memory.
 
-Both sides do the same work on the same Parquet folder (16 files): read, validate
+Both sides do the same work on the same Parquet folder (125k-row files): read, validate
 every row with the same pandera schema, flag a seeded 20% validation split,
 encode to float32, compute the training rows' scaling statistics, and write
 Parquet. aeflow runs ``tasks.preprocess.prepare`` on a 2-worker LocalCluster;
@@ -26,14 +26,14 @@ import pyarrow.parquet as pq
 
 from benchmarks._common import PeakRSS, machine, md_table, update_section
 
-FILES = 16
+ROWS_PER_FILE = 125_000  # a typical daily-partition file; the number of files grows with the input
 
 
 def make_data(folder: str, rows: int, cols: int = 64) -> None:
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    per = rows // FILES
-    for i in range(FILES):
+    per = ROWS_PER_FILE
+    for i in range(rows // per):
         x = rng.normal(size=(per, cols)) * rng.uniform(0.5, 3, cols) + rng.uniform(-5, 5, cols)
         df = pd.DataFrame(x, columns=[f"f{j}" for j in range(cols)])
         df.insert(0, "id", np.arange(i * per, (i + 1) * per))
