@@ -17,7 +17,8 @@ from tasks.storage import open_run
 from tests.flows.test_tabular_flows import FAST, mixed_frame, one_thread  # noqa: F401 (autouse fixture)
 
 pytestmark = [pytest.mark.flows, pytest.mark.tabular]
-APPS = sorted(load_all())
+# Tabular applications; the image applications have their own flow tests (tests/flows/test_image_flows.py).
+APPS = sorted(name for name, a in load_all().items() if getattr(a, "kind", "table") == "table")
 MAIN_OUTPUT = {"reduce": "embeddings", "extract": "features", "detect": "scores", "impute": "imputed"}
 
 

@@ -128,10 +128,10 @@ def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_f
         with s3fs_client.open(f"{TEST_BUCKET}/raw/2026-11-26/part{i}.parquet", "wb") as f:
             digits_frame.iloc[start : start + 200].to_parquet(f, index=False)
     cfg = _config(**{"load.input": f"s3://{TEST_BUCKET}/raw/2026-11-26/*.parquet", "load.id_column": "id",
-                     "load.label_column": "target", "output": f"s3://{TEST_BUCKET}/aeflow", "model.latent_dim": 4,
+                     "load.label_column": "target", "output": f"s3://{TEST_BUCKET}/aeflow-reduce", "model.latent_dim": 4,
                      "dask_address": dask_address})
     result = FLOWS["reduce"](config=cfg)
-    assert result.run_uri.startswith(f"s3://{TEST_BUCKET}/aeflow/runs/reduce/")
+    assert result.run_uri.startswith(f"s3://{TEST_BUCKET}/aeflow-reduce/runs/reduce/")
     key = result.run_uri[len("s3://"):]
     manifest = json.loads(s3fs_client.cat_file(f"{key}/manifest.json"))
     assert [f["path"] for f in manifest["inputs"]["input"]] == [
@@ -140,4 +140,4 @@ def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_f
         emb = pd.read_parquet(f)
     assert emb["id"].tolist() == list(range(400)) and emb.shape[1] == 5
     assert s3fs_client.exists(f"{key}/model/weights.safetensors")
-    assert [m.run_id for m in ArtifactStore(f"s3://{TEST_BUCKET}/aeflow").list_runs()] == [result.run_id]
+    assert [m.run_id for m in ArtifactStore(f"s3://{TEST_BUCKET}/aeflow-reduce").list_runs()] == [result.run_id]

@@ -36,23 +36,28 @@ def test_text_columns_are_categorical_but_a_stray_string_is_not():
     assert schema.extra["dtypes"]["color"] in ("object", "str")  # pandas 2 / pandas 3
 
 
-def test_categories_come_from_the_whole_input(tmp_path):
+def test_categories_come_from_the_whole_input(tmp_path, dask_address):
+    from distributed import Client
+
     # The sample (first rows) sees only red/green; "blue" appears in a later file.
     (tmp_path / "in").mkdir()
     _mixed().to_parquet(tmp_path / "in" / "a.parquet", index=False)
     _mixed().assign(color="blue").to_parquet(tmp_path / "in" / "b.parquet", index=False)
     src = inspect_table(str(tmp_path / "in"), LoadConfig(id_column="id", label_column="label"))
     assert src.schema.categorical[0].categories == ()
-    src = collect_categories(src, max_categories=10)
+    with Client(dask_address):  # the Dask pass runs on the session's real LocalCluster
+        src = collect_categories(src, max_categories=10)
     assert src.schema.categorical[0].categories == ("blue", "green", "red")
     assert encoded_columns(src.schema) == ["x", "color=blue", "color=green", "color=red", "code"]
 
 
-def test_too_many_categories_is_a_clear_error(tmp_path):
+def test_too_many_categories_is_a_clear_error(tmp_path, dask_address):
+    from distributed import Client
+
     df = _mixed().assign(color=[f"c{i}" for i in range(40)])
     df.to_csv(tmp_path / "t.csv", index=False)
     src = inspect_table(str(tmp_path / "t.csv"), LoadConfig())
-    with pytest.raises(InputError, match="categorical column 'color' has more than 10 distinct values"):
+    with Client(dask_address), pytest.raises(InputError, match="categorical column 'color' has more than 10 distinct values"):
         collect_categories(src, max_categories=10)
 
 
