@@ -120,7 +120,9 @@ def bench_detect(quick: bool) -> list[str]:
             fx, tx = standardise(x[tr], x[te])
             val = split_rows(len(fx), 0.2, case)
             model, _ = detect.fit_detector(fx[~val], fx[val], rc.model, rc.train.model_copy(update={"seed": case}),
-                                           contamination=cfg.contamination, robust=cfg.robust)
+                                           contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k,
+                                           knn_weight=cfg.knn_weight, max_reference=cfg.max_reference,
+                                           min_steps=cfg.min_steps)
             scores = {"aeflow": detect.anomaly_scores(model, tx)}
             scores.update(detect.baseline_scores(fx, tx, k=rc.model.latent_dim, contamination=cfg.contamination, seed=case))
             for method, s in scores.items():
@@ -160,7 +162,8 @@ def bench_impute(quick: bool) -> list[str]:
             val = split_rows(len(xs), 0.1, seed)
             t0 = time.perf_counter()
             model, _ = impute.fit_imputer(xs[~val], xs[val], rc.model, rc.train.model_copy(update={"seed": seed}),
-                                          mask_fraction=rc.app.mask_fraction)
+                                          mask_fraction=rc.app.mask_fraction, members=rc.app.members,
+                                          passes=rc.app.passes)
             filled = {"aeflow": impute.fill(xs, impute.reconstruct(model, xs), groups)}
             res[name]["_seconds_aeflow"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()

@@ -8,11 +8,23 @@ from torch import nn
 
 from models.codec import CodecConfig, ImageCodec, build_codec
 from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
-from models.dense import DenseAEConfig, DenseAutoencoder, MaskedDenseAutoencoder, build_dense, build_masked_dense
+from models.detector import DetectorConfig, KnnAutoencoderDetector, build_detector
+from models.dense import (
+    DenseAEConfig,
+    DenseAutoencoder,
+    ImputerConfig,
+    MaskedDenseAutoencoder,
+    MaskedImputer,
+    build_dense,
+    build_masked_dense,
+    build_masked_imputer,
+)
 
 MODEL_BUILDERS = {
     "dense": build_dense,
     "masked_dense": build_masked_dense,
+    "dense_detector": build_detector,
+    "masked_imputer": build_masked_imputer,
     "conv": build_conv,
     "codec": build_codec,
 }
@@ -34,8 +46,12 @@ __all__ = [
     "ConvAutoencoder",
     "DenseAEConfig",
     "DenseAutoencoder",
+    "DetectorConfig",
+    "KnnAutoencoderDetector",
     "ImageCodec",
+    "ImputerConfig",
     "MaskedDenseAutoencoder",
+    "MaskedImputer",
     "MODEL_BUILDERS",
     "build_model",
 ]

@@ -177,3 +177,98 @@ def masked_reconstruction_loss(
 
 def build_masked_dense(config: dict[str, Any]) -> MaskedDenseAutoencoder:
     return MaskedDenseAutoencoder(DenseAEConfig.from_dict(config))
+
+
+@dataclass(frozen=True)
+class ImputerConfig:
+    """Shape of a :class:`MaskedImputer`.
+
+    Attributes:
+        ae: Each member's autoencoder (``in_features`` = width of the data).
+        members: Autoencoders trained side by side from different initialisations;
+            the imputation is their mean (an ensemble: lower variance on small tables).
+        passes: Refinement passes: each pass's imputations fill the missing cells for
+            the next one (the mask still tells the model which cells were filled).
+    """
+
+    ae: DenseAEConfig
+    members: int = 5
+    passes: int = 2
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError(f"members must be >= 1, got {self.members}")
+        if self.passes < 1:
+            raise ValueError(f"passes must be >= 1, got {self.passes}")
+
+    @property
+    def in_features(self) -> int:
+        return self.ae.in_features
+
+    @property
+    def latent_dim(self) -> int:
+        return self.ae.latent_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ae": self.ae.to_dict(), "members": self.members, "passes": self.passes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImputerConfig:
+        return cls(ae=DenseAEConfig.from_dict(d["ae"]), members=int(d["members"]), passes=int(d["passes"]))
+
+
+class _ImputerMember(MaskedDenseAutoencoder):
+    """A masked autoencoder with a linear path from (values, mask) to the output beside the
+    nonlinear one (tables of strongly correlated columns are largely linear), run for
+    ``passes`` refinement passes."""
+
+    def __init__(self, config: DenseAEConfig, passes: int) -> None:
+        super().__init__(config)
+        self.passes = passes
+        self.linear = nn.Linear(2 * config.in_features, config.in_features)
+
+    def forward(self, x: Tensor) -> AEOutput:
+        missing = x.isnan()
+        mask = missing.to(x.dtype)
+        filled = x.masked_fill(missing, 0.0)
+        for _ in range(self.passes):
+            inp = torch.cat([filled, mask], dim=1)
+            z = self.encoder(inp)
+            x_hat = self.decoder(z) + self.linear(inp)
+            filled = torch.where(missing, x_hat.to(filled.dtype), filled)
+        return AEOutput(x_hat=x_hat, z=z)
+
+
+class MaskedImputer(nn.Module):
+    """The impute application's model: an ensemble of refining masked autoencoders
+    (missing cells are ``NaN`` in the input). ``x_hat`` is the members' mean; ``z`` is
+    the first member's code. Train it with :func:`imputer_loss`."""
+
+    kind = "masked_imputer"
+
+    def __init__(self, config: ImputerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(_ImputerMember(config.ae, config.passes) for _ in range(config.members))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.members[0](x).z
+
+    def forward(self, x: Tensor) -> AEOutput:
+        outs = [m(x) for m in self.members]
+        return AEOutput(x_hat=torch.stack([o.x_hat for o in outs]).mean(dim=0), z=outs[0].z)
+
+
+def imputer_loss(
+    model: nn.Module, batch: Tensor, generator: torch.Generator, hide: float = 0.25, visible_weight: float = 0.25
+) -> Tensor:
+    """:func:`masked_reconstruction_loss` of each member (each with its own hidden cells), averaged:
+    the members learn independently from the same batches."""
+    members = getattr(model, "members", None)
+    if members is None:
+        return masked_reconstruction_loss(model, batch, generator, hide, visible_weight)
+    return sum(masked_reconstruction_loss(m, batch, generator, hide, visible_weight) for m in members) / len(members)
+
+
+def build_masked_imputer(config: dict[str, Any]) -> MaskedImputer:
+    return MaskedImputer(ImputerConfig.from_dict(config))

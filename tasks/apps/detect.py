@@ -1,15 +1,24 @@
-"""detect: anomaly detection by autoencoder reconstruction error, with the pyod contract.
+"""detect: anomaly detection with an autoencoder, with the pyod contract.
+
+The score of a row (higher = more anomalous) is its reconstruction error plus
+``knn_weight`` times the mean distance of its code to its ``knn_k`` nearest
+training codes, each part divided by its median over the training rows
+(``models/detector.py``). The reconstruction part finds rows the decoder cannot
+rebuild; the code-space part finds rows in empty regions of the code space,
+which an autoencoder often rebuilds well (extreme values along the data's main
+axis, or a small group of anomalies it saw while training).
 
 ``contamination`` is validated in (0, 0.5]; ``threshold_`` is fixed once at fit
 time as the (1 - contamination) percentile of the training scores, or given with
 ``--threshold``. Output ``scores.parquet``: the id column (when given), ``score``
-(mean squared reconstruction error in scaled units; higher = more anomalous) and
-``is_anomaly`` (``score > threshold_``), one row per input row in input order.
+and ``is_anomaly`` (``score > threshold_``), one row per input row in input order.
 
 Semi-supervised use: fit on ``--input`` (normal data), score ``--apply-to``.
-Unsupervised use: fit and score the same data; training is robust to the
-anomalies it contains because each batch's largest-loss share (the
-contamination) is left out of the loss (a trimmed reconstruction loss).
+Unsupervised use: fit and score the same data. The fit is robust to the
+anomalies it contains (``robust``, the default): each batch's largest-loss share
+(the contamination) is left out of the loss, and a first fit ranks the rows so
+that the worst-reconstructed contamination share is set aside before the final
+fit and is not part of the code-space reference.
 
 With a label column (``positive_label`` marks anomalies): ROC-AUC and average
 precision for ours and, on the same data in the same run, for IsolationForest,
@@ -31,6 +40,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
 from models.dense import DenseAEConfig, DenseAutoencoder
+from models.detector import DetectorConfig, KnnAutoencoderDetector
 from models.training import predict
 from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -51,7 +61,17 @@ class Config(AppConfig):
     threshold: float | None = Field(
         None, description="Fixed score threshold (default: the training scores' (1 - contamination) percentile)."
     )
-    robust: bool = Field(True, description="Trim each batch's largest losses (the contamination share) while training.")
+    robust: bool = Field(
+        True,
+        description="Robust fit for data that may hold anomalies: trim each batch's largest losses (the contamination "
+        "share) and set the worst-reconstructed contamination share of rows aside before the final fit.",
+    )
+    knn_k: int = Field(20, ge=1, description="Neighbours in code space whose mean distance is part of the score.")
+    knn_weight: float = Field(3.0, ge=0.0, description="Weight of the code-space distance in the score (0: reconstruction error only).")
+    max_reference: int = Field(20000, ge=2, description="Training rows (sampled) kept as the code-space reference.")
+    min_steps: int = Field(
+        300, ge=0, description="At least this many optimiser steps per fit: small tables get more epochs than train.epochs."
+    )
     positive_label: str = Field("1", description="Label value that marks an anomaly (for the metrics).")
     bins: int = Field(50, ge=5, description="Bins of the score histogram.")
 
@@ -80,25 +100,80 @@ def trimmed_loss(model: nn.Module, batch: Tensor, generator: torch.Generator, tr
     return per_row.mean()
 
 
+def _train_ae(model: nn.Module, train_x: np.ndarray, val_x: np.ndarray, train_cfg: TrainConfig, trim: float, *,
+              run, show_progress: bool, label: str):
+    loss = partial(trimmed_loss, trim=trim)
+    return train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label=label, show_progress=show_progress)
+
+
 def fit_detector(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-    contamination: float, robust: bool = True, run=None, show_progress: bool = False,
-) -> tuple[DenseAutoencoder, object]:
-    model = DenseAutoencoder(
-        DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                      model_cfg.dropout, model_cfg.batch_norm)
-    )
-    loss = partial(trimmed_loss, trim=contamination if robust else 0.0)
-    result = train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label="detect autoencoder",
-                         show_progress=show_progress)
+    contamination: float, robust: bool = True, knn_k: int = 20, knn_weight: float = 3.0,
+    max_reference: int = 20000, min_steps: int = 300, run=None, show_progress: bool = False,
+) -> tuple[KnnAutoencoderDetector, object]:
+    """Fit the detector on scaled rows (``train_x`` for the weights, ``val_x`` for early stopping).
+
+    With ``robust`` (unsupervised use: the data may hold anomalies): a first autoencoder with
+    the trimmed loss ranks the rows by reconstruction error, the ``contamination`` share with
+    the largest errors is set aside, and the detector is trained on the rest; its code-space
+    reference holds only the rows kept. Without ``robust``: one plain fit on every row.
+    Only the final fit writes checkpoints to ``run`` (the first one is short and seeded).
+    """
+    ae_cfg = DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
+                           model_cfg.dropout, model_cfg.batch_norm)
+    trim = contamination if robust else 0.0
+    steps_per_epoch = max(1, -(-len(train_x) // train_cfg.batch_size))
+    if train_cfg.epochs * steps_per_epoch < min_steps:
+        train_cfg = train_cfg.model_copy(update={"epochs": -(-min_steps // steps_per_epoch)})
+    keep_train = np.ones(len(train_x), bool)
+    keep_val = np.ones(len(val_x), bool)
+    if robust and len(train_x) + len(val_x) >= 10:
+        first = DenseAutoencoder(ae_cfg)
+        _train_ae(first, train_x, val_x, train_cfg, trim, run=None, show_progress=show_progress,
+                  label="detect autoencoder (ranking pass)")
+        err_train, err_val = _recon_error(first, train_x), _recon_error(first, val_x)
+        cutoff = np.quantile(np.concatenate([err_train, err_val]), 1.0 - contamination)
+        keep_train, keep_val = err_train <= cutoff, err_val <= cutoff
+        if keep_val.sum() == 0 or keep_train.sum() < 2:  # tiny data: nothing sensible to set aside
+            keep_train[:], keep_val[:] = True, True
+        log.info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
+                 int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
+    model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight))
+    result = _train_ae(model, train_x[keep_train], val_x[keep_val], train_cfg.model_copy(update={"seed": train_cfg.seed + 1}),
+                       trim, run=run, show_progress=show_progress, label="detect autoencoder")
+    model.eval()
+    kept = np.concatenate([train_x[keep_train], val_x[keep_val]])
+    if len(kept) > max_reference:
+        kept = kept[np.sort(np.random.default_rng(train_cfg.seed).choice(len(kept), max_reference, replace=False))]
+    device = next(model.parameters()).device
+    model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)))
+    every = np.concatenate([train_x, val_x])
+    recon, dist = _score_parts(model, every, device)
+    model.scales = torch.tensor([float(np.median(recon)), float(np.median(dist)) if len(dist) else 1.0],
+                                dtype=torch.float32, device=device)
     return model, result
 
 
-def anomaly_scores(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """Mean squared reconstruction error per row (higher = more anomalous)."""
+def _recon_error(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     model.eval()
     x_hat = predict(lambda b: model(b).x_hat, x, device=torch.device(device))
     return np.mean((x_hat.astype("float64") - x) ** 2, axis=1)
+
+
+def _score_parts(model: KnnAutoencoderDetector, x: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    both = predict(lambda b: torch.stack(model.score_parts(b), dim=1), x, device=torch.device(device))
+    return both[:, 0].astype("float64"), both[:, 1].astype("float64")
+
+
+def anomaly_scores(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """Anomaly score per row (higher = more anomalous). A :class:`KnnAutoencoderDetector` adds
+    its code-space distance to the reconstruction error (each relative to its training
+    median); a plain autoencoder (detect models saved before the detector existed) scores by
+    reconstruction MSE alone."""
+    if isinstance(model, KnnAutoencoderDetector):
+        model.eval()
+        return predict(model.score, x, device=torch.device(device)).astype("float64")
+    return _recon_error(model, x, device)
 
 
 def fit_threshold(train_scores: np.ndarray, contamination: float) -> float:
@@ -156,7 +231,10 @@ class Detect(TableApp):
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         train_x, val_x, _, _ = ctx.train_arrays
         model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train,
-                                     contamination=cfg.contamination, robust=cfg.robust, run=ctx.run, show_progress=True)
+                                     contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k,
+                                     knn_weight=cfg.knn_weight, max_reference=cfg.max_reference,
+                                     min_steps=cfg.min_steps, run=ctx.run,
+                                     show_progress=True)
         scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
         threshold = cfg.threshold if cfg.threshold is not None else fit_threshold(scores, cfg.contamination)
         state = {
@@ -233,7 +311,7 @@ class Detect(TableApp):
         else:
             ax.hist(scores, bins=cfg.bins)
         ax.axvline(thr, color="red", ls="--", label=f"threshold_ {thr:.4g}")
-        ax.set_xlabel("anomaly score (reconstruction MSE)")
+        ax.set_xlabel("anomaly score (reconstruction error + code-space distance, relative to training)")
         ax.set_ylabel("rows")
         ax.set_title(f"Scores: {int((scores > thr).sum())} of {len(scores)} above the threshold")
         ax.legend()

@@ -3,7 +3,10 @@
 The only application that accepts nulls in its feature columns. The model sees
 each row's observed values and its missingness mask; it is trained by hiding a
 random share (``mask_fraction``) of the *observed* cells of every batch and
-reconstructing them. Output ``imputed.parquet``: the input's columns (excluded
+reconstructing them. The model (``models/dense.py: MaskedImputer``) is an ensemble
+of ``members`` such autoencoders, each with a linear path beside the nonlinear one
+and ``passes`` refinement passes (a pass's imputations are the next pass's input);
+the imputation is the members' mean. Output ``imputed.parquet``: the input's columns (excluded
 ones aside), in their order and with the dtypes they were read with at fit time,
 one row per input row in input order, no nulls in the features, and every
 observed value unchanged (filled cells only). Categorical cells are filled with
@@ -27,7 +30,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from models.dense import DenseAEConfig, MaskedDenseAutoencoder, masked_reconstruction_loss
+from models.dense import DenseAEConfig, ImputerConfig, MaskedImputer, imputer_loss
 from models.training import predict
 from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -44,6 +47,8 @@ class Config(AppConfig):
 
     name = "impute"
     mask_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of observed cells hidden in each training batch.")
+    members: int = Field(5, ge=1, description="Autoencoders trained side by side; the imputation is their mean (1: fastest).")
+    passes: int = Field(2, ge=1, description="Refinement passes: each pass's imputations are the next pass's input.")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of observed cells hidden (MCAR) for the evaluation.")
     eval_seed: int = Field(0, description="Seed of the evaluation's hidden cells.")
     knn_neighbors: int = Field(5, ge=1, description="k of the KNNImputer baseline.")
@@ -86,14 +91,15 @@ def numeric_groups(d: int) -> list[Group]:
 
 def fit_imputer(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-    mask_fraction: float, run=None, show_progress: bool = False,
-) -> tuple[MaskedDenseAutoencoder, object]:
-    """Train the masked autoencoder on scaled rows with ``NaN`` for missing cells."""
-    model = MaskedDenseAutoencoder(
+    mask_fraction: float, members: int = 5, passes: int = 2, run=None, show_progress: bool = False,
+) -> tuple[MaskedImputer, object]:
+    """Train the imputer on scaled rows with ``NaN`` for missing cells."""
+    model = MaskedImputer(ImputerConfig(
         DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                      model_cfg.dropout, model_cfg.batch_norm)
-    )
-    loss = partial(masked_reconstruction_loss, hide=mask_fraction)
+                      model_cfg.dropout, model_cfg.batch_norm),
+        members=members, passes=passes,
+    ))
+    loss = partial(imputer_loss, hide=mask_fraction)
     result = train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label="impute autoencoder",
                          show_progress=show_progress)
     return model, result
@@ -209,7 +215,7 @@ class Impute(TableApp):
     Config = Config
     RunConfig = ImputeRunConfig
     allow_nulls = True
-    model_kind = "masked_dense"
+    model_kind = "masked_imputer"
     cli_options = (
         ("--mask-fraction", "app.mask_fraction", float, "Share of observed cells hidden in each training batch."),
         ("--eval-fraction", "app.eval_fraction", float, "Share of observed cells hidden for the evaluation (MCAR)."),
@@ -228,7 +234,7 @@ class Impute(TableApp):
                 )
         train_x, val_x, _, _ = ctx.train_arrays
         model, result = fit_imputer(train_x, val_x, ctx.config.model, ctx.config.train, mask_fraction=cfg.mask_fraction,
-                                    run=ctx.run, show_progress=True)
+                                    members=cfg.members, passes=cfg.passes, run=ctx.run, show_progress=True)
         return Fitted(model=model, schema=ctx.schema, stats=prep.stats, train=result)
 
     def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:

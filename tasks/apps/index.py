@@ -49,7 +49,13 @@ class Config(AppConfig):
     ann_threshold: int = Field(50_000, ge=0, description="Collections larger than this get an ANN index (auto).")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
     ef_construction: int = Field(200, ge=8, description="HNSW build-time beam width.")
-    ef_search: int = Field(128, ge=1, description="HNSW search-time beam width.")
+    ef_search: int = Field(128, ge=1, description="HNSW search-time beam width (the start of the calibration).")
+    target_recall: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="HNSW: after the build, ef_search is doubled until recall@k on a sample of the collection "
+        "(against exact search) reaches this; 0 keeps ef_search as given.",
+    )
+    max_ef_search: int = Field(4096, ge=1, description="Upper bound of the ef_search calibration.")
     ivf_nlist: int | None = Field(None, ge=1, description="IVF cells (None: 4 * sqrt(n)).")
     ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
     k: int = Field(10, ge=1, le=1000, description="Neighbours for precision@k and recall@k.")
@@ -100,7 +106,35 @@ def build_index(codes: np.ndarray, kind: str, cfg: Config, seed: int = 0) -> tup
         index.train(sample)
         index.nprobe = min(cfg.ivf_nprobe, nlist)
     index.add(codes)
+    if kind == "hnsw" and cfg.target_recall > 0:
+        calibrate_ef_search(index, codes, cfg, seed)
     return index, kind
+
+
+def calibrate_ef_search(index: Any, codes: np.ndarray, cfg: Config, seed: int = 0, sample: int = 200) -> float:
+    """Double the HNSW index's ``efSearch`` from ``cfg.ef_search`` until recall@k on ``sample`` rows of the
+    collection (queried for k + 1 neighbours, themselves left out) reaches ``cfg.target_recall``
+    or ``cfg.max_ef_search`` is reached. Returns the recall measured at the chosen setting."""
+    n = len(codes)
+    k = min(cfg.k, n - 1)
+    if k < 1:
+        return 1.0
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    queries = np.ascontiguousarray(codes[rows], dtype=np.float32)
+    _, exact = exact_neighbours(codes, queries, k + 1)
+
+    def others(ids: np.ndarray) -> np.ndarray:  # each row's neighbours without the row itself
+        return np.stack([np.concatenate([r[r != q], np.full(k + 1, -1)])[:k] for r, q in zip(ids, rows, strict=True)])
+
+    truth = others(exact)
+    ef = min(cfg.ef_search, cfg.max_ef_search)
+    while True:
+        index.hnsw.efSearch = ef
+        _, got = index.search(queries, k + 1)
+        recall = recall_at_k(others(got), truth, k)
+        if recall >= cfg.target_recall or ef >= cfg.max_ef_search:
+            return recall
+        ef = min(2 * ef, cfg.max_ef_search)
 
 
 def serialize_index(index: Any) -> bytes:
@@ -236,7 +270,8 @@ class Index(ImageApp):
             "n": int(codes.shape[0]),
             "dim": int(codes.shape[1]),
             "metric": "l2",
-            "params": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search,
+            "params": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction,
+                       "ef_search": int(index.hnsw.efSearch) if kind == "hnsw" else cfg.ef_search,
                        "nprobe": cfg.ivf_nprobe},
             "image": {"mode": load.mode, "size": load.size, "fit": load.fit},
             "model_run": fitted.source_run or run.uri,
