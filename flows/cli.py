@@ -58,6 +58,11 @@ COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = 
     ("run_id", ("--run-id",), "run_id", str, "Name of the run directory (default: time + fingerprint)."),
 )
 
+IMAGE_HELP = {
+    "input": "Training images: a folder of PNG/JPEG (class subfolders name labels), searched recursively; local or s3://.",
+    "apply_to": "Images to apply the model to: a folder of PNG/JPEG, local or s3:// (default: the input).",
+}
+
 
 class _UserErrorFilter(logging.Filter):
     """Drop console records that would repeat a user error with a traceback."""
@@ -155,6 +160,8 @@ def _make_run_command(application: Any) -> None:
     # Image applications name the common options that apply to them (no table columns).
     accepted = getattr(application, "common_options", None)
     common = [o for o in COMMON_OPTIONS if accepted is None or o[0] in accepted]
+    if accepted is not None:  # image applications: folders of images, not tables
+        common = [(n, f, p, t, IMAGE_HELP.get(n, h)) for n, f, p, t, h in common]
     option_specs = common + extra
     params = []
     for name, flags, _path, typ, help_ in option_specs:

@@ -161,6 +161,10 @@ class CompressApp:
     name: ClassVar[str] = "compress"
     Config: ClassVar[type[AppConfig]] = CompressConfig
     RunConfig: ClassVar[type[RunConfig]] = CompressRunConfig
+    # The common `aeflow run` options that apply (no table columns, no Dask, no validation split option).
+    common_options: ClassVar[tuple[str, ...]] = (
+        "input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed", "device", "run_id",
+    )
     cli_options: ClassVar[tuple[tuple[str, str, type, str], ...]] = (
         ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
         ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),

@@ -75,6 +75,16 @@ def test_help_lists_commands_and_options():
         assert opt in res.stdout
 
 
+@pytest.mark.parametrize("name", ["compress", "denoise", "index"])
+def test_image_apps_help_shows_only_what_applies_to_images(name):
+    res = runner.invoke(app, ["run", name, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "PNG/JPEG" in res.stdout and "CSV/Parquet" not in res.stdout
+    for table_only in ("--label-column", "--id-column", "--exclude", "--format", "--hidden"):
+        assert table_only not in res.stdout, f"{table_only} does not apply to {name}"
+    assert "--quality" in res.stdout if name == "compress" else "--mode" in res.stdout
+
+
 def test_sample_data(tmp_path):
     res = runner.invoke(app, ["sample-data", "--output", str(tmp_path)])
     assert res.exit_code == 0, res.output
