@@ -81,8 +81,9 @@ class DetectRunConfig(RunConfig):
 
     app: Config = Config()
     # A short, regularised fit: an autoencoder trained to convergence also learns to reconstruct
-    # the anomalies in its training data (benchmarks/RESULTS.md: contaminated regime).
-    model: ModelConfig = ModelConfig(latent_dim=4, hidden=(64, 32), dropout=0.2)
+    # the anomalies in its training data (benchmarks/RESULTS.md: contaminated regime). Latent 8 with
+    # batch norm was the best default across breast cancer, wine and digits in one-seed-set sweeps.
+    model: ModelConfig = ModelConfig(latent_dim=8, hidden=(64, 32), dropout=0.2, batch_norm=True)
     train: TrainConfig = TrainConfig(epochs=15, batch_size=32, weight_decay=1e-5)
 
 
