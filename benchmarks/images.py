@@ -112,11 +112,14 @@ def bench_ann(n: int = 100_000, d: int = 128, nq: int = 1000) -> None:
         ivf_build = time.perf_counter() - t0
         _, ii, iqps = timed_search(ivf, queries, 10)
         out[name] = {"hnsw_recall_at_10": recall_at_k(ai, ei, 10), "hnsw_qps": aqps, "exact_qps": eqps,
+                     "hnsw_ef_search_calibrated": int(hnsw.hnsw.efSearch),
                      "hnsw_speedup": aqps / eqps, "hnsw_build_s": build,
                      "ivf_recall_at_10": recall_at_k(ii, ei, 10), "ivf_qps": iqps, "ivf_speedup": iqps / eqps,
                      "ivf_build_s": ivf_build}
     _save("ann", {"n": n, "dim": d, "queries": nq, "threads": 2,
+                  "os_load_average": os.getloadavg()[0],
                   "settings": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search,
+                               "target_recall": cfg.target_recall,
                                "ivf_nlist": "4*sqrt(n)", "ivf_nprobe": cfg.ivf_nprobe}, "results": out})
 
 
