@@ -63,6 +63,33 @@ IMAGE_HELP = {
     "apply_to": "Images to apply the model to: a folder of PNG/JPEG, local or s3:// (default: the input).",
 }
 
+# The demo's summary: per application, the metrics people compare first; True = higher is better.
+HEADLINES: dict[str, tuple[tuple[str, bool], ...]] = {
+    "reduce": (("recon_mse", False), ("trustworthiness", True)),
+    "extract": (("accuracy", True), ("accuracy_10_per_class", True)),
+    "detect": (("roc_auc", True), ("average_precision", True)),
+    "impute": (("rmse", False), ("accuracy", True)),
+    "denoise": (("psnr", True), ("ssim", True)),
+    "index": (("precision_at_10", True), ("recall_at_10", True)),
+    "compress": (("psnr", True), ("bd_rate_vs_jpeg_pct", False), ("bd_rate_vs_webp_pct", False)),
+}
+
+
+def headline_rows(app_name: str, metrics: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(metric, ours, best baseline "name value") for the app's headline metrics that the run reported."""
+    rows = []
+    for metric, higher in HEADLINES.get(app_name, ()):
+        ours = metrics.get(metric)
+        if not isinstance(ours, (int, float)) or isinstance(ours, bool):
+            continue
+        scored = [(name, v[metric]) for name, v in baselines.items() if isinstance(v.get(metric), (int, float))]
+        best = ""
+        if scored:
+            name, value = (max if higher else min)(scored, key=lambda nv: nv[1])
+            best = f"{name} {value:.3f}"
+        rows.append((metric + (" (↑)" if higher else " (↓)"), f"{ours:.3f}", best))
+    return rows
+
 
 class _UserErrorFilter(logging.Filter):
     """Drop console records that would repeat a user error with a traceback."""
@@ -472,9 +499,10 @@ def demo(
     codec = Path(__file__).resolve().parents[1] / "benchmarks" / "weights" / "codec"
     if codec.is_dir():
         image_jobs.append(("compress", "photos (held out)", {"model_run": str(codec), "load.apply_to": images["photos_heldout"]}))
-    summary = Table(title="aeflow demo", title_justify="left")
-    for col in ("app", "data", "aeflow", "baseline", "run URI"):
-        summary.add_column(col, overflow="fold")
+    summary = Table(title="aeflow demo: headline metrics (held-out data)", title_justify="left")
+    for col in ("app", "data", "metric", "aeflow", "best baseline"):
+        summary.add_column(col, overflow="fold", justify="right" if col == "aeflow" else "left")
+    run_uris: list[tuple[str, str, str]] = []
     failures = 0
     all_jobs = [(a, d, o, True) for a, d, o in jobs] + [(a, d, o, False) for a, d, o in image_jobs]
     for app_name, data, opts, tabular in all_jobs:
@@ -493,14 +521,15 @@ def demo(
             err.print(f"[red]{app_name} on {data} failed:[/] {e}")
             summary.add_row(app_name, data, "failed", "", str(e)[:80])
             continue
-        ours = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items() if isinstance(v, float))
-        base = "; ".join(
-            f"{b}: " + ", ".join(f"{k} {v:.3f}" for k, v in vals.items() if isinstance(v, float))
-            for b, vals in result.baselines.items()
-        )
-        summary.add_row(app_name, data, ours, base, result.run_uri)
+        for i, (metric, ours, best) in enumerate(headline_rows(app_name, result.metrics, result.baselines)):
+            summary.add_row(app_name if i == 0 else "", data if i == 0 else "", metric, ours, best,
+                            end_section=False)
+        summary.add_section()
+        run_uris.append((app_name, data, result.run_uri))
     out.print(summary)
-    out.print(f"List them with: aeflow runs list --output {output}")
+    for app_name, data, uri in run_uris:
+        out.print(f"  {app_name} ({data}): {uri}", highlight=False, soft_wrap=True)
+    out.print(f"All metrics: aeflow runs show RUN_URI; list them with: aeflow runs list --output {output}")
     if failures:
         raise typer.Exit(1)
 

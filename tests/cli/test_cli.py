@@ -104,3 +104,17 @@ def test_one_key_of_a_section_keeps_the_apps_other_defaults():
     assert cfg.model.hidden == (64,) and cfg.model.latent_dim == 2
     cfg = resolve_config(ReduceRunConfig, sets=["model.latent_dim=5"])
     assert cfg.model.latent_dim == 5 and cfg.model.hidden == ReduceRunConfig().model.hidden
+
+
+def test_demo_headline_rows_pick_the_best_baseline_by_direction():
+    from flows.cli import headline_rows
+
+    rows = headline_rows(
+        "impute",
+        {"rmse": 0.1, "accuracy": None},
+        {"knn": {"rmse": 0.3, "accuracy": None}, "iterative": {"rmse": 0.2}, "mean_mode": {"rmse": 0.5}},
+    )
+    assert rows == [("rmse (↓)", "0.100", "iterative 0.200")], "lower RMSE is better; a None metric is left out"
+    rows = headline_rows("detect", {"roc_auc": 0.9}, {"pca": {"roc_auc": 0.7}, "isolation_forest": {"roc_auc": 0.95}})
+    assert rows == [("roc_auc (↑)", "0.900", "isolation_forest 0.950")]
+    assert headline_rows("index", {"recall_at_10": 1.0}, {"exact": {"qps": 10.0}}) == [("recall_at_10 (↑)", "1.000", "")]
