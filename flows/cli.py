@@ -577,9 +577,10 @@ def serve(
         if api_healthy(api_url):
             err.print(f"a Prefect server is already running at {api_url}; using it", highlight=False)
         else:
-            err.print(f"starting a Prefect server (SQLite) at http://{host}:{port} ...", highlight=False)
+            server_log = _server_log_path()
+            err.print(f"starting a Prefect server (SQLite) at http://{host}:{port} (log: {server_log}) ...", highlight=False)
             try:
-                server = start_server(host, port, server_env(api_url))
+                server = start_server(host, port, server_env(api_url), log_path=str(server_log))
                 err.print(f"prefect server pid {server.pid}", highlight=False)
             except AeflowError as e:
                 _fail(e)
@@ -601,6 +602,15 @@ def serve(
             # runner can still pause its deployments; then the server goes.
             err.print("stopping the Prefect server", highlight=False)
             stop_process_group(server)
+
+
+def _server_log_path() -> Path:
+    """Where the server that ``aeflow serve`` starts writes its log: PREFECT_HOME/server.log."""
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home / "server.log"
 
 
 @app.command("backfill")
