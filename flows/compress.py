@@ -1,10 +1,11 @@
-"""The compress flow: inspect images -> fit (or load --model) -> apply -> evaluate -> report -> manifest.
+"""The compress flow: inspect images -> load (Dask) -> fit (or load --model) -> apply -> evaluate -> report -> manifest.
 
-A small image pipeline of its own (issue 5 landed before the shared image
-pipeline of issue 4): images are listed and decoded once at the door, in the
-flow process. When ``run_image_app`` lands, this body is the place to switch to
-it; the application's methods (``tasks/apps/compress.py``) stay as they are.
-A failure anywhere discards the run: no manifest, nothing half-written.
+The stages of every image application (``run_image_app``): files are listed and
+hashed at the door, decoded in parallel on the Dask client by the shared loader
+(:func:`tasks.images.load_images`, modes kept, transparency refused) into shards
+of the run directory; then the codec's own fit/apply/evaluate/report
+(``tasks/apps/compress.py``). A failure anywhere discards the run: no manifest,
+nothing half-written.
 """
 
 # No ``from __future__ import annotations``: Prefect reads the flow's parameter types at runtime.
@@ -23,10 +24,12 @@ from tasks.apps.compress import (
     apply_task,
     evaluate_task,
     fit_task,
-    inspect_images,
     report_task,
 )
+from tasks.apps.images_base import load_images_task
 from tasks.errors import ConfigError
+from tasks.images import ImageSource, inspect_images
+from tasks.preprocess import dask_client
 from tasks.storage import ArtifactStore
 
 
@@ -37,30 +40,26 @@ def run_compress_app(config: CompressRunConfig) -> RunResult:
     created = datetime.now(UTC)
     load = config.load
     store = ArtifactStore(config.output)
-    cache: dict[str, Any] = {}
 
     with _stage(timings, "inspect"):
         fitted = None
-        train_src = None
+        srcs: dict[str, ImageSource] = {}
         if config.model_run:
             fitted = APP.load(config.model_run)
-            target_uri = load.apply_to or load.input
-            if not target_uri:
+            if not (load.apply_to or load.input):
                 raise ConfigError("--model needs images to apply it to: pass --apply-to (or --input)")
+            srcs["apply_to"] = inspect_images(load.apply_to or load.input, "apply-to" if load.apply_to else "input",
+                                              skip_bad=load.skip_bad)
+            APP.quality(config, fitted)  # a bad --quality fails before any work
         else:
             if not load.input:
                 raise ConfigError("--input is required (or --model RUN to reuse a trained codec)")
-            train_src = inspect_images(load.input, "input", cache)
-            target_uri = load.apply_to or load.input
-        target_src = train_src if train_src is not None and target_uri == load.input else inspect_images(
-            target_uri, "apply-to" if load.apply_to else "input", cache)
-        if fitted is not None:
-            APP.quality(config, fitted)  # a bad --quality fails before any work
+            srcs["input"] = inspect_images(load.input, "input", skip_bad=load.skip_bad)
+            if load.apply_to:
+                srcs["apply_to"] = inspect_images(load.apply_to, "apply-to", skip_bad=load.skip_bad)
         store.check_writable()
 
-    hashes: dict[str, Any] = {"apply_to": [f.hash for f in target_src.files]}
-    if train_src:
-        hashes["input"] = [f.hash for f in train_src.files]
+    hashes: dict[str, Any] = {role: [f.hash for f in src.files] for role, src in srcs.items()}
     if fitted is not None:
         hashes["model_run"] = config.model_run
     fingerprint = config.fingerprint(hashes)
@@ -73,7 +72,10 @@ def run_compress_app(config: CompressRunConfig) -> RunResult:
     run = store.start_run(APP.name, fingerprint, config.model_dump(mode="json"), config.run_id)
     log.info("compress run %s -> %s", run.run_id, run.uri)
     try:
-        ctx = CompressContext(config=config, run=run, train=train_src, target=target_src, images=cache)
+        with dask_client(config.dask_address), _stage(timings, "load"):
+            sets = {role: load_images_task(src, load, run, f"images/{role}") for role, src in srcs.items()}
+        ctx = CompressContext(config=config, run=run, train=sets.get("input"),
+                              target=sets.get("apply_to") or sets["input"])
         if fitted is None:
             with _stage(timings, "train"):
                 fitted = fit_task(ctx)
@@ -85,12 +87,11 @@ def run_compress_app(config: CompressRunConfig) -> RunResult:
             evaluation, rd = evaluate_task(ctx, fitted, per_image)
         with _stage(timings, "report"):
             outputs.update(report_task(ctx, fitted, rd))
-        inputs = {}
-        if train_src is not None:
-            inputs["input"] = list(train_src.files)
-        if target_src is not None and target_src is not train_src:
-            inputs["apply_to"] = list(target_src.files)
-        result = _publish(APP.name, run, config, created, fingerprint, inputs, fitted, outputs, evaluation, timings, "cpu")
+        skipped = [s for imset in sets.values() for s in imset.skipped]
+        extra = {"images": {role: len(imset) for role, imset in sets.items()}, "skipped": skipped}
+        result = _publish(APP.name, run, config, created, fingerprint,
+                          {role: list(src.files) for role, src in srcs.items()}, fitted, outputs, evaluation,
+                          timings, "cpu", extra)
     except BaseException:
         run.discard()
         raise

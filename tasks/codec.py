@@ -24,37 +24,33 @@ from models.metrics import ms_ssim, psnr
 from tasks.errors import InputError, ModelMismatchError, StorageError
 from tasks.storage import MODEL_DIR, ArtifactStore, RunDir, open_run, url_to_fs
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
 # -- images --------------------------------------------------------------------------------
 
 
 def decode_image_bytes(data: bytes, name: str) -> tuple[np.ndarray, str]:
-    """Decode PNG/JPEG/... bytes to uint8 (H, W) for grayscale or (H, W, 3) for colour, and the mode.
+    """Decode PNG/JPEG bytes to uint8 (H, W) for grayscale or (H, W, 3) for colour, and the mode.
 
-    Palette and other colour modes become RGB; an alpha channel is refused (the
-    codec has no alpha plane, and silently dropping it would lose data).
+    The shared image decoder (:func:`tasks.images.decode_image`, mode ``keep``) with
+    transparency refused: the codec has no alpha plane, and silently dropping it
+    would lose data.
 
     Raises:
         InputError: naming ``name`` when the bytes do not decode or have alpha.
     """
-    from PIL import Image, UnidentifiedImageError
+    from tasks.images import decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-                raise InputError(f"{name}: image has an alpha channel (mode {mode}); the codec stores L or RGB only")
-            if mode in ("L", "1", "I;16", "I", "F"):
-                arr = np.asarray(im.convert("L"))
-                return arr, "L"
-            return np.asarray(im.convert("RGB")), "RGB"
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{name}: not a decodable image ({e})") from e
+        chw = decode_image(data, "keep", alpha="refuse")
+    except ValueError as e:
+        raise InputError(f"{name}: {e}") from e
+    return from_chw(chw)
+
+
+def from_chw(chw: np.ndarray) -> tuple[np.ndarray, str]:
+    """A decoded ``(C, H, W)`` array as the codec's (H, W) "L" or (H, W, 3) "RGB" image."""
+    if chw.shape[0] == 1:
+        return chw[0], "L"
+    return np.ascontiguousarray(chw.transpose(1, 2, 0)), "RGB"
 
 
 def read_image(uri: str) -> tuple[np.ndarray, str]:

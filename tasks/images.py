@@ -50,6 +50,9 @@ class ImageLoadConfig(Frozen):
     fit: Literal["resize", "crop"] = Field(
         "resize", description="With size: resize (ignores aspect ratio) or crop (shorter side to size, then centre crop)."
     )
+    alpha: Literal["white", "refuse"] = Field(
+        "white", description="Images with transparency: composite on white, or refuse them (the codec has no alpha plane)."
+    )
     skip_bad: bool = Field(False, description="Leave out files that do not decode (listed in the manifest) instead of failing.")
     shard_size: int = Field(64, ge=1, le=100_000, description="Images per Dask task and per shard file.")
 
@@ -194,8 +197,12 @@ def _sha256(fs: Any, path: str) -> str:
 # Decoding (pure functions; run on Dask workers)
 
 
-def decode_image(data: bytes, mode: Mode = "gray", size: int | None = None, fit: str = "resize") -> np.ndarray:
+def decode_image(
+    data: bytes, mode: Mode = "gray", size: int | None = None, fit: str = "resize", alpha: str = "white"
+) -> np.ndarray:
     """Decode PNG/JPEG bytes to a uint8 ``(C, H, W)`` array.
+
+    Transparency is composited on white, or with ``alpha="refuse"`` is an error.
 
     Raises:
         ValueError: with the reason when the bytes are not a decodable image.
@@ -223,6 +230,8 @@ def decode_image(data: bytes, mode: Mode = "gray", size: int | None = None, fit:
     gray_like = img.mode in ("1", "L", "LA", "I", "F")
     target = {"gray": "L", "rgb": "RGB"}.get(mode) or ("L" if gray_like else "RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if alpha == "refuse":
+            raise ValueError(f"image has an alpha channel (mode {img.mode}); the codec stores L or RGB only")
         # Composite transparency on white rather than letting convert() drop alpha to black.
         base = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(base, img.convert("RGBA"))
@@ -263,7 +272,9 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _decode_shard(uris: list[str], mode: Mode, size: int | None, fit: str, out_uri: str | None) -> list[dict[str, Any]]:
+def _decode_shard(
+    uris: list[str], mode: Mode, size: int | None, fit: str, out_uri: str | None, alpha: str = "white"
+) -> list[dict[str, Any]]:
     """Decode one shard of files; write the good ones as one ``.npz``; report every file."""
     report: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
@@ -272,7 +283,7 @@ def _decode_shard(uris: list[str], mode: Mode, size: int | None, fit: str, out_u
             fs, path = url_to_fs(uri)
             with fs.open(path, "rb") as f:
                 data = f.read()
-            arr = decode_image(data, mode, size, fit)
+            arr = decode_image(data, mode, size, fit, alpha)
         except ValueError as e:
             report.append({"ok": False, "reason": str(e)})
             continue
@@ -302,7 +313,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     out_uris: list[str | None] = [f"{run.uri_of(prefix)}/shard-{i:05d}.npz" for i in range(len(groups))] if run else [None] * len(groups)
     if run is not None:
         run.makedirs(prefix)
-    jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u) for g, u in zip(groups, out_uris, strict=True)]
+    jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha) for g, u in zip(groups, out_uris, strict=True)]
     reports = dask.compute(*jobs)
     bad: list[dict[str, str]] = []
     keep_rel, keep_labels, shapes, shards, counts = [], [], [], [], []

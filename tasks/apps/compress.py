@@ -10,10 +10,8 @@ rate-distortion plot and the BD-rate vs JPEG and WebP.
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,21 +23,20 @@ from models.codec import CodecConfig, ImageCodec, make_loss_fn, random_patches
 from models.metrics import bd_rate
 from models.training import TrainResult
 from tasks.codec import (
-    IMAGE_EXTENSIONS,
     JPEG_QUALITIES,
     WEBP_QUALITIES,
     LoadedCodec,
     check_quality,
     code_image,
-    decode_image_bytes,
     encode_png,
+    from_chw,
     load_codec_run,
     pillow_point,
 )
 from tasks.config import AppConfig, RunConfig, TrainConfig
-from tasks.errors import InputError
+from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images
 from tasks.prefect_utils import COMPUTE_TASK
-from tasks.storage import FileRecord, RunDir, to_uri, url_to_fs
+from tasks.storage import RunDir
 from tasks.train import train_model
 
 
@@ -76,24 +73,22 @@ class CompressConfig(AppConfig):
         return v
 
 
+class CompressLoadConfig(ImageLoadConfig):
+    """Image loading for the codec: the shared Dask loader, modes kept (L or RGB), transparency refused."""
+
+    mode: Mode = Field("keep", description="keep (grayscale stays 1 channel, colour is RGB), gray or rgb.")
+    alpha: Literal["white", "refuse"] = Field(
+        "refuse", description="Images with transparency: refuse them (the codec has no alpha plane) or composite on white."
+    )
+
+
 class CompressRunConfig(RunConfig):
     """One run of compress (the flow's parameter)."""
 
+    load: CompressLoadConfig = CompressLoadConfig()
     app: CompressConfig = CompressConfig()
     # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
     train: TrainConfig = TrainConfig(epochs=20, batch_size=8, lr=5e-4, patience=5)
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """The images of one input folder (any fsspec URI), decoded and hashed once at the door."""
-
-    uri: str
-    rels: tuple[str, ...]
-    files: tuple[FileRecord, ...]
-
-    def __len__(self) -> int:
-        return len(self.rels)
 
 
 @dataclass
@@ -111,48 +106,25 @@ class CodecFitted:
 
 @dataclass
 class CompressContext:
+    """What the compress methods get: config, run directory and the loaded images (shards in the run)."""
+
     config: CompressRunConfig
     run: RunDir
-    train: ImageSource | None
-    target: ImageSource
-    images: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # uri -> (pixels, mode)
+    train: ImageSet | None
+    target: ImageSet
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _pixels: dict[str, list[tuple[np.ndarray, str]]] = field(default_factory=dict)
 
-    def pixels(self, source: ImageSource, rel: str) -> tuple[np.ndarray, str]:
-        return self.images[_join(source.uri, rel)]
+    def pixels(self, imset: ImageSet) -> list[tuple[np.ndarray, str]]:
+        """The images of ``imset`` as (H, W) "L" / (H, W, 3) "RGB" arrays with their mode, read once."""
+        key = f"{imset.role}:{imset.source_uri}"
+        if key not in self._pixels:
+            self._pixels[key] = [from_chw(a) for a in iter_images(imset)]
+        return self._pixels[key]
 
 
 def _join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel
-
-
-def inspect_images(uri: str, role: str, cache: dict[str, tuple[np.ndarray, str]]) -> ImageSource:
-    """List the images under ``uri`` (recursively), decode and hash each once.
-
-    Raises:
-        InputError: no images, or a file that does not decode (named).
-    """
-    fs, root = url_to_fs(uri)
-    try:
-        if fs.isfile(root):
-            paths, root = [root], posixpath.dirname(root.replace("\\", "/"))
-        else:
-            paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
-    except FileNotFoundError as e:
-        raise InputError(f"--{role} {uri}: no such folder") from e
-    if not paths:
-        raise InputError(f"--{role} {uri}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    strip = fs._strip_protocol(root).rstrip("/").replace("\\", "/")
-    base = to_uri(fs, strip)
-    rels, files = [], []
-    for p in paths:
-        data = fs.cat_file(p)
-        file_uri = to_uri(fs, p)
-        rel = p.replace("\\", "/")[len(strip) :].lstrip("/")
-        cache[_join(base, rel)] = decode_image_bytes(data, file_uri)
-        rels.append(rel)
-        files.append(FileRecord(path=file_uri, size=len(data), hash="sha256:" + hashlib.sha256(data).hexdigest()))
-    return ImageSource(uri=base, rels=tuple(rels), files=tuple(files))
 
 
 class CompressApp:
@@ -163,7 +135,8 @@ class CompressApp:
     RunConfig: ClassVar[type[RunConfig]] = CompressRunConfig
     # The common `aeflow run` options that apply (no table columns, no Dask, no validation split option).
     common_options: ClassVar[tuple[str, ...]] = (
-        "input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed", "device", "run_id",
+        "input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed", "device",
+        "dask_address", "run_id",
     )
     cli_options: ClassVar[tuple[tuple[str, str, type, str], ...]] = (
         ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
@@ -171,6 +144,7 @@ class CompressApp:
         ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
+        ("--skip-bad", "load.skip_bad", bool, "Leave out files that do not decode (listed in the manifest) instead of failing."),
     )
 
     # -- fit ---------------------------------------------------------------------------------
@@ -182,7 +156,7 @@ class CompressApp:
         """Train the codec on random crops of the training images; validation on held-back crops."""
         assert ctx.train is not None
         a, seed = ctx.config.app, ctx.config.train.seed
-        images = [ctx.pixels(ctx.train, rel)[0] for rel in ctx.train.rels]
+        images = [img for img, _ in ctx.pixels(ctx.train)]
         train_x = random_patches(images, a.patches, a.patch_size, seed=seed)
         val_x = random_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
         model = self.build_model(ctx)
@@ -215,9 +189,8 @@ class CompressApp:
         """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics."""
         q = self.quality(ctx.config, fitted)
         rows = []
-        for rel in ctx.target.rels:
-            img, mode = ctx.pixels(ctx.target, rel)
-            name = _join(ctx.target.uri, rel)
+        for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
+            name = _join(ctx.target.source_uri, rel)
             coded = code_image(fitted.codec, img, mode, q, name)
             stem = rel.rsplit(".", 1)[0]
             ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
@@ -257,10 +230,9 @@ class CompressApp:
         ]
         rd_rows: list[dict[str, Any]] = []
         if a.rd_sweep:
-            for rel in ctx.target.rels:
-                img, mode = ctx.pixels(ctx.target, rel)
+            for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
                 for level in range(fitted.model.config.levels):
-                    c = code_image(fitted.codec, img, mode, level, _join(ctx.target.uri, rel))
+                    c = code_image(fitted.codec, img, mode, level, _join(ctx.target.source_uri, rel))
                     rd_rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
                                     "ms_ssim": c.ms_ssim})
                 for fmt, qs in (("jpeg", a.jpeg_qualities), ("webp", a.webp_qualities)):

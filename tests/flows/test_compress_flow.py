@@ -190,12 +190,12 @@ def test_bad_images_fail_before_any_work(prefect_server, tmp_path):
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     res = runner.invoke(app, ["run", "compress", "--input", str(d), "--output", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 3, res.output
-    assert f"{d}/broken.png: not a decodable image" in res.output
+    assert f"{d}/broken.png: cannot decode image" in res.output and "--skip-bad" in res.output
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").rglob("manifest.json"))
     empty = tmp_path / "none"
     empty.mkdir()
     res = runner.invoke(app, ["run", "compress", "--input", str(empty), "--output", str(tmp_path / "out"), "--quiet"])
-    assert res.exit_code == 3 and "no images" in res.output
+    assert res.exit_code == 3 and f"no PNG/JPEG images found in input {empty}" in res.output
 
 
 def test_cli_with_the_committed_benchmark_codec(tmp_path):
@@ -212,3 +212,30 @@ def test_cli_with_the_committed_benchmark_codec(tmp_path):
     from models.metrics import psnr
 
     assert psnr(skimage.data.chelsea()[:96, :120], dec) > 22
+
+
+def test_transparent_images_are_refused_or_skipped(prefect_server, tmp_path):
+    """The shared loader refuses alpha for the codec (no alpha plane); --skip-bad leaves such files out."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "ok.png").write_bytes(_png(skimage.data.astronaut()[:48, :64]))
+    rgba = np.dstack([skimage.data.astronaut()[:32, :32], np.full((32, 32), 128, np.uint8)])
+    (d / "glass.png").write_bytes(_png(rgba))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "compress", "--input", str(d), "--output", str(out), "--quiet"])
+    assert res.exit_code == 3, res.output
+    assert f"{d}/glass.png: image has an alpha channel (mode RGBA)" in res.output
+    assert not any(out.rglob("manifest.json")), "a failed run leaves no manifest"
+
+    cfg = resolve_config(CompressRunConfig, options={**TINY, "load.input": str(d), "output": str(out),
+                                                     "load.skip_bad": True, "app.rd_sweep": False})
+    result = FLOWS["compress"](config=cfg)
+    m = open_run(result.run_uri).manifest()
+    assert [s["path"].rsplit("/", 1)[-1] for s in m.extra["skipped"]] == ["glass.png"]
+    assert "alpha" in m.extra["skipped"][0]["reason"]
+    assert sorted(pd.read_parquet(result.outputs["per_image"])["image"]) == ["ok.png"]
+    assert os.path.exists(os.path.join(result.run_uri, "codes", "ok.png.aec"))
+    assert not os.path.exists(os.path.join(result.run_uri, "codes", "glass.png.aec"))
+    res = runner.invoke(app, ["compress", str(d / "glass.png"), "--model", result.run_uri, "-o", str(tmp_path / "c")])
+    assert res.exit_code == 3 and f"{d}/glass.png: image has an alpha channel" in res.output, res.output
+    assert not (tmp_path / "c" / "glass.aec").exists()
