@@ -368,7 +368,7 @@ def search(
 
 @app.command("compress")
 def compress_cmd(
-    images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG/...; local or s3://).", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG; local or s3://).", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="A compress run whose codec to use (its URI).", show_default=False)],
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the .aec files (local or s3://).")] = ".",
     quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
