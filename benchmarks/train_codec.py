@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.codec import CodecConfig, ImageCodec, load_codec_state, make_loss_fn, random_patches
+from tasks.sample_data import CODEC_HELDOUT_PHOTOS
 
 # Bundled scikit-image photographs. The held-out set is never seen in training
 # (skimage's `cat` is `chelsea`, so it is excluded too).
 TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass",
                 "gravel", "moon", "coins", "clock", "text", "page", "cell")
-HELDOUT_IMAGES = ("chelsea", "coffee", "rocket", "camera")
+HELDOUT_IMAGES = CODEC_HELDOUT_PHOTOS  # also written by `aeflow sample-data` as photos/codec-heldout/
 
 
 def load_images(names: tuple[str, ...]) -> list[np.ndarray]:

@@ -72,6 +72,9 @@ TRAIN_PHOTOS = (
     "chelsea", "coins", "rocket", "moon", "text", "brick", "grass", "gravel", "page",
     "hubble_deep_field", "immunohistochemistry", "clock", "cell", "retina",
 )
+# The committed benchmark codec (benchmarks/weights/codec) has its own split: it was trained
+# on crops of the other photographs (astronaut among them) and never saw these four.
+CODEC_HELDOUT_PHOTOS = ("chelsea", "coffee", "rocket", "camera")
 
 
 def write_digit_images(out_dir: str, overwrite: bool = False) -> str:
@@ -92,12 +95,13 @@ def write_digit_images(out_dir: str, overwrite: bool = False) -> str:
 
 
 def write_photos(out_dir: str, overwrite: bool = False) -> dict[str, str]:
-    """scikit-image's bundled photographs as PNGs: ``train/`` and ``heldout/`` (never trained on)."""
+    """scikit-image's bundled photographs as PNGs: ``train/``, ``heldout/`` (never trained on) and
+    ``codec-heldout/`` (the photographs the committed benchmark codec never saw)."""
     from PIL import Image
     from skimage import data
 
     written = {}
-    for split, names in (("train", TRAIN_PHOTOS), ("heldout", HELDOUT_PHOTOS)):
+    for split, names in (("train", TRAIN_PHOTOS), ("heldout", HELDOUT_PHOTOS), ("codec-heldout", CODEC_HELDOUT_PHOTOS)):
         folder = os.path.join(out_dir, split)
         os.makedirs(folder, exist_ok=True)
         for name in names:
@@ -120,4 +124,5 @@ def write_sample_images(out_dir: str, overwrite: bool = False) -> dict[str, str]
         "digit_images": write_digit_images(os.path.join(out_dir, "digit-images"), overwrite),
         "photos_train": photos["train"],
         "photos_heldout": photos["heldout"],
+        "photos_codec_heldout": photos["codec-heldout"],
     }
