@@ -37,7 +37,7 @@ from tasks.errors import ConfigError
 from tasks.load import inspect_input, with_schema
 from tasks.preprocess import categories_task, dask_client, prepare_task
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
-from tasks.storage import ArtifactStore, Manifest, RunDir, open_run
+from tasks.storage import ArtifactStore, Manifest, RunDir, open_model_source, open_run
 
 VERSIONED = ("aeflow", "torch", "prefect", "dask", "distributed", "pandas", "numpy", "scikit-learn", "pandera", "s3fs", "pyarrow")
 
@@ -204,7 +204,7 @@ def run_image_app(config: RunConfig) -> RunResult:
         fitted = None
         srcs: dict[str, Any] = {}
         if config.model_run:
-            fitted = app.load(open_run(config.model_run), device)
+            fitted = app.load(open_model_source(config.model_run), device)
             if not (load.apply_to or load.input):
                 raise ConfigError("--model needs images to apply it to: pass --apply-to (or --input)")
             srcs["apply_to"] = inspect_images(load.apply_to or load.input, "apply-to", skip_bad=load.skip_bad)

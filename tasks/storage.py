@@ -386,6 +386,44 @@ class ArtifactStore:
         return None
 
 
+@dataclass(frozen=True)
+class ModelFolder:
+    """A bare model folder: ``config.json`` + ``weights.safetensors``, the layout of a run's
+    ``model/`` on its own (e.g. the models trained by the benchmarks and committed with them)."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    @property
+    def uri(self) -> str:
+        return to_uri(self.fs, self.path)
+
+    def load_model_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return (config.json contents, state dict) without unpickling anything."""
+        from safetensors.torch import load
+
+        try:
+            meta = json.loads(self.fs.cat_file(f"{self.path}/config.json"))
+        except json.JSONDecodeError as e:
+            raise StorageError(f"{self.uri}/config.json is not valid JSON: {e}") from e
+        return meta, load(self.fs.cat_file(f"{self.path}/weights.safetensors"))
+
+
+def open_model_source(uri: str) -> RunDir | ModelFolder:
+    """What ``--model`` names: a complete run, or a model folder (config.json + weights.safetensors)."""
+    fs, path = url_to_fs(uri)
+    path = path.rstrip("/")
+    if is_local(fs):
+        path = os.path.abspath(path)
+    try:
+        folder = fs.exists(f"{path}/config.json") and fs.exists(f"{path}/weights.safetensors")
+    except Exception:  # unreadable: open_run reports it
+        folder = False
+    if folder and not fs.exists(f"{path}/{MANIFEST}"):
+        return ModelFolder(fs, path)
+    return open_run(uri)
+
+
 def open_run(uri: str, *, require_complete: bool = True) -> RunDir:
     """Open a run by its URI (``./artifacts/runs/reduce/<id>`` or ``s3://b/p/runs/reduce/<id>``)."""
     fs, path = url_to_fs(uri)

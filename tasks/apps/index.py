@@ -33,7 +33,7 @@ from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tasks.images import ImageLoadConfig, decode_image, stack_images
 from tasks.report import save_figure, training_curve
-from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs
+from tasks.storage import MODEL_DIR, RunDir, open_model_source, open_run, url_to_fs
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -425,7 +425,7 @@ def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
     if run.app != "index" or not run.exists(f"{INDEX_DIR}/meta.json"):
         raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
     meta = run.read_json(f"{INDEX_DIR}/meta.json")
-    model_run = run if run.exists(f"{MODEL_DIR}/config.json") else open_run(meta["model_run"])
+    model_run = run if run.exists(f"{MODEL_DIR}/config.json") else open_model_source(meta["model_run"])
     fitted = Index().load(model_run, device)
     if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
         raise ModelMismatchError(

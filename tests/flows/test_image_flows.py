@@ -105,6 +105,33 @@ def test_denoise_apply_mirrors_inputs_and_improves_psnr(denoise_model, photos, d
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_denoise_model_folder_gives_the_same_outputs_as_the_run(denoise_model, photos, dask_address, tmp_path):
+    """--model also takes a bare model folder (config.json + weights.safetensors), as the committed
+    benchmark models are; a folder of another application's model is refused by name."""
+    import shutil
+
+    result, out = denoise_model
+    root, rels = photos
+    folder = tmp_path / "denoiser"
+    shutil.copytree(os.path.join(result.run_uri, "model"), folder)
+    runs = {}
+    for name, model in (("run", result.run_uri), ("folder", str(folder))):
+        cfg = resolve_config(DenoiseRunConfig, options={
+            "model_run": model, "load.apply_to": str(root / "noisy"), "output": out, "dask_address": dask_address})
+        runs[name] = FLOWS["denoise"](config=cfg).run_uri
+    for rel in rels:
+        a = np.asarray(Image.open(os.path.join(runs["run"], "denoised", rel)))
+        b = np.asarray(Image.open(os.path.join(runs["folder"], "denoised", rel)))
+        assert np.array_equal(a, b), rel
+    assert open_run(runs["folder"]).manifest().model_run == str(folder)
+
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "app": "index"}))
+    res = runner.invoke(cli, ["run", "denoise", "--model", str(folder), "--apply-to", str(root / "noisy"),
+                              "--output", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code != 0 and f"{folder} holds a model of the 'index' application, not 'denoise'" in res.output, res.output
+
+
 def test_denoise_on_s3(denoise_model, photos, dask_address, s3fs_client):
     result, _ = denoise_model
     root, rels = photos
