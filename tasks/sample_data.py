@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from sklearn import datasets
 
@@ -117,10 +118,32 @@ def write_photos(out_dir: str, overwrite: bool = False) -> dict[str, str]:
     return written
 
 
+NOISE_SIGMA = 25.0  # the denoise benchmark's noise level, in 0..255 units
+
+
+def write_noisy(clean_dir: str, out_dir: str, sigma: float = NOISE_SIGMA, seed: int = 0, overwrite: bool = False) -> str:
+    """Copies of the PNGs in ``clean_dir`` with seeded Gaussian noise (sigma in 0..255), rounded and clipped."""
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    for i, name in enumerate(sorted(n for n in os.listdir(clean_dir) if n.endswith(".png"))):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and not overwrite:
+            continue
+        clean = np.asarray(Image.open(os.path.join(clean_dir, name)), dtype=np.float64)
+        noisy = clean + np.random.default_rng([seed, i]).normal(0.0, sigma, clean.shape)
+        tmp = path + ".tmp.png"
+        Image.fromarray(np.clip(np.round(noisy), 0, 255).astype("uint8")).save(tmp)
+        os.replace(tmp, path)
+    return out_dir
+
+
 def write_sample_images(out_dir: str, overwrite: bool = False) -> dict[str, str]:
     """Every sample image set under ``out_dir``; returns {name: folder}."""
     photos = write_photos(os.path.join(out_dir, "photos"), overwrite)
+    noisy = write_noisy(photos["heldout"], os.path.join(out_dir, "photos", f"heldout-noisy-{NOISE_SIGMA:g}"), overwrite=overwrite)
     return {
+        "photos_heldout_noisy": noisy,
         "digit_images": write_digit_images(os.path.join(out_dir, "digit-images"), overwrite),
         "photos_train": photos["train"],
         "photos_heldout": photos["heldout"],
