@@ -249,3 +249,25 @@ def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_ad
     res = runner.invoke(cli, ["search", "--index", ann.run_uri, "--query", str(q), "--k", "1", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["results"][0]["path"] == str(q)
+
+
+def test_committed_benchmark_denoiser_beats_nl_means_on_a_held_out_crop():
+    """benchmarks/weights/denoise (what `make demo` applies): loads as a model folder and
+    denoises a crop of a held-out photograph better than NL-means with the true sigma."""
+    import skimage.data
+    import torch
+    from skimage.restoration import denoise_nl_means
+
+    from models.metrics import psnr
+    from tasks.apps.denoise import Denoise, denoise_array
+    from tasks.storage import open_model_source
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "denoise")
+    fitted = Denoise().load(open_model_source(folder), torch.device("cpu"))
+    clean = skimage.data.camera()[100:228, 180:308].astype(np.float32) / 255  # never trained on
+    noisy = (clean + np.random.default_rng(0).normal(0, 25 / 255, clean.shape)).astype(np.float32)
+    ours = denoise_array(fitted, noisy[None], torch.device("cpu"), 384, 32)[0]
+    nlm = denoise_nl_means(noisy, h=0.8 * 25 / 255, sigma=25 / 255, fast_mode=True, patch_size=5, patch_distance=6)
+    p_noisy, p_ours, p_nlm = (psnr(clean, x.clip(0, 1).astype(np.float32)) for x in (noisy, ours, nlm))  # [0, 1] floats
+    assert p_ours > p_noisy + 6 and p_ours > p_nlm, (p_noisy, p_ours, p_nlm)
+    assert 18 < p_noisy < 23, p_noisy  # sigma 25 on the 0..255 scale
