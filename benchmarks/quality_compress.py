@@ -4,7 +4,7 @@
 
 The codec is trained by :mod:`benchmarks.train_codec` on crops of the training
 photographs only; the trained weights are committed in ``benchmarks/weights/codec``
-(3.3 MB). When ``--codec`` holds no model, it is trained first for ``--train-minutes``. Evaluation on the held-out photographs (chelsea, coffee,
+(5.5 MB). When ``--codec`` holds no model, it is trained first for ``--train-minutes``. Evaluation on the held-out photographs (chelsea, coffee,
 rocket, camera), each coded for real at every quality level: bits per pixel
 from the .aec file sizes, PSNR, MS-SSIM; Pillow JPEG (optimised Huffman, 4:2:0)
 and WebP (method 4) quality sweeps on the same images; BD-rate (PSNR and

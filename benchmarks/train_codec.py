@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/_work/codec")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--channels", type=int, default=64)
-    ap.add_argument("--latent", type=int, default=96)
+    ap.add_argument("--latent", type=int, default=192)
     ap.add_argument("--lambdas", default="0.0006,0.0025,0.006,0.015,0.04,0.1,0.35")
     ap.add_argument("--patch", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)

@@ -55,7 +55,7 @@ class CodecConfig:
     """
 
     channels: int = 64
-    latent_channels: int = 96
+    latent_channels: int = 192
     lambdas: tuple[float, ...] = (0.0006, 0.0025, 0.006, 0.015, 0.04, 0.1, 0.35)
     in_channels: int = 3
     filters: tuple[int, ...] = (3, 3, 3)

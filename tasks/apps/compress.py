@@ -48,10 +48,10 @@ class CompressConfig(AppConfig):
         None, ge=0, description="Quality level of the written codes/ and decoded/ (0 = lowest rate; default: the middle level)."
     )
     channels: int = Field(64, ge=4, le=512, description="Hidden width N of the analysis/synthesis transforms.")
-    latent_channels: int = Field(96, ge=4, le=1024, description="Latent width M.")
+    latent_channels: int = Field(192, ge=4, le=1024, description="Latent width M (its channels bound the quality at high rates).")
     lambdas: tuple[float, ...] = Field(
         (0.0006, 0.0025, 0.006, 0.015, 0.04, 0.1, 0.35),
-        description="Rate-distortion trade-off of each quality level, lowest rate first (about 0.1 to 1 bpp on photographs).",
+        description="Rate-distortion trade-off of each quality level, lowest rate first (about 0.1 to 1.2 bpp on photographs).",
     )
     patch_size: int = Field(64, ge=16, le=512, description="Training crop size (a multiple of 16).")
     patches: int = Field(2048, ge=8, description="Random training crops per epoch (drawn once, seeded).")
