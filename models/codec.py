@@ -39,6 +39,8 @@ from torch import Tensor, nn
 TABLE_PRECISION = 16
 TAIL_MASS = 1e-9
 SEARCH_RANGE = 512
+# Initial Adam step of the encoder-side latent refinement (latent units after the level's gain).
+REFINE_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -343,19 +345,82 @@ class ImageCodec(nn.Module):
         return CodecOutput(x_hat=x_hat, likelihoods={"y": lik}, y_hat=y_hat)
 
     # -- inference: latents <-> integers ----------------------------------------------------
-    @torch.inference_mode()
-    def analyse(self, x: Tensor, quality: int) -> Tensor:
-        """Image (1, 3, H, W) in [0, 1] -> integer latent (M, h, w), clamped to the table supports."""
+    def analyse(self, x: Tensor, quality: int, refine_steps: int = 0) -> Tensor:
+        """Image (1, 3, H, W) in [0, 1] -> integer latent (M, h, w), clamped to the table supports.
+
+        ``refine_steps > 0`` optimises the latent for this image before rounding
+        (:meth:`refine_latent`): slower encoding, the same decoder and file format.
+        """
         q = self._check_quality(quality)
         prior = self.priors[q]
         if not prior.has_tables:
             raise RuntimeError("the entropy model has no integer tables: call update_tables() after training")
-        xp, _ = pad_to_multiple(x, self.stride)
-        g, _ = self._gains(torch.tensor([q], device=x.device))
-        y = torch.round(self.g_a(xp) * g)[0]
+        with torch.inference_mode():
+            xp, _ = pad_to_multiple(x, self.stride)
+            g, _ = self._gains(torch.tensor([q], device=x.device))
+            y = self.g_a(xp) * g
+        if refine_steps > 0:
+            y = self.refine_latent(x, y, q, refine_steps)
+        with torch.inference_mode():
+            return self._round_to_tables(y, q)
+
+    def _round_to_tables(self, y: Tensor, q: int) -> Tensor:
+        prior = self.priors[q]
+        y = torch.round(y)[0]
         lo = prior.table_offset.to(y.device).view(-1, 1, 1).float()
         hi = lo + prior.table_length.to(y.device).view(-1, 1, 1).float() - 1
         return torch.maximum(torch.minimum(y, hi), lo).to(torch.int32)
+
+    def refine_latent(self, x: Tensor, y: Tensor, quality: int, steps: int, lr: float = REFINE_LR,
+                      seed: int = 0) -> Tensor:
+        """Optimise one image's latent for its own ``R + λ·D`` before rounding (encoder side only).
+
+        Stochastic Gumbel annealing (Yang, Bamler & Mandt, "Improving inference for
+        neural image compression", NeurIPS 2020): starting from the analysis
+        transform's ``y``, Adam moves the continuous latent while each element is a
+        Gumbel-softmax mix of its floor and ceiling whose temperature anneals towards
+        hard rounding; the decoder and the entropy model stay fixed, so the file format
+        and decoding are unchanged. Seeded, so encoding stays deterministic.
+
+        Args:
+            x: (1, 3, H, W) in [0, 1], unpadded.
+            y: (1, M, h, w) gain-scaled latent of the padded image (``g_a(x) * gain``).
+            quality: The level (its λ and prior).
+            steps: Adam steps.
+            lr: Initial step size (decays linearly to 0).
+        Returns:
+            The refined continuous latent, same shape as ``y`` (round it to code).
+        """
+        q = self._check_quality(quality)
+        h, w = x.shape[-2:]
+        lam = self.config.lambdas[q] * 255.0**2
+        gen = torch.Generator(device=y.device).manual_seed(seed)
+        with torch.inference_mode(False), torch.enable_grad():
+            target = x.detach().clone()
+            _, ig = self._gains(torch.tensor([q], device=y.device))
+            ig = ig.detach().clone()
+            latent = y.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([latent], lr=lr)
+            prior = self.priors[q]
+            for step in range(steps):
+                t = step / steps
+                tau = 0.5 * math.exp(-3.0 * max(0.0, t - 0.1) / 0.9)
+                floor = torch.floor(latent)
+                frac = (latent - floor).clamp(1e-5, 1 - 1e-5)
+                # Logits of rounding down / up: -atanh(distance) / τ, plus Gumbel noise (seeded).
+                u = torch.rand((2, *latent.shape), generator=gen, device=y.device).clamp(1e-10, 1 - 1e-10)
+                gumbel = -torch.log(-torch.log(u))
+                up = torch.sigmoid((torch.atanh(frac) - torch.atanh(1 - frac)) / tau + gumbel[1] - gumbel[0])
+                y_soft = floor + up
+                bits = -torch.log2(prior.likelihood(y_soft)).sum()
+                x_hat = self.g_s(y_soft * ig)[..., :h, :w]
+                loss = bits / (h * w) + lam * torch.mean((x_hat - target) ** 2)
+                (grad,) = torch.autograd.grad(loss, latent)
+                latent.grad = grad
+                for group in opt.param_groups:
+                    group["lr"] = lr * (1 - t)
+                opt.step()
+            return latent.detach()
 
     @torch.inference_mode()
     def synthesise(self, y_int: Tensor, quality: int, size: tuple[int, int]) -> Tensor:
@@ -371,14 +436,15 @@ class ImageCodec(nn.Module):
         lik = self.priors[self._check_quality(quality)].likelihood(y_int.float().unsqueeze(0))
         return float(-torch.log2(lik).sum())
 
-    def compress(self, x: Tensor, quality: int) -> dict[str, Any]:
+    def compress(self, x: Tensor, quality: int, refine_steps: int = 0) -> dict[str, Any]:
         """Image (1, 3, H, W) in [0, 1] -> ``{"strings": [payload bytes], "shape": (h, w), "y": latent}``.
 
         ``y`` is the integer latent that was coded (for :meth:`estimate_bits` without a second analysis).
+        ``refine_steps``: see :meth:`analyse`.
         """
         from models.entropy_coding import encode_latent
 
-        y = self.analyse(x, quality)
+        y = self.analyse(x, quality, refine_steps)
         freqs, offsets, lengths = self.priors[quality].tables()
         payload = encode_latent(y.cpu().numpy(), freqs, offsets, lengths)
         return {"strings": [payload], "shape": tuple(y.shape[1:]), "y": y}

@@ -53,6 +53,11 @@ class CompressConfig(AppConfig):
         (0.0006, 0.0025, 0.006, 0.015, 0.04, 0.1, 0.35),
         description="Rate-distortion trade-off of each quality level, lowest rate first (about 0.1 to 1.2 bpp on photographs).",
     )
+    refine_steps: int = Field(
+        0, ge=0, le=10000,
+        description="Encoder-side latent refinement steps per image and level (0: the analysis transform alone; "
+                    "about 100: fewer bits and higher PSNR, roughly 100x slower encoding; decoding unchanged).",
+    )
     patch_size: int = Field(64, ge=16, le=512, description="Training crop size (a multiple of 16).")
     patches: int = Field(2048, ge=8, description="Random training crops per epoch (drawn once, seeded).")
     rd_sweep: bool = Field(True, description="Code every image at every quality level and run the JPEG/WebP sweeps.")
@@ -143,6 +148,7 @@ class CompressApp:
         ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
         ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),
         ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
+        ("--refine-steps", "app.refine_steps", int, "Latent refinement steps per image at encoding (0 = off; ~100: fewer bits, much slower)."),
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
         ("--skip-bad", "load.skip_bad", bool, "Leave out files that do not decode (listed in the manifest) instead of failing."),
@@ -189,10 +195,11 @@ class CompressApp:
     def apply(self, ctx: CompressContext, fitted: CodecFitted) -> tuple[dict[str, str], pd.DataFrame]:
         """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics."""
         q = self.quality(ctx.config, fitted)
+        a = ctx.config.app
         rows = []
         for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
             name = _join(ctx.target.source_uri, rel)
-            coded = code_image(fitted.codec, img, mode, q, name)
+            coded = code_image(fitted.codec, img, mode, q, name, a.refine_steps)
             stem = rel.rsplit(".", 1)[0]
             ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
             ctx.run.write_bytes(f"decoded/{stem}.png", encode_png(coded.decoded))
@@ -233,7 +240,7 @@ class CompressApp:
         if a.rd_sweep:
             for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
                 for level in range(fitted.model.config.levels):
-                    c = code_image(fitted.codec, img, mode, level, _join(ctx.target.source_uri, rel))
+                    c = code_image(fitted.codec, img, mode, level, _join(ctx.target.source_uri, rel), a.refine_steps)
                     rd_rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
                                     "ms_ssim": c.ms_ssim})
                 for fmt, qs in (("jpeg", a.jpeg_qualities), ("webp", a.webp_qualities)):

@@ -215,6 +215,16 @@ def test_cli_with_the_committed_benchmark_codec(tmp_path):
     from models.metrics import psnr
 
     assert psnr(skimage.data.chelsea()[:96, :120], dec) > 22
+    # --refine-steps: another encoding of the same image, decoded by the same decoder.
+    res = runner.invoke(app, ["compress", str(src), "--model", folder, "--quality", "2", "--refine-steps", "10",
+                              "-o", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r" / "cat.aec").read_bytes() != (tmp_path / "c" / "cat.aec").read_bytes()
+    res = runner.invoke(app, ["decompress", str(tmp_path / "r" / "cat.aec"), "--model", folder, "-o", str(tmp_path / "rd")])
+    assert res.exit_code == 0, res.output
+    assert psnr(skimage.data.chelsea()[:96, :120], np.asarray(Image.open(tmp_path / "rd" / "cat.png"))) > 22
+    res = runner.invoke(app, ["compress", str(src), "--model", folder, "--refine-steps", "-1", "-o", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--refine-steps" in res.output
 
 
 def test_transparent_images_are_refused_or_skipped(prefect_server, tmp_path):
