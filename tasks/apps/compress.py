@@ -225,6 +225,7 @@ class CompressApp:
         metrics: dict[str, float | int | None] = {
             "images": len(per_image),
             "quality": int(per_image["quality"].iloc[0]),
+            "refine_steps": a.refine_steps,
             "bpp": float(8 * per_image["bytes"].sum() / px),
             "psnr": float(per_image["psnr"].mean()),
             "ms_ssim": float(per_image["ms_ssim"].mean()),

@@ -252,3 +252,26 @@ def test_transparent_images_are_refused_or_skipped(prefect_server, tmp_path):
     res = runner.invoke(app, ["compress", str(d / "glass.png"), "--model", result.run_uri, "-o", str(tmp_path / "c")])
     assert res.exit_code == 3 and f"{d}/glass.png: image has an alpha channel" in res.output, res.output
     assert not (tmp_path / "c" / "glass.aec").exists()
+
+
+def test_refined_encoding_in_the_batch_job(prefect_server, tmp_path):
+    """app.refine_steps (--refine-steps): the job's codes cost less R + λ·D than the fast encoder's,
+    with the committed codec on held-out crops, and the run records the setting."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "cat.png").write_bytes(_png(skimage.data.chelsea()[60:156, 140:252]))
+    (d / "cam.png").write_bytes(_png(skimage.data.camera()[100:196, 200:296]))
+    costs = {}
+    lam = load_codec_run(folder).model.config.lambdas[3]
+    for steps in (0, 30):
+        cfg = resolve_config(CompressRunConfig, options={
+            "model_run": folder, "load.apply_to": str(d), "output": str(tmp_path / f"out{steps}"),
+            "app.rd_sweep": False, "app.quality": 3, "app.refine_steps": steps})
+        r = FLOWS["compress"](config=cfg)
+        m = open_run(r.run_uri).manifest()
+        assert m.metrics["refine_steps"] == steps
+        per = pd.read_parquet(r.outputs["per_image"])
+        mse = 10 ** (-per["psnr"] / 10)  # MSE on [0, 1] pixels, from PSNR
+        costs[steps] = float((per["bpp"] + lam * 255**2 * mse).sum())
+    assert costs[30] < 0.97 * costs[0], costs
