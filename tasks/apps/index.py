@@ -32,7 +32,7 @@ from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageContext, Imag
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tasks.images import ImageLoadConfig, decode_image, stack_images
-from tasks.report import save_figure, training_curve
+from tasks.report import training_curve
 from tasks.storage import MODEL_DIR, RunDir, open_model_source, open_run, url_to_fs
 from tasks.train import train_model
 
