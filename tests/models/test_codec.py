@@ -232,3 +232,10 @@ def test_latent_refinement_lowers_the_rate_distortion_cost():
         assert again["strings"] == enc["strings"], "refined encoding is deterministic"
     p = list(model.parameters())
     assert all(t.grad is None for t in p), "refinement leaves the model's parameters untouched"
+    # The guard: however badly the optimisation goes (a wild step size), the best hard-rounded
+    # latent seen is kept, the analysis transform's own included: never worse than the fast encoder.
+    with torch.inference_mode():
+        y0 = model.g_a(torch.nn.functional.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate"))
+        y0 = y0 * model._gains(torch.tensor([1]))[0]
+    wild = model.refine_latent(x, y0, 1, steps=5, lr=50.0)
+    assert torch.equal(torch.round(wild), torch.round(y0)), "a diverged refinement falls back to the analysis latent"
