@@ -372,7 +372,7 @@ def compress_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="A compress run whose codec to use (its URI).", show_default=False)],
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the .aec files (local or s3://).")] = ".",
     quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
-    refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Optimise each image's latent for this many steps before coding (about 100: fewer bits and higher PSNR, roughly 100x slower encoding; decoding unchanged).")] = 0,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Optimise each image's latent for this many steps before coding (about 100: fewer bits and higher PSNR, a few hundred times slower encoding; decoding unchanged).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
 ) -> None:
     """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec."""
@@ -386,7 +386,16 @@ def compress_cmd(
         fs.makedirs(url_to_fs(output_dir)[1], exist_ok=True)
         for uri in images:
             img, mode = read_image(uri)
-            data = encode_image(codec, img, mode, q, refine_steps)
+            if refine_steps and not as_json:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                with Progress(TextColumn(f"refining {uri}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=err, transient=True) as progress:
+                    bar = progress.add_task("refine", total=refine_steps)
+                    data = encode_image(codec, img, mode, q, refine_steps,
+                                        on_step=lambda done, _total: progress.update(bar, completed=done))
+            else:
+                data = encode_image(codec, img, mode, q, refine_steps)
             name = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".aec"
             dest = join_uri(output_dir, name)
             dfs, dpath = url_to_fs(dest)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -346,7 +347,8 @@ class ImageCodec(nn.Module):
         return CodecOutput(x_hat=x_hat, likelihoods={"y": lik}, y_hat=y_hat)
 
     # -- inference: latents <-> integers ----------------------------------------------------
-    def analyse(self, x: Tensor, quality: int, refine_steps: int = 0) -> Tensor:
+    def analyse(self, x: Tensor, quality: int, refine_steps: int = 0,
+                on_step: Callable[[int, int], None] | None = None) -> Tensor:
         """Image (1, 3, H, W) in [0, 1] -> integer latent (M, h, w), clamped to the table supports.
 
         ``refine_steps > 0`` optimises the latent for this image before rounding
@@ -361,7 +363,7 @@ class ImageCodec(nn.Module):
             g, _ = self._gains(torch.tensor([q], device=x.device))
             y = self.g_a(xp) * g
         if refine_steps > 0:
-            y = self.refine_latent(x, y, q, refine_steps)
+            y = self.refine_latent(x, y, q, refine_steps, on_step=on_step)
         with torch.inference_mode():
             return self._round_to_tables(y, q)
 
@@ -373,7 +375,7 @@ class ImageCodec(nn.Module):
         return torch.maximum(torch.minimum(y, hi), lo).to(torch.int32)
 
     def refine_latent(self, x: Tensor, y: Tensor, quality: int, steps: int, lr: float = REFINE_LR,
-                      seed: int = 0) -> Tensor:
+                      seed: int = 0, on_step: Callable[[int, int], None] | None = None) -> Tensor:
         """Optimise one image's latent for its own ``R + λ·D`` before rounding (encoder side only).
 
         Stochastic Gumbel annealing (Yang, Bamler & Mandt, "Improving inference for
@@ -394,6 +396,8 @@ class ImageCodec(nn.Module):
             quality: The level (its λ and prior).
             steps: Adam steps.
             lr: Initial step size (decays linearly to 0).
+            seed: Seed of the Gumbel noise.
+            on_step: Called with (steps done, steps) after every step (progress bars).
         Returns:
             The refined continuous latent, same shape as ``y`` (round it to code).
         """
@@ -437,6 +441,8 @@ class ImageCodec(nn.Module):
                 for group in opt.param_groups:
                     group["lr"] = lr * (1 - t)
                 opt.step()
+                if on_step is not None:
+                    on_step(step + 1, steps)
             if hard_cost(latent) < best_cost:
                 best = latent.detach().clone()
             return best
@@ -455,15 +461,16 @@ class ImageCodec(nn.Module):
         lik = self.priors[self._check_quality(quality)].likelihood(y_int.float().unsqueeze(0))
         return float(-torch.log2(lik).sum())
 
-    def compress(self, x: Tensor, quality: int, refine_steps: int = 0) -> dict[str, Any]:
+    def compress(self, x: Tensor, quality: int, refine_steps: int = 0,
+                 on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Image (1, 3, H, W) in [0, 1] -> ``{"strings": [payload bytes], "shape": (h, w), "y": latent}``.
 
         ``y`` is the integer latent that was coded (for :meth:`estimate_bits` without a second analysis).
-        ``refine_steps``: see :meth:`analyse`.
+        ``refine_steps``, ``on_step``: see :meth:`analyse` and :meth:`refine_latent`.
         """
         from models.entropy_coding import encode_latent
 
-        y = self.analyse(x, quality, refine_steps)
+        y = self.analyse(x, quality, refine_steps, on_step)
         freqs, offsets, lengths = self.priors[quality].tables()
         payload = encode_latent(y.cpu().numpy(), freqs, offsets, lengths)
         return {"strings": [payload], "shape": tuple(y.shape[1:]), "y": y}

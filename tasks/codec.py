@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,7 +152,8 @@ def check_quality(codec: LoadedCodec, quality: int) -> int:
     return quality
 
 
-def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine_steps: int = 0) -> tuple[bytes, torch.Tensor]:
+def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine_steps: int = 0,
+            on_step: Callable[[int, int], None] | None = None) -> tuple[bytes, torch.Tensor]:
     h, w = img.shape[:2]
     if h < 1 or w < 1:
         raise InputError("empty image")
@@ -159,20 +161,22 @@ def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine
         raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
     with torch.inference_mode():
         x = to_model_input(img, next(codec.model.parameters()).device)
-    enc = codec.model.compress(x, quality, refine_steps)
+    enc = codec.model.compress(x, quality, refine_steps, on_step)
     data = AecFile(model_id=codec.identity, quality=quality, mode=mode, width=w, height=h,
                    payload=enc["strings"][0]).to_bytes()
     return data, enc["y"]
 
 
-def encode_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine_steps: int = 0) -> bytes:
+def encode_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine_steps: int = 0,
+                 on_step: Callable[[int, int], None] | None = None) -> bytes:
     """One image -> the bytes of its ``.aec`` file.
 
     ``refine_steps > 0`` optimises the latent for this image first
     (:meth:`models.codec.ImageCodec.refine_latent`): fewer bits and higher PSNR for
-    a much slower encoder; decoding and the file format are unchanged.
+    a much slower encoder; decoding and the file format are unchanged. ``on_step(done, total)``
+    reports its progress.
     """
-    return _encode(codec, img, mode, quality, refine_steps)[0]
+    return _encode(codec, img, mode, quality, refine_steps, on_step)[0]
 
 
 def read_aec(data: bytes, name: str) -> AecFile:

@@ -56,7 +56,7 @@ class CompressConfig(AppConfig):
     refine_steps: int = Field(
         0, ge=0, le=10000,
         description="Encoder-side latent refinement steps per image and level (0: the analysis transform alone; "
-                    "about 100: fewer bits and higher PSNR, roughly 100x slower encoding; decoding unchanged).",
+                    "about 100: fewer bits and higher PSNR, a few hundred times slower encoding; decoding unchanged).",
     )
     patch_size: int = Field(64, ge=16, le=512, description="Training crop size (a multiple of 16).")
     patches: int = Field(2048, ge=8, description="Random training crops per epoch (drawn once, seeded).")
