@@ -36,7 +36,7 @@ def settings_from(cfg: TrainConfig) -> TrainSettings:
     )
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         from prefect import get_run_logger
 
@@ -45,7 +45,7 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
-class _UiProgress:
+class UiProgress:
     """A Prefect progress artifact, when running inside a flow; silently nothing otherwise."""
 
     def __init__(self, key: str, description: str) -> None:
@@ -92,7 +92,7 @@ def train_model(
         label: Shown on the progress bar and the UI artifact.
     """
     settings = settings_from(cfg)
-    logger = _run_logger()
+    logger = run_logger()
     resume = None
     if run is not None:
         saved = run.load_checkpoint()
@@ -105,7 +105,7 @@ def train_model(
                 logger.warning("ignoring incompatible checkpoint in %s: %s", run.uri, e)
                 resume = None
 
-    ui = _UiProgress(key=f"{(run.app if run else 'aeflow')}-training".lower(), description=f"{label}: epochs done / budget")
+    ui = UiProgress(key=f"{(run.app if run else 'aeflow')}-training".lower(), description=f"{label}: epochs done / budget")
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]{task.description}"),

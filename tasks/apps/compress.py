@@ -129,6 +129,26 @@ class CompressContext:
         return self._pixels[key]
 
 
+class _EncodeProgress:
+    """Refined encoding is slow: a log line per image and a progress artifact in the UI (nothing when fast)."""
+
+    def __init__(self, refine_steps: int, total: int, what: str) -> None:
+        from tasks.train import UiProgress, run_logger
+
+        self.active = refine_steps > 0 and total > 0
+        self.total, self.count, self.what = total, 0, what
+        if self.active:
+            self.log = run_logger()
+            self.ui = UiProgress(key="compress-encoding", description=f"{what}: refined encodings done")
+
+    def done(self, label: str) -> None:
+        if not self.active:
+            return
+        self.count += 1
+        self.log.info("%s: %d/%d refined encodings (%s)", self.what, self.count, self.total, label)
+        self.ui.update(100.0 * self.count / self.total)
+
+
 def _join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel
 
@@ -197,9 +217,11 @@ class CompressApp:
         q = self.quality(ctx.config, fitted)
         a = ctx.config.app
         rows = []
+        tracker = _EncodeProgress(a.refine_steps, len(ctx.target), "codes")
         for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
             name = _join(ctx.target.source_uri, rel)
             coded = code_image(fitted.codec, img, mode, q, name, a.refine_steps)
+            tracker.done(rel)
             stem = rel.rsplit(".", 1)[0]
             ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
             ctx.run.write_bytes(f"decoded/{stem}.png", encode_png(coded.decoded))
@@ -239,9 +261,12 @@ class CompressApp:
         ]
         rd_rows: list[dict[str, Any]] = []
         if a.rd_sweep:
+            levels = fitted.model.config.levels
+            tracker = _EncodeProgress(a.refine_steps, len(ctx.target) * levels, "rate-distortion sweep")
             for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
-                for level in range(fitted.model.config.levels):
+                for level in range(levels):
                     c = code_image(fitted.codec, img, mode, level, _join(ctx.target.source_uri, rel), a.refine_steps)
+                    tracker.done(f"{rel} level {level}")
                     rd_rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
                                     "ms_ssim": c.ms_ssim})
                 for fmt, qs in (("jpeg", a.jpeg_qualities), ("webp", a.webp_qualities)):
