@@ -543,6 +543,64 @@ def load_codec_state(model: ImageCodec, state_dict: dict[str, Tensor]) -> None:
     model.load_state_dict(state_dict)
 
 
+def _grow(old: Tensor, fresh: Tensor, keep_zero: tuple[slice, ...]) -> Tensor:
+    """``fresh`` with ``old`` copied into its leading block and ``keep_zero`` set to 0."""
+    new = fresh.clone()
+    new[tuple(slice(0, n) for n in old.shape)] = old
+    new[keep_zero] = 0.0
+    return new
+
+
+@torch.no_grad()
+def widen_codec(model: ImageCodec, channels: int, seed: int = 0) -> ImageCodec:
+    """A copy of ``model`` with hidden width ``channels`` that computes the same function.
+
+    Net2Net-style growth for continuing training with more capacity: old channels keep
+    their weights; new channels get fresh weights from every input, and the weights from
+    new channels into old ones start at zero, so the old channels' values (and the
+    output) are unchanged until training moves them. GDN's γ couples old and new
+    channels with zero (its lower bound) and gives the new ones the usual diagonal 0.1.
+    Gains and entropy models are copied. ``seed`` seeds the new weights.
+    """
+    old_n = model.config.channels
+    if channels < old_n:
+        raise ValueError(f"cannot widen {old_n} channels to {channels}")
+    cfg = CodecConfig.from_dict({**model.config.to_dict(), "channels": channels})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        wide = ImageCodec(cfg)
+    old_state = model.state_dict()
+    new_state = wide.state_dict()
+    for name, mod in wide.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+            w_old = old_state[f"{name}.weight"]
+            w_new = new_state[f"{name}.weight"]
+            # Conv2d weight: (out, in, k, k); ConvTranspose2d: (in, out, k, k).
+            in_dim = 1 if isinstance(mod, nn.Conv2d) else 0
+            out_dim = 1 - in_dim
+            zero = [slice(None)] * 4
+            zero[in_dim] = slice(w_old.shape[in_dim], None)   # weights from new inputs ...
+            zero[out_dim] = slice(0, w_old.shape[out_dim])    # ... into old outputs
+            new_state[f"{name}.weight"] = _grow(w_old, w_new, tuple(zero))
+            b_new = new_state[f"{name}.bias"].clone()
+            b_new[: len(old_state[f"{name}.bias"])] = old_state[f"{name}.bias"]
+            b_new[len(old_state[f"{name}.bias"]):] = 0.0
+            new_state[f"{name}.bias"] = b_new
+        elif isinstance(mod, GDN):
+            beta = new_state[f"{name}.beta"].clone()
+            beta[:old_n] = old_state[f"{name}.beta"]
+            gamma = torch.full_like(new_state[f"{name}.gamma"], mod._gamma_bound)
+            gamma[:old_n, :old_n] = old_state[f"{name}.gamma"]
+            idx = torch.arange(old_n, channels)
+            gamma[idx, idx] = new_state[f"{name}.gamma"][idx, idx]
+            new_state[f"{name}.beta"], new_state[f"{name}.gamma"] = beta, gamma
+    for k, v in old_state.items():
+        if k.startswith(("log_gain", "log_inv_gain", "priors.")):
+            new_state[k] = v
+    load_codec_state(wide, new_state)
+    return wide
+
+
 # -- training helpers ---------------------------------------------------------------------
 
 
@@ -575,7 +633,8 @@ def random_patches(images: list[np.ndarray], count: int, size: int, seed: int = 
     """
     rng = np.random.default_rng(seed)
     rgb = [as_rgb(im) for im in images]
-    rgb = [np.pad(im, ((0, max(0, size - im.shape[0])), (0, max(0, size - im.shape[1])), (0, 0)), mode="reflect")
+    rgb = [im if min(im.shape[:2]) >= size else
+           np.pad(im, ((0, max(0, size - im.shape[0])), (0, max(0, size - im.shape[1])), (0, 0)), mode="reflect")
            for im in rgb]
     areas = np.array([im.shape[0] * im.shape[1] for im in rgb], dtype=np.float64)
     which = rng.choice(len(rgb), size=count, p=areas / areas.sum())

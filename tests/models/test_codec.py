@@ -20,6 +20,7 @@ from models.codec import (
     make_loss_fn,
     quantize_pmf,
     random_patches,
+    widen_codec,
 )
 from models.metrics import bd_rate, ms_ssim, psnr
 
@@ -113,6 +114,36 @@ def test_train_step_changes_weights_and_loss_is_rate_plus_distortion():
     q = torch.tensor([0, 1, 2, 3])
     crit(model(x, q), x, q)
     assert crit.last["bpp"] > 0 and crit.last["mse"] > 0
+
+
+def test_widening_keeps_the_function_and_the_new_channels_train(codec):
+    """widen_codec: same reconstructions, likelihoods and bytes at every level; then the new channels learn."""
+    wide = widen_codec(codec, 12, seed=1).eval()
+    assert wide.config.channels == 12 and wide.g_a[0].weight.shape == (12, 3, 5, 5)
+    x = tiny_image(seed=5)
+    with torch.no_grad():
+        for q in range(TINY.levels):
+            a, b = codec(x, q), wide(x, q)
+            assert torch.allclose(a.x_hat, b.x_hat, atol=1e-6)
+            assert torch.allclose(a.likelihoods["y"], b.likelihoods["y"], atol=1e-7)
+    assert wide.compress(x, 2)["strings"] == codec.compress(x, 2)["strings"]  # tables copied too
+    with pytest.raises(ValueError, match="cannot widen"):
+        widen_codec(codec, 4)
+    # The new channels are not stuck: the zero weights out of them get gradients at once (the
+    # last layers first), and a few steps reach the first layer's new channels.
+    wide.train()
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    batch = torch.from_numpy(random_patches([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 4, 32, seed=0))
+    opt = torch.optim.Adam(wide.parameters(), lr=1e-3)
+    for step in range(5):
+        opt.zero_grad()
+        make_loss_fn(wide)(wide, batch, torch.Generator().manual_seed(step)).backward()
+        if step == 0:
+            assert float(wide.g_s[6].weight.grad[8:].abs().sum()) > 0  # deconv (in, out, k, k): from new inputs
+            assert float(wide.g_a[6].weight.grad[:, 8:].abs().sum()) > 0  # conv (out, in, k, k): from new inputs
+        opt.step()
+    assert not torch.equal(wide.g_a[0].weight[8:], before["g_a.0.weight"][8:])
+    assert not torch.equal(wide.g_s[0].weight[:, 8:], before["g_s.0.weight"][:, 8:])
 
 
 def test_quantized_tables_are_exact_integers():
