@@ -123,15 +123,19 @@ def bench_ann(n: int = 100_000, d: int = 128, nq: int = 1000) -> None:
                                "ivf_nlist": "4*sqrt(n)", "ivf_nprobe": cfg.ivf_nprobe}, "results": out})
 
 
-def bench_index(size: int = 16, epochs: int = 15) -> None:
+def bench_index(size: int = 16, epochs: int | None = None) -> None:
+    """precision@10 / mAP on load_digits as ``size`` x ``size`` images, with the index application's
+    default model, training settings and loss (``IndexRunConfig()``); ``epochs`` overrides the budget."""
+    import dataclasses
+
     import torch
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.decomposition import PCA
 
-    from models.conv import ConvAEConfig, ConvAutoencoder, reconstruction_loss
-    from models.training import TrainSettings, fit
-    from tasks.apps.index import encode_images, precision_and_map
+    from models.training import fit
+    from tasks.apps.index import IndexRunConfig, encode_images, index_loss, precision_and_map
+    from tasks.train import settings_from
 
     dg = load_digits()
     imgs = np.stack([np.asarray(Image.fromarray((im * 255 / 16).round().astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))[None]
@@ -139,22 +143,26 @@ def bench_index(size: int = 16, epochs: int = 15) -> None:
     y = dg.target
     q = np.arange(len(y))
     val = np.random.default_rng(0).random(len(y)) < 0.1
-    torch.manual_seed(0)
-    cfg = ConvAEConfig(1, (16, 32, 32), 8)
-    model = ConvAutoencoder(cfg)
+    rc = IndexRunConfig()
+    settings = dataclasses.replace(settings_from(rc.train), device="cpu", epochs=epochs or rc.train.epochs)
+    torch.manual_seed(settings.seed)
+    model = rc.model.build(in_channels=1)
     t0 = time.perf_counter()
-    fit(model, imgs[~val], imgs[val], TrainSettings(epochs=epochs, batch_size=64, lr=2e-3, patience=5, device="cpu"),
-        loss_fn=reconstruction_loss)
+    result = fit(model, imgs[~val], imgs[val], settings, loss_fn=index_loss(rc.app))
     train_s = time.perf_counter() - t0
     z = encode_images(model, imgs, torch.device("cpu"))
     raw = imgs.reshape(len(y), -1).astype(np.float32) / 255
-    pca = PCA(z.shape[1], random_state=0).fit_transform(raw).astype(np.float32)
+    n_comp = min(z.shape[1], raw.shape[1])
+    pca = PCA(n_comp, random_state=0).fit_transform(raw).astype(np.float32)
     rows = {}
-    for name, x in (("ae_codes", z), ("raw_pixels", raw), (f"pca_{z.shape[1]}", pca)):
+    for name, x in (("ae_codes", z), ("raw_pixels", raw), (f"pca_{n_comp}", pca)):
         p, m = precision_and_map(x, y, q, 10, True)
         rows[name] = {"precision_at_10": p, "map": m, "dim": int(x.shape[1])}
-    _save("index", {"images": len(y), "size": size, "model": cfg.to_dict(), "epochs": epochs, "train_s": train_s,
-                    "results": rows})
+    _save("index", {"images": len(y), "size": size, "model": model.config.to_dict(), "latent_noise": rc.app.latent_noise,
+                    "epochs": settings.epochs, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                    "train": {"batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+                              "seed": settings.seed},
+                    "train_s": train_s, "results": rows})
 
 
 DENOISE_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "denoise")

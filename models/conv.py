@@ -354,3 +354,31 @@ def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Genera
     """MSE between an (augmented) image batch and its reconstruction, in [0, 1] units."""
     x = augment(to_unit(batch), generator)
     return F.mse_loss(model(x).x_hat.float(), x)
+
+
+def latent_noise_loss(sigma: float) -> Callable[[nn.Module, Tensor, torch.Generator], Tensor]:
+    """A :func:`reconstruction_loss` whose decoder sees the code with seeded Gaussian noise added.
+
+    The noise has ``sigma`` times the batch's standard deviation of ``z`` (so shrinking the
+    code cannot hide it): nearby codes must decode to similar images, which makes L2 distances
+    between codes more meaningful for search. ``sigma = 0`` is :func:`reconstruction_loss`.
+    Models with ``skip=True`` are refused (their decoder needs the encoder's skips).
+    """
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return reconstruction_loss
+
+    def loss(model: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
+        if model.config.skip:
+            raise ValueError("latent noise needs a model without skip connections")
+        x = augment(to_unit(batch), generator)
+        xp, (h0, w0) = pad_to_multiple(x, model.factor)
+        z, _ = model._encode_padded(xp)
+        noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+        out = model.decode(z + sigma * z.detach().std() * noise)
+        if model.config.residual:
+            out = xp + out
+        return F.mse_loss(out[..., :h0, :w0].float(), x)
+
+    return loss

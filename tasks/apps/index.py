@@ -1,7 +1,9 @@
 """index: image search on autoencoder codes, with an exact or FAISS ANN index.
 
 ``aeflow run index --input image_dir`` trains a convolutional autoencoder (or
-reuses ``--model``), encodes every image (resized to ``--image-size``), builds a
+reuses ``--model``; by default one downsampling level, so the code keeps half the
+resolution, trained with noise added to the code: see ``Config.latent_noise``),
+encodes every image (resized to ``--image-size``), builds a
 nearest-neighbour index over the codes — exact for collections up to
 ``ann_threshold`` images, FAISS HNSW (or IVF) above — and stores it in the run:
 ``index/index.faiss``, ``index/codes.npy``, ``index/ids.parquet`` (id, path,
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from models.conv import reconstruction_loss
+from models.conv import latent_noise_loss
 from models.training import predict
 from tasks.apps import Evaluation, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageContext, ImageFitted, ImageRunConfig
@@ -62,6 +64,11 @@ class Config(AppConfig):
     eval_queries: int = Field(1000, ge=1, description="Queries sampled from the collection for the metrics.")
     map_max: int = Field(20_000, ge=1, description="mAP ranks the whole collection; skipped above this size.")
     contact_queries: int = Field(4, ge=0, le=32, description="Queries shown in report/contact_sheet.png.")
+    latent_noise: float = Field(
+        0.25, ge=0.0,
+        description="Training: Gaussian noise of this many standard deviations of the code is added to the code "
+        "before decoding, so that nearby codes decode to similar images (0: plain reconstruction).",
+    )
 
 
 class IndexRunConfig(ImageRunConfig):
@@ -69,13 +76,20 @@ class IndexRunConfig(ImageRunConfig):
 
     app: Config = Config()
     load: ImageLoadConfig = ImageLoadConfig(mode="gray", size=32)
-    model: ConvModelConfig = ConvModelConfig(channels=(32, 64, 64), latent_channels=8)
+    # Two levels: the code is at half the image resolution (8 x (size/2)^2 values). Measured on digits
+    # (benchmarks/RESULTS.md, index): more compressed codes (three levels) rank neighbours worse than raw pixels.
+    model: ConvModelConfig = ConvModelConfig(channels=(16, 32), latent_channels=8)
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.1)
     train: TrainConfig = TrainConfig(epochs=40, batch_size=64, lr=2e-3, patience=5)
 
 
 # ---------------------------------------------------------------------------------------
 # Pure functions: codes, indexes, metrics
+
+
+def index_loss(cfg: Config):
+    """The training loss of the index autoencoder: reconstruction with ``cfg.latent_noise`` on the code."""
+    return latent_noise_loss(cfg.latent_noise)
 
 
 def encode_images(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
@@ -213,7 +227,8 @@ class Index(ImageApp):
         ("--image-size", "load.size", int, "Images are resized to this square size before encoding."),
         ("--index-type", "app.index", str, "auto (exact up to --ann-threshold, HNSW above), exact, hnsw or ivf."),
         ("--ann-threshold", "app.ann_threshold", int, "Collections larger than this get an ANN index (auto)."),
-        ("--latent-channels", "model.latent_channels", int, "Channels of the code (code size = channels x (size/8)^2)."),
+        ("--latent-channels", "model.latent_channels", int,
+         "Channels of the code (code size = channels x (size/2)^2 with the default two levels)."),
     )
 
     def min_side(self, config, role: str) -> int:
@@ -230,8 +245,8 @@ class Index(ImageApp):
         tr, va = ctx.split()
         x = stack_images(ctx.train)
         model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
-        result = train_model(model, x[tr], x[va], ctx.config.train, run=ctx.run, loss_fn=reconstruction_loss,
-                             label="index autoencoder")
+        result = train_model(model, x[tr], x[va], ctx.config.train, run=ctx.run,
+                             loss_fn=index_loss(ctx.config.app), label="index autoencoder")  # type: ignore[arg-type]
         model.to(ctx.device).eval()
         state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x.shape[1])}
         return ImageFitted(model=model, state=state, train=result)

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from models import build_model
-from models.conv import ConvAEConfig, ConvAutoencoder, pad_to_multiple, random_patches, reconstruction_loss, tiled_apply
+from models.conv import (
+    ConvAEConfig,
+    ConvAutoencoder,
+    latent_noise_loss,
+    pad_to_multiple,
+    random_patches,
+    reconstruction_loss,
+    tiled_apply,
+)
 from models.noise import DenoisingLoss, NoiseConfig, corrupt
 from models.training import TrainSettings, fit
 
@@ -100,3 +108,21 @@ def test_corruption_is_seeded_and_denoising_loss_trains():
     assert loss.ndim == 0 and loss.item() > 0
     with pytest.raises(ValueError, match="noise kinds"):
         NoiseConfig(kinds=("blur",))
+
+
+def test_latent_noise_loss_is_seeded_and_zero_noise_is_plain_reconstruction():
+    torch.manual_seed(0)
+    model = ConvAutoencoder(ConvAEConfig(1, (4, 8), 2))
+    x = torch.randint(0, 256, (4, 1, 10, 10), dtype=torch.uint8)  # padded to 10 -> crop back
+    assert latent_noise_loss(0.0) is reconstruction_loss
+    noisy = latent_noise_loss(0.5)
+    a = noisy(model, x, torch.Generator().manual_seed(1))
+    b = noisy(model, x, torch.Generator().manual_seed(1))
+    plain = reconstruction_loss(model, x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    a.backward()
+    assert model.stem[0].weight.grad is not None
+    with pytest.raises(ValueError):
+        latent_noise_loss(0.5)(ConvAutoencoder(ConvAEConfig(1, (4, 8), 2, skip=True)), x, torch.Generator())
+    with pytest.raises(ValueError):
+        latent_noise_loss(-1.0)
