@@ -121,7 +121,8 @@ def bench_detect(quick: bool) -> list[str]:
             val = split_rows(len(fx), 0.2, case)
             model, _ = detect.fit_detector(fx[~val], fx[val], rc.model, rc.train.model_copy(update={"seed": case}),
                                            contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k,
-                                           knn_weight=cfg.knn_weight, max_reference=cfg.max_reference,
+                                           knn_weight=cfg.knn_weight, input_weight=cfg.input_weight,
+                                           scaling=cfg.scaling, max_reference=cfg.max_reference,
                                            min_steps=cfg.min_steps)
             scores = {"aeflow": detect.anomaly_scores(model, tx)}
             scores.update(detect.baseline_scores(fx, tx, k=rc.model.latent_dim, contamination=cfg.contamination, seed=case))

@@ -2,11 +2,17 @@
 
 The score of a row (higher = more anomalous) is its reconstruction error plus
 ``knn_weight`` times the mean distance of its code to its ``knn_k`` nearest
-training codes, each part divided by its median over the training rows
-(``models/detector.py``). The reconstruction part finds rows the decoder cannot
+training codes plus ``input_weight`` times the mean distance of the (scaled) row
+to its ``knn_k`` nearest training rows, each part first put on a common scale
+with its training median and interquartile range (``scaling="robust"``;
+``models/detector.py``). The reconstruction part finds rows the decoder cannot
 rebuild; the code-space part finds rows in empty regions of the code space,
 which an autoencoder often rebuilds well (extreme values along the data's main
-axis, or a small group of anomalies it saw while training).
+axis, or a small group of anomalies it saw while training); the input-space part
+finds rows far from every training row in what the code leaves out. On the
+benchmark (benchmarks/RESULTS.md) the input-space part carries most of the
+ranking: the default weighs it 8 against 1 (reconstruction) and 2 (code space),
+and on those datasets the sum ranks no better than that distance alone.
 
 ``contamination`` is validated in (0, 0.5]; ``threshold_`` is fixed once at fit
 time as the (1 - contamination) percentile of the training scores, or given with
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -66,9 +73,23 @@ class Config(AppConfig):
         description="Robust fit for data that may hold anomalies: trim each batch's largest losses (the contamination "
         "share) and set the worst-reconstructed contamination share of rows aside before the final fit.",
     )
-    knn_k: int = Field(20, ge=1, description="Neighbours in code space whose mean distance is part of the score.")
-    knn_weight: float = Field(3.0, ge=0.0, description="Weight of the code-space distance in the score (0: reconstruction error only).")
-    max_reference: int = Field(20000, ge=2, description="Training rows (sampled) kept as the code-space reference.")
+    knn_k: int = Field(
+        30, ge=1, description="Neighbours (in code space and in input space) whose mean distance is part of the score."
+    )
+    knn_weight: float = Field(
+        2.0, ge=0.0, description="Weight of the code-space distance in the score (the reconstruction error weighs 1)."
+    )
+    input_weight: float = Field(
+        8.0, ge=0.0,
+        description="Weight of the input-space distance to the training rows in the score (0: no input-space part; "
+        "the model then keeps no copy of the reference rows, which otherwise take n_reference x columns x 4 bytes).",
+    )
+    scaling: Literal["median", "robust"] = Field(
+        "robust",
+        description="How the score's parts are put on one scale: 'robust' = (part - training median) / training "
+        "interquartile range; 'median' = part / training median (the detector before input_weight existed).",
+    )
+    max_reference: int = Field(20000, ge=2, description="Training rows (sampled) kept as the kNN reference (code and input space).")
     min_steps: int = Field(
         300, ge=0, description="At least this many optimiser steps per fit: small tables get more epochs than train.epochs."
     )
@@ -82,7 +103,8 @@ class DetectRunConfig(RunConfig):
     app: Config = Config()
     # A short, regularised fit: an autoencoder trained to convergence also learns to reconstruct
     # the anomalies in its training data (benchmarks/RESULTS.md: contaminated regime). Latent 8 with
-    # batch norm was the best default across breast cancer, wine and digits in one-seed-set sweeps.
+    # batch norm was the best default across breast cancer, wine and digits in one-seed-set sweeps
+    # (16- and 32-wide codes were no better once the score has its input-space part).
     model: ModelConfig = ModelConfig(latent_dim=8, hidden=(64, 32), dropout=0.2, batch_norm=True)
     train: TrainConfig = TrainConfig(epochs=15, batch_size=32, weight_decay=1e-5)
 
@@ -109,15 +131,17 @@ def _train_ae(model: nn.Module, train_x: np.ndarray, val_x: np.ndarray, train_cf
 
 def fit_detector(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-    contamination: float, robust: bool = True, knn_k: int = 20, knn_weight: float = 3.0,
-    max_reference: int = 20000, min_steps: int = 300, run=None, show_progress: bool = False,
+    contamination: float, robust: bool = True, knn_k: int = 30, knn_weight: float = 2.0,
+    input_weight: float = 8.0, scaling: str = "robust", max_reference: int = 20000, min_steps: int = 300,
+    run=None, show_progress: bool = False,
 ) -> tuple[KnnAutoencoderDetector, object]:
     """Fit the detector on scaled rows (``train_x`` for the weights, ``val_x`` for early stopping).
 
     With ``robust`` (unsupervised use: the data may hold anomalies): a first autoencoder with
     the trimmed loss ranks the rows by reconstruction error, the ``contamination`` share with
-    the largest errors is set aside, and the detector is trained on the rest; its code-space
-    reference holds only the rows kept. Without ``robust``: one plain fit on every row.
+    the largest errors is set aside, and the detector is trained on the rest; its kNN
+    reference (in code and input space) holds only the rows kept. Without ``robust``: one plain
+    fit on every row. The parts' centres and scales come from every training row.
     Only the final fit writes checkpoints to ``run`` (the first one is short and seeded).
     """
     ae_cfg = DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
@@ -139,7 +163,8 @@ def fit_detector(
             keep_train[:], keep_val[:] = True, True
         log.info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
                  int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
-    model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight))
+    model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight, input_weight=input_weight,
+                                                  scaling=scaling))
     result = _train_ae(model, train_x[keep_train], val_x[keep_val], train_cfg.model_copy(update={"seed": train_cfg.seed + 1}),
                        trim, run=run, show_progress=show_progress, label="detect autoencoder")
     model.eval()
@@ -147,11 +172,8 @@ def fit_detector(
     if len(kept) > max_reference:
         kept = kept[np.sort(np.random.default_rng(train_cfg.seed).choice(len(kept), max_reference, replace=False))]
     device = next(model.parameters()).device
-    model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)))
-    every = np.concatenate([train_x, val_x])
-    recon, dist = _score_parts(model, every, device)
-    model.scales = torch.tensor([float(np.median(recon)), float(np.median(dist)) if len(dist) else 1.0],
-                                dtype=torch.float32, device=device)
+    model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(kept))
+    model.set_scales(torch.from_numpy(_score_parts(model, np.concatenate([train_x, val_x]), device)))
     return model, result
 
 
@@ -161,16 +183,16 @@ def _recon_error(model: nn.Module, x: np.ndarray, device: torch.device | str = "
     return np.mean((x_hat.astype("float64") - x) ** 2, axis=1)
 
 
-def _score_parts(model: KnnAutoencoderDetector, x: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
-    both = predict(lambda b: torch.stack(model.score_parts(b), dim=1), x, device=torch.device(device))
-    return both[:, 0].astype("float64"), both[:, 1].astype("float64")
+def _score_parts(model: KnnAutoencoderDetector, x: np.ndarray, device) -> np.ndarray:
+    """The score's parts per row (rows x parts, float32)."""
+    return predict(lambda b: torch.stack(model.score_parts(b), dim=1), x, device=torch.device(device))
 
 
 def anomaly_scores(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """Anomaly score per row (higher = more anomalous). A :class:`KnnAutoencoderDetector` adds
-    its code-space distance to the reconstruction error (each relative to its training
-    median); a plain autoencoder (detect models saved before the detector existed) scores by
-    reconstruction MSE alone."""
+    its code-space and input-space distances to the reconstruction error (each put on the
+    training rows' scale); a plain autoencoder (detect models saved before the detector
+    existed) scores by reconstruction MSE alone."""
     if isinstance(model, KnnAutoencoderDetector):
         model.eval()
         return predict(model.score, x, device=torch.device(device)).astype("float64")
@@ -233,7 +255,8 @@ class Detect(TableApp):
         train_x, val_x, _, _ = ctx.train_arrays
         model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train,
                                      contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k,
-                                     knn_weight=cfg.knn_weight, max_reference=cfg.max_reference,
+                                     knn_weight=cfg.knn_weight, input_weight=cfg.input_weight, scaling=cfg.scaling,
+                                     max_reference=cfg.max_reference,
                                      min_steps=cfg.min_steps, run=ctx.run,
                                      show_progress=True)
         scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
@@ -312,7 +335,7 @@ class Detect(TableApp):
         else:
             ax.hist(scores, bins=cfg.bins)
         ax.axvline(thr, color="red", ls="--", label=f"threshold_ {thr:.4g}")
-        ax.set_xlabel("anomaly score (reconstruction error + code-space distance, relative to training)")
+        ax.set_xlabel("anomaly score (reconstruction error + kNN distances, on the training rows' scale)")
         ax.set_ylabel("rows")
         ax.set_title(f"Scores: {int((scores > thr).sum())} of {len(scores)} above the threshold")
         ax.legend()

@@ -59,3 +59,49 @@ def test_reference_and_scales_travel_with_the_weights():
     assert again.config.n_reference == 7 and again.config.latent_dim == 2
     x = torch.randn(5, 2) * 3
     assert torch.equal(again.score(x), m.score(x))
+
+
+def _identity_detector_with_input(weight=1.0, scaling="robust") -> KnnAutoencoderDetector:
+    """Identity autoencoder (reconstruction error 0) with an input-space part; code part weighs 0."""
+    m = KnnAutoencoderDetector(DetectorConfig(DenseAEConfig(2, 2, hidden=()), k=2, knn_weight=0.0,
+                                              input_weight=weight, scaling=scaling))
+    with torch.no_grad():
+        for lin in (m.ae.encoder[0], m.ae.decoder[0]):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    return m
+
+
+def test_input_space_part_and_robust_scaling():
+    m = _identity_detector_with_input(weight=2.0)
+    ref = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
+    with pytest.raises(ValueError):
+        m.set_reference(ref)  # the input-space reference rows are required
+    m.set_reference(ref * 3, ref)  # codes and rows differ: the input part must use the rows
+    recon, code_dist, input_dist = m.score_parts(torch.tensor([[0.0, 0.0]]))
+    assert input_dist.item() == pytest.approx(1.0) and code_dist.item() == pytest.approx(3.0)
+    # robust: (part - median) / IQR per part, from the training rows' parts
+    parts = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 3.0], [0.0, 0.0, 4.0], [0.0, 0.0, 5.0]])
+    m.set_scales(parts)
+    assert torch.allclose(m.centers, torch.tensor([0.0, 0.0, 3.0])) and m.scales[2].item() == pytest.approx(2.0)
+    assert m.scales[0].item() == pytest.approx(1.0)  # no spread, median 0: scale 1
+    assert m.score(torch.tensor([[0.0, 0.0]])).item() == pytest.approx(2.0 * (1.0 - 3.0) / 2.0)
+
+
+def test_input_reference_and_centres_travel_with_the_weights():
+    m = _identity_detector_with_input()
+    m.set_reference(torch.randn(9, 2), torch.randn(9, 2))
+    m.set_scales(torch.rand(20, 3))
+    blob = save({k: v.contiguous() for k, v in m.state_dict().items()})
+    again = build_model(m.kind, m.config.to_dict())
+    again.load_state_dict(load(blob))
+    assert again.config.n_reference == 9 and again.config.scaling == "robust" and again.config.input_weight == 1.0
+    x = torch.randn(5, 2) * 3
+    assert torch.equal(again.score(x), m.score(x))
+
+
+def test_a_config_saved_before_the_input_part_loads_as_the_two_part_detector():
+    old = {"ae": DenseAEConfig(2, 2, hidden=()).to_dict(), "n_reference": 3, "k": 2, "knn_weight": 1.0}
+    m = build_model("dense_detector", old)
+    assert m.config.input_weight == 0.0 and m.config.scaling == "median" and m.config.n_parts == 2
+    assert set(m.state_dict()) - {k for k in m.state_dict() if k.startswith("ae.")} == {"reference", "scales"}
