@@ -162,7 +162,7 @@ def _goal(bd: object) -> str:
     if bd is None:
         return "not measurable, the PSNR ranges do not overlap (missed)"
     if bd <= -20:  # type: ignore[operator]
-        return f"**met** ({bd:+.1f}%)"
+        return f"**met** ({bd:+.1f}%, {-20 - bd:.1f} percentage points inside the goal)"  # type: ignore[operator]
     return f"**missed** by {bd + 20:.1f} percentage points ({bd:+.1f}%)"  # type: ignore[operator]
 
 
