@@ -613,6 +613,10 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started as a background job of a non-interactive shell (`cmd &`, nohup), which ignores
+        # SIGINT: restore it, so `kill -INT` (and asyncio's Ctrl-C handling) still stops us.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     err.print(f"[bold]UI:[/] {ui_url}  —  serving {', '.join(s.name for s in specs)}; Ctrl-C stops", highlight=False)
     try:
         serve_deployments(specs, limit=limit)
