@@ -515,7 +515,7 @@ def demo(
     image_jobs: list[tuple[str, str, dict[str, Any]]] = [
         denoise_job,
         ("index", "digit images", {"load.input": images["digit_images"], "load.size": 16,
-                                   "model.channels": [16, 32, 32], "train.epochs": 3 if quick else 12}),
+                                   "train.epochs": 3 if quick else 15}),
     ]
     # compress: the codec trained by benchmarks/train_codec.py (committed), applied to the photos it never saw.
     codec = weights / "codec"
