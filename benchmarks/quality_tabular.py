@@ -8,7 +8,9 @@ mean ± std over seeds, with each goal marked met or missed (and by how much).
     python -m benchmarks.quality_tabular [--quick] [--only detect,impute,extract,reduce]
 
 - detect: breast cancer (malignant subsampled to ~6% anomalies), wine (one class
-  as anomalies, ~10%), digits (one class vs the rest, ~10%); regimes "clean"
+  as anomalies, ~10%), digits (one class vs the rest, ~5%: at 10% the anomaly
+  class is as frequent as each of the nine normal ones and, in the contaminated
+  regime, no method ranks it above chance); regimes "clean"
   (trained on 70% of the normal rows, scored on the other 30% plus the anomalies)
   and "contaminated" (trained and scored on everything). ROC-AUC of ours vs
   IsolationForest, PCA reconstruction error and pyod's AutoEncoder (defaults).
@@ -86,6 +88,9 @@ def verdict(ours: float, other: float, higher_better: bool) -> str:
 
 
 SETTINGS = {"detect_subsamples": 20, "impute_seeds": 10}
+# Share of anomalies in the digits cases. At 0.10 (this benchmark until 2026-11-27) the anomaly digit was as
+# frequent as each of the nine normal digits: trained on contaminated data, every method scored ~0.50 ROC-AUC.
+DIGITS_ANOMALY_RATE = 0.05
 
 
 def detect_cases(quick: bool):
@@ -95,7 +100,7 @@ def detect_cases(quick: bool):
     n_anom = int(round(0.06 / 0.94 * len(normal)))
     for s in range(5 if quick else SETTINGS["detect_subsamples"]):
         yield "breast_cancer", s, x, normal, np.random.default_rng(s).choice(malignant, n_anom, replace=False)
-    for name, rate, classes in (("wine", 0.10, None), ("digits", 0.10, None)):
+    for name, rate in (("wine", 0.10), ("digits", DIGITS_ANOMALY_RATE)):
         x, y = load(name)
         cls = np.unique(y)
         cls = cls[:3] if quick and name == "digits" else cls
@@ -120,10 +125,7 @@ def bench_detect(quick: bool) -> list[str]:
             fx, tx = standardise(x[tr], x[te])
             val = split_rows(len(fx), 0.2, case)
             model, _ = detect.fit_detector(fx[~val], fx[val], rc.model, rc.train.model_copy(update={"seed": case}),
-                                           contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k,
-                                           knn_weight=cfg.knn_weight, input_weight=cfg.input_weight,
-                                           scaling=cfg.scaling, max_reference=cfg.max_reference,
-                                           min_steps=cfg.min_steps)
+                                           **detect.detector_options(cfg))
             scores = {"aeflow": detect.anomaly_scores(model, tx)}
             scores.update(detect.baseline_scores(fx, tx, k=rc.model.latent_dim, contamination=cfg.contamination, seed=case))
             for method, s in scores.items():

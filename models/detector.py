@@ -1,20 +1,25 @@
 """An anomaly detector: a dense autoencoder plus k-nearest-neighbour references in its code space
-and, optionally, in its input space.
+and, optionally, in its input space, and a distance to the training centre.
 
-Pure PyTorch. The score of a row is a weighted sum of up to three parts, each put
+Pure PyTorch. The score of a row is a weighted sum of up to four parts, each put
 on a common scale with statistics of the training rows:
 
-- the reconstruction error (mean squared, in scaled units), weight 1: rows the
-  decoder cannot rebuild;
+- the reconstruction error (mean squared, in scaled units), weight ``recon_weight``
+  (1 unless set): rows the decoder cannot rebuild;
 - the mean distance of the row's code to its k nearest *reference* codes (the
   training rows' codes), weight ``knn_weight``: rows in an empty region of the
   code space, which an autoencoder often reconstructs well (e.g. extreme values
   along the main axis of the data, or a small cluster of anomalies it learned
   during training);
-- with ``input_weight > 0``, the mean distance of the (scaled) row itself to its k
-  nearest reference rows (the same training rows, kept as ``input_reference``),
-  weight ``input_weight``: what the code keeps of a row is lossy, and rows that are
-  far from every training row in the input space are anomalies the code can miss.
+- with ``input_weight > 0``, the mean Minkowski distance (exponent ``input_p``; 2 is
+  Euclidean, below 1 a "fractional" distance, which separates near and far rows
+  better when there are many columns) of the row itself to its k nearest rows of
+  ``input_reference``, weight ``input_weight``: what the code keeps of a row is
+  lossy, and rows that are far from every training row in the input space are
+  anomalies the code can miss;
+- with ``center_weight > 0``, the mean squared distance of the row to the training
+  rows' column means, in training standard deviations, weight ``center_weight``: a
+  global part beside the local kNN ones (rows extreme in many columns at once).
 
 ``scaling`` puts the parts on one scale: ``"median"`` divides each part by its
 median over the training rows (a typical row then scores ~1 per part);
@@ -27,8 +32,11 @@ both spaces: a training row then never counts itself, and the score is one fixed
 function of the row, so scoring the same data with a reused model gives the same
 result. The references, the centres and the scales are buffers: they are saved
 with the weights (safetensors) and the model is rebuilt from its JSON config
-alone. A config without the newer fields (``input_weight``, ``scaling``) is the
-original two-part, median-scaled detector, with the same buffers as before.
+alone. A config without the newer fields is the detector of its time, with the
+same buffers as before: without ``input_weight`` / ``scaling`` the original
+two-part, median-scaled one; without ``recon_weight`` / ``input_p`` /
+``center_weight`` reconstruction weight 1, Euclidean input distances, no centre
+part, and the same rows in both references.
 """
 
 from __future__ import annotations
@@ -57,6 +65,11 @@ class DetectorConfig:
         input_weight: Weight of the input-space part (0: no input-space reference is kept).
         scaling: ``"median"`` (each part over its training median) or ``"robust"``
             ((part - training median) / training interquartile range).
+        recon_weight: Weight of the reconstruction part.
+        input_p: Exponent of the Minkowski distance in the input space (2: Euclidean).
+        center_weight: Weight of the distance to the training centre (0: no such part).
+        n_input_reference: Rows of the input-space reference (None: ``n_reference``, the
+            same rows as the code-space reference).
     """
 
     ae: DenseAEConfig
@@ -65,6 +78,10 @@ class DetectorConfig:
     knn_weight: float = 3.0
     input_weight: float = 0.0
     scaling: str = "median"
+    recon_weight: float = 1.0
+    input_p: float = 2.0
+    center_weight: float = 0.0
+    n_input_reference: int | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -73,6 +90,14 @@ class DetectorConfig:
             raise ValueError(f"knn_weight must be >= 0, got {self.knn_weight}")
         if self.input_weight < 0:
             raise ValueError(f"input_weight must be >= 0, got {self.input_weight}")
+        if self.recon_weight < 0:
+            raise ValueError(f"recon_weight must be >= 0, got {self.recon_weight}")
+        if self.center_weight < 0:
+            raise ValueError(f"center_weight must be >= 0, got {self.center_weight}")
+        if not self.input_p > 0:
+            raise ValueError(f"input_p must be > 0, got {self.input_p}")
+        if self.recon_weight + self.knn_weight + self.input_weight + self.center_weight <= 0:
+            raise ValueError("at least one part of the score needs a weight > 0")
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {self.scaling!r}")
 
@@ -85,20 +110,41 @@ class DetectorConfig:
         return self.ae.in_features
 
     @property
+    def part_names(self) -> tuple[str, ...]:
+        """Parts of the score, in order: reconstruction, code space and, when weighted, input space
+        and centre distance."""
+        return ("recon", "code") + (("input",) if self.input_weight > 0 else ()) + (("center",) if self.center_weight > 0 else ())
+
+    @property
+    def part_weights(self) -> tuple[float, ...]:
+        w = {"recon": self.recon_weight, "code": self.knn_weight, "input": self.input_weight, "center": self.center_weight}
+        return tuple(w[name] for name in self.part_names)
+
+    @property
     def n_parts(self) -> int:
-        """Parts of the score: reconstruction, code space and, with ``input_weight > 0``, input space."""
-        return 3 if self.input_weight > 0 else 2
+        return len(self.part_names)
+
+    @property
+    def input_reference_rows(self) -> int:
+        return self.n_reference if self.n_input_reference is None else self.n_input_reference
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ae": self.ae.to_dict(), "n_reference": self.n_reference, "k": self.k, "knn_weight": self.knn_weight,
-                "input_weight": self.input_weight, "scaling": self.scaling}
+        d = {"ae": self.ae.to_dict(), "n_reference": self.n_reference, "k": self.k, "knn_weight": self.knn_weight,
+             "input_weight": self.input_weight, "scaling": self.scaling}
+        # the newer fields only when they differ from the detector before them: old configs stay byte-identical
+        if (self.recon_weight, self.input_p, self.center_weight, self.n_input_reference) != (1.0, 2.0, 0.0, None):
+            d.update(recon_weight=self.recon_weight, input_p=self.input_p, center_weight=self.center_weight,
+                     n_input_reference=self.n_input_reference)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
         # input_weight / scaling absent: a model saved before they existed (two parts, median scaling)
         return cls(ae=DenseAEConfig.from_dict(d["ae"]), n_reference=int(d["n_reference"]), k=int(d["k"]),
                    knn_weight=float(d["knn_weight"]), input_weight=float(d.get("input_weight", 0.0)),
-                   scaling=str(d.get("scaling", "median")))
+                   scaling=str(d.get("scaling", "median")), recon_weight=float(d.get("recon_weight", 1.0)),
+                   input_p=float(d.get("input_p", 2.0)), center_weight=float(d.get("center_weight", 0.0)),
+                   n_input_reference=None if d.get("n_input_reference") is None else int(d["n_input_reference"]))
 
 
 class KnnAutoencoderDetector(nn.Module):
@@ -113,7 +159,10 @@ class KnnAutoencoderDetector(nn.Module):
         self.ae = DenseAutoencoder(config.ae)
         self.register_buffer("reference", torch.zeros(config.n_reference, config.ae.latent_dim))
         if config.input_weight > 0:
-            self.register_buffer("input_reference", torch.zeros(config.n_reference, config.ae.in_features))
+            self.register_buffer("input_reference", torch.zeros(config.input_reference_rows, config.ae.in_features))
+        if config.center_weight > 0:  # per column: the training rows' mean and standard deviation
+            self.register_buffer("center_mean", torch.zeros(config.ae.in_features))
+            self.register_buffer("center_scale", torch.ones(config.ae.in_features))
         # per part, over the training rows: medians ("median" scaling) or interquartile ranges ("robust")
         self.register_buffer("scales", torch.ones(config.n_parts))
         if config.scaling == "robust":
@@ -127,37 +176,51 @@ class KnnAutoencoderDetector(nn.Module):
 
     # -- scoring -----------------------------------------------------------------------
     def set_reference(self, codes: Tensor, rows: Tensor | None = None) -> None:
-        """Replace the reference codes and, with ``input_weight > 0``, the reference rows (the
-        same rows, in the input space; required then). The config's ``n_reference`` follows."""
+        """Replace the reference codes and, with ``input_weight > 0``, the input-space reference
+        rows (required then; any number of rows: the same rows as the codes, or more). With
+        ``center_weight > 0`` the rows (required then) also fix the centre: their column means and
+        standard deviations. The config's reference sizes follow."""
         device = self.scales.device
-        if self.config.input_weight > 0:
-            if rows is None or len(rows) != len(codes):
-                raise ValueError("input_weight > 0: set_reference needs the reference rows, one per code")
-            self.input_reference = rows.detach().to(device, torch.float32).contiguous()
-        self.reference = codes.detach().to(device, torch.float32).contiguous()
         c = self.config
-        self.config = DetectorConfig(c.ae, len(codes), c.k, c.knn_weight, c.input_weight, c.scaling)
+        if (c.input_weight > 0 or c.center_weight > 0) and (rows is None or len(rows) == 0):
+            raise ValueError("input_weight > 0 or center_weight > 0: set_reference needs the reference rows")
+        n_input = None
+        if c.input_weight > 0:
+            self.input_reference = rows.detach().to(device, torch.float32).contiguous()
+            n_input = None if len(rows) == len(codes) else len(rows)
+        if c.center_weight > 0:
+            r = rows.detach().to(device, torch.float64)
+            sd = r.std(dim=0, unbiased=False) if len(r) > 1 else torch.ones(r.shape[1], dtype=torch.float64, device=device)
+            self.center_mean = r.mean(dim=0).float()
+            self.center_scale = torch.where(sd > 1e-12, sd, torch.ones_like(sd)).float()
+        self.reference = codes.detach().to(device, torch.float32).contiguous()
+        self.config = DetectorConfig(c.ae, len(codes), c.k, c.knn_weight, c.input_weight, c.scaling, c.recon_weight,
+                                     c.input_p, c.center_weight, n_input)
 
-    def _knn_distance(self, q: Tensor, ref: Tensor, chunk: int) -> Tensor:
-        """Mean distance of each row of ``q`` to its k nearest rows of ``ref``, the nearest left out."""
+    def _knn_distance(self, q: Tensor, ref: Tensor, chunk: int, p: float = 2.0) -> Tensor:
+        """Mean (Minkowski-``p``) distance of each row of ``q`` to its k nearest rows of ``ref``, the
+        nearest left out."""
         k = min(self.config.k + 1, len(ref))
         if k < 2:
             return torch.zeros(len(q), device=q.device)
         out = []
         for part in q.float().split(chunk):
-            d = torch.cdist(part, ref)
+            d = torch.cdist(part, ref, p=p)
             out.append(torch.topk(d, k, dim=1, largest=False).values[:, 1:].mean(dim=1))
         return torch.cat(out)
 
     @torch.no_grad()
     def score_parts(self, x: Tensor, chunk: int = 1024) -> tuple[Tensor, ...]:
-        """Per row: (reconstruction MSE, code-space kNN distance[, input-space kNN distance]),
-        each kNN distance the mean over the k nearest references but the nearest."""
+        """Per row, the parts of ``config.part_names``: (reconstruction MSE, code-space kNN distance[,
+        input-space kNN distance][, centre distance]), each kNN distance the mean over the k nearest
+        references but the nearest."""
         out = self.ae(x)
         recon = ((out.x_hat.float() - x.float()) ** 2).mean(dim=1)
         parts = (recon, self._knn_distance(out.z, self.reference, chunk))
         if self.config.input_weight > 0:
-            parts += (self._knn_distance(x, self.input_reference, chunk),)
+            parts += (self._knn_distance(x, self.input_reference, chunk, self.config.input_p),)
+        if self.config.center_weight > 0:
+            parts += ((((x.float() - self.center_mean) / self.center_scale) ** 2).mean(dim=1),)
         return parts
 
     def set_scales(self, parts: Tensor | np.ndarray) -> None:
@@ -179,13 +242,12 @@ class KnnAutoencoderDetector(nn.Module):
     @torch.no_grad()
     def score(self, x: Tensor) -> Tensor:
         parts = self.score_parts(x)
-        weights = (1.0, self.config.knn_weight, self.config.input_weight)
         centers = self.centers if self.config.scaling == "robust" else torch.zeros_like(self.scales)
-        s = (parts[0] - centers[0]) / self.scales[0].clamp(min=1e-12)
-        if len(self.reference) > 1:
-            for i in range(1, len(parts)):
-                if weights[i] > 0:
-                    s = s + weights[i] * (parts[i] - centers[i]) / self.scales[i].clamp(min=1e-12)
+        s = torch.zeros(len(x), device=x.device)
+        for i, (name, w) in enumerate(zip(self.config.part_names, self.config.part_weights)):
+            if w == 0 or (name in ("code", "input") and len(self.reference) < 2):
+                continue  # kNN parts need two references (the nearest is left out)
+            s = s + w * (parts[i] - centers[i]) / self.scales[i].clamp(min=1e-12)
         return s
 
 

@@ -22,7 +22,8 @@ DEFAULT_OUTPUT = "./artifacts"
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    # coerce_numbers_to_str: `--set app.positive_label=0` (YAML reads 0 as a number) is the label "0"
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
 
 
 class LoadConfig(Frozen):

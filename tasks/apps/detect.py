@@ -1,18 +1,23 @@
 """detect: anomaly detection with an autoencoder, with the pyod contract.
 
-The score of a row (higher = more anomalous) is its reconstruction error plus
-``knn_weight`` times the mean distance of its code to its ``knn_k`` nearest
-training codes plus ``input_weight`` times the mean distance of the (scaled) row
-to its ``knn_k`` nearest training rows, each part first put on a common scale
-with its training median and interquartile range (``scaling="robust"``;
-``models/detector.py``). The reconstruction part finds rows the decoder cannot
-rebuild; the code-space part finds rows in empty regions of the code space,
-which an autoencoder often rebuilds well (extreme values along the data's main
-axis, or a small group of anomalies it saw while training); the input-space part
-finds rows far from every training row in what the code leaves out. On the
-benchmark (benchmarks/RESULTS.md) the input-space part carries most of the
-ranking: the default weighs it 8 against 1 (reconstruction) and 2 (code space),
-and on those datasets the sum ranks no better than that distance alone.
+The score of a row (higher = more anomalous) is a weighted sum of parts, each
+first put on a common scale with its training median and interquartile range
+(``scaling="robust"``; ``models/detector.py``):
+
+- ``input_weight`` (8) x the mean fractional (Minkowski p = ``input_p`` = 0.5)
+  distance of the (scaled) row to its ``knn_k`` (30) nearest training rows: rows
+  in empty regions of the data;
+- ``center_weight`` (3) x the row's mean squared distance to the training column
+  means, in training standard deviations: rows extreme in many columns at once;
+- ``knn_weight`` (1) x the mean distance of the row's autoencoder code to its
+  ``knn_k`` nearest training codes: rows in empty regions of the code space;
+- ``recon_weight`` (0) x the autoencoder's reconstruction error.
+
+Be clear about what ranks: on the benchmark (benchmarks/RESULTS.md) the
+input-space distance carries most of it, the centre distance adds what
+IsolationForest gets right on breast cancer, the code-space distance adds
+little, and the reconstruction error made every ranking worse, so by default it
+weighs 0 (set ``app.recon_weight`` to use it).
 
 ``contamination`` is validated in (0, 0.5]; ``threshold_`` is fixed once at fit
 time as the (1 - contamination) percentile of the training scores, or given with
@@ -24,7 +29,8 @@ Unsupervised use: fit and score the same data. The fit is robust to the
 anomalies it contains (``robust``, the default): each batch's largest-loss share
 (the contamination) is left out of the loss, and a first fit ranks the rows so
 that the worst-reconstructed contamination share is set aside before the final
-fit and is not part of the code-space reference.
+fit and is not part of the code-space reference (the input-space reference and the
+centre use every training row).
 
 With a label column (``positive_label`` marks anomalies): ROC-AUC and average
 precision for ours and, on the same data in the same run, for IsolationForest,
@@ -76,20 +82,33 @@ class Config(AppConfig):
     knn_k: int = Field(
         30, ge=1, description="Neighbours (in code space and in input space) whose mean distance is part of the score."
     )
-    knn_weight: float = Field(
-        2.0, ge=0.0, description="Weight of the code-space distance in the score (the reconstruction error weighs 1)."
-    )
+    knn_weight: float = Field(1.0, ge=0.0, description="Weight of the code-space distance in the score.")
     input_weight: float = Field(
         8.0, ge=0.0,
         description="Weight of the input-space distance to the training rows in the score (0: no input-space part; "
-        "the model then keeps no copy of the reference rows, which otherwise take n_reference x columns x 4 bytes).",
+        "the model then keeps no copy of the training rows, which otherwise take rows x columns x 4 bytes).",
+    )
+    input_p: float = Field(
+        0.5, gt=0.0,
+        description="Exponent of the Minkowski distance in the input space: 2 is Euclidean; below 1 a fractional "
+        "distance, which separates near from far rows better when there are many columns.",
+    )
+    center_weight: float = Field(
+        3.0, ge=0.0,
+        description="Weight of the row's mean squared distance to the training column means (in training standard "
+        "deviations) in the score: rows extreme in many columns at once.",
+    )
+    recon_weight: float = Field(
+        0.0, ge=0.0,
+        description="Weight of the autoencoder's reconstruction error in the score (0 by default: on the benchmark "
+        "it made every ranking worse; benchmarks/RESULTS.md).",
     )
     scaling: Literal["median", "robust"] = Field(
         "robust",
         description="How the score's parts are put on one scale: 'robust' = (part - training median) / training "
         "interquartile range; 'median' = part / training median (the detector before input_weight existed).",
     )
-    max_reference: int = Field(20000, ge=2, description="Training rows (sampled) kept as the kNN reference (code and input space).")
+    max_reference: int = Field(20000, ge=2, description="Training rows (sampled) kept as each kNN reference (code and input space).")
     min_steps: int = Field(
         300, ge=0, description="At least this many optimiser steps per fit: small tables get more epochs than train.epochs."
     )
@@ -131,8 +150,9 @@ def _train_ae(model: nn.Module, train_x: np.ndarray, val_x: np.ndarray, train_cf
 
 def fit_detector(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-    contamination: float, robust: bool = True, knn_k: int = 30, knn_weight: float = 2.0,
-    input_weight: float = 8.0, scaling: str = "robust", max_reference: int = 20000, min_steps: int = 300,
+    contamination: float, robust: bool = True, knn_k: int = 30, knn_weight: float = 1.0,
+    input_weight: float = 8.0, input_p: float = 0.5, center_weight: float = 3.0, recon_weight: float = 0.0,
+    scaling: str = "robust", max_reference: int = 20000, min_steps: int = 300,
     run=None, show_progress: bool = False,
 ) -> tuple[KnnAutoencoderDetector, object]:
     """Fit the detector on scaled rows (``train_x`` for the weights, ``val_x`` for early stopping).
@@ -141,7 +161,10 @@ def fit_detector(
     the trimmed loss ranks the rows by reconstruction error, the ``contamination`` share with
     the largest errors is set aside, and the detector is trained on the rest; its kNN
     reference (in code and input space) holds only the rows kept. Without ``robust``: one plain
-    fit on every row. The parts' centres and scales come from every training row.
+    fit on every row. The input-space reference and the centre are every training row (set-aside
+    rows included: a few anomalies among many rows barely move a k = 30 distance, and leaving
+    out the most extreme normal rows of clean data hurt); the parts' centres and scales come
+    from every training row.
     Only the final fit writes checkpoints to ``run`` (the first one is short and seeded).
     """
     ae_cfg = DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
@@ -164,17 +187,30 @@ def fit_detector(
         log.info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
                  int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
     model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight, input_weight=input_weight,
-                                                  scaling=scaling))
+                                                  scaling=scaling, recon_weight=recon_weight, input_p=input_p,
+                                                  center_weight=center_weight))
     result = _train_ae(model, train_x[keep_train], val_x[keep_val], train_cfg.model_copy(update={"seed": train_cfg.seed + 1}),
                        trim, run=run, show_progress=show_progress, label="detect autoencoder")
     model.eval()
+    rows = np.concatenate([train_x, val_x])
     kept = np.concatenate([train_x[keep_train], val_x[keep_val]])
     if len(kept) > max_reference:
         kept = kept[np.sort(np.random.default_rng(train_cfg.seed).choice(len(kept), max_reference, replace=False))]
+    every = rows
+    if len(every) > max_reference:
+        every = every[np.sort(np.random.default_rng(train_cfg.seed + 1).choice(len(every), max_reference, replace=False))]
     device = next(model.parameters()).device
-    model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(kept))
-    model.set_scales(torch.from_numpy(_score_parts(model, np.concatenate([train_x, val_x]), device)))
+    model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(every))
+    model.set_scales(torch.from_numpy(_score_parts(model, rows, device)))
     return model, result
+
+
+def detector_options(cfg: Config) -> dict:
+    """``fit_detector``'s keyword options from the app's settings (the app and the benchmark)."""
+    return dict(contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k, knn_weight=cfg.knn_weight,
+                input_weight=cfg.input_weight, input_p=cfg.input_p, center_weight=cfg.center_weight,
+                recon_weight=cfg.recon_weight, scaling=cfg.scaling, max_reference=cfg.max_reference,
+                min_steps=cfg.min_steps)
 
 
 def _recon_error(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
@@ -253,12 +289,8 @@ class Detect(TableApp):
     def fit(self, ctx: TableContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         train_x, val_x, _, _ = ctx.train_arrays
-        model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train,
-                                     contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k,
-                                     knn_weight=cfg.knn_weight, input_weight=cfg.input_weight, scaling=cfg.scaling,
-                                     max_reference=cfg.max_reference,
-                                     min_steps=cfg.min_steps, run=ctx.run,
-                                     show_progress=True)
+        model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train, **detector_options(cfg),
+                                     run=ctx.run, show_progress=True)
         scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
         threshold = cfg.threshold if cfg.threshold is not None else fit_threshold(scores, cfg.contamination)
         state = {
@@ -335,7 +367,7 @@ class Detect(TableApp):
         else:
             ax.hist(scores, bins=cfg.bins)
         ax.axvline(thr, color="red", ls="--", label=f"threshold_ {thr:.4g}")
-        ax.set_xlabel("anomaly score (reconstruction error + kNN distances, on the training rows' scale)")
+        ax.set_xlabel("anomaly score (weighted parts, each on the training rows' scale)")
         ax.set_ylabel("rows")
         ax.set_title(f"Scores: {int((scores > thr).sum())} of {len(scores)} above the threshold")
         ax.legend()

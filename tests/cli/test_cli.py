@@ -118,3 +118,16 @@ def test_demo_headline_rows_pick_the_best_baseline_by_direction():
     rows = headline_rows("detect", {"roc_auc": 0.9}, {"pca": {"roc_auc": 0.7}, "isolation_forest": {"roc_auc": 0.95}})
     assert rows == [("roc_auc (↑)", "0.900", "isolation_forest 0.950")]
     assert headline_rows("index", {"recall_at_10": 1.0}, {"exact": {"qps": 10.0}}) == [("recall_at_10 (↑)", "1.000", "")]
+
+
+def test_set_and_config_file_give_a_number_to_a_text_setting(tmp_path):
+    """YAML reads `0` as a number: `--set app.positive_label=0` (or the same in a config file)
+    is the label "0", not a validation error; numbers stay numbers for numeric settings."""
+    from tasks.apps.detect import DetectRunConfig
+    from tasks.config import resolve_config
+
+    cfg = resolve_config(DetectRunConfig, sets=["app.positive_label=0", "app.contamination=0.05"])
+    assert cfg.app.positive_label == "0" and cfg.app.contamination == 0.05
+    f = tmp_path / "detect.yaml"
+    f.write_text("app:\n  positive_label: 1\n")
+    assert resolve_config(DetectRunConfig, file=f).app.positive_label == "1"

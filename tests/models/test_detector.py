@@ -105,3 +105,65 @@ def test_a_config_saved_before_the_input_part_loads_as_the_two_part_detector():
     m = build_model("dense_detector", old)
     assert m.config.input_weight == 0.0 and m.config.scaling == "median" and m.config.n_parts == 2
     assert set(m.state_dict()) - {k for k in m.state_dict() if k.startswith("ae.")} == {"reference", "scales"}
+
+
+def _identity_detector_full(**kw) -> KnnAutoencoderDetector:
+    m = KnnAutoencoderDetector(DetectorConfig(DenseAEConfig(2, 2, hidden=()), k=2, scaling="robust", **kw))
+    with torch.no_grad():
+        for lin in (m.ae.encoder[0], m.ae.decoder[0]):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    return m
+
+
+def test_fractional_input_distance_centre_part_and_a_larger_input_reference():
+    m = _identity_detector_full(knn_weight=1.0, input_weight=1.0, input_p=0.5, center_weight=1.0)
+    assert m.config.part_names == ("recon", "code", "input", "center")
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [4.0, 0.0], [0.0, 4.0]])
+    with pytest.raises(ValueError):
+        m.set_reference(codes)  # rows are required for the input and centre parts
+    m.set_reference(codes, rows)
+    assert m.config.n_reference == 3 and m.config.n_input_reference == 5
+    q = torch.tensor([[1.0, 1.0]])
+    recon, code_d, input_d, centre = m.score_parts(q)
+    # Minkowski p = 0.5 from (1,1): to (1,0) and (0,1) (|0|^.5 + |1|^.5)^2 = 1; to (0,0) (1 + 1)^2 = 4;
+    # nearest left out: mean of 1 and 4 (k = 2)
+    assert input_d.item() == pytest.approx(2.5)
+    # the Euclidean code part: distances 1, 1, sqrt(2) to the 3 codes; nearest out -> mean of 1 and sqrt(2)
+    assert code_d.item() == pytest.approx((1 + 2 ** 0.5) / 2)
+    mean, sd = rows.mean(0), rows.std(0, unbiased=False)
+    assert centre.item() == pytest.approx((((q - mean) / sd) ** 2).mean().item(), rel=1e-6)
+    # a row far from every reference row scores higher than one among them
+    m.set_scales(torch.stack(m.score_parts(rows), dim=1))
+    assert m.score(torch.tensor([[9.0, 9.0]])).item() > m.score(torch.tensor([[0.5, 0.5]])).item()
+
+
+def test_recon_weight_zero_ignores_the_decoder():
+    m = _identity_detector_full(knn_weight=1.0, input_weight=1.0, recon_weight=0.0)
+    m.set_reference(torch.randn(8, 2), torch.randn(12, 2))
+    m.set_scales(torch.rand(30, 3))
+    x = torch.randn(6, 2)
+    before = m.score(x)
+    with torch.no_grad():
+        m.ae.decoder[0].weight.mul_(5.0)  # a much worse reconstruction
+    assert torch.equal(m.score(x), before)
+
+
+def test_new_parts_travel_with_the_weights_and_old_configs_stay_as_they_were():
+    m = _identity_detector_full(input_weight=2.0, input_p=0.5, center_weight=3.0, recon_weight=0.0)
+    m.set_reference(torch.randn(7, 2), torch.randn(11, 2) * 2 + 1)
+    m.set_scales(torch.rand(20, 4))
+    blob = save({k: v.contiguous() for k, v in m.state_dict().items()})
+    again = build_model(m.kind, m.config.to_dict())
+    again.load_state_dict(load(blob))
+    assert again.config == m.config
+    x = torch.randn(5, 2) * 3
+    assert torch.equal(again.score(x), m.score(x))
+    # a detector without the newer parts writes the config it always wrote
+    plain = DetectorConfig(DenseAEConfig(2, 2, hidden=()), 3, k=2, input_weight=1.0, scaling="robust")
+    assert set(plain.to_dict()) == {"ae", "n_reference", "k", "knn_weight", "input_weight", "scaling"}
+    with pytest.raises(ValueError):
+        DetectorConfig(DenseAEConfig(2, 2, hidden=()), knn_weight=0.0, recon_weight=0.0)
+    with pytest.raises(ValueError):
+        DetectorConfig(DenseAEConfig(2, 2, hidden=()), input_weight=1.0, input_p=0.0)
