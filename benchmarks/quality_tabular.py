@@ -166,7 +166,7 @@ def bench_impute(quick: bool) -> list[str]:
             t0 = time.perf_counter()
             model, _ = impute.fit_imputer(xs[~val], xs[val], rc.model, rc.train.model_copy(update={"seed": seed}),
                                           mask_fraction=rc.app.mask_fraction, members=rc.app.members,
-                                          passes=rc.app.passes)
+                                          passes=rc.app.passes, head_alpha=rc.app.head_alpha)
             filled = {"aeflow": impute.fill(xs, impute.reconstruct(model, xs), groups)}
             res[name]["_seconds_aeflow"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()

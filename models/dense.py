@@ -7,9 +7,11 @@ as ``config.json`` + ``weights.safetensors`` and rebuilt without unpickling.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -189,11 +191,14 @@ class ImputerConfig:
             the imputation is their mean (an ensemble: lower variance on small tables).
         passes: Refinement passes: each pass's imputations fill the missing cells for
             the next one (the mask still tells the model which cells were filled).
+        head: A per-column linear head on the members' mean (see
+            :meth:`MaskedImputer.fit_head`); the identity until it is fitted.
     """
 
     ae: DenseAEConfig
     members: int = 5
     passes: int = 2
+    head: bool = True
 
     def __post_init__(self) -> None:
         if self.members < 1:
@@ -210,11 +215,13 @@ class ImputerConfig:
         return self.ae.latent_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ae": self.ae.to_dict(), "members": self.members, "passes": self.passes}
+        return {"ae": self.ae.to_dict(), "members": self.members, "passes": self.passes, "head": self.head}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImputerConfig:
-        return cls(ae=DenseAEConfig.from_dict(d["ae"]), members=int(d["members"]), passes=int(d["passes"]))
+        # Models saved before the head existed have no "head" key (and no head weights).
+        return cls(ae=DenseAEConfig.from_dict(d["ae"]), members=int(d["members"]), passes=int(d["passes"]),
+                   head=bool(d.get("head", False)))
 
 
 class _ImputerMember(MaskedDenseAutoencoder):
@@ -241,8 +248,10 @@ class _ImputerMember(MaskedDenseAutoencoder):
 
 class MaskedImputer(nn.Module):
     """The impute application's model: an ensemble of refining masked autoencoders
-    (missing cells are ``NaN`` in the input). ``x_hat`` is the members' mean; ``z`` is
-    the first member's code. Train it with :func:`imputer_loss`."""
+    (missing cells are ``NaN`` in the input). ``x_hat`` is the members' mean, passed
+    through a per-column linear head on the missing cells once :meth:`fit_head` has
+    fitted it (the identity before); ``z`` is the first member's code. Train it with
+    :func:`imputer_loss`, then call :meth:`fit_head`."""
 
     kind = "masked_imputer"
 
@@ -250,13 +259,79 @@ class MaskedImputer(nn.Module):
         super().__init__()
         self.config = config
         self.members = nn.ModuleList(_ImputerMember(config.ae, config.passes) for _ in range(config.members))
+        if config.head:
+            d = config.in_features
+            # missing x_j = self_j * (members' mean)_j + sum_{k != j} cross_jk * filled_k + bias_j
+            self.register_buffer("head_self", torch.ones(d))
+            self.register_buffer("head_cross", torch.zeros(d, d))
+            self.register_buffer("head_bias", torch.zeros(d))
 
     def encode(self, x: Tensor) -> Tensor:
         return self.members[0](x).z
 
-    def forward(self, x: Tensor) -> AEOutput:
+    def _ensemble(self, x: Tensor) -> AEOutput:
         outs = [m(x) for m in self.members]
         return AEOutput(x_hat=torch.stack([o.x_hat for o in outs]).mean(dim=0), z=outs[0].z)
+
+    def forward(self, x: Tensor) -> AEOutput:
+        out = self._ensemble(x)
+        if not self.config.head:
+            return out
+        x_hat, missing = out.x_hat, x.isnan()
+        filled = torch.where(missing, x_hat.to(x.dtype), x).to(x_hat.dtype)
+        head = (x_hat * self.head_self.to(x_hat.dtype) + filled @ self.head_cross.to(x_hat.dtype).T
+                + self.head_bias.to(x_hat.dtype))
+        return AEOutput(x_hat=torch.where(missing, head, x_hat), z=out.z)
+
+    @torch.no_grad()
+    def fit_head(
+        self, x: Tensor | Any, alpha: float = 20.0, columns: Sequence[int] | None = None, *,
+        max_rows: int = 10000, max_total_rows: int = 1_000_000, seed: int = 0, batch_size: int = 4096,
+    ) -> None:
+        """Fit the linear head in closed form (stacking): for each column ``j`` of
+        ``columns`` (default: all), hide ``j`` in the rows of ``x`` (scaled, ``NaN`` =
+        missing) where it is observed, run the ensemble, and fit a ridge regression
+        (penalty ``alpha``, intercept unpenalised) of the true ``x_j`` on the ensemble's
+        prediction of ``x_j`` and the row's other cells (observed, or the ensemble's
+        imputations). Up to ``max_rows`` rows per column and ``max_total_rows`` over all
+        columns (seeded samples): the cost stays below a few epochs of training. Columns not
+        fitted keep the identity (the members' mean). Call it after training, in eval mode.
+        """
+        if not self.config.head:
+            raise ValueError("this imputer was built without a head (ImputerConfig.head=False)")
+        device = self.head_bias.device
+        x = torch.as_tensor(x).float().cpu()
+        d = x.shape[1]
+        self.head_self.fill_(1.0)
+        self.head_cross.zero_()
+        self.head_bias.zero_()
+        rng = np.random.default_rng(seed)
+        columns = list(range(d)) if columns is None else list(columns)
+        max_rows = max(min(max_rows, max_total_rows // max(len(columns), 1)), 2)
+
+        def ensemble(rows: Tensor) -> Tensor:
+            return torch.cat([self._ensemble(rows[i:i + batch_size].to(device)).x_hat.float().cpu()
+                              for i in range(0, len(rows), batch_size)])
+
+        for j in columns:
+            obs = np.flatnonzero(~x[:, j].isnan().numpy())
+            if len(obs) < 2:
+                continue
+            if len(obs) > max_rows:
+                obs = np.sort(rng.choice(obs, max_rows, replace=False))
+            xj = x[torch.from_numpy(obs)]
+            target = xj[:, j].double()
+            xj[:, j] = float("nan")
+            pred = ensemble(xj)
+            filled = torch.where(xj.isnan(), pred, xj).double()
+            others = [k for k in range(d) if k != j]
+            feats = torch.column_stack([pred[:, j].double(), filled[:, others]])
+            mean_f, mean_t = feats.mean(0), target.mean()
+            fc = feats - mean_f
+            w = torch.linalg.solve(fc.T @ fc + alpha * torch.eye(d, dtype=fc.dtype), fc.T @ (target - mean_t))
+            self.head_self[j] = float(w[0])
+            self.head_cross[j, others] = w[1:].to(self.head_cross.dtype).to(device)
+            self.head_bias[j] = float(mean_t - mean_f @ w)
 
 
 def imputer_loss(

@@ -6,7 +6,10 @@ random share (``mask_fraction``) of the *observed* cells of every batch and
 reconstructing them. The model (``models/dense.py: MaskedImputer``) is an ensemble
 of ``members`` such autoencoders, each with a linear path beside the nonlinear one
 and ``passes`` refinement passes (a pass's imputations are the next pass's input);
-the imputation is the members' mean. Output ``imputed.parquet``: the input's columns (excluded
+the imputation is the members' mean, passed through a per-column linear head fitted
+in closed form after training (stacking, ``head_alpha``: for each numeric column, a
+ridge regression of its observed values, hidden one column at a time, on the ensemble's
+prediction of it and the row's other cells). Output ``imputed.parquet``: the input's columns (excluded
 ones aside), in their order and with the dtypes they were read with at fit time,
 one row per input row in input order, no nulls in the features, and every
 observed value unchanged (filled cells only). Categorical cells are filled with
@@ -22,6 +25,7 @@ for ours and for mean/mode, ``KNNImputer(k=5)`` and ``IterativeImputer``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -49,6 +53,11 @@ class Config(AppConfig):
     mask_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of observed cells hidden in each training batch.")
     members: int = Field(5, ge=1, description="Autoencoders trained side by side; the imputation is their mean (1: fastest).")
     passes: int = Field(2, ge=1, description="Refinement passes: each pass's imputations are the next pass's input.")
+    head_alpha: float = Field(
+        20.0, ge=0.0,
+        description="Ridge penalty of the per-column linear head fitted after training on the ensemble's "
+        "imputations (stacking); 0: no head.",
+    )
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of observed cells hidden (MCAR) for the evaluation.")
     eval_seed: int = Field(0, description="Seed of the evaluation's hidden cells.")
     knn_neighbors: int = Field(5, ge=1, description="k of the KNNImputer baseline.")
@@ -89,19 +98,29 @@ def numeric_groups(d: int) -> list[Group]:
     return [Group(ColumnSpec(f"x{i}"), (i,)) for i in range(d)]
 
 
+HEAD_MAX_FEATURES = 1024
+
+
 def fit_imputer(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-    mask_fraction: float, members: int = 5, passes: int = 2, run=None, show_progress: bool = False,
+    mask_fraction: float, members: int = 5, passes: int = 2, head_alpha: float = 20.0,
+    head_columns: Sequence[int] | None = None, run=None, show_progress: bool = False,
 ) -> tuple[MaskedImputer, object]:
-    """Train the imputer on scaled rows with ``NaN`` for missing cells."""
+    """Train the imputer on scaled rows with ``NaN`` for missing cells, then fit its linear
+    head (``head_alpha`` > 0) on the training and validation rows, for ``head_columns``
+    (default: all; the app passes the numeric ones). No head on tables wider than
+    ``HEAD_MAX_FEATURES`` encoded columns (its fit solves one such system per column)."""
     model = MaskedImputer(ImputerConfig(
         DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
                       model_cfg.dropout, model_cfg.batch_norm),
-        members=members, passes=passes,
+        members=members, passes=passes, head=0 < head_alpha and train_x.shape[1] <= HEAD_MAX_FEATURES,
     ))
     loss = partial(imputer_loss, hide=mask_fraction)
     result = train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label="impute autoencoder",
                          show_progress=show_progress)
+    if model.config.head:
+        model.eval()
+        model.fit_head(np.concatenate([train_x, val_x]), head_alpha, head_columns, seed=train_cfg.seed)
     return model, result
 
 
@@ -233,8 +252,10 @@ class Impute(TableApp):
                     f"it from; --exclude it"
                 )
         train_x, val_x, _, _ = ctx.train_arrays
+        numeric = [g.cols[0] for g in feature_groups(ctx.schema) if g.spec.kind == "numeric"]
         model, result = fit_imputer(train_x, val_x, ctx.config.model, ctx.config.train, mask_fraction=cfg.mask_fraction,
-                                    members=cfg.members, passes=cfg.passes, run=ctx.run, show_progress=True)
+                                    members=cfg.members, passes=cfg.passes, head_alpha=cfg.head_alpha,
+                                    head_columns=numeric, run=ctx.run, show_progress=True)
         return Fitted(model=model, schema=ctx.schema, stats=prep.stats, train=result)
 
     def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
