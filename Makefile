@@ -43,6 +43,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.preprocess
 	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.images
+	$(BIN)/python -m benchmarks.detect_speed
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from models.dense import AEOutput, DenseAEConfig, DenseAutoencoder
 
 SCALINGS = ("median", "robust")
+FRACTIONAL_BLOCK = 1 << 22  # elements (16 MB of float32) of one block of p = 0.5 differences
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,18 @@ class KnnAutoencoderDetector(nn.Module):
         if k < 2:
             return torch.zeros(len(q), device=q.device)
         out = []
+        if p == 0.5:
+            # sum_j sqrt|q_j - r_j|, squared: ~7x faster than cdist's generic pow path (itself ~30x
+            # slower than its Euclidean one). Small blocks of rows (about FRACTIONAL_BLOCK
+            # differences) through one reused buffer: a fresh 100 MB tensor per block spends more
+            # time faulting in pages than computing. Ranked before squaring (monotone).
+            rows = max(1, min(len(q), FRACTIONAL_BLOCK // max(1, len(ref) * ref.shape[1])))
+            buf = torch.empty(rows, len(ref), ref.shape[1], device=q.device)
+            for part in q.float().split(rows):
+                diff = torch.sub(part[:, None, :], ref[None, :, :], out=buf[: len(part)])
+                s = diff.abs_().sqrt_().sum(dim=2)
+                out.append(torch.topk(s, k, dim=1, largest=False).values[:, 1:].square().mean(dim=1))
+            return torch.cat(out)
         for part in q.float().split(chunk):
             d = torch.cdist(part, ref, p=p)
             out.append(torch.topk(d, k, dim=1, largest=False).values[:, 1:].mean(dim=1))

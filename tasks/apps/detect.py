@@ -62,6 +62,7 @@ from tasks.train import train_model
 
 log = logging.getLogger("aeflow.detect")
 PYOD_MIN_ROWS = 64
+SCALE_ROWS = 100_000  # training rows (sampled) whose score parts fix the parts' centres and scales
 
 
 class Config(AppConfig):
@@ -108,7 +109,11 @@ class Config(AppConfig):
         description="How the score's parts are put on one scale: 'robust' = (part - training median) / training "
         "interquartile range; 'median' = part / training median (the detector before input_weight existed).",
     )
-    max_reference: int = Field(20000, ge=2, description="Training rows (sampled) kept as each kNN reference (code and input space).")
+    max_reference: int = Field(
+        10000, ge=2,
+        description="Training rows (sampled) kept as each kNN reference (code and input space); scoring time grows "
+        "with it (benchmarks/RESULTS.md: detect scoring speed).",
+    )
     min_steps: int = Field(
         300, ge=0, description="At least this many optimiser steps per fit: small tables get more epochs than train.epochs."
     )
@@ -152,7 +157,7 @@ def fit_detector(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     contamination: float, robust: bool = True, knn_k: int = 30, knn_weight: float = 1.0,
     input_weight: float = 8.0, input_p: float = 0.5, center_weight: float = 3.0, recon_weight: float = 0.0,
-    scaling: str = "robust", max_reference: int = 20000, min_steps: int = 300,
+    scaling: str = "robust", max_reference: int = 10000, min_steps: int = 300,
     run=None, show_progress: bool = False,
 ) -> tuple[KnnAutoencoderDetector, object]:
     """Fit the detector on scaled rows (``train_x`` for the weights, ``val_x`` for early stopping).
@@ -201,6 +206,8 @@ def fit_detector(
         every = every[np.sort(np.random.default_rng(train_cfg.seed + 1).choice(len(every), max_reference, replace=False))]
     device = next(model.parameters()).device
     model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(every))
+    if len(rows) > SCALE_ROWS:  # medians and quartiles of the parts: a sample is as good and the kNN parts cost
+        rows = rows[np.sort(np.random.default_rng(train_cfg.seed + 2).choice(len(rows), SCALE_ROWS, replace=False))]
     model.set_scales(torch.from_numpy(_score_parts(model, rows, device)))
     return model, result
 

@@ -167,3 +167,14 @@ def test_new_parts_travel_with_the_weights_and_old_configs_stay_as_they_were():
         DetectorConfig(DenseAEConfig(2, 2, hidden=()), knn_weight=0.0, recon_weight=0.0)
     with pytest.raises(ValueError):
         DetectorConfig(DenseAEConfig(2, 2, hidden=()), input_weight=1.0, input_p=0.0)
+
+
+def test_fractional_distance_blocks_match_cdist(monkeypatch):
+    import models.detector as det
+
+    m = _identity_detector_full(input_weight=1.0, input_p=0.5)
+    ref, q = torch.randn(50, 3), torch.randn(23, 3)
+    k = m.config.k + 1
+    want = torch.topk(torch.cdist(q, ref, p=0.5), k, dim=1, largest=False).values[:, 1:].mean(dim=1)
+    monkeypatch.setattr(det, "FRACTIONAL_BLOCK", 50 * 3 * 4)  # 4 rows per block: 6 blocks, the last one short
+    assert torch.allclose(m._knn_distance(q, ref, 1024, 0.5), want, rtol=1e-5)
