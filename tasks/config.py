@@ -80,6 +80,11 @@ class TrainConfig(Frozen):
     patience: int = Field(15, ge=1, description="Epochs without validation improvement before stopping.")
     seed: int = 0
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    threads: int = Field(
+        0, ge=0,
+        description="CPU threads for training (0: PyTorch's default, one per core). 1 on a CPU shared with other busy "
+        "jobs: small models slow down many times when their threads compete. Not part of the run's fingerprint.",
+    )
 
 
 class AppConfig(Frozen):
@@ -136,6 +141,7 @@ class RunConfig(Frozen):
         """Hash of (app, inputs' content hashes, config): equal runs have equal fingerprints."""
         cfg = self.model_dump(mode="json", exclude=set(self._NOT_FINGERPRINTED))
         cfg["train"].pop("device", None)
+        cfg["train"].pop("threads", None)  # where it runs, not what it computes (as device)
         blob = json.dumps({"app": self.app_name, "inputs": input_hashes, "config": cfg}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 

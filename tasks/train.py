@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+import torch
 from torch import nn
 
 from models.training import LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss
@@ -134,17 +135,23 @@ def train_model(
         if run is not None:
             run.save_checkpoint(*state.to_flat())
 
-    with progress:
-        result = fit(
-            model,
-            train_x,
-            val_x,
-            settings,
-            loss_fn=loss_fn,
-            resume=resume,
-            on_epoch=on_epoch,
-            on_checkpoint=on_checkpoint if run is not None else None,
-        )
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        with progress:
+            result = fit(
+                model,
+                train_x,
+                val_x,
+                settings,
+                loss_fn=loss_fn,
+                resume=resume,
+                on_epoch=on_epoch,
+                on_checkpoint=on_checkpoint if run is not None else None,
+            )
+    finally:
+        torch.set_num_threads(threads)
     ui.update(100.0)
     logger.info(
         "%s done: %d epochs (best %d, val loss %.5g) in %.1fs on %s, %.0f samples/s",
