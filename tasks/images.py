@@ -27,10 +27,12 @@ from typing import Any, Literal
 
 import dask
 import numpy as np
+from prefect import task
 from pydantic import Field
 
 from tasks.config import Frozen
 from tasks.errors import InputError
+from tasks.prefect_utils import IO_TASK
 from tasks.storage import FileRecord, RunDir, is_local, to_uri, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -349,6 +351,12 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
         skipped=skipped,
         has_labels=labels_ok,
     )
+
+
+@task(name="load-images", task_run_name="load-images-{prefix}", **IO_TASK)
+def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, prefix: str) -> ImageSet:
+    """Prefect task over :func:`load_images` (validation errors are not retried)."""
+    return load_images(source, load, run=run, prefix=prefix)
 
 
 def iter_images(imset: ImageSet) -> Iterator[np.ndarray]:

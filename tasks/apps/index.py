@@ -29,13 +29,13 @@ from pydantic import Field
 
 from models.conv import latent_noise_loss
 from models.training import predict
-from tasks.apps import Evaluation, register
-from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageContext, ImageFitted, ImageRunConfig
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
+from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tasks.images import ImageLoadConfig, decode_image, stack_images
-from tasks.report import training_curve
-from tasks.storage import MODEL_DIR, RunDir, open_model_source, open_run, url_to_fs
+from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -223,6 +223,7 @@ class Index(ImageApp):
     name = "index"
     Config = Config
     RunConfig = IndexRunConfig
+    headlines = (("precision_at_10", True), ("recall_at_10", True))
     cli_options = ImageApp.cli_options + (
         ("--image-size", "load.size", int, "Images are resized to this square size before encoding."),
         ("--index-type", "app.index", str, "auto (exact up to --ann-threshold, HNSW above), exact, hnsw or ivf."),
@@ -241,7 +242,7 @@ class Index(ImageApp):
         assert imset is not None
         return imset, stack_images(imset)
 
-    def fit(self, ctx: ImageContext) -> ImageFitted:
+    def fit(self, ctx: ImageContext) -> Fitted:
         tr, va = ctx.split()
         x = stack_images(ctx.train)
         model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
@@ -249,9 +250,9 @@ class Index(ImageApp):
                              loss_fn=index_loss(ctx.config.app), label="index autoencoder")  # type: ignore[arg-type]
         model.to(ctx.device).eval()
         state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x.shape[1])}
-        return ImageFitted(model=model, state=state, train=result)
+        return Fitted(model=model, state=state, train=result)
 
-    def apply(self, ctx: ImageContext, fitted: ImageFitted) -> dict[str, str]:
+    def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
         import pandas as pd
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
@@ -296,7 +297,7 @@ class Index(ImageApp):
         ctx.cache["codes"], ctx.cache["index"] = codes, index
         return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": f"{INDEX_DIR}/codes.npy"}
 
-    def evaluate(self, ctx: ImageContext, fitted: ImageFitted) -> Evaluation:
+    def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
         from sklearn.decomposition import PCA
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
@@ -339,9 +340,9 @@ class Index(ImageApp):
         ev.notes.append(f"recall@{k} of the {index_kind(index)} index against exact search; QPS on one batch of {len(q)} queries")
         return ev
 
-    def report(self, ctx: ImageContext, fitted: ImageFitted, evaluation: Evaluation) -> dict[str, str]:
+    def report(self, ctx: ImageContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        out: dict[str, str] = {}
+        out = super().report(ctx, fitted, evaluation)
         codes, index = ctx.cache.get("codes"), ctx.cache.get("index")
         imset, x = self._images(ctx)
         if cfg.contact_queries and codes is not None and len(codes) > 1:
@@ -359,10 +360,6 @@ class Index(ImageApp):
                                 [imset.rel[i] for i in q], [[imset.rel[j] for j in row if j >= 0] for row in nn_i])
             ctx.run.write_bytes("report/contact_sheet.png", png)
             out["contact_sheet"] = "report/contact_sheet.png"
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                out["training_plot"] = curve
         return out
 
 
@@ -428,7 +425,7 @@ class LoadedIndex:
     meta: dict[str, Any]
     index: Any
     ids: Any
-    fitted: ImageFitted
+    fitted: Fitted
 
 
 def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
@@ -440,12 +437,12 @@ def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
     if run.app != "index" or not run.exists(f"{INDEX_DIR}/meta.json"):
         raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
     meta = run.read_json(f"{INDEX_DIR}/meta.json")
-    model_run = run if run.exists(f"{MODEL_DIR}/config.json") else open_model_source(meta["model_run"])
-    fitted = Index().load(model_run, device)
+    model_uri = run.uri if run.exists(f"{MODEL_DIR}/config.json") else meta["model_run"]
+    fitted = Index().load(model_uri, device)
     if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
         raise ModelMismatchError(
             f"index {uri} was built with another model: its codes come from weights {meta['model_weights'][:19]}…, "
-            f"but {model_run.uri} holds {str(fitted.weights_hash)[:19]}…; rebuild the index with this model"
+            f"but {model_uri} holds {str(fitted.weights_hash)[:19]}…; rebuild the index with this model"
         )
     index = deserialize_index(run.read_bytes(f"{INDEX_DIR}/index.faiss"), meta)
     if index.d != meta["dim"]:
@@ -494,6 +491,24 @@ def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.d
             hits.append(SearchHit(rank, int(r["id"]), str(r["path"]), str(r["label"]), float(d)))
         out.append(hits)
     return out, arrays
+
+
+def expand_queries(queries: list[str]) -> list[str]:
+    """Query images and folders of them (``aeflow search --query``) as the URIs of every image."""
+    from tasks.images import list_images
+    from tasks.storage import to_uri
+
+    out: list[str] = []
+    for q in queries:
+        fs, paths, _others, _root = list_images(q, "query")
+        out += [to_uri(fs, p) for p in paths]
+    return out
+
+
+def write_search_sheet(dest: str, loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray],
+                       hits: list[list[SearchHit]]) -> None:
+    fs, path = url_to_fs(dest)
+    fs.pipe_file(path, search_sheet(loaded, queries, arrays, hits))
 
 
 def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:
