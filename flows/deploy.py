@@ -204,11 +204,16 @@ def start_server(
 
     ``new_session`` puts it in its own process group (stop it with :func:`stop_process_group`),
     so a terminal's Ctrl-C reaches only the caller, which stops the server after its own cleanup.
+    The server dies with the caller in any case (``flows/lifeline.py``), even when the caller is
+    SIGKILLed and cannot clean up.
     """
     api_url = f"http://{host}:{port}/api"
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
+    from flows.lifeline import command
+
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        # Through the lifeline watchdog: the server goes when this process dies, even by SIGKILL.
+        command(["-m", "prefect", "server", "start", "--host", host, "--port", str(port)]),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

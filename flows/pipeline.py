@@ -26,7 +26,8 @@ from tasks.apps import Evaluation, apply_task, evaluate_task, fit_task, get_app,
 from tasks.config import RunConfig
 from tasks.preprocess import dask_client
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
-from tasks.storage import ArtifactStore, Manifest, RunDir
+from tasks.redaction import install_log_redaction, redact
+from tasks.storage import ArtifactStore, Manifest, RunDir, storage_error
 
 VERSIONED = ("aeflow", "torch", "prefect", "dask", "distributed", "pandas", "numpy", "scikit-learn", "pandera", "s3fs", "pyarrow")
 
@@ -93,6 +94,7 @@ def run_app(config: RunConfig) -> RunResult:
     manifest (last). A failure anywhere discards the run: no manifest, nothing half-written,
     other runs untouched; a checkpoint stays so that the same command resumes training.
     """
+    install_log_redaction()  # deployment runs too: no secret reaches Prefect's logs
     app = get_app(config.app_name)
     kind = app.data
     log = _logger()
@@ -138,8 +140,13 @@ def run_app(config: RunConfig) -> RunResult:
             outputs.update(report_task(app, ctx, fitted, evaluation))
         result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
                           evaluation, timings, device, kind.manifest_extra(ctx))
-    except BaseException:
+    except BaseException as e:
         run.discard()
+        # An outage that surfaced outside the storage layer's own mapping is still one line (exit 4).
+        mapped = storage_error(e, f"finish the {next(reversed(timings), 'load')} stage of", run.uri) \
+            if isinstance(e, Exception) else None
+        if mapped is not None:
+            raise mapped from None
         raise
     return result
 
@@ -217,7 +224,7 @@ def _flow_run_name(app: str) -> Callable[[], str]:
         tail = next((p for p in reversed(parts_) if not any(c in p for c in "*?[")), "")[:40]
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         parts = [app] + ([day.isoformat()] if day else []) + ([tail] if tail else []) + [stamp]
-        return "-".join(parts)
+        return redact("-".join(parts))
 
     return name
 

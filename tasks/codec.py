@@ -23,7 +23,7 @@ from models.codec import ImageCodec, as_rgb, build_codec, load_codec_state
 from models.entropy_coding import EntropyCodingError
 from models.metrics import ms_ssim, psnr
 from tasks.errors import InputError, ModelMismatchError, StorageError
-from tasks.storage import MODEL_DIR, ArtifactStore, open_run, url_to_fs
+from tasks.storage import MODEL_DIR, ArtifactStore, open_model_source, url_to_fs
 
 # -- images --------------------------------------------------------------------------------
 
@@ -117,18 +117,13 @@ def load_codec_run(run_uri: str) -> LoadedCodec:
     """The codec saved in a ``compress`` run (``--model RUN``).
 
     A plain model folder holding ``config.json`` and ``weights.safetensors`` (such as
-    the committed benchmark codec, ``benchmarks/weights/codec``) is accepted too.
+    the committed benchmark codec, ``benchmarks/weights/codec``) is accepted too. Both go
+    through the one model loader (``tasks.storage.open_model_source``), which verifies the
+    weights against the hash recorded when they were saved.
     """
-    fs, path = url_to_fs(run_uri)
-    folder = path.rstrip("/")
-    if fs.exists(f"{folder}/config.json") and fs.exists(f"{folder}/weights.safetensors"):
-        from safetensors.torch import load
-
-        meta = json.loads(fs.cat_file(f"{folder}/config.json"))
-        return codec_from_files(meta, load(fs.cat_file(f"{folder}/weights.safetensors")), run_uri)
-    run = open_run(run_uri)
-    meta, state = run.load_model_files()
-    return codec_from_files(meta, state, run.uri)
+    source = open_model_source(run_uri)
+    meta, state = source.load_model_files()
+    return codec_from_files(meta, state, source.uri)
 
 
 def find_codec_run(root: str, identity: bytes) -> LoadedCodec | None:

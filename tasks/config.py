@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
+from tasks.redaction import find_credentials, redact
 
 DEFAULT_OUTPUT = "./artifacts"
 
@@ -24,6 +25,19 @@ DEFAULT_OUTPUT = "./artifacts"
 class Frozen(BaseModel):
     # coerce_numbers_to_str: `--set app.positive_label=0` (YAML reads 0 as a number) is the label "0"
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        """No setting may carry a secret: it would be echoed in messages, logs, Prefect and manifests."""
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            what = find_credentials(item) if isinstance(item, str) else None
+            if what:
+                raise ValueError(
+                    f"holds {what}; remove it and give keys through the environment (AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY), a profile or a Prefect block, never in a URI"
+                )
+        return value
 
 
 class LoadConfig(Frozen):
@@ -209,7 +223,7 @@ def format_validation_error(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         got = err.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) else f" (got {redact(repr(got))})"
         parts.append(f"{loc}: {err['msg']}{got_s}")
     return "invalid configuration: " + "; ".join(parts)
 

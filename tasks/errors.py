@@ -7,11 +7,16 @@ option) is an :class:`AeflowError`. The CLI prints its message and exits with
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class AeflowError(Exception):
     """Base class of errors caused by the user's input or configuration."""
 
     exit_code = 1
+    # Whether retrying the same operation later may succeed (an outage, not bad input):
+    # Prefect task retries retry these, and only these, of the errors aeflow raises.
+    transient: ClassVar[bool] = False
 
 
 class InputError(AeflowError):
@@ -30,6 +35,12 @@ class StorageError(AeflowError):
     """The artifact store cannot be read or written (bucket, permissions, missing run)."""
 
     exit_code = 4
+
+
+class StorageUnavailable(StorageError):
+    """The object store cannot be reached (connection refused, timeout, 5xx): worth retrying."""
+
+    transient = True
 
 
 class ModelMismatchError(AeflowError):

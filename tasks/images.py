@@ -33,7 +33,7 @@ from pydantic import Field
 from tasks.config import Frozen
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
-from tasks.storage import FileRecord, RunDir, is_local, to_uri, url_to_fs
+from tasks.storage import FileRecord, RunDir, is_local, read_uri, storage_op, to_uri, url_to_fs, write_uri
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Mode = Literal["gray", "rgb", "keep"]
@@ -118,14 +118,15 @@ def list_images(uri: str, role: str = "input") -> tuple[Any, list[str], list[str
     fs, path = url_to_fs(uri)
     path = path.rstrip("/") if not is_local(fs) else os.path.abspath(path)
     try:
-        if fs.isdir(path):
-            found = [p for p in fs.find(path) if not fs.isdir(p)]
-            root = path
-        elif fs.exists(path):
-            found, root = [path], posixpath.dirname(path.replace(os.sep, "/"))
-        else:
-            found = None
-            root = path
+        with storage_op("list", uri):
+            if fs.isdir(path):
+                found = [p for p in fs.find(path) if not fs.isdir(p)]
+                root = path
+            elif fs.exists(path):
+                found, root = [path], posixpath.dirname(path.replace(os.sep, "/"))
+            else:
+                found = None
+                root = path
     except PermissionError as e:
         raise InputError(f"cannot read {role} {uri}: permission denied ({e})") from e
     except OSError as e:
@@ -171,13 +172,15 @@ def inspect_images(uri: str, role: str = "input", *, skip_bad: bool = False) -> 
         )
     files, rels, labels = [], [], []
     for p in paths:
-        info = fs.info(p)
-        size = int(info.get("size") or 0)
         furi = to_uri(fs, p)
+        with storage_op("read", furi):
+            info = fs.info(p)
+        size = int(info.get("size") or 0)
         if size == 0 and not skip_bad:
             raise InputError(f"{furi}: empty file (0 bytes), not an image")
         etag = None if is_local(fs) else (info.get("ETag") or info.get("etag"))
-        digest = f"etag:{str(etag).strip(chr(34))}" if etag else _sha256(fs, p)
+        with storage_op("read", furi):
+            digest = f"etag:{str(etag).strip(chr(34))}" if etag else _sha256(fs, p)
         files.append(FileRecord(path=furi, size=size, hash=digest))
         rel = _rel(p, root)
         rels.append(rel)
@@ -283,7 +286,7 @@ def _decode_shard(
     for i, uri in enumerate(uris):
         try:
             fs, path = url_to_fs(uri)
-            with fs.open(path, "rb") as f:
+            with storage_op("read", uri), fs.open(path, "rb") as f:  # an outage stops the run, not this file
                 data = f.read()
             arr = decode_image(data, mode, size, fit, alpha)
         except ValueError as e:
@@ -297,8 +300,7 @@ def _decode_shard(
     if out_uri is not None and arrays:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        fs, path = url_to_fs(out_uri)
-        fs.pipe_file(path, buf.getvalue())
+        write_uri(out_uri, buf.getvalue())
     return report
 
 
@@ -359,14 +361,30 @@ def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, pr
     return load_images(source, load, run=run, prefix=prefix)
 
 
+MIN_TRAIN_IMAGES = 2
+"""Fewest decoded images an image model is trained on (one can be held out for validation)."""
+
+
+def check_training_images(imset: ImageSet) -> None:
+    """Refuse a training set too small to train and validate on (e.g. a single image).
+
+    Raises:
+        InputError: fewer than :data:`MIN_TRAIN_IMAGES` images; the message gives the minimum.
+    """
+    if len(imset) < MIN_TRAIN_IMAGES:
+        left_out = f" ({len(imset.skipped)} left out as bad)" if imset.skipped else ""
+        raise InputError(
+            f"{imset.role} {imset.source_uri}: {len(imset)} decodable image(s){left_out} are too few to train and "
+            f"validate on: training needs at least {MIN_TRAIN_IMAGES} images"
+        )
+
+
 def iter_images(imset: ImageSet) -> Iterator[np.ndarray]:
     """Decoded images one at a time, in order (one shard in memory at a time)."""
     for uri in imset.shards:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            for key in sorted(data.files):
-                yield data[key]
+        data = np.load(io.BytesIO(read_uri(uri)), allow_pickle=False)
+        for key in sorted(data.files):
+            yield data[key]
 
 
 def read_images(imset: ImageSet) -> list[np.ndarray]:

@@ -11,10 +11,14 @@ the column and the value.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import os
+import re
+import zlib
 from dataclasses import dataclass, replace
+from typing import Any
 
 import dask.dataframe as dd
 import pandas as pd
@@ -26,7 +30,7 @@ from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.storage import FileRecord, is_local, to_uri, url_to_fs
+from tasks.storage import FileRecord, is_local, storage_op, to_uri, url_to_fs
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SAMPLE_ROWS = 2000
@@ -78,14 +82,15 @@ def list_table_files(uri: str, fmt: str = "auto") -> tuple[object, list[str]]:
     """
     fs, path = url_to_fs(uri)
     try:
-        if any(ch in path for ch in "*?["):
-            paths = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif fs.isdir(path):
-            paths = [p for p in fs.find(path) if _format_of(p) is not None]
-        elif fs.exists(path):
-            paths = [path]
-        else:
-            paths = None
+        with storage_op("list", uri):
+            if any(ch in path for ch in "*?["):
+                paths = [p for p in fs.glob(path) if fs.isfile(p)]
+            elif fs.isdir(path):
+                paths = [p for p in fs.find(path) if _format_of(p) is not None]
+            elif fs.exists(path):
+                paths = [path]
+            else:
+                paths = None
     except PermissionError as e:
         raise InputError(f"cannot read {uri}: permission denied ({e})") from e
     except OSError as e:
@@ -102,7 +107,8 @@ def list_table_files(uri: str, fmt: str = "auto") -> tuple[object, list[str]]:
         raise InputError(f"input {uri} does not exist")
     paths = sorted(p for p in paths if not os.path.basename(p.rstrip("/")).startswith((".", "_")))
     if fmt != "auto":
-        typed = [p for p in paths if _format_of(p) in (fmt, None)]
+        # A file named directly is read as --format says, whatever its name (e.g. Parquet named .csv).
+        typed = paths if len(paths) == 1 else [p for p in paths if _format_of(p) in (fmt, None)]
     else:
         typed = [p for p in paths if _format_of(p) is not None]
         unknown = [p for p in paths if _format_of(p) is None]
@@ -127,6 +133,48 @@ def _file_hash(fs, path: str, info: dict) -> str:
     return "sha256:" + h.hexdigest()
 
 
+_BOM = b"\xef\xbb\xbf"
+_PARQUET_MAGIC = b"PAR1"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _sniff(fs, path: str, uri: str) -> str:
+    """What the first bytes say a file is: ``parquet``, ``gzip`` or ``text`` (by content, not by name)."""
+    with storage_op("read", uri), fs.open(path, "rb") as f:
+        head = f.read(4)
+    if head == _PARQUET_MAGIC:
+        return "parquet"
+    if head[:2] == _GZIP_MAGIC:
+        return "gzip"
+    return "text"
+
+
+def _check_format(fmt: str, content: str, uri: str, by: str) -> str | None:
+    """Refuse a file whose content contradicts its format; returns the CSV compression to read it with."""
+    if fmt == "csv" and content == "parquet":
+        raise InputError(
+            f"{uri} is a Parquet file (it starts with the Parquet magic bytes PAR1), not CSV as {by} says: "
+            "rename it to .parquet or pass --format parquet"
+        )
+    if fmt == "parquet" and content != "parquet":
+        what = "gzip-compressed data" if content == "gzip" else "no Parquet magic bytes; it looks like text, e.g. CSV"
+        raise InputError(
+            f"{uri} is not a Parquet file ({what}), although {by} says Parquet: rename it or pass --format csv"
+        )
+    return "gzip" if content == "gzip" else None
+
+
+def _unique_columns(cols: list[str], uri: str) -> None:
+    seen: dict[str, int] = {}
+    for i, c in enumerate(cols, 1):
+        if c in seen:
+            raise InputError(
+                f"{uri}: column name {c!r} appears more than once in the header (columns {seen[c]} and {i}); "
+                "column names must be unique"
+            )
+        seen[c] = i
+
+
 def _csv_header(fs, path: str, compression: str | None) -> list[str]:
     with fs.open(path, "rb", compression=compression) as f:
         head = f.read(1 << 16)
@@ -135,7 +183,8 @@ def _csv_header(fs, path: str, compression: str | None) -> list[str]:
             if not more:
                 break
             head += more
-    line = head.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+    # A UTF-8 byte-order mark (as spreadsheets write CSV) is not part of the first column's name.
+    line = head.removeprefix(_BOM).split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
     return [c.strip() for c in next(csv.reader([line]))] if line else []
 
 
@@ -186,28 +235,34 @@ def inspect_table(
         furi = to_uri(fs, path)
         fmt = load.format if load.format != "auto" else _format_of(path)
         fmt_seen.add(fmt)
-        info = fs.info(path)
+        with storage_op("read", furi):
+            info = fs.info(path)
         size = int(info.get("size") or 0)
         if size == 0:
             raise InputError(f"{furi} is empty (0 bytes)")
+        by = "--format" if load.format != "auto" else "its name"
+        compression = _check_format(fmt, _sniff(fs, path, furi), furi, by)
         if fmt == "csv":
-            compression = "gzip" if path.lower().endswith(".gz") else None
-            cols = _csv_header(fs, path, compression)
-            if not cols or all(c == "" for c in cols):
-                raise InputError(f"{furi} has no header line")
-            if sample is None:
-                try:
-                    with fs.open(path, "rb", compression=compression) as f:
-                        sample = pd.read_csv(f, nrows=SAMPLE_ROWS)
-                except (pd.errors.ParserError, UnicodeDecodeError) as e:
-                    raise InputError(f"{furi}: not a readable CSV file ({e})") from e
-                if len(sample) == 0:
-                    raise InputError(f"{furi} has a header but no data rows")
-            else:
-                with fs.open(path, "rb", compression=compression) as f:
-                    f.readline()
-                    if not f.readline().strip():
-                        raise InputError(f"{furi} has a header but no data rows")
+            try:
+                with storage_op("read", furi):
+                    cols = _csv_header(fs, path, compression)
+                    if not cols or all(c == "" for c in cols):
+                        raise InputError(f"{furi} has no header line")
+                    _unique_columns(cols, furi)
+                    if sample is None:
+                        with fs.open(path, "rb", compression=compression) as f:
+                            sample = pd.read_csv(f, nrows=SAMPLE_ROWS)
+                        if len(sample) == 0:
+                            raise InputError(f"{furi} has a header but no data rows")
+                    else:
+                        with fs.open(path, "rb", compression=compression) as f:
+                            f.readline()
+                            if not f.readline().strip():
+                                raise InputError(f"{furi} has a header but no data rows")
+            except (pd.errors.ParserError, UnicodeDecodeError) as e:
+                raise InputError(f"{furi}: not a readable CSV file ({e})") from e
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                raise InputError(f"{furi}: the file is truncated or corrupted ({type(e).__name__}: {e})") from e
             if compression or size <= blocksize:
                 spans = [(0, None)]
             else:
@@ -217,8 +272,10 @@ def inspect_table(
                     Block(furi, "csv", len(blocks), off, length, (), 0 if j == 0 else None, compression)
                 )
         else:
-            pf = _parquet_meta(fs, path, furi)
+            with storage_op("read", furi):
+                pf = _parquet_meta(fs, path, furi)
             cols = _parquet_columns(pf)
+            _unique_columns(cols, furi)
             if pf.metadata.num_rows == 0:
                 raise InputError(f"{furi} has a schema but no data rows")
             if sample is None:
@@ -242,7 +299,8 @@ def inspect_table(
                 f"{furi} has different columns from {first_uri}: "
                 + ", ".join(p for p in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if p)
             )
-        files.append(FileRecord(path=furi, size=size, hash=_file_hash(fs, path, info)))
+        with storage_op("read", furi):
+            files.append(FileRecord(path=furi, size=size, hash=_file_hash(fs, path, info)))
     if len(fmt_seen) > 1:
         raise InputError(f"{uri} mixes CSV and Parquet files; point it at one kind")
     assert columns is not None and sample is not None
@@ -262,40 +320,90 @@ def inspect_table(
     return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns))
 
 
+def _lines_before(block: Block) -> int:
+    """Lines of the file before the first line of a CSV byte-range block (header included).
+
+    ``fsspec.utils.read_block`` starts a block after the first newline at or after its
+    offset, so the block's first line follows the newlines in ``[0, offset]``. Counted only
+    when an error needs it: a pass over the file up to the block.
+    """
+    fs, path = url_to_fs(block.uri)
+    n, remaining = 0, block.offset
+    with storage_op("read", block.uri), fs.open(path, "rb") as f:
+        while remaining > 0:
+            chunk = f.read(min(1 << 24, remaining))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            remaining -= len(chunk)
+    return n + 1
+
+
 def _locate(block: Block):
+    """``locate(i)``: where row ``i`` of a block is in its file, as people look for it (line or row)."""
     if block.row_offset is None:
-        return lambda i: f"row {int(i) + 1} of the block at byte {block.offset}"
+        base: list[int] = []
+
+        def line(i: Any) -> str:
+            if not base:
+                base.append(_lines_before(block))
+            return f"line {base[0] + int(i) + 1}"
+
+        return line
     if block.fmt == "csv":
         return lambda i: f"line {int(i) + 2}"
     return lambda i: f"row {block.row_offset + int(i)}"
+
+
+_PANDAS_LINE = re.compile(r"\bline (\d+)")
+
+
+def _parse_error(block: Block, e: BaseException) -> InputError:
+    """A parse failure of a block as one message naming the file and, for CSV, the file's line."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return InputError(f"{block.uri}: the file is truncated or corrupted ({text})")
+    if block.fmt == "csv" and block.row_offset is None:  # pandas counts lines within the block
+        base = _lines_before(block)
+        text = _PANDAS_LINE.sub(lambda m: f"line {base + int(m.group(1))}", text)
+    return InputError(f"{block.uri}: cannot parse ({text})")
 
 
 def read_block(block: Block, schema: TableSchema, columns: tuple[str, ...]) -> pd.DataFrame:
     """Parse and validate one partition (runs on a Dask worker).
 
     Returns the block with feature columns as float64, id/label coerced, and
-    excluded columns dropped, in file column order.
+    excluded columns dropped, in file column order. Anything wrong with the file
+    (a value, a truncated gzip stream met only here, past the sampled rows) is one
+    :class:`InputError` naming the file and its line; an outage of the store is a
+    :class:`~tasks.errors.StorageUnavailable`.
     """
     fs, path = url_to_fs(block.uri)
     try:
-        if block.fmt == "csv":
-            if block.length is None:
-                with fs.open(path, "rb", compression=block.compression) as f:
-                    df = pd.read_csv(f)
-            else:
-                with fs.open(path, "rb") as f:
-                    data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
-                if block.offset == 0:
-                    df = pd.read_csv(io.BytesIO(data))
+        with storage_op("read", block.uri):
+            if block.fmt == "csv":
+                if block.length is None:
+                    with fs.open(path, "rb", compression=block.compression) as f:
+                        df = pd.read_csv(f)
                 else:
-                    df = pd.read_csv(io.BytesIO(data), header=None, names=list(columns))
-        else:
-            pf = pq.ParquetFile(fs.open(path, "rb"))
-            df = pf.read_row_groups(list(block.row_groups), columns=list(columns)).to_pandas()
+                    with fs.open(path, "rb") as f:
+                        data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
+                    if block.offset == 0:
+                        df = pd.read_csv(io.BytesIO(data))
+                    else:
+                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(columns))
+            else:
+                pf = pq.ParquetFile(fs.open(path, "rb"))
+                df = pf.read_row_groups(list(block.row_groups), columns=list(columns)).to_pandas()
     except InputError:
         raise
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
-        raise InputError(f"{block.uri}: cannot parse ({type(e).__name__}: {e})") from e
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError, zlib.error) as e:
+        err = _parse_error(block, e)
+    else:
+        err = None
+    if err is not None:
+        # Raised outside the handler: the message says it all, and the cause may not pickle back from a worker.
+        raise err
     df.columns = [str(c) for c in df.columns]
     df = validate_block(df.reset_index(drop=True), schema, source=block.uri, locate=_locate(block))
     keep = [c for c in df.columns if c not in set(schema.excluded)]

@@ -10,11 +10,16 @@ from tasks.errors import AeflowError
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (network, object storage), never a user's bad input."""
+    """Retry transient failures (network, object storage outages), never a user's bad input.
+
+    An object-store outage arrives as :class:`~tasks.errors.StorageUnavailable` (one line for
+    the user, mapped in ``tasks/storage.py``), which is an :class:`AeflowError` marked
+    ``transient``: retried, and if the retries fail too, that one line is the run's error.
+    """
     try:
         state.result()
-    except AeflowError:
-        return False
+    except AeflowError as e:
+        return e.transient
     except Exception:
         return True
     return False

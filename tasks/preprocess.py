@@ -37,7 +37,7 @@ from tasks.errors import InputError
 from tasks.load import TableSource, to_dask
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema
-from tasks.storage import RunDir, url_to_fs
+from tasks.storage import RunDir, read_uri, write_uri
 
 SPLIT_COL = "__aeflow_val"
 log = logging.getLogger("aeflow.preprocess")
@@ -372,11 +372,32 @@ def _process_partition(df: pd.DataFrame, schema: TableSchema, out_uri: str | Non
     mom = partition_moments(enc, columns)
     mom["unseen"] = unseen_categories(df, schema)
     if out_uri is not None:
-        fs, path = url_to_fs(out_uri)
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(enc, preserve_index=False), buf)
-        fs.pipe_file(path, buf.getvalue())
+        write_uri(out_uri, buf.getvalue())  # atomic; an outage is one StorageError line
     return mom
+
+
+MIN_TRAIN_ROWS = 8
+"""Fewest training rows (after the validation split) a table model is trained on."""
+
+
+def check_training_rows(uri: str, rows: int, val_rows: int, val_fraction: float) -> None:
+    """Refuse a training table too small to train and validate on (e.g. a single row).
+
+    Raises:
+        InputError: fewer than :data:`MIN_TRAIN_ROWS` training rows, or no validation row
+            although ``val_fraction`` asks for some; the message gives the minimum.
+    """
+    train_rows = rows - val_rows
+    if train_rows >= MIN_TRAIN_ROWS and (val_rows >= 1 or val_fraction == 0):
+        return
+    raise InputError(
+        f"{uri}: too few rows to train and validate on: {rows} row(s) split into {train_rows} for training and "
+        f"{val_rows} held out for validation (val_fraction {val_fraction:g}); training needs at least "
+        f"{MIN_TRAIN_ROWS} training rows" + (" and 1 validation row" if val_fraction > 0 else "")
+        + ": add rows" + (" or change --val-fraction" if val_fraction > 0 else "")
+    )
 
 
 @dataclass(frozen=True)
@@ -449,8 +470,7 @@ def prepare(
         raise InputError(f"{source.uri}: no data rows")
     onehot = ["=" in c and c not in schema.feature_names for c in columns]
     if stats is None:
-        if mom["rows"] - mom["val_rows"] < 1:
-            raise InputError(f"{source.uri}: no training rows after the validation split")
+        check_training_rows(source.uri, int(mom["rows"]), int(mom["val_rows"]), cfg.val_fraction if split else 0.0)
         stats = ScalingStats.from_moments(columns, mom, cfg.scaler, onehot)
     prepared = PreparedTable(
         source_uri=source.uri,
@@ -477,9 +497,7 @@ def read_prepared(prep: PreparedTable, *, split: str = "all", scaled: bool = Tru
     """
     xs, sides = [], []
     for uri in prep.parts:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            df = pq.read_table(f).to_pandas()
+        df = pq.read_table(io.BytesIO(read_uri(uri))).to_pandas()
         if split != "all" and SPLIT_COL in df.columns:
             mask = df[SPLIT_COL].to_numpy() if split == "val" else ~df[SPLIT_COL].to_numpy()
             df = df[mask]

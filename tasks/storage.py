@@ -11,35 +11,79 @@ production; s3fs takes endpoint and keys from the environment, e.g.
                                model/weights.safetensors
                                ...outputs, report/
 
+                               _claims/NNNNNN.json  while running: who works on the run (pid, host, heartbeat)
+
 A failed run leaves no manifest (readers ignore such directories) and never
 touches another run. Weights and checkpoints are safetensors: loading never
 unpickles.
+
+Durability rules (what a kill, a power loss or an outage can leave behind):
+
+- **No file appears half-written under its final name.** Local files are written to a
+  temporary name in the same folder, flushed to disk, then renamed; on object stores a
+  file is one PUT (or one multipart upload completed only when the writer closes without
+  error), which S3 makes visible atomically. Streamed writes (:meth:`RunDir.open`) follow
+  the same rule, and an error inside the ``with`` block discards the file.
+- **The manifest is the only completion marker.** Anything else in a run folder without a
+  manifest is ignored by readers, and removed when the run is resumed or discarded.
+- **Checkpoints are verified.** ``checkpoint/meta.json`` records the size and SHA-256 of
+  ``state.safetensors``; a checkpoint that does not match, or does not parse, raises
+  :class:`CheckpointError` and training starts over (``tasks/train.py``).
+- **Saved weights are verified.** ``model/config.json`` records the SHA-256 of
+  ``weights.safetensors`` (``"weights"``); loading refuses a mismatch
+  (:class:`~tasks.errors.ModelMismatchError`) and warns when no hash is recorded.
+- **One worker per unfinished run.** A run folder is *claimed* before it is used: an
+  exclusive create of ``_claims/<generation>.json`` (``O_EXCL`` locally, a conditional
+  ``If-None-Match: *`` PUT on S3) holding the owner's pid, host and a heartbeat refreshed
+  every :data:`HEARTBEAT_S` seconds. A claim is stale when its heartbeat is older than
+  :data:`STALE_AFTER_S`, or its process is gone (same host). A stale claim is taken over
+  by creating the next generation, again exclusively, so two takers cannot both win. An
+  identical run started while another holds the claim starts a run folder of its own.
+- **Outages are one line.** :func:`storage_error` is the one place that turns
+  botocore/aiohttp/connection failures into :class:`~tasks.errors.StorageUnavailable`
+  (exit 4, naming the endpoint and the operation; Prefect task retries retry it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import posixpath
 import re
+import socket
+import tempfile
+import threading
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import DEFAULT_OUTPUT
-from tasks.errors import StorageError
+from tasks.errors import AeflowError, ModelMismatchError, StorageError, StorageUnavailable
 
 MANIFEST = "manifest.json"
 RUN_MARKER = "_run.json"
 CHECKPOINT_DIR = "checkpoint"
+CLAIMS_DIR = "_claims"
 MODEL_DIR = "model"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HEARTBEAT_S = 20.0
+"""How often a process refreshes the heartbeat of the runs it has claimed."""
+STALE_AFTER_S = 120.0
+"""A claim whose heartbeat is older than this is stale (its owner died on another host)."""
+
+log = logging.getLogger("aeflow.storage")
 
 
 class FileRecord(BaseModel):
@@ -107,6 +151,234 @@ def hash_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) ->
     return "sha256:" + h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------
+# Outages: the one place that maps object-store failures to StorageError
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e``, its causes and contexts, and the members of exception groups, each once."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo.extend([x.__cause__, x.__context__])
+        todo.extend(getattr(x, "exceptions", ()) or ())
+
+
+def _endpoint_of(e: BaseException) -> str:
+    """The object store's address as the failure names it (or as the environment sets it)."""
+    for x in _causes(e):
+        url = (getattr(x, "kwargs", None) or {}).get("endpoint_url")
+        if url:
+            parts = urlsplit(str(url))
+            return f"{parts.scheme}://{parts.netloc}" if parts.netloc else str(url)
+        host, port = getattr(x, "host", None), getattr(x, "port", None)
+        if isinstance(host, str) and port:
+            return f"{host}:{port}"
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return "the default AWS S3 endpoint"
+
+
+def _short_reason(e: BaseException) -> str:
+    innermost = list(_causes(e))[-1]
+    if isinstance(innermost, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(innermost, TimeoutError) or "timeout" in type(innermost).__name__.lower():
+        return "timed out"
+    if isinstance(innermost, socket.gaierror):
+        return "host name not found"
+    if isinstance(innermost, ConnectionResetError):
+        return "connection reset"
+    return type(innermost).__name__
+
+
+def _failure_kind(x: BaseException) -> str | None:
+    """'unreachable', 'credentials' or None for one exception (not its causes)."""
+    try:
+        import botocore.exceptions as bce
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        bce = None
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover
+        aiohttp = None
+    if bce is not None:
+        if isinstance(x, (bce.ConnectionError, bce.HTTPClientError)):
+            return "unreachable"
+        if isinstance(x, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+            return "credentials"
+    if aiohttp is not None and isinstance(x, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+        return "unreachable"
+    if isinstance(x, (ConnectionError, TimeoutError, socket.gaierror)):
+        return "unreachable"
+    return None
+
+
+def storage_error(e: BaseException, op: str, uri: str) -> StorageError | None:
+    """What a failure of ``op`` (a verb: "read", "write", "list") on ``uri`` means for the user.
+
+    Returns :class:`~tasks.errors.StorageUnavailable` (transient: retried) when the object
+    store cannot be reached, a plain :class:`~tasks.errors.StorageError` when it has no
+    credentials, and None when ``e`` is not an object-store failure (a bug, or bad data,
+    which keep their own handling). The message is one line naming the endpoint and the
+    operation, never a botocore traceback.
+    """
+    if isinstance(e, AeflowError):
+        return None
+    what = f"{op} {uri}" if uri else op
+    for x in _causes(e):
+        kind = _failure_kind(x)
+        if kind == "unreachable":
+            return StorageUnavailable(
+                f"cannot {what}: the object store at {_endpoint_of(e)} is unreachable ({_short_reason(e)}); "
+                "nothing was kept from this attempt: run the same command again when it is back"
+            )
+        if kind == "credentials":
+            return StorageError(
+                f"cannot {what}: no credentials for the object store at {_endpoint_of(e)} "
+                "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile)"
+            )
+    return None
+
+
+@contextlib.contextmanager
+def storage_op(op: str, uri: str) -> Iterator[None]:
+    """Run object-store I/O; an outage becomes one :class:`StorageError` line naming ``op`` and ``uri``."""
+    try:
+        yield
+    except Exception as e:
+        mapped = storage_error(e, op, uri)
+        if mapped is None:
+            raise
+        # Not chained (`from None`): botocore errors do not always survive pickling back from a
+        # Dask worker, and the message already says everything the user needs.
+        raise mapped from None
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic writes
+
+
+class _AtomicFile(io.BufferedWriter):
+    """A file written under a temporary name and published on :meth:`close` (rename or upload).
+
+    :meth:`discard` (called by ``with`` on an error, and on garbage collection of a file
+    never closed) throws the data away: the final name never holds a partial file.
+    """
+
+    def __init__(self, tmp: str, publish: Any) -> None:
+        # O_EXCL: never write through a link planted at the temporary name.
+        super().__init__(io.FileIO(tmp, "xb"))
+        self._tmp, self._publish, self._done = tmp, publish, False
+
+    def close(self) -> None:
+        if self._done or self.closed:
+            return
+        self._done = True
+        try:
+            self.flush()
+            os.fsync(self.fileno())
+        finally:
+            super().close()
+        try:
+            self._publish(self._tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(Exception):
+            super().close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+    def __del__(self) -> None:  # never publish what nobody closed
+        self.discard()
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> _AtomicFile:
+    """A binary file that appears at ``path`` only when closed without error.
+
+    Locally: a temporary file beside ``path``, fsynced, then renamed (a rename replaces a
+    symlink at ``path`` instead of writing through it). Elsewhere: a local temporary file
+    uploaded on close (S3 publishes an upload atomically when it completes).
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+
+        def rename(tmp: str) -> None:
+            os.replace(tmp, path)
+            _fsync_dir(folder)
+
+        return _AtomicFile(f"{path}.tmp-{uuid.uuid4().hex[:12]}", rename)
+    fd, tmp = tempfile.mkstemp(prefix="aeflow-upload-")
+    os.close(fd)
+    os.unlink(tmp)
+
+    def upload(local: str) -> None:
+        with storage_op("write", to_uri(fs, path)):
+            fs.put_file(local, path)
+
+    return _AtomicFile(tmp, upload)
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file atomically (see :func:`open_atomic`); one PUT on object stores."""
+    if is_local(fs):
+        with open_atomic(fs, path) as f:
+            f.write(data)
+        return
+    with storage_op("write", to_uri(fs, path)):
+        fs.pipe_file(path, data)
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of the file at ``uri`` (an outage is one :class:`~tasks.errors.StorageUnavailable` line)."""
+    fs, path = url_to_fs(uri)
+    with storage_op("read", uri):
+        return fs.cat_file(path)
+
+
+def write_uri(uri: str, data: bytes) -> str:
+    """:func:`write_file` at a URI (Dask workers write partitions and shards with it)."""
+    fs, path = url_to_fs(uri)
+    write_file(fs, path, data)
+    return uri
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class CheckpointError(StorageError):
+    """A training checkpoint is damaged (torn, truncated, or not matching its recorded hash)."""
+
+
 def _bucket_missing(e: BaseException) -> bool:
     text = str(e)
     return "NoSuchBucket" in text or "bucket does not exist" in text.lower()
@@ -117,6 +389,143 @@ def new_run_id(fingerprint: str, now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{fingerprint[:8]}"
 
 
+# ---------------------------------------------------------------------------------------
+# Model files: one reader, verifying the recorded weights hash
+
+
+def read_model_files(fs: fsspec.AbstractFileSystem, folder: str, uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config.json`` and the tensors of ``weights.safetensors`` in ``folder``, verified, never unpickled.
+
+    ``config.json: "weights"`` (written at save time) is the SHA-256 of the weights file; a
+    file that no longer matches it is refused. A folder without a recorded hash (saved by
+    hand or by an older version) is accepted with a warning.
+
+    Raises:
+        StorageError: a file is missing, unreadable, or config.json is not JSON.
+        ModelMismatchError: the weights do not match their recorded hash, or do not parse.
+    """
+    from safetensors.torch import load
+
+    with storage_op("read the model in", uri):
+        try:
+            raw_meta = fs.cat_file(f"{folder}/config.json")
+        except FileNotFoundError as e:
+            raise StorageError(f"{uri} has no saved model (config.json is missing)") from e
+        try:
+            data = fs.cat_file(f"{folder}/weights.safetensors")
+        except FileNotFoundError as e:
+            raise StorageError(f"{uri} has no weights.safetensors beside its config.json") from e
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{uri}/config.json is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise StorageError(f"{uri}/config.json must hold a JSON object")
+    recorded, actual = meta.get("weights"), _sha256(data)
+    if recorded is None:
+        log.warning("%s: config.json records no SHA-256 of weights.safetensors, so the weights cannot be verified "
+                    "(they were not saved by aeflow's run, or by an older version)", uri)
+    elif recorded != actual:
+        raise ModelMismatchError(
+            f"{uri}/weights.safetensors does not match the SHA-256 recorded in config.json when it was saved "
+            f"(recorded {str(recorded)[:19]}…, found {actual[:19]}…): the weights were modified or damaged; "
+            "refusing to use them"
+        )
+    try:
+        return meta, load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ModelMismatchError(f"{uri}/weights.safetensors is not a readable safetensors file: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Claims: one worker per unfinished run
+
+
+_HOST = socket.gethostname()
+_ACTIVE: dict[str, tuple[fsspec.AbstractFileSystem, str, dict[str, Any]]] = {}  # claim path -> (fs, path, record)
+_ACTIVE_LOCK = threading.Lock()
+_HEARTBEAT: threading.Thread | None = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    # A zombie (killed, not yet reaped by its parent) is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def claim_is_stale(record: dict[str, Any], now: float | None = None) -> bool:
+    """Whether a claim's owner is gone: its heartbeat is too old, or (same host) its process is dead."""
+    now = time.time() if now is None else now
+    if now - float(record.get("heartbeat", 0)) > STALE_AFTER_S:
+        return True
+    if record.get("host") == _HOST:
+        pid = int(record.get("pid", -1))
+        if pid == os.getpid():  # this process: alive, but is the attempt that claimed it still working?
+            with _ACTIVE_LOCK:
+                return record.get("owner") not in {r["owner"] for _, _, r in _ACTIVE.values()}
+        return not _pid_alive(pid)
+    return False
+
+
+def _heartbeat_loop() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        with _ACTIVE_LOCK:
+            claims = list(_ACTIVE.values())
+        for fs, path, record in claims:
+            record["heartbeat"] = time.time()
+            try:
+                with storage_op("refresh the claim", path):
+                    write_file(fs, path, json.dumps(record).encode())
+            except Exception as e:  # an outage: the run itself will report it
+                log.debug("heartbeat of %s failed: %s", path, e)
+
+
+def _start_heartbeat() -> None:
+    global _HEARTBEAT
+    if _HEARTBEAT is None or not _HEARTBEAT.is_alive():
+        _HEARTBEAT = threading.Thread(target=_heartbeat_loop, name="aeflow-claims", daemon=True)
+        _HEARTBEAT.start()
+
+
+def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` only if it does not exist; False if it does (someone else won)."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    try:
+        # A conditional PUT (If-None-Match: *): S3 and moto refuse it when the key exists.
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if "PreconditionFailed" in str(e) or "412" in str(e) or "ConditionalRequestConflict" in str(e):
+            return False
+        raise
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+
+
 @dataclass
 class RunDir:
     """One run's directory. All reads and writes of a run go through here."""
@@ -125,6 +534,8 @@ class RunDir:
     path: str
     app: str
     run_id: str
+    # Who works on the run through this object (set by :meth:`claim`): one attempt, one owner.
+    owner: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def uri(self) -> str:
@@ -137,21 +548,17 @@ class RunDir:
         return to_uri(self.fs, self.path_of(rel))
 
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.path_of(rel) if rel else self.path)
+        with storage_op("read", self.uri_of(rel) if rel else self.uri):
+            return self.fs.exists(self.path_of(rel) if rel else self.path)
 
     # -- bytes, JSON ---------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> str:
-        """Write a whole file; on local disks atomically (temp file + rename)."""
+        """Write a whole file atomically: temp file + rename locally, one PUT on object stores."""
         path = self.path_of(rel)
         try:
-            if is_local(self.fs):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            else:
-                self.fs.pipe_file(path, data)
+            write_file(self.fs, path, data)
+        except StorageError:
+            raise
         except (OSError, PermissionError) as e:
             if _bucket_missing(e):
                 raise StorageError(f"cannot write {self.uri_of(rel)}: the bucket does not exist") from e
@@ -160,7 +567,8 @@ class RunDir:
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path_of(rel))
+            with storage_op("read", self.uri_of(rel)):
+                return self.fs.cat_file(self.path_of(rel))
         except FileNotFoundError as e:
             raise StorageError(f"{self.uri_of(rel)} does not exist") from e
 
@@ -171,13 +579,19 @@ class RunDir:
         return json.loads(self.read_bytes(rel))
 
     def open(self, rel: str, mode: str = "rb"):
-        if "w" in mode and is_local(self.fs):
-            os.makedirs(os.path.dirname(self.path_of(rel)), exist_ok=True)
-        return self.fs.open(self.path_of(rel), mode)
+        """A file of the run. Written files (``"wb"``) appear only when closed without error
+        (:func:`open_atomic`): a kill or an exception never leaves a partial file under ``rel``."""
+        if "w" in mode:
+            if mode != "wb":
+                raise ValueError(f"RunDir.open writes whole binary files ('wb'), not {mode!r}")
+            return open_atomic(self.fs, self.path_of(rel))
+        with storage_op("read", self.uri_of(rel)):
+            return self.fs.open(self.path_of(rel), mode)
 
     def makedirs(self, rel: str) -> str:
         path = self.path_of(rel)
-        self.fs.makedirs(path, exist_ok=True)
+        with storage_op("create", self.uri_of(rel)):
+            self.fs.makedirs(path, exist_ok=True)
         return path
 
     # -- models --------------------------------------------------------------------
@@ -187,44 +601,141 @@ class RunDir:
 
         data = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
         self.write_bytes(f"{MODEL_DIR}/weights.safetensors", data)
-        weights_hash = "sha256:" + hashlib.sha256(data).hexdigest()
         self.write_json(
             f"{MODEL_DIR}/config.json",
-            {"format_version": 1, "kind": kind, "config": config, "app": self.app, "weights": weights_hash, **extra},
+            {"format_version": 1, "kind": kind, "config": config, "app": self.app, "weights": _sha256(data), **extra},
         )
         return self.uri_of(MODEL_DIR)
 
     def load_model_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return (config.json contents, state dict) without unpickling anything."""
-        from safetensors.torch import load
-
+        """Return (config.json contents, state dict), the weights verified against their recorded hash."""
         if not self.exists(f"{MODEL_DIR}/config.json"):
             raise StorageError(f"{self.uri} has no saved model (model/config.json is missing)")
-        return self.read_json(f"{MODEL_DIR}/config.json"), load(self.read_bytes(f"{MODEL_DIR}/weights.safetensors"))
+        return read_model_files(self.fs, self.path_of(MODEL_DIR).replace(os.sep, "/"), self.uri_of(MODEL_DIR))
 
     # -- checkpoints ---------------------------------------------------------------
     def save_checkpoint(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Tensors, then ``meta.json`` recording their size and SHA-256 (each file atomic)."""
         from safetensors.torch import save
 
-        # Tensors first, meta last: a meta file always describes a complete tensor file.
-        self.write_bytes(f"{CHECKPOINT_DIR}/state.safetensors", save(tensors))
-        self.write_json(f"{CHECKPOINT_DIR}/meta.json", meta)
+        data = save(tensors)
+        self.write_bytes(f"{CHECKPOINT_DIR}/state.safetensors", data)
+        self.write_json(f"{CHECKPOINT_DIR}/meta.json", {**meta, "state_file": {"size": len(data), "hash": _sha256(data)}})
 
     def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The saved training state, or None when there is none.
+
+        Raises:
+            CheckpointError: the checkpoint is damaged (torn by a kill during a write by an
+                older version, truncated, or not the state its ``meta.json`` describes).
+        """
         from safetensors.torch import load
 
         if not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
             return None
-        return load(self.read_bytes(f"{CHECKPOINT_DIR}/state.safetensors")), self.read_json(f"{CHECKPOINT_DIR}/meta.json")
+        where = self.uri_of(CHECKPOINT_DIR)
+        try:
+            meta = self.read_json(f"{CHECKPOINT_DIR}/meta.json")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{where}/meta.json is not valid JSON ({e})") from e
+        try:
+            data = self.read_bytes(f"{CHECKPOINT_DIR}/state.safetensors")
+        except StorageError as e:
+            if e.transient:
+                raise
+            raise CheckpointError(f"{where}/state.safetensors is missing") from e
+        recorded = meta.pop("state_file", None) if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}/meta.json does not hold a JSON object")
+        if recorded is not None and (recorded.get("size") != len(data) or recorded.get("hash") != _sha256(data)):
+            raise CheckpointError(
+                f"{where}/state.safetensors ({len(data)} bytes) is not the state meta.json describes "
+                f"({recorded.get('size')} bytes, {str(recorded.get('hash'))[:19]}…)"
+            )
+        try:
+            return load(data), meta
+        except Exception as e:  # safetensors' own error types
+            raise CheckpointError(f"{where}/state.safetensors cannot be read ({e})") from e
+
+    # -- claims --------------------------------------------------------------------
+    def _claims(self) -> list[tuple[int, str]]:
+        folder = self.path_of(CLAIMS_DIR)
+        with storage_op("list", self.uri_of(CLAIMS_DIR)):
+            self.fs.invalidate_cache(folder)
+            try:
+                names = self.fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                return []
+        out = []
+        for p in names:
+            stem = posixpath.basename(p.replace(os.sep, "/").rstrip("/")).removesuffix(".json")
+            if stem.isdigit():
+                out.append((int(stem), p))
+        return sorted(out)
+
+    def _latest_claim(self) -> dict[str, Any] | None:
+        claims = self._claims()
+        if not claims:
+            return None
+        try:
+            with storage_op("read the claim of", self.uri):
+                return json.loads(self.fs.cat_file(claims[-1][1]))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None  # being written or removed right now: the exclusive create decides
+
+    def claim_holder(self) -> dict[str, Any] | None:
+        """The live claim on this run of another owner (pid, host, heartbeat), or None."""
+        record = self._latest_claim()
+        if record is None or record.get("owner") == self.owner or claim_is_stale(record):
+            return None
+        return record
+
+    def claim(self) -> bool:
+        """Claim this run for this :class:`RunDir` (one run attempt): True if it is ours now, False
+        if another live owner holds it. A stale claim is taken over by creating the next
+        generation exclusively, so of two processes taking it over at once only one wins."""
+        claims = self._claims()
+        record = self._latest_claim() if claims else None
+        if record is not None and record.get("owner") == self.owner:
+            return True
+        if record is not None and not claim_is_stale(record):
+            return False
+        generation = claims[-1][0] + 1 if claims else 1
+        path = self.path_of(f"{CLAIMS_DIR}/{generation:06d}.json")
+        now = time.time()
+        owner = self.owner or uuid.uuid4().hex
+        mine = {"owner": owner, "pid": os.getpid(), "host": _HOST, "generation": generation, "started": now,
+                "heartbeat": now}
+        with storage_op("claim", self.uri):
+            won = _create_exclusive(self.fs, path, json.dumps(mine).encode())
+        if won:
+            self.owner = owner
+            with _ACTIVE_LOCK:
+                _ACTIVE[path] = (self.fs, path, mine)
+            _start_heartbeat()
+        return won
+
+    def _forget_claim(self) -> None:
+        prefix = self.path_of(CLAIMS_DIR)
+        with _ACTIVE_LOCK:
+            for key in [k for k, (_, _, r) in _ACTIVE.items() if k.startswith(prefix) and r["owner"] == self.owner]:
+                del _ACTIVE[key]
+
+    def release(self) -> None:
+        """Give up this attempt's claim (the run is complete or discarded)."""
+        self._forget_claim()
+        self.remove(CLAIMS_DIR)
 
     # -- completion ----------------------------------------------------------------
-    def list_files(self, exclude: tuple[str, ...] = (CHECKPOINT_DIR, RUN_MARKER, MANIFEST)) -> list[str]:
+    def list_files(self, exclude: tuple[str, ...] = (CHECKPOINT_DIR, RUN_MARKER, MANIFEST, CLAIMS_DIR)) -> list[str]:
         """Relative POSIX paths of every file in the run, sorted."""
-        if not self.fs.exists(self.path):
-            return []
-        root = self.fs._strip_protocol(self.path).rstrip("/")
+        with storage_op("list", self.uri):
+            if not self.fs.exists(self.path):
+                return []
+            root = self.fs._strip_protocol(self.path).rstrip("/")
+            found = self.fs.find(self.path)
         rels = []
-        for p in self.fs.find(self.path):
+        for p in found:
             rel = p[len(root) :].lstrip("/").replace(os.sep, "/")
             if rel.split("/")[0] in exclude or ".tmp-" in rel:
                 continue
@@ -232,16 +743,23 @@ class RunDir:
         return sorted(rels)
 
     def output_records(self) -> list[FileRecord]:
-        return [
-            FileRecord(path=rel, size=int(self.fs.size(self.path_of(rel))), hash=hash_file(self.fs, self.path_of(rel)))
-            for rel in self.list_files()
-        ]
+        with storage_op("read", self.uri):
+            return [
+                FileRecord(path=rel, size=int(self.fs.size(self.path_of(rel))), hash=hash_file(self.fs, self.path_of(rel)))
+                for rel in self.list_files()
+            ]
 
     def write_manifest(self, manifest: Manifest) -> str:
-        """Write ``manifest.json``. Call last: its presence means the run is complete."""
+        """Write ``manifest.json`` (anything secret-looking redacted). Call last: its presence means
+        the run is complete."""
+        from tasks.redaction import redact_obj
+
+        clean = Manifest.model_validate(redact_obj(manifest.model_dump(mode="json")))
         self.remove(CHECKPOINT_DIR)
         self.remove(RUN_MARKER)
-        return self.write_bytes(MANIFEST, manifest.model_dump_json(indent=2).encode())
+        uri = self.write_bytes(MANIFEST, clean.model_dump_json(indent=2).encode())
+        self.release()
+        return uri
 
     @property
     def is_complete(self) -> bool:
@@ -254,25 +772,51 @@ class RunDir:
 
     def remove(self, rel: str) -> None:
         path = self.path_of(rel)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        with storage_op("remove", self.uri_of(rel)):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def clear_partial(self) -> None:
+        """Remove what an earlier attempt left (outputs, temporary files); keep what resumes it:
+        the checkpoint, the fingerprint marker and the claims."""
+        keep = {CHECKPOINT_DIR, RUN_MARKER, CLAIMS_DIR}
+        with storage_op("clean up", self.uri):
+            self.fs.invalidate_cache(self.path)
+            if not self.fs.exists(self.path):
+                return
+            for entry in self.fs.ls(self.path, detail=False):
+                if posixpath.basename(entry.replace(os.sep, "/").rstrip("/")) not in keep:
+                    self.fs.rm(entry, recursive=True)
+            ckpt = self.path_of(CHECKPOINT_DIR)
+            if self.fs.exists(ckpt):
+                for entry in self.fs.ls(ckpt, detail=False):
+                    if ".tmp-" in posixpath.basename(entry.replace(os.sep, "/")):
+                        self.fs.rm(entry)
 
     def discard(self) -> None:
         """Undo a failed run: delete its outputs; keep only what lets a rerun resume.
 
         The checkpoint and the fingerprint marker stay when a checkpoint exists,
         so the next run of the same (app, input, config) continues training
-        where this one stopped. No manifest is ever left.
+        where this one stopped. No manifest is ever left, and the claim is released.
+        Best effort: when the store itself fails (an outage), what is left has no
+        manifest, so readers ignore it, and the next run of the same command
+        removes it (:meth:`clear_partial`).
         """
-        if not self.fs.exists(self.path):
-            return
-        keep = {CHECKPOINT_DIR, RUN_MARKER} if self.exists(f"{CHECKPOINT_DIR}/meta.json") else set()
-        if not keep:
-            self.fs.rm(self.path, recursive=True)
-            return
-        for entry in self.fs.ls(self.path, detail=False):
-            if posixpath.basename(entry.rstrip("/")) not in keep:
-                self.fs.rm(entry, recursive=True)
+        try:
+            if not self.exists():
+                return
+            if not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
+                with storage_op("remove", self.uri):
+                    self.fs.rm(self.path, recursive=True)
+                return
+            self.clear_partial()
+            self.release()
+        except Exception as e:
+            log.warning("could not remove what the failed run left in %s (%s); it has no manifest, so readers "
+                        "ignore it, and the next run of the same command clears it", self.uri, e)
+        finally:
+            self._forget_claim()
 
 
 class ArtifactStore:
@@ -304,58 +848,76 @@ class ArtifactStore:
             return
         bucket = self.root.split("/")[0]
         try:
-            exists = self.fs.exists(bucket)
+            with storage_op("reach the artifact root", self.root_uri):
+                exists = self.fs.exists(bucket)
+        except StorageError:
+            raise
         except Exception as e:  # credentials, endpoint
             raise StorageError(f"cannot reach artifact root {self.root_uri!r}: {e}") from e
         if not exists:
             raise StorageError(f"cannot write to {self.root_uri!r}: bucket {bucket!r} does not exist")
 
     def start_run(self, app: str, fingerprint: str, config: dict[str, Any], run_id: str | None = None) -> RunDir:
-        """Create the directory of a new run, or reopen an interrupted run of the same fingerprint.
+        """Claim the directory of a new run, or an interrupted run of the same fingerprint.
 
-        Never returns a complete run: with an explicit ``run_id`` that already
-        has a manifest this raises, so earlier results are never overwritten.
+        Never returns a complete run: with an explicit ``run_id`` that already has a
+        manifest this raises, so earlier results are never overwritten. An interrupted
+        run is resumed only by one process at a time (its claim); an identical run
+        started meanwhile gets a folder of its own. What an interrupted attempt left
+        besides its checkpoint is removed first.
         """
+        marker = {"app": app, "fingerprint": fingerprint, "created": datetime.now(UTC).isoformat(), "config": config}
         if run_id is None:
-            resumable = self.find_incomplete(app, fingerprint)
-            if resumable is not None:
-                return resumable
-            run_id = new_run_id(fingerprint)
-            candidate, n = run_id, 1
-            while self.run(app, candidate).exists():
-                n += 1
-                candidate = f"{run_id}-{n}"
-            run_id = candidate
+            for run in self._incomplete(app, fingerprint):
+                if run.claim():
+                    if run.is_complete:  # finished between our look and our claim
+                        run.release()
+                        continue
+                    run.clear_partial()
+                    return run
+            base = new_run_id(fingerprint)
+            for n in range(1, 1000):
+                run = self.run(app, base if n == 1 else f"{base}-{n}")
+                if not run.exists() and run.claim():
+                    run.write_json(RUN_MARKER, {**marker, "run_id": run.run_id})
+                    return run
+            raise StorageError(f"cannot find a free run id under {self.root_uri} for {base}")
         run = self.run(app, run_id)
         if run.is_complete:
             raise StorageError(f"run {run.uri} already exists and is complete; choose another run id")
         if run.exists(RUN_MARKER):
-            marker = run.read_json(RUN_MARKER)
-            if marker.get("fingerprint") != fingerprint:
+            if run.read_json(RUN_MARKER).get("fingerprint") != fingerprint:
                 raise StorageError(
                     f"run {run.uri} holds an interrupted run with a different input or config; choose another run id"
                 )
-        else:
-            run.write_json(
-                RUN_MARKER,
-                {"app": app, "run_id": run_id, "fingerprint": fingerprint, "created": datetime.now(UTC).isoformat(), "config": config},
+        if not run.claim():
+            holder = run.claim_holder() or {}
+            since = datetime.fromtimestamp(float(holder.get("started", 0)), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            raise StorageError(
+                f"run {run.uri} is being run by process {holder.get('pid')} on {holder.get('host')} (since {since}); "
+                "wait for it to finish or choose another run id"
             )
+        if run.exists(RUN_MARKER):
+            run.clear_partial()
+        else:
+            run.write_json(RUN_MARKER, {**marker, "run_id": run_id})
         return run
 
     def _run_dirs(self, app: str | None = None) -> list[RunDir]:
         base = self._join("runs")
-        if not self.fs.exists(base):
-            return []
-        apps = [app] if app else sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
-        out = []
-        for a in apps:
-            adir = self._join("runs", a)
-            if not self.fs.isdir(adir):
-                continue
-            for p in sorted(self.fs.ls(adir, detail=False)):
-                rid = posixpath.basename(p.rstrip("/").replace(os.sep, "/"))
-                if _RUN_ID_RE.match(rid):
-                    out.append(self.run(a, rid))
+        with storage_op("list the runs in", self.root_uri):
+            if not self.fs.exists(base):
+                return []
+            apps = [app] if app else sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+            out = []
+            for a in apps:
+                adir = self._join("runs", a)
+                if not self.fs.isdir(adir):
+                    continue
+                for p in sorted(self.fs.ls(adir, detail=False)):
+                    rid = posixpath.basename(p.rstrip("/").replace(os.sep, "/"))
+                    if _RUN_ID_RE.match(rid):
+                        out.append(self.run(a, rid))
         return out
 
     def list_runs(self, app: str | None = None) -> list[Manifest]:
@@ -365,6 +927,10 @@ class ArtifactStore:
             if run.is_complete:
                 try:
                     manifests.append(run.manifest())
+                except StorageError as e:
+                    if e.transient:
+                        raise
+                    continue
                 except Exception:  # a manifest from an incompatible version: skip, don't crash listing
                     continue
         return sorted(manifests, key=lambda m: (m.created, m.run_id))
@@ -375,14 +941,24 @@ class ArtifactStore:
                 return m
         return None
 
-    def find_incomplete(self, app: str, fingerprint: str) -> RunDir | None:
+    def _incomplete(self, app: str, fingerprint: str) -> Iterator[RunDir]:
         for run in self._run_dirs(app):
             if not run.is_complete and run.exists(RUN_MARKER):
                 try:
                     if run.read_json(RUN_MARKER).get("fingerprint") == fingerprint:
-                        return run
-                except (StorageError, json.JSONDecodeError):
+                        yield run
+                except json.JSONDecodeError:
                     continue
+                except StorageError as e:
+                    if e.transient:
+                        raise
+                    continue
+
+    def find_incomplete(self, app: str, fingerprint: str) -> RunDir | None:
+        """An interrupted run of this fingerprint that nobody is working on (not claimed by a live owner)."""
+        for run in self._incomplete(app, fingerprint):
+            if run.claim_holder() is None:
+                return run
         return None
 
 
@@ -399,14 +975,8 @@ class ModelFolder:
         return to_uri(self.fs, self.path)
 
     def load_model_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return (config.json contents, state dict) without unpickling anything."""
-        from safetensors.torch import load
-
-        try:
-            meta = json.loads(self.fs.cat_file(f"{self.path}/config.json"))
-        except json.JSONDecodeError as e:
-            raise StorageError(f"{self.uri}/config.json is not valid JSON: {e}") from e
-        return meta, load(self.fs.cat_file(f"{self.path}/weights.safetensors"))
+        """Return (config.json contents, state dict), the weights verified against their recorded hash."""
+        return read_model_files(self.fs, self.path.replace(os.sep, "/"), self.uri)
 
 
 def open_model_source(uri: str) -> RunDir | ModelFolder:
@@ -415,12 +985,13 @@ def open_model_source(uri: str) -> RunDir | ModelFolder:
     path = path.rstrip("/")
     if is_local(fs):
         path = os.path.abspath(path)
-    try:
-        folder = fs.exists(f"{path}/config.json") and fs.exists(f"{path}/weights.safetensors")
-    except Exception:  # unreadable: open_run reports it
-        folder = False
-    if folder and not fs.exists(f"{path}/{MANIFEST}"):
-        return ModelFolder(fs, path)
+    with storage_op("read the model", uri):
+        try:
+            folder = fs.exists(f"{path}/config.json") and fs.exists(f"{path}/weights.safetensors")
+        except (OSError, ValueError):  # unreadable: open_run reports it
+            folder = False
+        if folder and not fs.exists(f"{path}/{MANIFEST}"):
+            return ModelFolder(fs, path)
     return open_run(uri)
 
 
@@ -435,7 +1006,10 @@ def open_run(uri: str, *, require_complete: bool = True) -> RunDir:
         raise StorageError(f"{uri!r} is not a run URI (expected .../runs/<app>/<run_id>)")
     run = RunDir(fs, path, parts[-2], parts[-1])
     try:
-        present = fs.exists(path)
+        with storage_op("read the run", uri):
+            present = fs.exists(path)
+    except StorageError:
+        raise
     except Exception as e:
         raise StorageError(f"cannot read run {uri!r}: {e}") from e
     if not present:

@@ -20,7 +20,7 @@ from torch import nn
 
 from models.training import LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss
 from tasks.config import TrainConfig
-from tasks.storage import RunDir
+from tasks.storage import CHECKPOINT_DIR, CheckpointError, RunDir
 
 log = logging.getLogger("aeflow.train")
 
@@ -96,7 +96,12 @@ def train_model(
     logger = run_logger()
     resume = None
     if run is not None:
-        saved = run.load_checkpoint()
+        try:
+            saved = run.load_checkpoint()
+        except CheckpointError as e:  # torn or damaged (e.g. power loss): never block the run for good
+            logger.warning("discarding a damaged checkpoint, training starts over: %s", e)
+            run.remove(CHECKPOINT_DIR)
+            saved = None
         if saved is not None:
             try:
                 resume = TrainState.from_flat(*saved)

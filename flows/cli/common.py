@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.errors import AeflowError
@@ -58,13 +59,22 @@ def quiet_prefect(quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def fail(e: BaseException) -> NoReturn:
-    """A user error as one line and its exit code; anything else is a bug, with its traceback (exit 1)."""
+def fail(e: BaseException, operation: str = "run") -> NoReturn:
+    """A user error as one line and its exit code; anything else is a bug, with its traceback (exit 1).
+
+    An object-store outage that escaped the storage layer's own mapping is still one line
+    (exit 4); nothing printed here repeats a secret (:func:`tasks.redaction.redact`).
+    """
+    from tasks.redaction import redact
+    from tasks.storage import storage_error
+
+    if not isinstance(e, AeflowError):
+        e = storage_error(e, operation, "the object store") or e
     if isinstance(e, AeflowError):
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
     err.print("[bold red]aeflow failed with an unexpected error (a bug; please report it):[/]")
-    err.print("".join(traceback.format_exception(e)), highlight=False, markup=False)
+    err.print(redact("".join(traceback.format_exception(e))), highlight=False, markup=False)
     raise typer.Exit(1)
 
 
@@ -98,9 +108,12 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
     from tasks.apps import get_app
     from tasks.config import resolve_config
 
+    from tasks.redaction import install_log_redaction
+
     application = get_app(app_name)
     cfg = resolve_config(application.RunConfig, file=config_file, options=options, sets=sets)
     hide_user_error_tracebacks()
+    install_log_redaction()
     state = FLOWS[app_name](config=cfg, return_state=True)
     if state.is_completed():
         return state.result()

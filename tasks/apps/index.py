@@ -35,7 +35,7 @@ from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tasks.images import ImageLoadConfig, decode_image, stack_images
-from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs
+from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs, write_uri
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -507,8 +507,7 @@ def expand_queries(queries: list[str]) -> list[str]:
 
 def write_search_sheet(dest: str, loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray],
                        hits: list[list[SearchHit]]) -> None:
-    fs, path = url_to_fs(dest)
-    fs.pipe_file(path, search_sheet(loaded, queries, arrays, hits))
+    write_uri(dest, search_sheet(loaded, queries, arrays, hits))
 
 
 def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:

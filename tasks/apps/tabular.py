@@ -10,6 +10,7 @@ carried through — each app only says what one partition becomes
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -24,16 +25,14 @@ from models.dense import DenseAutoencoder
 from models.training import predict, reconstruction_loss
 from tasks.apps.base import Application, Fitted
 from tasks.apps.kinds import TABLES, TableContext
-from tasks.storage import RunDir, url_to_fs
+from tasks.storage import RunDir, read_uri
 from tasks.train import train_model
 
 
 def iter_parts(prep, stats) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
     """Partitions of a PreparedTable one at a time, scaled with ``stats``: bounded memory for apply."""
     for uri in prep.parts:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            df = pq.read_table(f).to_pandas()
+        df = pq.read_table(io.BytesIO(read_uri(uri))).to_pandas()
         x = df[list(prep.columns)].to_numpy(dtype="float32", na_value=np.nan)
         yield stats.transform(x), df.drop(columns=list(prep.columns))
 
