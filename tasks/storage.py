@@ -237,7 +237,7 @@ def storage_error(e: BaseException, op: str, uri: str) -> StorageError | None:
         if kind == "unreachable":
             return StorageUnavailable(
                 f"cannot {what}: the object store at {_endpoint_of(e)} is unreachable ({_short_reason(e)}); "
-                "nothing was kept from this attempt: run the same command again when it is back"
+                "run the same command again when it is back"
             )
         if kind == "credentials":
             return StorageError(
@@ -377,6 +377,20 @@ def _sha256(data: bytes) -> str:
 
 class CheckpointError(StorageError):
     """A training checkpoint is damaged (torn, truncated, or not matching its recorded hash)."""
+
+
+def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
+    """Whether ``bucket`` exists; an unreachable store raises (s3fs's ``exists`` would say False)."""
+    call_s3 = getattr(fs, "call_s3", None)
+    if call_s3 is None:
+        return fs.exists(bucket)
+    try:
+        call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return False
+    except PermissionError:  # cannot inspect it, but it is there
+        return True
+    return True
 
 
 def _bucket_missing(e: BaseException) -> bool:
@@ -849,7 +863,7 @@ class ArtifactStore:
         bucket = self.root.split("/")[0]
         try:
             with storage_op("reach the artifact root", self.root_uri):
-                exists = self.fs.exists(bucket)
+                exists = bucket_exists(self.fs, bucket)
         except StorageError:
             raise
         except Exception as e:  # credentials, endpoint

@@ -1,0 +1,161 @@
+"""Object-store outages are one line (exit 4) naming the endpoint and the operation; nothing partial is
+kept; the same command succeeds once the store is back. On a private moto S3 server that the tests
+stop and restart (the session's server stays up for the other tests)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.errors import InputError, StorageUnavailable
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.cli, pytest.mark.s3]
+runner = CliRunner()
+BUCKET = "aeflow-outage"
+FAST = ["--epochs", "2", "--patience", "2", "--set", "train.threads=1"]
+
+
+def _point_s3_at(monkeypatch, endpoint: str) -> None:
+    import s3fs
+
+    # One attempt per request (botocore retries refused connections with backoff otherwise): the
+    # outage is met sooner, which changes nothing but the test's duration.
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def store_server(monkeypatch):
+    """A moto S3 server of this test only: ``(endpoint, stop, start)``."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    servers = []
+
+    def start() -> None:
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+
+    def stop() -> None:
+        servers[-1].stop()
+
+    start()
+    endpoint = f"http://127.0.0.1:{port}"
+    _point_s3_at(monkeypatch, endpoint)
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield endpoint, stop, start
+    stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def thread_cluster():
+    """Dask workers as threads of this process: they see the endpoint the test points s3fs at."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def _table(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(80, 4)), columns=list("abcd"))
+    df.to_csv(tmp_path / "t.csv", index=False)
+    return str(tmp_path / "t.csv")
+
+
+def test_unreachable_at_the_start_is_one_line(prefect_server, monkeypatch, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    _point_s3_at(monkeypatch, closed)
+    res = runner.invoke(app, ["run", "reduce", "--input", _table(tmp_path), "--output", f"s3://{BUCKET}/x", *FAST])
+    assert res.exit_code == 4, res.output
+    assert f"error: cannot reach the artifact root s3://{BUCKET}/x: the object store at {closed} is unreachable " \
+           "(connection refused)" in res.stderr
+    assert "Traceback" not in res.output and res.stderr.count("error:") == 1
+    # The input side says the same, and is not mistaken for bad input (exit 3).
+    from tasks.config import LoadConfig
+    from tasks.load import inspect_table
+
+    with pytest.raises(StorageUnavailable, match=rf"cannot list s3://{BUCKET}/raw/\*.csv: the object store at {closed}"):
+        inspect_table(f"s3://{BUCKET}/raw/*.csv", LoadConfig())
+
+
+def test_cut_mid_run_then_rerun_after_it_returns(prefect_server, store_server, thread_cluster, monkeypatch, tmp_path):
+    import s3fs
+
+    from tasks.apps.tabular import TableApp
+
+    endpoint, stop, start = store_server
+    apply = TableApp.apply
+
+    def apply_during_an_outage(self, ctx, fitted):
+        stop()  # the store goes away after preprocessing, training and the model were written
+        return apply(self, ctx, fitted)
+
+    monkeypatch.setattr(TableApp, "apply", apply_during_an_outage)
+    args = ["run", "reduce", "--input", _table(tmp_path), "--output", f"s3://{BUCKET}/root",
+            "--dask-address", thread_cluster, "--json", *FAST]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 4, res.output
+    # apply's first I/O: reading back the prepared partition
+    assert f"error: cannot read s3://{BUCKET}/root/runs/reduce/" in res.stderr
+    assert f"/preprocessed/part.00000.parquet: the object store at {endpoint} is unreachable (connection refused); " \
+           "run the same command again when it is back" in res.stderr
+    assert "Traceback" not in res.output and res.stderr.count("error:") == 1
+
+    monkeypatch.setattr(TableApp, "apply", apply)
+    start()
+    s3fs.S3FileSystem.clear_instance_cache()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run_uri = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    fs = s3fs.S3FileSystem()
+    runs = fs.ls(f"{BUCKET}/root/runs/reduce")
+    assert len(runs) == 1 and run_uri.endswith(runs[0]), "the rerun resumes the same run folder"
+    manifest = json.loads(fs.cat_file(f"{runs[0]}/manifest.json"))
+    files = sorted(p[len(runs[0]) + 1:] for p in fs.find(runs[0]))
+    assert files == sorted([o["path"] for o in manifest["outputs"]] + ["manifest.json"]), \
+        "nothing partial is left: every file is a listed output (no claim, checkpoint or temporary file)"
+
+
+def test_retries_retry_an_outage_but_never_bad_input(prefect_server):
+    from prefect import flow, task
+
+    from tasks.prefect_utils import IO_TASK
+
+    calls = {"outage": 0, "bad": 0}
+
+    @task(**{**IO_TASK, "retry_delay_seconds": 0})
+    def flaky() -> str:
+        calls["outage"] += 1
+        if calls["outage"] < 3:
+            raise StorageUnavailable("cannot read s3://b/k: the object store at http://x is unreachable")
+        return "read"
+
+    @task(**{**IO_TASK, "retry_delay_seconds": 0})
+    def bad() -> None:
+        calls["bad"] += 1
+        raise InputError("t.csv: column 'a' has non-numeric values")
+
+    @task(**{**IO_TASK, "retry_delay_seconds": 0})
+    def down() -> None:
+        raise StorageUnavailable("cannot read s3://b/k: the object store at http://x is unreachable")
+
+    @flow
+    def run_them() -> tuple:
+        return flaky(), bad(return_state=True).result(raise_on_failure=False), \
+            down(return_state=True).result(raise_on_failure=False)
+
+    read, bad_error, outage = run_them()
+    assert read == "read" and calls["outage"] == 3, "an outage is retried"
+    assert isinstance(bad_error, InputError) and calls["bad"] == 1, "bad input is never retried"
+    assert isinstance(outage, StorageUnavailable), "after the retries, the error is the one line"
