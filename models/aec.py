@@ -33,6 +33,11 @@ OVERHEAD = HEADER_SIZE + 4
 MODES = {"L": 1, "RGB": 3}
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 MAX_SIDE = 1 << 16
+# A crafted header must not make the decoder allocate gigabytes before failing. No file aeflow writes
+# exceeds these: its image loader refuses more pixels than Pillow's decompression-bomb limit, and
+# real payloads carry far more than a byte per 65536 pixels (about 290 px/byte on a flat image).
+MAX_PIXELS = 89_478_485
+MAX_PIXELS_PER_PAYLOAD_BYTE = 1 << 16
 
 
 class AecFormatError(ValueError):
@@ -68,6 +73,26 @@ class AecFile:
         return self.model_id.hex()
 
 
+def check_declared_size(width: int, height: int, payload_bytes: int) -> None:
+    """Refuse a header whose image is too large to decode, or too large for its payload, before any allocation.
+
+    Raises:
+        AecFormatError: more than :data:`MAX_PIXELS` pixels, or more than
+            :data:`MAX_PIXELS_PER_PAYLOAD_BYTE` pixels per payload byte.
+    """
+    pixels = width * height
+    if pixels > MAX_PIXELS:
+        raise AecFormatError(
+            f"the header declares a {width}x{height} image ({pixels:,} pixels), more than the {MAX_PIXELS:,} "
+            "this decoder accepts"
+        )
+    if pixels > MAX_PIXELS_PER_PAYLOAD_BYTE * max(payload_bytes, 1):
+        raise AecFormatError(
+            f"corrupted: the header declares a {width}x{height} image but carries only {payload_bytes} payload "
+            "bytes, far too few for it"
+        )
+
+
 def parse(data: bytes) -> AecFile:
     """Parse and check a ``.aec`` file's bytes.
 
@@ -96,5 +121,6 @@ def parse(data: bytes) -> AecFile:
         raise AecFormatError(f"corrupted: unknown image mode code {mode}")
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise AecFormatError(f"corrupted: impossible image size {width}x{height}")
+    check_declared_size(width, height, n)
     return AecFile(model_id=model_id, quality=quality, mode=_MODE_NAMES[mode], width=width, height=height,
                    payload=data[HEADER_SIZE : expected - 4], version=version)

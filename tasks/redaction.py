@@ -26,8 +26,11 @@ from typing import Any
 
 MASK = "***"
 
-# scheme://user[:password]@host — the user info part of a URI (RFC 3986).
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@")
+# scheme://user[:password]@host — the user info part of a URI (RFC 3986). A password may hold '/'
+# (AWS secret keys do), so "user:...@" matches up to the '@' whatever it holds.
+_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s'\"@/:]*:[^\s'\"@]*|[^\s'\"@/:?#]+)@"
+)
 _SECRET_WORDS = r"password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?|signature"
 # key=value / key: value / "key": "value" where the key names a secret (a URI option, a header, JSON).
 _KEY_VALUE = re.compile(
@@ -54,7 +57,7 @@ def find_credentials(value: str) -> str | None:
         return "credentials in the URI (user info before '@')"
     m = _KEY_VALUE.search(value)
     if m and ("://" in value or "?" in value):
-        return f"a secret-looking option ({m.group('key')}=...)"
+        return f"a secret-looking option ({m.group('key')!r})"
     if _AWS_KEY_ID.search(value):
         return "an AWS access key id"
     return None

@@ -18,8 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch
 from torch import nn
 
-from models.training import LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss
+from models.training import LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss, select_device
 from tasks.config import TrainConfig
+from tasks.errors import ConfigError
 from tasks.storage import CHECKPOINT_DIR, CheckpointError, RunDir
 
 log = logging.getLogger("aeflow.train")
@@ -35,6 +36,26 @@ def settings_from(cfg: TrainConfig) -> TrainSettings:
         seed=cfg.seed,
         device=cfg.device,
     )
+
+
+def resolve_device(preference: str) -> torch.device:
+    """``train.device`` as a torch device; anything this machine cannot run is a configuration error.
+
+    Raises:
+        ConfigError: (exit 2) an unknown device, CUDA asked for without CUDA, or a CUDA index
+            this machine does not have; the message names the value.
+    """
+    try:
+        device = select_device(preference)
+    except ValueError as e:  # CUDA asked for and absent
+        raise ConfigError(f"train.device: {e}") from e
+    except RuntimeError as e:  # torch.device() of an unknown string
+        raise ConfigError(f"train.device: {preference!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device: {preference!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -92,6 +113,7 @@ def train_model(
         loss_fn: ``loss_fn(model, batch, generator)``.
         label: Shown on the progress bar and the UI artifact.
     """
+    resolve_device(cfg.device)  # a bad device is one configuration error, never a traceback from the loop
     settings = settings_from(cfg)
     logger = run_logger()
     resume = None

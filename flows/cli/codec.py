@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import err, fail, out
-from tasks.errors import AeflowError
 
 
 def compress(
@@ -43,8 +42,8 @@ def compress(
             else:
                 out.print(f"{r.input} -> {r.output}  ({r.bytes:,} bytes, {r.bpp:.3f} bpp, quality {r.quality})",
                           highlight=False)
-    except AeflowError as e:
-        fail(e)
+    except Exception as e:  # user errors and outages: one line; anything else: a bug, with its traceback
+        fail(e, "compress")
 
 
 def decompress(
@@ -59,5 +58,5 @@ def decompress(
     try:
         for r in decompress_files(files, output_dir, model, root):
             out.print(f"{r.input} -> {r.output}  ({r.width}x{r.height} {r.mode})", highlight=False)
-    except AeflowError as e:
-        fail(e)
+    except Exception as e:  # user errors and outages: one line; anything else: a bug, with its traceback
+        fail(e, "decompress")

@@ -35,9 +35,9 @@ from prefect import task
 from torch import nn
 
 from models import build_model
-from models.training import TrainResult, select_device
+from models.training import TrainResult
 from tasks.config import AppConfig, RunConfig
-from tasks.errors import ConfigError, ModelMismatchError
+from tasks.errors import ModelMismatchError
 from tasks.prefect_utils import COMPUTE_TASK
 from tasks.storage import MODEL_DIR, RunDir, open_model_source
 
@@ -149,10 +149,9 @@ class Application(ABC):
     # -- hooks (no-ops by default) -----------------------------------------------------------
     def device_for(self, config: RunConfig) -> torch.device:
         """The device apply and evaluate run on (training picks its own from ``train.device``)."""
-        try:
-            return select_device(config.train.device)
-        except ValueError as e:
-            raise ConfigError(f"train.device: {e}") from e
+        from tasks.train import resolve_device
+
+        return resolve_device(config.train.device)
 
     def check_fitted(self, config: RunConfig, fitted: Fitted) -> None:
         """Refuse a reused model that cannot serve ``config``, before any work (e.g. a quality level)."""

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import files_under
+from tests.refusals import assert_refused, refusal
 
 pytestmark = [pytest.mark.cli]
 runner = CliRunner()
@@ -28,6 +29,7 @@ def _png(path, size=(40, 48), seed=0, mode="L"):
     return path
 
 
+@refusal("an image that does not decode (e.g. truncated)", 3, "images")
 def case_corrupt_png(d):
     _png(d / "imgs" / "a.png")
     good = _png(d / "b.png").read_bytes()
@@ -35,42 +37,57 @@ def case_corrupt_png(d):
     return str(d / "imgs"), "{d}/imgs/b.png: cannot decode image"
 
 
+@refusal("a PNG signature followed by garbage", 3, "images")
 def case_png_header_then_garbage(d):
     _png(d / "imgs" / "a.png")
     (d / "imgs" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     return str(d / "imgs"), "{d}/imgs/b.png: not a PNG/JPEG image"
 
 
+@refusal("a non-image file in an image folder (unless --skip-bad)", 3, "images")
 def case_non_image_file_in_folder(d):
     _png(d / "imgs" / "a.png")
     (d / "imgs" / "notes.txt").write_text("hello")
     return str(d / "imgs"), "{d}/imgs/notes.txt: not an image file"
 
 
+@refusal("a file that is not an image", 3, "images")
 def case_non_image_file(d):
     (d / "notes.txt").write_text("hello")
     return str(d / "notes.txt"), "{d}/notes.txt: not an image file; use PNG or JPEG"
 
 
+@refusal("a text file named .png", 3, "images")
 def case_text_named_png(d):
     (d / "imgs").mkdir()
     (d / "imgs" / "fake.png").write_text("this is not a png")
     return str(d / "imgs"), "{d}/imgs/fake.png: not a PNG/JPEG image"
 
 
+@refusal("an empty folder", 3, "images")
 def case_empty_folder(d):
     (d / "empty").mkdir()
     return str(d / "empty"), "no PNG/JPEG images found in input {d}/empty (the folder is empty)"
 
 
+@refusal("a folder that does not exist", 3, "images")
 def case_missing_folder(d):
     return str(d / "nope"), "input {d}/nope does not exist"
 
 
+@refusal("an image smaller than the network needs", 3, "images")
 def case_too_small_for_network(d):
     _png(d / "imgs" / "ok.png")
     _png(d / "imgs" / "tiny.png", size=(6, 5))
     return str(d / "imgs"), "{d}/imgs/tiny.png is 6x5 pixels, too small for the network's 16x16 training patches"
+
+
+@refusal("a training set too small to train and validate on (a single image; the message gives the minimum)", 3,
+         "images")
+def case_single_image(d):
+    _png(d / "imgs" / "only.png")
+    return str(d / "imgs"), ("input {d}/imgs: 1 decodable image(s) are too few to train and validate on: training "
+                             "needs at least 2 images")
 
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
@@ -83,7 +100,7 @@ def test_bad_images_are_one_clear_message_and_write_nothing(prefect_server, dask
     src, expected = case(data)
     out = tmp_path / "artifacts"
     res = runner.invoke(app, ["run", "denoise", "--input", src, "--output", str(out), "--dask-address", dask_address, *TINY])
-    assert res.exit_code == 3, res.output
+    assert res.exit_code == case.refusal.exit_code, res.output
     assert expected.format(d=data) in res.stderr, res.stderr
     assert "Traceback" not in res.output
     assert res.stderr.count("error:") == 1
@@ -109,13 +126,14 @@ def two_runs(prefect_server, dask_address, tmp_path_factory):
     return d, out, denoise, index
 
 
+@refusal("a --model of another application", 5, "model")
 def test_index_with_a_denoise_model_is_refused(two_runs, dask_address):
     d, out, denoise, _ = two_runs
     before = files_under(out)
     res = runner.invoke(app, ["run", "index", "--model", denoise, "--apply-to", str(d / "imgs"), "--output", str(out),
                               "--dask-address", dask_address])
-    assert res.exit_code == 5, res.output
-    assert f"{denoise} holds a model of the 'denoise' application, not 'index'" in res.stderr
+    assert_refused(res, test_index_with_a_denoise_model_is_refused,
+                   f"{denoise} holds a model of the 'denoise' application, not 'index'")
     assert files_under(out) == before
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import files_under
+from tests.refusals import refusal
 from tests.flows.test_tabular_flows import mixed_frame, one_thread  # noqa: F401 (autouse fixture)
 
 pytestmark = [pytest.mark.cli, pytest.mark.tabular]
@@ -23,35 +24,39 @@ def _invoke(args, dask_address):
     return runner.invoke(app, [*args, "--dask-address", dask_address, *FAST])
 
 
+@refusal("null values in a feature column (except for impute)", 3, "table")
 @pytest.mark.parametrize("name", ["detect", "extract"])
 def test_nulls_are_refused_outside_impute(name, prefect_server, dask_address, tmp_path):
     df = mixed_frame(40, anomalies=0)
     df.loc[[4, 9], "b"] = np.nan
     df.to_csv(tmp_path / "t.csv", index=False)
     res = _invoke(["run", name, "--input", str(tmp_path / "t.csv"), "--output", str(tmp_path / "o")], dask_address)
-    assert res.exit_code == 3, res.output
+    assert res.exit_code == test_nulls_are_refused_outside_impute.refusal.exit_code, res.output
     assert f"{tmp_path}/t.csv: column 'b' has null values (use the impute application" in res.stderr
     assert "Traceback" not in res.output
     assert files_under(tmp_path / "o") == []
 
 
+@refusal("an application option out of its range (e.g. detect --contamination outside (0, 0.5])", 2,
+         "configuration")
 @pytest.mark.parametrize("value", ["0", "-0.1", "0.6"])
 def test_contamination_outside_the_open_closed_interval(value, tmp_path):
     mixed_frame(20).to_csv(tmp_path / "t.csv", index=False)
     res = runner.invoke(app, ["run", "detect", "--input", str(tmp_path / "t.csv"), "--contamination", value,
                               "--output", str(tmp_path / "o")])
-    assert res.exit_code == 2
+    assert res.exit_code == test_contamination_outside_the_open_closed_interval.refusal.exit_code
     assert "app.contamination: Input should be" in res.stderr and f"(got {float(value)})" in res.stderr
     assert files_under(tmp_path / "o") == []
 
 
+@refusal("a column with no observed value given to impute", 3, "table")
 def test_all_null_column_given_to_impute(prefect_server, dask_address, tmp_path):
     df = mixed_frame(40, anomalies=0).assign(c=np.nan)
     df.loc[3, "a"] = np.nan
     df.to_parquet(tmp_path / "t.parquet", index=False)
     res = _invoke(["run", "impute", "--input", str(tmp_path / "t.parquet"), "--id-column", "id",
                    "--output", str(tmp_path / "o")], dask_address)
-    assert res.exit_code == 3, res.output
+    assert res.exit_code == test_all_null_column_given_to_impute.refusal.exit_code, res.output
     assert "column 'c' is entirely null: there is no observed value to learn it from" in res.stderr
     assert not [f for f in files_under(tmp_path / "o") if f.endswith("manifest.json")]
 
