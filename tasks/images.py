@@ -33,7 +33,17 @@ from pydantic import Field
 from tasks.config import Frozen
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
-from tasks.storage import FileRecord, RunDir, is_local, read_uri, storage_op, to_uri, url_to_fs, write_uri
+from tasks.storage import (
+    FileRecord,
+    RunDir,
+    is_local,
+    nothing_at,
+    read_uri,
+    storage_op,
+    to_uri,
+    url_to_fs,
+    write_uri,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Mode = Literal["gray", "rgb", "keep"]
@@ -132,15 +142,7 @@ def list_images(uri: str, role: str = "input") -> tuple[Any, list[str], list[str
     except OSError as e:
         raise InputError(f"cannot read {role} {uri}: {e}") from e
     if found is None:
-        if not is_local(fs):
-            bucket = path.split("/")[0]
-            try:
-                bucket_ok = fs.exists(bucket)
-            except Exception:  # an unreachable endpoint: report the original problem
-                bucket_ok = True
-            if not bucket_ok:
-                raise InputError(f"cannot read {role} {uri}: bucket {bucket!r} does not exist")
-        raise InputError(f"{role} {uri} does not exist")
+        raise InputError(nothing_at(fs, path, uri, role))
     root_n = root.replace(os.sep, "/").rstrip("/")
     found = sorted(p for p in found if not _hidden(_rel(p, root_n)))
     images = [p for p in found if _is_image_name(p)]
@@ -362,20 +364,22 @@ def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, pr
 
 
 MIN_TRAIN_IMAGES = 2
-"""Fewest decoded images an image model is trained on (one can be held out for validation)."""
+"""Fewest decoded images an image model is trained on (one can be held out for validation). An
+application that validates on held-out crops instead of images (compress) sets its own
+``min_train_images``."""
 
 
-def check_training_images(imset: ImageSet) -> None:
+def check_training_images(imset: ImageSet, minimum: int = MIN_TRAIN_IMAGES) -> None:
     """Refuse a training set too small to train and validate on (e.g. a single image).
 
     Raises:
-        InputError: fewer than :data:`MIN_TRAIN_IMAGES` images; the message gives the minimum.
+        InputError: fewer than ``minimum`` images; the message gives the minimum.
     """
-    if len(imset) < MIN_TRAIN_IMAGES:
+    if len(imset) < minimum:
         left_out = f" ({len(imset.skipped)} left out as bad)" if imset.skipped else ""
         raise InputError(
             f"{imset.role} {imset.source_uri}: {len(imset)} decodable image(s){left_out} are too few to train and "
-            f"validate on: training needs at least {MIN_TRAIN_IMAGES} images"
+            f"validate on: training needs at least {minimum} images"
         )
 
 

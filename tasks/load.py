@@ -30,7 +30,7 @@ from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.storage import FileRecord, is_local, storage_op, to_uri, url_to_fs
+from tasks.storage import FileRecord, is_local, nothing_at, storage_op, to_uri, url_to_fs
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SAMPLE_ROWS = 2000
@@ -96,15 +96,7 @@ def list_table_files(uri: str, fmt: str = "auto") -> tuple[object, list[str]]:
     except OSError as e:
         raise InputError(f"cannot read {uri}: {e}") from e
     if paths is None:
-        if not is_local(fs):
-            bucket = path.split("/")[0]
-            try:
-                bucket_ok = fs.exists(bucket)
-            except Exception:  # unreachable endpoint: report the original problem
-                bucket_ok = True
-            if not bucket_ok:
-                raise InputError(f"cannot read {uri}: bucket {bucket!r} does not exist")
-        raise InputError(f"input {uri} does not exist")
+        raise InputError(nothing_at(fs, path, uri, "input"))
     paths = sorted(p for p in paths if not os.path.basename(p.rstrip("/")).startswith((".", "_")))
     if fmt != "auto":
         # A file named directly is read as --format says, whatever its name (e.g. Parquet named .csv).

@@ -55,8 +55,9 @@ def find_credentials(value: str) -> str | None:
     """
     if _USERINFO.search(value):
         return "credentials in the URI (user info before '@')"
-    m = _KEY_VALUE.search(value)
-    if m and ("://" in value or "?" in value):
+    # Options of a URI (its query); a path segment such as Hive's token=5/ is data, not a secret.
+    m = _KEY_VALUE.search(value.split("?", 1)[1]) if "?" in value else None
+    if m:
         return f"a secret-looking option ({m.group('key')!r})"
     if _AWS_KEY_ID.search(value):
         return "an AWS access key id"

@@ -39,6 +39,8 @@ Durability rules (what a kill, a power loss or an outage can leave behind):
   :data:`STALE_AFTER_S`, or its process is gone (same host). A stale claim is taken over
   by creating the next generation, again exclusively, so two takers cannot both win. An
   identical run started while another holds the claim starts a run folder of its own.
+  (A store that ignores ``If-None-Match`` overwrites instead of refusing; the claim is then
+  read back to see who won, which narrows the race to a read's latency without closing it.)
 - **Outages are one line.** :func:`storage_error` is the one place that turns
   botocore/aiohttp/connection failures into :class:`~tasks.errors.StorageUnavailable`
   (exit 4, naming the endpoint and the operation; Prefect task retries retry it).
@@ -393,6 +395,19 @@ def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
     return True
 
 
+def nothing_at(fs: fsspec.AbstractFileSystem, path: str, uri: str, what: str) -> str:
+    """Why there is nothing at ``uri`` (``what`` names it, e.g. "input"): a missing bucket, or no such path."""
+    if not is_local(fs):
+        bucket = path.split("/")[0]
+        try:
+            bucket_ok = bucket_exists(fs, bucket)
+        except Exception:  # unreachable: the listing before this would have said so
+            bucket_ok = True
+        if not bucket_ok:
+            return f"cannot read {what} {uri}: bucket {bucket!r} does not exist"
+    return f"{what} {uri} does not exist"
+
+
 def _bucket_missing(e: BaseException) -> bool:
     text = str(e)
     return "NoSuchBucket" in text or "bucket does not exist" in text.lower()
@@ -525,7 +540,7 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
             os.fsync(f.fileno())
         return True
     try:
-        # A conditional PUT (If-None-Match: *): S3 and moto refuse it when the key exists.
+        # A conditional PUT (If-None-Match: *): AWS S3, MinIO and moto refuse it when the key exists.
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         return False
@@ -533,7 +548,12 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
         if "PreconditionFailed" in str(e) or "412" in str(e) or "ConditionalRequestConflict" in str(e):
             return False
         raise
-    return True
+    # Fallback for stores that ignore the condition and overwrite: the record holds a unique owner,
+    # so reading it back tells who won (a narrow race remains there; conditional writes close it).
+    try:
+        return fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------

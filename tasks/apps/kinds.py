@@ -221,11 +221,11 @@ class ImageData(DataKind):
 
     def load(self, app: Application, config: RunConfig, run: RunDir, inputs: Inputs, fitted: Fitted | None,
              device: torch.device) -> ImageContext:
-        from tasks.images import check_training_images, load_images_task
+        from tasks.images import MIN_TRAIN_IMAGES, check_training_images, load_images_task
 
         sets = {role: load_images_task(src, config.load, run, f"images/{role}") for role, src in inputs.items()}
         if "input" in sets:  # the training set (with --model there is none)
-            check_training_images(sets["input"])
+            check_training_images(sets["input"], getattr(app, "min_train_images", MIN_TRAIN_IMAGES))
         return ImageContext(config=config, run=run, device=device, train=sets.get("input"),
                             target=sets.get("apply_to"), reference=sets.get("reference"))
 

@@ -208,6 +208,16 @@ def test_identical_runs_started_at_once_never_share_an_unfinished_run(where, tmp
     assert interrupted.run_id in ids, "one of them resumes the interrupted run"
 
 
+def test_exclusive_create_lets_exactly_one_writer_win(store):
+    from tasks.storage import _create_exclusive
+
+    run = store.run("reduce", "excl")
+    path = run.path_of("_claims/000001.json")
+    assert _create_exclusive(store.fs, path, b'{"owner": "first"}')
+    assert not _create_exclusive(store.fs, path, b'{"owner": "second"}')
+    assert run.read_bytes("_claims/000001.json") == b'{"owner": "first"}'
+
+
 def test_stale_claims(tmp_path):
     other = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(other.stdout)
