@@ -82,7 +82,7 @@ def case_too_small_for_network(d):
     return str(d / "imgs"), "{d}/imgs/tiny.png is 6x5 pixels, too small for the network's 16x16 training patches"
 
 
-@refusal("a training set too small to train and validate on (a single image; the message gives the minimum)", 3,
+@refusal("a training set too small to train and validate on (one image for denoise or index; the message gives the minimum)", 3,
          "images")
 def case_single_image(d):
     _png(d / "imgs" / "only.png")
