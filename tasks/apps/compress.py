@@ -94,7 +94,7 @@ class CompressRunConfig(RunConfig):
     load: CompressLoadConfig = CompressLoadConfig()
     app: CompressConfig = CompressConfig()
     # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
-    train: TrainConfig = TrainConfig(epochs=20, batch_size=8, lr=5e-4, patience=5)
+    train: TrainConfig = TrainConfig(epochs=20, default_batch_size=8, lr=5e-4, patience=5)
 
 
 @dataclass
