@@ -532,7 +532,10 @@ def auto_batch_size(
     return max(1, min(batch, n_train))
 
 
-def _gpu_default_batch(model: nn.Module, loss_fn: LossFn, source: BatchSource, device: torch.device, floor: int) -> int:
+def _default_batch(model: nn.Module, loss_fn: LossFn, source: BatchSource, device: torch.device, floor: int) -> int:
+    """The batch when none is given: ``floor`` on CPU; on CUDA, :func:`auto_batch_size` for the model."""
+    if device.type != "cuda":
+        return floor
     cost = measure_step_cost(model, loss_fn, source.example(32), device)
     free, _ = torch.cuda.mem_get_info(device)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -660,6 +663,10 @@ def fit(
         for group in opt.param_groups:  # a checkpoint from another device keeps this device's kernels
             group["fused"] = opt_flags.get("fused", None)
             group["foreach"] = None
+        if fused:  # fused Adam keeps its step counts on the device (a CPU checkpoint has them on the host)
+            for p, st in opt.state.items():
+                if isinstance(st.get("step"), Tensor):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         gen.set_state(resume.generator_state)
         if dev_gen is not None and resume.device_generator_state is not None:
             dev_gen.set_state(resume.device_generator_state)
@@ -683,10 +690,10 @@ def fit(
         bs = resume.batch_size
     elif settings.batch_size is not None:
         bs = settings.batch_size
-    elif cuda and not finished:
-        bs = _gpu_default_batch(model, loss_fn, train_src, device, settings.default_batch_size)
-    else:
+    elif finished:
         bs = settings.default_batch_size
+    else:
+        bs = _default_batch(model, loss_fn, train_src, device, settings.default_batch_size)
     bs = min(bs, n)
     steps = n // bs
     lr_peak = settings.lr

@@ -233,3 +233,23 @@ def test_unshuffled_source_trains_in_stored_order():
     src = TensorSource(x, shuffle=False)
     got = list(src.train_batches(epoch=1, batch_size=16, seed=0, generator=torch.Generator(), skip=1))
     assert len(got) == 1 and torch.equal(got[0], x[16:32])
+
+
+def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(monkeypatch):
+    """What CUDA does with an automatic batch (here forced to 4x the default on CPU)."""
+    monkeypatch.setattr(training, "_default_batch", lambda model, loss_fn, source, device, floor: 4 * floor)
+    lrs: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    x = _data(300)
+    r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=2, batch_size=None, default_batch_size=16, lr=1e-3))
+    assert r.batch_size == 64 and r.lr == pytest.approx(2e-3)
+    assert lrs == pytest.approx([1.25e-3, 1.5e-3, 1.75e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3])
+    lrs.clear()
+    r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=1, batch_size=64, default_batch_size=16, lr=1e-3))
+    assert r.lr == 1e-3 and lrs == [1e-3] * 4, "an explicit batch keeps lr as given"
