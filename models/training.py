@@ -30,7 +30,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -59,6 +59,9 @@ PROBE_START, PROBE_END = 5, 25
 # Compile when the rest of the run, at the timed eager speed, would take at least this long:
 # compilation costs ~20-60 s and saves a third to a half of the step time.
 COMPILE_PAYOFF_S = 120.0
+# A learning rate scaled up for an automatic batch is halved after this many epochs without
+# improvement (at most a third of `patience`): large-batch Adam oscillates at the end of training.
+LR_PLATEAU_EPOCHS = 3
 # Steps shorter than this (eager) are dominated by kernel launches: compile with CUDA graphs.
 CUDA_GRAPH_STEP_S = 0.005
 # auto_batch_size: one step should keep the device busy at least this long at its bf16 peak,
@@ -211,6 +214,7 @@ class TrainState:
     epoch_device_generator_state: Tensor | None = None
     batch_size: int | None = None
     global_rng_state: Tensor | None = None  # torch's global RNG (dropout) on the training device
+    lr_top: float | None = None  # the scaled learning rate after plateau halvings
 
     _OPTIONAL_TENSORS = ("device_generator_state", "epoch_generator_state", "epoch_device_generator_state",
                          "global_rng_state")
@@ -244,6 +248,7 @@ class TrainState:
             "step": self.step,
             "running_loss": self.running_loss,
             "batch_size": self.batch_size,
+            "lr_top": self.lr_top,
         }
         # JSON round trip here so a non-serialisable value fails at save time, not at resume.
         return tensors, json.loads(json.dumps(meta))
@@ -275,6 +280,7 @@ class TrainState:
             step=int(meta.get("step", 0)),
             running_loss=float(meta.get("running_loss", 0.0)),
             batch_size=int(batch_size) if batch_size is not None else None,
+            lr_top=float(meta["lr_top"]) if meta.get("lr_top") is not None else None,
             **{name: tensors.get(name) for name in cls._OPTIONAL_TENSORS},
         )
 
@@ -585,6 +591,16 @@ def evaluate_loss(
     return total / max(n, 1)
 
 
+@contextmanager
+def _closing(batches: Iterator[Tensor]) -> Iterator[Iterator[Tensor]]:
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
 
@@ -699,7 +715,11 @@ def fit(
     lr_peak = settings.lr
     if settings.batch_size is None and bs > settings.default_batch_size:
         lr_peak = settings.lr * math.sqrt(bs / settings.default_batch_size)
-    warm_lr = lr_peak != settings.lr  # ramp from lr to lr_peak over the first epoch
+    # A scaled lr ramps up from lr over the first epoch and is halved (down to lr) whenever the
+    # validation loss has not improved for `plateau` epochs.
+    scaled_lr = lr_peak != settings.lr
+    lr_top = resume.lr_top if resume is not None and resume.lr_top is not None else lr_peak
+    plateau = min(LR_PLATEAU_EPOCHS, max(1, settings.patience // 3))
 
     step_model: nn.Module = model
     compiled = "off"
@@ -738,6 +758,7 @@ def fit(
             epoch_device_generator_state=epoch_states[1] if step else None,
             batch_size=bs,
             global_rng_state=torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state(),
+            lr_top=lr_top if scaled_lr else None,
         )
 
     while not finished and epoch < settings.epochs:
@@ -761,59 +782,60 @@ def fit(
         if skip:
             running.fill_(resume_running)
         step = skip
-        for batch in batches:
-            if warm_lr:
-                frac = min(1.0, ((epoch - 1) * steps + step + 1) / steps)
-                for group in opt.param_groups:
-                    group["lr"] = settings.lr + (lr_peak - settings.lr) * frac
-            batch = batch.to(device, non_blocking=True)
-            if channels_last and batch.dim() == 4:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            if compile_checked:
-                with _autocast(device):
-                    loss = loss_fn(step_model, batch, loss_gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            else:  # the first compiled step: a compiler failure falls back to eager training
-                try:
+        with _closing(batches):  # a stream's reader thread stops even when training raises
+            for batch in batches:
+                if scaled_lr:
+                    frac = min(1.0, ((epoch - 1) * steps + step + 1) / steps)
+                    for group in opt.param_groups:
+                        group["lr"] = settings.lr + (lr_top - settings.lr) * frac
+                batch = batch.to(device, non_blocking=True)
+                if channels_last and batch.dim() == 4:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                if compile_checked:
                     with _autocast(device):
                         loss = loss_fn(step_model, batch, loss_gen)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                except Exception as e:  # noqa: BLE001 - torch.compile raises many kinds
-                    log.warning("torch.compile failed, training continues without it: %s", e)
-                    compiled = f"failed ({type(e).__name__})"
-                    step_model = model
-                    with _autocast(device):
-                        loss = loss_fn(step_model, batch, loss_gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                compile_checked = True
-            opt.step()
-            running += loss.detach()
-            step += 1
-            global_step += 1
-            if probe and global_step in (PROBE_START, PROBE_END):
-                torch.cuda.synchronize(device)
-                if global_step == PROBE_START:
-                    probe_t0 = time.perf_counter()
-                else:
-                    probe = False
-                    per_step = (time.perf_counter() - probe_t0) / (PROBE_END - PROBE_START)
-                    remaining = (settings.epochs - epoch) * steps + (steps - step)
-                    if settings.compile == "on" or per_step * remaining >= COMPILE_PAYOFF_S:
-                        mode = settings.compile_mode or ("reduce-overhead" if per_step < CUDA_GRAPH_STEP_S else "default")
-                        log.info("compiling the model (mode %s): %.2f ms per eager step, %d steps to go", mode, per_step * 1e3, remaining)
-                        step_model, compiled, compile_checked = _compile(model, mode), mode, False
-            if on_batch is not None or settings.checkpoint_seconds > 0:
-                now = time.perf_counter()
-                if on_batch is not None and (step == steps or now - last_progress >= PROGRESS_EVERY_S):
-                    last_progress = now
-                    on_batch(step, steps)
-                if (on_checkpoint is not None and settings.checkpoint_seconds > 0 and step < steps
-                        and now - last_checkpoint >= settings.checkpoint_seconds):
-                    on_checkpoint(state(epoch - 1, step, float(running), epoch_states))
-                    last_checkpoint = time.perf_counter()
+                else:  # the first compiled step: a compiler failure falls back to eager training
+                    try:
+                        with _autocast(device):
+                            loss = loss_fn(step_model, batch, loss_gen)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    except Exception as e:  # noqa: BLE001 - torch.compile raises many kinds
+                        log.warning("torch.compile failed, training continues without it: %s", e)
+                        compiled = f"failed ({type(e).__name__})"
+                        step_model = model
+                        with _autocast(device):
+                            loss = loss_fn(step_model, batch, loss_gen)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    compile_checked = True
+                opt.step()
+                running += loss.detach()
+                step += 1
+                global_step += 1
+                if probe and global_step in (PROBE_START, PROBE_END):
+                    torch.cuda.synchronize(device)
+                    if global_step == PROBE_START:
+                        probe_t0 = time.perf_counter()
+                    else:
+                        probe = False
+                        per_step = (time.perf_counter() - probe_t0) / (PROBE_END - PROBE_START)
+                        remaining = (settings.epochs - epoch) * steps + (steps - step)
+                        if settings.compile == "on" or per_step * remaining >= COMPILE_PAYOFF_S:
+                            mode = settings.compile_mode or ("reduce-overhead" if per_step < CUDA_GRAPH_STEP_S else "default")
+                            log.info("compiling the model (mode %s): %.2f ms per eager step, %d steps to go", mode, per_step * 1e3, remaining)
+                            step_model, compiled, compile_checked = _compile(model, mode), mode, False
+                if on_batch is not None or settings.checkpoint_seconds > 0:
+                    now = time.perf_counter()
+                    if on_batch is not None and (step == steps or now - last_progress >= PROGRESS_EVERY_S):
+                        last_progress = now
+                        on_batch(step, steps)
+                    if (on_checkpoint is not None and settings.checkpoint_seconds > 0 and step < steps
+                            and now - last_checkpoint >= settings.checkpoint_seconds):
+                        on_checkpoint(state(epoch - 1, step, float(running), epoch_states))
+                        last_checkpoint = time.perf_counter()
         if step == 0:
             raise ValueError(f"the training source yielded no batch of {bs} samples in epoch {epoch}")
         train_loss = float(running) / step
@@ -833,6 +855,8 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
+            if scaled_lr and bad_epochs % plateau == 0:
+                lr_top = max(settings.lr, lr_top / 2)
         stats = EpochStats(epoch, train_loss, val_loss, best_val, improved, time.perf_counter() - te, epoch_samples,
                            epoch_train_s)
         history.append(stats)

@@ -58,10 +58,10 @@ def _weights(m):
 
 def test_mid_epoch_resume_matches_uninterrupted_run():
     """A checkpoint taken within an epoch (shuffled, dropout) resumes to the same weights."""
-    x = _data()
-    settings = TrainSettings(epochs=3, batch_size=16, patience=100, seed=5)
+    x = _data(200)
+    settings = TrainSettings(epochs=2, batch_size=16, patience=100, seed=5)
     ref = _model(dropout=0.1)
-    fit(ref, x[:240], x[240:], settings)
+    fit(ref, x[:160], x[160:], settings)
 
     saved: list[tuple[dict, dict]] = []
 
@@ -71,15 +71,15 @@ def test_mid_epoch_resume_matches_uninterrupted_run():
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        fit(_model(dropout=0.1), x[:240], x[240:], dataclasses.replace(settings, checkpoint_seconds=1e-9),
+        fit(_model(dropout=0.1), x[:160], x[160:], dataclasses.replace(settings, checkpoint_seconds=1e-9),
             on_checkpoint=checkpoint)
     state = TrainState.from_flat(*saved[-1])
     assert (state.epoch, state.step, state.batch_size) == (1, 7, 16)
     assert state.epoch_generator_state is not None
 
     resumed = _model(seed=99, dropout=0.1)
-    r = fit(resumed, x[:240], x[240:], settings, resume=state)
-    assert [h.epoch for h in r.history] == [1, 2, 3]
+    r = fit(resumed, x[:160], x[160:], settings, resume=state)
+    assert [h.epoch for h in r.history] == [1, 2]
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
@@ -100,10 +100,10 @@ def test_progress_callback_is_throttled(monkeypatch):
     monkeypatch.setattr(training, "PROGRESS_EVERY_S", 3600.0)
     x = _data(200)
     calls: list[tuple[int, int]] = []
-    fit(_model(), x[:160], x[160:], TrainSettings(epochs=3, batch_size=8, patience=100),
+    fit(_model(), x[:160], x[160:], TrainSettings(epochs=2, batch_size=8, patience=100),
         on_batch=lambda s, n: calls.append((s, n)))
-    # the very first step, then each epoch's last step: not 3 x 20 calls
-    assert calls == [(1, 20), (20, 20), (20, 20), (20, 20)]
+    # the very first step, then each epoch's last step: not 2 x 20 calls
+    assert calls == [(1, 20), (20, 20), (20, 20)]
 
 
 def test_automatic_batch_on_cpu_is_the_default_batch_with_lr_unscaled():
@@ -253,3 +253,26 @@ def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(mon
     lrs.clear()
     r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=1, batch_size=64, default_batch_size=16, lr=1e-3))
     assert r.lr == 1e-3 and lrs == [1e-3] * 4, "an explicit batch keeps lr as given"
+
+
+def test_scaled_lr_is_halved_on_plateaus_down_to_lr(monkeypatch):
+    monkeypatch.setattr(training, "_default_batch", lambda model, loss_fn, source, device, floor: 16 * floor)
+    lrs: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+
+    def flat_validation(m, batch, g):  # validation never improves after the first epoch
+        loss = training.reconstruction_loss(m, batch, g)
+        return loss if m.training else loss.detach() * 0 + 1.0
+
+    x = _data(300)
+    r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=6, batch_size=None, default_batch_size=4, lr=1e-3,
+                                                        patience=6), loss_fn=flat_validation)
+    assert r.batch_size == 64 and r.lr == pytest.approx(4e-3) and len(r.history) == 6
+    per_epoch = [lrs[i * 4 + 3] for i in range(6)]  # each epoch's last step; plateau = 6 // 3 = 2 epochs
+    assert per_epoch == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3, 2e-3, 1e-3])
