@@ -50,7 +50,7 @@ def _write_images(d: str, n: int, size: tuple[int, int], fmt: str) -> None:
 
 def _loader_case(n: int, size: tuple[int, int], fmt: str, out_size: int) -> dict:
     from tasks.images import ImageLoadConfig, decode_image, inspect_images, load_images
-    from tasks.preprocess import dask_client
+    from tasks.dask_client import dask_client
 
     with tempfile.TemporaryDirectory() as d:
         _write_images(d, n, size, fmt)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from tasks.apps import Evaluation, apply_task, evaluate_task, fit_task, get_app, load_all, report_task
 from tasks.config import RunConfig
-from tasks.preprocess import dask_client
+from tasks.dask_client import dask_client
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
 from tasks.storage import ArtifactStore, Manifest, RunDir
 

@@ -10,7 +10,7 @@ rate-distortion plot and the BD-rate vs JPEG and WebP.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd

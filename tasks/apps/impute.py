@@ -42,7 +42,7 @@ from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
 from tasks.errors import InputError
 from tasks.load import read_block
-from tasks.preprocess import ScalingStats
+from tasks.scaling import ScalingStats
 from tasks.schemas import ColumnSpec, TableSchema
 from tasks.train import train_model
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -96,7 +96,8 @@ class TableContext(Context):
     @cached_property
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
         """(train_x, val_x, train_side, val_side), scaled, read once."""
-        from tasks.preprocess import SPLIT_COL, read_prepared
+        from tasks.preprocess import read_prepared
+        from tasks.scaling import SPLIT_COL
 
         assert self.train is not None
         x, side = read_prepared(self.train)
@@ -161,7 +162,7 @@ class TableData(DataKind):
                             target=target, source=target_src or train_src)
 
     def fitted_extras(self, meta: dict[str, Any]) -> dict[str, Any]:
-        from tasks.preprocess import ScalingStats
+        from tasks.scaling import ScalingStats
         from tasks.schemas import TableSchema
 
         if "schema" not in meta or "stats" not in meta:
