@@ -1,4 +1,4 @@
-"""Image benchmarks (issue 4): denoise quality/speed, index quality/ANN, Dask image loading.
+"""Image benchmarks: denoise quality/speed, index quality/ANN, Dask image loading.
 
     python -m benchmarks.images loader ann denoise index   # any subset, in that order
 

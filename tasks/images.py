@@ -31,7 +31,8 @@ from pydantic import Field
 from tasks.config import Frozen
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
-from tasks.storage import FileRecord, RunDir, content_hash, find_files, relative_to, to_uri, url_to_fs
+from tasks.inputs import content_hash, find_files, relative_to
+from tasks.storage import FileRecord, RunDir, to_uri, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Mode = Literal["gray", "rgb", "keep"]

@@ -24,7 +24,8 @@ from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.storage import FileRecord, content_hash, find_files, to_uri, url_to_fs
+from tasks.inputs import content_hash, find_files
+from tasks.storage import FileRecord, to_uri, url_to_fs
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SAMPLE_ROWS = 2000
