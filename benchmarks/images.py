@@ -1,4 +1,4 @@
-"""Image benchmarks (issue 4): denoise quality/speed, index quality/ANN, Dask image loading.
+"""Image benchmarks: denoise quality/speed, index quality/ANN, Dask image loading.
 
     python -m benchmarks.images loader ann denoise index   # any subset, in that order
 
@@ -50,7 +50,7 @@ def _write_images(d: str, n: int, size: tuple[int, int], fmt: str) -> None:
 
 def _loader_case(n: int, size: tuple[int, int], fmt: str, out_size: int) -> dict:
     from tasks.images import ImageLoadConfig, decode_image, inspect_images, load_images
-    from tasks.preprocess import dask_client
+    from tasks.dask_client import dask_client
 
     with tempfile.TemporaryDirectory() as d:
         _write_images(d, n, size, fmt)
@@ -160,7 +160,7 @@ def bench_index(size: int = 16, epochs: int | None = None) -> None:
         rows[name] = {"precision_at_10": p, "map": m, "dim": int(x.shape[1])}
     _save("index", {"images": len(y), "size": size, "model": model.config.to_dict(), "latent_noise": rc.app.latent_noise,
                     "epochs": settings.epochs, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                    "train": {"batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+                    "train": {"batch_size": result.batch_size, "lr": settings.lr, "patience": settings.patience,
                               "seed": settings.seed},
                     "train_s": train_s, "results": rows})
 

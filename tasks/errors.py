@@ -18,6 +18,16 @@ class AeflowError(Exception):
     # Prefect task retries retry these, and only these, of the errors aeflow raises.
     transient: ClassVar[bool] = False
 
+    @classmethod
+    def family(cls) -> list[type]:
+        """This class and all its subclasses (to recognise user errors by name in logs)."""
+        out, todo = [], [cls]
+        while todo:
+            c = todo.pop()
+            out.append(c)
+            todo.extend(c.__subclasses__())
+        return out
+
 
 class InputError(AeflowError):
     """The input data is missing, unreadable or violates the schema."""

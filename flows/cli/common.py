@@ -28,7 +28,7 @@ class _UserErrorFilter(logging.Filter):
         if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
             msg = record.getMessage()
             if "Finished in state Failed" in msg or "Task run failed with exception" in msg:
-                return not any(f"{c.__name__}(" in msg or f"{c.__name__}:" in msg for c in error_classes())
+                return not any(f"{c.__name__}(" in msg or f"{c.__name__}:" in msg for c in AeflowError.family())
         return True
 
 
@@ -41,16 +41,6 @@ def hide_user_error_tracebacks() -> None:
         for h in lg.handlers:
             if isinstance(h, logging.StreamHandler) and not any(isinstance(f, _UserErrorFilter) for f in h.filters):
                 h.addFilter(_UserErrorFilter())
-
-
-def error_classes() -> list[type]:
-    """:class:`AeflowError` and all its subclasses."""
-    seen, todo = [], [AeflowError]
-    while todo:
-        c = todo.pop()
-        seen.append(c)
-        todo.extend(c.__subclasses__())
-    return seen
 
 
 def quiet_prefect(quiet: bool) -> None:

@@ -20,7 +20,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
 ) -> None:
     """Find the k nearest images of each query in an index built by `aeflow run index`."""
-    from tasks.apps.index import expand_queries, open_index, search as search_index, write_search_sheet
+    from tasks.search import expand_queries, open_index, search as search_index, write_search_sheet
 
     try:
         queries = expand_queries(query)

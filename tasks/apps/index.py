@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -29,13 +28,12 @@ from pydantic import Field
 
 from models.conv import latent_noise_loss
 from models.training import predict
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
-from tasks.errors import ConfigError, InputError, ModelMismatchError
-from tasks.images import ImageLoadConfig, decode_image, stack_images
-from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs, write_uri
+from tasks.errors import ConfigError, ModelMismatchError
+from tasks.images import ImageLoadConfig, shard_images, stack_images
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -80,7 +78,7 @@ class IndexRunConfig(ImageRunConfig):
     # (benchmarks/RESULTS.md, index): more compressed codes (three levels) rank neighbours worse than raw pixels.
     model: ConvModelConfig = ConvModelConfig(channels=(16, 32), latent_channels=8)
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.1)
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=64, lr=2e-3, patience=5)
+    train: TrainConfig = TrainConfig(epochs=40, default_batch_size=64, lr=2e-3, patience=5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,6 +216,20 @@ def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 # The application
 
 
+def _encode_shard(index: int, *, app: Index, ctx: ImageContext, fitted: Fitted) -> np.ndarray:
+    """The codes of one shard of images, on a Dask worker."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    imset = ctx.target if ctx.target is not None else ctx.train
+    x = np.stack(shard_images(imset, index))
+    want = fitted.model.config.in_channels
+    if x.shape[1] != want:
+        raise ModelMismatchError(
+            f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
+            f"{ctx.config.load.mode} gives {x.shape[1]} channels"
+        )
+    return encode_images(fitted.model, x, ctx.device)
+
+
 @register
 class Index(ImageApp):
     name = "index"
@@ -256,14 +268,9 @@ class Index(ImageApp):
         import pandas as pd
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        imset, x = self._images(ctx)
-        want = fitted.model.config.in_channels
-        if x.shape[1] != want:
-            raise ModelMismatchError(
-                f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
-                f"{ctx.config.load.mode} gives {x.shape[1]} channels"
-            )
-        codes = encode_images(fitted.model, x, ctx.device)
+        imset = ctx.target if ctx.target is not None else ctx.train
+        # Codes per shard on the Dask workers (the model shipped once per worker); the index is built here.
+        codes = np.concatenate(self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards)))))
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
         buf = io.BytesIO()
@@ -404,114 +411,3 @@ def contact_sheet(queries: list[np.ndarray], results: list[list[np.ndarray]], di
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------
-# Search (aeflow search)
-
-
-@dataclass
-class SearchHit:
-    rank: int
-    id: int
-    path: str
-    label: str
-    distance: float
-
-
-@dataclass
-class LoadedIndex:
-    run: RunDir
-    meta: dict[str, Any]
-    index: Any
-    ids: Any
-    fitted: Fitted
-
-
-def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
-    """Open an index run and the model it was built with; check they belong together."""
-    import pandas as pd
-
-    device = device or torch.device("cpu")
-    run = open_run(uri)
-    if run.app != "index" or not run.exists(f"{INDEX_DIR}/meta.json"):
-        raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
-    meta = run.read_json(f"{INDEX_DIR}/meta.json")
-    model_uri = run.uri if run.exists(f"{MODEL_DIR}/config.json") else meta["model_run"]
-    fitted = Index().load(model_uri, device)
-    if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
-        raise ModelMismatchError(
-            f"index {uri} was built with another model: its codes come from weights {meta['model_weights'][:19]}…, "
-            f"but {model_uri} holds {str(fitted.weights_hash)[:19]}…; rebuild the index with this model"
-        )
-    index = deserialize_index(run.read_bytes(f"{INDEX_DIR}/index.faiss"), meta)
-    if index.d != meta["dim"]:
-        raise ModelMismatchError(f"index {uri}: index dimension {index.d} differs from meta.json's {meta['dim']}")
-    with run.open(f"{INDEX_DIR}/ids.parquet", "rb") as f:
-        ids = pd.read_parquet(f)
-    return LoadedIndex(run, meta, index, ids, fitted)
-
-
-def read_query(uri: str, meta: dict[str, Any]) -> np.ndarray:
-    """Decode a query image the way the index's images were (mode, size): any mode/size is converted."""
-    fs, path = url_to_fs(uri)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError as e:
-        raise InputError(f"query {uri} does not exist") from e
-    except OSError as e:
-        raise InputError(f"cannot read query {uri}: {e}") from e
-    img = meta["image"]
-    try:
-        return decode_image(data, img["mode"], img["size"], img.get("fit", "resize"))
-    except ValueError as e:
-        raise InputError(f"query {uri}: {e}") from e
-
-
-def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.device | None = None) -> tuple[list[list[SearchHit]], list[np.ndarray]]:
-    """The ``k`` nearest images of each query (one batched encode and search)."""
-    device = device or torch.device("cpu")
-    if k < 1:
-        raise ConfigError(f"--k must be >= 1, got {k}")
-    arrays = [read_query(q, loaded.meta) for q in queries]
-    x = np.stack(arrays)
-    want = loaded.fitted.model.config.in_channels
-    if x.shape[1] != want:  # cannot happen with mode gray/rgb; "keep" indexes would need one mode
-        raise InputError(f"queries decode to {x.shape[1]} channels but the index's model takes {want}")
-    codes = encode_images(loaded.fitted.model, x, device)
-    if codes.shape[1] != loaded.meta["dim"]:
-        raise ModelMismatchError(f"query codes have {codes.shape[1]} dimensions, the index {loaded.meta['dim']}")
-    dist, idx = loaded.index.search(codes, min(k, loaded.meta["n"]))
-    out = []
-    for drow, irow in zip(dist, idx, strict=True):
-        hits = []
-        for rank, (d, i) in enumerate(((d, i) for d, i in zip(drow, irow, strict=True) if i >= 0), start=1):
-            r = loaded.ids.iloc[int(i)]
-            hits.append(SearchHit(rank, int(r["id"]), str(r["path"]), str(r["label"]), float(d)))
-        out.append(hits)
-    return out, arrays
-
-
-def expand_queries(queries: list[str]) -> list[str]:
-    """Query images and folders of them (``aeflow search --query``) as the URIs of every image."""
-    from tasks.images import list_images
-    from tasks.storage import to_uri
-
-    out: list[str] = []
-    for q in queries:
-        fs, paths, _others, _root = list_images(q, "query")
-        out += [to_uri(fs, p) for p in paths]
-    return out
-
-
-def write_search_sheet(dest: str, loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray],
-                       hits: list[list[SearchHit]]) -> None:
-    write_uri(dest, search_sheet(loaded, queries, arrays, hits))
-
-
-def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:
-    """Contact sheet of queries and their results (results decoded from their original files)."""
-    results = [[read_query(h.path, loaded.meta) for h in row] for row in hits]
-    dist = np.array([[h.distance for h in row] + [np.nan] * (max(len(r) for r in hits) - len(row)) for row in hits])
-    return contact_sheet(arrays, results, dist, queries, [[h.path for h in row] for row in hits])
