@@ -103,7 +103,7 @@ def evaluate(codec: LoadedCodec, names: tuple[str, ...], refine_steps: int = 0,
 
 def transform_ceiling(codec: LoadedCodec, names: tuple[str, ...]) -> float:
     """Mean PSNR at the top level with the latent left unrounded: the best the transforms can do at any rate."""
-    from models.codec import as_rgb, pad_to_multiple
+    from models.image_ops import as_rgb, pad_to_multiple
     from models.metrics import psnr
 
     model, top, out = codec.model, codec.model.config.levels - 1, []

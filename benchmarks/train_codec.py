@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.codec import (CodecConfig, ImageCodec, as_rgb, load_codec_state, make_loss_fn, random_patches,
-                          widen_codec)
+from models.codec import CodecConfig, ImageCodec, load_codec_state
+from models.codec_train import make_loss_fn, widen_codec
+from models.image_ops import as_rgb, rgb_patches
 
 # Bundled scikit-image photographs. The held-out set is never seen in training
 # (skimage's `cat` is `chelsea`, so it is excluded too).
@@ -157,7 +158,7 @@ def main() -> None:
             for group in opt.param_groups:
                 group["lr"] = args.final_lr
             print(f"step {step}: lr {args.final_lr}", flush=True)
-        batch = torch.from_numpy(random_patches(images, args.batch, args.patch, seed=args.seed * 1_000_003 + step))
+        batch = torch.from_numpy(rgb_patches(images, args.batch, args.patch, seed=args.seed * 1_000_003 + step))
         loss = loss_fn(model, batch.to(dev, non_blocking=True), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()

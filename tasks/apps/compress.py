@@ -19,7 +19,9 @@ import torch
 from prefect import task
 from pydantic import Field, field_validator
 
-from models.codec import CodecConfig, ImageCodec, make_loss_fn, random_patches
+from models.codec import GainedCodec
+from models.codec_train import make_loss_fn
+from models.image_ops import rgb_patches
 from models.metrics import bd_rate
 from models.training import TrainResult
 from tasks.codec import (
@@ -31,6 +33,7 @@ from tasks.codec import (
     encode_png,
     from_chw,
     load_codec_run,
+    new_codec,
     pillow_point,
 )
 from tasks.config import AppConfig, RunConfig, TrainConfig
@@ -47,6 +50,8 @@ class CompressConfig(AppConfig):
     quality: int | None = Field(
         None, ge=0, description="Quality level of the written codes/ and decoded/ (0 = lowest rate; default: the middle level)."
     )
+    codec: Literal["factorized", "hyperprior"] = Field(
+        "factorized", description="Codec to train: factorized prior, or mean-scale hyperprior (fewer bits, slower to train).")
     channels: int = Field(64, ge=4, le=512, description="Hidden width N of the analysis/synthesis transforms.")
     latent_channels: int = Field(192, ge=4, le=1024, description="Latent width M (its channels bound the quality at high rates).")
     lambdas: tuple[float, ...] = Field(
@@ -106,7 +111,7 @@ class CodecFitted:
     source_run: str | None = None
 
     @property
-    def model(self) -> ImageCodec:
+    def model(self) -> GainedCodec:
         return self.codec.model
 
 
@@ -166,6 +171,7 @@ class CompressApp:
     )
     cli_options: ClassVar[tuple[tuple[str, str, type, str], ...]] = (
         ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
+        ("--codec", "app.codec", str, "Codec to train: factorized or hyperprior."),
         ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),
         ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
         ("--refine-steps", "app.refine_steps", int, "Latent refinement steps per image at encoding (0 = off; ~100: fewer bits, much slower)."),
@@ -175,17 +181,17 @@ class CompressApp:
     )
 
     # -- fit ---------------------------------------------------------------------------------
-    def build_model(self, ctx: CompressContext) -> ImageCodec:
+    def build_model(self, ctx: CompressContext) -> GainedCodec:
         a = ctx.config.app
-        return ImageCodec(CodecConfig(channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas)))
+        return new_codec(a.codec, channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas))
 
     def fit(self, ctx: CompressContext) -> CodecFitted:
         """Train the codec on random crops of the training images; validation on held-back crops."""
         assert ctx.train is not None
         a, seed = ctx.config.app, ctx.config.train.seed
         images = [img for img, _ in ctx.pixels(ctx.train)]
-        train_x = random_patches(images, a.patches, a.patch_size, seed=seed)
-        val_x = random_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
+        train_x = rgb_patches(images, a.patches, a.patch_size, seed=seed)
+        val_x = rgb_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
         model = self.build_model(ctx)
         result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=make_loss_fn(model),
                              label="compress codec")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from models.conv import random_patches, tiled_apply
+from models.conv import tiled_apply
+from models.image_ops import random_patches
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
 from tasks.apps import Evaluation, register
 from tasks.apps.images_base import ImageApp, ImageContext, ImageFitted, ImageRunConfig, images_of

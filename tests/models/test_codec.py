@@ -10,18 +10,10 @@ import torch
 
 from models import build_model
 from models.aec import AecFile
-from models.codec import (
-    CodecConfig,
-    CodecOutput,
-    ImageCodec,
-    RateDistortionLoss,
-    codec_identity,
-    load_codec_state,
-    make_loss_fn,
-    quantize_pmf,
-    random_patches,
-    widen_codec,
-)
+from models.codec import CodecConfig, CodecOutput, ImageCodec, codec_identity, load_codec_state
+from models.codec_train import RateDistortionLoss, make_loss_fn, widen_codec
+from models.entropy_models import quantize_pmf
+from models.image_ops import rgb_patches
 from models.metrics import bd_rate, ms_ssim, psnr
 
 pytestmark = [pytest.mark.models]
@@ -98,7 +90,7 @@ def test_train_step_changes_weights_and_loss_is_rate_plus_distortion():
     torch.manual_seed(0)
     model = ImageCodec(TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = torch.from_numpy(random_patches([(tiny_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)],
+    batch = torch.from_numpy(rgb_patches([(tiny_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)],
                                             4, 32, seed=0))
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.uint8
     loss = make_loss_fn(model)(model, batch, torch.Generator().manual_seed(0))
@@ -133,7 +125,7 @@ def test_widening_keeps_the_function_and_the_new_channels_train(codec):
     # last layers first), and a few steps reach the first layer's new channels.
     wide.train()
     before = {k: v.clone() for k, v in wide.state_dict().items()}
-    batch = torch.from_numpy(random_patches([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 4, 32, seed=0))
+    batch = torch.from_numpy(rgb_patches([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 4, 32, seed=0))
     opt = torch.optim.Adam(wide.parameters(), lr=1e-3)
     for step in range(5):
         opt.zero_grad()

@@ -1,0 +1,115 @@
+"""Training helpers of the learned codecs: the ``R + λ·D`` loss, the loss function for
+:func:`models.training.fit`, and function-preserving model surgery (widening a codec,
+starting a hyperprior codec from a trained factorized one).
+
+Pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.codec import CodecConfig, CodecOutput, GainedCodec, ImageCodec, load_codec_state
+from models.codec_layers import GDN
+
+
+class RateDistortionLoss(nn.Module):
+    """``R + λ·D`` per sample: bits per pixel plus λ·255²·MSE, λ by each sample's level.
+
+    Returns the mean over the batch; :attr:`last` keeps the parts for logging.
+    """
+
+    def __init__(self, lambdas: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("lambdas", torch.tensor(lambdas, dtype=torch.float32), persistent=False)
+        self.last: dict[str, float] = {}
+
+    def forward(self, out: CodecOutput, x: Tensor, quality: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        bits = sum(-torch.log2(l).reshape(b, -1).sum(1) for l in out.likelihoods.values())
+        bpp = bits / (h * w)
+        mse = F.mse_loss(out.x_hat.float(), x.float(), reduction="none").reshape(b, -1).mean(1)
+        lam = self.lambdas.to(x.device)[quality]
+        loss = (bpp + lam * (255.0**2) * mse).mean()
+        self.last = {"bpp": float(bpp.mean().detach()), "mse": float(mse.mean().detach())}
+        return loss
+
+
+def make_loss_fn(model: GainedCodec):
+    """A ``loss_fn(model, batch, generator)`` for :func:`models.training.fit`.
+
+    ``batch`` is uint8 patches (B, 3, P, P). Every batch covers the quality levels
+    in turn (sample ``i`` gets level ``(i + offset) % Q`` with a random offset), so
+    one training run fits all rate points of the variable-rate model.
+    """
+    criterion = RateDistortionLoss(model.config.lambdas)
+    levels = model.config.levels
+
+    def loss_fn(m: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
+        x = batch.float() / 255.0
+        offset = int(torch.randint(levels, (1,), generator=generator))
+        quality = (torch.arange(len(x)) + offset) % levels
+        quality = quality.to(x.device)
+        return criterion(m(x, quality), x, quality)
+
+    return loss_fn
+
+
+def _grow(old: Tensor, fresh: Tensor, keep_zero: tuple[slice, ...]) -> Tensor:
+    """``fresh`` with ``old`` copied into its leading block and ``keep_zero`` set to 0."""
+    new = fresh.clone()
+    new[tuple(slice(0, n) for n in old.shape)] = old
+    new[keep_zero] = 0.0
+    return new
+
+
+@torch.no_grad()
+def widen_codec(model: ImageCodec, channels: int, seed: int = 0) -> ImageCodec:
+    """A copy of ``model`` with hidden width ``channels`` that computes the same function.
+
+    Net2Net-style growth for continuing training with more capacity: old channels keep
+    their weights; new channels get fresh weights from every input, and the weights from
+    new channels into old ones start at zero, so the old channels' values (and the
+    output) are unchanged until training moves them. GDN's γ couples old and new
+    channels with zero (its lower bound) and gives the new ones the usual diagonal 0.1.
+    Gains and entropy models are copied. ``seed`` seeds the new weights.
+    """
+    old_n = model.config.channels
+    if channels < old_n:
+        raise ValueError(f"cannot widen {old_n} channels to {channels}")
+    cfg = CodecConfig.from_dict({**model.config.to_dict(), "channels": channels})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        wide = ImageCodec(cfg)
+    old_state = model.state_dict()
+    new_state = wide.state_dict()
+    for name, mod in wide.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+            w_old = old_state[f"{name}.weight"]
+            w_new = new_state[f"{name}.weight"]
+            # Conv2d weight: (out, in, k, k); ConvTranspose2d: (in, out, k, k).
+            in_dim = 1 if isinstance(mod, nn.Conv2d) else 0
+            out_dim = 1 - in_dim
+            zero = [slice(None)] * 4
+            zero[in_dim] = slice(w_old.shape[in_dim], None)   # weights from new inputs ...
+            zero[out_dim] = slice(0, w_old.shape[out_dim])    # ... into old outputs
+            new_state[f"{name}.weight"] = _grow(w_old, w_new, tuple(zero))
+            b_new = new_state[f"{name}.bias"].clone()
+            b_new[: len(old_state[f"{name}.bias"])] = old_state[f"{name}.bias"]
+            b_new[len(old_state[f"{name}.bias"]):] = 0.0
+            new_state[f"{name}.bias"] = b_new
+        elif isinstance(mod, GDN):
+            beta = new_state[f"{name}.beta"].clone()
+            beta[:old_n] = old_state[f"{name}.beta"]
+            gamma = torch.full_like(new_state[f"{name}.gamma"], mod._gamma_bound)
+            gamma[:old_n, :old_n] = old_state[f"{name}.gamma"]
+            idx = torch.arange(old_n, channels)
+            gamma[idx, idx] = new_state[f"{name}.gamma"][idx, idx]
+            new_state[f"{name}.beta"], new_state[f"{name}.gamma"] = beta, gamma
+    for k, v in old_state.items():
+        if k.startswith(("log_gain", "log_inv_gain", "priors.")):
+            new_state[k] = v
+    load_codec_state(wide, new_state)
+    return wide
