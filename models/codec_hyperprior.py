@@ -40,6 +40,10 @@ from models.entropy_models import FactorizedPrior, GaussianConditional
 from models.image_ops import pad_to_multiple
 
 HYPER_STRIDE = 4  # z is at 1/4 of y's resolution
+# z's tables cover at most ±Z_RANGE (a trained z stays far inside; it bounds the tables' size).
+Z_RANGE = 128
+# Residuals beyond their scale table are escaped, not clamped; this bound only guards the coder.
+MAX_RESIDUAL = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class MeanScaleHyperprior(GainedCodec):
         init = torch.linspace(-0.5, 0.5, q).view(q, 1).expand(q, nh) if q > 1 else torch.zeros(1, nh)
         self.log_hyper_gain = nn.Parameter(init.clone())
         self.log_inv_hyper_gain = nn.Parameter(-init.clone())
-        self.z_priors = nn.ModuleList(FactorizedPrior(nh, config.filters) for _ in range(q))
+        self.z_priors = nn.ModuleList(FactorizedPrior(nh, config.filters, search_range=Z_RANGE) for _ in range(q))
         self.gaussian = GaussianConditional(config.scale_min, config.scale_max, config.scale_levels)
         self.h_s_int = IntegerConvStack(
             [(True, nh, nh, 5, 2), (True, nh, nh, 5, 2), (False, nh, 2 * m, 3, 1)],
@@ -181,9 +185,9 @@ class MeanScaleHyperprior(GainedCodec):
         y_g = (y * self._gains(qt)[0])[0]
         z_g = (self.h_a(pad_to_multiple(y, HYPER_STRIDE)[0]) * self._hyper_gains(qt)[0])[0]
         z = self.z_priors[q].clamp_to_tables(torch.round(z_g).cpu())
-        mean, _, index = self.hyper_decode(z, q, tuple(y_g.shape[-2:]))
-        residual = torch.round(y_g.to("cpu", torch.float64) - mean)
-        return HyperLatents(z=z, y=self.gaussian.clamp_to_tables(residual, index))
+        mean, _, _ = self.hyper_decode(z, q, tuple(y_g.shape[-2:]))
+        residual = torch.round(y_g.to("cpu", torch.float64) - mean).clamp(-MAX_RESIDUAL, MAX_RESIDUAL)
+        return HyperLatents(z=z, y=residual.to(torch.int32))
 
     @torch.inference_mode()
     def synthesise(self, latents: HyperLatents, quality: int, size: tuple[int, int]) -> Tensor:

@@ -139,21 +139,22 @@ class IntegerConvStack(nn.Module):
             setattr(self, f"bias{i}", b_int.to(torch.int64))
 
     @torch.no_grad()
-    def forward(self, a: Tensor) -> Tensor:
+    def forward(self, a: Tensor, device: str | torch.device = "cpu") -> Tensor:
         """Integer-valued float64 activations (N, C, H, W) at ``act_bits`` -> the stack's output, same scale.
 
-        Runs on the CPU (where float64 convolutions have no reduced-precision algorithms).
+        Runs on the CPU by default, where float64 convolutions are plain multiply-adds (the
+        codec always decodes this way); ``device`` is for checking another device's results.
         """
-        a = a.detach().to("cpu", torch.float64).clamp(-self.ACT_LIMIT, self.ACT_LIMIT)
+        a = a.detach().to(device, torch.float64).clamp(-self.ACT_LIMIT, self.ACT_LIMIT)
         last = len(self.specs) - 1
         for i, (transposed, _, _, kernel, stride) in enumerate(self.specs):
-            w = getattr(self, f"weight{i}").to("cpu", torch.float64)
+            w = getattr(self, f"weight{i}").to(device, torch.float64)
             if transposed:
                 acc = F.conv_transpose2d(a, w, stride=stride, padding=kernel // 2, output_padding=stride - 1)
             else:
                 acc = F.conv2d(a, w, stride=stride, padding=kernel // 2)
-            acc = acc + getattr(self, f"bias{i}").to("cpu", torch.float64).view(1, -1, 1, 1)
-            a = torch.floor(acc * _pow2(-getattr(self, f"shift{i}").cpu()).view(1, -1, 1, 1))
+            acc = acc + getattr(self, f"bias{i}").to(device, torch.float64).view(1, -1, 1, 1)
+            a = torch.floor(acc * _pow2(-getattr(self, f"shift{i}").cpu()).to(device).view(1, -1, 1, 1))
             a = a.clamp(-self.ACT_LIMIT, self.ACT_LIMIT) if i == last else a.clamp(0.0, self.ACT_LIMIT)
         return a
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.codec import CodecConfig, CodecOutput, GainedCodec, ImageCodec, load_codec_state
+from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior
 from models.codec_layers import GDN
 
 
@@ -113,3 +114,43 @@ def widen_codec(model: ImageCodec, channels: int, seed: int = 0) -> ImageCodec:
             new_state[k] = v
     load_codec_state(wide, new_state)
     return wide
+
+
+def interpolate_gains(log_gain: Tensor, lambdas: tuple[float, ...], new_lambdas: tuple[float, ...]) -> Tensor:
+    """Per-channel log-gains (Q, C) at ``lambdas`` carried to ``new_lambdas``: piecewise linear in log λ,
+    extended linearly beyond the ends (a new top level gets a finer quantisation step)."""
+    old_x = torch.tensor([float(l) for l in lambdas], dtype=torch.float64).log()
+    new_x = torch.tensor([float(l) for l in new_lambdas], dtype=torch.float64).log()
+    if len(lambdas) == 1:
+        return log_gain[:1].expand(len(new_lambdas), -1).clone()
+    seg = (torch.searchsorted(old_x, new_x) - 1).clamp(0, len(lambdas) - 2)
+    x0, x1 = old_x[seg], old_x[seg + 1]
+    t = ((new_x - x0) / (x1 - x0)).to(log_gain.dtype).unsqueeze(1)
+    return log_gain[seg] + t * (log_gain[seg + 1] - log_gain[seg])
+
+
+@torch.no_grad()
+def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed: int = 0) -> MeanScaleHyperprior:
+    """A hyperprior codec whose transforms and gains start as a trained factorized codec's.
+
+    ``g_a``, ``g_s`` and the latent's per-level gains are copied (gains interpolated in log λ
+    when ``config.lambdas`` differ); the hyper-analysis, hyper-synthesis, hyper-gains and
+    ``z``'s priors start fresh (seeded by ``seed``). The factorized priors are dropped: the
+    hyperprior predicts the latent's distribution instead.
+    """
+    old = model.config
+    if (config.channels, config.latent_channels, config.in_channels) != (old.channels, old.latent_channels,
+                                                                         old.in_channels):
+        raise ValueError(f"transform shapes differ: factorized N={old.channels}, M={old.latent_channels}, "
+                         f"hyperprior N={config.channels}, M={config.latent_channels}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        new = MeanScaleHyperprior(config)
+    state = new.state_dict()
+    for k, v in model.state_dict().items():
+        if k.startswith(("g_a.", "g_s.")):
+            state[k] = v.clone()
+    for name in ("log_gain", "log_inv_gain"):
+        state[name] = interpolate_gains(getattr(model, name).detach(), old.lambdas, config.lambdas)
+    load_codec_state(new, state)
+    return new

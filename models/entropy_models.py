@@ -31,9 +31,9 @@ TABLE_PRECISION = 16
 TAIL_MASS = 1e-9
 SEARCH_RANGE = 512
 LIKELIHOOD_BOUND = 1e-9
-# Every Gaussian table covers at least ±MIN_HALF_WIDTH: a badly predicted element is then
-# clamped less often, for a few 2**-16 of probability mass.
-MIN_HALF_WIDTH = 8
+# Every Gaussian table covers at least ±MIN_HALF_WIDTH (values beyond a table are escaped,
+# see models.entropy_coding, so this only trades a little probability mass against escapes).
+MIN_HALF_WIDTH = 2
 
 
 def quantize_pmf(pmf: np.ndarray, precision: int = TABLE_PRECISION) -> np.ndarray:
@@ -68,12 +68,15 @@ class FactorizedPrior(nn.Module):
     Each channel's cumulative distribution is a small monotone network ``c(x)``
     (positive matrices, tanh-gated biases); the likelihood of an integer ``k`` is
     ``c(k + ½) − c(k − ½)``. After training, :meth:`build_tables` turns the
-    densities into integer frequency tables for the entropy coder.
+    densities into integer frequency tables for the entropy coder, over at most
+    ``-search_range..search_range`` (values beyond are clamped by the encoder).
     """
 
-    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3), init_scale: float = 10.0) -> None:
+    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3), init_scale: float = 10.0,
+                 search_range: int = SEARCH_RANGE) -> None:
         super().__init__()
         self.channels = channels
+        self.search_range = int(search_range)
         widths = (1, *filters, 1)
         scale = init_scale ** (1 / (len(filters) + 1))
         self.matrices = nn.ParameterList()
@@ -114,7 +117,7 @@ class FactorizedPrior(nn.Module):
     @torch.no_grad()
     def build_tables(self) -> None:
         """Quantise each channel's pmf over its support to integer frequencies (sum 2**16)."""
-        grid = torch.arange(-SEARCH_RANGE, SEARCH_RANGE + 1, dtype=torch.float64)
+        grid = torch.arange(-self.search_range, self.search_range + 1, dtype=torch.float64)
         c = self.channels
         v = grid.to(self.matrices[0].device, torch.float32).view(1, 1, -1).expand(c, 1, -1)
         cdf = torch.sigmoid(self._logits_cumulative(v + 0.5)).double().squeeze(1).cpu().numpy()  # P(Y <= k)
@@ -206,7 +209,7 @@ class GaussianConditional(nn.Module):
         """The log-spaced scale grid and one quantised pmf over ``-K..K`` per grid scale.
 
         ``K = max(ceil(t·σ), MIN_HALF_WIDTH)`` with ``t`` the two-sided ``TAIL_MASS`` quantile; the
-        end symbols absorb the tails (values beyond are clamped by the encoder).
+        end symbols absorb the tails (values beyond are escaped by the entropy coder).
         """
         log_s = torch.linspace(math.log(self.scale_min), math.log(self.scale_max), self.scale_levels,
                                dtype=torch.float64)
@@ -243,9 +246,3 @@ class GaussianConditional(nn.Module):
         """(flat frequencies, start of each table, lengths, offsets = first symbol value) as numpy."""
         return tuple(t.cpu().numpy() for t in (self.table_freqs, self.table_start, self.table_length,  # type: ignore[return-value]
                                                self.table_offset))
-
-    def clamp_to_tables(self, sym: Tensor, index: Tensor) -> Tensor:
-        """Integer-valued symbols clamped to the support of their table, as int32."""
-        lo = self.table_offset.to(sym.device)[index].to(sym.dtype)
-        hi = lo + self.table_length.to(sym.device)[index].to(sym.dtype) - 1
-        return torch.maximum(torch.minimum(sym, hi), lo).to(torch.int32)

@@ -15,18 +15,11 @@ from models.codec_train import RateDistortionLoss, make_loss_fn, widen_codec
 from models.entropy_models import quantize_pmf
 from models.image_ops import rgb_patches
 from models.metrics import bd_rate, ms_ssim, psnr
+from tests.models.codec_helpers import tiny_image
 
 pytestmark = [pytest.mark.models]
 
 TINY = CodecConfig(channels=8, latent_channels=8, lambdas=(0.002, 0.01, 0.05, 0.2))
-
-
-def tiny_image(h: int = 40, w: int = 56, seed: int = 0) -> torch.Tensor:
-    """A smooth synthetic image with some texture, (1, 3, h, w) in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    base = torch.stack([xx, yy, (xx + yy) / 2]) * 0.6 + 0.2
-    return (base + 0.05 * torch.randn(3, h, w, generator=g)).clamp(0, 1).unsqueeze(0)
 
 
 def fit_priors(model: ImageCodec, images: list[torch.Tensor], steps: int = 150) -> ImageCodec:
