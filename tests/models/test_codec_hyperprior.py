@@ -224,3 +224,22 @@ def test_start_from_a_factorized_codec():
         hyperprior_from_factorized(fact, HyperpriorConfig(channels=16, latent_channels=8))
     g = torch.tensor([[1.0], [3.0]])
     assert interpolate_gains(g, (0.01, 0.1), (0.01, math.sqrt(0.001), 0.1))[1, 0] == pytest.approx(2.0)
+
+
+def test_values_beyond_their_table_are_escaped_not_clamped():
+    from models.entropy_coding import StreamDecoder, StreamEncoder
+
+    g = GaussianConditional(scale_levels=16)
+    g.build_tables()
+    tables = g.tables()
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 16, size=(3, 5, 7))
+    values = np.round(rng.normal(0, 1, size=index.shape) * np.exp(g.log_scales.numpy()[index])).astype(np.int64)
+    values.flat[[0, 5, 9, 50]] = [1000, -1000, 2**20, -(2**25)]  # far outside any table
+    values.flat[7] = int(tables[3][index.flat[7]])  # exactly the lowest symbol: an end symbol with excess 0
+    enc = StreamEncoder()
+    enc.encode_indexed(values, index, *tables)
+    dec = StreamDecoder(enc.payload())
+    np.testing.assert_array_equal(dec.decode_indexed(index, *tables), values)
+    with pytest.raises(ValueError, match="too far to code"):
+        StreamEncoder().encode_indexed(np.array([2**40]), np.array([0]), *tables)
