@@ -45,7 +45,7 @@ from benchmarks.codec_data import TRAIN_IMAGES  # noqa: F401  (re-exported: test
 from benchmarks.codec_data import HELDOUT_IMAGES, load_images_file, load_skimage, pyramid, save_images, training_images
 from models.codec import CodecConfig, GainedCodec, ImageCodec, load_codec_state
 from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior
-from models.codec_train import hyperprior_from_factorized, make_loss_fn, widen_codec
+from models.codec_train import calibrate_hyperprior, hyperprior_from_factorized, make_loss_fn, widen_codec
 from models.image_ops import as_rgb, rgb_patches
 
 KINDS: dict[str, tuple[type[CodecConfig], type[GainedCodec]]] = {
@@ -198,7 +198,8 @@ class Batches:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None) -> tuple[GainedCodec, dict]:
+def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
+               images: list[np.ndarray]) -> tuple[GainedCodec, dict]:
     """The model to train (resumed, initialised from --init, or fresh) and the run's info."""
     lambdas = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else None
     if resumed is not None:
@@ -216,6 +217,10 @@ def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None) -> t
             cfg = HyperpriorConfig(channels=init.config.channels, latent_channels=init.config.latent_channels,
                                    hyper_channels=args.hyper_channels, lambdas=lambdas or init.config.lambdas)
             model = hyperprior_from_factorized(init, cfg, seed=args.seed)  # type: ignore[arg-type]
+            if args.calibrate:
+                x = torch.from_numpy(rgb_patches(images, 32, args.patch, seed=args.seed + 7)).float() / 255
+                info["calibration"] = calibrate_hyperprior(model, x)  # type: ignore[arg-type]
+                print(f"hyper-synthesis started at a per-channel Gaussian: {info['calibration']}", flush=True)
         else:
             raise SystemExit(f"--init {args.init} holds a {init.kind} codec; cannot start a {args.kind} from it")
         info["init"] = f"{args.init} ({init.kind}, N={init.config.channels}, M={init.config.latent_channels})"
@@ -284,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--hyper-lr", type=float, default=None, help="step size of the hyperprior's h_a, h_s, z priors")
     ap.add_argument("--decay-at", type=float, default=1.0, help="fraction of --minutes after which the step sizes drop 10x")
+    ap.add_argument("--calibrate", type=int, default=1,
+                    help="with --init of a factorized codec: start the hyper-synthesis at a per-channel Gaussian "
+                         "fitted to the latents of 32 crops (1) or from its random initialisation (0)")
     ap.add_argument("--hyper-only", type=float, default=0.0,
                     help="fraction of --minutes at the start during which only the hyperprior's own parts train "
                          "(the transforms wait for a useful entropy model; with --init of a factorized codec)")
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     resumed = load_state(args.resume or args.out)
-    model, info = make_model(args, resumed)
+    model, info = make_model(args, resumed, images)
     kind = info["kind"]
     model.to(dev).train()
     groups = param_groups(model, args.lr, args.hyper_lr)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from models.codec import CodecConfig, CodecOutput, GainedCodec, ImageCodec, load_codec_state
 from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior
 from models.codec_layers import GDN
+from models.image_ops import pad_to_multiple
 
 
 class RateDistortionLoss(nn.Module):
@@ -154,3 +155,24 @@ def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed
         state[name] = interpolate_gains(getattr(model, name).detach(), old.lambdas, config.lambdas)
     load_codec_state(new, state)
     return new
+
+
+@torch.no_grad()
+def calibrate_hyperprior(model: MeanScaleHyperprior, x: Tensor, weight_scale: float = 0.1) -> dict[str, float]:
+    """Start the hyper-synthesis at a per-channel Gaussian fitted to the latents of ``x`` (B, 3, H, W).
+
+    The output layer's biases get each channel's mean and log standard deviation of the
+    un-gained latent ``y = g_a(x)``, and its weights are scaled by ``weight_scale``: before any
+    training the model then codes ``y`` about as a per-channel Gaussian would, instead of with
+    the arbitrary scales of a random network, and training refines the prediction from ``z``.
+    Returns the mean standard deviation and mean |mean| (for the log).
+    """
+    y = model.g_a(pad_to_multiple(x, model.stride)[0])
+    flat = y.transpose(0, 1).reshape(y.shape[1], -1)
+    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
+    last = model.h_s[-1]
+    m = model.config.latent_channels
+    last.weight.mul_(weight_scale)
+    last.bias[:m] = std.log()
+    last.bias[m:] = mean
+    return {"latent_std": float(std.mean()), "latent_abs_mean": float(mean.abs().mean())}

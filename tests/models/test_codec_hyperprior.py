@@ -243,3 +243,27 @@ def test_values_beyond_their_table_are_escaped_not_clamped():
     np.testing.assert_array_equal(dec.decode_indexed(index, *tables), values)
     with pytest.raises(ValueError, match="too far to code"):
         StreamEncoder().encode_indexed(np.array([2**40]), np.array([0]), *tables)
+
+
+def test_calibration_starts_the_hyper_synthesis_at_a_per_channel_gaussian():
+    from models.codec_train import calibrate_hyperprior
+
+    torch.manual_seed(0)
+    model = MeanScaleHyperprior(TINY_HYPER)
+    with torch.no_grad():
+        model.log_gain.fill_(math.log(30.0))  # latent values of a few units: rates that tell scales apart
+    x = torch.cat([tiny_image(64, 64, seed=s) for s in range(3)])
+    model.eval()
+
+    def bits() -> float:
+        with torch.no_grad():
+            return float(-torch.log2(model(x, 0).likelihoods["y"]).sum())
+
+    before, w = bits(), model.h_s[-1].weight.clone()
+    info = calibrate_hyperprior(model, x)
+    with torch.no_grad():
+        y = model.g_a(pad_to_multiple(x, 16)[0])
+    m = TINY_HYPER.latent_channels
+    torch.testing.assert_close(model.h_s[-1].bias[:m].exp(), y.transpose(0, 1).reshape(m, -1).std(1))
+    torch.testing.assert_close(model.h_s[-1].weight, 0.1 * w)
+    assert info["latent_std"] > 0 and bits() < before, (before, bits())
