@@ -86,7 +86,8 @@ def export_model(state: dict[str, torch.Tensor], kind: str, config: dict, out: s
     rounded to that precision *before* the tables are built, so tables, identity and the
     loaded model agree.
     """
-    model = build(kind, config)
+    with torch.random.fork_rng(devices=[]):  # a fresh model's random init must not move the training's noise
+        model = build(kind, config)
     load_codec_state(model, state)
     float_bytes = sum(v.numel() * 4 for v in model.state_dict().values() if v.dtype == torch.float32)
     half = dtype == "float16" or (dtype == "auto" and float_bytes > MAX_FILE)
@@ -218,7 +219,7 @@ def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
                                    hyper_channels=args.hyper_channels, lambdas=lambdas or init.config.lambdas)
             model = hyperprior_from_factorized(init, cfg, seed=args.seed)  # type: ignore[arg-type]
             if args.calibrate:
-                x = torch.from_numpy(rgb_patches(images, 32, args.patch, seed=args.seed + 7)).float() / 255
+                x = torch.from_numpy(rgb_patches(images, 16, args.patch, seed=args.seed + 7)).float() / 255
                 info["calibration"] = calibrate_hyperprior(model, x)  # type: ignore[arg-type]
                 print(f"hyper-synthesis started at a per-channel Gaussian: {info['calibration']}", flush=True)
         else:
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decay-at", type=float, default=1.0, help="fraction of --minutes after which the step sizes drop 10x")
     ap.add_argument("--calibrate", type=int, default=1,
                     help="with --init of a factorized codec: start the hyper-synthesis at a per-channel Gaussian "
-                         "fitted to the latents of 32 crops (1) or from its random initialisation (0)")
+                         "fitted to the latents of 16 crops (1) or from its random initialisation (0)")
     ap.add_argument("--hyper-only", type=float, default=0.0,
                     help="fraction of --minutes at the start during which only the hyperprior's own parts train "
                          "(the transforms wait for a useful entropy model; with --init of a factorized codec)")
