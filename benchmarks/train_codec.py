@@ -220,7 +220,7 @@ def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
             model = hyperprior_from_factorized(init, cfg, seed=args.seed)  # type: ignore[arg-type]
             if args.calibrate:
                 x = torch.from_numpy(rgb_patches(images, 16, args.patch, seed=args.seed + 7)).float() / 255
-                info["calibration"] = calibrate_hyperprior(model, x)  # type: ignore[arg-type]
+                info["calibration"] = calibrate_hyperprior(model, x, z_scale=args.z_scale)  # type: ignore[arg-type]
                 print(f"hyper-synthesis started at a per-channel Gaussian: {info['calibration']}", flush=True)
         else:
             raise SystemExit(f"--init {args.init} holds a {init.kind} codec; cannot start a {args.kind} from it")
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibrate", type=int, default=1,
                     help="with --init of a factorized codec: start the hyper-synthesis at a per-channel Gaussian "
                          "fitted to the latents of 16 crops (1) or from its random initialisation (0)")
+    ap.add_argument("--z-scale", type=float, default=1.0,
+                    help="with --calibrate: scale of the hyper-analysis' output layer at the start (below 1: z starts small)")
     ap.add_argument("--hyper-only", type=float, default=0.0,
                     help="fraction of --minutes at the start during which only the hyperprior's own parts train "
                          "(the transforms wait for a useful entropy model; with --init of a factorized codec)")

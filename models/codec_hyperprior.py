@@ -119,12 +119,8 @@ class MeanScaleHyperprior(GainedCodec):
 
     # -- training / evaluation forward ------------------------------------------------------
     def forward(self, x: Tensor, quality: Tensor | int) -> CodecOutput:
-        """Noisy-quantised (training) or rounded (eval) pass with likelihoods of ``y`` and ``z``.
-
-        Args:
-            x: (B, 3, H, W) in [0, 1].
-            quality: One level for the batch, or a (B,) tensor of levels.
-        """
+        """As :meth:`models.codec.ImageCodec.forward` (one level or a (B,) tensor of levels), with the
+        likelihoods of ``y`` under the Gaussian conditional and of ``z`` under its level's prior."""
         quality = self._quality_tensor(quality, x.shape[0], x.device)
         xp, (h, w) = pad_to_multiple(x, self.stride)
         g, ig = self._gains(quality)

@@ -158,14 +158,17 @@ def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed
 
 
 @torch.no_grad()
-def calibrate_hyperprior(model: MeanScaleHyperprior, x: Tensor, weight_scale: float = 0.1) -> dict[str, float]:
+def calibrate_hyperprior(model: MeanScaleHyperprior, x: Tensor, weight_scale: float = 0.1,
+                         z_scale: float = 1.0, prior_steps: int = 300) -> dict[str, float]:
     """Start the hyper-synthesis at a per-channel Gaussian fitted to the latents of ``x`` (B, 3, H, W).
 
     The output layer's biases get each channel's mean and log standard deviation of the
     un-gained latent ``y = g_a(x)``, and its weights are scaled by ``weight_scale``: before any
     training the model then codes ``y`` about as a per-channel Gaussian would, instead of with
     the arbitrary scales of a random network, and training refines the prediction from ``z``.
-    Returns the mean standard deviation and mean |mean| (for the log).
+    ``z_scale`` scales the hyper-analysis' output layer (below 1: ``z`` starts near zero), and
+    each level's ``z`` prior is fitted to the resulting ``z`` for ``prior_steps`` Adam steps.
+    Returns the latent's mean standard deviation and |mean|, and ``z``'s standard deviation (for the log).
     """
     y = model.g_a(pad_to_multiple(x, model.stride)[0])
     flat = y.transpose(0, 1).reshape(y.shape[1], -1)
@@ -175,4 +178,30 @@ def calibrate_hyperprior(model: MeanScaleHyperprior, x: Tensor, weight_scale: fl
     last.weight.mul_(weight_scale)
     last.bias[:m] = std.log()
     last.bias[m:] = mean
-    return {"latent_std": float(std.mean()), "latent_abs_mean": float(mean.abs().mean())}
+    if z_scale != 1.0:  # a small z: side information costs almost nothing until it proves useful
+        model.h_a[-1].weight.mul_(z_scale)
+        model.h_a[-1].bias.mul_(z_scale)
+    z = model.h_a(pad_to_multiple(y, 4)[0])
+    bits = _fit_priors(model, z, prior_steps)
+    return {"latent_std": float(std.mean()), "latent_abs_mean": float(mean.abs().mean()), "z_std": float(z.std()),
+            "z_bits_per_element": bits}
+
+
+def _fit_priors(model: MeanScaleHyperprior, z: Tensor, steps: int) -> float:
+    """Fit each level's ``z`` prior to the (gained, noisy) hyper-latents ``z``; returns the final bits per element.
+
+    A fresh prior is wide (Ballé's initialisation): it would charge several bits for every element
+    of a ``z`` that is still all zeros, far more than the side information is worth.
+    """
+    bits = 0.0
+    with torch.enable_grad():
+        for q, prior in enumerate(model.z_priors):
+            zq = (z * torch.exp(model.log_hyper_gain[q]).view(1, -1, 1, 1)).detach()
+            opt = torch.optim.Adam(prior.parameters(), lr=0.01)
+            for _ in range(steps):
+                loss = -torch.log2(prior.likelihood(zq + torch.empty_like(zq).uniform_(-0.5, 0.5))).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            bits += float(loss.detach()) / len(model.z_priors)
+    return bits

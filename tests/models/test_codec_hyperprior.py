@@ -267,3 +267,4 @@ def test_calibration_starts_the_hyper_synthesis_at_a_per_channel_gaussian():
     torch.testing.assert_close(model.h_s[-1].bias[:m].exp(), y.transpose(0, 1).reshape(m, -1).std(1))
     torch.testing.assert_close(model.h_s[-1].weight, 0.1 * w)
     assert info["latent_std"] > 0 and bits() < before, (before, bits())
+    assert info["z_bits_per_element"] < 0.5, "z's priors fitted to the (near-zero) hyper-latents: cheap side information"
