@@ -170,9 +170,13 @@ class MeanScaleHyperprior(GainedCodec):
         if not self.has_tables:
             raise RuntimeError("the entropy models have no integer tables: call update_tables() after training")
 
-    @torch.inference_mode()
     def analyse(self, x: Tensor, quality: int) -> HyperLatents:
         """Image (1, 3, H, W) in [0, 1] -> the integer ``z`` and mean-removed ``y`` residuals that get coded."""
+        return self._analyse(x, quality)[0]
+
+    @torch.inference_mode()
+    def _analyse(self, x: Tensor, quality: int) -> tuple[HyperLatents, Tensor]:
+        """:meth:`analyse` and the table index of every residual."""
         q = self._check_quality(quality)
         self._require_tables()
         xp, _ = pad_to_multiple(x, self.stride)
@@ -181,9 +185,9 @@ class MeanScaleHyperprior(GainedCodec):
         y_g = (y * self._gains(qt)[0])[0]
         z_g = (self.h_a(pad_to_multiple(y, HYPER_STRIDE)[0]) * self._hyper_gains(qt)[0])[0]
         z = self.z_priors[q].clamp_to_tables(torch.round(z_g).cpu())
-        mean, _, _ = self.hyper_decode(z, q, tuple(y_g.shape[-2:]))
+        mean, _, index = self.hyper_decode(z, q, tuple(y_g.shape[-2:]))
         residual = torch.round(y_g.to("cpu", torch.float64) - mean).clamp(-MAX_RESIDUAL, MAX_RESIDUAL)
-        return HyperLatents(z=z, y=residual.to(torch.int32))
+        return HyperLatents(z=z, y=residual.to(torch.int32)), index
 
     @torch.inference_mode()
     def synthesise(self, latents: HyperLatents, quality: int, size: tuple[int, int]) -> Tensor:
@@ -222,8 +226,7 @@ class MeanScaleHyperprior(GainedCodec):
         if refine_steps:
             raise ValueError("latent refinement is not implemented for the hyperprior codec (use refine_steps=0)")
         q = self._check_quality(quality)
-        latents = self.analyse(x, q)
-        _, _, index = self.hyper_decode(latents.z, q, tuple(latents.y.shape[-2:]))
+        latents, index = self._analyse(x, q)
         enc = StreamEncoder()
         enc.encode_channels(latents.z.numpy(), *self.z_priors[q].tables())
         enc.encode_indexed(latents.y.numpy(), index.numpy(), *self.gaussian.tables())
