@@ -160,7 +160,7 @@ def bench_index(size: int = 16, epochs: int | None = None) -> None:
         rows[name] = {"precision_at_10": p, "map": m, "dim": int(x.shape[1])}
     _save("index", {"images": len(y), "size": size, "model": model.config.to_dict(), "latent_noise": rc.app.latent_noise,
                     "epochs": settings.epochs, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                    "train": {"batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+                    "train": {"batch_size": result.batch_size, "lr": settings.lr, "patience": settings.patience,
                               "seed": settings.seed},
                     "train_s": train_s, "results": rows})
 

@@ -43,13 +43,13 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.codec_data import TRAIN_IMAGES  # noqa: F401  (re-exported: tests, quality_compress)
 from benchmarks.codec_data import HELDOUT_IMAGES, load_images_file, load_skimage, pyramid, save_images, training_images
-from models.codec import CodecConfig, GainedCodec, ImageCodec, load_codec_state
-from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior
+from models.codec import CodecConfig, CodecBase, ImageCodec, load_codec_state
+from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
 from models.codec_train import calibrate_hyperprior, hyperprior_from_factorized, make_loss_fn, widen_codec
 from models.image_ops import as_rgb, rgb_patches
 
-KINDS: dict[str, tuple[type[CodecConfig], type[GainedCodec]]] = {
-    "codec": (CodecConfig, ImageCodec), "hyperprior": (HyperpriorConfig, MeanScaleHyperprior)}
+KINDS: dict[str, tuple[type[CodecConfig], type[CodecBase]]] = {
+    "codec": (CodecConfig, ImageCodec), "hyperprior": (HyperpriorConfig, HyperpriorCodec)}
 MAX_FILE = 15_000_000
 WARMUP_STEPS = 100
 load_images = load_skimage  # the held-out photographs, for benchmarks.quality_compress
@@ -58,12 +58,12 @@ load_images = load_skimage  # the held-out photographs, for benchmarks.quality_c
 # -- model files -------------------------------------------------------------------------------
 
 
-def build(kind: str, config: dict) -> GainedCodec:
+def build(kind: str, config: dict) -> CodecBase:
     cfg_cls, model_cls = KINDS[kind]
     return model_cls(cfg_cls.from_dict(config))
 
 
-def load_codec(path: str) -> GainedCodec:
+def load_codec(path: str) -> CodecBase:
     """A trained codec of either kind from a folder with config.json + weights.safetensors."""
     with open(os.path.join(path, "config.json")) as f:
         meta = json.load(f)
@@ -200,7 +200,7 @@ class Batches:
 
 
 def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
-               images: list[np.ndarray]) -> tuple[GainedCodec, dict]:
+               images: list[np.ndarray]) -> tuple[CodecBase, dict]:
     """The model to train (resumed, initialised from --init, or fresh) and the run's info."""
     lambdas = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else None
     if resumed is not None:
@@ -238,7 +238,7 @@ def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
     return model, info
 
 
-def param_groups(model: GainedCodec, lr: float, hyper_lr: float | None) -> list[dict]:
+def param_groups(model: CodecBase, lr: float, hyper_lr: float | None) -> list[dict]:
     """Transforms and gains at ``lr``; the hyperprior's own parts (new when started from a factorized codec) at ``hyper_lr``."""
     hyper_prefixes = ("h_a.", "h_s.", "log_hyper_gain", "log_inv_hyper_gain", "z_priors.")
     base, hyper = [], []
@@ -250,10 +250,10 @@ def param_groups(model: GainedCodec, lr: float, hyper_lr: float | None) -> list[
     return groups
 
 
-def device_check(model: GainedCodec, images: list[np.ndarray]) -> dict:
+def device_check(model: CodecBase, images: list[np.ndarray]) -> dict:
     """On CUDA: does the integer hyper-synthesis give the same integers on the GPU, and how far do the
     synthesis transform's pixels move between CPU and GPU for the same integer latent?"""
-    if not isinstance(model, MeanScaleHyperprior) or not torch.cuda.is_available():
+    if not isinstance(model, HyperpriorCodec) or not torch.cuda.is_available():
         return {}
     model = model.eval()
     x = torch.from_numpy(rgb_patches(images, 1, 256, seed=123)).float() / 255

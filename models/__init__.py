@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from models.codec import CodecConfig, ImageCodec, build_codec
-from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior, build_hyperprior
+from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec, build_hyperprior
 from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
 from models.detector import DetectorConfig, KnnAutoencoderDetector, build_detector
 from models.dense import (
@@ -51,7 +51,7 @@ __all__ = [
     "KnnAutoencoderDetector",
     "HyperpriorConfig",
     "ImageCodec",
-    "MeanScaleHyperprior",
+    "HyperpriorCodec",
     "ImputerConfig",
     "MaskedDenseAutoencoder",
     "MaskedImputer",

@@ -4,7 +4,7 @@ Pure PyTorch (no Prefect, fsspec or Pillow). The pieces, as in CompressAI:
 
 - :mod:`models.codec_layers` — GDN and the stride-2 convolutions of the transforms;
 - :mod:`models.entropy_models` — the entropy models with their integer tables;
-- here: :class:`CodecConfig`, :class:`CodecOutput`, :class:`GainedCodec` (the analysis
+- here: :class:`CodecConfig`, :class:`CodecOutput`, :class:`CodecBase` (the analysis
   transform ``g_a`` (image -> latent ``y``, stride 16), the synthesis ``g_s`` and the
   per-level gains) and :class:`ImageCodec`, whose latent has a
   :class:`~models.entropy_models.FactorizedPrior` per quality level;
@@ -17,7 +17,7 @@ levels live in one model through per-level channel gains (Cui et al., "Asymmetri
 deep image compression"): the latent is multiplied by ``gain[q]`` before rounding and by
 ``inv_gain[q]`` after, so one training run serves every rate point.
 
-After training, :meth:`GainedCodec.update_tables` quantises the entropy models to integer
+After training, :meth:`CodecBase.update_tables` quantises the entropy models to integer
 frequency tables (buffers in the state dict, saved with the weights). The entropy coder
 (:mod:`models.entropy_coding`, ``constriction``) reads only those integer tables, so
 encoder and decoder agree bit for bit.
@@ -39,7 +39,7 @@ from models.codec_layers import GDN, analysis_transform, synthesis_transform
 from models.entropy_models import FactorizedPrior, quantize_pmf
 from models.image_ops import as_rgb, pad_to_multiple
 
-__all__ = ["GDN", "CodecConfig", "CodecOutput", "FactorizedPrior", "GainedCodec", "ImageCodec", "as_rgb",
+__all__ = ["GDN", "CodecConfig", "CodecOutput", "FactorizedPrior", "CodecBase", "ImageCodec", "as_rgb",
            "build_codec", "codec_identity", "load_codec_state", "pad_to_multiple", "quantize_pmf"]
 
 # Initial Adam step of the encoder-side latent refinement (latent units after the level's gain).
@@ -121,7 +121,7 @@ def level_likelihoods(priors: nn.ModuleList, values: Tensor, quality: Tensor) ->
     return lik
 
 
-class GainedCodec(nn.Module):
+class CodecBase(nn.Module):
     """What the learned codecs share: ``g_a``/``g_s`` with GDN, per-level gains, quality checks, identity.
 
     Subclasses add their entropy models and implement ``forward`` (a :class:`CodecOutput`),
@@ -174,7 +174,7 @@ class GainedCodec(nn.Module):
         return codec_identity(self.config.to_dict(), self.state_dict())
 
 
-class ImageCodec(GainedCodec):
+class ImageCodec(CodecBase):
     """Variable-rate learned image codec (factorized prior, GDN, per-level gains).
 
     Input images are float tensors (B, 3, H, W) in [0, 1]; any H, W work (padded
@@ -368,6 +368,13 @@ def codec_identity(config: dict[str, Any], state_dict: dict[str, Tensor]) -> byt
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.digest()[:8]
+
+
+def make_loss_fn(model: CodecBase):
+    """:func:`models.codec_train.make_loss_fn` (here too, so each codec module offers its training loss)."""
+    from models.codec_train import make_loss_fn as loss_fn
+
+    return loss_fn(model)
 
 
 def build_codec(config: dict[str, Any]) -> ImageCodec:

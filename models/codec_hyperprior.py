@@ -1,6 +1,6 @@
 """The mean-scale hyperprior codec (Ballé et al. 2018; Minnen et al. 2018 without the context model).
 
-Pure PyTorch. On top of the factorized codec's transforms (:class:`models.codec.GainedCodec`):
+Pure PyTorch. On top of the factorized codec's transforms (:class:`models.codec.CodecBase`):
 
 - a hyper-analysis ``h_a`` (latent ``y`` -> hyper-latent ``z``, stride 4) and a
   hyper-synthesis ``h_s`` (``z`` -> a mean and a log-scale per element of ``y``);
@@ -14,7 +14,7 @@ Pure PyTorch. On top of the factorized codec's transforms (:class:`models.codec.
 
 **Decoding agrees bit for bit across machines.** The decoder must pick exactly the table
 the encoder picked for every element, and the tables are chosen from the hyper-synthesis'
-output. After training, :meth:`MeanScaleHyperprior.update_tables` converts ``h_s`` to an
+output. After training, :meth:`HyperpriorCodec.update_tables` converts ``h_s`` to an
 :class:`~models.codec_layers.IntegerConvStack`; encoder and decoder run that, on the CPU,
 in exact integer arithmetic (float64 holding integers below 2**53, so no rounding happens
 whatever the summation order, thread count or BLAS). From its integer output, only IEEE
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.codec import CodecConfig, CodecOutput, GainedCodec, level_likelihoods
+from models.codec import CodecConfig, CodecOutput, CodecBase, level_likelihoods
 from models.codec_layers import IntegerConvStack, conv, deconv
 from models.entropy_models import FactorizedPrior, GaussianConditional
 from models.image_ops import pad_to_multiple
@@ -48,7 +48,7 @@ MAX_RESIDUAL = 1 << 28
 
 @dataclass(frozen=True)
 class HyperpriorConfig(CodecConfig):
-    """Shape, rate points and table settings of a :class:`MeanScaleHyperprior`.
+    """Shape, rate points and table settings of a :class:`HyperpriorCodec`.
 
     Attributes (beyond :class:`~models.codec.CodecConfig`'s):
         hyper_channels: Channels of ``z`` and width of ``h_a``/``h_s`` (default: ``channels``).
@@ -82,7 +82,7 @@ class HyperLatents:
     y: Tensor
 
 
-class MeanScaleHyperprior(GainedCodec):
+class HyperpriorCodec(CodecBase):
     """Variable-rate mean-scale hyperprior codec (GDN transforms, per-level gains, Gaussian conditional)."""
 
     kind: ClassVar[str] = "hyperprior"
@@ -268,8 +268,15 @@ class MeanScaleHyperprior(GainedCodec):
                 and self.gain_table.numel() > 0)
 
 
-def build_hyperprior(config: dict[str, Any]) -> MeanScaleHyperprior:
-    return MeanScaleHyperprior(HyperpriorConfig.from_dict(config))
+def make_loss_fn(model: CodecBase):
+    """:func:`models.codec_train.make_loss_fn` (here too, so each codec module offers its training loss)."""
+    from models.codec_train import make_loss_fn as loss_fn
+
+    return loss_fn(model)
 
 
-__all__ = ["HyperLatents", "HyperpriorConfig", "MeanScaleHyperprior", "build_hyperprior"]
+def build_hyperprior(config: dict[str, Any]) -> HyperpriorCodec:
+    return HyperpriorCodec(HyperpriorConfig.from_dict(config))
+
+
+__all__ = ["HyperLatents", "HyperpriorConfig", "HyperpriorCodec", "build_hyperprior"]

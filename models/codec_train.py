@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.codec import CodecConfig, CodecOutput, GainedCodec, ImageCodec, load_codec_state
-from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior
+from models.codec import CodecConfig, CodecOutput, CodecBase, ImageCodec, load_codec_state
+from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
 from models.codec_layers import GDN
 from models.image_ops import pad_to_multiple
 
@@ -39,7 +39,7 @@ class RateDistortionLoss(nn.Module):
         return loss
 
 
-def make_loss_fn(model: GainedCodec):
+def make_loss_fn(model: CodecBase):
     """A ``loss_fn(model, batch, generator)`` for :func:`models.training.fit`.
 
     ``batch`` is uint8 patches (B, 3, P, P). Every batch covers the quality levels
@@ -131,7 +131,7 @@ def interpolate_gains(log_gain: Tensor, lambdas: tuple[float, ...], new_lambdas:
 
 
 @torch.no_grad()
-def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed: int = 0) -> MeanScaleHyperprior:
+def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed: int = 0) -> HyperpriorCodec:
     """A hyperprior codec whose transforms and gains start as a trained factorized codec's.
 
     ``g_a``, ``g_s`` and the latent's per-level gains are copied (gains interpolated in log λ
@@ -146,7 +146,7 @@ def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed
                          f"hyperprior N={config.channels}, M={config.latent_channels}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        new = MeanScaleHyperprior(config)
+        new = HyperpriorCodec(config)
     state = new.state_dict()
     for k, v in model.state_dict().items():
         if k.startswith(("g_a.", "g_s.")):
@@ -158,7 +158,7 @@ def hyperprior_from_factorized(model: ImageCodec, config: HyperpriorConfig, seed
 
 
 @torch.no_grad()
-def calibrate_hyperprior(model: MeanScaleHyperprior, x: Tensor, weight_scale: float = 0.1,
+def calibrate_hyperprior(model: HyperpriorCodec, x: Tensor, weight_scale: float = 0.1,
                          z_scale: float = 1.0, prior_steps: int = 300) -> dict[str, float]:
     """Start the hyper-synthesis at a per-channel Gaussian fitted to the latents of ``x`` (B, 3, H, W).
 
@@ -187,7 +187,7 @@ def calibrate_hyperprior(model: MeanScaleHyperprior, x: Tensor, weight_scale: fl
             "z_bits_per_element": bits}
 
 
-def _fit_priors(model: MeanScaleHyperprior, z: Tensor, steps: int) -> float:
+def _fit_priors(model: HyperpriorCodec, z: Tensor, steps: int) -> float:
     """Fit each level's ``z`` prior to the (gained, noisy) hyper-latents ``z``; returns the final bits per element.
 
     A fresh prior is wide (Ballé's initialisation): it would charge several bits for every element

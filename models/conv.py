@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.image_ops import pad_to_multiple
+from models.training import host_generator
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -302,8 +303,9 @@ def _taper_two(n: int, lead: int, trail: int) -> Tensor:
 
 def augment(batch: Tensor, generator: torch.Generator) -> Tensor:
     """Random flips and 90-degree rotations of a square patch batch (one draw per batch: cheap)."""
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    flip = bool(torch.randint(0, 2, (1,), generator=generator))
+    host = host_generator(generator)  # host-side choices: no device synchronisation
+    k = int(torch.randint(0, 4, (1,), generator=host))
+    flip = bool(torch.randint(0, 2, (1,), generator=host))
     if k:
         batch = torch.rot90(batch, k, dims=(-2, -1))
     if flip:
@@ -315,6 +317,9 @@ def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Genera
     """MSE between an (augmented) image batch and its reconstruction, in [0, 1] units."""
     x = augment(to_unit(batch), generator)
     return F.mse_loss(model(x).x_hat.float(), x)
+
+
+reconstruction_loss.device_rng = True  # type: ignore[attr-defined]  # see models.training.LossFn
 
 
 def latent_noise_loss(sigma: float) -> Callable[[nn.Module, Tensor, torch.Generator], Tensor]:
@@ -336,10 +341,11 @@ def latent_noise_loss(sigma: float) -> Callable[[nn.Module, Tensor, torch.Genera
         x = augment(to_unit(batch), generator)
         xp, (h0, w0) = pad_to_multiple(x, model.factor, "reflect")
         z, _ = model._encode_padded(xp)
-        noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+        noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, z.dtype)
         out = model.decode(z + sigma * z.detach().std() * noise)
         if model.config.residual:
             out = xp + out
         return F.mse_loss(out[..., :h0, :w0].float(), x)
 
+    loss.device_rng = True  # type: ignore[attr-defined]
     return loss

@@ -167,7 +167,7 @@ def masked_reconstruction_loss(
     in the data carry no loss.
     """
     observed = ~batch.isnan()
-    hidden = (torch.rand(batch.shape, generator=generator).to(batch.device) < hide) & observed
+    hidden = (torch.rand(batch.shape, generator=generator, device=generator.device).to(batch.device) < hide) & observed
     x_hat = model(batch.masked_fill(hidden, float("nan"))).x_hat.float()
     target = batch.float().nan_to_num(0.0)
     err = (x_hat - target) ** 2
@@ -175,6 +175,9 @@ def masked_reconstruction_loss(
     hid_loss = (err * hidden).sum() / hidden.sum().clamp(min=1)
     vis_loss = (err * visible).sum() / visible.sum().clamp(min=1)
     return hid_loss + visible_weight * vis_loss
+
+
+masked_reconstruction_loss.device_rng = True  # type: ignore[attr-defined]  # see models.training.LossFn
 
 
 def build_masked_dense(config: dict[str, Any]) -> MaskedDenseAutoencoder:
@@ -343,6 +346,9 @@ def imputer_loss(
     if members is None:
         return masked_reconstruction_loss(model, batch, generator, hide, visible_weight)
     return sum(masked_reconstruction_loss(m, batch, generator, hide, visible_weight) for m in members) / len(members)
+
+
+imputer_loss.device_rng = True  # type: ignore[attr-defined]
 
 
 def build_masked_imputer(config: dict[str, Any]) -> MaskedImputer:

@@ -20,7 +20,7 @@ import torch
 
 from models import build_model
 from models.aec import AecFile, AecFormatError, parse
-from models.codec import CodecConfig, GainedCodec, load_codec_state
+from models.codec import CodecConfig, CodecBase, load_codec_state
 from models.codec_hyperprior import HyperpriorConfig
 from models.entropy_coding import EntropyCodingError
 from models.image_ops import as_rgb
@@ -98,7 +98,7 @@ CODEC_KINDS: dict[str, type[CodecConfig]] = {"codec": CodecConfig, "hyperprior":
 CODEC_NAMES = {"factorized": "codec", "hyperprior": "hyperprior"}
 
 
-def new_codec(name: str, **settings: object) -> GainedCodec:
+def new_codec(name: str, **settings: object) -> CodecBase:
     """A fresh, untrained codec of kind ``name`` ("factorized" or "hyperprior") with these config fields."""
     try:
         kind = CODEC_NAMES[name]
@@ -111,7 +111,7 @@ def new_codec(name: str, **settings: object) -> GainedCodec:
 class LoadedCodec:
     """A codec ready to code, with its identity and where it came from."""
 
-    model: GainedCodec
+    model: CodecBase
     identity: bytes
     source: str
 
@@ -130,7 +130,7 @@ def codec_from_files(meta: dict, state_dict: dict, source: str) -> LoadedCodec:
     if kind not in CODEC_KINDS:
         raise ModelMismatchError(f"{source} holds a {kind!r} model, not a learned image codec "
                                  f"(kinds: {', '.join(sorted(CODEC_KINDS))})")
-    model: GainedCodec = build_model(kind, meta["config"])  # type: ignore[assignment]
+    model: CodecBase = build_model(kind, meta["config"])  # type: ignore[assignment]
     try:
         load_codec_state(model, state_dict)
     except RuntimeError as e:

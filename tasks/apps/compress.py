@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator
 
-from models.codec import GainedCodec
+from models.codec import CodecBase
 from models.codec_train import make_loss_fn
 from models.image_ops import rgb_patches
 from models.metrics import bd_rate
@@ -98,7 +98,7 @@ class CompressRunConfig(RunConfig):
     load: CompressLoadConfig = CompressLoadConfig()
     app: CompressConfig = CompressConfig()
     # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
-    train: TrainConfig = TrainConfig(epochs=20, batch_size=8, lr=5e-4, patience=5)
+    train: TrainConfig = TrainConfig(epochs=20, default_batch_size=8, lr=5e-4, patience=5)
 
 
 def codec_of(fitted: Fitted) -> LoadedCodec:
@@ -201,7 +201,7 @@ class CompressApp(ImageApp):
         return ctx.target if ctx.target is not None else ctx.train
 
     # -- fit ---------------------------------------------------------------------------------
-    def build_model(self, ctx: ImageContext) -> GainedCodec:
+    def build_model(self, ctx: ImageContext) -> CodecBase:
         a = ctx.config.app
         return new_codec(a.codec, channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas))
 

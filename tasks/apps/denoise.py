@@ -90,7 +90,7 @@ class DenoiseRunConfig(ImageRunConfig):
     model: ConvModelConfig = ConvModelConfig(channels=(32, 64, 128), latent_channels=64, blocks=1, skip=True, residual=True)
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.2)
     # The training budget measured in benchmarks/RESULTS.md: 8,000 patches x 10 epochs (~20 min on one CPU core).
-    train: TrainConfig = TrainConfig(epochs=10, batch_size=32, lr=2e-3, patience=5)
+    train: TrainConfig = TrainConfig(epochs=10, default_batch_size=32, lr=2e-3, patience=5)
 
 
 def _channels(images: list[np.ndarray]) -> list[np.ndarray]:

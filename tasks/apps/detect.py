@@ -133,7 +133,7 @@ class DetectRunConfig(RunConfig):
     # batch norm was the best default across breast cancer, wine and digits in one-seed-set sweeps
     # (16- and 32-wide codes were no better once the score has its input-space part).
     model: ModelConfig = ModelConfig(latent_dim=8, hidden=(64, 32), dropout=0.2, batch_norm=True)
-    train: TrainConfig = TrainConfig(epochs=15, batch_size=32, weight_decay=1e-5)
+    train: TrainConfig = TrainConfig(epochs=15, default_batch_size=32, weight_decay=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def fit_detector(
     """
     ae_cfg = model_cfg.dense(train_x.shape[1])
     trim = contamination if robust else 0.0
-    steps_per_epoch = max(1, -(-len(train_x) // train_cfg.batch_size))
+    steps_per_epoch = max(1, -(-len(train_x) // (train_cfg.batch_size or train_cfg.default_batch_size)))
     if train_cfg.epochs * steps_per_epoch < min_steps:
         train_cfg = train_cfg.model_copy(update={"epochs": -(-min_steps // steps_per_epoch)})
     keep_train = np.ones(len(train_x), bool)

@@ -78,7 +78,7 @@ class IndexRunConfig(ImageRunConfig):
     # (benchmarks/RESULTS.md, index): more compressed codes (three levels) rank neighbours worse than raw pixels.
     model: ConvModelConfig = ConvModelConfig(channels=(16, 32), latent_channels=8)
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.1)
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=64, lr=2e-3, patience=5)
+    train: TrainConfig = TrainConfig(epochs=40, default_batch_size=64, lr=2e-3, patience=5)
 
 
 # ---------------------------------------------------------------------------------------

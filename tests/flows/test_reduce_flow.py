@@ -93,7 +93,7 @@ def test_skip_existing_and_resume_after_interruption(prefect_server, dask_addres
     out = str(tmp_path / "art")
     base = {"load.input": digits_csv, "load.label_column": "target", "load.id_column": "id", "output": out,
             "dask_address": dask_address,
-            "train.epochs": 8, "train.patience": 100}
+            "train.epochs": 8, "train.patience": 100, "train.checkpoint_seconds": 0}
     first = FLOWS["reduce"](config=_config(**base))
     again = FLOWS["reduce"](config=_config(**base, skip_existing=True))
     assert again.skipped and again.run_id == first.run_id

@@ -8,7 +8,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from models.codec_hyperprior import HyperpriorConfig, MeanScaleHyperprior
+from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
 
 TINY_HYPER = HyperpriorConfig(channels=8, latent_channels=8, hyper_channels=8, lambdas=(0.002, 0.01, 0.05, 0.2),
                               scale_levels=64)
@@ -23,7 +23,7 @@ def tiny_image(h: int = 40, w: int = 56, seed: int = 0) -> torch.Tensor:
     return (base + 0.05 * torch.randn(3, h, w, generator=g)).clamp(0, 1).unsqueeze(0)
 
 
-def fitted_hyperprior(steps: int = 150, seed: int = 0) -> MeanScaleHyperprior:
+def fitted_hyperprior(steps: int = 150, seed: int = 0) -> HyperpriorCodec:
     """A tiny hyperprior whose hyper networks and ``z`` priors are fitted to the rate of a few images.
 
     The transforms stay as built; the gains are spread apart first (finer steps at higher
@@ -38,9 +38,9 @@ def fitted_hyperprior(steps: int = 150, seed: int = 0) -> MeanScaleHyperprior:
         torch.set_num_threads(threads)
 
 
-def _fit(steps: int, seed: int) -> MeanScaleHyperprior:
+def _fit(steps: int, seed: int) -> HyperpriorCodec:
     torch.manual_seed(seed)
-    model = MeanScaleHyperprior(TINY_HYPER)
+    model = HyperpriorCodec(TINY_HYPER)
     with torch.no_grad():
         log_g = torch.tensor(GAINS).log()[:, None].expand_as(model.log_gain)
         model.log_gain.copy_(log_g)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.codec import CodecConfig, CodecOutput, ImageCodec, load_codec_state
-from models.codec_hyperprior import HyperLatents, HyperpriorConfig, MeanScaleHyperprior
+from models.codec_hyperprior import HyperLatents, HyperpriorConfig, HyperpriorCodec
 from models.codec_layers import IntegerConvStack
 from models.codec_train import hyperprior_from_factorized, interpolate_gains, make_loss_fn
 from models.entropy_coding import EntropyCodingError
@@ -33,13 +33,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def codec() -> MeanScaleHyperprior:
+def codec() -> HyperpriorCodec:
     return fitted_hyperprior()
 
 
 def test_forward_contract_shapes():
     torch.manual_seed(0)
-    model = MeanScaleHyperprior(TINY_HYPER)
+    model = HyperpriorCodec(TINY_HYPER)
     out = model(tiny_image(37, 50).repeat(2, 1, 1, 1), torch.tensor([0, 3]))
     assert isinstance(out, CodecOutput)
     assert out.x_hat.shape == (2, 3, 37, 50), "any size: padded to the stride and cropped back"
@@ -56,7 +56,7 @@ def test_config_round_trip_and_registry():
     cfg = HyperpriorConfig(channels=16, latent_channels=12, lambdas=(0.01, 0.1))
     assert cfg.hyper_channels == 16, "z's width defaults to the transforms'"
     assert HyperpriorConfig.from_dict(cfg.to_dict()) == cfg
-    assert isinstance(build_model("hyperprior", cfg.to_dict()), MeanScaleHyperprior)
+    assert isinstance(build_model("hyperprior", cfg.to_dict()), HyperpriorCodec)
     with pytest.raises(ValueError, match="increase"):
         HyperpriorConfig(lambdas=(0.1, 0.01))
     with pytest.raises(ValueError, match="scale_min"):
@@ -65,7 +65,7 @@ def test_config_round_trip_and_registry():
 
 def test_train_step_changes_every_part():
     torch.manual_seed(0)
-    model = MeanScaleHyperprior(TINY_HYPER)
+    model = HyperpriorCodec(TINY_HYPER)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = torch.from_numpy(rgb_patches([(tiny_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)],
                                          4, 32, seed=0))
@@ -174,13 +174,13 @@ def test_rate_falls_with_quality_and_payload_matches_estimate(codec):
 
 def test_identity_covers_integer_tables(codec):
     ident = codec.identity()
-    other = MeanScaleHyperprior(TINY_HYPER)
+    other = HyperpriorCodec(TINY_HYPER)
     load_codec_state(other, codec.state_dict())
     assert other.identity() == ident and other.has_tables, "a reloaded codec keeps its identity and tables"
     with torch.no_grad():
         other.h_s_int.bias0[0] += 1
     assert other.identity() != ident
-    fresh = MeanScaleHyperprior(TINY_HYPER)
+    fresh = HyperpriorCodec(TINY_HYPER)
     assert not fresh.has_tables
     with pytest.raises(RuntimeError, match="update_tables"):
         fresh.compress(tiny_image(), 0)
@@ -189,7 +189,7 @@ def test_identity_covers_integer_tables(codec):
 def test_float16_weights_load_into_the_float32_model(codec):
     """The training script stores weights as float16 when float32 would not fit a file: weights rounded
     first, tables built from them, so the loaded model has the same identity and codes the same bytes."""
-    half = MeanScaleHyperprior(TINY_HYPER)
+    half = HyperpriorCodec(TINY_HYPER)
     load_codec_state(half, codec.state_dict())
     with torch.no_grad():
         for p in half.parameters():
@@ -197,7 +197,7 @@ def test_float16_weights_load_into_the_float32_model(codec):
     half.eval()
     half.update_tables()
     sd = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in half.state_dict().items()}
-    loaded = MeanScaleHyperprior(TINY_HYPER).eval()
+    loaded = HyperpriorCodec(TINY_HYPER).eval()
     load_codec_state(loaded, sd)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert loaded.identity() == half.identity()
@@ -249,7 +249,7 @@ def test_calibration_starts_the_hyper_synthesis_at_a_per_channel_gaussian():
     from models.codec_train import calibrate_hyperprior
 
     torch.manual_seed(0)
-    model = MeanScaleHyperprior(TINY_HYPER)
+    model = HyperpriorCodec(TINY_HYPER)
     with torch.no_grad():
         model.log_gain.fill_(math.log(30.0))  # latent values of a few units: rates that tell scales apart
     x = torch.cat([tiny_image(64, 64, seed=s) for s in range(3)])

@@ -15,7 +15,7 @@ import torch
 
 from models.aec import AecFile, AecFormatError, parse
 from models.codec import CodecConfig, ImageCodec
-from models.codec_hyperprior import MeanScaleHyperprior
+from models.codec_hyperprior import HyperpriorCodec
 from tasks.codec import code_image, codec_from_files, decode_aec, encode_image, load_codec_run, new_codec
 from tasks.errors import InputError, ModelMismatchError
 from tests.models.codec_helpers import TINY_HYPER, save_model_folder
@@ -36,7 +36,7 @@ def folders(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("codecs")
     return {
-        "hyperprior": save_model_folder(_with_tables(MeanScaleHyperprior(TINY_HYPER)), str(d / "hyper")),
+        "hyperprior": save_model_folder(_with_tables(HyperpriorCodec(TINY_HYPER)), str(d / "hyper")),
         "codec": save_model_folder(_with_tables(ImageCodec(CodecConfig(channels=8, latent_channels=8,
                                                                        lambdas=(0.01, 0.1)))), str(d / "fact")),
     }
@@ -71,7 +71,7 @@ def test_aec_versions():
 
 def test_codecs_load_by_kind_and_files_name_their_kind(folders):
     hyper, fact = load_codec_run(folders["hyperprior"]), load_codec_run(folders["codec"])
-    assert isinstance(hyper.model, MeanScaleHyperprior) and isinstance(fact.model, ImageCodec)
+    assert isinstance(hyper.model, HyperpriorCodec) and isinstance(fact.model, ImageCodec)
     img = _photo()
     data = encode_image(hyper, img, "RGB", 1)
     header = parse(data)
@@ -85,7 +85,7 @@ def test_codecs_load_by_kind_and_files_name_their_kind(folders):
         encode_image(hyper, img, "RGB", 1, refine_steps=10)
     coded = code_image(hyper, img, "RGB", 1, "a.png")
     assert coded.payload_bits == 8 * (len(coded.data) - 32) and coded.estimate_bits > 0
-    assert isinstance(new_codec("hyperprior", channels=8, latent_channels=8), MeanScaleHyperprior)
+    assert isinstance(new_codec("hyperprior", channels=8, latent_channels=8), HyperpriorCodec)
     with pytest.raises(ValueError, match="unknown codec 'jpeg'"):
         new_codec("jpeg")
 
@@ -94,12 +94,12 @@ def test_codec_from_files_refuses_what_is_not_a_complete_codec(folders):
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(folders["hyperprior"], "weights.safetensors"))
-    config = MeanScaleHyperprior(TINY_HYPER).config.to_dict()
+    config = HyperpriorCodec(TINY_HYPER).config.to_dict()
     with pytest.raises(ModelMismatchError, match="holds a 'conv' model, not a learned image codec"):
         codec_from_files({"kind": "conv", "config": {}}, state, "m")
     with pytest.raises(ModelMismatchError, match="do not fit its hyperprior config"):
         codec_from_files({"kind": "hyperprior", "config": {**config, "latent_channels": 12}}, state, "m")
-    fresh = MeanScaleHyperprior(TINY_HYPER).state_dict()
+    fresh = HyperpriorCodec(TINY_HYPER).state_dict()
     with pytest.raises(ModelMismatchError, match="no entropy-coding tables"):
         codec_from_files({"kind": "hyperprior", "config": config}, fresh, "m")
 
