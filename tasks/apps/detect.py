@@ -299,7 +299,7 @@ class Detect(TableApp):
 
     def fit(self, ctx: TableContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        train_x, val_x, _, _ = ctx.train_arrays
+        train_x, val_x = self.training_rows(ctx)
         model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train, **detector_options(cfg),
                                      run=ctx.run, show_progress=True)
         scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)

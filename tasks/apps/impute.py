@@ -255,7 +255,7 @@ class Impute(TableApp):
                     f"{prep.source_uri}: column {g.spec.name!r} is entirely null: there is no observed value to learn "
                     f"it from; --exclude it"
                 )
-        train_x, val_x, _, _ = ctx.train_arrays
+        train_x, val_x = self.training_rows(ctx)
         numeric = [g.cols[0] for g in feature_groups(ctx.schema) if g.spec.kind == "numeric"]
         model, result = fit_imputer(train_x, val_x, ctx.config.model, ctx.config.train, mask_fraction=cfg.mask_fraction,
                                     members=cfg.members, passes=cfg.passes, head_alpha=cfg.head_alpha,
