@@ -52,7 +52,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
-from models.dense import DenseAEConfig, DenseAutoencoder
+from models.dense import DenseAEConfig, DenseAutoencoder, seeded
 from models.detector import DetectorConfig, KnnAutoencoderDetector
 from models.training import predict
 from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
@@ -181,7 +181,8 @@ def fit_detector(
     keep_train = np.ones(len(train_x), bool)
     keep_val = np.ones(len(val_x), bool)
     if robust and len(train_x) + len(val_x) >= 10:
-        first = DenseAutoencoder(ae_cfg)
+        with seeded(train_cfg.seed):  # initial weights fixed by the seed: the same in every process
+            first = DenseAutoencoder(ae_cfg)
         _train_ae(first, train_x, val_x, train_cfg, trim, run=None, show_progress=show_progress,
                   label="detect autoencoder (ranking pass)")
         err_train, err_val = _recon_error(first, train_x), _recon_error(first, val_x)
@@ -191,9 +192,11 @@ def fit_detector(
             keep_train[:], keep_val[:] = True, True
         log.info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
                  int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
-    model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight, input_weight=input_weight,
-                                                  scaling=scaling, recon_weight=recon_weight, input_p=input_p,
-                                                  center_weight=center_weight))
+    with seeded(train_cfg.seed + 1):
+        model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight,
+                                                      input_weight=input_weight, scaling=scaling,
+                                                      recon_weight=recon_weight, input_p=input_p,
+                                                      center_weight=center_weight))
     result = _train_ae(model, train_x[keep_train], val_x[keep_val], train_cfg.model_copy(update={"seed": train_cfg.seed + 1}),
                        trim, run=run, show_progress=show_progress, label="detect autoencoder")
     model.eval()

@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from models.dense import DenseAEConfig, DenseAutoencoder
+from models.dense import DenseAEConfig, DenseAutoencoder, seeded
 from models.training import predict
 from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -64,10 +64,11 @@ def train_encoder(
     val = rng.random(len(x)) < val_fraction
     if val.all() or not val.any():
         val = np.zeros(len(x), bool)
-    model = DenseAutoencoder(
-        DenseAEConfig(x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                      model_cfg.dropout, model_cfg.batch_norm)
-    )
+    with seeded(train_cfg.seed):
+        model = DenseAutoencoder(
+            DenseAEConfig(x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
+                          model_cfg.dropout, model_cfg.batch_norm)
+        )
     train_model(model, x[~val], x[val], train_cfg, run=None, label="extract encoder (evaluation fold)", show_progress=False)
     return model
 

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from models.dense import DenseAEConfig, ImputerConfig, MaskedImputer, imputer_loss
+from models.dense import DenseAEConfig, ImputerConfig, MaskedImputer, imputer_loss, seeded
 from models.training import predict
 from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -110,11 +110,12 @@ def fit_imputer(
     head (``head_alpha`` > 0) on the training and validation rows, for ``head_columns``
     (default: all; the app passes the numeric ones). No head on tables wider than
     ``HEAD_MAX_FEATURES`` encoded columns (its fit solves one such system per column)."""
-    model = MaskedImputer(ImputerConfig(
-        DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                      model_cfg.dropout, model_cfg.batch_norm),
-        members=members, passes=passes, head=0 < head_alpha and train_x.shape[1] <= HEAD_MAX_FEATURES,
-    ))
+    with seeded(train_cfg.seed):  # the initial weights: the same in every process (reproducible runs)
+        model = MaskedImputer(ImputerConfig(
+            DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
+                          model_cfg.dropout, model_cfg.batch_norm),
+            members=members, passes=passes, head=0 < head_alpha and train_x.shape[1] <= HEAD_MAX_FEATURES,
+        ))
     loss = partial(imputer_loss, hide=mask_fraction)
     result = train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label="impute autoencoder",
                          show_progress=show_progress)
