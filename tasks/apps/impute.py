@@ -42,14 +42,15 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from models.dense import DenseAEConfig, ImputerConfig, MaskedImputer, imputer_loss, seeded
+from models.dense import ImputerConfig, MaskedImputer, imputer_loss, seeded
 from models.training import predict
-from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.kinds import TableContext
+from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
 from tasks.errors import InputError
 from tasks.load import read_block
-from tasks.preprocess import ScalingStats
-from tasks.report import training_curve
+from tasks.scaling import ScalingStats
 from tasks.schemas import ColumnSpec, TableSchema
 from tasks.train import train_model
 
@@ -128,8 +129,7 @@ def fit_imputer(
     ``HEAD_MAX_FEATURES`` encoded columns (its fit solves one such system per column)."""
     with seeded(train_cfg.seed):  # the initial weights: the same in every process (reproducible runs)
         model = MaskedImputer(ImputerConfig(
-            DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                          model_cfg.dropout, model_cfg.batch_norm),
+            model_cfg.dense(train_x.shape[1]),
             members=members, passes=passes, head=0 < head_alpha and train_x.shape[1] <= HEAD_MAX_FEATURES,
         ))
     loss = partial(imputer_loss, hide=mask_fraction)
@@ -262,6 +262,9 @@ class Impute(TableApp):
     RunConfig = ImputeRunConfig
     allow_nulls = True
     model_kind = "masked_imputer"
+    output = "imputed"
+    carries_id = False  # the input's own columns, the id among them
+    headlines = (("rmse", False), ("accuracy", True))
     cli_options = (
         ("--mask-fraction", "app.mask_fraction", float, "Share of observed cells hidden in each training batch."),
         ("--eval-fraction", "app.eval_fraction", float, "Share of observed cells hidden for the evaluation (MCAR)."),
@@ -285,35 +288,33 @@ class Impute(TableApp):
                                     head_columns=numeric, run=ctx.run, show_progress=True)
         return Fitted(model=model, schema=ctx.schema, stats=prep.stats, train=result)
 
-    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        schema = fitted.schema
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        """The partition's raw rows (as read) with their missing feature cells filled."""
+        schema, source = fitted.schema, ctx.source
         groups = feature_groups(schema)
         dtypes = schema.extra.get("dtypes", {})
-        source = ctx.source
-        with PartWriter(ctx.run, "imputed.parquet") as out:
-            for block, (x, _side) in zip(source.blocks, iter_parts(ctx.target, fitted.stats), strict=True):
-                raw = read_block(block, source.schema, source.columns).reset_index(drop=True)
-                if len(raw) != len(x):
-                    raise RuntimeError(f"partition {block.index} of {block.uri}: {len(raw)} rows read, {len(x)} prepared")
-                values = fitted.stats.inverse(fill(x, reconstruct(fitted.model, x, ctx.device), groups))
-                for g in groups:
-                    name = g.spec.name
-                    missing = raw[name].isna().to_numpy()
-                    if not missing.any():
-                        continue
-                    if g.spec.kind == "numeric":
-                        col = raw[name].to_numpy(dtype="float64", na_value=np.nan, copy=True)
-                        col[missing] = values[missing, g.cols[0]]
-                        raw[name] = col
-                    else:
-                        cats = np.array(g.spec.categories, dtype=object)
-                        col = raw[name].to_numpy(dtype=object, copy=True)
-                        col[missing] = cats[np.argmax(values[missing][:, list(g.cols)], axis=1)]
-                        raw[name] = col
-                for name in raw.columns:
-                    raw[name] = _restore_dtype(raw[name], dtypes.get(name))
-                out.write(raw)
-        return {"imputed": "imputed.parquet"}
+        block = source.blocks[index]
+        raw = read_block(block, source.schema, source.columns).reset_index(drop=True)
+        if len(raw) != len(x):
+            raise RuntimeError(f"partition {block.index} of {block.uri}: {len(raw)} rows read, {len(x)} prepared")
+        values = fitted.stats.inverse(fill(x, reconstruct(fitted.model, x, ctx.device), groups))
+        for g in groups:
+            name = g.spec.name
+            missing = raw[name].isna().to_numpy()
+            if not missing.any():
+                continue
+            if g.spec.kind == "numeric":
+                col = raw[name].to_numpy(dtype="float64", na_value=np.nan, copy=True)
+                col[missing] = values[missing, g.cols[0]]
+                raw[name] = col
+            else:
+                cats = np.array(g.spec.categories, dtype=object)
+                col = raw[name].to_numpy(dtype=object, copy=True)
+                col[missing] = cats[np.argmax(values[missing][:, list(g.cols)], axis=1)]
+                raw[name] = col
+        for name in raw.columns:
+            raw[name] = _restore_dtype(raw[name], dtypes.get(name))
+        return raw
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
@@ -358,10 +359,3 @@ class Impute(TableApp):
                if cfg.extra_trees else "")
         )
         return ev
-
-    def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                return {"training_plot": curve}
-        return {}

@@ -14,9 +14,11 @@ from pydantic import Field
 from sklearn.decomposition import PCA
 from sklearn.manifold import trustworthiness
 
-from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.kinds import TableContext
+from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig
-from tasks.report import scatter_2d, training_curve
+from tasks.report import scatter_2d
 
 
 class Config(AppConfig):
@@ -44,18 +46,12 @@ class Reduce(TableApp):
     name = "reduce"
     Config = Config
     RunConfig = ReduceRunConfig
+    output = "embeddings"
+    headlines = (("recon_mse", False), ("trustworthiness", True))
     cli_options = (("--latent-dim", "model.latent_dim", int, "Dimensions of the embedding."),)
 
-    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        k = fitted.model.config.latent_dim
-        with PartWriter(ctx.run, "embeddings.parquet") as out:
-            for x, side in iter_parts(ctx.target, fitted.stats):
-                z = self.encode(fitted, x, ctx.device)
-                df = pd.DataFrame(z.astype("float32"), columns=[f"z_{i}" for i in range(k)])
-                if fitted.schema.id:
-                    df.insert(0, fitted.schema.id, side[fitted.schema.id].to_numpy())
-                out.write(df)
-        return {"embeddings": "embeddings.parquet"}
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        return self.code_frame(self.encode(fitted, x, ctx.device), "z_")
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
@@ -93,7 +89,7 @@ class Reduce(TableApp):
 
     def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        out: dict[str, str] = {}
+        out = super().report(ctx, fitted, evaluation)
         x, side = ctx.target_arrays
         idx = _sample(len(x), cfg.plot_points, 0)
         z = self.encode(fitted, x[idx], ctx.device)
@@ -107,8 +103,4 @@ class Reduce(TableApp):
         label = fitted.schema.label
         labels = side[label].to_numpy()[idx] if label and label in side.columns else None
         out["embedding_plot"] = scatter_2d(ctx.run, z, labels, "report/embedding.png", title)
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                out["training_plot"] = curve
         return out
