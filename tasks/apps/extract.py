@@ -2,9 +2,9 @@
 
 Output ``features.parquet``: the id column (when given), then ``f_0..f_{k-1}``
 (the encoder's code), one row per input row in input order. The autoencoder is a
-denoising one (``input_mask``, 0.25: a quarter of each training row's cells are set
-to the column mean and rebuilt from the rest), which on digits made the features
-beat PCA's on unshuffled folds too, where the plain autoencoder's did not
+denoising one (``input_mask``, 0.5: half of each training row's cells are set to
+the column mean and rebuilt from the rest), which on digits made the features beat
+PCA's on unshuffled folds too, where the plain autoencoder's did not
 (benchmarks/RESULTS.md). With a label
 column, ``evaluate`` reports stratified k-fold (default 5) accuracy of a
 LogisticRegression on the raw (scaled) features, on PCA-k and on AE-k, where
@@ -47,7 +47,7 @@ class Config(AppConfig):
     cv_max_rows: int = Field(5000, ge=50, description="Rows (sampled) used by the evaluation, which trains one encoder per fold.")
     logreg_max_iter: int = Field(2000, ge=10, description="Iterations of the downstream LogisticRegression.")
     input_mask: float = Field(
-        0.25, ge=0.0, lt=1.0,
+        0.5, ge=0.0, lt=1.0,
         description="Denoising: share of input cells set to the column mean in each training batch (the encoder "
         "learns to rebuild them from the rest); 0: a plain autoencoder.",
     )

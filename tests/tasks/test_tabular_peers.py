@@ -106,3 +106,44 @@ def test_extract_unshuffled_folds_do_not_depend_on_the_seed():
 
     assert raw(0, False) == raw(1, False), "contiguous folds: the same whatever the seed"
     assert len({raw(s, True) for s in range(4)}) > 1, "shuffled folds change with the seed"
+
+
+def test_part_agreement_is_a_rank_correlation_and_zero_when_undefined():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert detect.part_agreement(a, a**3) == pytest.approx(1.0), "monotone: full agreement"
+    assert detect.part_agreement(a, -a) == pytest.approx(-1.0)
+    assert detect.part_agreement(a, np.ones(4)) == 0.0, "a constant part agrees with nothing"
+    assert detect.part_agreement(a[:2], a[:2]) == 0.0, "too few rows to say"
+
+
+def test_tail_part_weighs_only_where_it_agrees_with_the_input_space_part():
+    """Chosen without labels: on Gaussian rows (anomalies would be global extremes) the tail part agrees
+    with the input-space distance and gets a weight; on rows in separated clusters (anomalies would sit
+    between them) it does not, and the detector has no tail part."""
+    rng = np.random.default_rng(0)
+    gauss = rng.normal(size=(300, 6)).astype("float32")
+    clusters = (rng.normal(size=(300, 6)) * 0.3 + rng.choice([-2.0, 2.0], size=(300, 2)).repeat(3, axis=1)).astype("float32")
+    cfg = ModelConfig(latent_dim=2, hidden=(8,))
+
+    def fitted(x: np.ndarray, **kw) -> detect.KnnAutoencoderDetector:
+        return detect.fit_detector(x[:250], x[250:], cfg, TINY_TRAIN, contamination=0.05, min_steps=0, **kw)[0]
+
+    g = fitted(gauss)
+    assert 0 < g.config.tail_weight < 128 and g.config.part_names[-1] == "tail"
+    c = fitted(clusters)
+    assert c.config.tail_weight == 0 and "tail" not in c.config.part_names
+    assert "tail" not in fitted(gauss, tail_weight=0.0).config.part_names
+    s = detect.anomaly_scores(g, gauss)
+    assert s.shape == (300,) and np.isfinite(s).all()
+
+
+def test_masking_loss_hides_input_cells_and_scores_the_clean_row():
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return type("Out", (), {"x_hat": x})()
+
+    batch = torch.ones(64, 10)
+    gen = torch.Generator().manual_seed(0)
+    assert extract.masking_loss(Identity(), batch, gen, hide=0.0).item() == 0.0, "plain: the identity rebuilds all"
+    masked = extract.masking_loss(Identity(), batch, gen, hide=0.5).item()
+    assert 0.4 < masked < 0.6, "about half the cells set to 0 (the mean) cost 1 each against the clean row"
