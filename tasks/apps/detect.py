@@ -257,6 +257,17 @@ def fit_detector(
     return model, result
 
 
+def score_description(model: KnnAutoencoderDetector) -> str:
+    """The score's parts and weights in words (for the run's notes): what ranks, and what the autoencoder adds."""
+    words = {"recon": "reconstruction error (autoencoder)", "code": "code-space kNN distance (autoencoder)",
+             "input": "input-space kNN distance", "center": "centre distance", "tail": "COPOD-style tail part"}
+    c = model.config
+    parts = ", ".join(f"{w:g} x {words[n]}" for n, w in zip(c.part_names, c.part_weights, strict=True) if w > 0)
+    tail = "" if c.tail_weight > 0 else ("; no tail part (app.tail_weight = 0, or at fit time it did not agree with the "
+                                         "input-space part on the training rows)")
+    return f"score = {parts}, each on the training rows' scale{tail}"
+
+
 def part_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two score parts over the same rows (0 when undefined:
     fewer than 3 rows, or a constant part)."""
@@ -419,6 +430,8 @@ class Detect(TableApp):
         flagged = scores > thr
         ev.metrics["threshold"] = thr
         ev.metrics["anomaly_rate"] = float(flagged.mean())
+        if isinstance(fitted.model, KnnAutoencoderDetector):
+            ev.notes.append(score_description(fitted.model))
         label = fitted.schema.label
         if not label or label not in side.columns:
             ev.notes.append("no label column: ROC-AUC and average precision not evaluated")

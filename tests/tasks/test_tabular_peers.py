@@ -133,6 +133,8 @@ def test_tail_part_weighs_only_where_it_agrees_with_the_input_space_part():
     c = fitted(clusters)
     assert c.config.tail_weight == 0 and "tail" not in c.config.part_names
     assert "tail" not in fitted(gauss, tail_weight=0.0).config.part_names
+    assert "COPOD-style tail part" in detect.score_description(g)
+    assert "no tail part" in detect.score_description(c) and "8 x input-space" in detect.score_description(c)
     s = detect.anomaly_scores(g, gauss)
     assert s.shape == (300,) and np.isfinite(s).all()
 
