@@ -81,10 +81,10 @@ def main() -> None:
         peers[name] = (fit_s, score_s)
 
     rows = [
-        ["aeflow detect (defaults: p = 0.5)", f"{fit_ours:.1f}", f"{n_score / score_ours:,.0f}", f"{score_if / score_ours:.2f}"],
-        ["aeflow detect, input_p = 2", "(same fit)", f"{n_score / score_euclid:,.0f}", f"{score_if / score_euclid:.2f}"],
+        ["aeflow detect (defaults: p = 0.5)", f"{fit_ours:.1f}", f"{n_score / score_ours:,.0f}", f"{score_if / score_ours:.2g}"],
+        ["aeflow detect, input_p = 2", "(same fit)", f"{n_score / score_euclid:,.0f}", f"{score_if / score_euclid:.2g}"],
         ["IsolationForest (defaults)", f"{fit_if:.1f}", f"{n_score / score_if:,.0f}", "1.00"],
-    ] + [[f"{name} (pyod, defaults)", f"{f:.1f}", f"{n_score / sc:,.0f}", f"{score_if / sc:.2f}"]
+    ] + [[f"{name} (pyod, defaults)", f"{f:.1f}", f"{n_score / sc:,.0f}", f"{score_if / sc:.2g}"]
          for name, (f, sc) in peers.items()]
     table = md_table(["detector", "fit s", "scoring rows/s", "scoring speed vs IsolationForest"], rows)
     n_ref = model.config.input_reference_rows
