@@ -121,21 +121,23 @@ def run_app(config: RunConfig) -> RunResult:
     run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
     log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
     try:
-        with dask_client(config.dask_address), _stage(timings, kind.load_stage):
-            ctx = kind.load(app, config, run, inputs, fitted, device)
-        app.check_data(ctx)
-        if fitted is None:
-            with _stage(timings, "train"):
-                fitted = fit_task(app, ctx)
-        elif app.self_contained:
-            app.save(run, fitted)
-        with _stage(timings, "apply"):
-            outputs = apply_task(app, ctx, fitted)
-        with _stage(timings, "evaluate"):
-            evaluation: Evaluation = evaluate_task(app, ctx, fitted)
-        evaluation.notes.extend(ctx.notes)
-        with _stage(timings, "report"):
-            outputs.update(report_task(app, ctx, fitted, evaluation))
+        # One Dask client for the whole run: loading/preprocessing and apply run on its workers.
+        with dask_client(config.dask_address):
+            with _stage(timings, kind.load_stage):
+                ctx = kind.load(app, config, run, inputs, fitted, device)
+            app.check_data(ctx)
+            if fitted is None:
+                with _stage(timings, "train"):
+                    fitted = fit_task(app, ctx)
+            elif app.self_contained:
+                app.save(run, fitted)
+            with _stage(timings, "apply"):
+                outputs = apply_task(app, ctx, fitted)
+            with _stage(timings, "evaluate"):
+                evaluation: Evaluation = evaluate_task(app, ctx, fitted)
+            evaluation.notes.extend(ctx.notes)
+            with _stage(timings, "report"):
+                outputs.update(report_task(app, ctx, fitted, evaluation))
         result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
                           evaluation, timings, device, kind.manifest_extra(ctx))
     except BaseException:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dask
@@ -98,3 +98,45 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
                     closer()
                 except Exception as e:
                     log.warning("Dask LocalCluster shutdown: %s", e)
+
+
+def current_client() -> Any | None:
+    """The Dask distributed client of this run (``dask_client``), or None outside one."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def run_parallel(fn: Callable[..., Any], items: Sequence[Any], *, on_done: Callable[[Any], None] | None = None,
+                 **shared: Any) -> list[Any]:
+    """``fn(item, **shared)`` for every item, results in order.
+
+    On the run's Dask client each item is one task, and each ``shared`` object is shipped
+    once to every worker (scattered with ``broadcast``), not once per task; a worker lost
+    midway costs only its items, which the scheduler runs again elsewhere (``fn`` must be
+    idempotent: it writes its own files). Without a client the items run here, one by one.
+    ``on_done(result)`` is called in this process as each item finishes (in completion order).
+    """
+    client = current_client()
+    if client is None or len(items) == 0:
+        results = []
+        for item in items:
+            results.append(fn(item, **shared))
+            if on_done is not None:
+                on_done(results[-1])
+        return results
+    from distributed import as_completed
+
+    scattered = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
+    futures = client.map(fn, list(items), pure=False, **scattered)
+    try:
+        if on_done is not None:
+            for future in as_completed(futures):
+                on_done(future.result())
+        return client.gather(futures)
+    finally:
+        for f in [*futures, *scattered.values()]:
+            f.release()

@@ -313,12 +313,22 @@ def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, pr
 
 def iter_images(imset: ImageSet) -> Iterator[np.ndarray]:
     """Decoded images one at a time, in order (one shard in memory at a time)."""
-    for uri in imset.shards:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            for key in sorted(data.files):
-                yield data[key]
+    for i in range(len(imset.shards)):
+        yield from shard_images(imset, i)
+
+
+def shard_images(imset: ImageSet, index: int) -> list[np.ndarray]:
+    """The decoded images of shard ``index``, in order."""
+    fs, path = url_to_fs(imset.shards[index])
+    with fs.open(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return [data[key] for key in sorted(data.files)]
+
+
+def shard_rels(imset: ImageSet, index: int) -> tuple[str, ...]:
+    """The relative paths of shard ``index``'s images, in order."""
+    start = sum(imset.counts[:index])
+    return imset.rel[start : start + imset.counts[index]]
 
 
 def read_images(imset: ImageSet) -> list[np.ndarray]:

@@ -25,8 +25,10 @@ anywhere): its CLI command, flow, deployment entry point and contract tests foll
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -205,6 +207,31 @@ class Application(ABC):
     def fitted_extras(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Data-kind fields of :class:`Fitted` read back from a saved ``config.json`` (tables: schema, stats)."""
         return self.data.fitted_extras(meta)
+
+    # -- apply on the cluster ------------------------------------------------------------------
+    def map_shards(self, ctx: Context, fitted: Fitted, fn: Any, items: list[Any],
+                   on_done: Callable[[Any], None] | None = None) -> list[Any]:
+        """``fn(item, app=..., ctx=..., fitted=...)`` for every item (a partition or a shard): one Dask
+        task each on the run's cluster, the context and the model shipped once per worker
+        (:func:`tasks.dask_client.run_parallel`); in this process when there is no cluster.
+        On the worker, ``fn`` calls :func:`on_worker` for the context and model it computes with;
+        ``on_done(result)`` is called here as each item finishes (progress)."""
+        from tasks.dask_client import run_parallel
+
+        lean = dataclasses.replace(ctx, cache={}, artifacts={}, notes=[])  # no cached arrays on the wire
+        fitted.model.to("cpu")
+        try:
+            return run_parallel(fn, items, on_done=on_done, app=self, ctx=lean, fitted=fitted)
+        finally:
+            fitted.model.to(ctx.device)
+
+
+def on_worker(app: Application, ctx: Context, fitted: Fitted) -> tuple[Context, Fitted]:
+    """The context and model an apply task computes with, on the device of the process it runs in
+    (a GPU worker uses its GPU when ``train.device`` allows it)."""
+    device = app.device_for(ctx.config)
+    fitted.model.to(device).eval()
+    return dataclasses.replace(ctx, device=device), fitted
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from models.codec import CodecConfig, ImageCodec, make_loss_fn, random_patches
 from models.metrics import bd_rate
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
 from tasks.apps.kinds import ImageContext
 from tasks.codec import (
@@ -34,7 +34,7 @@ from tasks.codec import (
     pillow_point,
 )
 from tasks.config import AppConfig, RunConfig, TrainConfig
-from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images
+from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images, shard_images, shard_rels
 from tasks.storage import RunDir, join_uri
 from tasks.train import train_model
 
@@ -123,11 +123,35 @@ class _EncodeProgress:
             self.ui = UiProgress(key="compress-encoding", description=f"{what}: refined encodings done")
 
     def done(self, label: str) -> None:
+        self.done_many(1, label)
+
+    def done_many(self, n: int, label: str = "") -> None:
         if not self.active:
             return
-        self.count += 1
-        self.log.info("%s: %d/%d refined encodings (%s)", self.what, self.count, self.total, label)
+        self.count += n
+        self.log.info("%s: %d/%d refined encodings%s", self.what, self.count, self.total, f" ({label})" if label else "")
         self.ui.update(100.0 * self.count / self.total)
+
+
+def _code_shard(index: int, *, app: CompressApp, ctx: ImageContext, fitted: Fitted) -> list[dict[str, Any]]:
+    """One shard of images through the codec on a Dask worker: their .aec files, decoded PNGs and metrics."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    q, a = app.quality(ctx.config, fitted), ctx.config.app
+    target, codec = app.target(ctx), codec_of(fitted)
+    rows = []
+    for rel, chw in zip(shard_rels(target, index), shard_images(target, index), strict=True):
+        img, mode = from_chw(chw)
+        coded = code_image(codec, img, mode, q, join_uri(target.source_uri, rel), a.refine_steps)
+        ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
+        ctx.run.write_bytes(f"decoded/{rel.rsplit('.', 1)[0]}.png", encode_png(coded.decoded))
+        h, w = img.shape[:2]
+        rows.append({
+            "image": rel, "width": w, "height": h, "mode": mode, "quality": q, "bytes": len(coded.data),
+            "bpp": coded.bpp, "psnr": coded.psnr, "ms_ssim": coded.ms_ssim,
+            "encode_s": coded.encode_s, "decode_s": coded.decode_s,
+            "payload_bits": coded.payload_bits, "estimate_bits": coded.estimate_bits,
+        })
+    return rows
 
 
 @register
@@ -207,27 +231,14 @@ class CompressApp(ImageApp):
 
     # -- apply --------------------------------------------------------------------------------
     def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
-        """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics."""
-        q = self.quality(ctx.config, fitted)
-        a = ctx.config.app
-        target, codec = self.target(ctx), codec_of(fitted)
-        rows = []
-        tracker = _EncodeProgress(a.refine_steps, len(target), "codes")
-        for rel, (img, mode) in zip(target.rel, pixels(ctx, target), strict=True):
-            name = join_uri(target.source_uri, rel)
-            coded = code_image(codec, img, mode, q, name, a.refine_steps)
-            tracker.done(rel)
-            stem = rel.rsplit(".", 1)[0]
-            ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
-            ctx.run.write_bytes(f"decoded/{stem}.png", encode_png(coded.decoded))
-            h, w = img.shape[:2]
-            rows.append({
-                "image": rel, "width": w, "height": h, "mode": mode, "quality": q, "bytes": len(coded.data),
-                "bpp": coded.bpp, "psnr": coded.psnr, "ms_ssim": coded.ms_ssim,
-                "encode_s": coded.encode_s, "decode_s": coded.decode_s,
-                "payload_bits": coded.payload_bits, "estimate_bits": coded.estimate_bits,
-            })
-        table = pd.DataFrame(rows)
+        """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics.
+
+        One Dask task per shard of images (the codec shipped once per worker); coding is on the CPU."""
+        target = self.target(ctx)
+        tracker = _EncodeProgress(ctx.config.app.refine_steps, len(target), "codes")
+        shards = self.map_shards(ctx, fitted, _code_shard, list(range(len(target.shards))),
+                                 on_done=lambda rows: tracker.done_many(len(rows)))
+        table = pd.DataFrame([row for rows in shards for row in rows])
         with ctx.run.open("per_image.parquet", "wb") as f:
             table.to_parquet(f, index=False)
         ctx.cache["per_image"] = table

@@ -28,12 +28,12 @@ from pydantic import Field, field_validator
 
 from models.conv import random_patches, tiled_apply
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig, images_of
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import InputError
-from tasks.images import ImageLoadConfig, encode_like, iter_images
+from tasks.images import ImageLoadConfig, encode_like, iter_images, shard_images, shard_rels
 from tasks.report import save_figure
 from tasks.train import train_model
 
@@ -135,6 +135,17 @@ def _psnr_ssim(clean: np.ndarray, est: np.ndarray) -> tuple[float, float]:
     return psnr, ssim
 
 
+def _denoise_shard(index: int, *, app: Denoise, ctx: ImageContext, fitted: Fitted) -> int:
+    """One shard of the applied images on a Dask worker: ``denoised/<relative path>`` for each."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    cfg: Config = ctx.config.app  # type: ignore[assignment]
+    rels = shard_rels(ctx.target, index)
+    for rel, img in zip(rels, shard_images(ctx.target, index), strict=True):
+        out = denoise_array(fitted, img.astype(np.float32) / 255.0, ctx.device, cfg.tile, cfg.overlap)
+        ctx.run.write_bytes(f"denoised/{rel}", encode_like(np.round(out * 255.0).astype(np.uint8), rel))
+    return len(rels)
+
+
 @register
 class Denoise(ImageApp):
     name = "denoise"
@@ -187,10 +198,7 @@ class Denoise(ImageApp):
     def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
         if ctx.target is None:
             return {}
-        cfg: Config = ctx.config.app  # type: ignore[assignment]
-        for rel, img in zip(ctx.target.rel, iter_images(ctx.target), strict=True):
-            out = denoise_array(fitted, img.astype(np.float32) / 255.0, ctx.device, cfg.tile, cfg.overlap)
-            ctx.run.write_bytes(f"denoised/{rel}", encode_like(np.round(out * 255.0).astype(np.uint8), rel))
+        self.map_shards(ctx, fitted, _denoise_shard, list(range(len(ctx.target.shards))))
         return {"denoised": "denoised"}
 
     # -- evaluate -------------------------------------------------------------------------

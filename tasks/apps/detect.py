@@ -75,6 +75,7 @@ from tasks.train import train_model
 log = logging.getLogger("aeflow.detect")
 PYOD_MIN_ROWS = 64
 SCALE_ROWS = 100_000  # training rows (sampled) whose score parts fix the parts' centres and scales
+EVAL_ROWS = 100_000  # scored rows (sampled) the metrics, the baselines and the histogram use
 
 
 class Config(AppConfig):
@@ -424,7 +425,9 @@ class Detect(TableApp):
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
-        x, side = ctx.target_arrays
+        x, side, total = ctx.sample("target", "all", EVAL_ROWS, ctx.config.train.seed)
+        if total > len(x):
+            ev.notes.append(f"metrics and baselines on a seeded sample of {len(x):,} of the {total:,} scored rows")
         scores = anomaly_scores(fitted.model, x, ctx.device)
         thr = self.threshold(ctx, fitted)
         flagged = scores > thr
@@ -446,8 +449,8 @@ class Detect(TableApp):
         ev.metrics["precision_at_threshold"] = tp / max(int(flagged[known].sum()), 1)
         ev.metrics["recall_at_threshold"] = tp / int(y.sum())
         if ctx.train is not None:
-            tx, vx, _, _ = ctx.train_arrays
-            fit_x = np.concatenate([tx, vx])
+            seed = ctx.config.train.seed
+            fit_x = np.concatenate([ctx.sample("train", split, EVAL_ROWS // 2, seed)[0] for split in ("train", "val")])
             where = "fitted on the input, scoring the applied data" if ctx.target is not ctx.train else "fitted and scored on the input"
         else:
             fit_x, where = x, "fitted and scored on the applied data (the model was reused)"
@@ -462,7 +465,7 @@ class Detect(TableApp):
         import matplotlib.pyplot as plt
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        x, side = ctx.target_arrays
+        x, side, _ = ctx.sample("target", "all", EVAL_ROWS, ctx.config.train.seed)
         scores = anomaly_scores(fitted.model, x, ctx.device)
         thr = self.threshold(ctx, fitted)
         fig, ax = plt.subplots(figsize=(6, 3.5))

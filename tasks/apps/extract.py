@@ -187,15 +187,13 @@ class Extract(TableApp):
         if not label or prep.label_column is None:
             ev.notes.append("no label column: downstream accuracy not evaluated")
             return ev
-        x, side = ctx.target_arrays
+        # The evaluation trains one encoder per fold: on a seeded sample of at most cv_max_rows rows.
+        x, side, total = ctx.sample("target", "all", cfg.cv_max_rows, ctx.config.train.seed)
+        if total > len(x):
+            ev.notes.append(f"evaluation on a seeded sample of {len(x):,} of {total:,} rows")
         y = side[label].to_numpy()
         keep = pd.notna(side[label]).to_numpy()
         x, y = x[keep], y[keep].astype(str)
-        rng = np.random.default_rng(ctx.config.train.seed)
-        if len(x) > cfg.cv_max_rows:
-            idx = np.sort(rng.choice(len(x), cfg.cv_max_rows, replace=False))
-            x, y = x[idx], y[idx]
-            ev.notes.append(f"evaluation on a sample of {cfg.cv_max_rows} rows")
         _, counts = np.unique(y, return_counts=True)
         folds = min(cfg.cv_folds, int(counts.min()) if len(counts) else 0)
         if len(counts) < 2 or folds < 2:

@@ -116,6 +116,7 @@ def numeric_groups(d: int) -> list[Group]:
 
 
 HEAD_MAX_FEATURES = 1024
+EVAL_ROWS = 100_000  # rows (sampled) whose cells the evaluation hides
 
 
 def fit_imputer(
@@ -320,18 +321,21 @@ class Impute(TableApp):
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         groups = feature_groups(fitted.schema)
+        # Bounded memory: the evaluation hides cells of at most EVAL_ROWS rows, the baselines are
+        # fitted on at most baseline_max_rows (seeded samples; all rows, in order, when there are fewer).
+        seed, cap = cfg.eval_seed, cfg.baseline_max_rows
         if ctx.train is not None and ctx.target is ctx.train:
-            fit_x, eval_x, _, _ = ctx.train_arrays
+            fit_x, eval_x = ctx.sample("train", "train", cap, seed)[0], ctx.sample("train", "val", EVAL_ROWS, seed)[0]
             where = "held-out validation rows; baselines fitted on the training rows"
             if len(eval_x) == 0:
-                eval_x, fit_x = fit_x, None
+                eval_x, fit_x = ctx.sample("train", "train", EVAL_ROWS, seed)[0], None
                 where = "the training rows (no validation rows); baselines fitted on them"
         elif ctx.train is not None:
-            tx, vx, _, _ = ctx.train_arrays
-            fit_x, (eval_x, _) = np.concatenate([tx, vx]), ctx.target_arrays
+            fit_x = np.concatenate([ctx.sample("train", split, cap // 2, seed)[0] for split in ("train", "val")])
+            eval_x = ctx.sample("target", "all", EVAL_ROWS, seed)[0]
             where = "the applied data; baselines fitted on the input"
         else:
-            fit_x, (eval_x, _) = None, ctx.target_arrays
+            fit_x, eval_x = None, ctx.sample("target", "all", EVAL_ROWS, seed)[0]
             where = "the applied data; baselines fitted on it (the model was reused)"
         n_missing = int(sum(np.isnan(eval_x[:, g.cols[0]]).sum() for g in groups))
         ev.metrics["missing_share"] = n_missing / max(eval_x.shape[0] * len(groups), 1)
@@ -344,9 +348,6 @@ class Impute(TableApp):
         truth = stats.inverse(np.nan_to_num(eval_x))
         ours = stats.inverse(fill(hidden_x, reconstruct(fitted.model, hidden_x, ctx.device), groups))
         ev.metrics.update(imputation_errors(truth, ours, hidden, groups, lo, hi))
-        if fit_x is not None and len(fit_x) > cfg.baseline_max_rows:
-            rows = np.random.default_rng(cfg.eval_seed).choice(len(fit_x), cfg.baseline_max_rows, replace=False)
-            fit_x = fit_x[np.sort(rows)]
         for name, imp in baseline_imputations(fit_x, hidden_x, groups, k=cfg.knn_neighbors, seed=ctx.config.train.seed,
                                                extra_trees=cfg.extra_trees,
                                                extra_trees_max_rows=cfg.extra_trees_max_rows).items():

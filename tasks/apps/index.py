@@ -28,12 +28,12 @@ from pydantic import Field
 
 from models.conv import latent_noise_loss
 from models.training import predict
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, ModelMismatchError
-from tasks.images import ImageLoadConfig, stack_images
+from tasks.images import ImageLoadConfig, shard_images, stack_images
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -216,6 +216,20 @@ def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 # The application
 
 
+def _encode_shard(index: int, *, app: Index, ctx: ImageContext, fitted: Fitted) -> np.ndarray:
+    """The codes of one shard of images, on a Dask worker."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    imset = ctx.target if ctx.target is not None else ctx.train
+    x = np.stack(shard_images(imset, index))
+    want = fitted.model.config.in_channels
+    if x.shape[1] != want:
+        raise ModelMismatchError(
+            f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
+            f"{ctx.config.load.mode} gives {x.shape[1]} channels"
+        )
+    return encode_images(fitted.model, x, ctx.device)
+
+
 @register
 class Index(ImageApp):
     name = "index"
@@ -254,14 +268,9 @@ class Index(ImageApp):
         import pandas as pd
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        imset, x = self._images(ctx)
-        want = fitted.model.config.in_channels
-        if x.shape[1] != want:
-            raise ModelMismatchError(
-                f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
-                f"{ctx.config.load.mode} gives {x.shape[1]} channels"
-            )
-        codes = encode_images(fitted.model, x, ctx.device)
+        imset = ctx.target if ctx.target is not None else ctx.train
+        # Codes per shard on the Dask workers (the model shipped once per worker); the index is built here.
+        codes = np.concatenate(self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards)))))
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
         buf = io.BytesIO()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -95,7 +96,8 @@ class TableContext(Context):
 
     @cached_property
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
-        """(train_x, val_x, train_side, val_side), scaled, read once."""
+        """(train_x, val_x, train_side, val_side), scaled, read once — every training row in memory:
+        for fits that need them all (detect's references, impute's head); the others stream."""
         from tasks.preprocess import read_prepared
         from tasks.scaling import SPLIT_COL
 
@@ -106,10 +108,55 @@ class TableContext(Context):
 
     @cached_property
     def target_arrays(self) -> tuple[np.ndarray, pd.DataFrame]:
-        """(x, side) of the data the model is applied to, in input order, scaled."""
+        """(x, side) of the data the model is applied to, in input order, scaled — all of it in memory;
+        prefer :meth:`parts` or :meth:`sample`."""
         from tasks.preprocess import read_prepared
 
         return read_prepared(self.target)
+
+    def _table(self, which: str) -> Any:
+        prep = self.train if which == "train" else self.target
+        if prep is None:
+            raise ValueError(f"no {which} data in this run")
+        return prep
+
+    def parts(self, which: str = "target", split: str = "all") -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+        """Scaled partitions of the training input (``which="train"``) or the applied data, one at a time
+        (bounded memory); ``split`` keeps ``"train"`` or ``"val"`` rows only."""
+        from tasks.apps.tabular import read_part
+        from tasks.scaling import SPLIT_COL
+
+        prep = self._table(which)
+        for i in range(len(prep.parts)):
+            x, side = read_part(prep, i, prep.stats)
+            if split != "all" and SPLIT_COL in side.columns:
+                keep = side[SPLIT_COL].to_numpy() == (split == "val")
+                x, side = x[keep], side[keep].reset_index(drop=True)
+            yield x, side
+
+    def count(self, which: str = "target", split: str = "all") -> int:
+        prep = self._table(which)
+        return {"all": prep.n_rows, "val": prep.n_val, "train": prep.n_rows - prep.n_val}[split]
+
+    def sample(self, which: str = "target", split: str = "all", max_rows: int = 100_000,
+               seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, int]:
+        """A seeded sample of at most ``max_rows`` rows (all of them, in input order, when there are
+        no more), read one partition at a time: (x, side, number of rows sampled from)."""
+        total = self.count(which, split)
+        p = 1.0 if total <= max_rows else max_rows / total
+        xs, sides = [], []
+        for i, (x, side) in enumerate(self.parts(which, split)):
+            if p < 1.0:
+                keep = np.random.default_rng([seed, i]).random(len(x)) < p
+                x, side = x[keep], side[keep]
+            xs.append(x)
+            sides.append(side)
+        x = np.concatenate(xs) if xs else np.zeros((0, len(self._table(which).columns)), "float32")
+        side = pd.concat(sides, ignore_index=True) if sides else pd.DataFrame()
+        if len(x) > max_rows:  # Bernoulli sampling overshot: trim, still seeded
+            idx = np.sort(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))
+            x, side = x[idx], side.iloc[idx].reset_index(drop=True)
+        return x, side, total
 
 
 class TableData(DataKind):

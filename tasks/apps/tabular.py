@@ -3,14 +3,14 @@
 :class:`TableApp` fills in the :class:`~tasks.apps.base.Application` stages that
 reduce, extract, detect and impute share: ``fit`` trains the dense autoencoder on
 the training split (early stopping on the validation split), and ``apply`` writes
-one output table, one partition at a time, in input order, with the id column
-carried through — each app only says what one partition becomes
-(:meth:`TableApp.apply_part`).
+one output table as one Parquet file per input partition, each a task on the run's
+Dask cluster, in input order, with the id column carried through — each app only
+says what one partition becomes (:meth:`TableApp.apply_part`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
 from typing import ClassVar
 
 import numpy as np
@@ -22,51 +22,34 @@ from torch import nn
 
 from models.dense import DenseAutoencoder, seeded
 from models.training import predict, reconstruction_loss
-from tasks.apps.base import Application, Fitted
+from tasks.apps.base import Application, Fitted, on_worker
 from tasks.apps.kinds import TABLES, TableContext
-from tasks.storage import RunDir, url_to_fs
+from tasks.storage import url_to_fs
 from tasks.train import train_model
 
 
-def iter_parts(prep, stats) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
-    """Partitions of a PreparedTable one at a time, scaled with ``stats``: bounded memory for apply."""
-    for uri in prep.parts:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            df = pq.read_table(f).to_pandas()
-        x = df[list(prep.columns)].to_numpy(dtype="float32", na_value=np.nan)
-        yield stats.transform(x), df.drop(columns=list(prep.columns))
+def read_part(prep, index: int, stats) -> tuple[np.ndarray, pd.DataFrame]:
+    """Partition ``index`` of a PreparedTable, scaled with ``stats``: (features, id/label/split columns)."""
+    fs, path = url_to_fs(prep.parts[index])
+    with fs.open(path, "rb") as f:
+        df = pq.read_table(f).to_pandas()
+    x = df[list(prep.columns)].to_numpy(dtype="float32", na_value=np.nan)
+    return stats.transform(x), df.drop(columns=list(prep.columns))
 
 
-class PartWriter:
-    """Stream a Parquet table into the run, one partition at a time."""
-
-    def __init__(self, run: RunDir, rel: str) -> None:
-        self.run, self.rel = run, rel
-        self._file = None
-        self._writer: pq.ParquetWriter | None = None
-        self.rows = 0
-
-    def write(self, df: pd.DataFrame) -> None:
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        if self._writer is None:
-            self._file = self.run.open(self.rel, "wb")
-            self._writer = pq.ParquetWriter(self._file, table.schema)
-        self._writer.write_table(table.cast(self._writer.schema))
-        self.rows += len(df)
-
-    def close(self) -> str:
-        if self._writer is not None:
-            self._writer.close()
-        if self._file is not None:
-            self._file.close()
-        return self.run.uri_of(self.rel)
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _apply_part_task(index: int, *, app: TableApp, ctx: TableContext, fitted: Fitted) -> int:
+    """One partition through the app on a Dask worker: ``{output}.parquet/part.NNNNN.parquet``."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    x, side = read_part(ctx.target, index, fitted.stats)
+    df = app.apply_part(ctx, fitted, index, x, side)
+    id_col = fitted.schema.id if app.carries_id else None
+    if id_col:
+        df.insert(0, id_col, side[id_col].to_numpy())
+    if len(df):  # an empty partition has no file: its columns' types would be unknown
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+        ctx.run.write_bytes(f"{app.output}.parquet/part.{index:05d}.parquet", buf.getvalue())
+    return len(df)
 
 
 class TableApp(Application):
@@ -104,16 +87,13 @@ class TableApp(Application):
         raise NotImplementedError(f"{type(self).__name__} must implement apply_part")
 
     def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        """``{output}.parquet``: one row per input row, in input order, partition by partition."""
-        rel = f"{self.output}.parquet"
-        id_col = fitted.schema.id if self.carries_id else None
-        with PartWriter(ctx.run, rel) as out:
-            for i, (x, side) in enumerate(iter_parts(ctx.target, fitted.stats)):
-                df = self.apply_part(ctx, fitted, i, x, side)
-                if id_col:
-                    df.insert(0, id_col, side[id_col].to_numpy())
-                out.write(df)
-        return {self.output: rel}
+        """``{output}.parquet/``: one Parquet file per input partition (``part.NNNNN.parquet``, written
+        in parallel on the Dask workers), one row per input row, in input order — read it whole with
+        ``pandas.read_parquet`` (or any Parquet dataset reader)."""
+        rows = self.map_shards(ctx, fitted, _apply_part_task, list(range(len(ctx.target.parts))))
+        if sum(rows) != ctx.target.n_rows:
+            raise RuntimeError(f"{self.name}: {sum(rows)} rows written for {ctx.target.n_rows} input rows")
+        return {self.output: f"{self.output}.parquet"}
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod

@@ -5,7 +5,8 @@ test itself), each checked against its real outputs.
 - wiring: the class, its configs, its flow, its `aeflow run APP` command and options;
 - a tiny real run (Prefect server, Dask cluster): every output exists and is in the manifest
   with its hash, every headline metric is reported, the saved model loads back through the one
-  model loader (a run or a model folder), and reusing it with --model completes;
+  model loader (a run or a model folder), and reusing it with --model completes, with apply on
+  the Dask cluster writing exactly the bytes apply in the flow's own process writes;
 - tables: a mixed numeric + categorical table applied, in the same run, to data holding a
   category never seen at fit time.
 """
@@ -48,6 +49,9 @@ TINY_RUN: dict[str, dict] = {
                  "app.jpeg_qualities": [30, 60, 90], "app.webp_qualities": [30, 60, 90], "train.epochs": 1,
                  "train.batch_size": 8},
 }
+
+
+APPLY_TASK = {"denoise": "denoise_shard", "index": "encode_shard", "compress": "code_shard"}  # Dask drops the "_"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,7 +146,7 @@ def _sha256(path: str) -> str:
 
 
 @pytest.mark.parametrize("name", APPS)
-def test_a_real_run_keeps_the_contract(name, prefect_server, dask_address, inputs, tmp_path):
+def test_a_real_run_keeps_the_contract(name, prefect_server, dask_address, inputs, tmp_path, monkeypatch):
     application = load_all()[name]
     out = str(tmp_path / "art")
     cfg = resolve_config(application.RunConfig, options=_options(name, inputs, dask_address, out))
@@ -177,6 +181,25 @@ def test_a_real_run_keeps_the_contract(name, prefect_server, dask_address, input
     m2 = open_run(again.run_uri).manifest()
     assert m2.model_run == str(folder) and "train" not in m2.timings
     assert again.outputs and (name not in TABULAR or application.output in again.outputs)
+    # Apply ran as tasks on the Dask cluster's workers (asserted from the scheduler) ...
+    from distributed import Client
+
+    with Client(dask_address, timeout="20s") as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert APPLY_TASK.get(name, "apply_part_task") in prefixes
+    # ... and wrote the same bytes as apply in the flow's own process.
+    monkeypatch.setattr("tasks.dask_client.current_client", lambda: None)
+    here = FLOWS[name](config=reuse.model_copy(update={"output": str(tmp_path / "in-process")}))
+    on_cluster, in_process = _applied_files(again.run_uri), _applied_files(here.run_uri)
+    assert on_cluster and on_cluster.keys() == in_process.keys()
+    differ = [rel for rel in on_cluster if on_cluster[rel] != in_process[rel]]
+    assert not differ, f"{name}: apply on the cluster and in process differ in {differ}"
+
+
+def _applied_files(run_uri: str) -> dict[str, str]:
+    """The hashes of what apply wrote (not reports, timings or the preprocessed input)."""
+    skip = ("report/", "preprocessed", "images/", "model/", "manifest.json", "per_image.parquet")
+    return {o.path: o.hash for o in open_run(run_uri).manifest().outputs if not o.path.startswith(skip)}
 
 
 @pytest.mark.parametrize("name", TABULAR)
