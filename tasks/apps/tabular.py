@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from models.dense import DenseAutoencoder
+from models.dense import DenseAutoencoder, seeded
 from models.training import predict, reconstruction_loss
 from tasks.apps.base import Application, Fitted, on_worker
 from tasks.apps.kinds import TABLES, TableContext
@@ -77,7 +77,8 @@ class TableApp(Application):
     def fit(self, ctx: TableContext) -> Fitted:
         """Train the autoencoder on the training split; early stopping on the validation split."""
         train, val = self.training_data(ctx)
-        model = self.build_model(ctx)
+        with seeded(ctx.config.train.seed):  # initial weights from the seed: the same in every process
+            model = self.build_model(ctx)
         result = train_model(model, train, val, ctx.config.train, run=ctx.run, loss_fn=self.loss_fn(ctx),
                              label=f"{self.name} autoencoder")
         return Fitted(model=model, schema=ctx.schema, stats=ctx.train.stats, train=result)
