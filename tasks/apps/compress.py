@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from models.codec import CodecBase
 from models.codec_train import make_loss_fn
+from models.dense import seeded
 from models.image_ops import rgb_patches
 from models.metrics import bd_rate
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
@@ -37,7 +38,14 @@ from tasks.codec import (
     pillow_point,
 )
 from tasks.config import AppConfig, RunConfig, TrainConfig
-from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images, shard_images, shard_rels
+from tasks.images import (
+    ImageLoadConfig,
+    ImageSet,
+    Mode,
+    iter_images,
+    shard_images,
+    shard_rels,
+)
 from tasks.storage import RunDir, join_uri
 from tasks.train import train_model
 
@@ -212,7 +220,8 @@ class CompressApp(ImageApp):
         images = [img for img, _ in pixels(ctx, ctx.train)]
         train_x = rgb_patches(images, a.patches, a.patch_size, seed=seed)
         val_x = rgb_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
-        model = self.build_model(ctx)
+        with seeded(seed):  # initial weights from the seed: the same in every process
+            model = self.build_model(ctx)
         result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=make_loss_fn(model),
                              label="compress codec")
         model.to("cpu").eval()
