@@ -189,7 +189,7 @@ def bench_denoise(patches: int = 8000, epochs: int = 10, sigma: float = 25.0, sa
     import torch
     from PIL import Image
 
-    from models.conv import random_patches
+    from models.image_ops import random_patches
     from models.noise import DenoisingLoss, NoiseConfig
     from models.training import TrainSettings, fit
     from tasks.apps.denoise import _psnr_ssim, baseline_fns, denoise_array

@@ -7,7 +7,8 @@ as ``config.json`` + ``weights.safetensors`` and rebuilt without unpickling.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +24,19 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "elu": nn.ELU,
 }
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block (e.g. building a model: its initial weights) on torch's global RNG seeded with
+    ``seed``, and give the caller its own RNG state back afterwards.
+
+    A fresh process seeds torch's global RNG from the OS, so a model built without this starts
+    from different weights in every process: the same command run twice gave different models.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,10 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        # YAML 1.1 reads on/off/yes/no as booleans; keep the word (train.stream=off is the setting
+        # "off"), and pydantic still reads it as a boolean for a boolean setting.
+        value = raw.strip()
     return key, value
 
 

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from models.conv import latent_noise_loss
+from models.dense import seeded
 from models.training import predict
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
@@ -257,7 +258,8 @@ class Index(ImageApp):
     def fit(self, ctx: ImageContext) -> Fitted:
         tr, va = ctx.split()
         x = stack_images(ctx.train)
-        model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
+        with seeded(ctx.config.train.seed):  # initial weights from the seed: the same in every process
+            model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
         result = train_model(model, x[tr], x[va], ctx.config.train, run=ctx.run,
                              loss_fn=index_loss(ctx.config.app), label="index autoencoder")  # type: ignore[arg-type]
         model.to(ctx.device).eval()
