@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.platform.cli import platform_app
 from tasks.errors import AeflowError
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ run_app = typer.Typer(help="Run an application once (train, or reuse --model, th
 runs_app = typer.Typer(help="List and inspect completed runs in an artifact root.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(runs_app, name="runs")
+app.add_typer(platform_app, name="platform")
 
 out = Console()
 err = Console(stderr=True)
@@ -670,7 +672,7 @@ def backfill(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.backfill import date_options, exit_code, run_in_process, run_via_deployment
+    from flows.backfill import date_options, exit_code, explicit_overrides, run_in_process, run_via_deployment
     from tasks.apps import get_app
     from tasks.config import resolve_config
     from tasks.schedule import date_range, has_template, parse_date
@@ -709,7 +711,7 @@ def backfill(
 
         try:
             if via_deployment:
-                overrides = cfg.model_dump(mode="json", exclude_unset=True)
+                overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
                 outcomes = run_via_deployment(via_deployment, dates, overrides, app_name=app_name, force=force,
                                               wait=wait, on_done=done)
             else:

@@ -34,6 +34,7 @@ from tasks.apps import (
 )
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
+from tasks.execution import execution_info
 from tasks.load import inspect_input, with_schema
 from tasks.preprocess import categories_task, dask_client, prepare_task
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
@@ -276,6 +277,7 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inp
         extra["train"] = {k: v for k, v in fitted.train.to_dict().items() if k != "history"}
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         extra["prefect"] = {"flow_run_id": str(flow_ctx.flow_run.id), "flow_run_name": flow_ctx.flow_run.name}
+    extra["execution"] = execution_info(config, fitted.train.device if fitted.train else device)
     manifest = Manifest(
         app=app_name,
         run_id=run.run_id,

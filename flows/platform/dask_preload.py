@@ -1,0 +1,13 @@
+"""Preloaded by the platform's Dask workers (``dask worker --preload``): import what their tasks need once, at start.
+
+A worker otherwise imports pandas, pyarrow, s3fs and aeflow's preprocessing
+modules when it unpickles its first task, which makes the first run after
+``aeflow platform up`` several seconds slower on a busy machine.
+"""
+
+import dask.dataframe  # noqa: F401
+import pyarrow.parquet  # noqa: F401
+import s3fs  # noqa: F401
+
+import tasks.load  # noqa: F401
+import tasks.preprocess  # noqa: F401
