@@ -158,16 +158,9 @@ def explicit_overrides(file: Any = None, options: dict[str, Any] | None = None, 
     with a whole validated config would reset every key of a touched section to the
     application's defaults (``-i`` would drop the deployment's ``load.id_column``).
     """
-    from tasks.config import _set_path, parse_set, read_config_file
+    from tasks.config import given_config
 
-    data: dict[str, Any] = read_config_file(file) if file else {}
-    for key, value in (options or {}).items():
-        if value is not None:
-            _set_path(data, key, value)
-    for item in sets or []:
-        key, value = parse_set(item)
-        _set_path(data, key, value)
-    return json.loads(json.dumps(data, default=str))
+    return json.loads(json.dumps(given_config(file, options, sets), default=str))
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

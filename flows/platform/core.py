@@ -117,15 +117,15 @@ class _Up:
         t_all = time.monotonic()
         t = {n: time.monotonic() for n in component_order(st)}
         # 1. no waiting: the object store and the scheduler start while PostgreSQL initialises
-        need_weed = not self.keep_or_restart("seaweedfs", lambda: C.seaweedfs_healthy(st), grace=5)
+        need_weed = not self.keep_or_restart("seaweedfs", lambda: C.seaweedfs_healthy(st))
         if need_weed:
             C.remove_weed_sockets(st)
             self.record(C.start_seaweedfs(st))
-        need_sched = not self.keep_or_restart("dask-scheduler", lambda: C.dask_scheduler_healthy(st), grace=5)
+        need_sched = not self.keep_or_restart("dask-scheduler", lambda: C.dask_scheduler_healthy(st))
         if need_sched:
             self.record(C.start_dask_scheduler(st))
         # 2. PostgreSQL (blocking: initdb the first time, pg_ctl -w)
-        if not self.keep_or_restart("postgres", lambda: C.postgres_healthy(st), grace=5):
+        if not self.keep_or_restart("postgres", lambda: C.postgres_healthy(st), grace=30):
             t["postgres"] = time.monotonic()
             self.emit(Event("postgres", "starting", "initdb + pg_ctl start" if not (C.Layout(st.dir).pg_data / "PG_VERSION").exists() else "pg_ctl start"))
             rec = C.start_postgres(st)

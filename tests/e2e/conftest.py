@@ -5,6 +5,12 @@ PREFECT_HOME), registers the deployments of the repository's ``prefect.yaml`` (a
 copy whose training is shortened and which uses the session's Dask cluster) and
 executes their runs. Everything it starts shares one process group, which the
 teardown interrupts (Ctrl-C) and, should anything survive, kills.
+
+``platform`` runs ``aeflow platform up`` (as ``python -m flows.platform``, the same
+sub-app without loading the applications) once for the module that uses it, in a
+directory under /tmp that PostgreSQL's unprivileged user can reach, and
+``aeflow platform down`` after it; the directory (data and logs) is removed unless a
+test failed or ``AEFLOW_KEEP_PLATFORM`` is set.
 """
 
 from __future__ import annotations
@@ -315,9 +321,13 @@ def _platform_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def platform(request):
-    """``aeflow platform up`` in a directory under /tmp (PostgreSQL's user must reach it), down at the end."""
+    """``aeflow platform up`` in a directory under /tmp (PostgreSQL's user must reach it), down at the end.
+
+    Module-scoped: one platform for tests/e2e/test_platform.py, stopped before the rest of the
+    suite runs (its idle servers and polling workers would otherwise slow every later test).
+    """
     import tempfile
 
     missing = _platform_missing()

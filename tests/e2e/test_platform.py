@@ -67,6 +67,16 @@ def _checkpoint_of(platform, input_uri: str) -> tuple[str, dict] | None:
     return run_dir, json.loads(fs.cat_file(meta))
 
 
+def _long_run_in_training(platform, key: str, frame) -> tuple[dict, object, str, dict]:
+    """Trigger a run of TRAIN_LONG epochs; return (config, flow run, run directory, checkpoint meta) mid-training."""
+    uri = platform.put_table(key, frame)
+    cfg = config(uri, epochs=TRAIN_LONG)
+    fr = platform.trigger(cfg)
+    run_dir, meta = _wait(lambda: _checkpoint_of(platform, uri), 300, "a training checkpoint on S3", platform, 0.2)
+    assert meta["epoch"] < TRAIN_LONG, "caught while training"
+    return cfg, fr, run_dir, meta
+
+
 def _worker_of(platform, flow_run_id):
     """The platform's Prefect worker whose process tree holds the flow run's process."""
     with platform.client() as c:
@@ -116,6 +126,29 @@ def test_up_prints_what_a_client_needs(platform):
     assert res.exit_code == 0, res.output
     status = json.loads(res.stdout)
     assert status["healthy"] and all(c["healthy"] for c in status["components"]), status
+
+
+def test_the_containers_deploy_step_is_idempotent(platform):
+    """`python -m flows.platform.setup` (infra's deploy step) against the real server; again changes nothing."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from flows.platform.components import ZOMBIE_AUTOMATION, ensure_pool_and_limit, ensure_zombie_automation
+    from flows.platform.setup import main
+
+    spec = str(platform.dir / "prefect.yaml")
+    with platform.client() as c:
+        before = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["reduce"])))
+    assert main(["--api-url", platform.api_url, "--file", spec, "--training-slots", "1", "--wait", "30"]) == 0
+    assert ensure_zombie_automation(platform.api_url) is False, "created once"
+    ensure_pool_and_limit(platform.api_url, platform.info["work_pool"], 1)
+    with platform.client() as c:
+        [automation] = c.read_automations_by_name(ZOMBIE_AUTOMATION)
+        after = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["reduce"])))
+        [limit] = [x for x in c.read_concurrency_limits(limit=50, offset=0) if x.tag == "training"]
+    assert automation.enabled and automation.actions[0].type == "change-flow-run-state"
+    assert [d.id for d in after] == [d.id for d in before], "redeployed in place, not duplicated"
+    assert limit.concurrency_limit == 1
+    assert main(["--api-url", "http://127.0.0.1:9/api", "--wait", "1"]) == 6
 
 
 @pytest.fixture(scope="module")
@@ -297,11 +330,7 @@ def test_backfill_via_deployment_runs_on_both_workers_one_training_at_a_time(pla
 def test_a_prefect_worker_killed_mid_training_crashes_the_run_and_the_rerun_resumes(platform, digits_frame):
     from flows.platform.procs import kill_tree
 
-    uri = platform.put_table("data/worker-kill/digits.csv", digits_frame)
-    cfg = config(uri, epochs=TRAIN_LONG)
-    fr = platform.trigger(cfg)
-    run_dir, meta = _wait(lambda: _checkpoint_of(platform, uri), 300, "a training checkpoint on S3", platform, 0.2)
-    assert meta["epoch"] < TRAIN_LONG
+    cfg, fr, run_dir, meta = _long_run_in_training(platform, "data/worker-kill/digits.csv", digits_frame)
     worker, flow_pid = _worker_of(platform, fr.id)
     kill_tree(worker)  # the worker and the flow run below it, as when their machine or container dies
     assert not psutil.pid_exists(flow_pid) or psutil.Process(flow_pid).status() == psutil.STATUS_ZOMBIE
@@ -359,11 +388,8 @@ def test_prefect_server_restarted_while_workers_poll(platform, digits_frame):
 def test_seaweedfs_stopped_and_restarted_mid_run_leaves_no_partial_run(platform, digits_frame):
     from flows.platform.core import stop_component
 
-    uri = platform.put_table("data/s3-restart/digits.csv", digits_frame)
-    cfg = config(uri, epochs=TRAIN_LONG)
-    fr = platform.trigger(cfg)
-    run_dir, meta = _wait(lambda: _checkpoint_of(platform, uri), 300, "a training checkpoint on S3", platform, 0.2)
-    assert meta["epoch"] < TRAIN_LONG
+    cfg, fr, run_dir, _meta = _long_run_in_training(platform, "data/s3-restart/digits.csv", digits_frame)
+    uri = cfg["load"]["input"]
     stop_component(platform.dir, "seaweedfs")
     with platform.client() as c:
         assert c.read_flow_run(fr.id).state.type.value == "RUNNING", "stopped mid-run"
