@@ -1,4 +1,4 @@
-"""Image benchmarks (issue 4): denoise quality/speed, index quality/ANN, Dask image loading.
+"""Image benchmarks: denoise quality/speed, index quality/ANN, Dask image loading.
 
     python -m benchmarks.images loader ann denoise index   # any subset, in that order
 
@@ -50,7 +50,7 @@ def _write_images(d: str, n: int, size: tuple[int, int], fmt: str) -> None:
 
 def _loader_case(n: int, size: tuple[int, int], fmt: str, out_size: int) -> dict:
     from tasks.images import ImageLoadConfig, decode_image, inspect_images, load_images
-    from tasks.preprocess import dask_client
+    from tasks.dask_client import dask_client
 
     with tempfile.TemporaryDirectory() as d:
         _write_images(d, n, size, fmt)
@@ -193,7 +193,8 @@ def bench_denoise(patches: int = 8000, epochs: int = 10, sigma: float = 25.0, sa
     from models.noise import DenoisingLoss, NoiseConfig
     from models.training import TrainSettings, fit
     from tasks.apps.denoise import _psnr_ssim, baseline_fns, denoise_array
-    from tasks.apps.images_base import ConvModelConfig, ImageFitted
+    from tasks.apps.base import Fitted
+    from tasks.apps.images_base import ConvModelConfig
     from tasks.sample_data import write_photos
 
     with tempfile.TemporaryDirectory() as d:
@@ -217,7 +218,7 @@ def bench_denoise(patches: int = 8000, epochs: int = 10, sigma: float = 25.0, sa
     res = fit(model, tp, vp, TrainSettings(epochs=epochs, batch_size=32, lr=2e-3, patience=10, device="cpu"),
               loss_fn=DenoisingLoss(NoiseConfig(sigma=sigma)))
     train_s = time.perf_counter() - t0
-    fitted = ImageFitted(model=model.eval())
+    fitted = Fitted(model=model.eval())
     if save_to:
         # The demo applies this model to the held-out photographs (`aeflow run denoise --model FOLDER`).
         save_model_folder(save_to, "denoise", model, {"noise": NoiseConfig(sigma=sigma).to_dict(), "patch_size": 48},

@@ -44,7 +44,8 @@ def baseline(folder: str, out: str) -> float:
     """Single-threaded pandas doing the same steps, file by file then one concat for the statistics."""
     from tasks.config import LoadConfig, PreprocessConfig
     from tasks.load import inspect_table, read_block
-    from tasks.preprocess import ScalingStats, encode_partition, encoded_columns, merge_moments, partition_moments, split_partition
+    from tasks.preprocess import encode_partition, encoded_columns, split_partition
+    from tasks.scaling import ScalingStats, merge_moments, partition_moments
 
     pa.set_cpu_count(1)
     t0 = time.perf_counter()

@@ -75,7 +75,7 @@ def _shared_dask(address: str | None, needed: bool) -> Iterator[str | None]:
     if address or not needed:
         yield address
         return
-    from tasks.preprocess import dask_client
+    from tasks.dask_client import dask_client
 
     with dask_client(None) as client:
         yield client.scheduler.address

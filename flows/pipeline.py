@@ -1,9 +1,10 @@
-"""The one pipeline every tabular application runs, as a Prefect flow per application.
+"""The one pipeline every application runs, as a Prefect flow per application.
 
-inspect (files, schema) -> preprocess (Dask: validate, split, encode, stats,
-partitions) -> fit (train, or load ``--model``) -> apply -> evaluate (with
-baselines) -> report -> manifest (last). A failure anywhere discards the run's
-outputs: no manifest, nothing half-written, other runs untouched.
+inspect (the data kind: files, hashes, schema) -> load/preprocess (Dask: validate,
+split, encode, scale into partitions; or decode images into shards) -> fit (train, or
+load ``--model``) -> apply -> evaluate (with baselines) -> report -> manifest (last).
+A failure anywhere discards the run's outputs: no manifest, nothing half-written,
+other runs untouched.
 """
 
 import datetime as dt
@@ -12,7 +13,7 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -21,24 +22,12 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
-from tasks.apps import (
-    Evaluation,
-    TableContext,
-    apply_task,
-    device_for,
-    evaluate_task,
-    fit_task,
-    get_app,
-    load_all,
-    report_task,
-)
+from tasks.apps import Evaluation, apply_task, evaluate_task, fit_task, get_app, load_all, report_task
 from tasks.config import RunConfig
-from tasks.errors import ConfigError
+from tasks.dask_client import dask_client
 from tasks.execution import execution_info
-from tasks.load import inspect_input, with_schema
-from tasks.preprocess import categories_task, dask_client, prepare_task
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
-from tasks.storage import ArtifactStore, Manifest, RunDir, open_model_source, open_run
+from tasks.storage import ArtifactStore, Manifest, RunDir
 
 VERSIONED = ("aeflow", "torch", "prefect", "dask", "distributed", "pandas", "numpy", "scikit-learn", "pandera", "s3fs", "pyarrow")
 
@@ -97,131 +86,30 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - t0, 4)
 
 
-def run_table_app(config: RunConfig) -> RunResult:
-    """Run one tabular application end to end (the body of every tabular flow)."""
-    app = get_app(config.app_name)
-    log = _logger()
-    timings: dict[str, float] = {}
-    created = datetime.now(UTC)
-    device = device_for(config)
-    load = config.load
-    store = ArtifactStore(config.output)
+def run_app(config: RunConfig) -> RunResult:
+    """Run one application end to end: the body of every application's flow.
 
-    with _stage(timings, "inspect"):
-        fitted = None
-        train_src = target_src = None
-        if config.model_run:
-            model_dir = open_run(config.model_run)
-            fitted = app.load(model_dir, device)
-            target_uri = load.apply_to or load.input
-            if not target_uri:
-                raise ConfigError("--model needs data to apply it to: pass --apply-to (or --input)")
-            if load.apply_to and load.input:
-                log.warning("--model given: --input %s is not used for training; applying to %s", load.input, load.apply_to)
-            target_src = inspect_input(target_uri, load, app.allow_nulls, fitted.schema, "apply-to")
-        else:
-            if not load.input:
-                raise ConfigError("--input is required (or --model RUN to reuse a trained model)")
-            train_src = inspect_input(load.input, load, app.allow_nulls, None, "input")
-            if load.apply_to:
-                target_src = inspect_input(load.apply_to, load, app.allow_nulls, train_src.schema, "apply-to")
-        store.check_writable()
-
-    hashes: dict[str, Any] = {}
-    if train_src:
-        hashes["input"] = [f.hash for f in train_src.files]
-    if target_src:
-        hashes["apply_to"] = [f.hash for f in target_src.files]
-    if fitted is not None:
-        hashes["model_run"] = config.model_run
-    fingerprint = config.fingerprint(hashes)
-
-    if config.skip_existing:
-        done = store.find_complete(app.name, fingerprint)
-        if done is not None:
-            log.info("skipping: %s already has a complete run with the same input and config", done.run_uri)
-            return RunResult.from_manifest(done, skipped=True)
-
-    run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
-    log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
-    try:
-        with dask_client(config.dask_address), _stage(timings, "preprocess"):
-            if train_src:
-                # Categories come from the whole training input; data applied to in the same run shares them.
-                train_src = categories_task(train_src, config.preprocess)
-                if target_src:
-                    target_src = with_schema(target_src, train_src.schema)
-            train_prep = prepare_task(train_src, config.preprocess, run, "preprocessed") if train_src else None
-            stats = fitted.stats if fitted is not None else train_prep.stats
-            target_prep = (
-                prepare_task(target_src, config.preprocess, run, "preprocessed-apply", stats, False)
-                if target_src
-                else train_prep
-            )
-        schema = fitted.schema if fitted is not None else train_src.schema
-        warnings = target_prep.unseen_warnings if target_prep is not train_prep else []
-        for w in warnings:
-            log.warning("%s", w)
-        ctx = TableContext(config=config, run=run, schema=schema, train=train_prep, target=target_prep, device=device,
-                           source=target_src or train_src)
-
-        if fitted is None:
-            with _stage(timings, "train"):
-                fitted = fit_task(app, ctx)
-        with _stage(timings, "apply"):
-            outputs = apply_task(app, ctx, fitted)
-        with _stage(timings, "evaluate"):
-            evaluation: Evaluation = evaluate_task(app, ctx, fitted)
-        evaluation.notes.extend(f"warning: {w}" for w in warnings)
-        with _stage(timings, "report"):
-            outputs.update(report_task(app, ctx, fitted, evaluation))
-        inputs = {role: list(src.files) for role, src in (("input", train_src), ("apply_to", target_src)) if src}
-        result = _publish(app.name, run, config, created, fingerprint, inputs, fitted, outputs, evaluation, timings, device)
-    except BaseException:
-        run.discard()
-        raise
-    return result
-
-
-def run_image_app(config: RunConfig) -> RunResult:
-    """Run one image application end to end (the body of every image flow).
-
-    inspect (list and hash files) -> load (Dask: decode, validate, shard) -> fit
-    (or ``--model``) -> apply -> evaluate -> report -> manifest; a failure anywhere
-    discards the run.
+    inspect (the data kind looks at every input; ``--model`` is loaded and checked) ->
+    load/preprocess (Dask) -> fit (or the reused model) -> apply -> evaluate -> report ->
+    manifest (last). A failure anywhere discards the run: no manifest, nothing half-written,
+    other runs untouched; a checkpoint stays so that the same command resumes training.
     """
-    from tasks.apps.images_base import ImageContext, load_images_task
-    from tasks.images import inspect_images
-
     app = get_app(config.app_name)
+    kind = app.data
     log = _logger()
     timings: dict[str, float] = {}
     created = datetime.now(UTC)
-    device = device_for(config)
-    load = config.load
+    device = app.device_for(config)
     store = ArtifactStore(config.output)
 
     with _stage(timings, "inspect"):
-        fitted = None
-        srcs: dict[str, Any] = {}
-        if config.model_run:
-            fitted = app.load(open_model_source(config.model_run), device)
-            if not (load.apply_to or load.input):
-                raise ConfigError("--model needs images to apply it to: pass --apply-to (or --input)")
-            srcs["apply_to"] = inspect_images(load.apply_to or load.input, "apply-to", skip_bad=load.skip_bad)
-        else:
-            if not load.input:
-                raise ConfigError("--input is required (or --model RUN to reuse a trained model)")
-            srcs["input"] = inspect_images(load.input, "input", skip_bad=load.skip_bad)
-            if load.apply_to:
-                srcs["apply_to"] = inspect_images(load.apply_to, "apply-to", skip_bad=load.skip_bad)
-        if load.reference:
-            if "apply_to" not in srcs:
-                raise ConfigError("a clean reference needs the noisy images it belongs to: pass --apply-to")
-            srcs["reference"] = inspect_images(load.reference, "reference", skip_bad=load.skip_bad)
+        fitted = app.load(config.model_run, device) if config.model_run else None
+        if fitted is not None:
+            app.check_fitted(config, fitted)
+        inputs = kind.inspect(app, config, fitted)
         store.check_writable()
 
-    hashes: dict[str, Any] = {role: [f.hash for f in src.files] for role, src in srcs.items()}
+    hashes: dict[str, Any] = kind.hashes(inputs)
     if fitted is not None:
         hashes["model_run"] = config.model_run
     fingerprint = config.fingerprint(hashes)
@@ -234,26 +122,25 @@ def run_image_app(config: RunConfig) -> RunResult:
     run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
     log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
     try:
-        with dask_client(config.dask_address), _stage(timings, "load"):
-            sets = {role: load_images_task(src, load, run, f"images/{role}") for role, src in srcs.items()}
-        for role, imset in sets.items():
-            app.check_sizes(config, imset, role.replace("_", "-"))
-        ctx = ImageContext(config=config, run=run, train=sets.get("input"), target=sets.get("apply_to"),
-                           reference=sets.get("reference"), device=device)
-        if fitted is None:
-            with _stage(timings, "train"):
-                fitted = fit_task(app, ctx)
-        with _stage(timings, "apply"):
-            outputs = apply_task(app, ctx, fitted)
-        with _stage(timings, "evaluate"):
-            evaluation: Evaluation = evaluate_task(app, ctx, fitted)
-        with _stage(timings, "report"):
-            outputs.update(report_task(app, ctx, fitted, evaluation))
-        skipped = [s for imset in sets.values() for s in imset.skipped]
-        extra = {"images": {role: len(imset) for role, imset in sets.items()}, "skipped": skipped}
-        result = _publish(app.name, run, config, created, fingerprint,
-                          {role: list(src.files) for role, src in srcs.items()}, fitted, outputs, evaluation,
-                          timings, device, extra)
+        # One Dask client for the whole run: loading/preprocessing and apply run on its workers.
+        with dask_client(config.dask_address):
+            with _stage(timings, kind.load_stage):
+                ctx = kind.load(app, config, run, inputs, fitted, device)
+            app.check_data(ctx)
+            if fitted is None:
+                with _stage(timings, "train"):
+                    fitted = fit_task(app, ctx)
+            elif app.self_contained:
+                app.save(run, fitted)
+            with _stage(timings, "apply"):
+                outputs = apply_task(app, ctx, fitted)
+            with _stage(timings, "evaluate"):
+                evaluation: Evaluation = evaluate_task(app, ctx, fitted)
+            evaluation.notes.extend(ctx.notes)
+            with _stage(timings, "report"):
+                outputs.update(report_task(app, ctx, fitted, evaluation))
+        result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
+                          evaluation, timings, device, kind.manifest_extra(ctx))
     except BaseException:
         run.discard()
         raise
@@ -263,7 +150,7 @@ def run_image_app(config: RunConfig) -> RunResult:
 def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inputs: dict[str, list[Any]], fitted,
              outputs: dict[str, str], evaluation: Evaluation, timings: dict[str, float], device,
              extra: dict[str, Any] | None = None) -> RunResult:
-    """Summary, Prefect artifacts, then the manifest (last). Shared by every kind of application."""
+    """Summary, Prefect artifacts, then the manifest (last)."""
     uris = {name: run.uri_of(rel) for name, rel in outputs.items()}
     rows = metrics_rows(evaluation.metrics, evaluation.baselines)
     summary = markdown_summary(app_name, run.uri, evaluation.metrics, evaluation.baselines, uris, evaluation.notes, timings)
@@ -348,15 +235,10 @@ Args:
 """
 
 
-def make_table_flow(app_name: str) -> Any:
-    """The Prefect flow of one application; its parameter is the app's RunConfig.
-
-    Dispatches on the application's kind: tabular apps run :func:`run_table_app`,
-    image apps (``kind = "image"``) :func:`run_image_app`.
-    """
+def make_flow(app_name: str) -> Any:
+    """The Prefect flow of one application; its parameter is the app's RunConfig."""
     app = get_app(app_name)
     config_cls = app.RunConfig
-    runner = run_image_app if getattr(app, "kind", "table") == "image" else run_table_app
 
     def body(
         config: config_cls = config_cls(),  # type: ignore[valid-type]
@@ -368,7 +250,7 @@ def make_table_flow(app_name: str) -> Any:
         from tasks.schedule import prepare_config
 
         config, _day = prepare_config(config, date, timezone)
-        return runner(config)
+        return run_app(config)
 
     doc = (importlib.import_module(type(app).__module__).__doc__ or app_name).strip()
     body.__doc__ = doc + FLOW_ARGS_DOC
@@ -381,14 +263,25 @@ def make_table_flow(app_name: str) -> Any:
     )(body)
 
 
-FLOWS: dict[str, Any] = {name: make_table_flow(name) for name in load_all()}
+class _Flows(Mapping[str, Any]):
+    """One flow per registered application, named after it, built on first use (so an application
+    registered after this module was imported has its flow too)."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            if name not in load_all():
+                raise KeyError(name)
+            self._built[name] = make_flow(name)
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(load_all())
+
+    def __len__(self) -> int:
+        return len(load_all())
 
 
-def _add_image_flows() -> None:
-    """Applications with their own flow (not the tabular pipeline): compress."""
-    from flows.compress import compress_flow
-
-    FLOWS["compress"] = compress_flow
-
-
-_add_image_flows()
+FLOWS: Mapping[str, Any] = _Flows()

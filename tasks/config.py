@@ -69,6 +69,13 @@ class ModelConfig(Frozen):
             raise ValueError(f"hidden widths must be >= 1, got {list(v)}")
         return v
 
+    def dense(self, in_features: int) -> Any:
+        """This architecture as a ``models.dense.DenseAEConfig`` for ``in_features`` input columns."""
+        from models.dense import DenseAEConfig
+
+        return DenseAEConfig(in_features, self.latent_dim, tuple(self.hidden), self.activation, self.dropout,
+                             self.batch_norm)
+
 
 class TrainConfig(Frozen):
     """Optimiser, early stopping and device."""

@@ -13,6 +13,16 @@ class AeflowError(Exception):
 
     exit_code = 1
 
+    @classmethod
+    def family(cls) -> list[type]:
+        """This class and all its subclasses (to recognise user errors by name in logs)."""
+        out, todo = [], [cls]
+        while todo:
+            c = todo.pop()
+            out.append(c)
+            todo.extend(c.__subclasses__())
+        return out
+
 
 class InputError(AeflowError):
     """The input data is missing, unreadable or violates the schema."""

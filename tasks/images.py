@@ -18,8 +18,6 @@ Reused by every image application (denoise, index, and the learned codec).
 from __future__ import annotations
 
 import io
-import os
-import posixpath
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +25,14 @@ from typing import Any, Literal
 
 import dask
 import numpy as np
+from prefect import task
 from pydantic import Field
 
 from tasks.config import Frozen
 from tasks.errors import InputError
-from tasks.storage import FileRecord, RunDir, is_local, to_uri, url_to_fs
+from tasks.prefect_utils import IO_TASK
+from tasks.inputs import content_hash, find_files, relative_to
+from tasks.storage import FileRecord, RunDir, to_uri, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Mode = Literal["gray", "rgb", "keep"]
@@ -103,55 +104,20 @@ def _is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
 def list_images(uri: str, role: str = "input") -> tuple[Any, list[str], list[str], str]:
     """Resolve a file or folder to (fs, image paths, non-image paths, root path).
 
     Raises:
         InputError: nothing there, a missing bucket, or no PNG/JPEG images.
     """
-    fs, path = url_to_fs(uri)
-    path = path.rstrip("/") if not is_local(fs) else os.path.abspath(path)
-    try:
-        if fs.isdir(path):
-            found = [p for p in fs.find(path) if not fs.isdir(p)]
-            root = path
-        elif fs.exists(path):
-            found, root = [path], posixpath.dirname(path.replace(os.sep, "/"))
-        else:
-            found = None
-            root = path
-    except PermissionError as e:
-        raise InputError(f"cannot read {role} {uri}: permission denied ({e})") from e
-    except OSError as e:
-        raise InputError(f"cannot read {role} {uri}: {e}") from e
-    if found is None:
-        if not is_local(fs):
-            bucket = path.split("/")[0]
-            try:
-                bucket_ok = fs.exists(bucket)
-            except Exception:  # an unreachable endpoint: report the original problem
-                bucket_ok = True
-            if not bucket_ok:
-                raise InputError(f"cannot read {role} {uri}: bucket {bucket!r} does not exist")
-        raise InputError(f"{role} {uri} does not exist")
-    root_n = root.replace(os.sep, "/").rstrip("/")
-    found = sorted(p for p in found if not _hidden(_rel(p, root_n)))
+    fs, found, root = find_files(uri, role)
     images = [p for p in found if _is_image_name(p)]
     others = [p for p in found if not _is_image_name(p)]
     if len(found) == 1 and others:
         raise InputError(f"{to_uri(fs, others[0])}: not an image file; use PNG or JPEG (.png, .jpg, .jpeg)")
     if not images:
         raise InputError(f"no PNG/JPEG images found in {role} {uri}" + (" (the folder is empty)" if not found else ""))
-    return fs, images, others, root_n
-
-
-def _rel(path: str, root: str) -> str:
-    p = path.replace(os.sep, "/")
-    return p[len(root) :].lstrip("/") if p.startswith(root + "/") else posixpath.basename(p)
+    return fs, images, others, root
 
 
 def inspect_images(uri: str, role: str = "input", *, skip_bad: bool = False) -> ImageSource:
@@ -174,23 +140,11 @@ def inspect_images(uri: str, role: str = "input", *, skip_bad: bool = False) -> 
         furi = to_uri(fs, p)
         if size == 0 and not skip_bad:
             raise InputError(f"{furi}: empty file (0 bytes), not an image")
-        etag = None if is_local(fs) else (info.get("ETag") or info.get("etag"))
-        digest = f"etag:{str(etag).strip(chr(34))}" if etag else _sha256(fs, p)
-        files.append(FileRecord(path=furi, size=size, hash=digest))
-        rel = _rel(p, root)
+        files.append(FileRecord(path=furi, size=size, hash=content_hash(fs, p, info)))
+        rel = relative_to(p, root)
         rels.append(rel)
         labels.append(rel.split("/")[0] if "/" in rel else None)
     return ImageSource(uri, role, tuple(files), tuple(rels), tuple(labels), tuple(to_uri(fs, p) for p in others))
-
-
-def _sha256(fs: Any, path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,14 +305,30 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     )
 
 
+@task(name="load-images", task_run_name="load-images-{prefix}", **IO_TASK)
+def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, prefix: str) -> ImageSet:
+    """Prefect task over :func:`load_images` (validation errors are not retried)."""
+    return load_images(source, load, run=run, prefix=prefix)
+
+
 def iter_images(imset: ImageSet) -> Iterator[np.ndarray]:
     """Decoded images one at a time, in order (one shard in memory at a time)."""
-    for uri in imset.shards:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            for key in sorted(data.files):
-                yield data[key]
+    for i in range(len(imset.shards)):
+        yield from shard_images(imset, i)
+
+
+def shard_images(imset: ImageSet, index: int) -> list[np.ndarray]:
+    """The decoded images of shard ``index``, in order."""
+    fs, path = url_to_fs(imset.shards[index])
+    with fs.open(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return [data[key] for key in sorted(data.files)]
+
+
+def shard_rels(imset: ImageSet, index: int) -> tuple[str, ...]:
+    """The relative paths of shard ``index``'s images, in order."""
+    start = sum(imset.counts[:index])
+    return imset.rel[start : start + imset.counts[index]]
 
 
 def read_images(imset: ImageSet) -> list[np.ndarray]:

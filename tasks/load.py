@@ -11,9 +11,7 @@ the column and the value.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import os
 from dataclasses import dataclass, replace
 
 import dask.dataframe as dd
@@ -26,7 +24,8 @@ from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.storage import FileRecord, is_local, to_uri, url_to_fs
+from tasks.inputs import content_hash, find_files
+from tasks.storage import FileRecord, to_uri, url_to_fs
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SAMPLE_ROWS = 2000
@@ -70,37 +69,13 @@ class TableSource:
         return len(self.blocks)
 
 
-def list_table_files(uri: str, fmt: str = "auto") -> tuple[object, list[str]]:
+def list_table_files(uri: str, fmt: str = "auto", role: str = "input") -> tuple[object, list[str]]:
     """Resolve a file, folder (recursive) or glob to the table files it names.
 
     Raises:
         InputError: nothing there, a missing bucket, or no CSV/Parquet files.
     """
-    fs, path = url_to_fs(uri)
-    try:
-        if any(ch in path for ch in "*?["):
-            paths = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif fs.isdir(path):
-            paths = [p for p in fs.find(path) if _format_of(p) is not None]
-        elif fs.exists(path):
-            paths = [path]
-        else:
-            paths = None
-    except PermissionError as e:
-        raise InputError(f"cannot read {uri}: permission denied ({e})") from e
-    except OSError as e:
-        raise InputError(f"cannot read {uri}: {e}") from e
-    if paths is None:
-        if not is_local(fs):
-            bucket = path.split("/")[0]
-            try:
-                bucket_ok = fs.exists(bucket)
-            except Exception:  # unreachable endpoint: report the original problem
-                bucket_ok = True
-            if not bucket_ok:
-                raise InputError(f"cannot read {uri}: bucket {bucket!r} does not exist")
-        raise InputError(f"input {uri} does not exist")
-    paths = sorted(p for p in paths if not os.path.basename(p.rstrip("/")).startswith((".", "_")))
+    fs, paths, _root = find_files(uri, role)
     if fmt != "auto":
         typed = [p for p in paths if _format_of(p) in (fmt, None)]
     else:
@@ -113,18 +88,6 @@ def list_table_files(uri: str, fmt: str = "auto") -> tuple[object, list[str]]:
     if not typed:
         raise InputError(f"no CSV or Parquet files found at {uri}")
     return fs, typed
-
-
-def _file_hash(fs, path: str, info: dict) -> str:
-    if not is_local(fs):
-        etag = info.get("ETag") or info.get("etag")
-        if etag:
-            return f"etag:{str(etag).strip(chr(34))}"
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _csv_header(fs, path: str, compression: str | None) -> list[str]:
@@ -174,7 +137,7 @@ def inspect_table(
     Raises:
         InputError / ModelMismatchError: with a message naming the file and the problem.
     """
-    fs, paths = list_table_files(uri, load.format)
+    fs, paths = list_table_files(uri, load.format, role)
     blocksize = load.blocksize_mb * (1 << 20)
     files: list[FileRecord] = []
     blocks: list[Block] = []
@@ -242,7 +205,7 @@ def inspect_table(
                 f"{furi} has different columns from {first_uri}: "
                 + ", ".join(p for p in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if p)
             )
-        files.append(FileRecord(path=furi, size=size, hash=_file_hash(fs, path, info)))
+        files.append(FileRecord(path=furi, size=size, hash=content_hash(fs, path, info)))
     if len(fmt_seen) > 1:
         raise InputError(f"{uri} mixes CSV and Parquet files; point it at one kind")
     assert columns is not None and sample is not None

@@ -1,11 +1,11 @@
-"""Dask-parallel preprocessing: split, encode, scaling statistics, partitions on storage.
+"""Dask-parallel preprocessing of tables: split, encode, scaling statistics, partitions on storage.
 
 One pass over the data on the Dask cluster: every partition is parsed and
 validated (``tasks.load``), given its deterministic train/validation flag,
 encoded to float32 features, summarised into mergeable moments, and written as
 ``preprocessed/part.NNNNN.parquet`` in the run directory. The scaling
-statistics are merged from the per-partition moments on the client (Chan's
-parallel variance), stored in ``preprocessed/stats.json`` and applied when the
+statistics are merged from the per-partition moments on the client
+(``tasks/scaling.py``), stored in ``preprocessed/stats.json`` and applied when the
 partitions are read back: memory stays bounded by the partition size, whatever
 the size of the input.
 
@@ -15,12 +15,8 @@ tested without Prefect.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
-import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -29,109 +25,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 
 from tasks.config import PreprocessConfig
 from tasks.errors import InputError
 from tasks.load import TableSource, to_dask
 from tasks.prefect_utils import IO_TASK
+from tasks.scaling import SPLIT_COL, ScalingStats, merge_moments, partition_moments
 from tasks.schemas import TableSchema
 from tasks.storage import RunDir, url_to_fs
 
-SPLIT_COL = "__aeflow_val"
-log = logging.getLogger("aeflow.preprocess")
-
-
-# ---------------------------------------------------------------------------------------
-# Dask client
-
-
-class _QuietUserErrors(WorkerPlugin):
-    """Dask worker plugin: a user's bad input is reported once by aeflow, not also as a
-    worker "Compute Failed" log with a traceback."""
-
-    name = "aeflow-quiet-user-errors"
-
-    def setup(self, worker: Any) -> None:
-        from tasks.errors import AeflowError
-
-        names = tuple(f"{c.__name__}(" for c in _subclasses(AeflowError))
-
-        class _Filter(logging.Filter):
-            def filter(self, record: logging.LogRecord) -> bool:
-                if str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple):
-                    return not any(str(a).startswith(names) for a in record.args)
-                return True
-
-        logging.getLogger("distributed.worker").addFilter(_Filter())
-
-    def teardown(self, worker: Any) -> None:
-        return None
-
-
-def _subclasses(cls: type) -> list[type]:
-    out, todo = [], [cls]
-    while todo:
-        c = todo.pop()
-        out.append(c)
-        todo.extend(c.__subclasses__())
-    return out
-
-
-def _install_plugins(client: Any) -> None:
-    try:
-        client.register_plugin(_QuietUserErrors(), name=_QuietUserErrors.name)
-    except Exception as e:  # a scheduler that refuses plugins still works; logs are just noisier
-        log.debug("could not register the worker plugin: %s", e)
-
-
-@contextlib.contextmanager
-def dask_client(address: str | None = None, n_workers: int | None = None) -> Iterator[Any]:
-    """A distributed client: the scheduler at ``address``, or a new ``LocalCluster``.
-
-    The client becomes Dask's default scheduler for the duration, so
-    ``.compute()`` anywhere in the flow (and in its tasks' threads) runs on it.
-    """
-    from distributed import Client, LocalCluster
-
-    if address:
-        try:
-            client = Client(address, timeout="20s")
-        except OSError as e:
-            raise InputError(f"cannot connect to the Dask scheduler at {address}: {e}") from e
-        _install_plugins(client)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    workers = n_workers or max(1, min(4, os.cpu_count() or 1))
-    # Worker processes read their logging config from the environment when they start.
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    # A worker still busy when the cluster closes is killed after a grace period; that is expected here.
-    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "warning"}):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.WARNING,
-        )
-        client = Client(cluster)
-        try:
-            _install_plugins(client)
-            yield client
-        finally:
-            # Shutting the local cluster down is cleanup: on a loaded machine it can outlast its
-            # timeout, which must not fail a run whose work is done (the workers are killed anyway).
-            for closer in (client.close, cluster.close):
-                try:
-                    closer()
-                except Exception as e:
-                    log.warning("Dask LocalCluster shutdown: %s", e)
+__all__ = ["SPLIT_COL", "PreparedTable", "ScalingStats", "prepare", "prepare_task", "read_prepared"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,133 +138,6 @@ def collect_categories(source: TableSource, max_categories: int = 100) -> TableS
     from tasks.load import with_schema
 
     return with_schema(source, source.schema.with_categories(merged))
-
-
-def partition_moments(df: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarray | int]:
-    """Mergeable per-column moments of the training rows, plus row counts."""
-    train = df[~df[SPLIT_COL]] if SPLIT_COL in df.columns else df
-    x = train[columns].to_numpy(dtype="float64", na_value=np.nan)
-    ok = ~np.isnan(x)
-    n = ok.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        total = np.where(ok, x, 0.0).sum(axis=0)
-        mean = np.where(n > 0, total / np.maximum(n, 1), 0.0)
-        m2 = np.where(ok, (x - mean) ** 2, 0.0).sum(axis=0)
-    big = np.finfo("float64").max
-    return {
-        "n": n.astype("int64"),
-        "mean": mean,
-        "m2": m2,
-        "min": np.where(ok, x, big).min(axis=0, initial=big),
-        "max": np.where(ok, x, -big).max(axis=0, initial=-big),
-        "nonnull_all": df[columns].notna().to_numpy().sum(axis=0).astype("int64"),
-        "rows": len(df),
-        "val_rows": int(df[SPLIT_COL].sum()) if SPLIT_COL in df.columns else 0,
-    }
-
-
-def merge_moments(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Chan et al.'s pairwise merge: exact mean and variance from partition moments."""
-    acc = None
-    for p in parts:
-        if acc is None:
-            acc = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in p.items()}
-            continue
-        n_a, n_b = acc["n"], p["n"]
-        n = n_a + n_b
-        delta = p["mean"] - acc["mean"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(n > 0, n_b / np.maximum(n, 1), 0.0)
-        acc["mean"] = acc["mean"] + delta * frac
-        acc["m2"] = acc["m2"] + p["m2"] + delta**2 * n_a * frac
-        acc["n"] = n
-        acc["min"] = np.minimum(acc["min"], p["min"])
-        acc["max"] = np.maximum(acc["max"], p["max"])
-        acc["nonnull_all"] = acc["nonnull_all"] + p["nonnull_all"]
-        acc["rows"] += p["rows"]
-        acc["val_rows"] += p["val_rows"]
-        for col, (count, examples) in p.get("unseen", {}).items():
-            have = acc.setdefault("unseen", {}).setdefault(col, [0, []])
-            have[0] += count
-            have[1] = sorted(set(have[1]) | set(examples))[:3]
-    if acc is None:
-        raise ValueError("no partitions")
-    return acc
-
-
-@dataclass(frozen=True)
-class ScalingStats:
-    """Per-column statistics of the training rows and the affine map they define."""
-
-    columns: tuple[str, ...]
-    scaler: str
-    count: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    min: tuple[float, ...]
-    max: tuple[float, ...]
-    onehot: tuple[bool, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_moments(cls, columns: list[str], mom: dict[str, Any], scaler: str, onehot: list[bool]) -> ScalingStats:
-        n = mom["n"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.sqrt(np.where(n > 1, mom["m2"] / np.maximum(n - 1, 1), 0.0))
-        mn = np.where(n > 0, mom["min"], 0.0)
-        mx = np.where(n > 0, mom["max"], 0.0)
-        return cls(
-            tuple(columns),
-            scaler,
-            tuple(int(v) for v in n),
-            tuple(float(v) for v in mom["mean"]),
-            tuple(float(v) for v in std),
-            tuple(float(v) for v in mn),
-            tuple(float(v) for v in mx),
-            tuple(onehot),
-        )
-
-    def offset_scale(self) -> tuple[np.ndarray, np.ndarray]:
-        """``x_scaled = (x - offset) / scale``; one-hot columns and constant columns pass through."""
-        k = len(self.columns)
-        if self.scaler == "none":
-            return np.zeros(k, "float32"), np.ones(k, "float32")
-        if self.scaler == "standard":
-            offset, scale = np.array(self.mean), np.array(self.std)
-        else:
-            offset, scale = np.array(self.min), np.array(self.max) - np.array(self.min)
-        scale = np.where(scale > 1e-12, scale, 1.0)
-        oh = np.array(self.onehot or [False] * k, dtype=bool)
-        offset = np.where(oh, 0.0, offset)
-        scale = np.where(oh, 1.0, scale)
-        return offset.astype("float32"), scale.astype("float32")
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        offset, scale = self.offset_scale()
-        return ((x - offset) / scale).astype("float32", copy=False)
-
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        offset, scale = self.offset_scale()
-        return (x * scale + offset).astype("float64", copy=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ScalingStats:
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-
-
-def scale(ddf: dd.DataFrame, stats: ScalingStats) -> dd.DataFrame:
-    """``ddf -> ddf``: apply the scaling to the encoded feature columns."""
-    cols = list(stats.columns)
-
-    def _scale(df: pd.DataFrame) -> pd.DataFrame:
-        out = df.copy()
-        out[cols] = stats.transform(df[cols].to_numpy(dtype="float32"))
-        return out
-
-    return ddf.map_partitions(_scale, meta=ddf._meta)
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def write_sample_tables(out_dir: str, overwrite: bool = False) -> dict[str, str]
 
 
 # ---------------------------------------------------------------------------------------
-# Image sets (issue 4): digits as PNG class folders, and scikit-image's bundled photographs.
+# Image sets: digits as PNG class folders, and scikit-image's bundled photographs.
 
 # Held out from every training set: the denoise benchmark scores these.
 HELDOUT_PHOTOS = ("camera", "astronaut", "coffee")

@@ -120,4 +120,18 @@ def files_under(root) -> list[str]:
     return sorted(out)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Markers that follow from what a test uses: ``s3`` for the moto S3 server, ``slow`` for a
+    real flow run or the end-to-end tier (deselect both with ``-m "not slow"`` for a quick pass)."""
+    import inspect
+
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))  # everything it uses, fixtures of fixtures included
+        direct = set(inspect.signature(item.function).parameters) if hasattr(item, "function") else set()
+        if direct & {"s3_endpoint", "s3fs_client"}:
+            item.add_marker(pytest.mark.s3)
+        if "prefect_server" in names or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 FAST_TRAIN = {"train.epochs": 6, "train.patience": 3, "train.batch_size": 64}

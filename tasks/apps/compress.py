@@ -10,33 +10,32 @@ rate-distortion plot and the BD-rate vs JPEG and WebP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from prefect import task
 from pydantic import Field, field_validator
 
 from models.codec import CodecConfig, ImageCodec, make_loss_fn, random_patches
 from models.metrics import bd_rate
-from models.training import TrainResult
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
+from tasks.apps.images_base import ImageApp
+from tasks.apps.kinds import ImageContext
 from tasks.codec import (
     JPEG_QUALITIES,
     WEBP_QUALITIES,
     LoadedCodec,
     check_quality,
     code_image,
+    codec_from_files,
     encode_png,
     from_chw,
-    load_codec_run,
     pillow_point,
 )
 from tasks.config import AppConfig, RunConfig, TrainConfig
-from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images
-from tasks.prefect_utils import COMPUTE_TASK
-from tasks.storage import RunDir
+from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images, shard_images, shard_rels
+from tasks.storage import RunDir, join_uri
 from tasks.train import train_model
 
 
@@ -97,36 +96,18 @@ class CompressRunConfig(RunConfig):
     train: TrainConfig = TrainConfig(epochs=20, batch_size=8, lr=5e-4, patience=5)
 
 
-@dataclass
-class CodecFitted:
-    """A trained (or loaded) codec, as the pipeline's publishing step expects it."""
-
-    codec: LoadedCodec
-    train: TrainResult | None = None
-    source_run: str | None = None
-
-    @property
-    def model(self) -> ImageCodec:
-        return self.codec.model
+def codec_of(fitted: Fitted) -> LoadedCodec:
+    """The fitted codec as the coding functions of ``tasks/codec.py`` take it (model, identity, source)."""
+    return LoadedCodec(model=fitted.model, identity=bytes.fromhex(fitted.state["codec_id"]),
+                       source=fitted.source_run or "")
 
 
-@dataclass
-class CompressContext:
-    """What the compress methods get: config, run directory and the loaded images (shards in the run)."""
-
-    config: CompressRunConfig
-    run: RunDir
-    train: ImageSet | None
-    target: ImageSet
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    _pixels: dict[str, list[tuple[np.ndarray, str]]] = field(default_factory=dict)
-
-    def pixels(self, imset: ImageSet) -> list[tuple[np.ndarray, str]]:
-        """The images of ``imset`` as (H, W) "L" / (H, W, 3) "RGB" arrays with their mode, read once."""
-        key = f"{imset.role}:{imset.source_uri}"
-        if key not in self._pixels:
-            self._pixels[key] = [from_chw(a) for a in iter_images(imset)]
-        return self._pixels[key]
+def pixels(ctx: ImageContext, imset: ImageSet) -> list[tuple[np.ndarray, str]]:
+    """The images of ``imset`` as (H, W) "L" / (H, W, 3) "RGB" arrays with their mode, read once per run."""
+    key = f"pixels:{imset.role}:{imset.source_uri}"
+    if key not in ctx.cache:
+        ctx.cache[key] = [from_chw(a) for a in iter_images(imset)]
+    return ctx.cache[key]
 
 
 class _EncodeProgress:
@@ -142,29 +123,52 @@ class _EncodeProgress:
             self.ui = UiProgress(key="compress-encoding", description=f"{what}: refined encodings done")
 
     def done(self, label: str) -> None:
+        self.done_many(1, label)
+
+    def done_many(self, n: int, label: str = "") -> None:
         if not self.active:
             return
-        self.count += 1
-        self.log.info("%s: %d/%d refined encodings (%s)", self.what, self.count, self.total, label)
+        self.count += n
+        self.log.info("%s: %d/%d refined encodings%s", self.what, self.count, self.total, f" ({label})" if label else "")
         self.ui.update(100.0 * self.count / self.total)
 
 
-def _join(base: str, rel: str) -> str:
-    return base.rstrip("/") + "/" + rel
+def _code_shard(index: int, *, app: CompressApp, ctx: ImageContext, fitted: Fitted) -> list[dict[str, Any]]:
+    """One shard of images through the codec on a Dask worker: their .aec files, decoded PNGs and metrics."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    q, a = app.quality(ctx.config, fitted), ctx.config.app
+    target, codec = app.target(ctx), codec_of(fitted)
+    rows = []
+    for rel, chw in zip(shard_rels(target, index), shard_images(target, index), strict=True):
+        img, mode = from_chw(chw)
+        coded = code_image(codec, img, mode, q, join_uri(target.source_uri, rel), a.refine_steps)
+        ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
+        ctx.run.write_bytes(f"decoded/{rel.rsplit('.', 1)[0]}.png", encode_png(coded.decoded))
+        h, w = img.shape[:2]
+        rows.append({
+            "image": rel, "width": w, "height": h, "mode": mode, "quality": q, "bytes": len(coded.data),
+            "bpp": coded.bpp, "psnr": coded.psnr, "ms_ssim": coded.ms_ssim,
+            "encode_s": coded.encode_s, "decode_s": coded.decode_s,
+            "payload_bits": coded.payload_bits, "estimate_bits": coded.estimate_bits,
+        })
+    return rows
 
 
-class CompressApp:
+@register
+class CompressApp(ImageApp):
     """The compress application: fit (train the codec), apply (code every image), evaluate, report."""
 
-    name: ClassVar[str] = "compress"
-    Config: ClassVar[type[AppConfig]] = CompressConfig
-    RunConfig: ClassVar[type[RunConfig]] = CompressRunConfig
-    # The common `aeflow run` options that apply (no table columns, no Dask, no validation split option).
-    common_options: ClassVar[tuple[str, ...]] = (
-        "input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed", "device",
-        "dask_address", "run_id",
-    )
-    cli_options: ClassVar[tuple[tuple[str, str, type, str], ...]] = (
+    name = "compress"
+    Config = CompressConfig
+    RunConfig = CompressRunConfig
+    model_kind = "codec"
+    model_kinds = ("codec",)
+    self_contained = True  # a run's files decode with the codec saved in the run itself
+    headlines = (("psnr", True), ("bd_rate_vs_jpeg_pct", False), ("bd_rate_vs_webp_pct", False))
+    # The common `aeflow run` options that apply (no table columns, no validation split option).
+    common_options = ("input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed",
+                      "device", "dask_address", "run_id")
+    cli_options = (
         ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
         ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),
         ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
@@ -174,16 +178,32 @@ class CompressApp:
         ("--skip-bad", "load.skip_bad", bool, "Leave out files that do not decode (listed in the manifest) instead of failing."),
     )
 
+    def device_for(self, config: RunConfig) -> torch.device:
+        # Coding runs on the CPU: the decoder must reproduce the encoder's numbers (training uses train.device).
+        super().device_for(config)  # a bad --device is still a configuration error
+        return torch.device("cpu")
+
+    def check_data(self, ctx: ImageContext) -> None:
+        """Any image size works (padded to the codec's stride and cropped back)."""
+
+    def check_fitted(self, config: RunConfig, fitted: Fitted) -> None:
+        self.quality(config, fitted)  # a bad --quality fails before any work
+
+    @staticmethod
+    def target(ctx: ImageContext) -> ImageSet:
+        """The images that are coded: --apply-to, else the input."""
+        return ctx.target if ctx.target is not None else ctx.train
+
     # -- fit ---------------------------------------------------------------------------------
-    def build_model(self, ctx: CompressContext) -> ImageCodec:
+    def build_model(self, ctx: ImageContext) -> ImageCodec:
         a = ctx.config.app
         return ImageCodec(CodecConfig(channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas)))
 
-    def fit(self, ctx: CompressContext) -> CodecFitted:
+    def fit(self, ctx: ImageContext) -> Fitted:
         """Train the codec on random crops of the training images; validation on held-back crops."""
         assert ctx.train is not None
         a, seed = ctx.config.app, ctx.config.train.seed
-        images = [img for img, _ in ctx.pixels(ctx.train)]
+        images = [img for img, _ in pixels(ctx, ctx.train)]
         train_x = random_patches(images, a.patches, a.patch_size, seed=seed)
         val_x = random_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
         model = self.build_model(ctx)
@@ -191,58 +211,45 @@ class CompressApp:
                              label="compress codec")
         model.to("cpu").eval()
         model.update_tables()
-        codec = LoadedCodec(model=model, identity=model.identity(), source=ctx.run.uri)
-        self.save(ctx.run, codec, result)
-        return CodecFitted(codec=codec, train=result)
+        return Fitted(model=model, state={"codec_id": model.identity().hex()}, train=result)
 
-    def save(self, run: RunDir, codec: LoadedCodec, result: TrainResult | None) -> None:
-        run.save_model(
-            codec.model.kind, codec.model.config.to_dict(), codec.model.state_dict(),
-            {"codec_id": codec.identity_hex,
-             "train": {k: v for k, v in (result.to_dict() if result else {}).items() if k != "history"}},
-        )
+    def save(self, run: RunDir, fitted: Fitted) -> None:
+        model = fitted.model
+        train = {k: v for k, v in (fitted.train.to_dict() if fitted.train else {}).items() if k != "history"}
+        run.save_model(model.kind, model.config.to_dict(), model.state_dict(),
+                       {"codec_id": fitted.state["codec_id"], "train": train})
 
-    def load(self, model_run: str) -> CodecFitted:
-        codec = load_codec_run(model_run)
-        return CodecFitted(codec=codec, source_run=codec.source)
+    def from_files(self, meta: dict[str, Any], state_dict: dict[str, Any], uri: str, device: torch.device) -> Fitted:
+        codec = codec_from_files(meta, state_dict, uri)
+        return Fitted(model=codec.model, state={"codec_id": codec.identity_hex}, source_run=uri,
+                      weights_hash=meta.get("weights"))
 
-    def quality(self, config: CompressRunConfig, fitted: CodecFitted) -> int:
+    def quality(self, config: CompressRunConfig, fitted: Fitted) -> int:
         """The level for codes/ and decoded/: ``--quality`` checked against the model, or its middle level."""
         q = config.app.quality
-        return check_quality(fitted.codec, fitted.model.config.levels // 2 if q is None else q)
+        return check_quality(codec_of(fitted), fitted.model.config.levels // 2 if q is None else q)
 
     # -- apply --------------------------------------------------------------------------------
-    def apply(self, ctx: CompressContext, fitted: CodecFitted) -> tuple[dict[str, str], pd.DataFrame]:
-        """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics."""
-        q = self.quality(ctx.config, fitted)
-        a = ctx.config.app
-        rows = []
-        tracker = _EncodeProgress(a.refine_steps, len(ctx.target), "codes")
-        for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
-            name = _join(ctx.target.source_uri, rel)
-            coded = code_image(fitted.codec, img, mode, q, name, a.refine_steps)
-            tracker.done(rel)
-            stem = rel.rsplit(".", 1)[0]
-            ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
-            ctx.run.write_bytes(f"decoded/{stem}.png", encode_png(coded.decoded))
-            h, w = img.shape[:2]
-            rows.append({
-                "image": rel, "width": w, "height": h, "mode": mode, "quality": q, "bytes": len(coded.data),
-                "bpp": coded.bpp, "psnr": coded.psnr, "ms_ssim": coded.ms_ssim,
-                "encode_s": coded.encode_s, "decode_s": coded.decode_s,
-                "payload_bits": coded.payload_bits, "estimate_bits": coded.estimate_bits,
-            })
-        table = pd.DataFrame(rows)
+    def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
+        """Code every target image at the chosen quality: codes/<rel>.aec, decoded/<rel>.png, per-image metrics.
+
+        One Dask task per shard of images (the codec shipped once per worker); coding is on the CPU."""
+        target = self.target(ctx)
+        tracker = _EncodeProgress(ctx.config.app.refine_steps, len(target), "codes")
+        shards = self.map_shards(ctx, fitted, _code_shard, list(range(len(target.shards))),
+                                 on_done=lambda rows: tracker.done_many(len(rows)))
+        table = pd.DataFrame([row for rows in shards for row in rows])
         with ctx.run.open("per_image.parquet", "wb") as f:
             table.to_parquet(f, index=False)
-        return {"codes": "codes", "decoded": "decoded", "per_image": "per_image.parquet"}, table
+        ctx.cache["per_image"] = table
+        return {"codes": "codes", "decoded": "decoded", "per_image": "per_image.parquet"}
 
     # -- evaluate -------------------------------------------------------------------------------
-    def evaluate(self, ctx: CompressContext, fitted: CodecFitted, per_image: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
         """Overall metrics at the chosen quality; RD sweep of every level and of JPEG/WebP; BD-rates."""
-        from tasks.apps import Evaluation
-
         a = ctx.config.app
+        per_image: pd.DataFrame = ctx.cache["per_image"]
+        target, codec = self.target(ctx), codec_of(fitted)
         px = (per_image["width"] * per_image["height"]).sum()
         metrics: dict[str, float | int | None] = {
             "images": len(per_image),
@@ -262,10 +269,10 @@ class CompressApp:
         rd_rows: list[dict[str, Any]] = []
         if a.rd_sweep:
             levels = fitted.model.config.levels
-            tracker = _EncodeProgress(a.refine_steps, len(ctx.target) * levels, "rate-distortion sweep")
-            for rel, (img, mode) in zip(ctx.target.rel, ctx.pixels(ctx.target), strict=True):
+            tracker = _EncodeProgress(a.refine_steps, len(target) * levels, "rate-distortion sweep")
+            for rel, (img, mode) in zip(target.rel, pixels(ctx, target), strict=True):
                 for level in range(levels):
-                    c = code_image(fitted.codec, img, mode, level, _join(ctx.target.source_uri, rel), a.refine_steps)
+                    c = code_image(codec, img, mode, level, join_uri(target.source_uri, rel), a.refine_steps)
                     tracker.done(f"{rel} level {level}")
                     rd_rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
                                     "ms_ssim": c.ms_ssim})
@@ -291,13 +298,15 @@ class CompressApp:
                          "(or MS-SSIM), over the PSNR range both curves cover; None when they do not overlap.")
             with ctx.run.open("rd.parquet", "wb") as f:
                 rd.to_parquet(f, index=False)
-        return Evaluation(metrics=metrics, baselines=baselines, notes=notes), rd
+        ctx.cache["rd"] = rd
+        return Evaluation(metrics=metrics, baselines=baselines, notes=notes)
 
     # -- report --------------------------------------------------------------------------------
-    def report(self, ctx: CompressContext, fitted: CodecFitted, rd: pd.DataFrame) -> dict[str, str]:
-        from tasks.report import plt, save_figure, training_curve
+    def report(self, ctx: ImageContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
+        from tasks.report import plt, save_figure
 
-        outputs: dict[str, str] = {}
+        outputs = super().report(ctx, fitted, evaluation)
+        rd: pd.DataFrame = ctx.cache.get("rd", pd.DataFrame())
         if len(rd):
             curves = rd.groupby(["codec", "setting"], as_index=False)[["bpp", "psnr", "ms_ssim"]].mean()
             fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -311,35 +320,7 @@ class CompressApp:
                 ax.set_xlabel("bits per pixel (file size)")
                 ax.grid(alpha=0.3)
                 ax.legend()
-            fig.suptitle(f"Rate-distortion on {len(ctx.target)} image(s)")
+            fig.suptitle(f"Rate-distortion on {len(self.target(ctx))} image(s)")
             outputs["rd_plot"] = save_figure(ctx.run, "report/rd.png", fig)
             outputs["rd"] = "rd.parquet"
-        if fitted.train is not None:
-            rel = training_curve(ctx.run, fitted.train.history)
-            if rel:
-                outputs["training_plot"] = rel
         return outputs
-
-
-APP = CompressApp()
-
-
-@task(name="fit", task_run_name="fit-compress", tags=["training"], **COMPUTE_TASK)
-def fit_task(ctx: CompressContext) -> CodecFitted:
-    return APP.fit(ctx)
-
-
-@task(name="apply", task_run_name="apply-compress", **COMPUTE_TASK)
-def apply_task(ctx: CompressContext, fitted: CodecFitted) -> tuple[dict[str, str], pd.DataFrame]:
-    return APP.apply(ctx, fitted)
-
-
-@task(name="evaluate", task_run_name="evaluate-compress", **COMPUTE_TASK)
-def evaluate_task(ctx: CompressContext, fitted: CodecFitted, per_image: pd.DataFrame):
-    return APP.evaluate(ctx, fitted, per_image)
-
-
-@task(name="report", task_run_name="report-compress", **COMPUTE_TASK)
-def report_task(ctx: CompressContext, fitted: CodecFitted, rd: pd.DataFrame) -> dict[str, str]:
-    return APP.report(ctx, fitted, rd)
-

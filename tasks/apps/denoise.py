@@ -28,13 +28,13 @@ from pydantic import Field, field_validator
 
 from models.conv import random_patches, tiled_apply
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
-from tasks.apps import Evaluation, register
-from tasks.apps.images_base import ImageApp, ImageContext, ImageFitted, ImageRunConfig, images_of
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
+from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig, images_of
+from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import InputError
-from tasks.images import ImageLoadConfig, encode_like, iter_images
-from tasks.report import save_figure, training_curve
-from tasks.apps.images_base import ConvModelConfig
+from tasks.images import ImageLoadConfig, encode_like, iter_images, shard_images, shard_rels
+from tasks.report import save_figure
 from tasks.train import train_model
 
 BASELINES = ("tv", "wavelet", "nl_means", "bm3d")
@@ -98,7 +98,7 @@ def _channels(images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 @torch.inference_mode()
-def denoise_array(fitted: ImageFitted, x: np.ndarray, device: torch.device, tile: int, overlap: int) -> np.ndarray:
+def denoise_array(fitted: Fitted, x: np.ndarray, device: torch.device, tile: int, overlap: int) -> np.ndarray:
     """Denoise one float ``(C, H, W)`` image in [0, 1] (any size, any channels); returns float in [0, 1]."""
     model = fitted.model
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(device)  # channels as a batch
@@ -135,11 +135,23 @@ def _psnr_ssim(clean: np.ndarray, est: np.ndarray) -> tuple[float, float]:
     return psnr, ssim
 
 
+def _denoise_shard(index: int, *, app: Denoise, ctx: ImageContext, fitted: Fitted) -> int:
+    """One shard of the applied images on a Dask worker: ``denoised/<relative path>`` for each."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    cfg: Config = ctx.config.app  # type: ignore[assignment]
+    rels = shard_rels(ctx.target, index)
+    for rel, img in zip(rels, shard_images(ctx.target, index), strict=True):
+        out = denoise_array(fitted, img.astype(np.float32) / 255.0, ctx.device, cfg.tile, cfg.overlap)
+        ctx.run.write_bytes(f"denoised/{rel}", encode_like(np.round(out * 255.0).astype(np.uint8), rel))
+    return len(rels)
+
+
 @register
 class Denoise(ImageApp):
     name = "denoise"
     Config = Config
     RunConfig = DenoiseRunConfig
+    headlines = (("psnr", True), ("ssim", True))
     cli_options = ImageApp.cli_options + (
         ("--clean-reference", "load.reference", str, "Clean images with the same relative paths as --apply-to: PSNR/SSIM and baselines."),
         ("--sigma", "app.sigma", float, "Gaussian noise sigma in 0..255 units (training, held-out evaluation)."),
@@ -159,7 +171,7 @@ class Denoise(ImageApp):
         super().check_sizes(config, imset, role, why)
 
     # -- fit ------------------------------------------------------------------------------
-    def fit(self, ctx: ImageContext) -> ImageFitted:
+    def fit(self, ctx: ImageContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         tr_idx, va_idx = ctx.split()
         images = images_of(ctx.train)
@@ -180,16 +192,13 @@ class Denoise(ImageApp):
         model.to(ctx.device).eval()
         state = {"noise": cfg.noise_config().to_dict(), "patch_size": cfg.patch_size,
                  "train_images": len(tr_idx), "val_images": len(va_idx)}
-        return ImageFitted(model=model, state=state, train=result)
+        return Fitted(model=model, state=state, train=result)
 
     # -- apply ----------------------------------------------------------------------------
-    def apply(self, ctx: ImageContext, fitted: ImageFitted) -> dict[str, str]:
+    def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
         if ctx.target is None:
             return {}
-        cfg: Config = ctx.config.app  # type: ignore[assignment]
-        for rel, img in zip(ctx.target.rel, iter_images(ctx.target), strict=True):
-            out = denoise_array(fitted, img.astype(np.float32) / 255.0, ctx.device, cfg.tile, cfg.overlap)
-            ctx.run.write_bytes(f"denoised/{rel}", encode_like(np.round(out * 255.0).astype(np.uint8), rel))
+        self.map_shards(ctx, fitted, _denoise_shard, list(range(len(ctx.target.shards))))
         return {"denoised": "denoised"}
 
     # -- evaluate -------------------------------------------------------------------------
@@ -232,7 +241,7 @@ class Denoise(ImageApp):
             pairs.append((ctx.train.rel[i], noisy, clean))
         return pairs, sigma, f"{len(pairs)} {where} images with Gaussian noise sigma={cfg.sigma:g}/255"
 
-    def evaluate(self, ctx: ImageContext, fitted: ImageFitted) -> Evaluation:
+    def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         pairs, sigma, where = self._pairs(ctx, cfg)
@@ -289,13 +298,6 @@ class Denoise(ImageApp):
             ctx.artifacts["side_by_side"] = _side_by_side(ctx, pairs, outputs, best, rows, cfg.side_by_side)
         return ev
 
-    def report(self, ctx: ImageContext, fitted: ImageFitted, evaluation: Evaluation) -> dict[str, str]:
-        out = dict(ctx.artifacts)
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                out["training_plot"] = curve
-        return out
 
 
 def _crop(a: np.ndarray, size: int = 256) -> np.ndarray:

@@ -52,17 +52,20 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
-from models.dense import DenseAEConfig, DenseAutoencoder
+from models.dense import DenseAutoencoder
 from models.detector import DetectorConfig, KnnAutoencoderDetector
 from models.training import predict
-from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.kinds import TableContext
+from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
-from tasks.report import save_figure, training_curve
+from tasks.report import save_figure
 from tasks.train import train_model
 
 log = logging.getLogger("aeflow.detect")
 PYOD_MIN_ROWS = 64
 SCALE_ROWS = 100_000  # training rows (sampled) whose score parts fix the parts' centres and scales
+EVAL_ROWS = 100_000  # scored rows (sampled) the metrics, the baselines and the histogram use
 
 
 class Config(AppConfig):
@@ -172,8 +175,7 @@ def fit_detector(
     from every training row.
     Only the final fit writes checkpoints to ``run`` (the first one is short and seeded).
     """
-    ae_cfg = DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                           model_cfg.dropout, model_cfg.batch_norm)
+    ae_cfg = model_cfg.dense(train_x.shape[1])
     trim = contamination if robust else 0.0
     steps_per_epoch = max(1, -(-len(train_x) // train_cfg.batch_size))
     if train_cfg.epochs * steps_per_epoch < min_steps:
@@ -286,6 +288,8 @@ class Detect(TableApp):
     name = "detect"
     Config = Config
     RunConfig = DetectRunConfig
+    output = "scores"
+    headlines = (("roc_auc", True), ("average_precision", True))
     cli_options = (
         ("--contamination", "app.contamination", float, "Expected share of anomalies in the training data, in (0, 0.5]."),
         ("--threshold", "app.threshold", float, "Fixed score threshold instead of the contamination percentile."),
@@ -313,21 +317,16 @@ class Detect(TableApp):
         # A --threshold given when reusing a model overrides the fitted one; otherwise threshold_ stands.
         return float(cfg.threshold) if cfg.threshold is not None else float(fitted.state["threshold_"])
 
-    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        thr = self.threshold(ctx, fitted)
-        with PartWriter(ctx.run, "scores.parquet") as out:
-            for x, side in iter_parts(ctx.target, fitted.stats):
-                s = anomaly_scores(fitted.model, x, ctx.device)
-                df = pd.DataFrame({"score": s.astype("float64"), "is_anomaly": s > thr})
-                if fitted.schema.id:
-                    df.insert(0, fitted.schema.id, side[fitted.schema.id].to_numpy())
-                out.write(df)
-        return {"scores": "scores.parquet"}
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        s = anomaly_scores(fitted.model, x, ctx.device)
+        return pd.DataFrame({"score": s.astype("float64"), "is_anomaly": s > self.threshold(ctx, fitted)})
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
-        x, side = ctx.target_arrays
+        x, side, total = ctx.sample("target", "all", EVAL_ROWS, ctx.config.train.seed)
+        if total > len(x):
+            ev.notes.append(f"metrics and baselines on a seeded sample of {len(x):,} of the {total:,} scored rows")
         scores = anomaly_scores(fitted.model, x, ctx.device)
         thr = self.threshold(ctx, fitted)
         flagged = scores > thr
@@ -347,8 +346,8 @@ class Detect(TableApp):
         ev.metrics["precision_at_threshold"] = tp / max(int(flagged[known].sum()), 1)
         ev.metrics["recall_at_threshold"] = tp / int(y.sum())
         if ctx.train is not None:
-            tx, vx, _, _ = ctx.train_arrays
-            fit_x = np.concatenate([tx, vx])
+            seed = ctx.config.train.seed
+            fit_x = np.concatenate([ctx.sample("train", split, EVAL_ROWS // 2, seed)[0] for split in ("train", "val")])
             where = "fitted on the input, scoring the applied data" if ctx.target is not ctx.train else "fitted and scored on the input"
         else:
             fit_x, where = x, "fitted and scored on the applied data (the model was reused)"
@@ -362,7 +361,7 @@ class Detect(TableApp):
         import matplotlib.pyplot as plt
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        x, side = ctx.target_arrays
+        x, side, _ = ctx.sample("target", "all", EVAL_ROWS, ctx.config.train.seed)
         scores = anomaly_scores(fitted.model, x, ctx.device)
         thr = self.threshold(ctx, fitted)
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -378,9 +377,6 @@ class Detect(TableApp):
         ax.set_ylabel("rows")
         ax.set_title(f"Scores: {int((scores > thr).sum())} of {len(scores)} above the threshold")
         ax.legend()
-        out = {"histogram": save_figure(ctx.run, "report/score_histogram.png", fig)}
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                out["training_plot"] = curve
+        out = super().report(ctx, fitted, evaluation)
+        out["histogram"] = save_figure(ctx.run, "report/score_histogram.png", fig)
         return out

@@ -24,12 +24,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from models.dense import DenseAEConfig, DenseAutoencoder
+from models.dense import DenseAutoencoder
 from models.training import predict
-from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.kinds import TableContext
+from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
-from tasks.preprocess import read_prepared
-from tasks.report import training_curve
 from tasks.train import train_model
 
 
@@ -64,10 +64,7 @@ def train_encoder(
     val = rng.random(len(x)) < val_fraction
     if val.all() or not val.any():
         val = np.zeros(len(x), bool)
-    model = DenseAutoencoder(
-        DenseAEConfig(x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                      model_cfg.dropout, model_cfg.batch_norm)
-    )
+    model = DenseAutoencoder(model_cfg.dense(x.shape[1]))
     train_model(model, x[~val], x[val], train_cfg, run=None, label="extract encoder (evaluation fold)", show_progress=False)
     return model
 
@@ -141,20 +138,15 @@ class Extract(TableApp):
     name = "extract"
     Config = Config
     RunConfig = ExtractRunConfig
+    output = "features"
+    headlines = (("accuracy", True), ("accuracy_10_per_class", True))
     cli_options = (
         ("--latent-dim", "model.latent_dim", int, "Number of extracted features k (f_0..f_{k-1})."),
         ("--cv-folds", "app.cv_folds", int, "Stratified folds of the downstream-accuracy evaluation."),
     )
 
-    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        k = fitted.model.config.latent_dim
-        with PartWriter(ctx.run, "features.parquet") as out:
-            for x, side in iter_parts(ctx.target, fitted.stats):
-                df = pd.DataFrame(self.encode(fitted, x, ctx.device).astype("float32"), columns=[f"f_{i}" for i in range(k)])
-                if fitted.schema.id:
-                    df.insert(0, fitted.schema.id, side[fitted.schema.id].to_numpy())
-                out.write(df)
-        return {"features": "features.parquet"}
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        return self.code_frame(self.encode(fitted, x, ctx.device), "f_")
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
@@ -164,15 +156,13 @@ class Extract(TableApp):
         if not label or prep.label_column is None:
             ev.notes.append("no label column: downstream accuracy not evaluated")
             return ev
-        x, side = read_prepared(prep)
+        # The evaluation trains one encoder per fold: on a seeded sample of at most cv_max_rows rows.
+        x, side, total = ctx.sample("target", "all", cfg.cv_max_rows, ctx.config.train.seed)
+        if total > len(x):
+            ev.notes.append(f"evaluation on a seeded sample of {len(x):,} of {total:,} rows")
         y = side[label].to_numpy()
         keep = pd.notna(side[label]).to_numpy()
         x, y = x[keep], y[keep].astype(str)
-        rng = np.random.default_rng(ctx.config.train.seed)
-        if len(x) > cfg.cv_max_rows:
-            idx = np.sort(rng.choice(len(x), cfg.cv_max_rows, replace=False))
-            x, y = x[idx], y[idx]
-            ev.notes.append(f"evaluation on a sample of {cfg.cv_max_rows} rows")
         _, counts = np.unique(y, return_counts=True)
         folds = min(cfg.cv_folds, int(counts.min()) if len(counts) else 0)
         if len(counts) < 2 or folds < 2:
@@ -194,10 +184,3 @@ class Extract(TableApp):
             f"stratified {folds}-fold LogisticRegression accuracy; PCA and the autoencoder fitted on training folds only"
         )
         return ev
-
-    def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                return {"training_plot": curve}
-        return {}

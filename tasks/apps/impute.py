@@ -34,14 +34,15 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from models.dense import DenseAEConfig, ImputerConfig, MaskedImputer, imputer_loss
+from models.dense import ImputerConfig, MaskedImputer, imputer_loss
 from models.training import predict
-from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.kinds import TableContext
+from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
 from tasks.errors import InputError
 from tasks.load import read_block
-from tasks.preprocess import ScalingStats
-from tasks.report import training_curve
+from tasks.scaling import ScalingStats
 from tasks.schemas import ColumnSpec, TableSchema
 from tasks.train import train_model
 
@@ -99,6 +100,7 @@ def numeric_groups(d: int) -> list[Group]:
 
 
 HEAD_MAX_FEATURES = 1024
+EVAL_ROWS = 100_000  # rows (sampled) whose cells the evaluation hides
 
 
 def fit_imputer(
@@ -111,8 +113,7 @@ def fit_imputer(
     (default: all; the app passes the numeric ones). No head on tables wider than
     ``HEAD_MAX_FEATURES`` encoded columns (its fit solves one such system per column)."""
     model = MaskedImputer(ImputerConfig(
-        DenseAEConfig(train_x.shape[1], model_cfg.latent_dim, tuple(model_cfg.hidden), model_cfg.activation,
-                      model_cfg.dropout, model_cfg.batch_norm),
+        model_cfg.dense(train_x.shape[1]),
         members=members, passes=passes, head=0 < head_alpha and train_x.shape[1] <= HEAD_MAX_FEATURES,
     ))
     loss = partial(imputer_loss, hide=mask_fraction)
@@ -235,6 +236,9 @@ class Impute(TableApp):
     RunConfig = ImputeRunConfig
     allow_nulls = True
     model_kind = "masked_imputer"
+    output = "imputed"
+    carries_id = False  # the input's own columns, the id among them
+    headlines = (("rmse", False), ("accuracy", True))
     cli_options = (
         ("--mask-fraction", "app.mask_fraction", float, "Share of observed cells hidden in each training batch."),
         ("--eval-fraction", "app.eval_fraction", float, "Share of observed cells hidden for the evaluation (MCAR)."),
@@ -258,52 +262,53 @@ class Impute(TableApp):
                                     head_columns=numeric, run=ctx.run, show_progress=True)
         return Fitted(model=model, schema=ctx.schema, stats=prep.stats, train=result)
 
-    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        schema = fitted.schema
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        """The partition's raw rows (as read) with their missing feature cells filled."""
+        schema, source = fitted.schema, ctx.source
         groups = feature_groups(schema)
         dtypes = schema.extra.get("dtypes", {})
-        source = ctx.source
-        with PartWriter(ctx.run, "imputed.parquet") as out:
-            for block, (x, _side) in zip(source.blocks, iter_parts(ctx.target, fitted.stats), strict=True):
-                raw = read_block(block, source.schema, source.columns).reset_index(drop=True)
-                if len(raw) != len(x):
-                    raise RuntimeError(f"partition {block.index} of {block.uri}: {len(raw)} rows read, {len(x)} prepared")
-                values = fitted.stats.inverse(fill(x, reconstruct(fitted.model, x, ctx.device), groups))
-                for g in groups:
-                    name = g.spec.name
-                    missing = raw[name].isna().to_numpy()
-                    if not missing.any():
-                        continue
-                    if g.spec.kind == "numeric":
-                        col = raw[name].to_numpy(dtype="float64", na_value=np.nan, copy=True)
-                        col[missing] = values[missing, g.cols[0]]
-                        raw[name] = col
-                    else:
-                        cats = np.array(g.spec.categories, dtype=object)
-                        col = raw[name].to_numpy(dtype=object, copy=True)
-                        col[missing] = cats[np.argmax(values[missing][:, list(g.cols)], axis=1)]
-                        raw[name] = col
-                for name in raw.columns:
-                    raw[name] = _restore_dtype(raw[name], dtypes.get(name))
-                out.write(raw)
-        return {"imputed": "imputed.parquet"}
+        block = source.blocks[index]
+        raw = read_block(block, source.schema, source.columns).reset_index(drop=True)
+        if len(raw) != len(x):
+            raise RuntimeError(f"partition {block.index} of {block.uri}: {len(raw)} rows read, {len(x)} prepared")
+        values = fitted.stats.inverse(fill(x, reconstruct(fitted.model, x, ctx.device), groups))
+        for g in groups:
+            name = g.spec.name
+            missing = raw[name].isna().to_numpy()
+            if not missing.any():
+                continue
+            if g.spec.kind == "numeric":
+                col = raw[name].to_numpy(dtype="float64", na_value=np.nan, copy=True)
+                col[missing] = values[missing, g.cols[0]]
+                raw[name] = col
+            else:
+                cats = np.array(g.spec.categories, dtype=object)
+                col = raw[name].to_numpy(dtype=object, copy=True)
+                col[missing] = cats[np.argmax(values[missing][:, list(g.cols)], axis=1)]
+                raw[name] = col
+        for name in raw.columns:
+            raw[name] = _restore_dtype(raw[name], dtypes.get(name))
+        return raw
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         groups = feature_groups(fitted.schema)
+        # Bounded memory: the evaluation hides cells of at most EVAL_ROWS rows, the baselines are
+        # fitted on at most baseline_max_rows (seeded samples; all rows, in order, when there are fewer).
+        seed, cap = cfg.eval_seed, cfg.baseline_max_rows
         if ctx.train is not None and ctx.target is ctx.train:
-            fit_x, eval_x, _, _ = ctx.train_arrays
+            fit_x, eval_x = ctx.sample("train", "train", cap, seed)[0], ctx.sample("train", "val", EVAL_ROWS, seed)[0]
             where = "held-out validation rows; baselines fitted on the training rows"
             if len(eval_x) == 0:
-                eval_x, fit_x = fit_x, None
+                eval_x, fit_x = ctx.sample("train", "train", EVAL_ROWS, seed)[0], None
                 where = "the training rows (no validation rows); baselines fitted on them"
         elif ctx.train is not None:
-            tx, vx, _, _ = ctx.train_arrays
-            fit_x, (eval_x, _) = np.concatenate([tx, vx]), ctx.target_arrays
+            fit_x = np.concatenate([ctx.sample("train", split, cap // 2, seed)[0] for split in ("train", "val")])
+            eval_x = ctx.sample("target", "all", EVAL_ROWS, seed)[0]
             where = "the applied data; baselines fitted on the input"
         else:
-            fit_x, (eval_x, _) = None, ctx.target_arrays
+            fit_x, eval_x = None, ctx.sample("target", "all", EVAL_ROWS, seed)[0]
             where = "the applied data; baselines fitted on it (the model was reused)"
         n_missing = int(sum(np.isnan(eval_x[:, g.cols[0]]).sum() for g in groups))
         ev.metrics["missing_share"] = n_missing / max(eval_x.shape[0] * len(groups), 1)
@@ -316,9 +321,6 @@ class Impute(TableApp):
         truth = stats.inverse(np.nan_to_num(eval_x))
         ours = stats.inverse(fill(hidden_x, reconstruct(fitted.model, hidden_x, ctx.device), groups))
         ev.metrics.update(imputation_errors(truth, ours, hidden, groups, lo, hi))
-        if fit_x is not None and len(fit_x) > cfg.baseline_max_rows:
-            rows = np.random.default_rng(cfg.eval_seed).choice(len(fit_x), cfg.baseline_max_rows, replace=False)
-            fit_x = fit_x[np.sort(rows)]
         for name, imp in baseline_imputations(fit_x, hidden_x, groups, k=cfg.knn_neighbors,
                                                seed=ctx.config.train.seed).items():
             errs = imputation_errors(truth, stats.inverse(imp), hidden, groups, lo, hi)
@@ -328,10 +330,3 @@ class Impute(TableApp):
             "RMSE on min-max scaled values (training min/max), accuracy over categorical cells"
         )
         return ev
-
-    def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                return {"training_plot": curve}
-        return {}

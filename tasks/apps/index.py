@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -29,13 +28,12 @@ from pydantic import Field
 
 from models.conv import latent_noise_loss
 from models.training import predict
-from tasks.apps import Evaluation, register
-from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageContext, ImageFitted, ImageRunConfig
+from tasks.apps.base import Evaluation, Fitted, on_worker, register
+from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
+from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
-from tasks.errors import ConfigError, InputError, ModelMismatchError
-from tasks.images import ImageLoadConfig, decode_image, stack_images
-from tasks.report import training_curve
-from tasks.storage import MODEL_DIR, RunDir, open_model_source, open_run, url_to_fs
+from tasks.errors import ConfigError, ModelMismatchError
+from tasks.images import ImageLoadConfig, shard_images, stack_images
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -218,11 +216,26 @@ def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 # The application
 
 
+def _encode_shard(index: int, *, app: Index, ctx: ImageContext, fitted: Fitted) -> np.ndarray:
+    """The codes of one shard of images, on a Dask worker."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    imset = ctx.target if ctx.target is not None else ctx.train
+    x = np.stack(shard_images(imset, index))
+    want = fitted.model.config.in_channels
+    if x.shape[1] != want:
+        raise ModelMismatchError(
+            f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
+            f"{ctx.config.load.mode} gives {x.shape[1]} channels"
+        )
+    return encode_images(fitted.model, x, ctx.device)
+
+
 @register
 class Index(ImageApp):
     name = "index"
     Config = Config
     RunConfig = IndexRunConfig
+    headlines = (("precision_at_10", True), ("recall_at_10", True))
     cli_options = ImageApp.cli_options + (
         ("--image-size", "load.size", int, "Images are resized to this square size before encoding."),
         ("--index-type", "app.index", str, "auto (exact up to --ann-threshold, HNSW above), exact, hnsw or ivf."),
@@ -241,7 +254,7 @@ class Index(ImageApp):
         assert imset is not None
         return imset, stack_images(imset)
 
-    def fit(self, ctx: ImageContext) -> ImageFitted:
+    def fit(self, ctx: ImageContext) -> Fitted:
         tr, va = ctx.split()
         x = stack_images(ctx.train)
         model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
@@ -249,20 +262,15 @@ class Index(ImageApp):
                              loss_fn=index_loss(ctx.config.app), label="index autoencoder")  # type: ignore[arg-type]
         model.to(ctx.device).eval()
         state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x.shape[1])}
-        return ImageFitted(model=model, state=state, train=result)
+        return Fitted(model=model, state=state, train=result)
 
-    def apply(self, ctx: ImageContext, fitted: ImageFitted) -> dict[str, str]:
+    def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
         import pandas as pd
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        imset, x = self._images(ctx)
-        want = fitted.model.config.in_channels
-        if x.shape[1] != want:
-            raise ModelMismatchError(
-                f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
-                f"{ctx.config.load.mode} gives {x.shape[1]} channels"
-            )
-        codes = encode_images(fitted.model, x, ctx.device)
+        imset = ctx.target if ctx.target is not None else ctx.train
+        # Codes per shard on the Dask workers (the model shipped once per worker); the index is built here.
+        codes = np.concatenate(self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards)))))
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
         buf = io.BytesIO()
@@ -296,7 +304,7 @@ class Index(ImageApp):
         ctx.cache["codes"], ctx.cache["index"] = codes, index
         return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": f"{INDEX_DIR}/codes.npy"}
 
-    def evaluate(self, ctx: ImageContext, fitted: ImageFitted) -> Evaluation:
+    def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
         from sklearn.decomposition import PCA
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
@@ -339,9 +347,9 @@ class Index(ImageApp):
         ev.notes.append(f"recall@{k} of the {index_kind(index)} index against exact search; QPS on one batch of {len(q)} queries")
         return ev
 
-    def report(self, ctx: ImageContext, fitted: ImageFitted, evaluation: Evaluation) -> dict[str, str]:
+    def report(self, ctx: ImageContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        out: dict[str, str] = {}
+        out = super().report(ctx, fitted, evaluation)
         codes, index = ctx.cache.get("codes"), ctx.cache.get("index")
         imset, x = self._images(ctx)
         if cfg.contact_queries and codes is not None and len(codes) > 1:
@@ -359,10 +367,6 @@ class Index(ImageApp):
                                 [imset.rel[i] for i in q], [[imset.rel[j] for j in row if j >= 0] for row in nn_i])
             ctx.run.write_bytes("report/contact_sheet.png", png)
             out["contact_sheet"] = "report/contact_sheet.png"
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                out["training_plot"] = curve
         return out
 
 
@@ -407,97 +411,3 @@ def contact_sheet(queries: list[np.ndarray], results: list[list[np.ndarray]], di
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------
-# Search (aeflow search)
-
-
-@dataclass
-class SearchHit:
-    rank: int
-    id: int
-    path: str
-    label: str
-    distance: float
-
-
-@dataclass
-class LoadedIndex:
-    run: RunDir
-    meta: dict[str, Any]
-    index: Any
-    ids: Any
-    fitted: ImageFitted
-
-
-def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
-    """Open an index run and the model it was built with; check they belong together."""
-    import pandas as pd
-
-    device = device or torch.device("cpu")
-    run = open_run(uri)
-    if run.app != "index" or not run.exists(f"{INDEX_DIR}/meta.json"):
-        raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
-    meta = run.read_json(f"{INDEX_DIR}/meta.json")
-    model_run = run if run.exists(f"{MODEL_DIR}/config.json") else open_model_source(meta["model_run"])
-    fitted = Index().load(model_run, device)
-    if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
-        raise ModelMismatchError(
-            f"index {uri} was built with another model: its codes come from weights {meta['model_weights'][:19]}…, "
-            f"but {model_run.uri} holds {str(fitted.weights_hash)[:19]}…; rebuild the index with this model"
-        )
-    index = deserialize_index(run.read_bytes(f"{INDEX_DIR}/index.faiss"), meta)
-    if index.d != meta["dim"]:
-        raise ModelMismatchError(f"index {uri}: index dimension {index.d} differs from meta.json's {meta['dim']}")
-    with run.open(f"{INDEX_DIR}/ids.parquet", "rb") as f:
-        ids = pd.read_parquet(f)
-    return LoadedIndex(run, meta, index, ids, fitted)
-
-
-def read_query(uri: str, meta: dict[str, Any]) -> np.ndarray:
-    """Decode a query image the way the index's images were (mode, size): any mode/size is converted."""
-    fs, path = url_to_fs(uri)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError as e:
-        raise InputError(f"query {uri} does not exist") from e
-    except OSError as e:
-        raise InputError(f"cannot read query {uri}: {e}") from e
-    img = meta["image"]
-    try:
-        return decode_image(data, img["mode"], img["size"], img.get("fit", "resize"))
-    except ValueError as e:
-        raise InputError(f"query {uri}: {e}") from e
-
-
-def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.device | None = None) -> tuple[list[list[SearchHit]], list[np.ndarray]]:
-    """The ``k`` nearest images of each query (one batched encode and search)."""
-    device = device or torch.device("cpu")
-    if k < 1:
-        raise ConfigError(f"--k must be >= 1, got {k}")
-    arrays = [read_query(q, loaded.meta) for q in queries]
-    x = np.stack(arrays)
-    want = loaded.fitted.model.config.in_channels
-    if x.shape[1] != want:  # cannot happen with mode gray/rgb; "keep" indexes would need one mode
-        raise InputError(f"queries decode to {x.shape[1]} channels but the index's model takes {want}")
-    codes = encode_images(loaded.fitted.model, x, device)
-    if codes.shape[1] != loaded.meta["dim"]:
-        raise ModelMismatchError(f"query codes have {codes.shape[1]} dimensions, the index {loaded.meta['dim']}")
-    dist, idx = loaded.index.search(codes, min(k, loaded.meta["n"]))
-    out = []
-    for drow, irow in zip(dist, idx, strict=True):
-        hits = []
-        for rank, (d, i) in enumerate(((d, i) for d, i in zip(drow, irow, strict=True) if i >= 0), start=1):
-            r = loaded.ids.iloc[int(i)]
-            hits.append(SearchHit(rank, int(r["id"]), str(r["path"]), str(r["label"]), float(d)))
-        out.append(hits)
-    return out, arrays
-
-
-def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:
-    """Contact sheet of queries and their results (results decoded from their original files)."""
-    results = [[read_query(h.path, loaded.meta) for h in row] for row in hits]
-    dist = np.array([[h.distance for h in row] + [np.nan] * (max(len(r) for r in hits) - len(row)) for row in hits])
-    return contact_sheet(arrays, results, dist, queries, [[h.path for h in row] for row in hits])

@@ -14,9 +14,11 @@ from pydantic import Field
 from sklearn.decomposition import PCA
 from sklearn.manifold import trustworthiness
 
-from tasks.apps import Evaluation, Fitted, PartWriter, TableApp, TableContext, iter_parts, register
+from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.kinds import TableContext
+from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig
-from tasks.report import scatter_2d, training_curve
+from tasks.report import scatter_2d
 
 
 class Config(AppConfig):
@@ -35,8 +37,7 @@ class ReduceRunConfig(RunConfig):
     model: ModelConfig = ModelConfig(latent_dim=2)
 
 
-def _sample(n: int, k: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False)) if n > k else np.arange(n)
+PCA_FIT_ROWS = 100_000  # training rows (sampled) the PCA baseline is fitted on
 
 
 @register
@@ -44,59 +45,60 @@ class Reduce(TableApp):
     name = "reduce"
     Config = Config
     RunConfig = ReduceRunConfig
+    output = "embeddings"
+    headlines = (("recon_mse", False), ("trustworthiness", True))
     cli_options = (("--latent-dim", "model.latent_dim", int, "Dimensions of the embedding."),)
 
-    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
-        k = fitted.model.config.latent_dim
-        with PartWriter(ctx.run, "embeddings.parquet") as out:
-            for x, side in iter_parts(ctx.target, fitted.stats):
-                z = self.encode(fitted, x, ctx.device)
-                df = pd.DataFrame(z.astype("float32"), columns=[f"z_{i}" for i in range(k)])
-                if fitted.schema.id:
-                    df.insert(0, fitted.schema.id, side[fitted.schema.id].to_numpy())
-                out.write(df)
-        return {"embeddings": "embeddings.parquet"}
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        return self.code_frame(self.encode(fitted, x, ctx.device), "z_")
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
+        """Reconstruction MSE over every held-out row (one partition at a time), trustworthiness on a
+        seeded sample of ``trust_sample`` of them, PCA fitted on at most ``PCA_FIT_ROWS`` training rows."""
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        k = fitted.model.config.latent_dim
+        k, seed = fitted.model.config.latent_dim, ctx.config.train.seed
         ev = Evaluation()
-        if ctx.train is not None:
-            train_x, val_x, _, _ = ctx.train_arrays
-            where = "held-out validation rows"
-        else:
-            # Applying a saved model: score it on the data it is applied to.
-            train_x, (val_x, _) = None, ctx.target_arrays
-            where = "the applied data"
-        if len(val_x) == 0:
+        # Applying a saved model: score it on the data it is applied to.
+        which, split, where = ("train", "val", "held-out validation rows") if ctx.train is not None else (
+            "target", "all", "the applied data")
+        n = ctx.count(which, split)
+        if n == 0:
             ev.notes.append("no held-out rows (val_fraction = 0): metrics skipped")
             return ev
-        recon = self.reconstruct(fitted, val_x, ctx.device)
-        z = self.encode(fitted, val_x, ctx.device)
-        ev.metrics["recon_mse"] = float(np.mean((recon - val_x) ** 2))
-        idx = _sample(len(val_x), cfg.trust_sample, ctx.config.train.seed)
-        nn_k = min(cfg.trust_neighbors, max(1, len(idx) // 2 - 1))
-        ev.metrics["trustworthiness"] = float(trustworthiness(val_x[idx], z[idx], n_neighbors=nn_k))
-        ev.metrics["n_eval_rows"] = len(val_x)
-        if train_x is not None and k <= min(train_x.shape):
-            fit_rows = _sample(len(train_x), 100_000, ctx.config.train.seed)
-            pca = PCA(n_components=k, random_state=ctx.config.train.seed).fit(train_x[fit_rows])
-            zp = pca.transform(val_x)
+        pca = None
+        if ctx.train is not None:
+            fit_x, _, n_train = ctx.sample("train", "train", PCA_FIT_ROWS, seed)
+            if k <= min(fit_x.shape):
+                pca = PCA(n_components=k, random_state=seed).fit(fit_x)
+                if n_train > len(fit_x):
+                    ev.notes.append(f"PCA fitted on a seeded sample of {len(fit_x):,} of {n_train:,} training rows")
+            else:
+                ev.notes.append(f"PCA baseline skipped: {k} components exceed the data's rank bound {min(fit_x.shape)}")
+        sq, sq_pca, cells = 0.0, 0.0, 0
+        for x, _side in ctx.parts(which, split):
+            cells += x.size
+            sq += float(np.sum((self.reconstruct(fitted, x, ctx.device).astype("float64") - x) ** 2))
+            if pca is not None:
+                sq_pca += float(np.sum((pca.inverse_transform(pca.transform(x)) - x) ** 2))
+        ev.metrics["recon_mse"] = sq / cells
+        x_t, _, _ = ctx.sample(which, split, cfg.trust_sample, seed)
+        nn_k = min(cfg.trust_neighbors, max(1, len(x_t) // 2 - 1))
+        ev.metrics["trustworthiness"] = float(trustworthiness(x_t, self.encode(fitted, x_t, ctx.device), n_neighbors=nn_k))
+        ev.metrics["n_eval_rows"] = n
+        if pca is not None:
             ev.baselines["pca"] = {
-                "recon_mse": float(np.mean((pca.inverse_transform(zp) - val_x) ** 2)),
-                "trustworthiness": float(trustworthiness(val_x[idx], zp[idx], n_neighbors=nn_k)),
+                "recon_mse": sq_pca / cells,
+                "trustworthiness": float(trustworthiness(x_t, pca.transform(x_t), n_neighbors=nn_k)),
             }
-        elif train_x is not None:
-            ev.notes.append(f"PCA baseline skipped: {k} components exceed the data's rank bound {min(train_x.shape)}")
-        ev.notes.append(f"metrics on {where}; reconstruction MSE in scaled units")
+        trust_on = f"; trustworthiness on a seeded sample of {len(x_t):,} rows" if n > len(x_t) else ""
+        ev.notes.append(f"metrics on {where}; reconstruction MSE in scaled units{trust_on}")
         return ev
 
     def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        out: dict[str, str] = {}
-        x, side = ctx.target_arrays
-        idx = _sample(len(x), cfg.plot_points, 0)
-        z = self.encode(fitted, x[idx], ctx.device)
+        out = super().report(ctx, fitted, evaluation)
+        x, side, _ = ctx.sample("target", "all", cfg.plot_points, 0)
+        z = self.encode(fitted, x, ctx.device)
         title = "Embedding (z_0, z_1)"
         if z.shape[1] == 1:
             z = np.column_stack([z[:, 0], np.zeros(len(z))])
@@ -105,10 +107,6 @@ class Reduce(TableApp):
             z = PCA(n_components=2, random_state=0).fit_transform(z)
             title = f"Embedding ({fitted.model.config.latent_dim}-D, projected to 2-D by PCA)"
         label = fitted.schema.label
-        labels = side[label].to_numpy()[idx] if label and label in side.columns else None
+        labels = side[label].to_numpy() if label and label in side.columns else None
         out["embedding_plot"] = scatter_2d(ctx.run, z, labels, "report/embedding.png", title)
-        if fitted.train is not None:
-            curve = training_curve(ctx.run, fitted.train.history)
-            if curve:
-                out["training_plot"] = curve
         return out

@@ -107,7 +107,7 @@ def test_one_key_of_a_section_keeps_the_apps_other_defaults():
 
 
 def test_demo_headline_rows_pick_the_best_baseline_by_direction():
-    from flows.cli import headline_rows
+    from flows.demo import headline_rows
 
     rows = headline_rows(
         "impute",

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tasks.storage import ArtifactStore, open_run
+from tasks.storage import ArtifactStore
 from tests.e2e.conftest import BAD_DAY, DAILY, write_partitions
 
 pytestmark = [pytest.mark.e2e]

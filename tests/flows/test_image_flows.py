@@ -260,10 +260,9 @@ def test_committed_benchmark_denoiser_beats_nl_means_on_a_held_out_crop():
 
     from models.metrics import psnr
     from tasks.apps.denoise import Denoise, denoise_array
-    from tasks.storage import open_model_source
 
     folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "denoise")
-    fitted = Denoise().load(open_model_source(folder), torch.device("cpu"))
+    fitted = Denoise().load(str(folder), torch.device("cpu"))
     clean = skimage.data.camera()[100:228, 180:308].astype(np.float32) / 255  # never trained on
     noisy = (clean + np.random.default_rng(0).normal(0, 25 / 255, clean.shape)).astype(np.float32)
     ours = denoise_array(fitted, noisy[None], torch.device("cpu"), 384, 32)[0]

@@ -59,7 +59,8 @@ def test_manifest_records_everything(trained, digits_csv):
     assert set(m.baselines["pca"]) == {"recon_mse", "trustworthiness"}
     assert 0.5 < m.metrics["trustworthiness"] <= 1.0
     paths = {o.path for o in m.outputs}
-    assert {"embeddings.parquet", "model/config.json", "model/weights.safetensors", "report/summary.md"} <= paths
+    assert {"embeddings.parquet/part.00000.parquet", "model/config.json", "model/weights.safetensors",
+            "report/summary.md"} <= paths
     assert not any(p.startswith("checkpoint/") for p in paths), "checkpoints are removed on success"
     for o in m.outputs:
         assert o.size == os.path.getsize(os.path.join(result.run_uri, o.path))
@@ -136,8 +137,9 @@ def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_f
     manifest = json.loads(s3fs_client.cat_file(f"{key}/manifest.json"))
     assert [f["path"] for f in manifest["inputs"]["input"]] == [
         f"s3://{TEST_BUCKET}/raw/2026-11-26/part0.parquet", f"s3://{TEST_BUCKET}/raw/2026-11-26/part1.parquet"]
-    with s3fs_client.open(f"{key}/embeddings.parquet", "rb") as f:
-        emb = pd.read_parquet(f)
+    parts = sorted(s3fs_client.ls(f"{key}/embeddings.parquet"))
+    assert len(parts) == 2, "one output file per input partition (two input files)"
+    emb = pd.read_parquet(f"{key}/embeddings.parquet", filesystem=s3fs_client)
     assert emb["id"].tolist() == list(range(400)) and emb.shape[1] == 5
     assert s3fs_client.exists(f"{key}/model/weights.safetensors")
     assert [m.run_id for m in ArtifactStore(f"s3://{TEST_BUCKET}/aeflow-reduce").list_runs()] == [result.run_id]

@@ -11,17 +11,8 @@ import pytest
 from tasks.config import LoadConfig, PreprocessConfig
 from tasks.errors import InputError
 from tasks.load import Block, inspect_table, to_dask
-from tasks.preprocess import (
-    SPLIT_COL,
-    ScalingStats,
-    add_split,
-    merge_moments,
-    partition_moments,
-    prepare,
-    read_prepared,
-    scale,
-    split_partition,
-)
+from tasks.preprocess import add_split, prepare, read_prepared, split_partition
+from tasks.scaling import SPLIT_COL, ScalingStats, merge_moments, partition_moments, scale
 from tasks.storage import ArtifactStore
 
 pytestmark = pytest.mark.tasks
@@ -124,3 +115,34 @@ def test_validation_error_surfaces_from_worker(client, tmp_path):
     src = _split_blocks(inspect_table(str(path), LoadConfig(id_column="id")), path)
     with pytest.raises(InputError, match=r"t.csv: column 'c' has infinite values: inf at row \d+ of the block at byte \d+"):
         prepare(src, PreprocessConfig(), run=None)
+
+
+def test_bounded_reads_of_a_prepared_table(client, tmp_path):
+    """What evaluation reads instead of the whole table: partitions one at a time, and seeded samples
+    that are capped, reproducible, and the whole split in input order when it is small enough."""
+    import torch
+
+    from tasks.apps.kinds import TableContext
+    from tasks.apps.reduce import ReduceRunConfig
+
+    df, path = _table(tmp_path)
+    src = _split_blocks(inspect_table(str(path), LoadConfig(id_column="id")), path)
+    run = ArtifactStore(str(tmp_path / "art")).start_run("reduce", "1" * 64, {})
+    prep = prepare(src, PreprocessConfig(val_fraction=0.25, split_seed=1), run=run)
+    ctx = TableContext(config=ReduceRunConfig(), run=run, device=torch.device("cpu"), train=prep, target=prep)
+    all_x, all_side = read_prepared(prep)
+    val_x, val_side = read_prepared(prep, split="val")
+    parts = list(ctx.parts("train", "val"))
+    assert len(parts) == len(prep.parts) > 4
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in parts]), val_x)
+    assert ctx.count("train", "val") == len(val_x) and ctx.count("train", "train") == len(all_x) - len(val_x)
+    x, side, total = ctx.sample("train", "val", 10_000, seed=3)
+    assert total == len(val_x) and side["id"].tolist() == val_side["id"].tolist(), "all of it, in order"
+    x, side, total = ctx.sample("target", "all", 500, seed=3)
+    again, side2, _ = ctx.sample("target", "all", 500, seed=3)
+    other, side3, _ = ctx.sample("target", "all", 500, seed=4)
+    assert total == len(df) and 400 < len(x) <= 500, len(x)
+    np.testing.assert_array_equal(x, again)
+    assert side["id"].tolist() == side2["id"].tolist() != side3["id"].tolist()
+    assert side["id"].is_monotonic_increasing
+    np.testing.assert_array_equal(x, all_x[side["id"].to_numpy()])

@@ -1,0 +1,53 @@
+"""The ``aeflow`` command line: ad-hoc runs, run listing, search, codec files, serving, backfills, the demo.
+
+One module per command group, joined here: ``run`` (one command per registered
+application, generated from the registry), ``runs``, ``search``, ``codec``
+(compress/decompress), ``serve``, ``backfill``, ``demo``, ``sample_data``, and
+``platform`` (its sub-app lives in ``flows/platform/cli.py``). Command
+bodies are thin; their logic lives in ``tasks/`` and ``flows/``.
+"""
+
+import os
+
+import typer
+
+from flows.cli import backfill, codec, demo, run, runs, sample_data, search, serve
+from flows.cli.run import COMMON_OPTIONS
+from flows.platform.cli import platform_app
+
+
+def build_app() -> typer.Typer:
+    """The whole command line, with an ``aeflow run APP`` command for every application registered now."""
+    root = typer.Typer(
+        name="aeflow",
+        help="Autoencoder applications as Prefect-orchestrated batch jobs.",
+        no_args_is_help=True,
+        rich_markup_mode="rich",
+        pretty_exceptions_enable=False,
+    )
+    root.add_typer(run.build(), name="run")
+    root.add_typer(runs.app, name="runs")
+    root.command("search")(search.search)
+    root.command("compress")(codec.compress)
+    root.command("decompress")(codec.decompress)
+    root.command("sample-data")(sample_data.sample_data)
+    root.command("demo")(demo.demo)
+    root.command("serve")(serve.serve)
+    root.command("backfill")(backfill.backfill)
+    root.add_typer(platform_app, name="platform")
+    return root
+
+
+app = build_app()
+
+__all__ = ["COMMON_OPTIONS", "app", "build_app", "main"]
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

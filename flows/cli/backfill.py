@@ -1,0 +1,114 @@
+"""``aeflow backfill APP``: one run per date, here or as flow runs of a deployment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import err, fail, hide_user_error_tracebacks, out, quiet_prefect
+from tasks.errors import AeflowError
+
+
+def backfill(
+    app_name: Annotated[str, typer.Argument(metavar="APP", help="The application, e.g. reduce.")],
+    start: Annotated[str, typer.Option("--start", help="First date, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option("--end", help="Last date, YYYY-MM-DD (included).")],
+    input_template: Annotated[str | None, typer.Option(
+        "--input-template", "-i",
+        help="Input URI with date fields, e.g. 's3://b/raw/{date}/*.parquet' (fields: see README). "
+             "Optional with --via-deployment (the deployment's own input is used).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Apply this run's model (URI, or 'latest') instead of training per date.")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Dates running at once.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Run dates that already have a complete run again.")] = False,
+    via_deployment: Annotated[str | None, typer.Option("--via-deployment", help="Create flow runs of this deployment (FLOW/NAME or NAME) on the server instead of running here.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="With --via-deployment: wait until every flow run has finished.")] = False,
+    every: Annotated[int, typer.Option("--every", min=1, help="Days between dates (1 = daily, 7 = weekly).")] = 1,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Artifact root (default ./artifacts).")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="Column kept out of training.")] = None,
+    id_column: Annotated[str | None, typer.Option("--id-column", help="Column carried through to every output.")] = None,
+    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler (default: one LocalCluster for the backfill).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message.")] = False,
+) -> None:
+    """Run APP once per date from --start to --end, filling {date} in --input-template.
+
+    Dates that already have a complete run for the same input and config are
+    skipped (unless --force), so running the same backfill again redoes only
+    the dates that failed. Exit code 1 when any date failed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.backfill import date_options, exit_code, explicit_overrides, run_in_process, run_via_deployment
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+    from tasks.schedule import date_range, has_template, parse_date
+
+    try:
+        application = get_app(app_name)
+        dates = date_range(parse_date(start), parse_date(end), every)
+        if input_template is None and not via_deployment:
+            raise typer.BadParameter("--input-template is required (unless --via-deployment)", param_hint="--input-template")
+        if input_template is not None and not has_template(input_template):
+            raise typer.BadParameter(
+                f"{input_template!r} has no date field such as {{date}}: every date would read the same data",
+                param_hint="--input-template",
+            )
+        options: dict[str, Any] = {"output": output, "load.label_column": label_column, "load.id_column": id_column,
+                                   "dask_address": dask_address}
+        if input_template is not None:
+            options.update(date_options(input_template, model))
+        elif model:
+            options["model_run"] = model
+        cfg = resolve_config(application.RunConfig, file=config, options=options, sets=set_)
+    except AeflowError as e:
+        fail(e)
+
+    quiet_prefect(True)
+    hide_user_error_tracebacks()
+    progress = Progress(
+        TextColumn(f"[bold]{app_name} backfill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"), console=err, transient=False, disable=as_json,
+    )
+    with progress:
+        bar = progress.add_task("dates", total=len(dates), last="")
+
+        def done(o: Any) -> None:
+            progress.update(bar, advance=1, last=f"{o.date}: {o.status}")
+
+        try:
+            if via_deployment:
+                overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
+                outcomes = run_via_deployment(via_deployment, dates, overrides, app_name=app_name, force=force,
+                                              wait=wait, on_done=done)
+            else:
+                outcomes = run_in_process(app_name, dates, cfg, parallel=parallel, force=force, on_done=done)
+        except AeflowError as e:
+            fail(e)
+    if as_json:
+        print(json.dumps([o.to_json() for o in outcomes]))
+    else:
+        table = Table(title=f"{app_name} backfill {dates[0]} .. {dates[-1]}", title_justify="left")
+        table.add_column("date", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        table.add_column("flow run" if via_deployment else "run URI / error", overflow="fold")
+        colours = {"completed": "green", "skipped": "cyan", "scheduled": "blue"}
+        for o in outcomes:
+            c = colours.get(o.status, "red" if not o.ok else "yellow")
+            detail = o.run_uri if o.ok else o.message
+            if via_deployment and o.flow_run_name:
+                detail = f"{o.flow_run_name}  {o.run_uri}"
+            table.add_row(str(o.date), f"[{c}]{o.status}[/]", detail)
+        out.print(table)
+        counts: dict[str, int] = {}
+        for o in outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    code = exit_code(outcomes)
+    if code:
+        err.print("[bold red]some dates failed[/]; run the same command again to redo only those", highlight=False)
+    raise typer.Exit(code)

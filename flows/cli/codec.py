@@ -1,0 +1,63 @@
+"""``aeflow compress`` and ``aeflow decompress``: images <-> real ``.aec`` bitstreams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from flows.cli.common import err, fail, out
+from tasks.errors import AeflowError
+
+
+def compress(
+    images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG; local or s3://).", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="A compress run, or a model folder, whose codec to use.", show_default=False)],
+    output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the .aec files (local or s3://).")] = ".",
+    quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Optimise each image's latent for this many steps before coding (about 100: fewer bits and higher PSNR, a few hundred times slower encoding; decoding unchanged).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
+) -> None:
+    """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec."""
+    from tasks.codec_files import compress_files
+
+    @contextmanager
+    def progress(uri: str) -> Iterator[Callable[[int, int], None] | None]:
+        if as_json:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn(f"refining {uri}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task_id = bar.add_task("refine", total=refine_steps)
+            yield lambda done, _total: bar.update(task_id, completed=done)
+
+    try:
+        for r in compress_files(images, model, output_dir, quality, refine_steps, progress):
+            if as_json:
+                print(json.dumps(r.__dict__))
+            else:
+                out.print(f"{r.input} -> {r.output}  ({r.bytes:,} bytes, {r.bpp:.3f} bpp, quality {r.quality})",
+                          highlight=False)
+    except AeflowError as e:
+        fail(e)
+
+
+def decompress(
+    files: Annotated[list[str], typer.Argument(help=".aec files to decode (local or s3://).", show_default=False)],
+    output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the decoded PNGs (local or s3://).")] = ".",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The compress run (or model folder) that made the files (default: found by the files' model identity under --root).", show_default=False)] = None,
+    root: Annotated[str, typer.Option("--root", help="Artifact root searched for the model when --model is not given.")] = "./artifacts",
+) -> None:
+    """Decode .aec files to PNG: OUTDIR/<name>.png. The model is checked against each file's identity."""
+    from tasks.codec_files import decompress_files
+
+    try:
+        for r in decompress_files(files, output_dir, model, root):
+            out.print(f"{r.input} -> {r.output}  ({r.width}x{r.height} {r.mode})", highlight=False)
+    except AeflowError as e:
+        fail(e)

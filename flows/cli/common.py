@@ -1,0 +1,100 @@
+"""What every command shares: the consoles, one-line user errors, result tables, and running a flow."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.errors import AeflowError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drop console records that would repeat a user error with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, AeflowError):
+            return False
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            msg = record.getMessage()
+            if "Finished in state Failed" in msg or "Task run failed with exception" in msg:
+                return not any(f"{c.__name__}(" in msg or f"{c.__name__}:" in msg for c in AeflowError.family())
+        return True
+
+
+def hide_user_error_tracebacks() -> None:
+    """On the console, a user error is one line from the CLI, not Prefect's tracebacks."""
+    loggers = [logging.getLogger()] + [
+        logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("prefect")
+    ]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not any(isinstance(f, _UserErrorFilter) for f in h.filters):
+                h.addFilter(_UserErrorFilter())
+
+
+def quiet_prefect(quiet: bool) -> None:
+    if quiet:
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fail(e: BaseException) -> NoReturn:
+    """A user error as one line and its exit code; anything else is a bug, with its traceback (exit 1)."""
+    if isinstance(e, AeflowError):
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    err.print("[bold red]aeflow failed with an unexpected error (a bug; please report it):[/]")
+    err.print("".join(traceback.format_exception(e)), highlight=False, markup=False)
+    raise typer.Exit(1)
+
+
+def metrics_table(title: str, metrics: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> Table:
+    from tasks.report import metrics_rows
+
+    rows = metrics_rows(metrics, baselines)
+    table = Table(title=title, title_justify="left")
+    for col in rows[0] if rows else ["metric", "aeflow"]:
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in rows:
+        table.add_row(*r.values())
+    return table
+
+
+def print_result(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(result.model_dump_json())
+        return
+    verb = "skipped (already complete)" if result.skipped else "complete"
+    out.print(f"[bold green]{result.app} run {verb}:[/] {result.run_uri}", highlight=False, soft_wrap=True)
+    if result.metrics or result.baselines:
+        out.print(metrics_table("metrics (held-out data)", result.metrics, result.baselines))
+    for name, uri in result.outputs.items():
+        out.print(f"  {name}: {uri}", highlight=False, soft_wrap=True)
+
+
+def execute(app_name: str, options: dict[str, Any], config_file: Path | None, sets: list[str] | None) -> Any:
+    """Resolve the config, run the application's flow, and return its RunResult (raises on failure)."""
+    from flows.pipeline import FLOWS
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+
+    application = get_app(app_name)
+    cfg = resolve_config(application.RunConfig, file=config_file, options=options, sets=sets)
+    hide_user_error_tracebacks()
+    state = FLOWS[app_name](config=cfg, return_state=True)
+    if state.is_completed():
+        return state.result()
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, BaseException):
+        raise exc
+    raise AeflowError(f"{app_name} run ended in state {state.type.value}: {state.message}")

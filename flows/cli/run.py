@@ -1,0 +1,117 @@
+"""``aeflow run APP``: one command per registered application, generated from the registry.
+
+Every application gets the common options its data kind accepts (tables: columns;
+images: folders) plus its own ``cli_options``; each option maps to one config path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli.common import execute, fail, print_result, quiet_prefect
+from tasks.errors import AeflowError
+
+# (parameter name, flag(s), config path, type, help). Every application gets those its data kind accepts.
+COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = (
+    ("input", ("--input", "-i"), "load.input", str, "Training data: CSV/Parquet file, folder or glob; local or s3://."),
+    ("apply_to", ("--apply-to",), "load.apply_to", str, "Data to apply the model to (default: the input)."),
+    ("model", ("--model", "-m"), "model_run", str,
+     "Reuse a trained model instead of training: a run's URI or a model folder (config.json + weights.safetensors)."),
+    ("output", ("--output", "-o"), "output", str, "Artifact root: a folder or s3://bucket/prefix (default ./artifacts)."),
+    ("label_column", ("--label-column",), "load.label_column", str, "Column kept out of training, used for metrics and plots."),
+    ("id_column", ("--id-column",), "load.id_column", str, "Column carried through to every output table."),
+    ("exclude", ("--exclude",), "load.exclude_columns", list[str], "Column to ignore (repeatable)."),
+    ("file_format", ("--format",), "load.format", str, "csv, parquet or auto (by extension)."),
+    ("hidden", ("--hidden",), "model.hidden", str, "Encoder widths, comma separated, e.g. 1500 or 256,128."),
+    ("epochs", ("--epochs",), "train.epochs", int, "Maximum epochs (early stopping usually ends sooner)."),
+    ("batch_size", ("--batch-size",), "train.batch_size", int, "Training batch size."),
+    ("lr", ("--lr",), "train.lr", float, "Adam learning rate."),
+    ("patience", ("--patience",), "train.patience", int, "Early-stopping patience in epochs."),
+    ("seed", ("--seed",), "train.seed", int, "Random seed of initialisation, shuffling and corruption."),
+    ("device", ("--device",), "train.device", str, "auto (cuda if present, else cpu), cpu, cuda, cuda:N."),
+    ("val_fraction", ("--val-fraction",), "preprocess.val_fraction", float, "Share of rows held out for validation."),
+    ("dask_address", ("--dask-address",), "dask_address", str, "Existing Dask scheduler (default: a LocalCluster)."),
+    ("run_id", ("--run-id",), "run_id", str, "Name of the run directory (default: time + fingerprint)."),
+)
+
+# Options of every `aeflow run APP` command that are not config paths.
+_FIXED = (
+    ("config", Path | None, None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")),
+    ("set_", list[str] | None, None, typer.Option("--set", help="Override any config key: --set train.lr=3e-4 (repeatable).")),
+    ("skip_existing", bool, False,
+     typer.Option("--skip-existing", help="Do nothing if a complete run with the same input and config exists.")),
+    ("as_json", bool, False, typer.Option("--json", help="Print one JSON object (run_uri, outputs, metrics) on stdout.")),
+    ("quiet", bool, False, typer.Option("--quiet", "-q", help="Only warnings and the result.")),
+)
+
+
+def option_specs(application: Any) -> list[tuple[str, tuple[str, ...], str, Any, str]]:
+    """The (name, flags, config path, type, help) of every config option of ``aeflow run APP``."""
+    kind = application.data
+    accepted = application.common_options or kind.common_options
+    common = [(n, f, p, t, kind.option_help.get(n, h)) for n, f, p, t, h in COMMON_OPTIONS
+              if accepted is None or n in accepted]
+    extra = [(flag.lstrip("-").replace("-", "_"), (flag,), path, typ, help_)
+             for flag, path, typ, help_ in application.cli_options]
+    return common + extra
+
+
+def options_from(specs: list[tuple[str, tuple[str, ...], str, Any, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The config paths the user set on the command line, with their values."""
+    options: dict[str, Any] = {}
+    for name, _flags, path, _typ, _help in specs:
+        value = kwargs.get(name)
+        if value is None or value == []:
+            continue
+        if name == "hidden":
+            try:
+                value = [int(v) for v in str(value).replace(" ", "").split(",") if v]
+            except ValueError as e:
+                raise typer.BadParameter(f"--hidden expects comma-separated integers, got {value!r}") from e
+        options[path] = value
+    if kwargs.get("skip_existing"):
+        options["skip_existing"] = True
+    return options
+
+
+def make_command(group: typer.Typer, application: Any) -> None:
+    """Add ``aeflow run <application.name>`` with its options to ``group``."""
+    specs = option_specs(application)
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=Annotated[typ | None, typer.Option(*flags, help=help_, show_default=False)])
+        for name, flags, _path, typ, help_ in specs
+    ] + [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[typ, option])
+        for name, typ, default, option in _FIXED
+    ]
+
+    def command(**kwargs: Any) -> None:
+        options = options_from(specs, kwargs)
+        quiet_prefect(kwargs.get("quiet") or kwargs.get("as_json"))
+        try:
+            result = execute(application.name, options, kwargs.get("config"), kwargs.get("set_"))
+        except (AeflowError, Exception) as e:
+            fail(e)
+        print_result(result, kwargs.get("as_json", False))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__ = f"run_{application.name}"
+    doc = (sys.modules[type(application).__module__].__doc__ or "").strip().replace("``", "")
+    group.command(application.name, help=doc, no_args_is_help=True)(command)
+
+
+def build() -> typer.Typer:
+    """The ``aeflow run`` group: one command per application registered now."""
+    from tasks.apps import load_all
+
+    group = typer.Typer(help="Run an application once (train, or reuse --model, then apply and evaluate).",
+                        no_args_is_help=True)
+    for application in load_all().values():
+        make_command(group, application)
+    return group

@@ -1,0 +1,78 @@
+"""``aeflow runs list|show``: what has run, from the manifests in an artifact root."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import fail, metrics_table, out
+from tasks.errors import AeflowError
+
+app = typer.Typer(help="List and inspect completed runs in an artifact root.", no_args_is_help=True)
+
+
+@app.command("list")
+def runs_list(
+    output: Annotated[str, typer.Option("--output", "-o", help="Artifact root to list.")] = "./artifacts",
+    app_name: Annotated[str | None, typer.Option("--app", help="Only this application.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """List complete runs (those with a manifest), oldest first."""
+    from tasks.storage import ArtifactStore
+
+    try:
+        manifests = ArtifactStore(output).list_runs(app_name)
+    except AeflowError as e:
+        fail(e)
+    if as_json:
+        print(json.dumps([{"app": m.app, "run_id": m.run_id, "run_uri": m.run_uri, "created": m.created.isoformat(),
+                           "metrics": m.metrics} for m in manifests]))
+        return
+    if not manifests:
+        out.print(f"no complete runs under {output}" + (f" for {app_name}" if app_name else ""))
+        return
+    table = Table(title=f"complete runs in {output} (URI: <root>/runs/<app>/<run id>)", title_justify="left")
+    table.add_column("app", no_wrap=True)
+    table.add_column("run id", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("headline metric")
+    for m in manifests:
+        head = next(((k, v) for k, v in m.metrics.items() if isinstance(v, float)), None)
+        table.add_row(m.app, m.run_id, f"{m.created:%Y-%m-%d %H:%M}", f"{head[0]} {head[1]:.4g}" if head else "")
+    out.print(table)
+
+
+@app.command("show")
+def runs_show(
+    run_uri: Annotated[str, typer.Argument(help="The run's URI, e.g. ./artifacts/runs/reduce/<run_id>.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Show a run's manifest: metrics vs baselines, outputs, timings, inputs."""
+    from tasks.storage import open_run
+
+    try:
+        manifest = open_run(run_uri).manifest()
+    except AeflowError as e:
+        fail(e)
+    if as_json:
+        print(manifest.model_dump_json(indent=2))
+        return
+    out.print(f"[bold]{manifest.app}[/] run [bold]{manifest.run_id}[/]  ({manifest.created:%Y-%m-%d %H:%M:%S} UTC, {manifest.device})")
+    out.print(f"URI: {manifest.run_uri}", highlight=False, soft_wrap=True)
+    if manifest.model_run:
+        out.print(f"model from: {manifest.model_run}", highlight=False, soft_wrap=True)
+    for role, files in manifest.inputs.items():
+        for f in files:
+            out.print(f"{role}: {f.path} ({f.size:,} bytes, {f.hash[:20]}…)", highlight=False, soft_wrap=True)
+    if manifest.metrics:
+        out.print(metrics_table("metrics", manifest.metrics, manifest.baselines))
+    table = Table(title="outputs", title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("bytes", justify="right")
+    for o in manifest.outputs:
+        table.add_row(o.path, f"{o.size:,}")
+    out.print(table)
+    out.print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.timings.items()))

@@ -1,0 +1,44 @@
+"""``aeflow search``: the nearest images of each query in an index run."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import fail, out
+from tasks.errors import AeflowError
+
+
+def search(
+    index: Annotated[str, typer.Option("--index", help="URI of an index run, e.g. ./artifacts/runs/index/<run_id>.")],
+    query: Annotated[list[str], typer.Option("--query", help="Query image, or a folder of them (repeatable); searched in one batch.")],
+    k: Annotated[int, typer.Option("--k", help="Number of neighbours per query.")] = 10,
+    sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
+) -> None:
+    """Find the k nearest images of each query in an index built by `aeflow run index`."""
+    from tasks.search import expand_queries, open_index, search as search_index, write_search_sheet
+
+    try:
+        queries = expand_queries(query)
+        loaded = open_index(index)
+        hits, arrays = search_index(loaded, queries, k)
+        if sheet:
+            write_search_sheet(sheet, loaded, queries, arrays, hits)
+    except AeflowError as e:
+        fail(e)
+    if as_json:
+        print(json.dumps([{"query": q, "results": [h.__dict__ for h in row]} for q, row in zip(queries, hits, strict=True)]))
+        return
+    for q, row in zip(queries, hits, strict=True):
+        table = Table(title=f"nearest to {q}", title_justify="left")
+        for col in ("rank", "distance", "label", "image"):
+            table.add_column(col, justify="right" if col in ("rank", "distance") else "left", overflow="fold")
+        for h in row:
+            table.add_row(str(h.rank), f"{h.distance:.4g}", h.label, h.path)
+        out.print(table)
+    if sheet:
+        out.print(f"contact sheet: {sheet}", highlight=False, soft_wrap=True)

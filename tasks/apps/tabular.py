@@ -1,0 +1,109 @@
+"""The tabular applications' base: a dense autoencoder over prepared partitions.
+
+:class:`TableApp` fills in the :class:`~tasks.apps.base.Application` stages that
+reduce, extract, detect and impute share: ``fit`` trains the dense autoencoder on
+the training split (early stopping on the validation split), and ``apply`` writes
+one output table as one Parquet file per input partition, each a task on the run's
+Dask cluster, in input order, with the id column carried through — each app only
+says what one partition becomes (:meth:`TableApp.apply_part`).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from models.dense import DenseAutoencoder
+from models.training import predict, reconstruction_loss
+from tasks.apps.base import Application, Fitted, on_worker
+from tasks.apps.kinds import TABLES, TableContext
+from tasks.storage import url_to_fs
+from tasks.train import train_model
+
+
+def read_part(prep, index: int, stats) -> tuple[np.ndarray, pd.DataFrame]:
+    """Partition ``index`` of a PreparedTable, scaled with ``stats``: (features, id/label/split columns)."""
+    fs, path = url_to_fs(prep.parts[index])
+    with fs.open(path, "rb") as f:
+        df = pq.read_table(f).to_pandas()
+    x = df[list(prep.columns)].to_numpy(dtype="float32", na_value=np.nan)
+    return stats.transform(x), df.drop(columns=list(prep.columns))
+
+
+def _apply_part_task(index: int, *, app: TableApp, ctx: TableContext, fitted: Fitted) -> int:
+    """One partition through the app on a Dask worker: ``{output}.parquet/part.NNNNN.parquet``."""
+    ctx, fitted = on_worker(app, ctx, fitted)
+    x, side = read_part(ctx.target, index, fitted.stats)
+    df = app.apply_part(ctx, fitted, index, x, side)
+    id_col = fitted.schema.id if app.carries_id else None
+    if id_col:
+        df.insert(0, id_col, side[id_col].to_numpy())
+    if len(df):  # an empty partition has no file: its columns' types would be unknown
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+        ctx.run.write_bytes(f"{app.output}.parquet/part.{index:05d}.parquet", buf.getvalue())
+    return len(df)
+
+
+class TableApp(Application):
+    """Base of the tabular applications (reduce, extract, detect, impute).
+
+    Subclasses set ``output`` (the name of their output table) and implement
+    :meth:`apply_part` and :meth:`evaluate`; ``fit`` trains the dense autoencoder and
+    can be extended to fit the application's own state.
+    """
+
+    data = TABLES
+    allow_nulls: ClassVar[bool] = False
+    output: ClassVar[str] = ""  # the main output: {output}.parquet
+    carries_id: ClassVar[bool] = True  # insert the id column in front of each partition's output
+
+    # -- fit -----------------------------------------------------------------------------
+    def build_model(self, ctx: TableContext) -> nn.Module:
+        return DenseAutoencoder(ctx.config.model.dense(len(ctx.train.columns)))
+
+    def loss_fn(self, ctx: TableContext):
+        return reconstruction_loss
+
+    def fit(self, ctx: TableContext) -> Fitted:
+        """Train the autoencoder on the training split; early stopping on the validation split."""
+        train_x, val_x, _, _ = ctx.train_arrays
+        model = self.build_model(ctx)
+        result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=self.loss_fn(ctx),
+                             label=f"{self.name} autoencoder")
+        return Fitted(model=model, schema=ctx.schema, stats=ctx.train.stats, train=result)
+
+    # -- apply: one partition at a time -----------------------------------------------------
+    def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
+        """What one scaled partition ``x`` (with its id/label/split columns in ``side``) becomes."""
+        raise NotImplementedError(f"{type(self).__name__} must implement apply_part")
+
+    def apply(self, ctx: TableContext, fitted: Fitted) -> dict[str, str]:
+        """``{output}.parquet/``: one Parquet file per input partition (``part.NNNNN.parquet``, written
+        in parallel on the Dask workers), one row per input row, in input order — read it whole with
+        ``pandas.read_parquet`` (or any Parquet dataset reader)."""
+        rows = self.map_shards(ctx, fitted, _apply_part_task, list(range(len(ctx.target.parts))))
+        if sum(rows) != ctx.target.n_rows:
+            raise RuntimeError(f"{self.name}: {sum(rows)} rows written for {ctx.target.n_rows} input rows")
+        return {self.output: f"{self.output}.parquet"}
+
+    # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def encode(fitted: Fitted, x: np.ndarray, device: torch.device) -> np.ndarray:
+        return predict(fitted.model.encode, x, device=device)
+
+    @staticmethod
+    def reconstruct(fitted: Fitted, x: np.ndarray, device: torch.device) -> np.ndarray:
+        return predict(lambda b: fitted.model(b).x_hat, x, device=device)
+
+    @staticmethod
+    def code_frame(z: np.ndarray, prefix: str) -> pd.DataFrame:
+        """Codes as float32 columns ``{prefix}0..{prefix}{k-1}``."""
+        return pd.DataFrame(z.astype("float32"), columns=[f"{prefix}{i}" for i in range(z.shape[1])])

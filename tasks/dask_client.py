@@ -1,0 +1,142 @@
+"""The Dask client every run's parallel stages use: an existing scheduler, or a LocalCluster.
+
+``--dask-address tcp://host:8786`` (``RunConfig.dask_address``) connects to a running
+scheduler (the platform's, on a cluster); otherwise a ``LocalCluster`` of worker
+processes lives as long as the run. Either way the client is Dask's default scheduler
+for the duration, so ``.compute()`` anywhere in the flow runs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import dask
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from tasks.errors import InputError
+
+log = logging.getLogger("aeflow.dask")
+
+
+class _QuietUserErrors(WorkerPlugin):
+    """Dask worker plugin: a user's bad input is reported once by aeflow, not also as a
+    worker "Compute Failed" log with a traceback."""
+
+    name = "aeflow-quiet-user-errors"
+
+    def setup(self, worker: Any) -> None:
+        from tasks.errors import AeflowError
+
+        names = tuple(f"{c.__name__}(" for c in AeflowError.family())
+
+        class _Filter(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                if str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple):
+                    return not any(str(a).startswith(names) for a in record.args)
+                return True
+
+        logging.getLogger("distributed.worker").addFilter(_Filter())
+
+    def teardown(self, worker: Any) -> None:
+        return None
+
+
+def _install_plugins(client: Any) -> None:
+    try:
+        client.register_plugin(_QuietUserErrors(), name=_QuietUserErrors.name)
+    except Exception as e:  # a scheduler that refuses plugins still works; logs are just noisier
+        log.debug("could not register the worker plugin: %s", e)
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None = None, n_workers: int | None = None) -> Iterator[Any]:
+    """A distributed client: the scheduler at ``address``, or a new ``LocalCluster``.
+
+    The client becomes Dask's default scheduler for the duration, so
+    ``.compute()`` anywhere in the flow (and in its tasks' threads) runs on it.
+    """
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            client = Client(address, timeout="20s")
+        except OSError as e:
+            raise InputError(f"cannot connect to the Dask scheduler at {address}: {e}") from e
+        _install_plugins(client)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers = n_workers or max(1, min(4, os.cpu_count() or 1))
+    # Worker processes read their logging config from the environment when they start.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    # A worker still busy when the cluster closes is killed after a grace period; that is expected here.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "warning"}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        )
+        client = Client(cluster)
+        try:
+            _install_plugins(client)
+            yield client
+        finally:
+            # Shutting the local cluster down is cleanup: on a loaded machine it can outlast its
+            # timeout, which must not fail a run whose work is done (the workers are killed anyway).
+            for closer in (client.close, cluster.close):
+                try:
+                    closer()
+                except Exception as e:
+                    log.warning("Dask LocalCluster shutdown: %s", e)
+
+
+def current_client() -> Any | None:
+    """The Dask distributed client of this run (``dask_client``), or None outside one."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def run_parallel(fn: Callable[..., Any], items: Sequence[Any], *, on_done: Callable[[Any], None] | None = None,
+                 **shared: Any) -> list[Any]:
+    """``fn(item, **shared)`` for every item, results in order.
+
+    On the run's Dask client each item is one task, and each ``shared`` object is shipped
+    once to every worker (scattered with ``broadcast``), not once per task; a worker lost
+    midway costs only its items, which the scheduler runs again elsewhere (``fn`` must be
+    idempotent: it writes its own files). Without a client the items run here, one by one.
+    ``on_done(result)`` is called in this process as each item finishes (in completion order).
+    """
+    client = current_client()
+    if client is None or len(items) == 0:
+        results = []
+        for item in items:
+            results.append(fn(item, **shared))
+            if on_done is not None:
+                on_done(results[-1])
+        return results
+    from distributed import as_completed
+
+    scattered = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
+    futures = client.map(fn, list(items), pure=False, **scattered)
+    try:
+        if on_done is not None:
+            for future in as_completed(futures):
+                on_done(future.result())
+        return client.gather(futures)
+    finally:
+        for f in [*futures, *scattered.values()]:
+            f.release()

@@ -1,0 +1,128 @@
+"""``aeflow search``: the nearest images of query images in an index run.
+
+An index run (``aeflow run index``) stores the FAISS index of its images' codes, the
+id -> path map and the model the codes came from; queries are decoded like the indexed
+images, encoded in one batch, and searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.apps.base import Fitted
+from tasks.apps.index import INDEX_DIR, Index, contact_sheet, deserialize_index, encode_images
+from tasks.errors import ConfigError, InputError, ModelMismatchError
+from tasks.images import decode_image
+from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs
+
+
+@dataclass
+class SearchHit:
+    rank: int
+    id: int
+    path: str
+    label: str
+    distance: float
+
+
+@dataclass
+class LoadedIndex:
+    run: RunDir
+    meta: dict[str, Any]
+    index: Any
+    ids: Any
+    fitted: Fitted
+
+
+def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
+    """Open an index run and the model it was built with; check they belong together."""
+    import pandas as pd
+
+    device = device or torch.device("cpu")
+    run = open_run(uri)
+    if run.app != "index" or not run.exists(f"{INDEX_DIR}/meta.json"):
+        raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
+    meta = run.read_json(f"{INDEX_DIR}/meta.json")
+    model_uri = run.uri if run.exists(f"{MODEL_DIR}/config.json") else meta["model_run"]
+    fitted = Index().load(model_uri, device)
+    if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
+        raise ModelMismatchError(
+            f"index {uri} was built with another model: its codes come from weights {meta['model_weights'][:19]}…, "
+            f"but {model_uri} holds {str(fitted.weights_hash)[:19]}…; rebuild the index with this model"
+        )
+    index = deserialize_index(run.read_bytes(f"{INDEX_DIR}/index.faiss"), meta)
+    if index.d != meta["dim"]:
+        raise ModelMismatchError(f"index {uri}: index dimension {index.d} differs from meta.json's {meta['dim']}")
+    with run.open(f"{INDEX_DIR}/ids.parquet", "rb") as f:
+        ids = pd.read_parquet(f)
+    return LoadedIndex(run, meta, index, ids, fitted)
+
+
+def read_query(uri: str, meta: dict[str, Any]) -> np.ndarray:
+    """Decode a query image the way the index's images were (mode, size): any mode/size is converted."""
+    fs, path = url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise InputError(f"query {uri} does not exist") from e
+    except OSError as e:
+        raise InputError(f"cannot read query {uri}: {e}") from e
+    img = meta["image"]
+    try:
+        return decode_image(data, img["mode"], img["size"], img.get("fit", "resize"))
+    except ValueError as e:
+        raise InputError(f"query {uri}: {e}") from e
+
+
+def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.device | None = None) -> tuple[list[list[SearchHit]], list[np.ndarray]]:
+    """The ``k`` nearest images of each query (one batched encode and search)."""
+    device = device or torch.device("cpu")
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    arrays = [read_query(q, loaded.meta) for q in queries]
+    x = np.stack(arrays)
+    want = loaded.fitted.model.config.in_channels
+    if x.shape[1] != want:  # cannot happen with mode gray/rgb; "keep" indexes would need one mode
+        raise InputError(f"queries decode to {x.shape[1]} channels but the index's model takes {want}")
+    codes = encode_images(loaded.fitted.model, x, device)
+    if codes.shape[1] != loaded.meta["dim"]:
+        raise ModelMismatchError(f"query codes have {codes.shape[1]} dimensions, the index {loaded.meta['dim']}")
+    dist, idx = loaded.index.search(codes, min(k, loaded.meta["n"]))
+    out = []
+    for drow, irow in zip(dist, idx, strict=True):
+        hits = []
+        for rank, (d, i) in enumerate(((d, i) for d, i in zip(drow, irow, strict=True) if i >= 0), start=1):
+            r = loaded.ids.iloc[int(i)]
+            hits.append(SearchHit(rank, int(r["id"]), str(r["path"]), str(r["label"]), float(d)))
+        out.append(hits)
+    return out, arrays
+
+
+def expand_queries(queries: list[str]) -> list[str]:
+    """Query images and folders of them (``aeflow search --query``) as the URIs of every image."""
+    from tasks.images import list_images
+    from tasks.storage import to_uri
+
+    out: list[str] = []
+    for q in queries:
+        fs, paths, _others, _root = list_images(q, "query")
+        out += [to_uri(fs, p) for p in paths]
+    return out
+
+
+def write_search_sheet(dest: str, loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray],
+                       hits: list[list[SearchHit]]) -> None:
+    fs, path = url_to_fs(dest)
+    fs.pipe_file(path, search_sheet(loaded, queries, arrays, hits))
+
+
+def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:
+    """Contact sheet of queries and their results (results decoded from their original files)."""
+    results = [[read_query(h.path, loaded.meta) for h in row] for row in hits]
+    dist = np.array([[h.distance for h in row] + [np.nan] * (max(len(r) for r in hits) - len(row)) for row in hits])
+    return contact_sheet(arrays, results, dist, queries, [[h.path for h in row] for row in hits])
