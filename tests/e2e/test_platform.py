@@ -95,8 +95,7 @@ def _assert_complete_on_s3(platform, manifest: dict, rows: int) -> None:
     assert manifest["run_uri"].startswith(platform.info["output"] + "/runs/reduce/"), manifest["run_uri"]
     for rec in manifest["outputs"]:
         assert fs.size(f"{manifest['run_uri']}/{rec['path']}") == rec["size"], rec
-    with fs.open(f"{manifest['run_uri']}/embeddings.parquet") as f:
-        emb = pd.read_parquet(f)
+    emb = pd.read_parquet(manifest["run_uri"].removeprefix("s3://") + "/embeddings.parquet", filesystem=fs)
     assert len(emb) == rows and list(emb.columns) == ["id", "z_0", "z_1"]
 
 

@@ -169,3 +169,23 @@ def _no_leftovers():
             p.kill()
             pytest.fail(f"a test left process {p.pid} ({p.cmdline()[:3]}) running")
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the PostgreSQL user is only switched to when root")
+def test_a_failed_up_names_the_component_and_stops_what_it_started(tmp_path):
+    """PostgreSQL cannot start (its user does not exist): the error says so; SeaweedFS and the scheduler go again."""
+    from flows.platform.components import weed_binary
+    from flows.platform.core import up
+
+    try:
+        weed_binary()
+    except PlatformError as e:
+        pytest.skip(str(e))
+    directory = tmp_path / "p"
+    with pytest.raises(PlatformError, match="postgres: .*the user 'no-such-user-aeflow' does not exist"):
+        up(directory, settings={"pg_user": "no-such-user-aeflow"}, deploy_file=None, project_dir=tmp_path)
+    state = PlatformState.load(directory)
+    assert state.components == {}, "rolled back"
+    logs = {p.name for p in (directory / "logs").iterdir()}
+    assert {"seaweedfs.log", "dask-scheduler.log"} <= logs, "they had started"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
