@@ -160,7 +160,7 @@ def bench_index(size: int = 16, epochs: int | None = None) -> None:
         rows[name] = {"precision_at_10": p, "map": m, "dim": int(x.shape[1])}
     _save("index", {"images": len(y), "size": size, "model": model.config.to_dict(), "latent_noise": rc.app.latent_noise,
                     "epochs": settings.epochs, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                    "train": {"batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+                    "train": {"batch_size": result.batch_size, "lr": settings.lr, "patience": settings.patience,
                               "seed": settings.seed},
                     "train_s": train_s, "results": rows})
 
@@ -189,7 +189,7 @@ def bench_denoise(patches: int = 8000, epochs: int = 10, sigma: float = 25.0, sa
     import torch
     from PIL import Image
 
-    from models.conv import random_patches
+    from models.image_ops import random_patches
     from models.noise import DenoisingLoss, NoiseConfig
     from models.training import TrainSettings, fit
     from tasks.apps.denoise import _psnr_ssim, baseline_fns, denoise_array

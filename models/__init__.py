@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from models.codec import CodecConfig, ImageCodec, build_codec
+from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec, build_hyperprior
 from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
 from models.detector import DetectorConfig, KnnAutoencoderDetector, build_detector
 from models.dense import (
@@ -27,6 +28,7 @@ MODEL_BUILDERS = {
     "masked_imputer": build_masked_imputer,
     "conv": build_conv,
     "codec": build_codec,
+    "hyperprior": build_hyperprior,
 }
 
 
@@ -39,7 +41,6 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return builder(config)
 
 
-
 __all__ = [
     "CodecConfig",
     "ConvAEConfig",
@@ -48,7 +49,9 @@ __all__ = [
     "DenseAutoencoder",
     "DetectorConfig",
     "KnnAutoencoderDetector",
+    "HyperpriorConfig",
     "ImageCodec",
+    "HyperpriorCodec",
     "ImputerConfig",
     "MaskedDenseAutoencoder",
     "MaskedImputer",

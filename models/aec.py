@@ -1,6 +1,7 @@
 """The ``.aec`` container: one learned-codec bitstream per file.
 
-Layout (little-endian)::
+Layout (little-endian). Version 1 (the factorized codec, kind ``codec``: the files every
+aeflow has written, still written byte for byte the same)::
 
     offset size  field
     0      4     magic  b"\\x89AEC"
@@ -14,9 +15,14 @@ Layout (little-endian)::
     27     n     payload: the range coder's 32-bit words
     27+n   4     CRC-32 of every byte before it
 
-31 bytes of overhead. The CRC turns any corruption into a clear error instead of
-garbage pixels; the length field tells a truncated file from a corrupted one.
-Pure Python (struct, zlib): no torch needed to read a header.
+Version 2 (every other model kind) adds one byte after the version, the model kind
+(:data:`KINDS`: 1 = ``hyperprior``), and shifts the rest by one: 32 bytes of overhead
+instead of 31. The kind lets a reader say which kind of codec a file needs before it
+has the model; the identity still binds the file to one model.
+
+The CRC turns any corruption into a clear error instead of garbage pixels; the length
+field tells a truncated file from a corrupted one. Pure Python (struct, zlib): no torch
+needed to read a header.
 """
 
 from __future__ import annotations
@@ -26,10 +32,15 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"\x89AEC"
-VERSION = 1
+VERSION = 1  # the factorized codec's version (kept: older readers read those files)
+VERSIONS = (1, 2)
+# Model kinds (as saved in a model's config.json) and their version-2 codes.
+KINDS = {"codec": 0, "hyperprior": 1}
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
 _HEADER = struct.Struct("<4sB8sBBIII")
+_HEADER_V2 = struct.Struct("<4sBB8sBBIII")
 HEADER_SIZE = _HEADER.size
-OVERHEAD = HEADER_SIZE + 4
+OVERHEAD = HEADER_SIZE + 4  # of a version-1 file; AecFile.overhead for any file
 MODES = {"L": 1, "RGB": 3}
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 MAX_SIDE = 1 << 16
@@ -41,7 +52,7 @@ class AecFormatError(ValueError):
 
 @dataclass(frozen=True)
 class AecFile:
-    """A parsed ``.aec`` file."""
+    """A parsed ``.aec`` file. ``kind`` is the model kind that made it (``codec``: version 1)."""
 
     model_id: bytes
     quality: int
@@ -49,17 +60,31 @@ class AecFile:
     width: int
     height: int
     payload: bytes
-    version: int = VERSION
+    kind: str = "codec"
+
+    @property
+    def version(self) -> int:
+        return 1 if self.kind == "codec" else 2
+
+    @property
+    def overhead(self) -> int:
+        """Header and checksum bytes of this file."""
+        return (HEADER_SIZE if self.version == 1 else _HEADER_V2.size) + 4
 
     def to_bytes(self) -> bytes:
         if len(self.model_id) != 8:
             raise ValueError(f"model id must be 8 bytes, got {len(self.model_id)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {sorted(KINDS)}, got {self.kind!r}")
         if not (0 < self.width <= MAX_SIDE and 0 < self.height <= MAX_SIDE):
             raise ValueError(f"image size {self.width}x{self.height} is out of range")
-        head = _HEADER.pack(MAGIC, self.version, self.model_id, self.quality, MODES[self.mode],
-                            self.width, self.height, len(self.payload))
+        fields = (self.model_id, self.quality, MODES[self.mode], self.width, self.height, len(self.payload))
+        if self.version == 1:
+            head = _HEADER.pack(MAGIC, 1, *fields)
+        else:
+            head = _HEADER_V2.pack(MAGIC, self.version, KINDS[self.kind], *fields)
         body = head + self.payload
         return body + struct.pack("<I", zlib.crc32(body))
 
@@ -69,7 +94,7 @@ class AecFile:
 
 
 def parse(data: bytes) -> AecFile:
-    """Parse and check a ``.aec`` file's bytes.
+    """Parse and check a ``.aec`` file's bytes (format version 1 or 2).
 
     Raises:
         AecFormatError: wrong magic, unsupported version, truncated, trailing bytes,
@@ -79,12 +104,19 @@ def parse(data: bytes) -> AecFile:
         raise AecFormatError("not an .aec file (wrong magic bytes)")
     if len(data) < 5:
         raise AecFormatError("truncated: the header is incomplete")
-    if data[4] != VERSION:
-        raise AecFormatError(f"unsupported .aec format version {data[4]} (this aeflow reads version {VERSION})")
-    if len(data) < HEADER_SIZE:
-        raise AecFormatError(f"truncated: {len(data)} bytes, the header alone is {HEADER_SIZE}")
-    magic, version, model_id, quality, mode, width, height, n = _HEADER.unpack_from(data)
-    expected = HEADER_SIZE + n + 4
+    version = data[4]
+    if version not in VERSIONS:
+        raise AecFormatError(f"unsupported .aec format version {version} (this aeflow reads versions "
+                             f"{', '.join(map(str, VERSIONS))})")
+    header = _HEADER if version == 1 else _HEADER_V2
+    if len(data) < header.size:
+        raise AecFormatError(f"truncated: {len(data)} bytes, the header alone is {header.size}")
+    if version == 1:
+        _, _, model_id, quality, mode, width, height, n = header.unpack_from(data)
+        kind_code = KINDS["codec"]
+    else:
+        _, _, kind_code, model_id, quality, mode, width, height, n = header.unpack_from(data)
+    expected = header.size + n + 4
     if len(data) < expected:
         raise AecFormatError(f"truncated: {len(data)} bytes, the header says {expected}")
     if len(data) > expected:
@@ -94,7 +126,9 @@ def parse(data: bytes) -> AecFile:
         raise AecFormatError("corrupted: checksum mismatch")
     if mode not in _MODE_NAMES:
         raise AecFormatError(f"corrupted: unknown image mode code {mode}")
+    if version == 2 and (kind_code not in _KIND_NAMES or kind_code == KINDS["codec"]):
+        raise AecFormatError(f"unknown model kind code {kind_code} (this aeflow knows {sorted(KINDS)})")
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise AecFormatError(f"corrupted: impossible image size {width}x{height}")
     return AecFile(model_id=model_id, quality=quality, mode=_MODE_NAMES[mode], width=width, height=height,
-                   payload=data[HEADER_SIZE : expected - 4], version=version)
+                   payload=data[header.size : expected - 4], kind=_KIND_NAMES[kind_code])

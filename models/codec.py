@@ -1,24 +1,26 @@
-"""A learned image codec: Ballé et al. (2017) factorized prior with variable-rate gains.
+"""The factorized-prior learned image codec (Ballé et al. 2017) with variable-rate gains, and what codecs share.
 
 Pure PyTorch (no Prefect, fsspec or Pillow). The pieces, as in CompressAI:
 
-- :class:`GDN` — generalised divisive normalisation (and its inverse) between convolutions;
-- analysis transform ``g_a`` (image -> latent ``y``, stride 16) and synthesis ``g_s``;
-- quantisation: additive uniform noise for the rate term and straight-through
-  rounding for the distortion term while training, plain rounding at inference;
-- :class:`FactorizedPrior` — a learned, non-parametric density per latent channel
-  (the "entropy bottleneck"), one per quality level;
-- several quality levels in one model through per-level channel gains
-  (Cui et al., "Asymmetric gained deep image compression"): the latent is
-  multiplied by ``gain[q]`` before rounding and by ``inv_gain[q]`` after, so one
-  training run serves every rate point;
-- :class:`RateDistortionLoss` — ``R + λ·D`` as its own module.
+- :mod:`models.codec_layers` — GDN and the stride-2 convolutions of the transforms;
+- :mod:`models.entropy_models` — the entropy models with their integer tables;
+- here: :class:`CodecConfig`, :class:`CodecOutput`, :class:`CodecBase` (the analysis
+  transform ``g_a`` (image -> latent ``y``, stride 16), the synthesis ``g_s`` and the
+  per-level gains) and :class:`ImageCodec`, whose latent has a
+  :class:`~models.entropy_models.FactorizedPrior` per quality level;
+- :mod:`models.codec_hyperprior` — the mean-scale hyperprior codec;
+- :mod:`models.codec_train` — the ``R + λ·D`` loss and training helpers.
 
-After training, :meth:`ImageCodec.update_tables` quantises every level's
-per-channel probability mass functions to integer frequency tables (buffers in
-the state dict, saved with the weights). The entropy coder
-(:mod:`models.entropy_coding`, ``constriction``) reads only those integer tables,
-so encoder and decoder agree bit for bit.
+Quantisation: additive uniform noise for the rate term and straight-through rounding
+for the distortion term while training, plain rounding at inference. Several quality
+levels live in one model through per-level channel gains (Cui et al., "Asymmetric gained
+deep image compression"): the latent is multiplied by ``gain[q]`` before rounding and by
+``inv_gain[q]`` after, so one training run serves every rate point.
+
+After training, :meth:`CodecBase.update_tables` quantises the entropy models to integer
+frequency tables (buffers in the state dict, saved with the weights). The entropy coder
+(:mod:`models.entropy_coding`, ``constriction``) reads only those integer tables, so
+encoder and decoder agree bit for bit.
 """
 
 from __future__ import annotations
@@ -28,18 +30,18 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Probability tables: each channel's pmf over its integer support, quantised to integer
-# frequencies summing to 2**TABLE_PRECISION, with every symbol at least 1 (always codable).
-TABLE_PRECISION = 16
-TAIL_MASS = 1e-9
-SEARCH_RANGE = 512
+from models.codec_layers import GDN, analysis_transform, synthesis_transform
+from models.entropy_models import FactorizedPrior, quantize_pmf
+from models.image_ops import as_rgb, pad_to_multiple
+
+__all__ = ["GDN", "CodecConfig", "CodecOutput", "FactorizedPrior", "CodecBase", "ImageCodec", "as_rgb",
+           "build_codec", "codec_identity", "load_codec_state", "pad_to_multiple", "quantize_pmf"]
+
 # Initial Adam step of the encoder-side latent refinement (latent units after the level's gain).
 REFINE_LR = 0.01
 REFINE_CHECK_EVERY = 10
@@ -110,204 +112,41 @@ class CodecOutput:
     y_hat: Tensor
 
 
-class _LowerBound(torch.autograd.Function):
-    """max(x, bound) whose gradient still flows when it pushes x up (Ballé's trick)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, bound: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.bound = bound
-        return x.clamp_min(bound)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        pass_through = (x >= ctx.bound) | (grad < 0)
-        return grad * pass_through, None
+def level_likelihoods(priors: nn.ModuleList, values: Tensor, quality: Tensor) -> Tensor:
+    """Likelihoods of each sample's ``values`` under the prior of its own level (``priors[quality[i]]``)."""
+    lik = torch.empty_like(values)
+    for level in torch.unique(quality).tolist():
+        sel = quality == level
+        lik[sel] = priors[level].likelihood(values[sel])
+    return lik
 
 
-class GDN(nn.Module):
-    """Generalised divisive normalisation: ``y_i = x_i / sqrt(β_i + Σ_j γ_ij x_j²)``.
+class CodecBase(nn.Module):
+    """What the learned codecs share: ``g_a``/``g_s`` with GDN, per-level gains, quality checks, identity.
 
-    ``inverse=True`` multiplies instead (IGDN, used in the synthesis transform).
-    β and γ are reparametrised to stay positive.
+    Subclasses add their entropy models and implement ``forward`` (a :class:`CodecOutput`),
+    ``compress``/``decompress``, ``estimate_bits``, ``update_tables`` and ``has_tables``.
+    Input images are float tensors (B, 3, H, W) in [0, 1]; any H, W work (padded to a
+    multiple of :attr:`stride` and cropped back).
     """
 
-    def __init__(self, channels: int, inverse: bool = False, beta_min: float = 1e-6, gamma_init: float = 0.1) -> None:
-        super().__init__()
-        self.inverse = inverse
-        self._pedestal = 2.0**-18
-        self._beta_bound = math.sqrt(beta_min + self._pedestal)
-        self._gamma_bound = math.sqrt(self._pedestal)
-        self.beta = nn.Parameter(torch.sqrt(torch.ones(channels) + self._pedestal))
-        self.gamma = nn.Parameter(torch.sqrt(gamma_init * torch.eye(channels) + self._pedestal))
-
-    def forward(self, x: Tensor) -> Tensor:
-        beta = _LowerBound.apply(self.beta, self._beta_bound) ** 2 - self._pedestal
-        gamma = _LowerBound.apply(self.gamma, self._gamma_bound) ** 2 - self._pedestal
-        c = x.shape[1]
-        norm = F.conv2d(x * x, gamma.view(c, c, 1, 1), beta)
-        return x * torch.sqrt(norm) if self.inverse else x * torch.rsqrt(norm)
-
-
-def _conv(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 5, stride=2, padding=2)
-
-
-def _deconv(cin: int, cout: int) -> nn.ConvTranspose2d:
-    return nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1)
-
-
-class FactorizedPrior(nn.Module):
-    """A learned density per channel, independent over space (Ballé et al. 2018, appendix 6.1).
-
-    Each channel's cumulative distribution is a small monotone network ``c(x)``
-    (positive matrices, tanh-gated biases); the likelihood of an integer ``k`` is
-    ``c(k + ½) − c(k − ½)``. After training, :meth:`build_tables` turns the
-    densities into integer frequency tables for the entropy coder.
-    """
-
-    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3), init_scale: float = 10.0) -> None:
-        super().__init__()
-        self.channels = channels
-        widths = (1, *filters, 1)
-        scale = init_scale ** (1 / (len(filters) + 1))
-        self.matrices = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        self.factors = nn.ParameterList()
-        for i in range(len(filters) + 1):
-            init = math.log(math.expm1(1 / scale / widths[i + 1]))
-            self.matrices.append(nn.Parameter(torch.full((channels, widths[i + 1], widths[i]), init)))
-            self.biases.append(nn.Parameter(torch.rand(channels, widths[i + 1], 1) - 0.5))
-            if i < len(filters):
-                self.factors.append(nn.Parameter(torch.zeros(channels, widths[i + 1], 1)))
-        # Integer tables, filled by build_tables(): frequencies (C, K), first symbol value and length.
-        self.register_buffer("table_freqs", torch.zeros(channels, 1, dtype=torch.int32))
-        self.register_buffer("table_offset", torch.zeros(channels, dtype=torch.int32))
-        self.register_buffer("table_length", torch.zeros(channels, dtype=torch.int32))
-
-    def _logits_cumulative(self, x: Tensor) -> Tensor:
-        """x: (C, 1, n) -> logits of the CDF at x, (C, 1, n)."""
-        h = x
-        for i, m in enumerate(self.matrices):
-            h = torch.matmul(F.softplus(m), h) + self.biases[i]
-            if i < len(self.factors):
-                h = h + torch.tanh(self.factors[i]) * torch.tanh(h)
-        return h
-
-    def likelihood(self, y: Tensor) -> Tensor:
-        """Likelihood of each element of ``y`` (B, C, H, W) under its channel's density."""
-        b, c, hh, ww = y.shape
-        v = y.permute(1, 0, 2, 3).reshape(c, 1, -1)
-        lower = self._logits_cumulative(v - 0.5)
-        upper = self._logits_cumulative(v + 0.5)
-        # Evaluate in the tail where the sigmoids are far from 1 (numerical stability).
-        sign = -torch.sign(lower + upper).detach()
-        lik = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
-        lik = _LowerBound.apply(lik, 1e-9)
-        return lik.reshape(c, b, hh, ww).permute(1, 0, 2, 3)
-
-    @torch.no_grad()
-    def build_tables(self) -> None:
-        """Quantise each channel's pmf over its support to integer frequencies (sum 2**16)."""
-        grid = torch.arange(-SEARCH_RANGE, SEARCH_RANGE + 1, dtype=torch.float64)
-        c = self.channels
-        v = grid.to(self.matrices[0].device, torch.float32).view(1, 1, -1).expand(c, 1, -1)
-        cdf = torch.sigmoid(self._logits_cumulative(v + 0.5)).double().squeeze(1).cpu().numpy()  # P(Y <= k)
-        tables, offsets, lengths = [], [], []
-        for ch in range(c):
-            lo = int(np.searchsorted(cdf[ch], TAIL_MASS))  # first k with P(Y<=k) >= tail
-            hi = int(np.searchsorted(cdf[ch], 1 - TAIL_MASS))
-            lo, hi = max(lo, 0), min(max(hi, lo), len(grid) - 1)
-            if hi == lo:  # a one-symbol table is not a distribution a coder accepts: widen by one
-                hi, lo = (hi + 1, lo) if hi + 1 < len(grid) else (hi, lo - 1)
-            upper = cdf[ch, lo : hi + 1].copy()
-            lower = np.concatenate([[0.0], upper[:-1]])
-            upper[-1] = 1.0  # the end symbols absorb the tails (values beyond are clamped)
-            pmf = np.clip(upper - lower, 0.0, None)
-            tables.append(quantize_pmf(pmf, TABLE_PRECISION))
-            offsets.append(int(grid[lo]))
-            lengths.append(len(pmf))
-        width = max(lengths)
-        freqs = np.zeros((c, width), dtype=np.int32)
-        for ch, t in enumerate(tables):
-            freqs[ch, : len(t)] = t
-        dev = self.table_freqs.device
-        self.table_freqs = torch.from_numpy(freqs).to(dev)
-        self.table_offset = torch.tensor(offsets, dtype=torch.int32, device=dev)
-        self.table_length = torch.tensor(lengths, dtype=torch.int32, device=dev)
-
-    @property
-    def has_tables(self) -> bool:
-        return bool(self.table_length.numel()) and int(self.table_length.min()) > 0
-
-    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(frequencies (C, K) int32, offsets (C,), lengths (C,)) as numpy."""
-        return (self.table_freqs.cpu().numpy(), self.table_offset.cpu().numpy(), self.table_length.cpu().numpy())
-
-
-def quantize_pmf(pmf: np.ndarray, precision: int = TABLE_PRECISION) -> np.ndarray:
-    """Integer frequencies ``>= 1`` summing to ``2**precision``, close to ``pmf`` (deterministic)."""
-    total = 1 << precision
-    n = len(pmf)
-    if n > total // 2:
-        raise ValueError(f"support of {n} symbols is too wide for {precision}-bit tables")
-    pmf = np.asarray(pmf, dtype=np.float64)
-    s = pmf.sum()
-    pmf = pmf / s if s > 0 else np.full(n, 1.0 / n)
-    freqs = np.maximum(1, np.floor(pmf * (total - n)).astype(np.int64) + 1)
-    diff = total - int(freqs.sum())
-    # Hand the remainder to (or take it from) the most probable symbols, a stable order.
-    order = np.argsort(-pmf, kind="stable")
-    i = 0
-    while diff != 0:
-        j = order[i % n]
-        if diff > 0:
-            freqs[j] += 1
-            diff -= 1
-        elif freqs[j] > 1:
-            freqs[j] -= 1
-            diff += 1
-        i += 1
-    return freqs.astype(np.int32)
-
-
-def pad_to_multiple(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
-    """Replicate-pad H and W up to a multiple of the stride; returns the original (H, W)."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    return x, (h, w)
-
-
-class ImageCodec(nn.Module):
-    """Variable-rate learned image codec (factorized prior, GDN, per-level gains).
-
-    Input images are float tensors (B, 3, H, W) in [0, 1]; any H, W work (padded
-    to a multiple of 16 and cropped back).
-    """
-
-    kind = "codec"
-    stride = 16
+    kind: ClassVar[str] = ""
+    stride: ClassVar[int] = 16
+    # Whether ``compress(..., refine_steps > 0)`` (encoder-side latent refinement) is implemented.
+    supports_refinement: ClassVar[bool] = False
 
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
         self.config = config
         n, m, c = config.channels, config.latent_channels, config.in_channels
-        self.g_a = nn.Sequential(_conv(c, n), GDN(n), _conv(n, n), GDN(n), _conv(n, n), GDN(n), _conv(n, m))
-        self.g_s = nn.Sequential(
-            _deconv(m, n), GDN(n, inverse=True), _deconv(n, n), GDN(n, inverse=True),
-            _deconv(n, n), GDN(n, inverse=True), _deconv(n, c),
-        )
+        self.g_a = analysis_transform(c, n, m)
+        self.g_s = synthesis_transform(m, n, c)
         q = config.levels
         # Log-gains: level q scales the latent by exp(gain[q]); higher quality, finer steps.
         init = torch.linspace(-0.5, 0.5, q).view(q, 1).expand(q, m) if q > 1 else torch.zeros(1, m)
         self.log_gain = nn.Parameter(init.clone())
         self.log_inv_gain = nn.Parameter(-init.clone())
-        self.priors = nn.ModuleList(FactorizedPrior(m, config.filters) for _ in range(q))
 
-    # -- levels ---------------------------------------------------------------------------
     def _gains(self, quality: Tensor) -> tuple[Tensor, Tensor]:
         g = torch.exp(self.log_gain[quality])[:, :, None, None]
         ig = torch.exp(self.log_inv_gain[quality])[:, :, None, None]
@@ -318,6 +157,38 @@ class ImageCodec(nn.Module):
             raise ValueError(f"quality must be in 0..{self.config.levels - 1}, got {quality}")
         return int(quality)
 
+    def _quality_tensor(self, quality: Tensor | int, batch: int, device: torch.device) -> Tensor:
+        if isinstance(quality, int):
+            return torch.full((batch,), self._check_quality(quality), dtype=torch.long, device=device)
+        return quality
+
+    @property
+    def has_tables(self) -> bool:
+        raise NotImplementedError
+
+    def update_tables(self) -> None:
+        raise NotImplementedError
+
+    def identity(self) -> bytes:
+        """8 bytes that identify this codec: SHA-256 of its config and every tensor (tables included)."""
+        return codec_identity(self.config.to_dict(), self.state_dict())
+
+
+class ImageCodec(CodecBase):
+    """Variable-rate learned image codec (factorized prior, GDN, per-level gains).
+
+    Input images are float tensors (B, 3, H, W) in [0, 1]; any H, W work (padded
+    to a multiple of 16 and cropped back).
+    """
+
+    kind: ClassVar[str] = "codec"
+    supports_refinement: ClassVar[bool] = True
+
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__(config)
+        self.priors = nn.ModuleList(FactorizedPrior(config.latent_channels, config.filters)
+                                    for _ in range(config.levels))
+
     # -- training / evaluation forward ------------------------------------------------------
     def forward(self, x: Tensor, quality: Tensor | int) -> CodecOutput:
         """Noisy-quantised (training) or rounded (eval) pass with likelihoods.
@@ -326,9 +197,7 @@ class ImageCodec(nn.Module):
             x: (B, 3, H, W) in [0, 1].
             quality: One level for the batch, or a (B,) tensor of levels.
         """
-        b = x.shape[0]
-        if isinstance(quality, int):
-            quality = torch.full((b,), self._check_quality(quality), dtype=torch.long, device=x.device)
+        quality = self._quality_tensor(quality, x.shape[0], x.device)
         xp, (h, w) = pad_to_multiple(x, self.stride)
         g, ig = self._gains(quality)
         y = self.g_a(xp) * g
@@ -337,10 +206,7 @@ class ImageCodec(nn.Module):
             y_hat = y + (torch.round(y) - y).detach()  # straight-through for the decoder
         else:
             noisy = y_hat = torch.round(y)
-        lik = torch.empty_like(y)
-        for level in torch.unique(quality).tolist():
-            sel = quality == level
-            lik[sel] = self.priors[level].likelihood(noisy[sel])
+        lik = level_likelihoods(self.priors, noisy, quality)
         x_hat = self.g_s(y_hat * ig)[..., :h, :w]
         if not self.training:
             x_hat = x_hat.clamp(0, 1)
@@ -368,11 +234,7 @@ class ImageCodec(nn.Module):
             return self._round_to_tables(y, q)
 
     def _round_to_tables(self, y: Tensor, q: int) -> Tensor:
-        prior = self.priors[q]
-        y = torch.round(y)[0]
-        lo = prior.table_offset.to(y.device).view(-1, 1, 1).float()
-        hi = lo + prior.table_length.to(y.device).view(-1, 1, 1).float() - 1
-        return torch.maximum(torch.minimum(y, hi), lo).to(torch.int32)
+        return self.priors[q].clamp_to_tables(torch.round(y)[0])
 
     def refine_latent(self, x: Tensor, y: Tensor, quality: int, steps: int, lr: float = REFINE_LR,
                       seed: int = 0, on_step: Callable[[int, int], None] | None = None) -> Tensor:
@@ -463,9 +325,10 @@ class ImageCodec(nn.Module):
 
     def compress(self, x: Tensor, quality: int, refine_steps: int = 0,
                  on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Image (1, 3, H, W) in [0, 1] -> ``{"strings": [payload bytes], "shape": (h, w), "y": latent}``.
+        """Image (1, 3, H, W) in [0, 1] -> ``{"strings": [payload bytes], "shape": (h, w), "y": latent, "latents": latent}``.
 
-        ``y`` is the integer latent that was coded (for :meth:`estimate_bits` without a second analysis).
+        ``y`` (and ``latents``, the name every codec uses) is the integer latent that was coded
+        (for :meth:`estimate_bits` without a second analysis).
         ``refine_steps``, ``on_step``: see :meth:`analyse` and :meth:`refine_latent`.
         """
         from models.entropy_coding import encode_latent
@@ -473,7 +336,7 @@ class ImageCodec(nn.Module):
         y = self.analyse(x, quality, refine_steps, on_step)
         freqs, offsets, lengths = self.priors[quality].tables()
         payload = encode_latent(y.cpu().numpy(), freqs, offsets, lengths)
-        return {"strings": [payload], "shape": tuple(y.shape[1:]), "y": y}
+        return {"strings": [payload], "shape": tuple(y.shape[1:]), "y": y, "latents": y}
 
     def decompress(self, strings: list[bytes], shape: tuple[int, int], quality: int, size: tuple[int, int]) -> Tensor:
         """Inverse of :meth:`compress`: returns (1, 3, H, W) in [0, 1]."""
@@ -485,16 +348,16 @@ class ImageCodec(nn.Module):
         dev = next(self.parameters()).device
         return self.synthesise(torch.from_numpy(y).to(dev), q, size)
 
-    # -- tables and identity -----------------------------------------------------------------
+    # -- tables ------------------------------------------------------------------------------
     @torch.no_grad()
     def update_tables(self) -> None:
         """(Re)build every level's integer probability tables; call after training."""
         for p in self.priors:
             p.build_tables()
 
-    def identity(self) -> bytes:
-        """8 bytes that identify this codec: SHA-256 of its config and every tensor (tables included)."""
-        return codec_identity(self.config.to_dict(), self.state_dict())
+    @property
+    def has_tables(self) -> bool:
+        return all(p.has_tables for p in self.priors)
 
 
 def codec_identity(config: dict[str, Any], state_dict: dict[str, Tensor]) -> bytes:
@@ -507,156 +370,29 @@ def codec_identity(config: dict[str, Any], state_dict: dict[str, Tensor]) -> byt
     return h.digest()[:8]
 
 
-class RateDistortionLoss(nn.Module):
-    """``R + λ·D`` per sample: bits per pixel plus λ·255²·MSE, λ by each sample's level.
+def make_loss_fn(model: CodecBase):
+    """:func:`models.codec_train.make_loss_fn` (here too, so each codec module offers its training loss)."""
+    from models.codec_train import make_loss_fn as loss_fn
 
-    Returns the mean over the batch; :attr:`last` keeps the parts for logging.
-    """
-
-    def __init__(self, lambdas: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("lambdas", torch.tensor(lambdas, dtype=torch.float32), persistent=False)
-        self.last: dict[str, float] = {}
-
-    def forward(self, out: CodecOutput, x: Tensor, quality: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        bits = sum(-torch.log2(l).reshape(b, -1).sum(1) for l in out.likelihoods.values())
-        bpp = bits / (h * w)
-        mse = F.mse_loss(out.x_hat.float(), x.float(), reduction="none").reshape(b, -1).mean(1)
-        lam = self.lambdas.to(x.device)[quality]
-        loss = (bpp + lam * (255.0**2) * mse).mean()
-        self.last = {"bpp": float(bpp.mean().detach()), "mse": float(mse.mean().detach())}
-        return loss
+    return loss_fn(model)
 
 
 def build_codec(config: dict[str, Any]) -> ImageCodec:
     return ImageCodec(CodecConfig.from_dict(config))
 
 
-def load_codec_state(model: ImageCodec, state_dict: dict[str, Tensor]) -> None:
-    """Load weights whose table buffers may differ in width from a fresh model's."""
-    for i, p in enumerate(model.priors):
-        for name in ("table_freqs", "table_offset", "table_length"):
-            key = f"priors.{i}.{name}"
-            if key in state_dict:
-                setattr(p, name, torch.empty_like(state_dict[key]))
+def load_codec_state(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Load weights into a codec whose table buffers may differ in size from a fresh model's.
+
+    Integer tables are built after training, so their shapes depend on the trained model:
+    every buffer whose saved shape differs is replaced by one of the saved shape and dtype
+    first. Floating tensors saved in another precision (e.g. float16 weights) are cast to
+    the model's.
+    """
+    for key, buf in list(model.named_buffers()):
+        saved = state_dict.get(key)
+        if saved is not None and (saved.shape != buf.shape or (saved.dtype != buf.dtype and not saved.is_floating_point())):
+            owner_name, _, name = key.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, name, torch.empty_like(saved, device=buf.device))
     model.load_state_dict(state_dict)
-
-
-def _grow(old: Tensor, fresh: Tensor, keep_zero: tuple[slice, ...]) -> Tensor:
-    """``fresh`` with ``old`` copied into its leading block and ``keep_zero`` set to 0."""
-    new = fresh.clone()
-    new[tuple(slice(0, n) for n in old.shape)] = old
-    new[keep_zero] = 0.0
-    return new
-
-
-@torch.no_grad()
-def widen_codec(model: ImageCodec, channels: int, seed: int = 0) -> ImageCodec:
-    """A copy of ``model`` with hidden width ``channels`` that computes the same function.
-
-    Net2Net-style growth for continuing training with more capacity: old channels keep
-    their weights; new channels get fresh weights from every input, and the weights from
-    new channels into old ones start at zero, so the old channels' values (and the
-    output) are unchanged until training moves them. GDN's γ couples old and new
-    channels with zero (its lower bound) and gives the new ones the usual diagonal 0.1.
-    Gains and entropy models are copied. ``seed`` seeds the new weights.
-    """
-    old_n = model.config.channels
-    if channels < old_n:
-        raise ValueError(f"cannot widen {old_n} channels to {channels}")
-    cfg = CodecConfig.from_dict({**model.config.to_dict(), "channels": channels})
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        wide = ImageCodec(cfg)
-    old_state = model.state_dict()
-    new_state = wide.state_dict()
-    for name, mod in wide.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
-            w_old = old_state[f"{name}.weight"]
-            w_new = new_state[f"{name}.weight"]
-            # Conv2d weight: (out, in, k, k); ConvTranspose2d: (in, out, k, k).
-            in_dim = 1 if isinstance(mod, nn.Conv2d) else 0
-            out_dim = 1 - in_dim
-            zero = [slice(None)] * 4
-            zero[in_dim] = slice(w_old.shape[in_dim], None)   # weights from new inputs ...
-            zero[out_dim] = slice(0, w_old.shape[out_dim])    # ... into old outputs
-            new_state[f"{name}.weight"] = _grow(w_old, w_new, tuple(zero))
-            b_new = new_state[f"{name}.bias"].clone()
-            b_new[: len(old_state[f"{name}.bias"])] = old_state[f"{name}.bias"]
-            b_new[len(old_state[f"{name}.bias"]):] = 0.0
-            new_state[f"{name}.bias"] = b_new
-        elif isinstance(mod, GDN):
-            beta = new_state[f"{name}.beta"].clone()
-            beta[:old_n] = old_state[f"{name}.beta"]
-            gamma = torch.full_like(new_state[f"{name}.gamma"], mod._gamma_bound)
-            gamma[:old_n, :old_n] = old_state[f"{name}.gamma"]
-            idx = torch.arange(old_n, channels)
-            gamma[idx, idx] = new_state[f"{name}.gamma"][idx, idx]
-            new_state[f"{name}.beta"], new_state[f"{name}.gamma"] = beta, gamma
-    for k, v in old_state.items():
-        if k.startswith(("log_gain", "log_inv_gain", "priors.")):
-            new_state[k] = v
-    load_codec_state(wide, new_state)
-    return wide
-
-
-# -- training helpers ---------------------------------------------------------------------
-
-
-def make_loss_fn(model: ImageCodec):
-    """A ``loss_fn(model, batch, generator)`` for :func:`models.training.fit`.
-
-    ``batch`` is uint8 patches (B, 3, P, P). Every batch covers the quality levels
-    in turn (sample ``i`` gets level ``(i + offset) % Q`` with a random offset), so
-    one training run fits all rate points of the variable-rate model.
-    """
-    criterion = RateDistortionLoss(model.config.lambdas)
-    levels = model.config.levels
-
-    def loss_fn(m: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
-        x = batch.float() / 255.0
-        offset = int(torch.randint(levels, (1,), generator=generator))
-        quality = (torch.arange(len(x)) + offset) % levels
-        quality = quality.to(x.device)
-        return criterion(m(x, quality), x, quality)
-
-    return loss_fn
-
-
-def random_patches(images: list[np.ndarray], count: int, size: int, seed: int = 0) -> np.ndarray:
-    """``count`` random crops (uint8, (count, 3, size, size)) from RGB/gray uint8 images.
-
-    Crops are drawn in proportion to image area, with random flips; grayscale
-    images become three equal channels (how the codec sees them). Images smaller
-    than ``size`` are padded by reflection.
-    """
-    rng = np.random.default_rng(seed)
-    rgb = [as_rgb(im) for im in images]
-    rgb = [im if min(im.shape[:2]) >= size else
-           np.pad(im, ((0, max(0, size - im.shape[0])), (0, max(0, size - im.shape[1])), (0, 0)), mode="reflect")
-           for im in rgb]
-    areas = np.array([im.shape[0] * im.shape[1] for im in rgb], dtype=np.float64)
-    which = rng.choice(len(rgb), size=count, p=areas / areas.sum())
-    out = np.empty((count, 3, size, size), dtype=np.uint8)
-    for i, k in enumerate(which):
-        im = rgb[k]
-        top = int(rng.integers(0, im.shape[0] - size + 1))
-        left = int(rng.integers(0, im.shape[1] - size + 1))
-        crop = im[top : top + size, left : left + size]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        if rng.random() < 0.5:
-            crop = crop[::-1]
-        out[i] = crop.transpose(2, 0, 1)
-    return out
-
-
-def as_rgb(im: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) or (H, W, 3|4) -> (H, W, 3); alpha dropped, gray replicated."""
-    a = np.asarray(im)
-    if a.ndim == 2:
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if a.shape[2] == 1:
-        return np.repeat(a, 3, axis=2)
-    return a[:, :, :3]

@@ -10,9 +10,8 @@ Pure PyTorch (plus numpy for patch sampling): no Prefect, fsspec or pandas.
   multiple of :attr:`ConvAEConfig.factor` and the output cropped back.
 - :func:`tiled_apply` — inference on large images in overlapping tiles blended
   with a tapered window, so there are no visible seams and memory stays bounded.
-- :func:`random_patches` — seeded random crops for patch-based training.
-- The blocks (:func:`conv_block`, :class:`Down`, :class:`Up`, :func:`pad_to_multiple`)
-  are public so other image models (e.g. a learned codec) reuse them.
+- The blocks (:func:`conv_block`, :class:`Down`, :class:`Up`) are public so other image
+  models reuse them; padding and training crops are in :mod:`models.image_ops`.
 
 Images are float tensors ``(N, C, H, W)`` in ``[0, 1]``; uint8 batches are
 converted by :func:`to_unit`.
@@ -24,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.image_ops import pad_to_multiple
+from models.training import host_generator
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -152,19 +153,6 @@ class Up(nn.Module):
         return self.block(x)
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Pad ``(N, C, H, W)`` on the bottom/right to a multiple of ``multiple``; returns (padded, (H, W)).
-
-    Reflection padding where the image is large enough (no artificial edge), else replication.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
-
-
 def to_unit(batch: Tensor) -> Tensor:
     """uint8 images to float in [0, 1]; float images pass through."""
     if batch.dtype == torch.uint8:
@@ -212,7 +200,7 @@ class ConvAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """The code ``z`` ``(N, latent_channels, ceil(H/f), ceil(W/f))`` of images of any size."""
-        x, _ = pad_to_multiple(to_unit(x), self.factor)
+        x, _ = pad_to_multiple(to_unit(x), self.factor, "reflect")
         return self._encode_padded(x)[0]
 
     def decode(self, z: Tensor) -> Tensor:
@@ -224,7 +212,7 @@ class ConvAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> ConvAEOutput:
         x = to_unit(x)
-        xp, (h0, w0) = pad_to_multiple(x, self.factor)
+        xp, (h0, w0) = pad_to_multiple(x, self.factor, "reflect")
         z, skips = self._encode_padded(xp)
         h = self.from_latent(z)
         for i, up in enumerate(self.ups):
@@ -313,36 +301,11 @@ def _taper_two(n: int, lead: int, trail: int) -> Tensor:
     return w
 
 
-def random_patches(images: list[np.ndarray], n: int, size: int, seed: int) -> np.ndarray:
-    """``n`` random ``size x size`` crops from CHW uint8 images, as ``(n, C, size, size)``.
-
-    Images are drawn in proportion to their area, so large photographs give more
-    patches than small ones. An image smaller than ``size`` contributes its
-    replicate-padded whole.
-    """
-    if not images:
-        raise ValueError("no images to draw patches from")
-    rng = np.random.default_rng(seed)
-    areas = np.array([im.shape[-2] * im.shape[-1] for im in images], dtype=np.float64)
-    which = rng.choice(len(images), size=n, p=areas / areas.sum())
-    c = images[0].shape[0]
-    out = np.empty((n, c, size, size), dtype=images[0].dtype)
-    for i, j in enumerate(which):
-        im = images[j]
-        h, w = im.shape[-2:]
-        if h < size or w < size:
-            im = np.pad(im, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode="edge")
-            h, w = im.shape[-2:]
-        y = rng.integers(0, h - size + 1)
-        x = rng.integers(0, w - size + 1)
-        out[i] = im[:, y : y + size, x : x + size]
-    return out
-
-
 def augment(batch: Tensor, generator: torch.Generator) -> Tensor:
     """Random flips and 90-degree rotations of a square patch batch (one draw per batch: cheap)."""
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    flip = bool(torch.randint(0, 2, (1,), generator=generator))
+    host = host_generator(generator)  # host-side choices: no device synchronisation
+    k = int(torch.randint(0, 4, (1,), generator=host))
+    flip = bool(torch.randint(0, 2, (1,), generator=host))
     if k:
         batch = torch.rot90(batch, k, dims=(-2, -1))
     if flip:
@@ -354,6 +317,9 @@ def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Genera
     """MSE between an (augmented) image batch and its reconstruction, in [0, 1] units."""
     x = augment(to_unit(batch), generator)
     return F.mse_loss(model(x).x_hat.float(), x)
+
+
+reconstruction_loss.device_rng = True  # type: ignore[attr-defined]  # see models.training.LossFn
 
 
 def latent_noise_loss(sigma: float) -> Callable[[nn.Module, Tensor, torch.Generator], Tensor]:
@@ -373,12 +339,13 @@ def latent_noise_loss(sigma: float) -> Callable[[nn.Module, Tensor, torch.Genera
         if model.config.skip:
             raise ValueError("latent noise needs a model without skip connections")
         x = augment(to_unit(batch), generator)
-        xp, (h0, w0) = pad_to_multiple(x, model.factor)
+        xp, (h0, w0) = pad_to_multiple(x, model.factor, "reflect")
         z, _ = model._encode_padded(xp)
-        noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+        noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, z.dtype)
         out = model.decode(z + sigma * z.detach().std() * noise)
         if model.config.residual:
             out = xp + out
         return F.mse_loss(out[..., :h0, :w0].float(), x)
 
+    loss.device_rng = True  # type: ignore[attr-defined]
     return loss

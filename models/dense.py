@@ -7,7 +7,8 @@ as ``config.json`` + ``weights.safetensors`` and rebuilt without unpickling.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +24,19 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "elu": nn.ELU,
 }
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block (e.g. building a model: its initial weights) on torch's global RNG seeded with
+    ``seed``, and give the caller its own RNG state back afterwards.
+
+    A fresh process seeds torch's global RNG from the OS, so a model built without this starts
+    from different weights in every process: the same command run twice gave different models.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,7 @@ def masked_reconstruction_loss(
     in the data carry no loss.
     """
     observed = ~batch.isnan()
-    hidden = (torch.rand(batch.shape, generator=generator).to(batch.device) < hide) & observed
+    hidden = (torch.rand(batch.shape, generator=generator, device=generator.device).to(batch.device) < hide) & observed
     x_hat = model(batch.masked_fill(hidden, float("nan"))).x_hat.float()
     target = batch.float().nan_to_num(0.0)
     err = (x_hat - target) ** 2
@@ -175,6 +189,9 @@ def masked_reconstruction_loss(
     hid_loss = (err * hidden).sum() / hidden.sum().clamp(min=1)
     vis_loss = (err * visible).sum() / visible.sum().clamp(min=1)
     return hid_loss + visible_weight * vis_loss
+
+
+masked_reconstruction_loss.device_rng = True  # type: ignore[attr-defined]  # see models.training.LossFn
 
 
 def build_masked_dense(config: dict[str, Any]) -> MaskedDenseAutoencoder:
@@ -343,6 +360,9 @@ def imputer_loss(
     if members is None:
         return masked_reconstruction_loss(model, batch, generator, hide, visible_weight)
     return sum(masked_reconstruction_loss(m, batch, generator, hide, visible_weight) for m in members) / len(members)
+
+
+imputer_loss.device_rng = True  # type: ignore[attr-defined]
 
 
 def build_masked_imputer(config: dict[str, Any]) -> MaskedImputer:

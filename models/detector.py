@@ -21,6 +21,14 @@ on a common scale with statistics of the training rows:
   rows' column means, in training standard deviations, weight ``center_weight``: a
   global part beside the local kNN ones (rows extreme in many columns at once).
 
+- with ``tail_weight > 0``, a tail probability part in the manner of COPOD (Li et al. 2020,
+  as pyod computes it): per column, the empirical left and right tail probabilities of the
+  row's value among the training rows' values; the part is the mean over columns of
+  ``max(-log(tail on the column's skewed side), (-log(left) - log(right)) / 2)``: rows in the
+  far tails of many columns at once (global extremes), whatever each column's distribution.
+  ``tail_weight`` is the weight in use, fixed at fit time (``tasks/apps/detect.py`` sets it
+  from how well this part agrees with the input-space part on the training rows).
+
 ``scaling`` puts the parts on one scale: ``"median"`` divides each part by its
 median over the training rows (a typical row then scores ~1 per part);
 ``"robust"`` subtracts that median and divides by the interquartile range (a
@@ -41,6 +49,7 @@ part, and the same rows in both references.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +80,8 @@ class DetectorConfig:
         center_weight: Weight of the distance to the training centre (0: no such part).
         n_input_reference: Rows of the input-space reference (None: ``n_reference``, the
             same rows as the code-space reference).
+        tail_weight: Weight of the tail probability part (0: no such part).
+        n_tail_reference: Training rows whose per-column values define the tail probabilities.
     """
 
     ae: DenseAEConfig
@@ -83,6 +94,8 @@ class DetectorConfig:
     input_p: float = 2.0
     center_weight: float = 0.0
     n_input_reference: int | None = None
+    tail_weight: float = 0.0
+    n_tail_reference: int = 0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -95,9 +108,11 @@ class DetectorConfig:
             raise ValueError(f"recon_weight must be >= 0, got {self.recon_weight}")
         if self.center_weight < 0:
             raise ValueError(f"center_weight must be >= 0, got {self.center_weight}")
+        if self.tail_weight < 0:
+            raise ValueError(f"tail_weight must be >= 0, got {self.tail_weight}")
         if not self.input_p > 0:
             raise ValueError(f"input_p must be > 0, got {self.input_p}")
-        if self.recon_weight + self.knn_weight + self.input_weight + self.center_weight <= 0:
+        if self.recon_weight + self.knn_weight + self.input_weight + self.center_weight + self.tail_weight <= 0:
             raise ValueError("at least one part of the score needs a weight > 0")
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {self.scaling!r}")
@@ -112,13 +127,15 @@ class DetectorConfig:
 
     @property
     def part_names(self) -> tuple[str, ...]:
-        """Parts of the score, in order: reconstruction, code space and, when weighted, input space
-        and centre distance."""
-        return ("recon", "code") + (("input",) if self.input_weight > 0 else ()) + (("center",) if self.center_weight > 0 else ())
+        """Parts of the score, in order: reconstruction, code space and, when weighted, input space,
+        centre distance and tail probabilities."""
+        return (("recon", "code") + (("input",) if self.input_weight > 0 else ())
+                + (("center",) if self.center_weight > 0 else ()) + (("tail",) if self.tail_weight > 0 else ()))
 
     @property
     def part_weights(self) -> tuple[float, ...]:
-        w = {"recon": self.recon_weight, "code": self.knn_weight, "input": self.input_weight, "center": self.center_weight}
+        w = {"recon": self.recon_weight, "code": self.knn_weight, "input": self.input_weight, "center": self.center_weight,
+             "tail": self.tail_weight}
         return tuple(w[name] for name in self.part_names)
 
     @property
@@ -136,6 +153,8 @@ class DetectorConfig:
         if (self.recon_weight, self.input_p, self.center_weight, self.n_input_reference) != (1.0, 2.0, 0.0, None):
             d.update(recon_weight=self.recon_weight, input_p=self.input_p, center_weight=self.center_weight,
                      n_input_reference=self.n_input_reference)
+        if self.tail_weight > 0:  # likewise: configs without a tail part stay as they were
+            d.update(tail_weight=self.tail_weight, n_tail_reference=self.n_tail_reference)
         return d
 
     @classmethod
@@ -145,7 +164,8 @@ class DetectorConfig:
                    knn_weight=float(d["knn_weight"]), input_weight=float(d.get("input_weight", 0.0)),
                    scaling=str(d.get("scaling", "median")), recon_weight=float(d.get("recon_weight", 1.0)),
                    input_p=float(d.get("input_p", 2.0)), center_weight=float(d.get("center_weight", 0.0)),
-                   n_input_reference=None if d.get("n_input_reference") is None else int(d["n_input_reference"]))
+                   n_input_reference=None if d.get("n_input_reference") is None else int(d["n_input_reference"]),
+                   tail_weight=float(d.get("tail_weight", 0.0)), n_tail_reference=int(d.get("n_tail_reference", 0)))
 
 
 class KnnAutoencoderDetector(nn.Module):
@@ -164,6 +184,9 @@ class KnnAutoencoderDetector(nn.Module):
         if config.center_weight > 0:  # per column: the training rows' mean and standard deviation
             self.register_buffer("center_mean", torch.zeros(config.ae.in_features))
             self.register_buffer("center_scale", torch.ones(config.ae.in_features))
+        if config.tail_weight > 0:  # per column (rows of tail_sorted): the training values, sorted; skewness signs
+            self.register_buffer("tail_sorted", torch.zeros(config.ae.in_features, config.n_tail_reference))
+            self.register_buffer("tail_skew", torch.ones(config.ae.in_features))
         # per part, over the training rows: medians ("median" scaling) or interquartile ranges ("robust")
         self.register_buffer("scales", torch.ones(config.n_parts))
         if config.scaling == "robust":
@@ -180,11 +203,12 @@ class KnnAutoencoderDetector(nn.Module):
         """Replace the reference codes and, with ``input_weight > 0``, the input-space reference
         rows (required then; any number of rows: the same rows as the codes, or more). With
         ``center_weight > 0`` the rows (required then) also fix the centre: their column means and
-        standard deviations. The config's reference sizes follow."""
+        standard deviations; with ``tail_weight > 0`` the tail probabilities: their values per column
+        and each column's skewness. The config's reference sizes follow."""
         device = self.scales.device
         c = self.config
-        if (c.input_weight > 0 or c.center_weight > 0) and (rows is None or len(rows) == 0):
-            raise ValueError("input_weight > 0 or center_weight > 0: set_reference needs the reference rows")
+        if (c.input_weight > 0 or c.center_weight > 0 or c.tail_weight > 0) and (rows is None or len(rows) == 0):
+            raise ValueError("input_weight, center_weight or tail_weight > 0: set_reference needs the reference rows")
         n_input = None
         if c.input_weight > 0:
             self.input_reference = rows.detach().to(device, torch.float32).contiguous()
@@ -194,9 +218,31 @@ class KnnAutoencoderDetector(nn.Module):
             sd = r.std(dim=0, unbiased=False) if len(r) > 1 else torch.ones(r.shape[1], dtype=torch.float64, device=device)
             self.center_mean = r.mean(dim=0).float()
             self.center_scale = torch.where(sd > 1e-12, sd, torch.ones_like(sd)).float()
+        n_tail = 0
+        if c.tail_weight > 0:
+            r = rows.detach().to(device, torch.float64)
+            dev = r - r.mean(dim=0)
+            third = (dev**3).mean(dim=0)  # the sign of the skewness (the third central moment's)
+            self.tail_sorted = torch.sort(r.T.float(), dim=1).values.contiguous()
+            self.tail_skew = torch.where(third < 0, -1.0, 1.0).float()
+            n_tail = len(r)
         self.reference = codes.detach().to(device, torch.float32).contiguous()
         self.config = DetectorConfig(c.ae, len(codes), c.k, c.knn_weight, c.input_weight, c.scaling, c.recon_weight,
-                                     c.input_p, c.center_weight, n_input)
+                                     c.input_p, c.center_weight, n_input, c.tail_weight, n_tail)
+
+    def set_tail_weight(self, weight: float) -> None:
+        """Fix the tail part's weight in the score (at fit time, after :meth:`set_reference`, before
+        :meth:`set_scales`). 0 removes the part and its buffers: the detector is then the one without it."""
+        if weight < 0:
+            raise ValueError(f"tail weight must be >= 0, got {weight}")
+        c = self.config
+        if c.tail_weight <= 0:
+            raise ValueError("this detector has no tail part (tail_weight = 0)")
+        if weight == 0:
+            del self.tail_sorted, self.tail_skew
+            self.config = dataclasses.replace(c, tail_weight=0.0, n_tail_reference=0)
+        else:
+            self.config = dataclasses.replace(c, tail_weight=float(weight))
 
     def _knn_distance(self, q: Tensor, ref: Tensor, chunk: int, p: float = 2.0) -> Tensor:
         """Mean (Minkowski-``p``) distance of each row of ``q`` to its k nearest rows of ``ref``, the
@@ -225,8 +271,8 @@ class KnnAutoencoderDetector(nn.Module):
     @torch.no_grad()
     def score_parts(self, x: Tensor, chunk: int = 1024) -> tuple[Tensor, ...]:
         """Per row, the parts of ``config.part_names``: (reconstruction MSE, code-space kNN distance[,
-        input-space kNN distance][, centre distance]), each kNN distance the mean over the k nearest
-        references but the nearest."""
+        input-space kNN distance][, centre distance][, tail probability part]), each kNN distance the
+        mean over the k nearest references but the nearest."""
         out = self.ae(x)
         recon = ((out.x_hat.float() - x.float()) ** 2).mean(dim=1)
         parts = (recon, self._knn_distance(out.z, self.reference, chunk))
@@ -234,7 +280,23 @@ class KnnAutoencoderDetector(nn.Module):
             parts += (self._knn_distance(x, self.input_reference, chunk, self.config.input_p),)
         if self.config.center_weight > 0:
             parts += ((((x.float() - self.center_mean) / self.center_scale) ** 2).mean(dim=1),)
+        if self.config.tail_weight > 0:
+            parts += (self._tail_part(x),)
         return parts
+
+    def _tail_part(self, x: Tensor) -> Tensor:
+        """COPOD's per-row score (as pyod computes it), averaged over columns instead of summed."""
+        ref = self.tail_sorted  # columns x training rows, sorted
+        n = ref.shape[1]
+        if n == 0:
+            return torch.zeros(len(x), device=x.device)
+        q = x.float().T.contiguous()  # columns x rows
+        floor = 1.0 / (n + 1)
+        left = (torch.searchsorted(ref, q, right=True).float() / n).clamp(min=floor)  # share of training values <= x
+        right = ((n - torch.searchsorted(ref, q, right=False)).float() / n).clamp(min=floor)  # share >= x
+        u_l, u_r = -torch.log(left), -torch.log(right)
+        skewed = torch.where(self.tail_skew[:, None] < 0, u_l, u_r)
+        return torch.maximum(skewed, (u_l + u_r) / 2).mean(dim=0)
 
     def set_scales(self, parts: Tensor | np.ndarray) -> None:
         """Fix the centres and scales from the training rows' parts (rows x parts)."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.conv import augment, to_unit
+from models.training import host_generator, host_to_device
 
 NOISE_KINDS = ("gaussian", "salt_pepper", "mask")
 
@@ -56,23 +57,21 @@ class NoiseConfig:
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    return torch.rand(shape, generator=generator).to(like.device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(like.device)
 
 
 def gaussian(x: Tensor, sigma: Tensor | float, generator: torch.Generator) -> Tensor:
     """``x + sigma * N(0, 1)``; ``sigma`` in [0, 1] units, a float or one value per sample."""
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
     if isinstance(sigma, Tensor):
-        sigma = sigma.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        sigma = host_to_device(sigma, x.device).view(-1, *([1] * (x.dim() - 1)))
     return x + sigma * noise
 
 
 def salt_pepper(x: Tensor, amount: float, generator: torch.Generator) -> Tensor:
     u = _rand(tuple(x.shape), generator, x)
-    out = x.clone()
-    out[u < amount / 2] = 0.0
-    out[(u >= amount / 2) & (u < amount)] = 1.0
-    return out
+    # masked_fill rather than boolean indexing: no device synchronisation on CUDA
+    return x.masked_fill(u < amount / 2, 0.0).masked_fill((u >= amount / 2) & (u < amount), 1.0)
 
 
 def mask(x: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
@@ -83,16 +82,17 @@ def mask(x: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
 def corrupt(x: Tensor, cfg: NoiseConfig, generator: torch.Generator) -> Tensor:
     """Corrupt a batch: each sample gets one of ``cfg.kinds``."""
     n = x.shape[0]
-    kinds = torch.randint(0, len(cfg.kinds), (n,), generator=generator)
+    host = host_generator(generator)  # per-sample choices on the host, noise on the generator's device
+    kinds = torch.randint(0, len(cfg.kinds), (n,), generator=host)
     out = x.clone()
     for i, kind in enumerate(cfg.kinds):
-        sel = (kinds == i).nonzero().flatten().to(x.device)
+        sel = host_to_device((kinds == i).nonzero().flatten(), x.device)
         if len(sel) == 0:
             continue
         xs = x[sel]
         if kind == "gaussian":
             if cfg.sigma_max is not None:
-                s = cfg.sigma + (cfg.sigma_max - cfg.sigma) * torch.rand(len(sel), generator=generator)
+                s = cfg.sigma + (cfg.sigma_max - cfg.sigma) * torch.rand(len(sel), generator=host)
                 out[sel] = gaussian(xs, s / 255.0, generator)
             else:
                 out[sel] = gaussian(xs, cfg.sigma / 255.0, generator)
@@ -105,6 +105,8 @@ def corrupt(x: Tensor, cfg: NoiseConfig, generator: torch.Generator) -> Tensor:
 
 class DenoisingLoss:
     """``loss_fn(model, batch, generator)`` for :func:`models.training.fit`: augment, corrupt, MSE to clean."""
+
+    device_rng = True  # noise drawn on the training device (see models.training.LossFn)
 
     def __init__(self, noise: NoiseConfig) -> None:
         self.noise = noise

@@ -1,7 +1,7 @@
 """The learned codec at the task layer: images in and out, ``.aec`` files, models by run or identity.
 
 Plain functions (Pillow, fsspec through the artifact store, the pure-torch codec
-in :mod:`models.codec`); the CLI's ``aeflow compress``/``decompress`` and the
+in :mod:`models.codec` and :mod:`models.codec_hyperprior`); the CLI's ``aeflow compress``/``decompress`` and the
 ``compress`` batch job both call them. Every error a user can cause names the
 file and says what is wrong (:class:`~tasks.errors.InputError`,
 :class:`~tasks.errors.ModelMismatchError`).
@@ -18,9 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models import build_model
 from models.aec import AecFile, AecFormatError, parse
-from models.codec import ImageCodec, as_rgb, build_codec, load_codec_state
+from models.codec import CodecConfig, CodecBase, load_codec_state
+from models.codec_hyperprior import HyperpriorConfig
 from models.entropy_coding import EntropyCodingError
+from models.image_ops import as_rgb
 from models.metrics import ms_ssim, psnr
 from tasks.errors import InputError, ModelMismatchError, StorageError
 from tasks.storage import MODEL_DIR, ArtifactStore, open_run, url_to_fs
@@ -89,11 +92,26 @@ def from_model_output(x_hat: torch.Tensor, mode: str) -> np.ndarray:
 # -- the codec -------------------------------------------------------------------------------
 
 
+# The codec kinds (``kind`` in a model's config.json; the batch job's ``app.codec`` names them
+# "factorized" and "hyperprior") and their config classes.
+CODEC_KINDS: dict[str, type[CodecConfig]] = {"codec": CodecConfig, "hyperprior": HyperpriorConfig}
+CODEC_NAMES = {"factorized": "codec", "hyperprior": "hyperprior"}
+
+
+def new_codec(name: str, **settings: object) -> CodecBase:
+    """A fresh, untrained codec of kind ``name`` ("factorized" or "hyperprior") with these config fields."""
+    try:
+        kind = CODEC_NAMES[name]
+    except KeyError as e:
+        raise ValueError(f"unknown codec {name!r}; known: {sorted(CODEC_NAMES)}") from e
+    return build_model(kind, CODEC_KINDS[kind](**settings).to_dict())  # type: ignore[arg-type, return-value]
+
+
 @dataclass
 class LoadedCodec:
     """A codec ready to code, with its identity and where it came from."""
 
-    model: ImageCodec
+    model: CodecBase
     identity: bytes
     source: str
 
@@ -103,12 +121,22 @@ class LoadedCodec:
 
 
 def codec_from_files(meta: dict, state_dict: dict, source: str) -> LoadedCodec:
-    if meta.get("kind") != "codec":
-        raise ModelMismatchError(f"{source} holds a {meta.get('kind')!r} model, not a learned image codec")
-    model = build_codec(meta["config"])
-    load_codec_state(model, state_dict)
+    """A codec of any kind in :data:`CODEC_KINDS` from its config.json (``meta``) and weights.
+
+    Raises:
+        ModelMismatchError: not a codec, or one without its integer tables.
+    """
+    kind = meta.get("kind")
+    if kind not in CODEC_KINDS:
+        raise ModelMismatchError(f"{source} holds a {kind!r} model, not a learned image codec "
+                                 f"(kinds: {', '.join(sorted(CODEC_KINDS))})")
+    model: CodecBase = build_model(kind, meta["config"])  # type: ignore[assignment]
+    try:
+        load_codec_state(model, state_dict)
+    except RuntimeError as e:
+        raise ModelMismatchError(f"{source}: the weights do not fit its {kind} config: {str(e)[:300]}") from e
     model.eval()
-    if not all(p.has_tables for p in model.priors):
+    if not model.has_tables:
         raise ModelMismatchError(f"{source}: the codec has no entropy-coding tables (training did not finish)")
     return LoadedCodec(model=model, identity=model.identity(), source=source)
 
@@ -159,12 +187,15 @@ def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine
         raise InputError("empty image")
     if refine_steps < 0:
         raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
+    if refine_steps and not codec.model.supports_refinement:
+        raise InputError(f"--refine-steps {refine_steps}: latent refinement is implemented for the factorized "
+                         f"codec only; {codec.source} is a {codec.model.kind} codec (use --refine-steps 0)")
     with torch.inference_mode():
         x = to_model_input(img, next(codec.model.parameters()).device)
     enc = codec.model.compress(x, quality, refine_steps, on_step)
     data = AecFile(model_id=codec.identity, quality=quality, mode=mode, width=w, height=h,
-                   payload=enc["strings"][0]).to_bytes()
-    return data, enc["y"]
+                   payload=enc["strings"][0], kind=codec.model.kind).to_bytes()
+    return data, enc["latents"]
 
 
 def encode_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine_steps: int = 0,
@@ -194,9 +225,10 @@ def decode_aec(codec: LoadedCodec, data: bytes, name: str) -> tuple[np.ndarray, 
         ModelMismatchError: the file was made by another model.
     """
     f = read_aec(data, name)
-    if f.model_id != codec.identity:
+    if f.model_id != codec.identity or f.kind != codec.model.kind:
         raise ModelMismatchError(
-            f"{name}: made by codec {f.model_id_hex}, but the model given ({codec.source}) is {codec.identity_hex}"
+            f"{name}: made by codec {f.model_id_hex} ({f.kind}), but the model given ({codec.source}) is "
+            f"{codec.identity_hex} ({codec.model.kind})"
         )
     if f.quality >= codec.model.config.levels:
         raise InputError(f"{name}: corrupted: quality level {f.quality} does not exist in this model")
@@ -225,23 +257,21 @@ class CodedImage:
 
     @property
     def payload_bits(self) -> int:
-        from models.aec import OVERHEAD
-
-        return 8 * (len(self.data) - OVERHEAD)
+        return 8 * len(parse(self.data).payload)
 
 
 def code_image(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, name: str,
                refine_steps: int = 0) -> CodedImage:
     """Encode (with ``refine_steps`` of latent refinement), decode (from the bytes), and measure one image."""
     t0 = time.perf_counter()
-    data, y = _encode(codec, img, mode, quality, refine_steps)
+    data, latents = _encode(codec, img, mode, quality, refine_steps)
     t1 = time.perf_counter()
     decoded, _ = decode_aec(codec, data, name)
     t2 = time.perf_counter()
     h, w = img.shape[:2]
     return CodedImage(
         data=data, decoded=decoded, bpp=8 * len(data) / (h * w), psnr=psnr(img, decoded), ms_ssim=ms_ssim(img, decoded),
-        encode_s=t1 - t0, decode_s=t2 - t1, estimate_bits=codec.model.estimate_bits(y, quality),
+        encode_s=t1 - t0, decode_s=t2 - t1, estimate_bits=codec.model.estimate_bits(latents, quality),
     )
 
 

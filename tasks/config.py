@@ -81,7 +81,16 @@ class TrainConfig(Frozen):
     """Optimiser, early stopping and device."""
 
     epochs: int = Field(200, ge=1, description="Upper bound; early stopping usually ends sooner.")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1,
+        description="Training batch size, used as given on every device (lr as given). Unset: default_batch_size on CPU; "
+        "on CUDA a batch that fills the device for the model at hand (default_batch_size x 2^k, see the README), "
+        "with lr scaled by sqrt(batch / default_batch_size).",
+    )
+    default_batch_size: int = Field(
+        256, ge=1, description="The batch the application's lr is tuned for: used when batch_size is unset on CPU, "
+        "and the smallest automatic batch on CUDA.",
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(15, ge=1, description="Epochs without validation improvement before stopping.")
@@ -91,6 +100,22 @@ class TrainConfig(Frozen):
         0, ge=0,
         description="CPU threads for training (0: PyTorch's default, one per core). 1 on a CPU shared with other busy "
         "jobs: small models slow down many times when their threads compete. Not part of the run's fingerprint.",
+    )
+    compile: Literal["off", "on", "auto"] = Field(
+        "auto", description="torch.compile the model: off, on, or auto (CUDA only, when the rest of the run, timed on "
+        "its first steps, would take over 2 minutes; CUDA graphs for short steps). Not part of the run's fingerprint.",
+    )
+    checkpoint_seconds: float = Field(
+        60.0, ge=0, description="At most one training checkpoint per this many seconds, at an epoch's end or within a "
+        "long epoch (with the position in it); 0 = after every epoch. Not part of the run's fingerprint.",
+    )
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="Train from minibatches streamed from the prepared Parquet partitions (on), from the "
+        "training rows in memory (off), or stream when they take more than half of memory_mb (auto).",
+    )
+    memory_mb: int = Field(
+        512, ge=1, description="Memory bound for training data: in-memory rows up to half of it (stream=auto); a "
+        "stream's shuffle buffer, reads and queued batches within it.",
     )
 
 
@@ -148,7 +173,8 @@ class RunConfig(Frozen):
         """Hash of (app, inputs' content hashes, config): equal runs have equal fingerprints."""
         cfg = self.model_dump(mode="json", exclude=set(self._NOT_FINGERPRINTED))
         cfg["train"].pop("device", None)
-        cfg["train"].pop("threads", None)  # where it runs, not what it computes (as device)
+        for key in ("threads", "compile", "checkpoint_seconds"):  # how it runs, not what it computes (as device)
+            cfg["train"].pop(key, None)
         blob = json.dumps({"app": self.app_name, "inputs": input_hashes, "config": cfg}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -186,6 +212,10 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        # YAML 1.1 reads on/off/yes/no as booleans; keep the word (train.stream=off is the setting
+        # "off"), and pydantic still reads it as a boolean for a boolean setting.
+        value = raw.strip()
     return key, value
 
 

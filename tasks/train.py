@@ -1,9 +1,11 @@
 """Training as a Prefect-friendly function: checkpoints into the run, progress on screen and in the UI.
 
 The loop itself is ``models.training.fit`` (pure torch); this module wires its
-callbacks to the run directory (safetensors checkpoints every epoch, resumed
-automatically when an interrupted run of the same fingerprint is restarted), a
-rich progress bar on the terminal, and a Prefect progress artifact.
+callbacks to the run directory (safetensors checkpoints at most every
+``train.checkpoint_seconds``, within long epochs too, resumed automatically when an
+interrupted run of the same fingerprint is restarted), a rich progress bar on the
+terminal, and a Prefect progress artifact. The data is arrays in memory or a
+``models.training.BatchSource`` such as ``tasks.streaming.ParquetStream``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch
 from torch import nn
 
-from models.training import LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss
+from models.training import BatchSource, LossFn, TrainResult, TrainSettings, TrainState, fit, reconstruction_loss
 from tasks.config import TrainConfig
 from tasks.storage import RunDir
 
@@ -29,11 +31,14 @@ def settings_from(cfg: TrainConfig) -> TrainSettings:
     return TrainSettings(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        default_batch_size=cfg.default_batch_size,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         patience=cfg.patience,
         seed=cfg.seed,
         device=cfg.device,
+        compile=cfg.compile,
+        checkpoint_seconds=cfg.checkpoint_seconds,
     )
 
 
@@ -73,8 +78,8 @@ class UiProgress:
 
 def train_model(
     model: nn.Module,
-    train_x: np.ndarray | Any,
-    val_x: np.ndarray | Any,
+    train_x: np.ndarray | torch.Tensor | BatchSource,
+    val_x: np.ndarray | torch.Tensor | BatchSource,
     cfg: TrainConfig,
     *,
     run: RunDir | None,
@@ -86,8 +91,9 @@ def train_model(
 
     Args:
         model: A freshly built model (its weights are replaced on resume).
-        train_x / val_x: Samples (numpy or tensors).
-        cfg: Optimiser, epochs, patience, seed, device.
+        train_x / val_x: Samples (numpy or tensors) or batch sources (e.g. the
+            ``tasks.streaming.ParquetStream`` pair of :func:`tasks.streaming.training_streams`).
+        cfg: Optimiser, batch, epochs, patience, seed, device, compile, checkpoints.
         run: The run directory receiving ``checkpoint/`` (None: no checkpoints).
         loss_fn: ``loss_fn(model, batch, generator)``.
         label: Shown on the progress bar and the UI artifact.
@@ -154,9 +160,9 @@ def train_model(
         torch.set_num_threads(threads)
     ui.update(100.0)
     logger.info(
-        "%s done: %d epochs (best %d, val loss %.5g) in %.1fs on %s, %.0f samples/s",
+        "%s done: %d epochs (best %d, val loss %.5g) in %.1fs on %s, %.0f samples/s (batch %d, lr %.3g, compiled: %s)",
         label, result.epochs_run, result.best_epoch, result.best_val_loss, result.seconds,
-        result.device, result.train_samples_per_s,
+        result.device, result.train_samples_per_s, result.batch_size, result.lr, result.compiled,
     )
     sys.stderr.flush()
     return result

@@ -17,7 +17,10 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator
 
-from models.codec import CodecConfig, ImageCodec, make_loss_fn, random_patches
+from models.codec import CodecBase
+from models.codec_train import make_loss_fn
+from models.dense import seeded
+from models.image_ops import rgb_patches
 from models.metrics import bd_rate
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
@@ -31,10 +34,18 @@ from tasks.codec import (
     codec_from_files,
     encode_png,
     from_chw,
+    new_codec,
     pillow_point,
 )
 from tasks.config import AppConfig, RunConfig, TrainConfig
-from tasks.images import ImageLoadConfig, ImageSet, Mode, iter_images, shard_images, shard_rels
+from tasks.images import (
+    ImageLoadConfig,
+    ImageSet,
+    Mode,
+    iter_images,
+    shard_images,
+    shard_rels,
+)
 from tasks.storage import RunDir, join_uri
 from tasks.train import train_model
 
@@ -46,6 +57,8 @@ class CompressConfig(AppConfig):
     quality: int | None = Field(
         None, ge=0, description="Quality level of the written codes/ and decoded/ (0 = lowest rate; default: the middle level)."
     )
+    codec: Literal["factorized", "hyperprior"] = Field(
+        "factorized", description="Codec to train: factorized prior, or mean-scale hyperprior (fewer bits, slower to train).")
     channels: int = Field(64, ge=4, le=512, description="Hidden width N of the analysis/synthesis transforms.")
     latent_channels: int = Field(192, ge=4, le=1024, description="Latent width M (its channels bound the quality at high rates).")
     lambdas: tuple[float, ...] = Field(
@@ -93,7 +106,7 @@ class CompressRunConfig(RunConfig):
     load: CompressLoadConfig = CompressLoadConfig()
     app: CompressConfig = CompressConfig()
     # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
-    train: TrainConfig = TrainConfig(epochs=20, batch_size=8, lr=5e-4, patience=5)
+    train: TrainConfig = TrainConfig(epochs=20, default_batch_size=8, lr=5e-4, patience=5)
 
 
 def codec_of(fitted: Fitted) -> LoadedCodec:
@@ -162,7 +175,7 @@ class CompressApp(ImageApp):
     Config = CompressConfig
     RunConfig = CompressRunConfig
     model_kind = "codec"
-    model_kinds = ("codec",)
+    model_kinds = ("codec", "hyperprior")
     self_contained = True  # a run's files decode with the codec saved in the run itself
     headlines = (("psnr", True), ("bd_rate_vs_jpeg_pct", False), ("bd_rate_vs_webp_pct", False))
     # The common `aeflow run` options that apply (no table columns, no validation split option).
@@ -170,6 +183,7 @@ class CompressApp(ImageApp):
                       "device", "dask_address", "run_id")
     cli_options = (
         ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
+        ("--codec", "app.codec", str, "Codec to train: factorized or hyperprior."),
         ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),
         ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
         ("--refine-steps", "app.refine_steps", int, "Latent refinement steps per image at encoding (0 = off; ~100: fewer bits, much slower)."),
@@ -195,18 +209,19 @@ class CompressApp(ImageApp):
         return ctx.target if ctx.target is not None else ctx.train
 
     # -- fit ---------------------------------------------------------------------------------
-    def build_model(self, ctx: ImageContext) -> ImageCodec:
+    def build_model(self, ctx: ImageContext) -> CodecBase:
         a = ctx.config.app
-        return ImageCodec(CodecConfig(channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas)))
+        return new_codec(a.codec, channels=a.channels, latent_channels=a.latent_channels, lambdas=tuple(a.lambdas))
 
     def fit(self, ctx: ImageContext) -> Fitted:
         """Train the codec on random crops of the training images; validation on held-back crops."""
         assert ctx.train is not None
         a, seed = ctx.config.app, ctx.config.train.seed
         images = [img for img, _ in pixels(ctx, ctx.train)]
-        train_x = random_patches(images, a.patches, a.patch_size, seed=seed)
-        val_x = random_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
-        model = self.build_model(ctx)
+        train_x = rgb_patches(images, a.patches, a.patch_size, seed=seed)
+        val_x = rgb_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
+        with seeded(seed):  # initial weights from the seed: the same in every process
+            model = self.build_model(ctx)
         result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=make_loss_fn(model),
                              label="compress codec")
         model.to("cpu").eval()

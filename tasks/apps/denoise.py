@@ -26,14 +26,22 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from models.conv import random_patches, tiled_apply
+from models.conv import tiled_apply
+from models.dense import seeded
+from models.image_ops import random_patches
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig, images_of
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import InputError
-from tasks.images import ImageLoadConfig, encode_like, iter_images, shard_images, shard_rels
+from tasks.images import (
+    ImageLoadConfig,
+    encode_like,
+    iter_images,
+    shard_images,
+    shard_rels,
+)
 from tasks.report import save_figure
 from tasks.train import train_model
 
@@ -89,7 +97,7 @@ class DenoiseRunConfig(ImageRunConfig):
     model: ConvModelConfig = ConvModelConfig(channels=(32, 64, 128), latent_channels=64, blocks=1, skip=True, residual=True)
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.2)
     # The training budget measured in benchmarks/RESULTS.md: 8,000 patches x 10 epochs (~20 min on one CPU core).
-    train: TrainConfig = TrainConfig(epochs=10, batch_size=32, lr=2e-3, patience=5)
+    train: TrainConfig = TrainConfig(epochs=10, default_batch_size=32, lr=2e-3, patience=5)
 
 
 def _channels(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -109,7 +117,11 @@ def denoise_array(fitted: Fitted, x: np.ndarray, device: torch.device, tile: int
 
 def baseline_fns(sigma: float) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """The classical denoisers on an ``(H, W)`` float image in [0, 1]; ``sigma`` in [0, 1] units."""
-    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle, denoise_wavelet
+    from skimage.restoration import (
+        denoise_nl_means,
+        denoise_tv_chambolle,
+        denoise_wavelet,
+    )
 
     def bm3d_(x: np.ndarray) -> np.ndarray:
         import bm3d
@@ -184,7 +196,8 @@ class Denoise(ImageApp):
             if val_imgs
             else train_p[:0]
         )
-        model = ctx.config.model.build(in_channels=1)  # type: ignore[attr-defined]
+        with seeded(seed):  # initial weights from the seed: the same in every process
+            model = ctx.config.model.build(in_channels=1)  # type: ignore[attr-defined]
         result = train_model(
             model, train_p, val_p, ctx.config.train, run=ctx.run, loss_fn=DenoisingLoss(cfg.noise_config()),
             label="denoise autoencoder",

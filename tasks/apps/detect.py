@@ -7,17 +7,24 @@ first put on a common scale with its training median and interquartile range
 - ``input_weight`` (8) x the mean fractional (Minkowski p = ``input_p`` = 0.5)
   distance of the (scaled) row to its ``knn_k`` (30) nearest training rows: rows
   in empty regions of the data;
-- ``center_weight`` (3) x the row's mean squared distance to the training column
-  means, in training standard deviations: rows extreme in many columns at once;
 - ``knn_weight`` (1) x the mean distance of the row's autoencoder code to its
   ``knn_k`` nearest training codes: rows in empty regions of the code space;
-- ``recon_weight`` (0) x the autoencoder's reconstruction error.
+- a tail probability part in the manner of COPOD: rows in the far tails of many
+  columns at once. Its weight is chosen at fit time without labels: 0 unless the
+  part agrees with the input-space part on the training rows (Spearman correlation
+  above ``tail_min_agreement``, 0.8), then growing linearly to ``tail_weight``
+  (128) at full agreement. Where both agree the data's anomalies are global
+  extremes, which the tail part ranks best (breast cancer); where they disagree the
+  anomalies sit between normal rows (digits, wine) and the tail part would add noise;
+- ``center_weight`` (0) x the row's mean squared distance to the training column
+  means, in training standard deviations, and ``recon_weight`` (0) x the
+  autoencoder's reconstruction error.
 
 Be clear about what ranks: on the benchmark (benchmarks/RESULTS.md) the
-input-space distance carries most of it, the centre distance adds what
-IsolationForest gets right on breast cancer, the code-space distance adds
-little, and the reconstruction error made every ranking worse, so by default it
-weighs 0 (set ``app.recon_weight`` to use it).
+input-space distance carries most of it, the tail part carries breast cancer
+(there the score is close to COPOD's own), and the code-space distance (the only
+part the autoencoder contributes) adds little; the reconstruction error made
+every ranking worse, so by default it weighs 0 (set ``app.recon_weight`` to use it).
 
 ``contamination`` is validated in (0, 0.5]; ``threshold_`` is fixed once at fit
 time as the (1 - contamination) percentile of the training scores, or given with
@@ -34,12 +41,15 @@ centre use every training row).
 
 With a label column (``positive_label`` marks anomalies): ROC-AUC and average
 precision for ours and, on the same data in the same run, for IsolationForest,
-PCA reconstruction error and pyod's ``AutoEncoder`` with its default settings.
+PCA reconstruction error and pyod's ``ECOD``, ``COPOD``, ``HBOS`` and
+``AutoEncoder``, each with its default settings (``BASELINES``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import warnings
 from functools import partial
 from typing import Literal
 
@@ -52,7 +62,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
-from models.dense import DenseAutoencoder
+from models.dense import DenseAutoencoder, seeded
 from models.detector import DetectorConfig, KnnAutoencoderDetector
 from models.training import predict
 from tasks.apps.base import Evaluation, Fitted, register
@@ -98,9 +108,21 @@ class Config(AppConfig):
         "distance, which separates near from far rows better when there are many columns.",
     )
     center_weight: float = Field(
-        3.0, ge=0.0,
+        0.0, ge=0.0,
         description="Weight of the row's mean squared distance to the training column means (in training standard "
-        "deviations) in the score: rows extreme in many columns at once.",
+        "deviations) in the score: rows extreme in many columns at once (0 since the tail part does this better; "
+        "benchmarks/RESULTS.md).",
+    )
+    tail_weight: float = Field(
+        128.0, ge=0.0,
+        description="Largest weight of the tail probability part (COPOD-style: rows in the far tails of many columns) "
+        "in the score; the weight in use is chosen at fit time, without labels, from how well the part agrees with "
+        "the input-space part on the training rows (see tail_min_agreement). 0: no tail part.",
+    )
+    tail_min_agreement: float = Field(
+        0.8, ge=0.0, lt=1.0,
+        description="Spearman correlation of the tail part with the input-space part (training rows) at and below "
+        "which the tail part weighs 0; above it its weight grows linearly to tail_weight at correlation 1.",
     )
     recon_weight: float = Field(
         0.0, ge=0.0,
@@ -133,7 +155,7 @@ class DetectRunConfig(RunConfig):
     # batch norm was the best default across breast cancer, wine and digits in one-seed-set sweeps
     # (16- and 32-wide codes were no better once the score has its input-space part).
     model: ModelConfig = ModelConfig(latent_dim=8, hidden=(64, 32), dropout=0.2, batch_norm=True)
-    train: TrainConfig = TrainConfig(epochs=15, batch_size=32, weight_decay=1e-5)
+    train: TrainConfig = TrainConfig(epochs=15, default_batch_size=32, weight_decay=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +181,8 @@ def _train_ae(model: nn.Module, train_x: np.ndarray, val_x: np.ndarray, train_cf
 def fit_detector(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     contamination: float, robust: bool = True, knn_k: int = 30, knn_weight: float = 1.0,
-    input_weight: float = 8.0, input_p: float = 0.5, center_weight: float = 3.0, recon_weight: float = 0.0,
+    input_weight: float = 8.0, input_p: float = 0.5, center_weight: float = 0.0, recon_weight: float = 0.0,
+    tail_weight: float = 128.0, tail_min_agreement: float = 0.8,
     scaling: str = "robust", max_reference: int = 10000, min_steps: int = 300,
     run=None, show_progress: bool = False,
 ) -> tuple[KnnAutoencoderDetector, object]:
@@ -173,17 +196,26 @@ def fit_detector(
     rows included: a few anomalies among many rows barely move a k = 30 distance, and leaving
     out the most extreme normal rows of clean data hurt); the parts' centres and scales come
     from every training row.
+
+    The tail part's weight is chosen without labels (``tail_weight_in_use``): ``tail_weight`` x
+    ``clip((rho - tail_min_agreement) / (1 - tail_min_agreement), 0, 1)``, where rho is the
+    Spearman correlation of the tail part with the input-space part over the training rows. When
+    the two agree, the anomalies the data can show are global extremes (rows in the far tails of
+    many columns), which the tail part ranks best; when they disagree (anomalies in empty regions
+    between normal rows, as on digits), the tail part is mostly noise and weighs 0 (the part is then
+    removed). Without an input-space part the code-space part stands in for it.
     Only the final fit writes checkpoints to ``run`` (the first one is short and seeded).
     """
     ae_cfg = model_cfg.dense(train_x.shape[1])
     trim = contamination if robust else 0.0
-    steps_per_epoch = max(1, -(-len(train_x) // train_cfg.batch_size))
+    steps_per_epoch = max(1, -(-len(train_x) // (train_cfg.batch_size or train_cfg.default_batch_size)))
     if train_cfg.epochs * steps_per_epoch < min_steps:
         train_cfg = train_cfg.model_copy(update={"epochs": -(-min_steps // steps_per_epoch)})
     keep_train = np.ones(len(train_x), bool)
     keep_val = np.ones(len(val_x), bool)
     if robust and len(train_x) + len(val_x) >= 10:
-        first = DenseAutoencoder(ae_cfg)
+        with seeded(train_cfg.seed):  # initial weights fixed by the seed: the same in every process
+            first = DenseAutoencoder(ae_cfg)
         _train_ae(first, train_x, val_x, train_cfg, trim, run=None, show_progress=show_progress,
                   label="detect autoencoder (ranking pass)")
         err_train, err_val = _recon_error(first, train_x), _recon_error(first, val_x)
@@ -193,9 +225,11 @@ def fit_detector(
             keep_train[:], keep_val[:] = True, True
         log.info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
                  int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
-    model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight, input_weight=input_weight,
-                                                  scaling=scaling, recon_weight=recon_weight, input_p=input_p,
-                                                  center_weight=center_weight))
+    with seeded(train_cfg.seed + 1):
+        model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight,
+                                                      input_weight=input_weight, scaling=scaling,
+                                                      recon_weight=recon_weight, input_p=input_p,
+                                                      center_weight=center_weight, tail_weight=tail_weight))
     result = _train_ae(model, train_x[keep_train], val_x[keep_val], train_cfg.model_copy(update={"seed": train_cfg.seed + 1}),
                        trim, run=run, show_progress=show_progress, label="detect autoencoder")
     model.eval()
@@ -210,16 +244,48 @@ def fit_detector(
     model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(every))
     if len(rows) > SCALE_ROWS:  # medians and quartiles of the parts: a sample is as good and the kNN parts cost
         rows = rows[np.sort(np.random.default_rng(train_cfg.seed + 2).choice(len(rows), SCALE_ROWS, replace=False))]
-    model.set_scales(torch.from_numpy(_score_parts(model, rows, device)))
+    parts = _score_parts(model, rows, device)
+    if tail_weight > 0:
+        names = model.config.part_names
+        rho = part_agreement(parts[:, names.index("tail")], parts[:, names.index("input" if "input" in names else "code")])
+        weight = tail_weight * float(np.clip((rho - tail_min_agreement) / max(1.0 - tail_min_agreement, 1e-12), 0.0, 1.0))
+        log.info("detect: tail part agrees with the %s part at Spearman %.3f: weight %.3g of %.3g",
+                 "input" if "input" in names else "code", rho, weight, tail_weight)
+        model.set_tail_weight(weight)
+        if weight == 0:
+            parts = parts[:, [i for i, n in enumerate(names) if n != "tail"]]
+    model.set_scales(torch.from_numpy(parts))
     return model, result
+
+
+def score_description(model: KnnAutoencoderDetector) -> str:
+    """The score's parts and weights in words (for the run's notes): what ranks, and what the autoencoder adds."""
+    words = {"recon": "reconstruction error (autoencoder)", "code": "code-space kNN distance (autoencoder)",
+             "input": "input-space kNN distance", "center": "centre distance", "tail": "COPOD-style tail part"}
+    c = model.config
+    parts = ", ".join(f"{w:g} x {words[n]}" for n, w in zip(c.part_names, c.part_weights, strict=True) if w > 0)
+    tail = "" if c.tail_weight > 0 else ("; no tail part (app.tail_weight = 0, or at fit time it did not agree with the "
+                                         "input-space part on the training rows)")
+    return f"score = {parts}, each on the training rows' scale{tail}"
+
+
+def part_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two score parts over the same rows (0 when undefined:
+    fewer than 3 rows, or a constant part)."""
+    if len(a) < 3:
+        return 0.0
+    ra, rb = (pd.Series(v).rank().to_numpy() for v in (a, b))
+    if ra.std() < 1e-12 or rb.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def detector_options(cfg: Config) -> dict:
     """``fit_detector``'s keyword options from the app's settings (the app and the benchmark)."""
     return dict(contamination=cfg.contamination, robust=cfg.robust, knn_k=cfg.knn_k, knn_weight=cfg.knn_weight,
                 input_weight=cfg.input_weight, input_p=cfg.input_p, center_weight=cfg.center_weight,
-                recon_weight=cfg.recon_weight, scaling=cfg.scaling, max_reference=cfg.max_reference,
-                min_steps=cfg.min_steps)
+                recon_weight=cfg.recon_weight, tail_weight=cfg.tail_weight, tail_min_agreement=cfg.tail_min_agreement,
+                scaling=cfg.scaling, max_reference=cfg.max_reference, min_steps=cfg.min_steps)
 
 
 def _recon_error(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
@@ -249,25 +315,60 @@ def fit_threshold(train_scores: np.ndarray, contamination: float) -> float:
     return float(np.percentile(train_scores, 100.0 * (1.0 - contamination)))
 
 
-def baseline_scores(fit_x: np.ndarray, x: np.ndarray, *, k: int, contamination: float, seed: int) -> dict[str, np.ndarray]:
-    """Scores of the detectors a user would otherwise pick, fitted on ``fit_x``, scoring ``x``."""
+#: The in-run baselines, in the order of the evaluation (names as in ``baseline_scores``' result).
+BASELINES = ("isolation_forest", "pca", "ecod", "copod", "hbos", "pyod_autoencoder")
+
+
+def baseline_scores(
+    fit_x: np.ndarray, x: np.ndarray, *, k: int, contamination: float, seed: int,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Scores (higher = more anomalous) of the detectors a user would otherwise pick, fitted on
+    ``fit_x``, scoring ``x``: IsolationForest, PCA reconstruction error, and pyod's ECOD, COPOD,
+    HBOS and AutoEncoder, each with its default settings. A baseline that fails is logged and
+    left out (it must never fail the run it is compared in). ``seconds``, when given, receives
+    each baseline's fit + scoring time."""
+    from pyod.models.copod import COPOD
+    from pyod.models.ecod import ECOD
+    from pyod.models.hbos import HBOS
+
+    def pca_error() -> np.ndarray:
+        pca = PCA(n_components=min(k, fit_x.shape[1], len(fit_x)), random_state=seed).fit(fit_x)
+        return np.mean((pca.inverse_transform(pca.transform(x)) - x) ** 2, axis=1)
+
+    detectors = {
+        "isolation_forest": lambda: -IsolationForest(random_state=seed, contamination=contamination).fit(fit_x).score_samples(x),
+        "pca": pca_error,
+        "ecod": lambda: ECOD(contamination=contamination).fit(fit_x).decision_function(x),
+        "copod": lambda: COPOD(contamination=contamination).fit(fit_x).decision_function(x),
+        "hbos": lambda: HBOS(contamination=contamination).fit(fit_x).decision_function(x),
+    }
     out: dict[str, np.ndarray] = {}
-    iforest = IsolationForest(random_state=seed, contamination=contamination).fit(fit_x)
-    out["isolation_forest"] = -iforest.score_samples(x)
-    k = min(k, fit_x.shape[1], len(fit_x))
-    pca = PCA(n_components=k, random_state=seed).fit(fit_x)
-    out["pca"] = np.mean((pca.inverse_transform(pca.transform(x)) - x) ** 2, axis=1)
+    for name, score in detectors.items():
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pyod's and numpy's warnings on constant columns
+                out[name] = np.asarray(score(), dtype="float64")
+        except Exception as e:  # a baseline must never fail the run it is compared in
+            log.warning("%s baseline skipped: %s: %s", name, type(e).__name__, e)
+            continue
+        if seconds is not None:
+            seconds[name] = time.perf_counter() - t0
     if len(fit_x) < PYOD_MIN_ROWS:
         # pyod drops the ragged last batch of 32: with fewer rows it trains on nothing and fails.
         log.warning("pyod AutoEncoder baseline skipped: %d rows, it needs at least %d", len(fit_x), PYOD_MIN_ROWS)
         return out
     torch_state = torch.random.get_rng_state()
+    t0 = time.perf_counter()
     try:
         from pyod.models.auto_encoder import AutoEncoder
 
         pyod_ae = AutoEncoder(contamination=contamination, random_state=seed, verbose=0)
         pyod_ae.fit(fit_x)
         out["pyod_autoencoder"] = np.asarray(pyod_ae.decision_function(x), dtype="float64")
+        if seconds is not None:
+            seconds["pyod_autoencoder"] = time.perf_counter() - t0
     except Exception as e:  # a baseline must never fail the run it is compared in
         log.warning("pyod AutoEncoder baseline skipped: %s: %s", type(e).__name__, e)
     finally:
@@ -299,7 +400,7 @@ class Detect(TableApp):
 
     def fit(self, ctx: TableContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        train_x, val_x, _, _ = ctx.train_arrays
+        train_x, val_x = self.training_rows(ctx)
         model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train, **detector_options(cfg),
                                      run=ctx.run, show_progress=True)
         scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
@@ -332,6 +433,8 @@ class Detect(TableApp):
         flagged = scores > thr
         ev.metrics["threshold"] = thr
         ev.metrics["anomaly_rate"] = float(flagged.mean())
+        if isinstance(fitted.model, KnnAutoencoderDetector):
+            ev.notes.append(score_description(fitted.model))
         label = fitted.schema.label
         if not label or label not in side.columns:
             ev.notes.append("no label column: ROC-AUC and average precision not evaluated")
@@ -354,7 +457,8 @@ class Detect(TableApp):
         for name, s in baseline_scores(fit_x, x, k=fitted.model.config.latent_dim, contamination=cfg.contamination,
                                        seed=ctx.config.train.seed).items():
             ev.baselines[name] = ranking_metrics(y, s[known])
-        ev.notes.append(f"anomalies: label {label!r} == {cfg.positive_label!r}; baselines {where}; pyod AutoEncoder with default settings")
+        ev.notes.append(f"anomalies: label {label!r} == {cfg.positive_label!r}; baselines {where}; IsolationForest and "
+                        "pyod's ECOD, COPOD, HBOS and AutoEncoder with their default settings")
         return ev
 
     def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:

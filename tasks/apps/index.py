@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from models.conv import latent_noise_loss
+from models.dense import seeded
 from models.training import predict
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
@@ -78,7 +79,7 @@ class IndexRunConfig(ImageRunConfig):
     # (benchmarks/RESULTS.md, index): more compressed codes (three levels) rank neighbours worse than raw pixels.
     model: ConvModelConfig = ConvModelConfig(channels=(16, 32), latent_channels=8)
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.1)
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=64, lr=2e-3, patience=5)
+    train: TrainConfig = TrainConfig(epochs=40, default_batch_size=64, lr=2e-3, patience=5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +258,8 @@ class Index(ImageApp):
     def fit(self, ctx: ImageContext) -> Fitted:
         tr, va = ctx.split()
         x = stack_images(ctx.train)
-        model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
+        with seeded(ctx.config.train.seed):  # initial weights from the seed: the same in every process
+            model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
         result = train_model(model, x[tr], x[va], ctx.config.train, run=ctx.run,
                              loss_fn=index_loss(ctx.config.app), label="index autoencoder")  # type: ignore[arg-type]
         model.to(ctx.device).eval()

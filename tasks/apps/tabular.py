@@ -11,7 +11,7 @@ says what one partition becomes (:meth:`TableApp.apply_part`).
 from __future__ import annotations
 
 import io
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -20,11 +20,13 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from models.dense import DenseAutoencoder
+from models.dense import DenseAutoencoder, seeded
 from models.training import predict, reconstruction_loss
 from tasks.apps.base import Application, Fitted, on_worker
 from tasks.apps.kinds import TABLES, TableContext
+from tasks.scaling import SPLIT_COL
 from tasks.storage import url_to_fs
+from tasks.streaming import training_streams, use_streaming
 from tasks.train import train_model
 
 
@@ -74,11 +76,41 @@ class TableApp(Application):
 
     def fit(self, ctx: TableContext) -> Fitted:
         """Train the autoencoder on the training split; early stopping on the validation split."""
-        train_x, val_x, _, _ = ctx.train_arrays
-        model = self.build_model(ctx)
-        result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=self.loss_fn(ctx),
+        train, val = self.training_data(ctx)
+        with seeded(ctx.config.train.seed):  # initial weights from the seed: the same in every process
+            model = self.build_model(ctx)
+        result = train_model(model, train, val, ctx.config.train, run=ctx.run, loss_fn=self.loss_fn(ctx),
                              label=f"{self.name} autoencoder")
         return Fitted(model=model, schema=ctx.schema, stats=ctx.train.stats, train=result)
+
+    def training_data(self, ctx: TableContext) -> tuple[Any, Any]:
+        """(training, validation) data for ``train_model``: the rows in memory, or — when they would not
+        fit comfortably in ``train.memory_mb`` (``train.stream``) — seeded streams of minibatches read
+        from the prepared partitions (``tasks/streaming.py``), so memory is bounded by the setting."""
+        prep, cfg = ctx.train, ctx.config.train
+        if use_streaming(cfg, prep.n_train, len(prep.columns)):
+            offset, scale = prep.stats.offset_scale()
+            ctx.notes.append(f"trained by streaming minibatches from the {len(prep.parts)} prepared partitions "
+                             f"(train.stream={cfg.stream}, train.memory_mb={cfg.memory_mb})")
+            return training_streams(prep.parts, prep.columns, split_column=SPLIT_COL, offset=offset, scale=scale, cfg=cfg)
+        train_x, val_x, _, _ = ctx.train_arrays
+        return train_x, val_x
+
+    def training_rows(self, ctx: TableContext) -> tuple[np.ndarray, np.ndarray]:
+        """(training, validation) rows in memory, for fits that need every row at hand (detect's robust
+        ranking and references, impute's closed-form head). Rows that would not fit in ``train.memory_mb``
+        are a seeded sample that does (said in the run's notes); ``train.stream=off`` takes them all."""
+        prep, cfg = ctx.train, ctx.config.train
+        cap = int(cfg.memory_mb * 2**20 / 2 / (4 * max(len(prep.columns), 1)))
+        if cfg.stream == "off" or prep.n_rows <= cap:
+            train_x, val_x, _, _ = ctx.train_arrays
+            return train_x, val_x
+        val_cap = int(cap * prep.n_val / prep.n_rows)
+        train_x = ctx.sample("train", "train", cap - val_cap, cfg.seed)[0]
+        val_x = ctx.sample("train", "val", val_cap, cfg.seed)[0]
+        ctx.notes.append(f"{self.name} fits in memory: on a seeded sample of {len(train_x) + len(val_x):,} of the "
+                         f"{prep.n_rows:,} training rows (train.memory_mb={cfg.memory_mb}; train.stream=off for all)")
+        return train_x, val_x
 
     # -- apply: one partition at a time -----------------------------------------------------
     def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:

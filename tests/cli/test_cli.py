@@ -131,3 +131,14 @@ def test_set_and_config_file_give_a_number_to_a_text_setting(tmp_path):
     f = tmp_path / "detect.yaml"
     f.write_text("app:\n  positive_label: 1\n")
     assert resolve_config(DetectRunConfig, file=f).app.positive_label == "1"
+
+
+def test_set_keeps_on_off_words_for_choice_settings():
+    """YAML 1.1 reads off/on/yes/no as booleans: `--set train.stream=off` is the choice "off", while a
+    boolean setting still takes the same words."""
+    from tasks.apps.reduce import ReduceRunConfig
+    from tasks.config import resolve_config
+
+    cfg = resolve_config(ReduceRunConfig, sets=["train.stream=off", "skip_existing=yes"])
+    assert cfg.train.stream == "off" and cfg.skip_existing is True
+    assert resolve_config(ReduceRunConfig, sets=["train.stream=on", "skip_existing=false"]).train.stream == "on"

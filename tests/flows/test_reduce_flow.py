@@ -93,7 +93,7 @@ def test_skip_existing_and_resume_after_interruption(prefect_server, dask_addres
     out = str(tmp_path / "art")
     base = {"load.input": digits_csv, "load.label_column": "target", "load.id_column": "id", "output": out,
             "dask_address": dask_address,
-            "train.epochs": 8, "train.patience": 100}
+            "train.epochs": 8, "train.patience": 100, "train.checkpoint_seconds": 0}
     first = FLOWS["reduce"](config=_config(**base))
     again = FLOWS["reduce"](config=_config(**base, skip_existing=True))
     assert again.skipped and again.run_id == first.run_id
@@ -130,7 +130,7 @@ def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_f
             digits_frame.iloc[start : start + 200].to_parquet(f, index=False)
     cfg = _config(**{"load.input": f"s3://{TEST_BUCKET}/raw/2026-11-26/*.parquet", "load.id_column": "id",
                      "load.label_column": "target", "output": f"s3://{TEST_BUCKET}/aeflow-reduce", "model.latent_dim": 4,
-                     "dask_address": dask_address})
+                     "dask_address": dask_address, "train.stream": "on"})
     result = FLOWS["reduce"](config=cfg)
     assert result.run_uri.startswith(f"s3://{TEST_BUCKET}/aeflow-reduce/runs/reduce/")
     key = result.run_uri[len("s3://"):]
@@ -142,4 +142,31 @@ def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_f
     emb = pd.read_parquet(f"{key}/embeddings.parquet", filesystem=s3fs_client)
     assert emb["id"].tolist() == list(range(400)) and emb.shape[1] == 5
     assert s3fs_client.exists(f"{key}/model/weights.safetensors")
+    assert any("trained by streaming" in n for n in manifest["extra"]["notes"]), manifest["extra"]["notes"]
     assert [m.run_id for m in ArtifactStore(f"s3://{TEST_BUCKET}/aeflow-reduce").list_runs()] == [result.run_id]
+
+
+def test_training_rows_over_the_memory_bound_stream(prefect_server, dask_address, tmp_path):
+    """train.stream=auto with a 1 MB bound: 4,000 x 50 float32 rows (~640 kB of training rows) exceed half of it, so reduce
+    trains from the prepared partitions; detect, whose fit needs its rows at hand, fits a seeded sample
+    that fits the bound; both say so in their notes. With the bound raised, the same data trains in memory."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(4000, 50)).astype("float32"), columns=[f"c{i}" for i in range(50)])
+    df.insert(0, "id", np.arange(4000))
+    df.to_parquet(tmp_path / "wide.parquet", index=False)
+    base = {"load.input": str(tmp_path / "wide.parquet"), "load.id_column": "id", "output": str(tmp_path / "out"),
+            "dask_address": dask_address, "train.epochs": 2, "train.memory_mb": 1}
+    streamed = FLOWS["reduce"](config=_config(**base))
+    notes = open_run(streamed.run_uri).manifest().extra["notes"]
+    assert any("trained by streaming" in n for n in notes), notes
+    emb = pd.read_parquet(streamed.outputs["embeddings"])
+    assert emb["id"].tolist() == list(range(4000)) and np.isfinite(emb.filter(like="z_").to_numpy()).all()
+    in_memory = FLOWS["reduce"](config=_config(**{**base, "train.memory_mb": 64}))
+    assert not any("streaming" in n for n in open_run(in_memory.run_uri).manifest().extra["notes"])
+    from tasks.apps.detect import DetectRunConfig
+
+    cfg = resolve_config(DetectRunConfig, options={**base, "train.epochs": 1, "app.min_steps": 0})
+    detected = FLOWS["detect"](config=cfg)
+    notes = open_run(detected.run_uri).manifest().extra["notes"]
+    sampled = [n for n in notes if "fits in memory: on a seeded sample" in n]
+    assert sampled and "of the 4,000 training rows" in sampled[0], notes

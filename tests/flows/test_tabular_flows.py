@@ -12,6 +12,7 @@ import pytest
 
 from flows.pipeline import FLOWS
 from tasks.apps import get_app
+from tasks.apps.detect import BASELINES
 from tasks.config import resolve_config
 from tasks.storage import open_run
 from tests.conftest import FAST_TRAIN
@@ -119,7 +120,8 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
     assert abs(scores["is_anomaly"].mean() - 0.1) <= 0.02
     assert res.metrics["threshold"] == pytest.approx(thr)
     assert {"roc_auc", "average_precision"} <= set(res.metrics)
-    assert set(res.baselines) == {"isolation_forest", "pca", "pyod_autoencoder"}
+    assert set(res.baselines) == set(BASELINES), "IsolationForest, PCA, ECOD, COPOD, HBOS, pyod AutoEncoder"
+    assert all(0 <= b["roc_auc"] <= 1 and 0 <= b["average_precision"] <= 1 for b in res.baselines.values())
     assert res.metrics["roc_auc"] > 0.8, "the shifted rows score high"
     with open(res.outputs["histogram"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -162,8 +164,18 @@ def test_impute_fills_only_missing_cells_with_the_input_dtypes(prefect_server, d
         assert (out.loc[seen, col] == original.loc[seen, col]).all(), f"observed values of {col} unchanged"
     assert set(out["color"]) <= {"red", "green", "blue"}
     assert {"rmse", "accuracy"} <= set(res.metrics)
-    assert set(res.baselines) == {"mean_mode", "knn", "iterative"}
+    assert set(res.baselines) == {"mean_mode", "knn", "iterative", "iterative_extratrees"}
+    assert all(0 < b["rmse"] < 1 and 0 <= b["accuracy"] <= 1 for b in res.baselines.values())
     assert 0 < res.metrics["rmse"] < 1 and 0 <= res.metrics["accuracy"] <= 1
+
+    # the same command again (another output root, so nothing is reused): the same model, metrics and output
+    twin = run("impute", **{"load.input": str(path), "load.id_column": "id", "output": str(tmp_path / "twin"),
+                            "dask_address": dask_address})
+    assert twin.metrics == res.metrics and twin.baselines == res.baselines
+    pd.testing.assert_frame_equal(pd.read_parquet(twin.outputs["imputed"]), out)
+    with open(os.path.join(res.run_uri, "model", "weights.safetensors"), "rb") as a, \
+            open(os.path.join(twin.run_uri, "model", "weights.safetensors"), "rb") as b:
+        assert a.read() == b.read(), "identical weights"
 
     again = run("impute", **{"model_run": res.run_uri, "load.apply_to": str(path), "output": str(tmp_path / "art"),
                              "dask_address": dask_address})

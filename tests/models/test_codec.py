@@ -10,31 +10,16 @@ import torch
 
 from models import build_model
 from models.aec import AecFile
-from models.codec import (
-    CodecConfig,
-    CodecOutput,
-    ImageCodec,
-    RateDistortionLoss,
-    codec_identity,
-    load_codec_state,
-    make_loss_fn,
-    quantize_pmf,
-    random_patches,
-    widen_codec,
-)
+from models.codec import CodecConfig, CodecOutput, ImageCodec, codec_identity, load_codec_state
+from models.codec_train import RateDistortionLoss, make_loss_fn, widen_codec
+from models.entropy_models import quantize_pmf
+from models.image_ops import rgb_patches
 from models.metrics import bd_rate, ms_ssim, psnr
+from tests.models.codec_helpers import tiny_image
 
 pytestmark = [pytest.mark.models]
 
 TINY = CodecConfig(channels=8, latent_channels=8, lambdas=(0.002, 0.01, 0.05, 0.2))
-
-
-def tiny_image(h: int = 40, w: int = 56, seed: int = 0) -> torch.Tensor:
-    """A smooth synthetic image with some texture, (1, 3, h, w) in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    base = torch.stack([xx, yy, (xx + yy) / 2]) * 0.6 + 0.2
-    return (base + 0.05 * torch.randn(3, h, w, generator=g)).clamp(0, 1).unsqueeze(0)
 
 
 def fit_priors(model: ImageCodec, images: list[torch.Tensor], steps: int = 150) -> ImageCodec:
@@ -52,6 +37,8 @@ def fit_priors(model: ImageCodec, images: list[torch.Tensor], steps: int = 150) 
     params = [p for prior in model.priors for p in prior.parameters()]
     opt = torch.optim.Adam(params, lr=0.05)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared CPU: one thread is several times faster
     for _ in range(steps):
         loss = 0.0
         for q, prior in enumerate(model.priors):
@@ -60,6 +47,7 @@ def fit_priors(model: ImageCodec, images: list[torch.Tensor], steps: int = 150) 
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     model.eval()
     model.update_tables()
     return model
@@ -98,7 +86,7 @@ def test_train_step_changes_weights_and_loss_is_rate_plus_distortion():
     torch.manual_seed(0)
     model = ImageCodec(TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = torch.from_numpy(random_patches([(tiny_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)],
+    batch = torch.from_numpy(rgb_patches([(tiny_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)],
                                             4, 32, seed=0))
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.uint8
     loss = make_loss_fn(model)(model, batch, torch.Generator().manual_seed(0))
@@ -133,7 +121,7 @@ def test_widening_keeps_the_function_and_the_new_channels_train(codec):
     # last layers first), and a few steps reach the first layer's new channels.
     wide.train()
     before = {k: v.clone() for k, v in wide.state_dict().items()}
-    batch = torch.from_numpy(random_patches([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 4, 32, seed=0))
+    batch = torch.from_numpy(rgb_patches([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 4, 32, seed=0))
     opt = torch.optim.Adam(wide.parameters(), lr=1e-3)
     for step in range(5):
         opt.zero_grad()

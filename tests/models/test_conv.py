@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,8 +10,6 @@ from models.conv import (
     ConvAEConfig,
     ConvAutoencoder,
     latent_noise_loss,
-    pad_to_multiple,
-    random_patches,
     reconstruction_loss,
     tiled_apply,
 )
@@ -52,13 +49,6 @@ def test_config_round_trip_and_rebuild():
         ConvAEConfig(in_channels=2)
 
 
-def test_pad_to_multiple_small_images_replicate():
-    x = torch.rand(1, 1, 3, 5)
-    p, (h, w) = pad_to_multiple(x, 8)
-    assert p.shape[-2:] == (8, 8) and (h, w) == (3, 5)
-    torch.testing.assert_close(p[..., :3, :5], x)
-
-
 def test_train_step_changes_weights_and_overfits_tiny_batch():
     torch.manual_seed(0)
     model = ConvAutoencoder(TINY)
@@ -87,14 +77,6 @@ def test_tiled_inference_has_no_seams():
     assert diff.max() < 0.25 * whole.std()
     # The identity through tiles is exact: the weights sum to one everywhere.
     torch.testing.assert_close(tiled_apply(lambda t: t * 1.0, x, tile=64, overlap=24), x)
-
-
-def test_random_patches_seeded_and_sized():
-    imgs = [np.arange(40 * 50, dtype=np.uint8).reshape(1, 40, 50), np.zeros((1, 10, 12), np.uint8)]
-    a = random_patches(imgs, 20, 16, seed=3)
-    b = random_patches(imgs, 20, 16, seed=3)
-    assert a.shape == (20, 1, 16, 16) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, b)
 
 
 def test_corruption_is_seeded_and_denoising_loss_trains():

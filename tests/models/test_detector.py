@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from safetensors.torch import load, save
 
@@ -178,3 +179,50 @@ def test_fractional_distance_blocks_match_cdist(monkeypatch):
     want = torch.topk(torch.cdist(q, ref, p=0.5), k, dim=1, largest=False).values[:, 1:].mean(dim=1)
     monkeypatch.setattr(det, "FRACTIONAL_BLOCK", 50 * 3 * 4)  # 4 rows per block: 6 blocks, the last one short
     assert torch.allclose(m._knn_distance(q, ref, 1024, 0.5), want, rtol=1e-5)
+
+
+def _copod_reference(train: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """COPOD's per-row score as pyod computes it (empirical tails, skewness-chosen side), per column mean."""
+    n = len(train)
+    left = np.stack([(train[:, j][None, :] <= x[:, j][:, None]).mean(1) for j in range(x.shape[1])], 1)
+    right = np.stack([(train[:, j][None, :] >= x[:, j][:, None]).mean(1) for j in range(x.shape[1])], 1)
+    u_l, u_r = -np.log(np.maximum(left, 1 / (n + 1))), -np.log(np.maximum(right, 1 / (n + 1)))
+    third = ((train - train.mean(0)) ** 3).mean(0)
+    skewed = np.where(third < 0, u_l, u_r)
+    return np.maximum(skewed, (u_l + u_r) / 2).mean(1)
+
+
+def test_tail_part_is_copods_score_and_travels_with_the_weights():
+    m = _identity_detector_full(input_weight=1.0, input_p=0.5, tail_weight=4.0)
+    assert m.config.part_names == ("recon", "code", "input", "tail")
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randn(40, 1, generator=gen), torch.randn(40, 1, generator=gen).exp()], dim=1)  # skewed col
+    m.set_reference(rows[:10].clone(), rows)
+    assert m.config.n_tail_reference == 40
+    x = torch.tensor([[0.0, 1.0], [3.0, 0.1], [-3.0, 9.0], [0.5, 1.5]])
+    got = m.score_parts(x)[3].double().numpy()
+    np.testing.assert_allclose(got, _copod_reference(rows.double().numpy(), x.double().numpy()), rtol=1e-5)
+    assert got[2] > got[1] > got[0], "the farther into the tails (the skewed column's long side), the higher"
+    m.set_scales(torch.rand(20, 4))
+    d = m.config.to_dict()
+    assert d["tail_weight"] == 4.0 and d["n_tail_reference"] == 40
+    again = build_model(m.kind, d)
+    again.load_state_dict(load(save({k: v.contiguous() for k, v in m.state_dict().items()})))
+    assert torch.equal(again.score(x), m.score(x))
+
+
+def test_tail_weight_zero_removes_the_part_and_its_buffers():
+    m = _identity_detector_full(input_weight=1.0, tail_weight=4.0)
+    m.set_reference(torch.randn(10, 2), torch.randn(30, 2))
+    m.set_tail_weight(2.0)
+    assert m.config.tail_weight == 2.0 and m.config.part_names[-1] == "tail"
+    m.set_tail_weight(0.0)
+    assert m.config.part_names == ("recon", "code", "input")
+    assert "tail_sorted" not in m.state_dict() and "tail_weight" not in m.config.to_dict()
+    m.set_scales(torch.rand(20, 3))
+    again = build_model(m.kind, m.config.to_dict())
+    again.load_state_dict(m.state_dict())
+    x = torch.randn(4, 2)
+    assert torch.equal(again.score(x), m.score(x))
+    with pytest.raises(ValueError):
+        m.set_tail_weight(1.0)  # no tail part any more

@@ -1,0 +1,104 @@
+"""Image helpers shared by the image models: padding to a stride, random training crops, RGB views.
+
+Pure numpy/PyTorch. One implementation each, with the options that the callers differ in
+spelled out (the convolutional autoencoders and the learned codecs used to carry their
+own copies with slightly different behaviour):
+
+- :func:`pad_to_multiple` — bottom/right padding of ``(N, C, H, W)`` tensors to a stride,
+  ``mode="replicate"`` (the codecs: their bitstreams depend on it) or ``mode="reflect"``
+  (the autoencoders: no artificial flat edge; replication where the image is too small to reflect).
+- :func:`random_patches` — seeded crops of CHW images drawn in proportion to image area,
+  optionally flipped; images smaller than the crop are padded (``pad_mode``).
+- :func:`as_rgb` — grayscale/RGBA arrays as 3-channel RGB (how the codecs see images).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
+
+PadMode = Literal["replicate", "reflect"]
+
+
+def pad_to_multiple(x: Tensor, multiple: int, mode: PadMode = "replicate") -> tuple[Tensor, tuple[int, int]]:
+    """Pad ``(N, C, H, W)`` on the bottom/right to a multiple of ``multiple``; returns (padded, (H, W)).
+
+    Args:
+        x: The batch.
+        multiple: The stride the height and width must divide by.
+        mode: ``"replicate"`` repeats the last row/column; ``"reflect"`` mirrors the image where
+            it is larger than the padding (else replicates, as reflection needs the room).
+    """
+    if mode not in ("replicate", "reflect"):
+        raise ValueError(f"pad mode must be 'replicate' or 'reflect', got {mode!r}")
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    if mode == "reflect" and not (ph < h and pw < w):
+        mode = "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def random_patches(images: list[np.ndarray], count: int, size: int, seed: int = 0, *, flips: bool = False,
+                   pad_mode: Literal["edge", "reflect"] = "edge") -> np.ndarray:
+    """``count`` random ``size x size`` crops of CHW images, as ``(count, C, size, size)``.
+
+    Images are drawn in proportion to their (unpadded) area, so large photographs give
+    more crops than small ones. The random stream is, per crop: the image, the top row,
+    the left column and, with ``flips``, a left-right then an up-down coin.
+
+    Args:
+        images: CHW arrays with the same channel count and dtype.
+        count: Number of crops.
+        size: Crop side.
+        seed: Seed of the draws (same seed, same crops).
+        flips: Random horizontal and vertical flips (augmentation).
+        pad_mode: How an image smaller than ``size`` is padded (bottom/right) first:
+            ``"edge"`` (replicate) or ``"reflect"``.
+    """
+    if not images:
+        raise ValueError("no images to draw patches from")
+    rng = np.random.default_rng(seed)
+    areas = np.array([im.shape[-2] * im.shape[-1] for im in images], dtype=np.float64)
+    which = rng.choice(len(images), size=count, p=areas / areas.sum())
+    c = images[0].shape[0]
+    out = np.empty((count, c, size, size), dtype=images[0].dtype)
+    for i, j in enumerate(which):
+        im = images[j]
+        h, w = im.shape[-2:]
+        if h < size or w < size:
+            im = np.pad(im, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode=pad_mode)
+            h, w = im.shape[-2:]
+        top = int(rng.integers(0, h - size + 1))
+        left = int(rng.integers(0, w - size + 1))
+        crop = im[:, top : top + size, left : left + size]
+        if flips:
+            if rng.random() < 0.5:
+                crop = crop[:, :, ::-1]
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+        out[i] = crop
+    return out
+
+
+def as_rgb(im: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 1|3|4) -> (H, W, 3); alpha dropped, gray replicated."""
+    a = np.asarray(im)
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if a.shape[2] == 1:
+        return np.repeat(a, 3, axis=2)
+    return a[:, :, :3]
+
+
+def rgb_patches(images: list[np.ndarray], count: int, size: int, seed: int = 0) -> np.ndarray:
+    """The codecs' training crops: HWC/gray uint8 images as RGB, flipped at random, small ones reflected.
+
+    ``(count, 3, size, size)`` uint8; :func:`random_patches` with ``flips=True, pad_mode="reflect"``.
+    """
+    chw = [as_rgb(im).transpose(2, 0, 1) for im in images]
+    return random_patches(chw, count, size, seed, flips=True, pad_mode="reflect")

@@ -1,0 +1,60 @@
+"""models.image_ops: the one padding and the one crop sampler, with the options their callers differ in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.image_ops import as_rgb, pad_to_multiple, random_patches, rgb_patches
+
+pytestmark = [pytest.mark.models]
+
+
+def test_pad_to_multiple_modes():
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).view(1, 2, 3, 5)
+    rep, (h, w) = pad_to_multiple(x, 4)
+    assert rep.shape[-2:] == (4, 8) and (h, w) == (3, 5)
+    torch.testing.assert_close(rep[..., :3, :5], x)
+    torch.testing.assert_close(rep[..., 3, :5], x[..., 2, :]), "replicate: the last row again"
+    ref, _ = pad_to_multiple(x, 4, "reflect")
+    torch.testing.assert_close(ref[..., 3, :5], x[..., 1, :]), "reflect: mirrored about the last row"
+    torch.testing.assert_close(ref[..., :3, 5], x[..., 3])
+    # Too small to reflect (padding >= size): replicated instead of failing.
+    tiny = torch.rand(1, 1, 3, 5)
+    p, _ = pad_to_multiple(tiny, 8, "reflect")
+    assert p.shape[-2:] == (8, 8)
+    torch.testing.assert_close(p[..., 7, 4], tiny[..., 2, 4])
+    assert pad_to_multiple(x[..., :4, :4], 4)[0] is not None and pad_to_multiple(x[..., :2, :4], 2)[0].shape[-2:] == (2, 4)
+    with pytest.raises(ValueError, match="pad mode"):
+        pad_to_multiple(x, 4, "zeros")  # type: ignore[arg-type]
+
+
+def test_random_patches_seeded_sized_and_options():
+    imgs = [np.arange(1, 40 * 50 + 1, dtype=np.int32).reshape(1, 40, 50), np.zeros((1, 10, 12), np.int32)]
+    a = random_patches(imgs, 20, 16, seed=3)
+    assert a.shape == (20, 1, 16, 16) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, random_patches(imgs, 20, 16, seed=3))
+    assert not np.array_equal(a, random_patches(imgs, 20, 16, seed=4))
+    # Crops of the ramp image are windows of it: columns increase by 1, rows by 50 (no flips by default).
+    ramp = [p[0] for p in a if p[0].max() > 0]
+    assert ramp and all(np.all(np.diff(p, axis=1) == 1) and np.all(np.diff(p, axis=0) == 50) for p in ramp)
+    flipped = random_patches(imgs[:1], 40, 16, seed=3, flips=True)
+    dirs = {(int(np.sign(np.diff(p[0], axis=1)[0, 0])), int(np.sign(np.diff(p[0], axis=0)[0, 0]))) for p in flipped}
+    assert dirs == {(1, 1), (-1, 1), (1, -1), (-1, -1)}, "both flips, independently"
+    small = [np.arange(6, dtype=np.uint8).reshape(1, 2, 3)]
+    edge = random_patches(small, 1, 4, seed=0, pad_mode="edge")[0, 0]
+    refl = random_patches(small, 1, 4, seed=0, pad_mode="reflect")[0, 0]
+    assert edge[3, 0] == small[0][0, 1, 0] and refl[2, 0] == small[0][0, 0, 0]
+    with pytest.raises(ValueError, match="no images"):
+        random_patches([], 1, 4)
+
+
+def test_rgb_patches_and_as_rgb():
+    gray = (np.arange(30 * 40) % 256).astype(np.uint8).reshape(30, 40)
+    rgba = np.dstack([gray, gray // 2, gray // 3, np.full_like(gray, 7)])
+    assert as_rgb(gray).shape == (30, 40, 3) and as_rgb(rgba).shape == (30, 40, 3)
+    np.testing.assert_array_equal(as_rgb(rgba)[..., 2], gray // 3)
+    p = rgb_patches([gray], 5, 16, seed=1)
+    assert p.shape == (5, 3, 16, 16)
+    np.testing.assert_array_equal(p[:, 0], p[:, 2]), "gray: three equal channels"

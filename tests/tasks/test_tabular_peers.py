@@ -1,0 +1,151 @@
+"""The tabular apps' plain functions: the classical peers in the evaluation (detect: pyod's ECOD,
+COPOD, HBOS beside IsolationForest, PCA and pyod's AutoEncoder; impute: IterativeImputer over
+ExtraTrees), reproducible fits, and the extract evaluation's unshuffled folds. Tiny data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.apps import detect, extract, impute
+from tasks.config import ModelConfig, TrainConfig
+
+pytestmark = [pytest.mark.tasks, pytest.mark.tabular]
+TINY_TRAIN = TrainConfig(epochs=3, batch_size=32, patience=2, threads=1)
+
+
+def shifted_rows(n: int = 200, d: int = 5, n_anom: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows near a plane, the last ``n_anom`` far off it (extreme in every column); labels (True = anomaly)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2)) @ rng.normal(size=(2, d)) + 0.1 * rng.normal(size=(n, d))
+    x[-n_anom:] = rng.choice([-1.0, 1.0], size=(n_anom, d)) * rng.uniform(6, 8, size=(n_anom, d))
+    x = (x - x.mean(0)) / x.std(0)
+    return x.astype("float32"), np.arange(n) >= n - n_anom
+
+
+def test_detect_baselines_hold_every_peer_with_sane_rankings_and_times():
+    x, y = shifted_rows()
+    seconds: dict[str, float] = {}
+    scores = detect.baseline_scores(x, x, k=3, contamination=0.05, seed=0, seconds=seconds)
+    assert tuple(scores) == detect.BASELINES, "every peer, in the documented order"
+    assert set(seconds) == set(scores) and all(s > 0 for s in seconds.values())
+    for name, s in scores.items():
+        assert s.shape == (len(x),) and np.isfinite(s).all(), name
+        assert detect.ranking_metrics(y, s)["roc_auc"] > 0.9, f"{name} misses rows far off the plane"
+
+
+def test_detect_baselines_leave_out_a_peer_that_fails_and_keep_the_rest():
+    x, _ = shifted_rows(n=40)  # under pyod AutoEncoder's minimum
+    scores = detect.baseline_scores(x, x, k=3, contamination=0.1, seed=0)
+    assert set(scores) == set(detect.BASELINES) - {"pyod_autoencoder"}
+
+
+def _detector_scores(x: np.ndarray) -> np.ndarray:
+    model, _ = detect.fit_detector(x[:160], x[160:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN,
+                                   contamination=0.05, knn_k=5, min_steps=0)
+    return detect.anomaly_scores(model, x)
+
+
+def test_detect_fit_is_reproducible_within_a_process():
+    x, _ = shifted_rows()
+    first = _detector_scores(x)
+    torch.rand(100)  # the global RNG moves on between the two fits, as it does between two runs
+    np.testing.assert_array_equal(_detector_scores(x), first)
+
+
+def _holes(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=(n, 1))
+    x = np.hstack([t, 2 * t, -t, t**2]) + 0.05 * rng.normal(size=(n, 4))
+    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
+    groups = impute.numeric_groups(4)
+    holed, hidden = impute.hide_cells(x, groups, 0.2, seed)
+    return x, holed, hidden, groups
+
+
+def test_impute_fit_is_reproducible_whatever_the_global_rng_state():
+    _, holed, _, groups = _holes()
+
+    def imputed() -> np.ndarray:
+        model, _ = impute.fit_imputer(holed[:100], holed[100:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN,
+                                      mask_fraction=0.25, members=2)
+        return impute.fill(holed, impute.reconstruct(model, holed), groups)
+
+    torch.manual_seed(123)
+    first = imputed()
+    torch.manual_seed(456)  # a fresh process starts from an OS-seeded state: another state going in
+    np.testing.assert_array_equal(imputed(), first)
+
+
+def test_impute_extra_trees_baseline_beats_the_mean_and_honours_its_row_cap():
+    x, holed, hidden, groups = _holes(n=200)
+    lo, hi = x.min(0), x.max(0)
+    seconds: dict[str, float] = {}
+    out = impute.baseline_imputations(None, holed, groups, seed=0, extra_trees=True, seconds=seconds)
+    assert set(out) == {"mean_mode", "knn", "iterative", "iterative_extratrees"} == set(seconds)
+    rmse = {k: impute.imputation_errors(x, v, hidden, groups, lo, hi)["rmse"] for k, v in out.items()}
+    assert 0 < rmse["iterative_extratrees"] < 0.5 * rmse["mean_mode"], rmse
+    assert not np.isnan(out["iterative_extratrees"]).any()
+    capped = impute.baseline_imputations(None, holed, groups, seed=0, extra_trees=True, extra_trees_max_rows=30)
+    assert not np.array_equal(capped["iterative_extratrees"], out["iterative_extratrees"]), "fitted on 30 rows"
+    np.testing.assert_array_equal(capped["knn"], out["knn"])  # the cap is the ExtraTrees baseline's only
+    assert "iterative_extratrees" not in impute.baseline_imputations(None, holed, groups, seed=0)
+
+
+def test_extract_unshuffled_folds_do_not_depend_on_the_seed():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    x = (rng.normal(size=(60, 6)) + y[:, None] * np.linspace(0, 1.5, 6)).astype("float32")
+    x[::2] += 0.5 * rng.normal(size=(30, 6))  # rows unlike their neighbours: the fold assignment matters
+    cfg = ModelConfig(latent_dim=2, hidden=(8,))
+
+    def raw(seed: int, shuffle: bool) -> float:
+        return extract.downstream_accuracy(x, y, cfg, TINY_TRAIN, folds=3, few_labels=(), seed=seed,
+                                           shuffle=shuffle)["raw"]["accuracy"]
+
+    assert raw(0, False) == raw(1, False), "contiguous folds: the same whatever the seed"
+    assert len({raw(s, True) for s in range(4)}) > 1, "shuffled folds change with the seed"
+
+
+def test_part_agreement_is_a_rank_correlation_and_zero_when_undefined():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert detect.part_agreement(a, a**3) == pytest.approx(1.0), "monotone: full agreement"
+    assert detect.part_agreement(a, -a) == pytest.approx(-1.0)
+    assert detect.part_agreement(a, np.ones(4)) == 0.0, "a constant part agrees with nothing"
+    assert detect.part_agreement(a[:2], a[:2]) == 0.0, "too few rows to say"
+
+
+def test_tail_part_weighs_only_where_it_agrees_with_the_input_space_part():
+    """Chosen without labels: on Gaussian rows (anomalies would be global extremes) the tail part agrees
+    with the input-space distance and gets a weight; on rows in separated clusters (anomalies would sit
+    between them) it does not, and the detector has no tail part."""
+    rng = np.random.default_rng(0)
+    gauss = rng.normal(size=(300, 6)).astype("float32")
+    clusters = (rng.normal(size=(300, 6)) * 0.3 + rng.choice([-2.0, 2.0], size=(300, 2)).repeat(3, axis=1)).astype("float32")
+    cfg = ModelConfig(latent_dim=2, hidden=(8,))
+
+    def fitted(x: np.ndarray, **kw) -> detect.KnnAutoencoderDetector:
+        return detect.fit_detector(x[:250], x[250:], cfg, TINY_TRAIN, contamination=0.05, min_steps=0, **kw)[0]
+
+    g = fitted(gauss)
+    assert 0 < g.config.tail_weight < 128 and g.config.part_names[-1] == "tail"
+    c = fitted(clusters)
+    assert c.config.tail_weight == 0 and "tail" not in c.config.part_names
+    assert "tail" not in fitted(gauss, tail_weight=0.0).config.part_names
+    assert "COPOD-style tail part" in detect.score_description(g)
+    assert "no tail part" in detect.score_description(c) and "8 x input-space" in detect.score_description(c)
+    s = detect.anomaly_scores(g, gauss)
+    assert s.shape == (300,) and np.isfinite(s).all()
+
+
+def test_masking_loss_hides_input_cells_and_scores_the_clean_row():
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return type("Out", (), {"x_hat": x})()
+
+    batch = torch.ones(64, 10)
+    gen = torch.Generator().manual_seed(0)
+    assert extract.masking_loss(Identity(), batch, gen, hide=0.0).item() == 0.0, "plain: the identity rebuilds all"
+    masked = extract.masking_loss(Identity(), batch, gen, hide=0.5).item()
+    assert 0.4 < masked < 0.6, "about half the cells set to 0 (the mean) cost 1 each against the clean row"

@@ -1,0 +1,87 @@
+"""benchmarks/train_codec.py at toy scale: the GPU recipe's command on CPU, resuming, lineage, imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.codec_data import TrainingImage, load_images_file, pixel_hash, save_images
+from tests.models.codec_helpers import save_model_folder
+
+pytestmark = [pytest.mark.tasks]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as the GPU machine would: a fresh interpreter, then report what it imported.
+RUNNER = """
+import runpy, sys
+sys.argv = ["train_codec", *sys.argv[1:]]
+runpy.run_module("benchmarks.train_codec", run_name="__main__")
+heavy = [m for m in ("prefect", "dask", "pandas", "constriction", "sklearn", "matplotlib", "skimage", "scipy")
+         if m in sys.modules]
+print("IMPORTED", ",".join(heavy) or "-")
+"""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    rng = np.random.default_rng(0)
+    path = str(tmp_path_factory.mktemp("imgs") / "train.npz")
+    ims = [TrainingImage("noise_rgb", "synthetic", rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)),
+           TrainingImage("ramp_gray", "synthetic", np.tile(np.arange(48, dtype=np.uint8) * 5, (36, 1)))]
+    save_images(path, ims)
+    return path
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "IMPORTED -" in out.stdout, out.stdout  # only torch, numpy, safetensors, Pillow
+    return out.stdout
+
+
+def test_images_file_round_trip_and_lineage(images):
+    back = load_images_file(images)
+    assert [t.name for t in back] == ["noise_rgb", "ramp_gray"]
+    assert back[1].pixels.shape == (36, 48) and back[0].lineage()["sha256"] == pixel_hash(back[0].pixels)
+
+
+def test_hyperprior_from_a_factorized_codec_then_resumed(images, tmp_path):
+    """The GPU command's options at toy scale: --init of a factorized codec, saves, lineage, then --resume."""
+    import torch
+
+    from models.codec import CodecConfig, ImageCodec
+
+    torch.manual_seed(0)
+    fact = ImageCodec(CodecConfig(channels=8, latent_channels=8, lambdas=(0.01, 0.1)))
+    fact.eval()
+    fact.update_tables()
+    init = save_model_folder(fact, str(tmp_path / "fact"))
+    out = tmp_path / "out" / "codec"
+    common = ["--kind", "hyperprior", "--images", images, "--device", "cpu", "--patch", "32", "--batch", "2",
+              "--lr", "1e-4", "--hyper-lr", "1e-3", "--decay-at", "0.5", "--scales", "1,0.7", "--save-every", "1",
+              "--minutes", "0.04"]
+    log = _run(*common, "--init", init, "--lambdas", "0.01,0.1,0.3", "--out", str(out))
+    assert "hyper-synthesis started at a per-channel Gaussian" in log and "(final)" in log
+    meta = json.load(open(out / "config.json"))
+    assert meta["kind"] == "hyperprior" and meta["config"]["lambdas"] == [0.01, 0.1, 0.3]
+    assert [i["name"] for i in meta["training_images"]] == ["noise_rgb", "ramp_gray"]
+    assert meta["heldout_images"] == ["chelsea", "coffee", "rocket", "camera"]
+    first = meta["steps"]
+    assert first > 0 and len(meta["runs"]) == 1 and meta["init"].startswith(init)
+    files = sorted(os.listdir(out))
+    assert files == ["config.json", "log.json", "state-00.safetensors", "weights.safetensors"], files
+    # A second short run on another --out continues from the first one's state: the steps add up.
+    out2 = tmp_path / "out2" / "codec"
+    log = _run(*common, "--resume", str(out), "--out", str(out2))
+    assert f"resuming a hyperprior codec at step {first}" in log
+    meta2 = json.load(open(out2 / "config.json"))
+    assert meta2["steps"] > first and len(meta2["runs"]) == 2 and meta2["init"] == meta["init"]
+    from tasks.codec import load_codec_run
+
+    codec = load_codec_run(str(out2))  # a complete codec with its tables: aeflow compress --model OUT works
+    assert codec.model.kind == "hyperprior" and codec.model.config.levels == 3
