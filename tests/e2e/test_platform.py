@@ -26,16 +26,16 @@ from tests.e2e.conftest import DAILY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.platform, pytest.mark.slow]
 WORKERS = {"prefect-worker-1", "prefect-worker-2"}
-TRAIN_LONG = 100  # epochs of a run a fault interrupts: a checkpoint (to S3) each, seconds of training in all
+TRAIN_LONG = 150  # epochs of a run a fault interrupts: a checkpoint (to S3) each, seconds of training in all
 DASK_WORKERS = {"dask-worker-1", "dask-worker-2"}
 
 
 def config(input_uri: str, epochs: int = 3) -> dict:
-    """A small reduce run: 400 rows, a tiny network, one training thread."""
+    """A small reduce run: 400 rows, a tiny network, one training thread, a checkpoint after every epoch."""
     return {
         "load": {"input": input_uri, "label_column": "target", "id_column": "id"},
         "model": {"latent_dim": 2, "hidden": [32]},
-        "train": {"epochs": epochs, "patience": epochs, "batch_size": 64, "threads": 1},
+        "train": {"epochs": epochs, "patience": epochs, "batch_size": 64, "threads": 1, "checkpoint_seconds": 0},
     }
 
 
