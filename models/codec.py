@@ -134,6 +134,9 @@ class CodecBase(nn.Module):
     stride: ClassVar[int] = 16
     # Whether ``compress(..., refine_steps > 0)`` (encoder-side latent refinement) is implemented.
     supports_refinement: ClassVar[bool] = False
+    # The automatic GPU batch keeps the given lr (no sqrt scaling): on an H200 the hyperprior's
+    # rate-distortion loss went NaN at epoch 3 with lr x sqrt(64 / 8) (benchmarks/RESULTS.md, GPU training).
+    scale_lr_with_batch: ClassVar[bool] = False
 
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()

@@ -713,7 +713,7 @@ def fit(
     bs = min(bs, n)
     steps = n // bs
     lr_peak = settings.lr
-    if settings.batch_size is None and bs > settings.default_batch_size:
+    if settings.batch_size is None and bs > settings.default_batch_size and getattr(model, "scale_lr_with_batch", True):
         lr_peak = settings.lr * math.sqrt(bs / settings.default_batch_size)
     # A scaled lr ramps up from lr over the first epoch and is halved (down to lr) whenever the
     # validation loss has not improved for `plateau` epochs.
