@@ -62,6 +62,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.images
 	$(BIN)/python -m benchmarks.detect_speed
+	$(BIN)/python -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
