@@ -68,7 +68,10 @@ def date_options(template: str, model: str | None) -> dict[str, Any]:
 
 @contextmanager
 def _shared_dask(address: str | None, needed: bool) -> Iterator[str | None]:
-    """One Dask cluster for every date of the backfill (unless the user gave a scheduler)."""
+    """One Dask cluster for every date of the backfill (unless the user or AEFLOW_DASK_ADDRESS gave a scheduler)."""
+    from tasks.execution import default_dask_address
+
+    address = address or default_dask_address()
     if address or not needed:
         yield address
         return
@@ -146,6 +149,18 @@ def _message(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------
 # through a deployment
+
+
+def explicit_overrides(file: Any = None, options: dict[str, Any] | None = None, sets: list[str] | None = None) -> dict[str, Any]:
+    """Only what the user gave (``--config`` file, options that are not None, ``--set``), nested.
+
+    A deployment's parameters are the base of a backfill through it; overriding them
+    with a whole validated config would reset every key of a touched section to the
+    application's defaults (``-i`` would drop the deployment's ``load.id_column``).
+    """
+    from tasks.config import given_config
+
+    return json.loads(json.dumps(given_config(file, options, sets), default=str))
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

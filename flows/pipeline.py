@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from tasks.apps import Evaluation, apply_task, evaluate_task, fit_task, get_app, load_all, report_task
 from tasks.config import RunConfig
 from tasks.dask_client import dask_client
+from tasks.execution import execution_info
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
 from tasks.redaction import install_log_redaction, redact
 from tasks.storage import ArtifactStore, Manifest, RunDir, storage_error
@@ -170,6 +171,7 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inp
         extra["train"] = {k: v for k, v in fitted.train.to_dict().items() if k != "history"}
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         extra["prefect"] = {"flow_run_id": str(flow_ctx.flow_run.id), "flow_run_name": flow_ctx.flow_run.name}
+    extra["execution"] = execution_info(config, fitted.train.device if fitted.train else device)
     manifest = Manifest(
         app=app_name,
         run_id=run.run_id,

@@ -258,6 +258,23 @@ def format_validation_error(e: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(parts)
 
 
+def given_config(
+    file: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> dict[str, Any]:
+    """What the user gave, nested and unvalidated: YAML file < options that are not None < ``--set`` items."""
+    data: dict[str, Any] = read_config_file(file) if file else {}
+    data.pop("app_name", None)
+    for key, value in (options or {}).items():
+        if value is not None:
+            _set_path(data, key, value)
+    for item in sets or []:
+        key, value = parse_set(item)
+        _set_path(data, key, value)
+    return data
+
+
 def resolve_config(
     cls: type[RunConfig],
     *,
@@ -276,14 +293,7 @@ def resolve_config(
     Raises:
         ConfigError: naming the offending key and value.
     """
-    data: dict[str, Any] = read_config_file(file) if file else {}
-    data.pop("app_name", None)
-    for key, value in (options or {}).items():
-        if value is not None:
-            _set_path(data, key, value)
-    for item in sets or []:
-        key, value = parse_set(item)
-        _set_path(data, key, value)
+    data = given_config(file, options, sets)
     try:
         return cls.model_validate(data)
     except ValidationError as e:

@@ -57,3 +57,9 @@ class ModelMismatchError(AeflowError):
     """The data does not fit the model it is applied with (columns, app, shape)."""
 
     exit_code = 5
+
+
+class PlatformError(AeflowError):
+    """A component of ``aeflow platform`` could not be started, reached or stopped."""
+
+    exit_code = 6

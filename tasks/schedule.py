@@ -181,7 +181,12 @@ def prepare_config(config: Any, date: str | dt.date | None = None, timezone: str
     """Fill templates and resolve ``model_run: latest``; return the config and the date used.
 
     The date is ``None`` when the config has no template and no date was given.
+    ``output`` and ``dask_address`` left unset come from ``AEFLOW_OUTPUT`` and
+    ``AEFLOW_DASK_ADDRESS`` (``tasks/execution.py``), read here, when the run starts.
     """
+    from tasks.execution import with_environment_defaults
+
+    config = with_environment_defaults(config)
     day: dt.date | None = None
     if (date is not None and date != "") or config_has_templates(config):
         day = run_date(date, timezone)

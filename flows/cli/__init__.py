@@ -2,7 +2,8 @@
 
 One module per command group, joined here: ``run`` (one command per registered
 application, generated from the registry), ``runs``, ``search``, ``codec``
-(compress/decompress), ``serve``, ``backfill``, ``demo``, ``sample_data``. Command
+(compress/decompress), ``serve``, ``backfill``, ``demo``, ``sample_data``, and
+``platform`` (its sub-app lives in ``flows/platform/cli.py``). Command
 bodies are thin; their logic lives in ``tasks/`` and ``flows/``.
 """
 
@@ -12,6 +13,7 @@ import typer
 
 from flows.cli import backfill, codec, demo, run, runs, sample_data, search, serve
 from flows.cli.run import COMMON_OPTIONS
+from flows.platform.cli import platform_app
 
 
 def build_app() -> typer.Typer:
@@ -32,6 +34,7 @@ def build_app() -> typer.Typer:
     root.command("demo")(demo.demo)
     root.command("serve")(serve.serve)
     root.command("backfill")(backfill.backfill)
+    root.add_typer(platform_app, name="platform")
     return root
 
 

@@ -43,7 +43,7 @@ def backfill(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.backfill import date_options, exit_code, run_in_process, run_via_deployment
+    from flows.backfill import date_options, exit_code, explicit_overrides, run_in_process, run_via_deployment
     from tasks.apps import get_app
     from tasks.config import resolve_config
     from tasks.schedule import date_range, has_template, parse_date
@@ -82,7 +82,7 @@ def backfill(
 
         try:
             if via_deployment:
-                overrides = cfg.model_dump(mode="json", exclude_unset=True)
+                overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
                 outcomes = run_via_deployment(via_deployment, dates, overrides, app_name=app_name, force=force,
                                               wait=wait, on_done=done)
             else:

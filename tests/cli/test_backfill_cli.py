@@ -34,3 +34,20 @@ def test_serve_rejects_a_missing_file_and_an_unreachable_server(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["serve", "--api-url", "http://127.0.0.1:9/api"])
     assert res.exit_code == 4 and "no healthy Prefect server at http://127.0.0.1:9/api" in res.output
+
+
+def test_backfill_through_a_deployment_overrides_only_what_was_given(tmp_path):
+    """-i and --set change those keys; the deployment's other parameters (id column, latent size) stay."""
+    from flows.backfill import _deep_merge, explicit_overrides
+
+    (tmp_path / "c.yaml").write_text("train: {batch_size: 32}\n")
+    over = explicit_overrides(tmp_path / "c.yaml", {"load.input": "s3://b/{date}.csv", "load.id_column": None},
+                              ["train.epochs=3", "model.hidden=[32]"])
+    assert over == {"load": {"input": "s3://b/{date}.csv"}, "train": {"batch_size": 32, "epochs": 3}, "model": {"hidden": [32]}}
+    base = {"load": {"input": "x.csv", "label_column": "target", "id_column": "id"}, "model": {"latent_dim": 2},
+            "train": {"epochs": 30, "patience": 5}}
+    assert _deep_merge(base, over) == {
+        "load": {"input": "s3://b/{date}.csv", "label_column": "target", "id_column": "id"},
+        "model": {"latent_dim": 2, "hidden": [32]},
+        "train": {"epochs": 3, "patience": 5, "batch_size": 32},
+    }

@@ -1,0 +1,253 @@
+"""The platform's watchdog: no flow run stays "running" after its process is gone, no slot stays taken.
+
+Prefect 3.9 starts each flow run in a session of its own below the worker. When the
+worker *and* its flow run are killed (a lost container or machine: SIGKILL), nobody
+reports a final state: the flow run would stay RUNNING forever, and its running
+``fit`` task would keep the ``training`` tag's concurrency slot, so no later run
+could train. Prefect's server frees the task runs of a *cancelled* flow run, not of
+a crashed one. The watchdog closes both gaps for the platform's own workers:
+
+1. it remembers, for each RUNNING flow run of the work pool, the process that a
+   platform worker started for it (``infrastructure_pid``, checked to descend from
+   that worker, and its start time); when that process is gone and the flow run is
+   still RUNNING a few seconds later, it sets the flow run to CRASHED;
+2. a task run still RUNNING or PENDING inside a flow run that has ended (crashed,
+   failed or cancelled: by the watchdog, by its worker after the process died, by an
+   operator) is set to CRASHED too, which releases its tag concurrency slots —
+   unless the flow run's process still runs on this machine.
+
+A heartbeat file (``DIR/watchdog.alive``) is touched every loop: ``platform status``
+reads it. Run by ``aeflow platform up``; ``python -m flows.platform.watchdog --dir DIR``
+(or ``--api-url URL --pool NAME`` where the workers run in other containers: rule 2 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from flows.platform.state import PlatformState
+
+
+@dataclass
+class Tracked:
+    pid: int
+    create_time: float
+    worker: str
+    gone_since: float | None = None
+
+
+def log(msg: str) -> None:
+    print(f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} watchdog: {msg}", flush=True)
+
+
+def _worker_pids(state: PlatformState) -> dict[int, str]:
+    return {rec.pid: name for name, rec in state.components.items() if name.startswith("prefect-worker-") and rec.alive}
+
+
+def _started_by(pid: int, workers: dict[int, str]) -> tuple[float, str] | None:
+    """(start time, worker name) when ``pid`` runs below one of our workers."""
+    try:
+        p = psutil.Process(pid)
+        for parent in p.parents():
+            if parent.pid in workers:
+                return p.create_time(), workers[parent.pid]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return None
+
+
+def _gone(t: Tracked) -> bool:
+    try:
+        p = psutil.Process(t.pid)
+        return abs(p.create_time() - t.create_time) > 1.0 or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def _pid_alive(pid_text: str | None) -> bool:
+    try:
+        p = psutil.Process(int(pid_text or ""))
+        return p.status() != psutil.STATUS_ZOMBIE
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+class Watchdog:
+    """One watchdog over one platform directory, or (``directory`` None) over a pool on a remote API.
+
+    Without a platform directory it cannot see the workers' processes: it only frees
+    the task runs of ended flow runs (rule 2); Prefect's heartbeat automation marks
+    the flow runs of lost containers crashed (``flows.platform.setup``).
+    """
+
+    def __init__(self, directory: Path | None, grace: float = 3.0, api_url: str | None = None,
+                 pool: str = "aeflow-process") -> None:
+        self.dir = directory
+        self.grace = grace
+        self.api_url = api_url
+        self.pool = pool
+        self.tracked: dict[Any, Tracked] = {}
+        self.last_error = ""
+
+    def tick(self) -> None:
+        """One pass: track new flow-run processes, crash orphaned runs, free their task runs."""
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        if self.dir is None:
+            with SyncPrefectClient(self.api_url) as c:
+                self.free_orphaned_tasks(c, self.pool)
+            return
+        state = PlatformState.load(self.dir)
+        (self.dir / "watchdog.alive").touch()
+        workers = _worker_pids(state)
+        pool = state.settings.get("pool", "aeflow-process")
+        with SyncPrefectClient(f"http://127.0.0.1:{state.ports['prefect']}/api") as c:
+            running = c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+                limit=200,
+            )
+            now = time.monotonic()
+            seen = set()
+            for fr in running:
+                seen.add(fr.id)
+                t = self.tracked.get(fr.id)
+                if t is None:
+                    if fr.infrastructure_pid and fr.infrastructure_pid.isdigit():
+                        found = _started_by(int(fr.infrastructure_pid), workers)
+                        if found is not None:
+                            self.tracked[fr.id] = Tracked(int(fr.infrastructure_pid), found[0], found[1])
+                    continue
+                if not _gone(t):
+                    t.gone_since = None
+                    continue
+                if t.gone_since is None:
+                    t.gone_since = now  # its worker may still be about to report the exit
+                    continue
+                if now - t.gone_since >= self.grace:
+                    self.crash(c, fr.id, t)
+            for frid in set(self.tracked) - seen:
+                del self.tracked[frid]
+            self.free_orphaned_tasks(c, pool)
+
+    def crash(self, c: Any, flow_run_id: Any, t: Tracked) -> None:
+        from prefect.states import Crashed
+
+        fr = c.read_flow_run(flow_run_id)
+        if fr.state is None or fr.state.type.value != "RUNNING":
+            self.tracked.pop(flow_run_id, None)
+            return
+        msg = (f"The flow run's process (pid {t.pid}, started by {t.worker}) is gone without reporting a final "
+               f"state: its worker or machine was killed. Marked crashed by the aeflow platform watchdog.")
+        result = c.set_flow_run_state(flow_run_id, Crashed(message=msg), force=False)
+        log(f"flow run {fr.name} ({flow_run_id}): process {t.pid} of {t.worker} is gone -> {result.status.value}")
+        self.tracked.pop(flow_run_id, None)
+        self.free_tasks_of(c, c.read_flow_run(flow_run_id))
+
+    def free_orphaned_tasks(self, c: Any, pool: str) -> None:
+        """Task runs still running in flow runs of the pool that ended within the last hour."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterEndTime,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        ended = c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.CRASHED, StateType.FAILED, StateType.CANCELLED])),
+                end_time=FlowRunFilterEndTime(after_=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)),
+            ),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            limit=200,
+        )
+        for fr in ended:
+            if not _pid_alive(fr.infrastructure_pid):
+                self.free_tasks_of(c, fr)
+
+    def free_tasks_of(self, c: Any, fr: Any) -> None:
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            TaskRunFilter,
+            TaskRunFilterState,
+            TaskRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Crashed
+
+        stuck = c.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.PENDING]))),
+        )
+        for tr in stuck:
+            state = fr.state.type.value.lower() if fr.state else "ended"
+            c.set_task_run_state(tr.id, Crashed(message=f"Its flow run {fr.name} {state}; marked crashed by the "
+                                                          f"aeflow platform watchdog (frees its concurrency slots)."),
+                                 force=True)
+            log(f"task run {tr.name} ({tr.id}) of {state} flow run {fr.name} -> CRASHED (tags {tr.tags})")
+
+    def run(self, interval: float) -> None:
+        log(f"watching {self.dir or self.api_url} every {interval:g}s")
+        while True:
+            try:
+                self.tick()
+                if self.last_error:
+                    log("the Prefect API answers again")
+                self.last_error = ""
+            except Exception as e:  # the server restarting, a network blip: keep watching
+                text = f"{type(e).__name__}: {e}"
+                if text != self.last_error:
+                    log(f"pass failed ({text}); retrying")
+                self.last_error = text
+                if self.dir is not None:
+                    try:
+                        (self.dir / "watchdog.alive").touch()
+                    except OSError:
+                        pass
+            time.sleep(interval)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", type=Path, help="The platform directory (holds platform.json).")
+    where.add_argument("--api-url", help="A Prefect API whose workers run elsewhere: only free the task runs of ended runs.")
+    parser.add_argument("--pool", default="aeflow-process", help="With --api-url: the work pool watched.")
+    parser.add_argument("--interval", type=float, default=2.0, help="Seconds between passes.")
+    parser.add_argument("--grace", type=float, default=3.0, help="Seconds a vanished process's run may still report itself.")
+    args = parser.parse_args(argv)
+    try:
+        Watchdog(args.dir.resolve() if args.dir else None, grace=args.grace, api_url=args.api_url,
+                 pool=args.pool).run(args.interval)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

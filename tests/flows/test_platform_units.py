@@ -1,0 +1,191 @@
+"""The pieces of ``aeflow platform`` that need no servers: processes, ports, state, run-time defaults, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import sys
+import time
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from flows.platform.procs import ProcRecord, free_ports, port_free, spawn, stop, tree
+from flows.platform.state import PlatformState
+from tasks.errors import PlatformError
+
+pytestmark = [pytest.mark.flows]
+
+# A parent that starts a child in a session of its own (as Prefect starts a flow run) and waits.
+PARENT = (
+    "import subprocess, sys, time\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+def test_stop_takes_the_whole_tree_even_a_child_in_its_own_session(tmp_path):
+    rec = spawn("parent", [sys.executable, "-c", PARENT], log=tmp_path / "parent.log", env=dict(os.environ))
+    deadline = time.monotonic() + 30
+    while len(tree(rec)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    procs = tree(rec)
+    assert len(procs) == 2, "the parent and its child"
+    assert os.getpgid(rec.pid) == rec.pid, "a component leads its own process group"
+    assert os.getsid(procs[1].pid) != os.getsid(rec.pid), "the child left the parent's session"
+    assert stop(rec, grace=5) is True
+    gone = [p for p in procs if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
+    assert len(gone) == 2
+    assert "starting parent" in (tmp_path / "parent.log").read_text()
+
+
+def test_a_record_never_names_a_reused_pid(tmp_path):
+    rec = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], log=tmp_path / "s.log", env=dict(os.environ))
+    assert rec.alive
+    forged = ProcRecord(name="sleeper", pid=rec.pid, create_time=rec.create_time - 3600, log=rec.log)
+    assert not forged.alive and tree(forged) == [], "same pid, another start time: not ours, never signalled"
+    stop(rec, grace=5)
+    assert not rec.alive
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = free_ports(12)
+    assert len(set(ports)) == 12 and all(port_free("127.0.0.1", p) for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert not port_free("127.0.0.1", s.getsockname()[1])
+
+
+def test_state_round_trips_and_keeps_secrets_private(tmp_path):
+    st = PlatformState(dir=tmp_path)
+    key = st.secret("s3_secret_access_key")
+    assert st.secret("s3_secret_access_key") == key and len(key) == 48, "generated once, then kept"
+    st.ports["prefect"] = 4321
+    st.components["x"] = ProcRecord(name="x", pid=1, create_time=0.0, log="x.log", ports={"a": 1})
+    st.save()
+    assert stat.S_IMODE((tmp_path / "platform.json").stat().st_mode) == 0o600
+    back = PlatformState.load(tmp_path)
+    assert back.ports == {"prefect": 4321} and back.secrets == st.secrets and back.components["x"].ports == {"a": 1}
+    (tmp_path / "platform.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(PlatformError, match="format 99"):
+        PlatformState.load(tmp_path)
+
+
+def test_a_port_taken_by_another_program_is_named_before_anything_starts(tmp_path):
+    from flows.platform.core import up
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(PlatformError, match=f"port {busy} \\(prefect, for prefect-server\\) is in use"):
+            up(tmp_path / "p", ports={"prefect": busy}, deploy_file=None, project_dir=tmp_path)
+    assert PlatformState.load(tmp_path / "p").components == {}, "nothing was started"
+
+
+def test_a_component_that_dies_while_starting_is_named_with_its_log(tmp_path):
+    from flows.platform.components import wait_healthy
+
+    rec = spawn("prefect-server", [sys.executable, "-c", "print('cannot reach the database'); raise SystemExit(3)"],
+                log=tmp_path / "prefect-server.log", env=dict(os.environ))
+    with pytest.raises(PlatformError) as e:
+        wait_healthy(rec, lambda: False, timeout=30)
+    msg = str(e.value)
+    assert msg.startswith("prefect-server exited with code 3 while starting")
+    assert str(tmp_path / "prefect-server.log") in msg and "cannot reach the database" in msg
+
+
+def test_environment_defaults_fill_only_what_the_config_leaves_unset(monkeypatch):
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+    from tasks.execution import with_environment_defaults
+
+    cls = get_app("reduce").RunConfig
+    monkeypatch.delenv("AEFLOW_OUTPUT", raising=False)
+    monkeypatch.delenv("AEFLOW_DASK_ADDRESS", raising=False)
+    plain = resolve_config(cls)
+    assert with_environment_defaults(plain) is plain, "nothing set: nothing changes"
+    monkeypatch.setenv("AEFLOW_OUTPUT", "s3://aeflow/artifacts")
+    monkeypatch.setenv("AEFLOW_DASK_ADDRESS", "tcp://127.0.0.1:8786")
+    filled = with_environment_defaults(resolve_config(cls))
+    assert (filled.output, filled.dask_address) == ("s3://aeflow/artifacts", "tcp://127.0.0.1:8786")
+    given = with_environment_defaults(resolve_config(cls, options={"output": "./artifacts", "dask_address": "tcp://h:1"}))
+    assert (given.output, given.dask_address) == ("./artifacts", "tcp://h:1"), "explicit values win"
+    # a deployment's parameters without `output` (what Prefect validates into the flow's config)
+    from_params = with_environment_defaults(cls.model_validate({"load": {"input": "x.csv"}}))
+    assert from_params.output == "s3://aeflow/artifacts"
+
+
+def test_execution_info_outside_a_flow_run(monkeypatch):
+    from tasks.apps import get_app
+    from tasks.execution import execution_info
+
+    monkeypatch.setenv("AEFLOW_WORKER_NAME", "prefect-worker-7")
+    monkeypatch.delenv("PREFECT__WORKER_NAME", raising=False)
+    info = execution_info(get_app("reduce").RunConfig(), "cpu")
+    assert info["device"] == "cpu" and info["pid"] == os.getpid()
+    assert info["prefect"] == {"worker": "prefect-worker-7"}
+    assert info["dask"]["scheduler"] is None
+    unreachable = execution_info(get_app("reduce").RunConfig(dask_address="tcp://127.0.0.1:9"), "cpu")
+    assert unreachable["dask"]["scheduler"] == "tcp://127.0.0.1:9" and "error" in unreachable["dask"], "recorded, never raised"
+
+
+def test_platform_commands_on_a_directory_without_a_platform(tmp_path):
+    from flows.cli import app
+
+    runner = CliRunner()
+    for cmd in ("status", "down"):
+        res = runner.invoke(app, ["platform", cmd, "--dir", str(tmp_path)])
+        assert res.exit_code == 6, res.output
+        assert f"{tmp_path} holds no platform" in " ".join(res.output.split())
+
+
+def test_watchdog_knows_a_flow_run_process_only_below_a_platform_worker(tmp_path):
+    from flows.platform.watchdog import _started_by
+
+    rec = spawn("prefect-worker-1", [sys.executable, "-c", PARENT], log=tmp_path / "w.log", env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 30
+        while len(tree(rec)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = tree(rec)[1]
+        assert _started_by(child.pid, {rec.pid: "prefect-worker-1"}) == (child.create_time(), "prefect-worker-1")
+        assert _started_by(child.pid, {}) is None
+        assert _started_by(os.getpid(), {rec.pid: "prefect-worker-1"}) is None
+    finally:
+        stop(rec, grace=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    for p in psutil.Process().children(recursive=True):
+        if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE:
+            p.kill()
+            pytest.fail(f"a test left process {p.pid} ({p.cmdline()[:3]}) running")
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the PostgreSQL user is only switched to when root")
+def test_a_failed_up_names_the_component_and_stops_what_it_started(tmp_path):
+    """PostgreSQL cannot start (its user does not exist): the error says so; SeaweedFS and the scheduler go again."""
+    from flows.platform.components import weed_binary
+    from flows.platform.core import up
+
+    try:
+        weed_binary()
+    except PlatformError as e:
+        pytest.skip(str(e))
+    directory = tmp_path / "p"
+    with pytest.raises(PlatformError, match="postgres: .*the user 'no-such-user-aeflow' does not exist"):
+        up(directory, settings={"pg_user": "no-such-user-aeflow"}, deploy_file=None, project_dir=tmp_path)
+    state = PlatformState.load(directory)
+    assert state.components == {}, "rolled back"
+    logs = {p.name for p in (directory / "logs").iterdir()}
+    assert {"seaweedfs.log", "dask-scheduler.log"} <= logs, "they had started"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
