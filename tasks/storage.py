@@ -526,6 +526,20 @@ def _start_heartbeat() -> None:
         _HEARTBEAT.start()
 
 
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether a conditional write was refused because the key exists (HTTP 412 / PreconditionFailed)."""
+    for x in _causes(e):
+        response = getattr(x, "response", None) or {}
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status in (409, 412):
+            return True
+        text = str(x)
+        if "PreconditionFailed" in text or "pre-conditions you specified did not hold" in text:
+            return True
+    return False
+
+
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create ``path`` only if it does not exist; False if it does (someone else won)."""
     if is_local(fs):
@@ -545,7 +559,7 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
     except FileExistsError:
         return False
     except OSError as e:
-        if "PreconditionFailed" in str(e) or "412" in str(e) or "ConditionalRequestConflict" in str(e):
+        if _precondition_failed(e):
             return False
         raise
     # Fallback for stores that ignore the condition and overwrite: the record holds a unique owner,
