@@ -200,8 +200,24 @@ def _short_reason(e: BaseException) -> str:
     return type(innermost).__name__
 
 
+_SERVER_TROUBLE = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServerBusy",
+                   "ThrottlingException", "RequestTimeTooSkewed"}
+
+
+def _server_trouble(x: BaseException) -> str | None:
+    """The error code of an object store that answered but failed (HTTP 5xx, throttling), or None."""
+    response = getattr(x, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    if code in _SERVER_TROUBLE or int(status) >= 500:
+        return code or f"HTTP {status}"
+    return None
+
+
 def _failure_kind(x: BaseException) -> str | None:
-    """'unreachable', 'credentials' or None for one exception (not its causes)."""
+    """'unreachable', 'unavailable', 'credentials' or None for one exception (not its causes)."""
     try:
         import botocore.exceptions as bce
     except ImportError:  # pragma: no cover - s3fs is a dependency
@@ -219,6 +235,8 @@ def _failure_kind(x: BaseException) -> str | None:
         return "unreachable"
     if isinstance(x, (ConnectionError, TimeoutError, socket.gaierror)):
         return "unreachable"
+    if _server_trouble(x):
+        return "unavailable"
     return None
 
 
@@ -239,6 +257,11 @@ def storage_error(e: BaseException, op: str, uri: str) -> StorageError | None:
         if kind == "unreachable":
             return StorageUnavailable(
                 f"cannot {what}: the object store at {_endpoint_of(e)} is unreachable ({_short_reason(e)}); "
+                "run the same command again when it is back"
+            )
+        if kind == "unavailable":  # it answered, with a server error (5xx) or throttling
+            return StorageUnavailable(
+                f"cannot {what}: the object store at {_endpoint_of(e)} failed ({_server_trouble(x)}); "
                 "run the same command again when it is back"
             )
         if kind == "credentials":
