@@ -20,36 +20,64 @@ short steps) is used when the run is long enough to repay it. The batch size, wh
 not given, is chosen to fill the device (:func:`auto_batch_size`) with the learning
 rate scaled by ``sqrt(batch / default_batch_size)``. On CPU the loop computes exactly
 what it always did (same batches, same random draws, same optimiser).
+
+Over 400 lines because :func:`fit` is one function on purpose: its step loop is the hot path
+(no call out per step on CUDA), and resume, early stopping, the learning-rate ramp and mid-epoch
+checkpoints all share its state. Batch sources are in ``models/batches.py``, the GPU machinery
+(autocast, automatic batch, compile) in ``models/gpu.py``, settings and state in
+``models/train_state.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.batches import (
+    BatchSource,
+    DeviceGenerator,
+    TensorSource,
+    _to_tensor,
+    as_source,
+    host_generator,
+    host_to_device,
+)
+from models.gpu import (
+    CUDA_GRAPH_STEP_S,
+    MIN_STEPS_PER_EPOCH,
+    TARGET_STEP_S,
+    StepCost,
+    _autocast,
+    _compile,
+    _default_batch,
+    _has_conv,
+    auto_batch_size,
+    measure_step_cost,
+    peak_bf16_flops,
+)
+from models.train_state import CompileMode, EpochStats, LossFn, TrainResult, TrainSettings, TrainState, _detached
+
+__all__ = [  # the loop's public names, wherever they are defined (models/batches.py, gpu.py, train_state.py)
+    "BatchSource", "CompileMode", "DeviceGenerator", "EpochStats", "LossFn", "StepCost", "TensorSource",
+    "TrainResult", "TrainSettings", "TrainState", "as_source", "auto_batch_size", "describe_device",
+    "evaluate_loss", "fit", "host_generator", "host_to_device", "measure_step_cost", "peak_bf16_flops",
+    "predict", "reconstruction_loss", "select_device", "CUDA_GRAPH_STEP_S", "MIN_STEPS_PER_EPOCH",
+    "TARGET_STEP_S", "PROBE_START", "PROBE_END",
+]
+
 log = logging.getLogger("aeflow.training")
 
-LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
-"""``loss_fn(model, batch, generator) -> scalar loss``; the generator seeds any
-corruption (noise, masks) so training is reproducible.
 
-On CUDA, a loss function that sets the attribute ``device_rng = True`` receives a
-:class:`DeviceGenerator` on the training device: it draws its large random tensors
-with ``device=generator.device`` and its small host-side choices (a rotation, which
-rows get which noise) from :func:`host_generator`. Other loss functions get the CPU
-generator everywhere, as on CPU."""
 
 # Progress callbacks (on_batch) are called at most this often, and on an epoch's last step.
 PROGRESS_EVERY_S = 0.5
@@ -62,16 +90,6 @@ COMPILE_PAYOFF_S = 120.0
 # A learning rate scaled up for an automatic batch is halved after this many epochs without
 # improvement (at most a third of `patience`): large-batch Adam oscillates at the end of training.
 LR_PLATEAU_EPOCHS = 3
-# Steps shorter than this (eager) are dominated by kernel launches: compile with CUDA graphs.
-CUDA_GRAPH_STEP_S = 0.005
-# auto_batch_size: one step should keep the device busy at least this long at its bf16 peak,
-# and an epoch should keep at least MIN_STEPS_PER_EPOCH optimiser steps.
-TARGET_STEP_S = 0.001
-MIN_STEPS_PER_EPOCH = 16
-# Dense bf16 tensor-core FLOP per clock per SM by compute capability (major): V100 (fp16),
-# A100, H100/H200, B200. Other parts of a family are slower; the estimate only picks a power of two.
-_BF16_FLOP_PER_CLOCK_SM = {7: 1024, 8: 2048, 9: 4096, 10: 8192}
-_ASSUMED_CLOCK_HZ = 1.8e9
 
 
 def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
@@ -80,27 +98,6 @@ def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Genera
 
 
 reconstruction_loss.device_rng = True  # type: ignore[attr-defined]  # draws nothing
-
-
-class DeviceGenerator(torch.Generator):
-    """A generator on the training device that carries the host generator as ``.host``.
-
-    Build with ``DeviceGenerator(device=...)`` then set ``.host``; see :data:`LossFn`.
-    """
-
-    host: torch.Generator
-
-
-def host_generator(generator: torch.Generator) -> torch.Generator:
-    """The CPU generator for small host-side random choices: ``generator.host`` or itself."""
-    return getattr(generator, "host", generator)
-
-
-def host_to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host tensor to ``device`` without synchronising (pinned, non-blocking) on CUDA."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -126,435 +123,6 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-CompileMode = Literal["off", "on", "auto"]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimiser, batch, stopping and checkpoint settings for :func:`fit`.
-
-    Attributes:
-        batch_size: Samples per step; ``None`` = automatic: ``default_batch_size`` on CPU,
-            :func:`auto_batch_size` on CUDA (with the learning rate scaled by
-            ``sqrt(batch / default_batch_size)``, ramped up over the first epoch).
-        default_batch_size: The batch ``lr`` is tuned for; the smallest automatic batch.
-        compile: ``torch.compile`` the model: ``"off"``, ``"on"``, or ``"auto"`` (CUDA only,
-            when the run's remaining steps, timed eagerly, would take >= COMPILE_PAYOFF_S).
-        compile_mode: ``torch.compile`` mode; ``None`` = CUDA graphs ("reduce-overhead")
-            for steps under CUDA_GRAPH_STEP_S, else "default".
-        checkpoint_seconds: 0 = ``on_checkpoint`` after every epoch; N > 0 = at most one
-            checkpoint per N seconds, at an epoch's end or within a long epoch (with the
-            position in it), plus one when training finishes.
-    """
-
-    epochs: int = 100
-    batch_size: int | None = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10
-    min_delta: float = 1e-4
-    seed: int = 0
-    device: str = "auto"
-    eval_batch_size: int = 4096
-    default_batch_size: int = 256
-    compile: CompileMode = "auto"
-    compile_mode: str | None = None
-    checkpoint_seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "patience", "eval_batch_size", "default_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (or None for automatic), got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.compile not in ("off", "on", "auto"):
-            raise ValueError(f"compile must be 'off', 'on' or 'auto', got {self.compile!r}")
-        if self.checkpoint_seconds < 0:
-            raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
-
-
-@dataclass
-class EpochStats:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    best_val_loss: float
-    improved: bool
-    seconds: float
-    samples: int
-    train_seconds: float = 0.0  # the optimiser steps alone (``seconds`` adds validation and checkpoints)
-
-
-@dataclass
-class TrainState:
-    """Everything needed to continue training after an interruption.
-
-    Serialised as flat tensors (for safetensors) plus a JSON-able dict, never pickled.
-    ``epoch`` counts completed epochs; ``step > 0`` marks a checkpoint taken within
-    epoch ``epoch + 1`` after ``step`` batches: resuming regenerates that epoch's batch
-    order from ``epoch_generator_state`` (the generators at its start) and skips them.
-    """
-
-    epoch: int
-    model: dict[str, Tensor]
-    best_model: dict[str, Tensor]
-    optimizer: dict[str, Any]
-    best_val_loss: float
-    best_epoch: int
-    bad_epochs: int
-    generator_state: Tensor
-    history: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
-    device_generator_state: Tensor | None = None
-    step: int = 0
-    running_loss: float = 0.0
-    epoch_generator_state: Tensor | None = None
-    epoch_device_generator_state: Tensor | None = None
-    batch_size: int | None = None
-    global_rng_state: Tensor | None = None  # torch's global RNG (dropout) on the training device
-    lr_top: float | None = None  # the scaled learning rate after plateau halvings
-
-    _OPTIONAL_TENSORS = ("device_generator_state", "epoch_generator_state", "epoch_device_generator_state",
-                         "global_rng_state")
-
-    def to_flat(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors: dict[str, Tensor] = {}
-        for k, v in self.model.items():
-            tensors[f"model.{k}"] = _detached(v)
-        for k, v in self.best_model.items():
-            tensors[f"best.{k}"] = _detached(v)
-        opt_meta: dict[str, Any] = {"param_groups": self.optimizer["param_groups"], "scalars": {}}
-        for idx, st in self.optimizer["state"].items():
-            for k, v in st.items():
-                if isinstance(v, Tensor):
-                    tensors[f"opt.{idx}.{k}"] = _detached(v)
-                else:
-                    opt_meta["scalars"][f"{idx}.{k}"] = v
-        tensors["generator_state"] = self.generator_state.clone()
-        for name in self._OPTIONAL_TENSORS:
-            value = getattr(self, name)
-            if value is not None:
-                tensors[name] = value.clone()
-        meta = {
-            "epoch": self.epoch,
-            "best_val_loss": self.best_val_loss,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "history": self.history,
-            "finished": self.finished,
-            "optimizer": opt_meta,
-            "step": self.step,
-            "running_loss": self.running_loss,
-            "batch_size": self.batch_size,
-            "lr_top": self.lr_top,
-        }
-        # JSON round trip here so a non-serialisable value fails at save time, not at resume.
-        return tensors, json.loads(json.dumps(meta))
-
-    @classmethod
-    def from_flat(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> TrainState:
-        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        state: dict[int, dict[str, Any]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, idx, name = k.split(".", 2)
-                state.setdefault(int(idx), {})[name] = v
-        for k, v in meta["optimizer"]["scalars"].items():
-            idx, name = k.split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-        batch_size = meta.get("batch_size")
-        return cls(
-            epoch=int(meta["epoch"]),
-            model=model,
-            best_model=best,
-            optimizer={"state": state, "param_groups": meta["optimizer"]["param_groups"]},
-            best_val_loss=float(meta["best_val_loss"]),
-            best_epoch=int(meta["best_epoch"]),
-            bad_epochs=int(meta["bad_epochs"]),
-            generator_state=tensors["generator_state"],
-            history=list(meta.get("history", [])),
-            finished=bool(meta.get("finished", False)),
-            step=int(meta.get("step", 0)),
-            running_loss=float(meta.get("running_loss", 0.0)),
-            batch_size=int(batch_size) if batch_size is not None else None,
-            lr_top=float(meta["lr_top"]) if meta.get("lr_top") is not None else None,
-            **{name: tensors.get(name) for name in cls._OPTIONAL_TENSORS},
-        )
-
-
-@dataclass
-class TrainResult:
-    epochs_run: int
-    best_epoch: int
-    best_val_loss: float
-    stopped_early: bool
-    resumed_from_epoch: int
-    device: str
-    seconds: float
-    train_samples_per_s: float
-    history: list[EpochStats]
-    batch_size: int = 0
-    lr: float = 0.0  # after scaling for an automatic batch
-    compiled: str = "off"  # "off", the torch.compile mode used, or why compiling was abandoned
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["history"] = [asdict(h) for h in self.history]
-        return d
-
-
-def _detached(t: Tensor) -> Tensor:
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _to_tensor(data: Tensor | np.ndarray) -> Tensor:
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(np.ascontiguousarray(data))
-    if data.dtype == torch.float64:
-        data = data.float()
-    return data
-
-
-def _place(data: Tensor, device: torch.device) -> Tensor:
-    """Keep the dataset on the device when it comfortably fits; else gather batches on the host."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if data.element_size() * data.nelement() < free // 4:
-            return data.to(device)
-    return data
-
-
-# ---------------------------------------------------------------------------------------
-# Where batches come from
-
-
-class BatchSource(ABC):
-    """Where :func:`fit` and :func:`evaluate_loss` get their samples.
-
-    Implementations: :class:`TensorSource` (in memory) and ``tasks.streaming.ParquetStream``
-    (minibatches read from Parquet partitions in the background). Batches may be on the host
-    (the loop copies them, non-blocking from pinned memory) or already on the device.
-    """
-
-    @abstractmethod
-    def __len__(self) -> int:
-        """Samples in one pass."""
-
-    def prepare(self, device: torch.device) -> None:  # noqa: B027 - optional hook
-        """Called once by :func:`fit` before any batch: place or pin data for ``device``."""
-
-    @abstractmethod
-    def train_batches(
-        self,
-        *,
-        epoch: int,
-        batch_size: int,
-        seed: int,
-        generator: torch.Generator,
-        device_generator: torch.Generator | None = None,
-        skip: int = 0,
-    ) -> Iterator[Tensor]:
-        """Epoch ``epoch``'s ``len(self) // batch_size`` full, shuffled batches, from batch ``skip`` on.
-
-        The order must be a function of (``seed``, ``epoch``) or of the generators' states at
-        the call, which must draw whatever they draw before returning (so the caller can
-        reset them for the loss). The ragged last batch is dropped.
-        """
-
-    @abstractmethod
-    def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
-        """Every sample once, in a fixed order, in batches of at most ``batch_size``."""
-
-    @abstractmethod
-    def example(self, n: int) -> Tensor:
-        """Up to ``n`` samples (to probe the model's cost per sample)."""
-
-
-class TensorSource(BatchSource):
-    """Samples held in one tensor (or numpy array), the first dimension being the sample axis.
-
-    Args:
-        data: The samples.
-        shuffle: Draw a new permutation each epoch (off: the stored order, for tests that
-            compare against a stream read in order).
-    """
-
-    def __init__(self, data: Tensor | np.ndarray, *, shuffle: bool = True) -> None:
-        self.data = _to_tensor(data)
-        self.shuffle = shuffle
-        self._pin = False
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def prepare(self, device: torch.device) -> None:
-        self.data = _place(self.data, device)
-        self._pin = device.type == "cuda" and self.data.device.type == "cpu"
-
-    def train_batches(self, *, epoch, batch_size, seed, generator, device_generator=None, skip=0):
-        n = len(self.data)
-        perm: Tensor | None = None
-        if self.shuffle:
-            on_device = self.data.device.type != "cpu"
-            if on_device and device_generator is not None:
-                perm = torch.randperm(n, generator=device_generator, device=self.data.device)
-            else:
-                perm = torch.randperm(n, generator=generator)
-        return self._batches(perm, n // batch_size, batch_size, skip)
-
-    def _batches(self, perm: Tensor | None, steps: int, bs: int, skip: int) -> Iterator[Tensor]:
-        data = self.data
-        for step in range(skip, steps):
-            if perm is None:
-                yield data[step * bs : (step + 1) * bs]
-            elif self._pin:  # host data, CUDA training: gather into pinned memory, copied without a sync
-                out = torch.empty((bs, *data.shape[1:]), dtype=data.dtype, pin_memory=True)
-                torch.index_select(data, 0, perm[step * bs : (step + 1) * bs], out=out)
-                yield out
-            elif data.device.type == "cpu":
-                yield data[perm[step * bs : (step + 1) * bs]]
-            else:
-                yield torch.index_select(data, 0, perm[step * bs : (step + 1) * bs])
-
-    def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
-        for start in range(0, len(self.data), batch_size):
-            yield self.data[start : start + batch_size]
-
-    def example(self, n: int) -> Tensor:
-        return self.data[:n]
-
-
-def as_source(data: Tensor | np.ndarray | BatchSource) -> BatchSource:
-    """``data`` itself when it is a :class:`BatchSource`, else a :class:`TensorSource` over it."""
-    return data if isinstance(data, BatchSource) else TensorSource(data)
-
-
-# ---------------------------------------------------------------------------------------
-# Sizing the batch for the device
-
-
-def peak_bf16_flops(device: torch.device) -> float:
-    """A rough dense bf16 tensor-core peak of a CUDA device (SMs x FLOP/clock x ~1.8 GHz)."""
-    props = torch.cuda.get_device_properties(device)
-    per_clock = _BF16_FLOP_PER_CLOCK_SM.get(props.major, 1024 if props.major < 7 else 4096)
-    if props.major == 8 and props.minor != 0:  # GA10x/AD10x: half of A100 per SM
-        per_clock = 1024
-    return props.multi_processor_count * per_clock * _ASSUMED_CLOCK_HZ
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """What one training sample costs: forward+backward FLOP (matmuls and convolutions) and memory."""
-
-    flops: float
-    bytes: float
-
-
-def measure_step_cost(model: nn.Module, loss_fn: LossFn, example: Tensor, device: torch.device) -> StepCost:
-    """FLOP and activation memory per sample of one forward+backward of ``loss_fn``.
-
-    Runs two small batches under ``torch.utils.flop_counter.FlopCounterMode``; the model's
-    weights, buffers (BatchNorm statistics), gradients and the global RNG are left as they
-    were. Memory is measured on CUDA only (0 elsewhere).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    k2 = max(1, min(32, len(example)))
-    k1 = max(2, k2 // 4)  # >= 2: BatchNorm refuses a batch of one in training mode
-    sizes = (k1, k2) if k2 > k1 else (k2,)
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    was_training = model.training
-    cuda = device.type == "cuda"
-    flops: list[float] = []
-    peaks: list[float] = []
-    host = torch.Generator().manual_seed(0)
-    gen: torch.Generator = host
-    if cuda and getattr(loss_fn, "device_rng", False):
-        gen = DeviceGenerator(device=device)
-        gen.manual_seed(0)
-        gen.host = host  # type: ignore[attr-defined]
-    devices = [device] if cuda else []
-    with torch.random.fork_rng(devices=devices):
-        model.train()
-        for k in sizes:
-            batch = example[:k].to(device)
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            counter = FlopCounterMode(display=False)
-            with counter:
-                with _autocast(device):
-                    loss = loss_fn(model, batch, gen)
-                loss.backward()
-            flops.append(float(counter.get_total_flops()))
-            if cuda:
-                torch.cuda.synchronize(device)
-                peaks.append(float(torch.cuda.max_memory_allocated(device) - base))
-            model.zero_grad(set_to_none=True)
-            del loss
-    with torch.no_grad():
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])
-    model.train(was_training)
-    if len(sizes) == 2:
-        per_flop = (flops[1] - flops[0]) / (k2 - k1)
-        per_byte = (peaks[1] - peaks[0]) / (k2 - k1) if cuda else 0.0
-    else:
-        per_flop, per_byte = flops[0] / k2, (peaks[0] / k2 if cuda else 0.0)
-    return StepCost(flops=max(per_flop, 0.0), bytes=max(per_byte, 0.0))
-
-
-def auto_batch_size(
-    cost: StepCost,
-    *,
-    n_train: int,
-    floor: int,
-    peak_flops: float,
-    free_bytes: float,
-) -> int:
-    """The batch that fills the device: ``floor * 2**k`` for the smallest ``k`` whose step
-    is at least ``TARGET_STEP_S`` of ``peak_flops``, then capped so that an epoch keeps
-    ``MIN_STEPS_PER_EPOCH`` steps and the activations take at most half of ``free_bytes``.
-    Never below ``floor`` (nor above ``n_train``).
-    """
-    batch = floor
-    data_cap = max(floor, n_train // MIN_STEPS_PER_EPOCH)
-    if cost.flops > 0:
-        while batch * cost.flops < peak_flops * TARGET_STEP_S and batch * 2 <= data_cap:
-            batch *= 2
-    if cost.bytes > 0:
-        while batch > floor and batch * cost.bytes > free_bytes / 2:
-            batch //= 2
-    return max(1, min(batch, n_train))
-
-
-def _default_batch(model: nn.Module, loss_fn: LossFn, source: BatchSource, device: torch.device, floor: int) -> int:
-    """The batch when none is given: ``floor`` on CPU; on CUDA, :func:`auto_batch_size` for the model."""
-    if device.type != "cuda":
-        return floor
-    cost = measure_step_cost(model, loss_fn, source.example(32), device)
-    free, _ = torch.cuda.mem_get_info(device)
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    # Adam's two moments (allocated at the first step) and the gradients are not in `free` yet.
-    free = max(0.0, free - 3 * params)
-    batch = auto_batch_size(cost, n_train=len(source), floor=floor, peak_flops=peak_bf16_flops(device), free_bytes=free)
-    log.info("GPU batch: %d (%.3g MFLOP and %.3g MB per sample, floor %d, %d samples)",
-             batch, cost.flops / 1e6, cost.bytes / 1e6, floor, len(source))
-    return batch
-
-
-# ---------------------------------------------------------------------------------------
-# The loop
 
 
 @torch.inference_mode()
@@ -599,14 +167,6 @@ def _closing(batches: Iterator[Tensor]) -> Iterator[Iterator[Tensor]]:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
-
-
-def _has_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
-
-
-def _compile(model: nn.Module, mode: str) -> nn.Module:
-    return torch.compile(model, mode=mode, dynamic=False)  # type: ignore[return-value]
 
 
 def fit(

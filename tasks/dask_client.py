@@ -24,19 +24,27 @@ log = logging.getLogger("aeflow.dask")
 
 class _QuietUserErrors(WorkerPlugin):
     """Dask worker plugin: a user's bad input is reported once by aeflow, not also as a
-    worker "Compute Failed" log with a traceback."""
+    worker "Compute Failed" log with a traceback. On the run's own LocalCluster (``local``),
+    the heartbeat that races the cluster's shutdown at the end of every run is not an error
+    either."""
 
     name = "aeflow-quiet-user-errors"
+
+    def __init__(self, local: bool = False) -> None:
+        self.local = local
 
     def setup(self, worker: Any) -> None:
         from tasks.errors import AeflowError
 
         names = tuple(f"{c.__name__}(" for c in AeflowError.family())
+        local = self.local
 
         class _Filter(logging.Filter):
             def filter(self, record: logging.LogRecord) -> bool:
                 if str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple):
                     return not any(str(a).startswith(names) for a in record.args)
+                if local and str(record.msg).startswith("Failed to communicate with scheduler during heartbeat"):
+                    return False
                 return True
 
         logging.getLogger("distributed.worker").addFilter(_Filter())
@@ -45,9 +53,9 @@ class _QuietUserErrors(WorkerPlugin):
         return None
 
 
-def _install_plugins(client: Any) -> None:
+def _install_plugins(client: Any, local: bool = False) -> None:
     try:
-        client.register_plugin(_QuietUserErrors(), name=_QuietUserErrors.name)
+        client.register_plugin(_QuietUserErrors(local), name=_QuietUserErrors.name)
     except Exception as e:  # a scheduler that refuses plugins still works; logs are just noisier
         log.debug("could not register the worker plugin: %s", e)
 
@@ -88,7 +96,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
         )
         client = Client(cluster)
         try:
-            _install_plugins(client)
+            _install_plugins(client, local=True)
             yield client
         finally:
             # Shutting the local cluster down is cleanup: on a loaded machine it can outlast its

@@ -12,6 +12,9 @@
 - ``watchdog``: ``python -m flows.platform.watchdog``: marks flow runs whose process
   vanished (a killed worker or machine) as crashed and releases the concurrency slots
   their task runs held.
+
+Over 400 lines on purpose: one section per component (command line, environment, health
+check), side by side, so that the ports, keys and paths they share are read in one place.
 """
 
 from __future__ import annotations
