@@ -235,9 +235,9 @@ def test_unshuffled_source_trains_in_stored_order():
     assert len(got) == 1 and torch.equal(got[0], x[16:32])
 
 
-def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(monkeypatch):
-    """What CUDA does with an automatic batch (here forced to 4x the default on CPU)."""
-    monkeypatch.setattr(training, "_default_batch", lambda model, loss_fn, source, device, floor: 4 * floor)
+def _automatic_batch_lrs(monkeypatch, factor: int) -> list[float]:
+    """Force the automatic batch to ``factor`` x the default (what CUDA picks) and record every step's lr."""
+    monkeypatch.setattr(training, "_default_batch", lambda model, loss_fn, source, device, floor: factor * floor)
     lrs: list[float] = []
     step = torch.optim.Adam.step
 
@@ -246,6 +246,12 @@ def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(mon
         return step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    return lrs
+
+
+def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(monkeypatch):
+    """What CUDA does with an automatic batch (here forced to 4x the default on CPU)."""
+    lrs = _automatic_batch_lrs(monkeypatch, 4)
     x = _data(300)
     r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=2, batch_size=None, default_batch_size=16, lr=1e-3))
     assert r.batch_size == 64 and r.lr == pytest.approx(2e-3)
@@ -256,15 +262,7 @@ def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(mon
 
 
 def test_scaled_lr_is_halved_on_plateaus_down_to_lr(monkeypatch):
-    monkeypatch.setattr(training, "_default_batch", lambda model, loss_fn, source, device, floor: 16 * floor)
-    lrs: list[float] = []
-    step = torch.optim.Adam.step
-
-    def spy(self, *a, **kw):
-        lrs.append(self.param_groups[0]["lr"])
-        return step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    lrs = _automatic_batch_lrs(monkeypatch, 16)
 
     def flat_validation(m, batch, g):  # validation never improves after the first epoch
         loss = training.reconstruction_loss(m, batch, g)
