@@ -157,6 +157,12 @@ def test_auto_batch_size_rule(flops, n, floor, free, want):
 
 
 def _device_rng_losses():
+    with torch.random.fork_rng():  # collection must not move the global RNG for other tests
+        torch.manual_seed(0)
+        return _device_rng_cases()
+
+
+def _device_rng_cases():
     noise = NoiseConfig(kinds=("gaussian", "salt_pepper", "mask"), sigma=10, sigma_max=40)
     tab = _data(16)
     tab_nan = tab.copy()
@@ -164,7 +170,6 @@ def _device_rng_losses():
     img = (np.random.default_rng(0).random((6, 1, 16, 16)) * 255).astype("uint8")
     # A fixed init: with some inits the decoder barely depends on the code, and the latent noise's
     # effect on the loss fell below float32 resolution (seen once in a full run).
-    torch.manual_seed(0)
     conv = ConvAutoencoder(ConvAEConfig(1, (4, 8), 4, activation="elu"))  # no dead ReLUs hiding the noise
     return [
         ("dense", _model(), training.reconstruction_loss, tab),
