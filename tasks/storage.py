@@ -26,8 +26,10 @@ Durability rules (what a kill, a power loss or an outage can leave behind):
   the same rule, and an error inside the ``with`` block discards the file.
 - **The manifest is the only completion marker.** Anything else in a run folder without a
   manifest is ignored by readers, and removed when the run is resumed or discarded.
-- **Checkpoints are verified.** ``checkpoint/meta.json`` records the size and SHA-256 of
-  ``state.safetensors``; a checkpoint that does not match, or does not parse, raises
+- **Checkpoints are verified, and replaced as a whole.** ``checkpoint/meta.json`` names the
+  state file (``state-<hash>.safetensors``, written first) and records its size and SHA-256;
+  writing ``meta.json`` is the commit, so a kill between the two writes leaves the previous
+  checkpoint in force. A checkpoint that does not match, or does not parse, raises
   :class:`CheckpointError` and training starts over (``tasks/train.py``).
 - **Saved weights are verified.** ``model/config.json`` records the SHA-256 of
   ``weights.safetensors`` (``"weights"``); loading refuses a mismatch
@@ -686,12 +688,28 @@ class RunDir:
 
     # -- checkpoints ---------------------------------------------------------------
     def save_checkpoint(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Tensors, then ``meta.json`` recording their size and SHA-256 (each file atomic)."""
+        """The tensors under a name of their own, then ``meta.json`` naming them (the commit), then the old state.
+
+        Each file is atomic, and the pair is too: the state is written to
+        ``state-<sha256 prefix>.safetensors`` beside the previous one, and only the new
+        ``meta.json`` (recording its name, size and SHA-256) makes it the checkpoint. A kill
+        between the two writes leaves the previous checkpoint whole (and an orphan state file
+        that the next save removes), so a resumed run loses at most one checkpoint's progress.
+        """
         from safetensors.torch import save
 
         data = save(tensors)
-        self.write_bytes(f"{CHECKPOINT_DIR}/state.safetensors", data)
-        self.write_json(f"{CHECKPOINT_DIR}/meta.json", {**meta, "state_file": {"size": len(data), "hash": _sha256(data)}})
+        digest = _sha256(data)
+        name = f"state-{digest.removeprefix('sha256:')[:16]}.safetensors"
+        self.write_bytes(f"{CHECKPOINT_DIR}/{name}", data)
+        self.write_json(f"{CHECKPOINT_DIR}/meta.json", {**meta, "state_file": {"name": name, "size": len(data), "hash": digest}})
+        folder = self.path_of(CHECKPOINT_DIR)
+        with storage_op("clean up", self.uri_of(CHECKPOINT_DIR)):
+            self.fs.invalidate_cache(folder)
+            for entry in self.fs.ls(folder, detail=False):
+                base = posixpath.basename(entry.replace(os.sep, "/"))
+                if base.endswith(".safetensors") and base.startswith("state") and base != name:
+                    self.fs.rm(entry)
 
     def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The saved training state, or None when there is none.
@@ -709,24 +727,27 @@ class RunDir:
             meta = self.read_json(f"{CHECKPOINT_DIR}/meta.json")
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{where}/meta.json is not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}/meta.json does not hold a JSON object")
+        recorded = meta.pop("state_file", None)
+        # checkpoints written before the state had a name of its own: state.safetensors
+        name = recorded.get("name") if isinstance(recorded, dict) else None
+        name = name if isinstance(name, str) and "/" not in name else "state.safetensors"
         try:
-            data = self.read_bytes(f"{CHECKPOINT_DIR}/state.safetensors")
+            data = self.read_bytes(f"{CHECKPOINT_DIR}/{name}")
         except StorageError as e:
             if e.transient:
                 raise
-            raise CheckpointError(f"{where}/state.safetensors is missing") from e
-        recorded = meta.pop("state_file", None) if isinstance(meta, dict) else None
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{where}/meta.json does not hold a JSON object")
-        if recorded is not None and (recorded.get("size") != len(data) or recorded.get("hash") != _sha256(data)):
+            raise CheckpointError(f"{where}/{name} is missing") from e
+        if isinstance(recorded, dict) and (recorded.get("size") != len(data) or recorded.get("hash") != _sha256(data)):
             raise CheckpointError(
-                f"{where}/state.safetensors ({len(data)} bytes) is not the state meta.json describes "
+                f"{where}/{name} ({len(data)} bytes) is not the state meta.json describes "
                 f"({recorded.get('size')} bytes, {str(recorded.get('hash'))[:19]}…)"
             )
         try:
             return load(data), meta
         except Exception as e:  # safetensors' own error types
-            raise CheckpointError(f"{where}/state.safetensors cannot be read ({e})") from e
+            raise CheckpointError(f"{where}/{name} cannot be read ({e})") from e
 
     # -- claims --------------------------------------------------------------------
     def _claims(self) -> list[tuple[int, str]]:

@@ -121,9 +121,14 @@ def test_environment_defaults_fill_only_what_the_config_leaves_unset(monkeypatch
 
 
 def test_execution_info_outside_a_flow_run(monkeypatch):
+    import functools
+
+    import tasks.execution as execution
     from tasks.apps import get_app
     from tasks.execution import execution_info
 
+    # an unreachable scheduler is given up on after the timeout (10 s by default): 1 s here
+    monkeypatch.setattr(execution, "dask_cluster_info", functools.partial(execution.dask_cluster_info, timeout=1.0))
     monkeypatch.setenv("AEFLOW_WORKER_NAME", "prefect-worker-7")
     monkeypatch.delenv("PREFECT__WORKER_NAME", raising=False)
     info = execution_info(get_app("reduce").RunConfig(), "cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from tasks.errors import ModelMismatchError, StorageError
-from tasks.storage import ArtifactStore, CheckpointError, ModelFolder, claim_is_stale, open_model_source
+from tasks.storage import ArtifactStore, CheckpointError, ModelFolder, _sha256, claim_is_stale, open_model_source
 
 pytestmark = pytest.mark.tasks
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,10 +96,15 @@ def _flip_last_byte(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 0xFF])
 
 
+def _state(run) -> str:
+    """The checkpoint's state file, as its meta.json names it."""
+    return "checkpoint/" + json.loads(run.read_bytes("checkpoint/meta.json"))["state_file"]["name"]
+
+
 DAMAGE = {
-    "truncated": lambda run: run.write_bytes("checkpoint/state.safetensors", run.read_bytes("checkpoint/state.safetensors")[:50]),
-    "bit_flip": lambda run: run.write_bytes("checkpoint/state.safetensors", _flip_last_byte(run.read_bytes("checkpoint/state.safetensors"))),
-    "state_missing": lambda run: run.remove("checkpoint/state.safetensors"),
+    "truncated": lambda run: run.write_bytes(_state(run), run.read_bytes(_state(run))[:50]),
+    "bit_flip": lambda run: run.write_bytes(_state(run), _flip_last_byte(run.read_bytes(_state(run)))),
+    "state_missing": lambda run: run.remove(_state(run)),
     "meta_not_json": lambda run: run.write_bytes("checkpoint/meta.json", b'{"epoch": 3, "histo'),
 }
 
@@ -110,20 +116,48 @@ def test_damaged_checkpoint_is_detected(store, damage):
     tensors, meta = run.load_checkpoint()
     assert meta == {"epoch": 3} and torch.equal(tensors["w"], torch.arange(64.0))
     DAMAGE[damage](run)
-    with pytest.raises(CheckpointError, match=r"checkpoint/(state\.safetensors|meta\.json)"):
+    with pytest.raises(CheckpointError, match=r"checkpoint/(state-[0-9a-f]{16}\.safetensors|meta\.json)"):
         run.load_checkpoint()
     run.discard()
 
 
-def test_a_checkpoint_from_another_epoch_than_its_meta_is_detected(tmp_path):
-    """A kill between the two files of a checkpoint: new tensors, old meta."""
-    run = ArtifactStore(str(tmp_path)).start_run("reduce", "8" * 64, {})
+def test_a_kill_between_the_state_and_its_meta_keeps_the_previous_checkpoint(store, monkeypatch):
+    """The new state is written, the kill comes before meta.json: the previous checkpoint is still whole."""
+    run = store.start_run("reduce", "8" * 64, {})
     run.save_checkpoint({"w": torch.zeros(4)}, {"epoch": 1})
-    old_meta = run.read_bytes("checkpoint/meta.json")
-    run.save_checkpoint({"w": torch.ones(4)}, {"epoch": 2})
-    run.write_bytes("checkpoint/meta.json", old_meta)
+    first = _state(run)
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt("killed before meta.json")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(run), "write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run.save_checkpoint({"w": torch.ones(4)}, {"epoch": 2})
+    assert len([f for f in run.fs.ls(run.path_of("checkpoint"), detail=False) if "state-" in f]) == 2, "the orphan is there"
+    tensors, meta = run.load_checkpoint()
+    assert meta == {"epoch": 1} and torch.equal(tensors["w"], torch.zeros(4)), "the epoch-1 checkpoint, not a discard"
+    run.save_checkpoint({"w": torch.full((4,), 3.0)}, {"epoch": 3})
+    names = sorted(posixpath.basename(f) for f in run.fs.ls(run.path_of("checkpoint"), detail=False))
+    assert names == sorted(["meta.json", posixpath.basename(_state(run))]) and _state(run) != first, names
+    assert run.load_checkpoint()[1] == {"epoch": 3}
+
+
+def test_a_checkpoint_written_before_the_state_had_its_own_name_still_loads(tmp_path):
+    """meta.json without a state name: the state is checkpoint/state.safetensors, still verified."""
+    from safetensors.torch import save
+
+    run = ArtifactStore(str(tmp_path)).start_run("reduce", "6" * 64, {})
+    data = save({"w": torch.arange(3.0)})
+    run.write_bytes("checkpoint/state.safetensors", data)
+    run.write_json("checkpoint/meta.json", {"epoch": 2, "state_file": {"size": len(data), "hash": _sha256(data)}})
+    tensors, meta = run.load_checkpoint()
+    assert meta == {"epoch": 2} and torch.equal(tensors["w"], torch.arange(3.0))
+    run.write_bytes("checkpoint/state.safetensors", data[:-1] + b"x")
     with pytest.raises(CheckpointError, match="is not the state meta.json describes"):
         run.load_checkpoint()
+    run.save_checkpoint({"w": torch.ones(2)}, {"epoch": 3})
+    assert not run.exists("checkpoint/state.safetensors"), "the old-style state goes with the first new checkpoint"
 
 
 class _Records(logging.Handler):
@@ -157,8 +191,8 @@ def test_training_discards_a_damaged_checkpoint_and_starts_over(tmp_path):
     cfg = TrainConfig(epochs=3, patience=5, batch_size=16, threads=1)
     x = torch.randn(64, 6).numpy()
     train_model(DenseAutoencoder(DenseAEConfig(6, 2, (8,))), x, x[:8], cfg, run=run, show_progress=False)
-    data = run.read_bytes("checkpoint/state.safetensors")
-    run.write_bytes("checkpoint/state.safetensors", data[: len(data) // 2])  # torn, as by a kill mid-write
+    data = run.read_bytes(_state(run))
+    run.write_bytes(_state(run), data[: len(data) // 2])  # torn, as by a kill mid-write
     with _Records("aeflow.train") as logged:
         result = train_model(DenseAutoencoder(DenseAEConfig(6, 2, (8,))), x, x[:8], cfg, run=run, show_progress=False)
     assert "discarding a damaged checkpoint, training starts over" in logged.text
