@@ -31,6 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_default_flow_heartbeats():
+    """In-process flow runs skip Prefect's default heartbeat thread, as the ``aeflow`` CLI does
+    (``tasks.prefect_utils.no_default_flow_heartbeats``): about a second per flow run."""
+    from tasks.prefect_utils import no_default_flow_heartbeats
+
+    with no_default_flow_heartbeats():
+        yield
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect API server (SQLite) for the whole session."""

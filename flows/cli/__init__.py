@@ -45,13 +45,15 @@ __all__ = ["COMMON_OPTIONS", "app", "build_app", "main"]
 
 def main() -> None:
     from flows.lifeline import guard_prefect_ephemeral_server
+    from tasks.prefect_utils import no_default_flow_heartbeats
     from tasks.redaction import install_log_redaction
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     guard_prefect_ephemeral_server()  # a killed CLI leaves no temporary Prefect server behind
     install_log_redaction()
-    app()
+    with no_default_flow_heartbeats():  # a second per flow run otherwise, for nothing watching
+        app()
 
 
 if __name__ == "__main__":

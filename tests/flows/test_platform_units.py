@@ -123,7 +123,7 @@ def test_environment_defaults_fill_only_what_the_config_leaves_unset(monkeypatch
 def test_execution_info_outside_a_flow_run(monkeypatch):
     import functools
 
-    import tasks.execution as execution
+    from tasks import execution
     from tasks.apps import get_app
     from tasks.execution import execution_info
 
