@@ -57,9 +57,10 @@ def image_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(prefect_server, image_dir, tmp_path_factory):
+def trained(prefect_server, dask_address, image_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("compress-out"))
-    cfg = resolve_config(CompressRunConfig, options={**TINY, "load.input": str(image_dir), "output": out})
+    cfg = resolve_config(CompressRunConfig, options={**TINY, "load.input": str(image_dir), "output": out,
+                                                     "dask_address": dask_address})
     state = FLOWS["compress"](config=cfg, return_state=True)
     assert state.is_completed(), state.message
     return state.result(), out
@@ -107,7 +108,7 @@ def test_metrics_from_file_sizes_and_baselines(trained, image_dir):
         result.run_uri).identity_hex
 
 
-def test_model_reuse_on_s3(trained, image_dir, s3fs_client):
+def test_model_reuse_on_s3(trained, image_dir, s3fs_client, dask_address):
     """--model reuse with input and output on the moto S3 server: identical codes, read back from S3."""
     result, _ = trained
     prefix = f"{TEST_BUCKET}/compress"
@@ -115,7 +116,7 @@ def test_model_reuse_on_s3(trained, image_dir, s3fs_client):
         s3fs_client.pipe_file(f"{prefix}/in/{rel}", data)
     cfg = resolve_config(CompressRunConfig, options={
         **TINY, "model_run": result.run_uri, "load.apply_to": f"s3://{prefix}/in", "output": f"s3://{prefix}/out",
-        "app.rd_sweep": False})
+        "app.rd_sweep": False, "dask_address": dask_address})
     r2 = FLOWS["compress"](config=cfg)
     assert r2.run_uri.startswith(f"s3://{prefix}/out/runs/compress/")
     for rel in _images():
@@ -227,7 +228,7 @@ def test_cli_with_the_committed_benchmark_codec(tmp_path):
     assert res.exit_code != 0 and "--refine-steps" in res.output
 
 
-def test_transparent_images_are_refused_or_skipped(prefect_server, tmp_path):
+def test_transparent_images_are_refused_or_skipped(prefect_server, dask_address, tmp_path):
     """The shared loader refuses alpha for the codec (no alpha plane); --skip-bad leaves such files out."""
     d = tmp_path / "imgs"
     d.mkdir()
@@ -241,7 +242,8 @@ def test_transparent_images_are_refused_or_skipped(prefect_server, tmp_path):
     assert not any(out.rglob("manifest.json")), "a failed run leaves no manifest"
 
     cfg = resolve_config(CompressRunConfig, options={**TINY, "load.input": str(d), "output": str(out),
-                                                     "load.skip_bad": True, "app.rd_sweep": False})
+                                                     "load.skip_bad": True, "app.rd_sweep": False,
+                                                     "dask_address": dask_address})
     result = FLOWS["compress"](config=cfg)
     m = open_run(result.run_uri).manifest()
     assert [s["path"].rsplit("/", 1)[-1] for s in m.extra["skipped"]] == ["glass.png"]
@@ -254,7 +256,7 @@ def test_transparent_images_are_refused_or_skipped(prefect_server, tmp_path):
     assert not (tmp_path / "c" / "glass.aec").exists()
 
 
-def test_refined_encoding_in_the_batch_job(prefect_server, tmp_path):
+def test_refined_encoding_in_the_batch_job(prefect_server, dask_address, tmp_path):
     """app.refine_steps (--refine-steps): the job's codes cost less R + λ·D than the fast encoder's,
     with the committed codec on held-out crops, and the run records the setting."""
     folder = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
@@ -267,7 +269,8 @@ def test_refined_encoding_in_the_batch_job(prefect_server, tmp_path):
     for steps in (0, 30):
         cfg = resolve_config(CompressRunConfig, options={
             "model_run": folder, "load.apply_to": str(d), "output": str(tmp_path / f"out{steps}"),
-            "app.rd_sweep": False, "app.quality": 3, "app.refine_steps": steps})
+            "app.rd_sweep": False, "app.quality": 3, "app.refine_steps": steps,
+            "dask_address": dask_address})
         r = FLOWS["compress"](config=cfg)
         m = open_run(r.run_uri).manifest()
         assert m.metrics["refine_steps"] == steps
@@ -277,12 +280,13 @@ def test_refined_encoding_in_the_batch_job(prefect_server, tmp_path):
     assert costs[30] < 0.97 * costs[0], costs
 
 
-def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, image_dir, tmp_path):
+def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, dask_address, image_dir, tmp_path):
     """app.codec=hyperprior: the job trains a mean-scale hyperprior, writes version-2 .aec files that
     decode to its decoded/ PNGs, and `aeflow decompress` finds the model by identity under --root."""
     out = tmp_path / "out"
     cfg = resolve_config(CompressRunConfig, options={**TINY, "app.codec": "hyperprior", "load.input": str(image_dir),
-                                                     "output": str(out), "app.rd_sweep": False})
+                                                     "output": str(out), "app.rd_sweep": False,
+                                                     "dask_address": dask_address})
     result = FLOWS["compress"](config=cfg)
     codec = load_codec_run(result.run_uri)
     assert codec.model.kind == "hyperprior"
