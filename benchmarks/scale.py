@@ -13,7 +13,7 @@ training, apply, evaluation, manifest) on generated tables of 32 float32 columns
 - one **image app**: denoise (the committed benchmark model) applied to 20,000 generated
   64x64 images with 1 and 2 workers.
 
-    python -m benchmarks.scale [--sizes 1,4,16] [--images 20000] [--quick]
+    python -m benchmarks.scale [--sizes 1,4,16] [--images 20000] [--quick] [--resume]
 
 Goals (issue): the 16M run's peak within 1.3x of the 1M run's, the 1M run <= ~1.5 GB,
 seconds per million rows at 16M within 1.2x of 4M, 2 workers >= 1.7x one.
@@ -159,6 +159,17 @@ class DaskCluster:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+STATE = WORK / "state.json"
+OUT = WORK / "out"
+
+
+def save_state(state: dict, quick: bool) -> None:
+    """What has been measured so far, for ``--resume`` (not for ``--quick`` runs)."""
+    if not quick:
+        WORK.mkdir(parents=True, exist_ok=True)
+        STATE.write_text(json.dumps(state, indent=1))
+
+
 def gib(b: int) -> str:
     return f"{b / 2**30:.2f}"
 
@@ -169,6 +180,9 @@ def main() -> None:
     ap.add_argument("--in-memory-sizes", default=None, help="sizes for the in-memory path (default: the same)")
     ap.add_argument("--images", type=int, default=20_000, help="images for the image-app apply throughput")
     ap.add_argument("--quick", action="store_true", help="0.05M/0.2M rows, 500 images; nothing written to RESULTS.md")
+    ap.add_argument("--resume", action="store_true",
+                    help=f"keep the runs already measured (saved in {STATE.relative_to(WORK.parent.parent)} after each one) "
+                         "and measure only what is missing")
     args = ap.parse_args()
     sizes = [int(float(s) * 1e6) for s in args.sizes.split(",")]
     mem_sizes = [int(float(s) * 1e6) for s in (args.in_memory_sizes or args.sizes).split(",")]
@@ -182,13 +196,25 @@ def main() -> None:
     runs: dict[int, str] = {}
     peaks: dict[tuple[str, int], int] = {}
     per_m: dict[tuple[str, int], float] = {}
+    state = json.loads(STATE.read_text()) if args.resume and STATE.exists() else {"rows": {}}
+    kept = OUT / "streaming"  # the streaming runs' models stay for the apply measurements (and --resume)
+    if not args.resume:
+        shutil.rmtree(OUT, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=WORK.parent if WORK.parent.exists() else None) as tmp:
         for mode, wanted in (("streaming", sizes), ("in memory", mem_sizes)):
             for rows in wanted:
+                done = state["rows"].get(f"{mode}/{rows}")
+                if done:  # measured by an earlier invocation (--resume)
+                    rows_out.append(done["row"])
+                    peaks[(mode, rows)], per_m[(mode, rows)] = done["peak"], done["per_m"]
+                    if done.get("run_uri") and os.path.exists(done["run_uri"]):
+                        runs[rows] = done["run_uri"]
+                    continue
                 data = generate_table(rows)
                 stream = "auto" if mode == "streaming" else "off"
+                out_dir = str(kept) if mode == "streaming" else f"{tmp}/out"
                 try:
-                    result, wall, peak = run_cli(["run", "reduce", "--input", str(data), "--output", f"{tmp}/out",
+                    result, wall, peak = run_cli(["run", "reduce", "--input", str(data), "--output", out_dir,
                                                   *common, "--set", f"train.stream={stream}"], env)
                 except RuntimeError as e:
                     print(f"{mode} {rows:,}: failed: {str(e)[-300:]}", flush=True)
@@ -202,23 +228,30 @@ def main() -> None:
                 rows_out.append([mode, f"{rows / 1e6:g}M", gib(peak), f"{wall:.0f}", f"{wall / (rows / 1e6):.1f}",
                                  f"{rows / max(t.get('apply', 1e-9), 1e-9):,.0f}", stages])
                 print(rows_out[-1], flush=True)
+                state["rows"][f"{mode}/{rows}"] = {"row": rows_out[-1], "peak": peak, "per_m": per_m[(mode, rows)],
+                                                   "run_uri": result["run_uri"] if mode == "streaming" else None}
+                save_state(state, args.quick)
                 shutil.rmtree(f"{tmp}/out", ignore_errors=True) if mode == "in memory" else None
 
-        # Apply throughput on a real cluster of 1 and 2 single-thread workers.
+        # Apply throughput on a real cluster of 1 and 2 single-thread workers, on the largest table.
         apply_rows: list[list[str]] = []
-        if runs:
-            rows = max(runs)
-            data = generate_table(rows)
-            rates = {}
-            for n in (1, 2):
-                with DaskCluster(n, env) as address:
-                    result, wall, _ = run_cli(["run", "reduce", "--model", runs[rows], "--apply-to", str(data),
-                                               "--output", f"{tmp}/apply", "--dask-address", address,
-                                               "--id-column", "id"], env)
-                rates[n] = rows / result["timings"]["apply"]
-                apply_rows.append([f"reduce, {rows / 1e6:g}M rows", str(n), f"{rates[n]:,.0f}", f"{result['timings']['apply']:.1f}",
-                                   f"{rates[n] / rates[1]:.2f}x"])
-                print(apply_rows[-1], flush=True)
+        rows = max(sizes)
+        data = generate_table(rows)
+        if not runs:  # the trained models are gone (an earlier invocation's): train one on the smallest table
+            result, _, _ = run_cli(["run", "reduce", "--input", str(generate_table(min(sizes))), "--output", str(kept),
+                                    *common], env)
+            runs[min(sizes)] = result["run_uri"]
+        trained_on = max(runs)
+        rates = {}
+        for n in (1, 2):
+            with DaskCluster(n, env) as address:
+                result, wall, _ = run_cli(["run", "reduce", "--model", runs[trained_on], "--apply-to", str(data),
+                                           "--output", f"{tmp}/apply", "--dask-address", address,
+                                           "--id-column", "id"], env)
+            rates[n] = rows / result["timings"]["apply"]
+            apply_rows.append([f"reduce, {rows / 1e6:g}M rows (model trained on {trained_on / 1e6:g}M)", str(n),
+                               f"{rates[n]:,.0f}", f"{result['timings']['apply']:.1f}", f"{rates[n] / rates[1]:.2f}x"])
+            print(apply_rows[-1], flush=True)
         # The image app: denoise with the committed benchmark model.
         images = generate_images(n_images)
         model = Path(__file__).with_name("weights") / "denoise"
