@@ -296,9 +296,11 @@ def run(out: Path, cpu_smoke: bool, budget_s: float) -> dict[str, Any]:
     fit_kw = dict(default_batch=256, loss_fn=reconstruction_loss, sz=sz, **common)
 
     def dense_eager() -> tuple[int | None, dict[int, float]]:
-        rec = bench.row(f"{name} fit, default (auto batch, compile=auto)",
-                        lambda: fit_row(dense, train, val, batch=None, compile="auto", **fit_kw), model=name, loop="fit",
-                        default=True)
+        """The default fit row, then fit and the bare loop at the fixed batches; returns the default's
+        (automatic) batch and the bare loop's seconds per step by batch."""
+        default = bench.row(f"{name} fit, default (auto batch, compile=auto)",
+                            lambda: fit_row(dense, train, val, batch=None, compile="auto", **fit_kw), model=name,
+                            loop="fit", default=True)
         step_s: dict[int, float] = {}
         for b in sz["batches"]:
             bench.row(f"{name} fit, batch {b}", lambda b=b: fit_row(dense, train, val, batch=b, compile="off", **fit_kw),
@@ -307,7 +309,7 @@ def run(out: Path, cpu_smoke: bool, budget_s: float) -> dict[str, Any]:
                             lambda b=b: bare_loop(dense, train, batch=b, steps=max(20, 3 * len(train) // b), warmup=5,
                                                   compile_mode=None, **common), model=name, loop="bare")
             step_s[b] = rec.get("step_ms", 10.0) / 1e3
-        return rec.get("batch"), step_s
+        return default.get("batch"), step_s
 
     def dense_compiled(b: int | None, bare_batch: int | None) -> None:
         """fit with compile=on at batch ``b`` (None: automatic), then the bare loop compiled at ``bare_batch``."""
@@ -409,6 +411,7 @@ def run(out: Path, cpu_smoke: bool, budget_s: float) -> dict[str, Any]:
 
     # In order of importance: later rows are skipped when the time budget runs out.
     auto_batch, bare_step_s = dense_eager()
+    bench.extra["auto_batch"] = auto_batch  # the compiled rows compare fit and the bare loop at this batch
     if cuda:  # the automatic batch compiled, fit and the bare loop at the same batch
         dense_compiled(None, auto_batch)
     conv_models()

@@ -29,6 +29,9 @@ def test_gpu_train_benchmark_cpu_smoke(tmp_path):
     assert {("fit", "dense"), ("bare", "dense"), ("fit (host rows)", "dense"), ("fit", "denoi"), ("fit", "model")} <= loops
     assert all(r["samples_per_s"] > 0 and math.isfinite(r["mfu"]) for r in measured if "mfu" in r)
     assert saved["peak_flops"] > 1e8
+    # the compiled rows (CUDA) compare fit and the bare loop at the default row's own automatic batch
+    [default] = [r for r in saved["rows"] if r["name"].endswith("fit, default (auto batch, compile=auto)")]
+    assert saved["auto_batch"] == default["batch"], (saved["auto_batch"], default["batch"])
     check = saved["batch_check"]
     assert check["samples_seen"] > 0 and math.isfinite(check["ratio"]) and check["ratio"] > 0
     assert set(saved["goals"]["fit_over_bare"]) == {"batch 256, off", "batch 512, off"}
