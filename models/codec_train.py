@@ -20,13 +20,15 @@ from models.image_ops import pad_to_multiple
 class RateDistortionLoss(nn.Module):
     """``R + λ·D`` per sample: bits per pixel plus λ·255²·MSE, λ by each sample's level.
 
-    Returns the mean over the batch; :attr:`last` keeps the parts for logging.
+    Returns the mean over the batch; :attr:`last` keeps the parts for logging, as detached
+    tensors on the loss's device (``float()`` them to log: a conversion here would make the host
+    wait for the device at every training step).
     """
 
     def __init__(self, lambdas: tuple[float, ...]) -> None:
         super().__init__()
         self.register_buffer("lambdas", torch.tensor(lambdas, dtype=torch.float32), persistent=False)
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Tensor] = {}
 
     def forward(self, out: CodecOutput, x: Tensor, quality: Tensor) -> Tensor:
         b, _, h, w = x.shape
@@ -35,7 +37,7 @@ class RateDistortionLoss(nn.Module):
         mse = F.mse_loss(out.x_hat.float(), x.float(), reduction="none").reshape(b, -1).mean(1)
         lam = self.lambdas.to(x.device)[quality]
         loss = (bpp + lam * (255.0**2) * mse).mean()
-        self.last = {"bpp": float(bpp.mean().detach()), "mse": float(mse.mean().detach())}
+        self.last = {"bpp": bpp.mean().detach(), "mse": mse.mean().detach()}
         return loss
 
 
@@ -55,6 +57,30 @@ def make_loss_fn(model: CodecBase):
         quality = (torch.arange(len(x)) + offset) % levels
         quality = quality.to(x.device)
         return criterion(m(x, quality), x, quality)
+
+    return loss_fn
+
+
+def make_rate_loss_fn(model: HyperpriorCodec):
+    """A ``loss_fn(model, latents, generator)`` for a hyperprior's entropy side alone.
+
+    ``latents`` are (B, M, h, w) outputs of the analysis transform (un-gained; crops of
+    ``h·stride × w·stride`` pixels); the loss is their bits per pixel under
+    :meth:`~models.codec_hyperprior.HyperpriorCodec.entropy_forward`, every batch covering the
+    quality levels in turn as in :func:`make_loss_fn`. With the transforms and gains fixed this is
+    the whole of what ``h_a``, ``h_s``, the ``z`` priors and the hyper gains learn from ``R + λ·D``
+    (the distortion does not depend on them).
+    """
+    levels = model.config.levels
+    stride = model.stride
+
+    def loss_fn(m: nn.Module, latents: Tensor, generator: torch.Generator) -> Tensor:
+        offset = int(torch.randint(levels, (1,), generator=generator))
+        quality = ((torch.arange(len(latents)) + offset) % levels).to(latents.device)
+        _, likelihoods = m.entropy_forward(latents, quality)  # type: ignore[operator]
+        b = len(latents)
+        bits = sum(-torch.log2(lik).reshape(b, -1).sum(1) for lik in likelihoods.values())
+        return (bits / (latents.shape[-2] * latents.shape[-1] * stride * stride)).mean()
 
     return loss_fn
 

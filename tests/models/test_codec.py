@@ -101,7 +101,8 @@ def test_train_step_changes_weights_and_loss_is_rate_plus_distortion():
     x = batch.float() / 255
     q = torch.tensor([0, 1, 2, 3])
     crit(model(x, q), x, q)
-    assert crit.last["bpp"] > 0 and crit.last["mse"] > 0
+    assert float(crit.last["bpp"]) > 0 and float(crit.last["mse"]) > 0
+    assert not crit.last["bpp"].requires_grad, "kept detached, converted only when logged"
 
 
 def test_widening_keeps_the_function_and_the_new_channels_train(codec):
