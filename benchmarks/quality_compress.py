@@ -201,7 +201,9 @@ def codec_description(codec: LoadedCodec) -> str:
     elif meta.get("runs"):
         runs = "; ".join(f"{r['steps']} steps on {r['device']} ({r['seconds'] / 60:.1f} min, batch {r['batch']} of "
                          f"{r['patch']}×{r['patch']} crops, lr {r['lr']:g}"
-                         + (f", hyper lr {r['hyper_lr']:g}" if r.get("hyper_lr") else "") + ")" for r in meta["runs"])
+                         + (f", hyper lr {r['hyper_lr']:g}" if r.get("hyper_lr") else "")
+                         + (", the entropy side only on latents computed once: transforms and gains fixed"
+                            if r.get("entropy_only") else "") + ")" for r in meta["runs"])
         text += f"{meta.get('steps')} Adam steps in all: {runs}" + (f"; started from {meta['init']}" if meta.get("init") else "")
         text += f". Weights stored as {meta.get('weights_dtype', 'float32')}."
     else:

@@ -45,8 +45,8 @@ from benchmarks.codec_data import TRAIN_IMAGES  # noqa: F401  (re-exported: test
 from benchmarks.codec_data import HELDOUT_IMAGES, load_images_file, load_skimage, pyramid, save_images, training_images
 from models.codec import CodecConfig, CodecBase, ImageCodec, load_codec_state
 from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
-from models.codec_train import calibrate_hyperprior, hyperprior_from_factorized, make_loss_fn, widen_codec
-from models.image_ops import as_rgb, rgb_patches
+from models.codec_train import calibrate_hyperprior, hyperprior_from_factorized, make_loss_fn, make_rate_loss_fn, widen_codec
+from models.image_ops import as_rgb, pad_to_multiple, rgb_patches
 
 KINDS: dict[str, tuple[type[CodecConfig], type[CodecBase]]] = {
     "codec": (CodecConfig, ImageCodec), "hyperprior": (HyperpriorConfig, HyperpriorCodec)}
@@ -196,6 +196,43 @@ class Batches:
                 time.sleep(0.01)
 
 
+class LatentCrops:
+    """``--entropy-only``: the analysis transform's latents of every training image and of its mirror
+    image, computed once (the transforms do not train, so they never change), and seeded crops of
+    them: batch ``i`` depends only on seed and ``i``, a crop of ``patch // stride`` latent elements
+    a side is a ``patch`` × ``patch`` crop of the image."""
+
+    def __init__(self, model: HyperpriorCodec, images: list[np.ndarray], batch: int, patch: int, seed: int,
+                 start: int, device: torch.device) -> None:
+        self.size = max(1, patch // model.stride)
+        self.batch, self.seed, self.step = batch, seed, start
+        self.latents: list[torch.Tensor] = []
+        with torch.no_grad():
+            for im in images:
+                rgb = as_rgb(im)
+                for a in (rgb, rgb[:, ::-1]):
+                    x = torch.from_numpy(np.ascontiguousarray(a).transpose(2, 0, 1).copy()).to(device)
+                    y = model.g_a(pad_to_multiple(x.float().div(255).unsqueeze(0), model.stride)[0])[0]
+                    if min(y.shape[-2:]) >= self.size:
+                        self.latents.append(y)
+        if not self.latents:
+            raise SystemExit(f"no training image gives a latent of {self.size}x{self.size}: lower --patch")
+
+    def next(self) -> torch.Tensor:
+        rng = np.random.default_rng(self.seed * 1_000_003 + self.step)
+        self.step += 1
+        crops = []
+        for _ in range(self.batch):
+            y = self.latents[int(rng.integers(len(self.latents)))]
+            i = int(rng.integers(y.shape[1] - self.size + 1))
+            j = int(rng.integers(y.shape[2] - self.size + 1))
+            crops.append(y[:, i:i + self.size, j:j + self.size])
+        return torch.stack(crops)
+
+    def close(self) -> None:
+        pass
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -214,6 +251,13 @@ def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
         init = load_codec(args.init).train()
         if init.kind == args.kind:
             model = widen_codec(init, args.widen, seed=args.seed) if args.widen else init  # type: ignore[arg-type]
+            with open(os.path.join(args.init, "config.json")) as f:
+                prior = json.load(f)
+            if prior.get("runs"):  # a model this script trained: its lineage (runs, steps, origin) carries on
+                info.update(step=int(prior.get("steps", 0)), seconds=float(prior.get("train_seconds", 0.0)),
+                            runs=list(prior["runs"]), continued_from=args.init)
+                if prior.get("init"):
+                    info["init"] = prior["init"]
         elif init.kind == "codec" and args.kind == "hyperprior":
             cfg = HyperpriorConfig(channels=init.config.channels, latent_channels=init.config.latent_channels,
                                    hyper_channels=args.hyper_channels, lambdas=lambdas or init.config.lambdas)
@@ -224,8 +268,10 @@ def make_model(args: argparse.Namespace, resumed: tuple[dict, dict] | None,
                 print(f"hyper-synthesis started at a per-channel Gaussian: {info['calibration']}", flush=True)
         else:
             raise SystemExit(f"--init {args.init} holds a {init.kind} codec; cannot start a {args.kind} from it")
-        info["init"] = f"{args.init} ({init.kind}, N={init.config.channels}, M={init.config.latent_channels})"
-        print(f"initialised from {info['init']}", flush=True)
+        info.setdefault("init", f"{args.init} ({init.kind}, N={init.config.channels}, M={init.config.latent_channels})")
+        print(f"initialised from {args.init} ({init.kind}, N={init.config.channels}, M={init.config.latent_channels})"
+              + (f", continuing its {len(info['runs'])} run(s) and {info['step']} steps" if info.get("continued_from") else ""),
+              flush=True)
     else:
         cfg_cls, model_cls = KINDS[args.kind]
         fields = {"channels": args.channels, "latent_channels": args.latent}
@@ -298,6 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hyper-only", type=float, default=0.0,
                     help="fraction of --minutes at the start during which only the hyperprior's own parts train "
                          "(the transforms wait for a useful entropy model; with --init of a factorized codec)")
+    ap.add_argument("--entropy-only", action="store_true",
+                    help="hyperprior (--init or --resume of one): train only its entropy side (h_a, h_s, the z priors, "
+                         "the hyper gains; at --hyper-lr, else --lr) on the analysis transform's latents of the training "
+                         "images, computed once. The transforms and gains stay as they are, so the distortion does not "
+                         "move and the rate is what drops; a step costs a small fraction of a full one (CPU-friendly)")
     ap.add_argument("--scales", default="1", help="scale pyramid of the training images, e.g. 1,0.7,0.5")
     ap.add_argument("--save-every", type=float, default=60.0, help="seconds")
     ap.add_argument("--weights-dtype", choices=("auto", "float32", "float16"), default="auto")
@@ -333,14 +384,28 @@ def main(argv: list[str] | None = None) -> None:
     kind = info["kind"]
     model.to(dev).train()
     groups = param_groups(model, args.lr, args.hyper_lr)
+    if args.entropy_only:
+        if not isinstance(model, HyperpriorCodec):
+            raise SystemExit(f"--entropy-only trains a hyperprior's entropy side; this is a {kind} codec")
+        groups = groups[-1:]  # the hyperprior's own parts; nothing else gets a gradient
+        train_ids = {id(p) for p in groups[0]["params"]}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in train_ids)
     opt = torch.optim.Adam(groups)
-    loss_fn = make_loss_fn(model)
+    loss_fn = make_rate_loss_fn(model) if args.entropy_only else make_loss_fn(model)  # type: ignore[arg-type]
     step0 = step = int(info["step"])
     gen = torch.Generator().manual_seed(args.seed + step)
     run = {"device": str(dev), "minutes": args.minutes, "batch": args.batch, "patch": args.patch, "lr": args.lr,
-           "hyper_lr": args.hyper_lr, "decay_at": args.decay_at, "hyper_only": args.hyper_only, "scales": list(scales), "start_step": step}
+           "hyper_lr": args.hyper_lr, "decay_at": args.decay_at, "hyper_only": args.hyper_only, "scales": list(scales), "start_step": step,
+           **({"entropy_only": True} if args.entropy_only else {})}
     lineage = [t.lineage() for t in sources]
-    batches = Batches(images, args.batch, args.patch, args.seed, step, pin=dev.type == "cuda")
+    if args.entropy_only:
+        t_lat = time.time()
+        batches: Batches | LatentCrops = LatentCrops(model, images, args.batch, args.patch, args.seed, step, dev)  # type: ignore[arg-type]
+        print(f"latents of {len(images)} images and their mirror images in {time.time() - t_lat:.0f} s "
+              f"({len(batches.latents)} of them at least {batches.size} x {batches.size})", flush=True)
+    else:
+        batches = Batches(images, args.batch, args.patch, args.seed, step, pin=dev.type == "cuda")
     t0 = time.time()
     t_end, t_decay, t_save = t0 + args.minutes * 60, t0 + args.decay_at * args.minutes * 60, t0 + args.save_every
     recent: list[torch.Tensor] = []
@@ -352,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         record = {**run, "steps": step - step0, "seconds": round(time.time() - t0, 1)}
         meta = {"steps": step, "train_seconds": round(seconds, 1), "training_images": lineage,
                 "heldout_images": list(HELDOUT_IMAGES), "runs": [*info.get("runs", []), record],
-                **({"init": info["init"]} if "init" in info else {})}
+                **({"init": info["init"]} if "init" in info else {}),
+                **({"continued_from": info["continued_from"]} if "continued_from" in info else {})}
         dtype = export_model(cpu_state, kind, info["config"], args.out, meta, args.weights_dtype)
         history = [*info.get("history", []), *parts]
         save_state(cpu_state, {**info, "step": step, "seconds": seconds, "runs": meta["runs"], "history": history},

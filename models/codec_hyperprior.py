@@ -123,8 +123,24 @@ class HyperpriorCodec(CodecBase):
         likelihoods of ``y`` under the Gaussian conditional and of ``z`` under its level's prior."""
         quality = self._quality_tensor(quality, x.shape[0], x.device)
         xp, (h, w) = pad_to_multiple(x, self.stride)
-        g, ig = self._gains(quality)
         y = self.g_a(xp)
+        y_hat, likelihoods = self.entropy_forward(y, quality)
+        x_hat = self.g_s(y_hat * self._gains(quality)[1])[..., :h, :w]
+        if not self.training:
+            x_hat = x_hat.clamp(0, 1)
+        return CodecOutput(x_hat=x_hat, likelihoods=likelihoods, y_hat=y_hat)
+
+    def entropy_forward(self, y: Tensor, quality: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The entropy side of :meth:`forward`, from the analysis transform's (un-gained) latent ``y``:
+        the gained latent as decoded (``ŷ``, straight-through rounding when training) and the
+        likelihoods of ``y`` and ``z``.
+
+        Nothing here feeds the distortion except through ``ŷ``'s straight-through rounding, whose
+        gradient reaches ``y`` only: ``h_a``, ``h_s``, the ``z`` priors and the hyper gains learn from
+        the rate alone, which is what training them on latents computed once relies on
+        (``benchmarks/train_codec.py --entropy-only``).
+        """
+        g, _ = self._gains(quality)
         y_g = y * g
         hg, ihg = self._hyper_gains(quality)
         z_g = self.h_a(pad_to_multiple(y, HYPER_STRIDE)[0]) * hg
@@ -143,10 +159,7 @@ class HyperpriorCodec(CodecBase):
         else:
             y_noisy = y_hat = torch.round(y_g - mean) + mean
         lik_y = self.gaussian.likelihood(y_noisy, mean, scale)
-        x_hat = self.g_s(y_hat * ig)[..., :h, :w]
-        if not self.training:
-            x_hat = x_hat.clamp(0, 1)
-        return CodecOutput(x_hat=x_hat, likelihoods={"y": lik_y, "z": lik_z}, y_hat=y_hat)
+        return y_hat, {"y": lik_y, "z": lik_z}
 
     # -- the exact decoder-side path ------------------------------------------------------------
     def hyper_decode(self, z: Tensor, quality: int, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:

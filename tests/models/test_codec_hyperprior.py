@@ -14,7 +14,7 @@ from models import build_model
 from models.codec import CodecConfig, CodecOutput, ImageCodec, load_codec_state
 from models.codec_hyperprior import HyperLatents, HyperpriorConfig, HyperpriorCodec
 from models.codec_layers import IntegerConvStack
-from models.codec_train import hyperprior_from_factorized, interpolate_gains, make_loss_fn
+from models.codec_train import hyperprior_from_factorized, interpolate_gains, make_loss_fn, make_rate_loss_fn
 from models.entropy_coding import EntropyCodingError
 from models.entropy_models import GaussianConditional
 from models.image_ops import pad_to_multiple, rgb_patches
@@ -76,6 +76,37 @@ def test_train_step_changes_every_part():
     opt.step()
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {"g_a", "g_s", "h_a", "h_s", "z_priors", "log_gain", "log_hyper_gain"} <= changed, changed
+
+
+def test_the_entropy_side_learns_from_the_rate_alone():
+    """What ``train_codec --entropy-only`` relies on: the distortion gives h_a, h_s and the z priors no
+    gradient, and the rate loss on latents computed once equals the rate part of the full loss."""
+    torch.manual_seed(0)
+    model = HyperpriorCodec(TINY_HYPER)
+    x = tiny_image(32, 48).repeat(3, 1, 1, 1)
+    q = torch.tensor([0, 1, 2])
+    F.mse_loss(model(x, q).x_hat, x).backward()
+    for name, p in model.named_parameters():
+        hyper = name.startswith(("h_a.", "h_s.", "z_priors.", "log_hyper_gain", "log_inv_hyper_gain"))
+        if hyper:
+            assert p.grad is None or not bool(p.grad.any()), f"{name} got a gradient from the distortion"
+        elif name.startswith(("g_a.", "g_s.")):
+            assert p.grad is not None and bool(p.grad.any()), name
+    model.zero_grad(set_to_none=True)
+    # Same noise draws: the rate of the full forward equals the rate loss on the latent alone.
+    model.eval()  # rounding instead of noise: deterministic
+    with torch.no_grad():
+        y = model.g_a(x)
+        full = model(x, q).likelihoods
+        _, alone = model.entropy_forward(y, q)
+    for k in ("y", "z"):
+        assert torch.equal(full[k], alone[k]), k
+    model.train()
+    loss = make_rate_loss_fn(model)(model, y, torch.Generator().manual_seed(0))
+    assert math.isfinite(float(loss)) and float(loss) > 0
+    loss.backward()
+    grads = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.any())}
+    assert {"h_a", "h_s", "z_priors", "log_hyper_gain"} <= grads and not grads & {"g_a", "g_s"}, grads
 
 
 def _ref_conv_int64(a: torch.Tensor, w: torch.Tensor, transposed: bool, kernel: int, stride: int) -> torch.Tensor:

@@ -85,3 +85,56 @@ def test_hyperprior_from_a_factorized_codec_then_resumed(images, tmp_path):
 
     codec = load_codec_run(str(out2))  # a complete codec with its tables: aeflow compress --model OUT works
     assert codec.model.kind == "hyperprior" and codec.model.config.levels == 3
+
+
+def test_entropy_only_moves_the_entropy_side_and_nothing_else(images, tmp_path, capsys):
+    """--entropy-only from a hyperprior: h_a/h_s/z priors/hyper gains train on latents computed once, the
+    transforms and gains are bit for bit the starting ones, and the rate of the same crops falls."""
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks.codec_data import load_images_file
+    from benchmarks.train_codec import LatentCrops, load_codec, main
+    from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
+    from models.codec_train import make_rate_loss_fn
+
+    torch.manual_seed(0)
+    start = HyperpriorCodec(HyperpriorConfig(channels=8, latent_channels=8, lambdas=(0.01, 0.1)))
+    start.eval()
+    start.update_tables()
+    init = save_model_folder(start, str(tmp_path / "start"))
+    with open(os.path.join(init, "config.json")) as f:  # as if this script had trained it: lineage to carry on
+        prior = json.load(f)
+    earlier = [{"device": "cuda", "steps": 7, "seconds": 1.0, "batch": 2, "patch": 32, "lr": 1e-4}]
+    prior.update(steps=7, train_seconds=1.0, runs=earlier, init="somewhere (codec, N=8, M=8)")
+    with open(os.path.join(init, "config.json"), "w") as f:
+        json.dump(prior, f)
+    out = tmp_path / "entropy"
+    threads = torch.get_num_threads()
+    try:  # in this process (the script's imports are checked above): a second interpreter costs seconds
+        main(["--kind", "hyperprior", "--init", init, "--entropy-only", "--images", images, "--patch", "32",
+              "--batch", "4", "--hyper-lr", "3e-3", "--save-every", "100", "--minutes", "0.03", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    log = capsys.readouterr().out
+    assert "latents of 2 images and their mirror images" in log and "(final)" in log, log
+    meta = json.load(open(out / "config.json"))
+    assert meta["runs"][-1]["entropy_only"] is True and meta["steps"] > 7
+    assert meta["runs"][0] == earlier[0] and len(meta["runs"]) == 2, "the starting model's runs carry on"
+    assert meta["init"] == prior["init"] and meta["continued_from"] == init
+    assert meta["runs"][-1]["start_step"] == 7 and meta["steps"] == 7 + meta["runs"][-1]["steps"]
+    before = load_file(os.path.join(init, "weights.safetensors"))
+    after = load_file(str(out / "weights.safetensors"))
+    fixed = [k for k in before if k.startswith(("g_a.", "g_s.", "log_gain", "log_inv_gain"))]
+    trained = [k for k in before if k.startswith(("h_a.", "h_s.", "z_priors.", "log_hyper_gain"))]
+    assert fixed and all(torch.equal(before[k], after[k]) for k in fixed), "transforms and gains unchanged"
+    assert any(not torch.equal(before[k], after[k]) for k in trained), "the entropy side trained"
+
+    ims = [t.pixels for t in load_images_file(images)]
+    crops = LatentCrops(start, ims, batch=16, patch=32, seed=5, start=0, device=torch.device("cpu")).next()
+    rates = []
+    for model in (start, load_codec(str(out))):
+        model.eval()
+        with torch.no_grad():  # eval mode: rounded latents, the rate the coder sees
+            rates.append(float(make_rate_loss_fn(model)(model, crops, torch.Generator().manual_seed(0))))
+    assert rates[1] < rates[0], rates
