@@ -65,7 +65,11 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
     """A distributed client: the scheduler at ``address``, or a new ``LocalCluster``.
 
     The client becomes Dask's default scheduler for the duration, so
-    ``.compute()`` anywhere in the flow (and in its tasks' threads) runs on it.
+    ``.compute()`` anywhere in the flow (and in its tasks' threads) runs on it. It is the
+    *current* client of this context (``Client.as_current``, a context variable that Prefect
+    copies into task threads), not merely the newest in the process: runs in parallel in one
+    process (``aeflow backfill --parallel``) each use their own, and one closing its client
+    does not pull another's from under it (it did: "Stream is closed" mid-scatter).
     """
     from distributed import Client, LocalCluster
 
@@ -76,7 +80,8 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
             raise InputError(f"cannot connect to the Dask scheduler at {address}: {e}") from e
         _install_plugins(client)
         try:
-            yield client
+            with client.as_current():  # this run's client, even beside other runs in this process
+                yield client
         finally:
             client.close()
         return
@@ -97,7 +102,8 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
         client = Client(cluster)
         try:
             _install_plugins(client, local=True)
-            yield client
+            with client.as_current():
+                yield client
         finally:
             # Shutting the local cluster down is cleanup: on a loaded machine it can outlast its
             # timeout, which must not fail a run whose work is done (the workers are killed anyway).
@@ -109,7 +115,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None) -> Ite
 
 
 def current_client() -> Any | None:
-    """The Dask distributed client of this run (``dask_client``), or None outside one."""
+    """The Dask distributed client of this run (``dask_client``: the context's current one), or None outside one."""
     try:
         from distributed import default_client
 

@@ -1,0 +1,81 @@
+"""tasks.dask_client: each run uses its own client, even beside other runs in the same process."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytestmark = [pytest.mark.tasks]
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def test_runs_in_parallel_in_one_process_each_keep_their_own_client(dask_address):
+    """B opens its client, then A (now the newest client of the process); A closes while B still
+    works. B's stages must keep using B's client (they used the newest: A's, closed under them)."""
+    from tasks.dask_client import current_client, dask_client, run_parallel
+
+    b_open, a_open, a_closed = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def run_a() -> None:
+        try:
+            b_open.wait(60)
+            with dask_client(dask_address) as client:
+                seen["a"] = client
+                seen["a_current"] = current_client()
+                a_open.set()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+        finally:
+            a_open.set()
+            a_closed.set()
+
+    def run_b() -> None:
+        try:
+            with dask_client(dask_address) as client:
+                seen["b"] = client
+                b_open.set()
+                a_open.wait(60)
+                seen["b_current_beside_a"] = current_client()
+                a_closed.wait(60)
+                seen["b_current"] = current_client()
+                seen["b_result"] = run_parallel(_double, [1, 2, 3], on_done=None)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            b_open.set()
+
+    threads = [threading.Thread(target=run_b), threading.Thread(target=run_a)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert seen["a_current"] is seen["a"]
+    assert seen["b_current_beside_a"] is seen["b"], "B's stages would run on A's client"
+    assert seen["b_current"] is seen["b"] and seen["b_result"] == [2, 4, 6]
+    assert current_client() is None or current_client() not in (seen["a"], seen["b"]), "nothing left current here"
+
+
+def test_prefect_task_threads_see_their_runs_client(dask_address, prefect_server):
+    """What the flows rely on: a task submitted to Prefect's thread pool sees the run's client."""
+    from prefect import flow, task
+
+    from tasks.dask_client import current_client, dask_client
+
+    @task
+    def which() -> object:
+        return current_client()
+
+    @flow
+    def a_run() -> tuple[object, object]:
+        with dask_client(dask_address) as client:
+            return client, which.submit().result()
+
+    client, in_task = a_run()
+    assert in_task is client
