@@ -113,12 +113,14 @@ class CodecOutput:
 
 
 def level_likelihoods(priors: nn.ModuleList, values: Tensor, quality: Tensor) -> Tensor:
-    """Likelihoods of each sample's ``values`` under the prior of its own level (``priors[quality[i]]``)."""
-    lik = torch.empty_like(values)
-    for level in torch.unique(quality).tolist():
-        sel = quality == level
-        lik[sel] = priors[level].likelihood(values[sel])
-    return lik
+    """Likelihoods of each sample's ``values`` under the prior of its own level (``priors[quality[i]]``).
+
+    Gathered per sample (:meth:`~models.entropy_models.FactorizedPrior.likelihood_per_sample`): no
+    host synchronisation in a training step.
+    """
+    if len(priors) == 1:
+        return priors[0].likelihood(values)
+    return FactorizedPrior.likelihood_per_sample(priors, values, quality)
 
 
 class CodecBase(nn.Module):

@@ -35,7 +35,9 @@ class RateDistortionLoss(nn.Module):
         bits = sum(-torch.log2(l).reshape(b, -1).sum(1) for l in out.likelihoods.values())
         bpp = bits / (h * w)
         mse = F.mse_loss(out.x_hat.float(), x.float(), reduction="none").reshape(b, -1).mean(1)
-        lam = self.lambdas.to(x.device)[quality]
+        if self.lambdas.device != x.device:  # once: a copy from the host each step would wait for the device
+            self.lambdas = self.lambdas.to(x.device)
+        lam = self.lambdas[quality]
         loss = (bpp + lam * (255.0**2) * mse).mean()
         self.last = {"bpp": bpp.mean().detach(), "mse": mse.mean().detach()}
         return loss
@@ -54,8 +56,7 @@ def make_loss_fn(model: CodecBase):
     def loss_fn(m: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
         x = batch.float() / 255.0
         offset = int(torch.randint(levels, (1,), generator=generator))
-        quality = (torch.arange(len(x)) + offset) % levels
-        quality = quality.to(x.device)
+        quality = (torch.arange(len(x), device=x.device) + offset) % levels  # made on the device: no copy, no wait
         return criterion(m(x, quality), x, quality)
 
     return loss_fn
@@ -76,7 +77,7 @@ def make_rate_loss_fn(model: HyperpriorCodec):
 
     def loss_fn(m: nn.Module, latents: Tensor, generator: torch.Generator) -> Tensor:
         offset = int(torch.randint(levels, (1,), generator=generator))
-        quality = ((torch.arange(len(latents)) + offset) % levels).to(latents.device)
+        quality = (torch.arange(len(latents), device=latents.device) + offset) % levels
         _, likelihoods = m.entropy_forward(latents, quality)  # type: ignore[operator]
         b = len(latents)
         bits = sum(-torch.log2(lik).reshape(b, -1).sum(1) for lik in likelihoods.values())

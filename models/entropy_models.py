@@ -114,6 +114,44 @@ class FactorizedPrior(nn.Module):
         lik = LowerBound.apply(lik, LIKELIHOOD_BOUND)
         return lik.reshape(c, b, hh, ww).permute(1, 0, 2, 3)
 
+    @staticmethod
+    def likelihood_per_sample(priors: "nn.ModuleList | list[FactorizedPrior]", y: Tensor, prior_index: Tensor) -> Tensor:
+        """Likelihood of each element of ``y`` (B, C, H, W) under ``priors[prior_index[i]]`` for sample ``i``.
+
+        The same densities as :meth:`likelihood`, with each sample's parameters gathered from the
+        priors stacked on a level axis: one pass over the batch whatever the levels, and nothing that
+        depends on the values of ``prior_index`` (on a GPU the host never waits for the device; a loop
+        over the levels present needs ``unique`` and boolean masks, each a synchronisation).
+        """
+        first = priors[0]
+        b, c, hh, ww = y.shape
+        h = y.reshape(b, c, 1, hh * ww)
+
+        def gathered(params: list[Tensor], fn=None) -> Tensor:
+            stacked = torch.stack(params)
+            return (fn(stacked) if fn is not None else stacked)[prior_index]  # (B, C, ...)
+
+        layers = []
+        for i in range(len(first.matrices)):
+            m = gathered([p.matrices[i] for p in priors], F.softplus)
+            bias = gathered([p.biases[i] for p in priors])
+            factor = gathered([p.factors[i] for p in priors], torch.tanh) if i < len(first.factors) else None
+            layers.append((m, bias, factor))
+
+        def logits(x: Tensor) -> Tensor:
+            for m, bias, factor in layers:
+                x = torch.matmul(m, x) + bias
+                if factor is not None:
+                    x = x + factor * torch.tanh(x)
+            return x
+
+        lower = logits(h - 0.5)
+        upper = logits(h + 0.5)
+        sign = -torch.sign(lower + upper).detach()
+        lik = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
+        lik = LowerBound.apply(lik, LIKELIHOOD_BOUND)
+        return lik.reshape(b, c, hh, ww)
+
     @torch.no_grad()
     def build_tables(self) -> None:
         """Quantise each channel's pmf over its support to integer frequencies (sum 2**16)."""

@@ -12,7 +12,7 @@ from models import build_model
 from models.aec import AecFile
 from models.codec import CodecConfig, CodecOutput, ImageCodec, codec_identity, load_codec_state
 from models.codec_train import RateDistortionLoss, make_loss_fn, widen_codec
-from models.entropy_models import quantize_pmf
+from models.entropy_models import FactorizedPrior, quantize_pmf
 from models.image_ops import rgb_patches
 from models.metrics import bd_rate, ms_ssim, psnr
 from tests.models.codec_helpers import tiny_image
@@ -259,3 +259,34 @@ def test_latent_refinement_lowers_the_rate_distortion_cost():
         y0 = y0 * model._gains(torch.tensor([1]))[0]
     wild = model.refine_latent(x, y0, 1, steps=5, lr=50.0)
     assert torch.equal(torch.round(wild), torch.round(y0)), "a diverged refinement falls back to the analysis latent"
+
+
+def test_level_likelihoods_gathered_per_sample_equal_each_levels_prior():
+    """The training path's per-sample gather (no host synchronisation) gives each sample the
+    likelihoods of its own level's prior, as ``priors[level].likelihood`` does alone, and the
+    same gradients for every prior."""
+    from models.codec import level_likelihoods
+
+    torch.manual_seed(0)
+    priors = torch.nn.ModuleList(FactorizedPrior(5) for _ in range(3))
+    with torch.no_grad():  # distinct densities per level
+        for i, p in enumerate(priors):
+            for m in p.matrices:
+                m.add_(0.3 * i * torch.randn_like(m))
+            for b in p.biases:
+                b.add_(torch.randn_like(b))
+    values = 4 * torch.randn(6, 5, 3, 4)
+    quality = torch.tensor([2, 0, 2, 1, 0, 2])
+    got = level_likelihoods(priors, values, quality)
+    want = torch.cat([priors[int(q)].likelihood(values[i : i + 1]) for i, q in enumerate(quality)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(want[0], priors[0].likelihood(values[:1])[0]), "levels differ, so a mix-up would show"
+
+    def grads(lik):
+        priors.zero_grad()
+        (-torch.log2(lik)).sum().backward()
+        return [p.grad.clone() for p in priors.parameters()]
+
+    for a, b in zip(grads(level_likelihoods(priors, values, quality)),
+                    grads(torch.cat([priors[int(q)].likelihood(values[i : i + 1]) for i, q in enumerate(quality)]))):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -282,3 +282,38 @@ def test_scaled_lr_is_halved_on_plateaus_down_to_lr(monkeypatch):
     assert r.batch_size == 64 and r.lr == pytest.approx(4e-3) and len(r.history) == 6
     per_epoch = [lrs[i * 4 + 3] for i in range(6)]  # each epoch's last step; plateau = 6 // 3 = 2 epochs
     assert per_epoch == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3, 2e-3, 1e-3])
+
+
+def _step_reads_no_device_value_cases():
+    from models.codec import CodecConfig, ImageCodec
+    from models.codec_hyperprior import HyperpriorCodec
+    from models.codec_train import make_loss_fn as codec_loss
+    from tests.models.codec_helpers import TINY_HYPER
+
+    cases = [(name, model, loss_fn, data) for name, model, loss_fn, data in _device_rng_losses()]
+    img = (np.random.default_rng(0).random((4, 3, 32, 32)) * 255).astype("uint8")
+    for model in (ImageCodec(CodecConfig(channels=8, latent_channels=8, lambdas=(0.01, 0.1, 1.0))),
+                  HyperpriorCodec(TINY_HYPER)):
+        cases.append((model.kind, model, codec_loss(model), img))
+    return cases
+
+
+@pytest.mark.parametrize("name,model,loss_fn,data", _step_reads_no_device_value_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_a_training_step_reads_no_value_from_the_device(name, model, loss_fn, data):
+    """Every loss ``fit`` trains with runs forward and backward on the meta device, which has shapes
+    but no values: an operation that needs a value on the host (``item``, ``tolist``, ``unique``,
+    boolean-mask indexing), i.e. a host synchronisation per step on a GPU, raises there. (Host-to-device
+    copies are not caught this way.) The codec losses did not pass before their per-level likelihoods
+    were gathered per sample."""
+    import copy
+
+    model = copy.deepcopy(model).to("meta").train()
+    g = DeviceGenerator(device="cpu")
+    g.manual_seed(0)
+    g.host = torch.Generator().manual_seed(1)
+    batch = torch.from_numpy(data).to("meta")
+    loss = loss_fn(model, batch, g)
+    assert loss.device.type == "meta" and loss.dim() == 0
+    loss.backward()
+    assert any(p.grad is not None for p in model.parameters()), "the loss reaches the weights"
