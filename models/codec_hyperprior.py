@@ -21,9 +21,10 @@ whatever the summation order, thread count or BLAS). From its integer output, on
 operations that are correctly rounded everywhere follow (a multiplication and an addition by
 saved float64 gain tables, comparisons with saved table thresholds): the table indices, the
 means and so the decoded latent ``ŷ`` are identical on every machine. The synthesis
-transform ``g_s`` then runs in float32 on whatever device decodes: pixels are identical for
-the same device and software (a fresh process decodes the same bytes to the same pixels),
-and may differ by float rounding (±1 grey level on rare pixels) between, say, a CPU and a GPU.
+transform ``g_s`` decodes in the same exact arithmetic too (``g_s_int``, with the inverse GDNs
+in integers and an exact integer square root; derived from the float weights on load, not
+saved), on the model's device: the pixels are identical on every machine and device.
+``forward`` (training, rate-distortion estimates) keeps the float transforms.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from models.codec import CodecConfig, CodecOutput, CodecBase, level_likelihoods
-from models.codec_layers import IntegerConvStack, conv, deconv
+from models.codec_layers import GDN, IntegerConvStack, conv, deconv
 from models.entropy_models import FactorizedPrior, GaussianConditional
 from models.image_ops import pad_to_multiple
 
 HYPER_STRIDE = 4  # z is at 1/4 of y's resolution
+# Fractional bits of the integer synthesis transform's activations (its inputs reach ~60, the limit is 2**22 / 2**14 = 256).
+G_S_ACT_BITS = 14
 # z's tables cover at most ±Z_RANGE (a trained z stays far inside; it bounds the tables' size).
 Z_RANGE = 128
 # Residuals beyond their scale table are escaped, not clamped; this bound only guards the coder.
@@ -101,6 +104,14 @@ class HyperpriorCodec(CodecBase):
         self.h_s_int = IntegerConvStack(
             [(True, nh, nh, 5, 2), (True, nh, nh, 5, 2), (False, nh, 2 * m, 3, 1)],
             act_bits=config.act_bits, weight_bits=config.weight_bits)
+        # g_s in the same exact arithmetic, derived from the float weights when first needed (not saved:
+        # the derivation is deterministic, so the weights file and the model's identity stay as they were)
+        c_in = config.in_channels
+        self.g_s_int = IntegerConvStack(
+            [(True, m, config.channels, 5, 2), (True, config.channels, config.channels, 5, 2),
+             (True, config.channels, config.channels, 5, 2), (True, config.channels, c_in, 5, 2)],
+            act_bits=G_S_ACT_BITS, weight_bits=config.weight_bits, nonlinearity="igdn", persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.g_s_int.clear())
         # float64 snapshots of the gains, taken with the tables: what the exact decoder path uses.
         self.register_buffer("gain_table", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("inv_gain_table", torch.zeros(0, dtype=torch.float64))
@@ -210,10 +221,20 @@ class HyperpriorCodec(CodecBase):
         return self._synthesise(latents.y, mean, q, size)
 
     def _synthesise(self, residual: Tensor, mean: Tensor, q: int, size: tuple[int, int]) -> Tensor:
+        """The decoded latent through the integer synthesis transform (exact: the same pixels on every
+        machine and device), on the model's device; returns float32 (1, 3, H, W) in [0, 1]."""
         y_hat = (residual.to(torch.float64) + mean) * self.inv_gain_table[q].cpu().view(-1, 1, 1)
+        if not self.g_s_int.ready:
+            self._quantise_synthesis()
+        one = float(1 << G_S_ACT_BITS)
         dev = next(self.parameters()).device
-        x_hat = self.g_s(y_hat.to(torch.float32).unsqueeze(0).to(dev))
-        return x_hat[..., : size[0], : size[1]].clamp(0, 1)
+        x_int = self.g_s_int(torch.round(y_hat * one).unsqueeze(0), device=dev)
+        return (x_int[..., : size[0], : size[1]] / one).clamp(0, 1).to(torch.float32)
+
+    @torch.no_grad()
+    def _quantise_synthesis(self) -> None:
+        layers = [mod for mod in self.g_s if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d))]
+        self.g_s_int.quantise_from(layers, [mod for mod in self.g_s if isinstance(mod, GDN)])
 
     @torch.inference_mode()
     def estimate_bits(self, latents: HyperLatents, quality: int) -> float:
@@ -269,6 +290,7 @@ class HyperpriorCodec(CodecBase):
         self.gaussian.build_tables()
         layers = [mod for mod in self.h_s if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d))]
         self.h_s_int.quantise_from(layers)
+        self._quantise_synthesis()
         log_gain = self.log_gain.detach().to("cpu", torch.float64)
         self.log_gain_table = log_gain
         self.gain_table = torch.exp(log_gain)

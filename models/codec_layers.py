@@ -76,7 +76,7 @@ def synthesis_transform(m: int, n: int, cout: int) -> nn.Sequential:
 
 
 class IntegerConvStack(nn.Module):
-    """Exact integer evaluation of a stack of (transposed) convolutions with ReLU between them.
+    """Exact integer evaluation of a stack of (transposed) convolutions with ReLU or inverse GDN between them.
 
     Built from a trained float stack (:meth:`quantise_from`), it computes the same function
     in fixed point (Ballé, Johnston & Minnen, "Integer networks for data compression with
@@ -88,39 +88,83 @@ class IntegerConvStack(nn.Module):
     threads: the result is the same on every machine. Rescaling between layers divides by
     powers of two and floors, which is exact too.
 
+    With ``nonlinearity="igdn"`` (the synthesis transform ``g_s``) the layers between the
+    convolutions are inverse GDNs, ``y_i = x_i·sqrt(β_i + Σ_j γ_ij x_j²)``, in the same
+    arithmetic: squares floored to the activation scale, γ as integers of ``weight_bits`` bits
+    per output channel, β at the accumulator's scale, and the square root as an exact integer
+    square root (a float64 ``sqrt`` then corrected by integer comparisons, so even a square root
+    that were off by an ulp gives the same result) with ``SQRT_BITS`` fractional bits.
+
     Args:
         specs: ``(transposed, in_channels, out_channels, kernel, stride)`` per layer, as in the float stack.
         act_bits: Fractional bits of the activations (inputs and outputs are integers at this scale).
         weight_bits: Magnitude bits of each channel's largest weight.
+        nonlinearity: ``"relu"`` or ``"igdn"`` between the layers.
+        persistent: Whether the integer parameters are saved in the state dict (``False`` when
+            they are derived from the float weights on load, as for ``g_s``).
     """
 
     ACT_LIMIT = 2.0**22
     MAX_TERMS = 2**18
     MAX_SHIFT = 30
     BIAS_LIMIT = 2.0**48
+    SQRT_BITS = 16  # fractional bits of the inverse GDN's square root
+    NORM_LIMIT = 2.0**45  # bound of the inverse GDN's integer β + Σγx² (exact products below 2**53)
 
-    def __init__(self, specs: list[tuple[bool, int, int, int, int]], act_bits: int = 10, weight_bits: int = 12) -> None:
+    def __init__(self, specs: list[tuple[bool, int, int, int, int]], act_bits: int = 10, weight_bits: int = 12,
+                 nonlinearity: str = "relu", persistent: bool = True) -> None:
         super().__init__()
         self.specs = [tuple(s) for s in specs]
         self.act_bits, self.weight_bits = int(act_bits), int(weight_bits)
+        if nonlinearity not in ("relu", "igdn"):
+            raise ValueError(f"nonlinearity must be relu or igdn, got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        if not 1 <= self.act_bits <= 16:
+            raise ValueError(f"act_bits must be in 1..16, got {act_bits}")
         for transposed, cin, cout, kernel, stride in self.specs:
             if cin * kernel * kernel > self.MAX_TERMS or not 1 <= self.weight_bits <= 15:
                 raise ValueError(f"layer {cin}->{cout} (kernel {kernel}) or weight_bits {weight_bits} "
                                  "exceeds the exact float64 range")
         for i in range(len(self.specs)):
-            self.register_buffer(f"weight{i}", torch.zeros(0, dtype=torch.int16))
-            self.register_buffer(f"shift{i}", torch.zeros(0, dtype=torch.int32))
-            self.register_buffer(f"bias{i}", torch.zeros(0, dtype=torch.int64))
+            self.register_buffer(f"weight{i}", torch.zeros(0, dtype=torch.int16), persistent=persistent)
+            self.register_buffer(f"shift{i}", torch.zeros(0, dtype=torch.int32), persistent=persistent)
+            self.register_buffer(f"bias{i}", torch.zeros(0, dtype=torch.int64), persistent=persistent)
+            if nonlinearity == "igdn" and i < len(self.specs) - 1:
+                self.register_buffer(f"gamma{i}", torch.zeros(0, dtype=torch.int16), persistent=persistent)
+                self.register_buffer(f"gamma_shift{i}", torch.zeros(0, dtype=torch.int32), persistent=persistent)
+                self.register_buffer(f"beta{i}", torch.zeros(0, dtype=torch.int64), persistent=persistent)
 
     @property
     def ready(self) -> bool:
         return all(getattr(self, f"weight{i}").numel() > 0 for i in range(len(self.specs)))
 
+    def clear(self) -> None:
+        """Forget the integer parameters (``ready`` becomes False), e.g. when the float weights change."""
+        for name, buf in list(self._buffers.items()):
+            if buf is not None:
+                self._buffers[name] = torch.zeros(0, dtype=buf.dtype, device=buf.device)
+
     @torch.no_grad()
-    def quantise_from(self, layers: list[nn.Module]) -> None:
-        """Fixed-point copies of the float layers' weights and biases (deterministic: IEEE operations only)."""
+    def quantise_from(self, layers: list[nn.Module], gdns: list[GDN] | None = None) -> None:
+        """Fixed-point copies of the float layers' weights and biases (deterministic: IEEE operations only).
+
+        ``gdns``: the inverse GDNs between the layers, for ``nonlinearity="igdn"``.
+        """
         if len(layers) != len(self.specs):
             raise ValueError(f"expected {len(self.specs)} layers, got {len(layers)}")
+        if self.nonlinearity == "igdn":
+            if gdns is None or len(gdns) != len(self.specs) - 1 or not all(g.inverse for g in gdns):
+                raise ValueError(f"expected {len(self.specs) - 1} inverse GDNs between the layers")
+            for i, g in enumerate(gdns):
+                gamma = g.gamma.detach().double().cpu().clamp_min(g._gamma_bound) ** 2 - g._pedestal
+                beta = g.beta.detach().double().cpu().clamp_min(g._beta_bound) ** 2 - g._pedestal
+                _, exp = torch.frexp(gamma.abs().amax(1).clamp_min(2.0**-40))
+                shift = (self.weight_bits - exp).clamp(0, self.MAX_SHIFT)
+                g_int = torch.round(gamma * _pow2(shift).view(-1, 1)).clamp(0, 2.0**self.weight_bits - 1)
+                b_int = torch.round(beta * _pow2(shift + self.act_bits)).clamp(0, self.BIAS_LIMIT)
+                setattr(self, f"gamma{i}", g_int.to(torch.int16))
+                setattr(self, f"gamma_shift{i}", shift.to(torch.int32))
+                setattr(self, f"beta{i}", b_int.to(torch.int64))
         for i, (layer, (transposed, _, cout, _, _)) in enumerate(zip(layers, self.specs, strict=True)):
             w = layer.weight.detach().double().cpu()
             out_dim = 1 if transposed else 0
@@ -142,21 +186,49 @@ class IntegerConvStack(nn.Module):
     def forward(self, a: Tensor, device: str | torch.device = "cpu") -> Tensor:
         """Integer-valued float64 activations (N, C, H, W) at ``act_bits`` -> the stack's output, same scale.
 
-        Runs on the CPU by default, where float64 convolutions are plain multiply-adds (the
-        codec always decodes this way); ``device`` is for checking another device's results.
+        Runs on the CPU by default, where float64 convolutions are plain multiply-adds; any other
+        device computes the same integers (every sum is exact, so its order does not matter).
         """
+        if torch.device(device).type == "cuda":  # cuDNN may pick FFT or Winograd algorithms, which round
+            with torch.backends.cudnn.flags(enabled=False):
+                return self._forward(a, device)
+        return self._forward(a, device)
+
+    def _forward(self, a: Tensor, device: str | torch.device) -> Tensor:
         a = a.detach().to(device, torch.float64).clamp(-self.ACT_LIMIT, self.ACT_LIMIT)
         last = len(self.specs) - 1
         for i, (transposed, _, _, kernel, stride) in enumerate(self.specs):
             w = getattr(self, f"weight{i}").to(device, torch.float64)
+            bias = getattr(self, f"bias{i}").to(device, torch.float64)  # added inside the convolution: exact too
             if transposed:
-                acc = F.conv_transpose2d(a, w, stride=stride, padding=kernel // 2, output_padding=stride - 1)
+                a = F.conv_transpose2d(a, w, bias, stride=stride, padding=kernel // 2, output_padding=stride - 1)
             else:
-                acc = F.conv2d(a, w, stride=stride, padding=kernel // 2)
-            acc = acc + getattr(self, f"bias{i}").to(device, torch.float64).view(1, -1, 1, 1)
-            a = torch.floor(acc * _pow2(-getattr(self, f"shift{i}").cpu()).to(device).view(1, -1, 1, 1))
-            a = a.clamp(-self.ACT_LIMIT, self.ACT_LIMIT) if i == last else a.clamp(0.0, self.ACT_LIMIT)
+                a = F.conv2d(a, w, bias, stride=stride, padding=kernel // 2)
+            a = a.mul_(_pow2(-getattr(self, f"shift{i}").cpu()).to(device).view(1, -1, 1, 1)).floor_()
+            if i == last or self.nonlinearity == "igdn":
+                a = a.clamp_(-self.ACT_LIMIT, self.ACT_LIMIT)
+                if i < last:
+                    a = self._inverse_gdn(a, i, device)
+            else:
+                a = a.clamp_(0.0, self.ACT_LIMIT)
         return a
+
+    def _inverse_gdn(self, a: Tensor, i: int, device: str | torch.device) -> Tensor:
+        """``a·sqrt(β + Σγa²)`` in integers at ``act_bits`` (every intermediate an integer below 2**53)."""
+        sq = (a * a).mul_(math.ldexp(1.0, -self.act_bits)).floor_()  # a² at act_bits: |a| <= 2**22, a² exact
+        gamma = getattr(self, f"gamma{i}").to(device, torch.float64)
+        c = gamma.shape[0]
+        beta = getattr(self, f"beta{i}").to(device, torch.float64)
+        v = F.conv2d(sq, gamma.view(c, c, 1, 1), beta).clamp_(0.0, self.NORM_LIMIT)  # at 2**(gamma_shift + act_bits)
+        del sq
+        # the square root's argument at 2 * SQRT_BITS: a power-of-two rescale per channel, then floor
+        rescale = 2 * self.SQRT_BITS - self.act_bits - getattr(self, f"gamma_shift{i}").cpu()
+        v = v.mul_(_pow2(rescale).to(device).view(1, -1, 1, 1)).floor_().clamp_(0.0, 2.0**52)
+        r = torch.sqrt(v).floor_()
+        r = r.sub_((r * r).gt_(v))  # an exact integer square root, whatever sqrt's last bit
+        r = r.add_((r + 1).square_().le_(v))
+        del v
+        return r.mul_(a).mul_(math.ldexp(1.0, -self.SQRT_BITS)).floor_().clamp_(-self.ACT_LIMIT, self.ACT_LIMIT)
 
 
 def _pow2(exponents: Tensor) -> Tensor:

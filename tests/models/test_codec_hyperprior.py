@@ -126,12 +126,9 @@ def _ref_conv_int64(a: torch.Tensor, w: torch.Tensor, transposed: bool, kernel: 
     return out.view(1, w.shape[0], oh, -1)
 
 
-def test_integer_hyper_synthesis_is_exact_integer_arithmetic(codec):
-    """The float64 path equals an int64 recomputation bit for bit, whatever the thread count,
-    and stays within fixed-point rounding of the float network it was built from."""
-    stack = codec.h_s_int
-    z = torch.randint(-6, 7, (1, 8, 3, 4), generator=torch.Generator().manual_seed(1)).double()
-    a0 = torch.round(z * 2.0**stack.act_bits * 0.37)
+def _exact_on_any_thread_count(stack: IntegerConvStack, a0: torch.Tensor) -> torch.Tensor:
+    """``stack(a0)``, checked to be the same on 1 and 2 threads and equal, bit for bit, to an int64
+    recomputation (with Python's integer square root for inverse GDNs)."""
     one = stack(a0)
     torch.set_num_threads(2)
     try:
@@ -139,18 +136,97 @@ def test_integer_hyper_synthesis_is_exact_integer_arithmetic(codec):
     finally:
         torch.set_num_threads(1)
     assert torch.equal(one, two)
-    a = a0.to(torch.int64)
+    a, last = a0.to(torch.int64), len(stack.specs) - 1
     for i, (transposed, _, _, k, s) in enumerate(stack.specs):
         acc = _ref_conv_int64(a, getattr(stack, f"weight{i}"), transposed, k, s) + getattr(stack, f"bias{i}").view(1, -1, 1, 1)
         a = torch.div(acc, (2 ** getattr(stack, f"shift{i}").to(torch.int64)).view(1, -1, 1, 1), rounding_mode="floor")
-        a = a.clamp(-(2**22), 2**22) if i == len(stack.specs) - 1 else a.clamp(0, 2**22)
+        if i == last or stack.nonlinearity == "igdn":
+            a = a.clamp(-(2**22), 2**22)
+            a = _ref_inverse_gdn_int64(a, stack, i) if i < last else a
+        else:
+            a = a.clamp(0, 2**22)
     assert torch.equal(one, a.double()), "exact integers: no rounding anywhere"
+    return one
+
+
+def test_integer_hyper_synthesis_is_exact_integer_arithmetic(codec):
+    """The float64 path equals an int64 recomputation bit for bit, whatever the thread count,
+    and stays within fixed-point rounding of the float network it was built from."""
+    stack = codec.h_s_int
+    z = torch.randint(-6, 7, (1, 8, 3, 4), generator=torch.Generator().manual_seed(1)).double()
+    a0 = torch.round(z * 2.0**stack.act_bits * 0.37)
+    one = _exact_on_any_thread_count(stack, a0)
     with torch.no_grad():
         ref = codec.h_s(a0.float() / 2.0**stack.act_bits)
     err = (one / 2.0**stack.act_bits - ref).abs().max()
     assert float(err) < 0.02 * float(ref.abs().max()) + 0.01, float(err)
     with pytest.raises(ValueError, match="exact float64 range"):
         IntegerConvStack([(False, 20000, 4, 5, 1)])
+
+
+def _ref_inverse_gdn_int64(a: torch.Tensor, stack: IntegerConvStack, i: int) -> torch.Tensor:
+    """The integer inverse GDN recomputed in int64 and Python's exact ``math.isqrt``."""
+    bits, sqrt_bits = stack.act_bits, stack.SQRT_BITS
+    sq = torch.div(a * a, 2**bits, rounding_mode="floor")
+    gamma = getattr(stack, f"gamma{i}").to(torch.int64)
+    norm = torch.einsum("oc,nchw->nohw", gamma, sq) + getattr(stack, f"beta{i}").view(1, -1, 1, 1)
+    norm = norm.clamp(0, 2**45)
+    v = torch.empty_like(norm)
+    for c, sg in enumerate(getattr(stack, f"gamma_shift{i}").tolist()):
+        e = 2 * sqrt_bits - bits - sg
+        v[:, c] = norm[:, c] * 2**e if e >= 0 else torch.div(norm[:, c], 2**-e, rounding_mode="floor")
+    v = v.clamp(0, 2**52)
+    r = torch.tensor([math.isqrt(int(t)) for t in v.reshape(-1).tolist()], dtype=torch.int64).view_as(v)
+    return torch.div(a * r, 2**sqrt_bits, rounding_mode="floor").clamp(-(2**22), 2**22)
+
+
+def test_integer_synthesis_is_exact_and_matches_the_float_transform(codec):
+    """``g_s`` as the decoder runs it: exact integers (an int64 recomputation with Python's integer
+    square root agrees bit for bit, whatever the thread count), so every machine and device decodes
+    the same pixels; and within fixed-point rounding of the float transform it was built from."""
+    from models.codec_hyperprior import G_S_ACT_BITS
+
+    stack = codec.g_s_int
+    assert stack.ready and stack.nonlinearity == "igdn"
+    y = torch.randint(-5, 6, (1, 8, 3, 4), generator=torch.Generator().manual_seed(2)).double() * 0.6
+    a0 = torch.round(y * 2.0**G_S_ACT_BITS)
+    one = _exact_on_any_thread_count(stack, a0)
+    with torch.no_grad():
+        ref = codec.g_s(y.float())
+    err = (one / 2.0**G_S_ACT_BITS - ref).abs().max()
+    assert float(err) < 2e-3 * float(ref.abs().max()) + 1e-3, float(err)
+    # The decoder uses it: decoded pixels are the integer transform's, within a grey level of the float one's.
+    x = tiny_image(32, 48, seed=3)
+    enc = codec.compress(x, 2)
+    dec = codec.decompress(enc["strings"], enc["shape"], 2, (32, 48))
+    with torch.no_grad():
+        mean, _, _ = codec.hyper_decode(enc["latents"].z, 2, enc["shape"])
+        y_hat = (enc["latents"].y.double() + mean) * codec.inv_gain_table[2].view(-1, 1, 1)
+        float_dec = codec.g_s(y_hat.float().unsqueeze(0))[..., :32, :48].clamp(0, 1)
+    assert float((dec * 255).round().sub((float_dec * 255).round()).abs().max()) <= 1
+
+
+def test_integer_synthesis_follows_the_weights_it_is_loaded_with(codec):
+    """Derived from the float weights (not saved): loading other weights rebuilds it from them, and
+    the weights file and the model's identity are those of a model without it."""
+    from models.codec import codec_identity
+
+    state = codec.state_dict()
+    assert not any(k.startswith("g_s_int.") for k in state), "derived on load, not stored"
+    other = HyperpriorCodec(TINY_HYPER)
+    load_codec_state(other, state)
+    assert not other.g_s_int.ready
+    x = tiny_image(32, 48, seed=4)
+    enc = codec.compress(x, 1)
+    assert torch.equal(other.decompress(enc["strings"], enc["shape"], 1, (32, 48)),
+                       codec.decompress(enc["strings"], enc["shape"], 1, (32, 48)))
+    cfg = codec.config.to_dict()
+    assert codec_identity(cfg, other.state_dict()) == codec_identity(cfg, state)
+    changed = {k: (v + 0.01 if k == "g_s.0.weight" else v) for k, v in state.items()}
+    load_codec_state(other, changed)
+    assert not other.g_s_int.ready, "new weights: the integer transform is derived again"
+    assert not torch.equal(other.decompress(enc["strings"], enc["shape"], 1, (32, 48)),
+                           codec.decompress(enc["strings"], enc["shape"], 1, (32, 48)))
 
 
 def test_gaussian_tables_and_index():
