@@ -297,8 +297,8 @@ def param_groups(model: CodecBase, lr: float, hyper_lr: float | None) -> list[di
 
 
 def device_check(model: CodecBase, images: list[np.ndarray]) -> dict:
-    """On CUDA: does the integer hyper-synthesis give the same integers on the GPU, and how far do the
-    synthesis transform's pixels move between CPU and GPU for the same integer latent?"""
+    """On CUDA: do the integer hyper-synthesis and the integer synthesis transform give the same integers
+    (and so the same decoded pixels) on the GPU as on the CPU?"""
     if not isinstance(model, HyperpriorCodec) or not torch.cuda.is_available():
         return {}
     model = model.eval()
