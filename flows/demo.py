@@ -58,10 +58,11 @@ def demo_jobs(output: str, quick: bool = False) -> list[DemoJob]:
             "app.patches": 400 if quick else 1500, "train.epochs": 2 if quick else 6}))
     jobs.append(DemoJob("index", "digit images", {"output": output, "load.input": images["digit_images"],
                                                   "load.size": 16, "train.epochs": 3 if quick else 15}))
-    if (WEIGHTS / "codec").is_dir():
-        # The codec trained by benchmarks/train_codec.py (committed), applied to the photos it never saw.
+    codec = next((WEIGHTS / name for name in ("hyperprior", "codec") if (WEIGHTS / name).is_dir()), None)
+    if codec is not None:
+        # The best committed codec (benchmarks/train_codec.py: the hyperprior), applied to the photos it never saw.
         jobs.append(DemoJob("compress", "photos (held out)", {
-            "output": output, "model_run": str(WEIGHTS / "codec"), "load.apply_to": images["photos_codec_heldout"]}))
+            "output": output, "model_run": str(codec), "load.apply_to": images["photos_codec_heldout"]}))
     return jobs
 
 

@@ -23,7 +23,8 @@ def test_compress_deployment_applies_the_codec_to_photos_it_never_saw():
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (dep,) = [d for d in doc["deployments"] if d["name"] == "compress"]
     cfg = dep["parameters"]["config"]
-    assert cfg["model_run"] == "benchmarks/weights/codec"
+    assert cfg["model_run"] == "benchmarks/weights/hyperprior"
+    assert (REPO / cfg["model_run"] / "weights.safetensors").is_file()
     assert cfg["load"]["apply_to"].endswith("photos/codec-heldout")
 
 
