@@ -29,6 +29,7 @@ saved), on the model's device: the pixels are identical on every machine and dev
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,6 +42,7 @@ from models.entropy_models import FactorizedPrior, GaussianConditional
 from models.image_ops import pad_to_multiple
 
 HYPER_STRIDE = 4  # z is at 1/4 of y's resolution
+_SYNTHESIS_LOCK = threading.Lock()
 # Fractional bits of the integer synthesis transform's activations (its inputs reach ~60, the limit is 2**22 / 2**14 = 256).
 G_S_ACT_BITS = 14
 # z's tables cover at most ±Z_RANGE (a trained z stays far inside; it bounds the tables' size).
@@ -225,7 +227,9 @@ class HyperpriorCodec(CodecBase):
         machine and device), on the model's device; returns float32 (1, 3, H, W) in [0, 1]."""
         y_hat = (residual.to(torch.float64) + mean) * self.inv_gain_table[q].cpu().view(-1, 1, 1)
         if not self.g_s_int.ready:
-            self._quantise_synthesis()
+            with _SYNTHESIS_LOCK:  # threads decoding with one model (a Dask worker's) derive it once
+                if not self.g_s_int.ready:
+                    self._quantise_synthesis()
         one = float(1 << G_S_ACT_BITS)
         dev = next(self.parameters()).device
         x_int = self.g_s_int(torch.round(y_hat * one).unsqueeze(0), device=dev)

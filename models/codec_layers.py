@@ -136,7 +136,8 @@ class IntegerConvStack(nn.Module):
 
     @property
     def ready(self) -> bool:
-        return all(getattr(self, f"weight{i}").numel() > 0 for i in range(len(self.specs)))
+        """Whether every integer parameter is there (the last one set by :meth:`quantise_from` completes it)."""
+        return all(buf is not None and buf.numel() > 0 for buf in self._buffers.values())
 
     def clear(self) -> None:
         """Forget the integer parameters (``ready`` becomes False), e.g. when the float weights change."""
