@@ -15,7 +15,7 @@ order, each as its own process with a deadline:
 and writes ``OUT/session.log`` (what ran, how long, exit codes). Example on the device machine
 (carry ``benchmarks/_work/codec_train.npz``)::
 
-    PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_session --out $OUT --minutes 10
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_session --out $OUT --minutes 9   # run(timeout_s=600)
 
 then, here: copy ``OUT/hyperprior`` over ``benchmarks/weights/hyperprior`` (without the state
 files) only if ``python -m benchmarks.quality_compress`` says it is better on the held-out
@@ -44,7 +44,8 @@ FINAL_SAVE_S = 45  # train_codec's last save and, on CUDA, its device check
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="where the files go ($OUT on the device machine)")
-    ap.add_argument("--minutes", type=float, default=10.0, help="wall time for both stages together")
+    ap.add_argument("--minutes", type=float, default=9.0,
+                    help="wall time for both stages together (a device command runs at most 10 minutes)")
     ap.add_argument("--gpu-train-s", type=float, default=110.0, help="gpu_train's --budget-s")
     ap.add_argument("--init", default="benchmarks/weights/hyperprior", help="the hyperprior to continue")
     ap.add_argument("--images", default="benchmarks/_work/codec_train.npz", help="training photographs (.npz)")
