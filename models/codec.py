@@ -21,6 +21,10 @@ After training, :meth:`CodecBase.update_tables` quantises the entropy models to 
 frequency tables (buffers in the state dict, saved with the weights). The entropy coder
 (:mod:`models.entropy_coding`, ``constriction``) reads only those integer tables, so
 encoder and decoder agree bit for bit.
+
+Coding and decoding run the transforms over large images in tiles with a halo
+(:func:`models.image_ops.map_tiles`, sizes :attr:`CodecBase.analysis_tile` and
+:attr:`CodecBase.synthesis_tile`): memory is bounded by a tile's, the output is the untiled one.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.codec_layers import GDN, analysis_transform, synthesis_transform
+from models.codec_layers import GDN, analysis_transform, conv_specs, receptive_halo, synthesis_transform
 from models.entropy_models import FactorizedPrior, quantize_pmf
-from models.image_ops import as_rgb, pad_to_multiple
+from models.image_ops import as_rgb, map_tiles, pad_to_multiple
 
 __all__ = ["GDN", "CodecConfig", "CodecOutput", "FactorizedPrior", "CodecBase", "ImageCodec", "as_rgb",
            "build_codec", "codec_identity", "load_codec_state", "pad_to_multiple", "quantize_pmf"]
@@ -152,6 +156,22 @@ class CodecBase(nn.Module):
         self.log_gain = nn.Parameter(init.clone())
         self.log_inv_gain = nn.Parameter(-init.clone())
 
+    # Coding and decoding run the transforms over a large image in tiles (each read with the halo
+    # its receptive field needs, models.image_ops.map_tiles), so memory is a tile's, not the
+    # image's: analysis in blocks of ANALYSIS_TILE pixels, synthesis in blocks of SYNTHESIS_TILE
+    # latent pixels (16 x as many pixels). Images up to the tile are one call, as before tiling.
+    analysis_tile: ClassVar[int] = 1024
+    synthesis_tile: ClassVar[int] = 48
+
+    def _analysis(self, xp: Tensor) -> Tensor:
+        """``g_a`` of an image padded to the stride (inference; tiled when large)."""
+        halo = receptive_halo(conv_specs(self.g_a), multiple=self.stride)
+        return map_tiles(self.g_a, xp, self.analysis_tile, halo, down=self.stride)
+
+    def _synthesis(self, fn: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
+        """``fn`` (``g_s`` or its exact integer twin) of a latent (inference; tiled when large)."""
+        return map_tiles(fn, y, self.synthesis_tile, receptive_halo(conv_specs(self.g_s)), up=self.stride)
+
     def _gains(self, quality: Tensor) -> tuple[Tensor, Tensor]:
         g = torch.exp(self.log_gain[quality])[:, :, None, None]
         ig = torch.exp(self.log_inv_gain[quality])[:, :, None, None]
@@ -232,7 +252,7 @@ class ImageCodec(CodecBase):
         with torch.inference_mode():
             xp, _ = pad_to_multiple(x, self.stride)
             g, _ = self._gains(torch.tensor([q], device=x.device))
-            y = self.g_a(xp) * g
+            y = self._analysis(xp) * g
         if refine_steps > 0:
             y = self.refine_latent(x, y, q, refine_steps, on_step=on_step)
         with torch.inference_mode():
@@ -319,7 +339,7 @@ class ImageCodec(CodecBase):
         """Integer latent (M, h, w) -> image (1, 3, H, W) in [0, 1]."""
         q = self._check_quality(quality)
         _, ig = self._gains(torch.tensor([q], device=y_int.device))
-        x_hat = self.g_s(y_int.float().unsqueeze(0) * ig)
+        x_hat = self._synthesis(self.g_s, y_int.float().unsqueeze(0) * ig)
         return x_hat[..., : size[0], : size[1]].clamp(0, 1)
 
     @torch.inference_mode()

@@ -207,7 +207,7 @@ class HyperpriorCodec(CodecBase):
         self._require_tables()
         xp, _ = pad_to_multiple(x, self.stride)
         qt = torch.tensor([q], device=x.device)
-        y = self.g_a(xp)
+        y = self._analysis(xp)
         y_g = (y * self._gains(qt)[0])[0]
         z_g = (self.h_a(pad_to_multiple(y, HYPER_STRIDE)[0]) * self._hyper_gains(qt)[0])[0]
         z = self.z_priors[q].clamp_to_tables(torch.round(z_g).cpu())
@@ -232,7 +232,7 @@ class HyperpriorCodec(CodecBase):
                     self._quantise_synthesis()
         one = float(1 << G_S_ACT_BITS)
         dev = next(self.parameters()).device
-        x_int = self.g_s_int(torch.round(y_hat * one).unsqueeze(0), device=dev)
+        x_int = self._synthesis(lambda a: self.g_s_int(a, device=dev), torch.round(y_hat * one).unsqueeze(0))
         return (x_int[..., : size[0], : size[1]] / one).clamp(0, 1).to(torch.float32)
 
     @torch.no_grad()

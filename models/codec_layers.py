@@ -62,6 +62,34 @@ def deconv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.ConvTran
     return nn.ConvTranspose2d(cin, cout, kernel, stride=stride, padding=kernel // 2, output_padding=stride - 1)
 
 
+def receptive_halo(specs: list[tuple[bool, int, int]], multiple: int = 1) -> int:
+    """How many pixels of a stack's input, on each side, one output pixel can depend on (rounded up
+    to ``multiple``): the halo :func:`models.image_ops.map_tiles` needs to give the untiled result.
+
+    ``specs``: ``(transposed, kernel, stride)`` of the (transposed) convolutions in order, with the
+    padding of :func:`conv` / :func:`deconv`; whatever lies between them is pointwise (GDN, ReLU).
+    A conservative bound: a convolution reaches ``max(p, k - 1 - p)`` pixels of its input, a
+    transposed one ``ceil(that / stride) + 1``, each counted in the stack's input pixels.
+    """
+    halo, pixel = 0.0, 1.0  # pixel: the current layer's input pixel, in the stack's input pixels
+    for transposed, kernel, stride in specs:
+        p = kernel // 2
+        reach = max(p, kernel - 1 - p)
+        if transposed:
+            halo += (math.ceil(reach / stride) + 1) * pixel
+            pixel /= stride
+        else:
+            halo += reach * pixel
+            pixel *= stride
+    return math.ceil(math.ceil(halo) / multiple) * multiple
+
+
+def conv_specs(stack: nn.Module) -> list[tuple[bool, int, int]]:
+    """``(transposed, kernel, stride)`` of a float stack's (transposed) convolutions, for :func:`receptive_halo`."""
+    return [(isinstance(m, nn.ConvTranspose2d), m.kernel_size[0], m.stride[0])
+            for m in stack.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+
+
 def analysis_transform(cin: int, n: int, m: int) -> nn.Sequential:
     """``g_a``: four stride-2 5x5 convolutions with GDN between them (image -> latent at 1/16)."""
     return nn.Sequential(conv(cin, n), GDN(n), conv(n, n), GDN(n), conv(n, n), GDN(n), conv(n, m))

@@ -10,10 +10,13 @@ own copies with slightly different behaviour):
 - :func:`random_patches` — seeded crops of CHW images drawn in proportion to image area,
   optionally flipped; images smaller than the crop are padded (``pad_mode``).
 - :func:`as_rgb` — grayscale/RGBA arrays as 3-channel RGB (how the codecs see images).
+- :func:`map_tiles` — a convolutional stack applied tile by tile with a halo (the codecs'
+  transforms on large images: memory bounded by a tile's, the same output).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -102,3 +105,43 @@ def rgb_patches(images: list[np.ndarray], count: int, size: int, seed: int = 0) 
     """
     chw = [as_rgb(im).transpose(2, 0, 1) for im in images]
     return random_patches(chw, count, size, seed, flips=True, pad_mode="reflect")
+
+
+def map_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, halo: int, up: int = 1, down: int = 1) -> Tensor:
+    """``fn(x)`` for ``x`` (N, C, H, W), computed tile by tile: each ``tile`` x ``tile`` block of
+    ``x`` is read with ``halo`` more pixels on every side (where the image has them) and only the
+    block's own part of ``fn``'s output is kept.
+
+    The result equals ``fn(x)`` when ``halo`` covers how far ``fn`` reaches (its receptive field
+    in pixels of ``x``, :func:`models.codec_layers.receptive_halo`) and ``fn`` commutes with shifts
+    by multiples of ``down``: exactly for integer arithmetic (the codecs' exact synthesis), up to
+    float rounding otherwise. Peak memory is one tile's instead of the whole image's. An ``x`` of
+    at most ``tile`` in both dimensions is a single call.
+
+    Args:
+        fn: Maps (N, C, h, w) to (N, C', h * up / down, w * up / down).
+        tile, halo: Sizes in pixels of ``x``, multiples of ``down``.
+        up, down: ``fn``'s resolution factor (a synthesis transform up-samples, an analysis one
+            down-samples; ``x``'s height and width must divide by ``down``).
+    """
+    h, w = x.shape[-2:]
+    if h <= tile and w <= tile:
+        return fn(x)
+    if tile % down or halo % down or h % down or w % down or tile < 1 or halo < 0:
+        raise ValueError(f"tile {tile}, halo {halo} and the size {h}x{w} must be multiples of {down}")
+    out: Tensor | None = None
+    for y0 in range(0, h, tile):
+        y1, ya = min(h, y0 + tile), max(0, y0 - halo)
+        yb = min(h, y1 + halo)
+        for x0 in range(0, w, tile):
+            x1, xa = min(w, x0 + tile), max(0, x0 - halo)
+            xb = min(w, x1 + halo)
+            part = fn(x[..., ya:yb, xa:xb])
+            if out is None:
+                out = part.new_empty((*part.shape[:-2], h * up // down, w * up // down))
+            oy, ox = (y0 - ya) * up // down, (x0 - xa) * up // down
+            th, tw = (y1 - y0) * up // down, (x1 - x0) * up // down
+            out[..., y0 * up // down: y0 * up // down + th, x0 * up // down: x0 * up // down + tw] = \
+                part[..., oy: oy + th, ox: ox + tw]
+    assert out is not None
+    return out

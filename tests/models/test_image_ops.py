@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.image_ops import as_rgb, pad_to_multiple, random_patches, rgb_patches
+from models.codec_layers import analysis_transform, conv_specs, receptive_halo, synthesis_transform
+from models.image_ops import as_rgb, map_tiles, pad_to_multiple, random_patches, rgb_patches
 
 pytestmark = [pytest.mark.models]
 
@@ -58,3 +59,25 @@ def test_rgb_patches_and_as_rgb():
     p = rgb_patches([gray], 5, 16, seed=1)
     assert p.shape == (5, 3, 16, 16)
     np.testing.assert_array_equal(p[:, 0], p[:, 2]), "gray: three equal channels"
+
+
+def test_map_tiles_gives_the_untiled_result_of_the_codec_transforms():
+    """Large images go through the codecs' transforms in tiles with a halo: same output, a tile's memory."""
+    torch.manual_seed(0)
+    g_a, g_s = analysis_transform(3, 8, 6).eval(), synthesis_transform(6, 8, 3).eval()
+    halo_a, halo_s = receptive_halo(conv_specs(g_a), multiple=16), receptive_halo(conv_specs(g_s))
+    assert halo_a == 32, "four stride-2 5x5 convolutions reach 2 + 4 + 8 + 16 = 30 pixels; rounded up to the stride"
+    assert halo_s == 4, "the transposed mirror reaches under 4 latent pixels"
+    x, y = torch.rand(1, 3, 96, 80), torch.randn(1, 6, 7, 5)
+    with torch.no_grad():
+        for fn, inp, kw in ((g_a, x, {"tile": 32, "halo": halo_a, "down": 16}),
+                            (g_s, y, {"tile": 2, "halo": halo_s, "up": 16})):
+            whole = fn(inp)
+            tiled = map_tiles(fn, inp, **kw)
+            assert tiled.shape == whole.shape
+            torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+            seams = map_tiles(fn, inp, **{**kw, "halo": 0})
+            assert float((seams - whole).abs().max()) > 1e-3, "without the halo the tiles' seams show"
+        assert map_tiles(lambda t: t * 2, x, 96, 0) is not None, "an input within one tile is a single call"
+    with pytest.raises(ValueError, match="multiples of 16"):
+        map_tiles(g_a, x, 24, halo_a, down=16)
