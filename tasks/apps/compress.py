@@ -72,7 +72,10 @@ class CompressConfig(AppConfig):
     )
     patch_size: int = Field(64, ge=16, le=512, description="Training crop size (a multiple of 16).")
     patches: int = Field(2048, ge=8, description="Random training crops per epoch (drawn once, seeded).")
-    rd_sweep: bool = Field(True, description="Code every image at every quality level and run the JPEG/WebP sweeps.")
+    rd_sweep: bool = Field(True, description="Code images at every quality level and run the JPEG/WebP sweeps (rd.parquet, the RD plot, BD-rates).")
+    rd_images: int = Field(
+        16, ge=0, description="Images in the rate-distortion sweep: an even sample of the coded images, first and last "
+                              "included (0: all of them). Every image is still coded at --quality.")
     jpeg_qualities: tuple[int, ...] = Field(JPEG_QUALITIES, description="Pillow JPEG qualities of the baseline sweep.")
     webp_qualities: tuple[int, ...] = Field(WEBP_QUALITIES, description="Pillow WebP qualities of the baseline sweep.")
 
@@ -164,6 +167,34 @@ def _code_shard(index: int, *, app: CompressApp, ctx: ImageContext, fitted: Fitt
             "encode_s": coded.encode_s, "decode_s": coded.decode_s,
             "payload_bits": coded.payload_bits, "estimate_bits": coded.estimate_bits,
         })
+    return rows
+
+
+def sweep_sample(n: int, k: int) -> list[int]:
+    """Indices of ``k`` of ``n`` images spread evenly over them, the first and the last included (all when ``k`` is 0 or >= ``n``)."""
+    if k == 0 or k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+
+
+def _sweep_shard(item: tuple[int, list[int]], *, app: CompressApp, ctx: ImageContext, fitted: Fitted) -> list[dict[str, Any]]:
+    """The rate-distortion sweep of some images of one shard on a Dask worker: every level of the
+    codec, then Pillow JPEG and WebP at each of their qualities."""
+    index, picks = item
+    ctx, fitted = on_worker(app, ctx, fitted)
+    a, target, codec = ctx.config.app, app.target(ctx), codec_of(fitted)
+    rows: list[dict[str, Any]] = []
+    for k, (rel, chw) in enumerate(zip(shard_rels(target, index), shard_images(target, index), strict=True)):
+        if k not in picks:
+            continue
+        img, mode = from_chw(chw)
+        for level in range(fitted.model.config.levels):
+            c = code_image(codec, img, mode, level, join_uri(target.source_uri, rel), a.refine_steps)
+            rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
+                         "ms_ssim": c.ms_ssim})
+        for fmt, qs in (("jpeg", a.jpeg_qualities), ("webp", a.webp_qualities)):
+            for qual in qs:
+                rows.append({"codec": fmt, "setting": qual, "image": rel, **pillow_point(img, fmt, qual)})
     return rows
 
 
@@ -264,10 +295,11 @@ class CompressApp(ImageApp):
 
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
-        """Overall metrics at the chosen quality; RD sweep of every level and of JPEG/WebP; BD-rates."""
+        """Overall metrics at the chosen quality; RD sweep (a sample of the images) of every level and of
+        JPEG/WebP; BD-rates."""
         a = ctx.config.app
         per_image: pd.DataFrame = ctx.cache["per_image"]
-        target, codec = self.target(ctx), codec_of(fitted)
+        target = self.target(ctx)
         px = (per_image["width"] * per_image["height"]).sum()
         metrics: dict[str, float | int | None] = {
             "images": len(per_image),
@@ -286,17 +318,18 @@ class CompressApp(ImageApp):
         ]
         rd_rows: list[dict[str, Any]] = []
         if a.rd_sweep:
-            levels = fitted.model.config.levels
-            tracker = _EncodeProgress(a.refine_steps, len(target) * levels, "rate-distortion sweep")
-            for rel, (img, mode) in zip(target.rel, pixels(ctx, target), strict=True):
-                for level in range(levels):
-                    c = code_image(codec, img, mode, level, join_uri(target.source_uri, rel), a.refine_steps)
-                    tracker.done(f"{rel} level {level}")
-                    rd_rows.append({"codec": "aeflow", "setting": level, "image": rel, "bpp": c.bpp, "psnr": c.psnr,
-                                    "ms_ssim": c.ms_ssim})
-                for fmt, qs in (("jpeg", a.jpeg_qualities), ("webp", a.webp_qualities)):
-                    for qual in qs:
-                        rd_rows.append({"codec": fmt, "setting": qual, "image": rel, **pillow_point(img, fmt, qual)})
+            # One Dask task per shard holding sampled images, as apply: the sweep codes each of them
+            # at every level, so on a large input it is a sample (app.rd_images), not every image.
+            picks = sweep_sample(len(target), a.rd_images)
+            starts = np.cumsum((0, *target.counts))
+            items = [(i, [p - int(starts[i]) for p in picks if starts[i] <= p < starts[i + 1]])
+                     for i in range(len(target.shards))]
+            items = [it for it in items if it[1]]
+            tracker = _EncodeProgress(a.refine_steps, len(picks) * fitted.model.config.levels, "rate-distortion sweep")
+            parts = self.map_shards(ctx, fitted, _sweep_shard, items,
+                                    on_done=lambda rows: tracker.done_many(sum(r["codec"] == "aeflow" for r in rows)))
+            rd_rows = [row for rows in parts for row in rows]
+            metrics["rd_images"] = len(picks)
         rd = pd.DataFrame(rd_rows, columns=["codec", "setting", "image", "bpp", "psnr", "ms_ssim"])
         baselines: dict[str, dict[str, float | int | None]] = {}
         if len(rd):
@@ -338,7 +371,7 @@ class CompressApp(ImageApp):
                 ax.set_xlabel("bits per pixel (file size)")
                 ax.grid(alpha=0.3)
                 ax.legend()
-            fig.suptitle(f"Rate-distortion on {len(self.target(ctx))} image(s)")
+            fig.suptitle(f"Rate-distortion on {rd['image'].nunique()} image(s)")
             outputs["rd_plot"] = save_figure(ctx.run, "report/rd.png", fig)
             outputs["rd"] = "rd.parquet"
         return outputs

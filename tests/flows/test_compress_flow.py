@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.pipeline import FLOWS
 from models.aec import AecFile, parse
-from tasks.apps.compress import CompressRunConfig
+from tasks.apps.compress import CompressRunConfig, sweep_sample
 from tasks.codec import decode_aec, load_codec_run
 from tasks.config import resolve_config
 from tasks.storage import open_run
@@ -127,6 +127,33 @@ def test_model_reuse_on_s3(trained, image_dir, s3fs_client, dask_address):
     assert reloaded.identity == load_codec_run(result.run_uri).identity
     m = open_run(r2.run_uri).manifest()
     assert m.model_run == result.run_uri and "rd" not in {o.path for o in m.outputs}
+
+
+def test_sweep_sample_spreads_over_the_images():
+    assert sweep_sample(10, 4) == [0, 3, 6, 9]
+    assert sweep_sample(100, 16)[:2] == [0, 7] and sweep_sample(100, 16)[-1] == 99 and len(sweep_sample(100, 16)) == 16
+    assert sweep_sample(5, 1) == [0] and sweep_sample(5, 0) == sweep_sample(5, 9) == [0, 1, 2, 3, 4]
+
+
+def test_rd_sweep_is_an_even_sample_coded_on_the_cluster(trained, image_dir, dask_address, tmp_path):
+    """On a large input the sweep (every level of every image) would dwarf the run: app.rd_images
+    samples the images evenly, first and last included, and their points are those of a full sweep."""
+    result, _ = trained
+    cfg = resolve_config(CompressRunConfig, options={
+        **TINY, "model_run": result.run_uri, "load.apply_to": str(image_dir), "output": str(tmp_path),
+        "app.rd_images": 2, "dask_address": dask_address})
+    r2 = FLOWS["compress"](config=cfg)
+    order = list(pd.read_parquet(r2.outputs["per_image"])["image"])
+    assert len(order) == 3, "every image is still coded at the chosen quality"
+    rd = pd.read_parquet(r2.outputs["rd"])
+    assert sorted(set(rd["image"])) == sorted({order[0], order[-1]})
+    assert open_run(r2.run_uri).manifest().metrics["rd_images"] == 2
+    full = pd.read_parquet(result.outputs["rd"])
+    key = ["codec", "setting", "image"]
+    both = rd.merge(full, on=key, suffixes=("", "_full"))
+    assert len(both) == len(rd), "the sample's points are points of the full sweep"
+    assert np.allclose(both["bpp"], both["bpp_full"]) and np.allclose(both["psnr"], both["psnr_full"])
+    assert open_run(result.run_uri).manifest().metrics["rd_images"] == 3, "3 images: all of them (default 16)"
 
 
 # -- the CLI ------------------------------------------------------------------------------------
