@@ -8,8 +8,8 @@ Pure PyTorch (plus numpy for patch sampling): no Prefect, fsspec or pandas.
   residual output (``residual=True``: the decoder predicts a correction added to
   the input, as DnCNN does). Works on any image size: the input is padded to a
   multiple of :attr:`ConvAEConfig.factor` and the output cropped back.
-- :func:`tiled_apply` — inference on large images in overlapping tiles blended
-  with a tapered window, so there are no visible seams and memory stays bounded.
+- Inference on large images goes through :func:`models.image_ops.tiled_apply` (overlapping
+  tiles blended with a tapered window: no visible seams, bounded memory).
 - The blocks (:func:`conv_block`, :class:`Down`, :class:`Up`) are public so other image
   models reuse them; padding and training crops are in :mod:`models.image_ops`.
 
@@ -228,77 +228,7 @@ def build_conv(config: dict[str, Any]) -> ConvAutoencoder:
 
 
 # ---------------------------------------------------------------------------------------
-# Tiled inference and patches
-
-
-def _starts(size: int, tile: int, step: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, step)) + [size - tile]
-    return sorted(set(starts))
-
-
-@torch.inference_mode()
-def tiled_apply(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    *,
-    tile: int = 256,
-    overlap: int = 32,
-) -> Tensor:
-    """Apply an image-to-image ``fn`` to ``x`` ``(N, C, H, W)`` in overlapping tiles.
-
-    Each tile is processed with its context, and neighbouring tiles are blended
-    across their ``overlap``: each tile's outer quarter of the overlap (where it
-    lacks context) gets no weight and the middle half a linear ramp, weights are
-    normalised to sum to one everywhere, so there is no seam, and memory is
-    bounded by the tile size.
-    Images no larger than ``tile`` go through ``fn`` whole.
-    """
-    n, c, h, w = x.shape
-    if h <= tile and w <= tile:
-        return fn(x)
-    if not 0 <= overlap < tile // 2 + 1:
-        raise ValueError(f"overlap must be in [0, tile/2], got {overlap} for tile {tile}")
-    step = tile - overlap
-    ys, xs = _starts(h, tile, step), _starts(w, tile, step)
-    out: Tensor | None = None
-    weight = torch.zeros(1, 1, h, w, device=x.device)
-    for yi, y0 in enumerate(ys):
-        th = min(tile, h)
-        for xi, x0 in enumerate(xs):
-            tw = min(tile, w)
-            patch = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()
-            if out is None:
-                out = torch.zeros(n, patch.shape[1], h, w, device=x.device)
-            # Overlap with the neighbour may exceed `overlap` for the last tile; ramp over the real overlap.
-            oy_lead = (ys[yi - 1] + th - y0) if yi > 0 else 0
-            oy_trail = (y0 + th - ys[yi + 1]) if yi + 1 < len(ys) else 0
-            ox_lead = (xs[xi - 1] + tw - x0) if xi > 0 else 0
-            ox_trail = (x0 + tw - xs[xi + 1]) if xi + 1 < len(xs) else 0
-            wy = _taper_two(th, oy_lead, oy_trail)
-            wx = _taper_two(tw, ox_lead, ox_trail)
-            win = (wy[:, None] * wx[None, :]).to(x.device)
-            out[..., y0 : y0 + th, x0 : x0 + tw] += patch * win
-            weight[..., y0 : y0 + th, x0 : x0 + tw] += win
-    assert out is not None
-    return out / weight
-
-
-def _taper_two(n: int, lead: int, trail: int) -> Tensor:
-    """Weights of one tile along one axis: zero over the outer quarter of each overlap (the
-    pixels a tile sees with the least context), then a linear ramp to one."""
-    w = torch.ones(n)
-    for length, flip in ((lead, False), (trail, True)):
-        if length <= 0:
-            continue
-        t = torch.arange(length, dtype=torch.float32) + 0.5
-        ramp = ((t - length / 4) / (length / 2)).clamp(1e-4, 1.0)
-        if flip:
-            w[n - length :] = torch.minimum(w[n - length :], ramp.flip(0))
-        else:
-            w[:length] = torch.minimum(w[:length], ramp)
-    return w
+# Patches (tiled inference is models.image_ops.tiled_apply)
 
 
 def augment(batch: Tensor, generator: torch.Generator) -> Tensor:

@@ -10,8 +10,11 @@ own copies with slightly different behaviour):
 - :func:`random_patches` — seeded crops of CHW images drawn in proportion to image area,
   optionally flipped; images smaller than the crop are padded (``pad_mode``).
 - :func:`as_rgb` — grayscale/RGBA arrays as 3-channel RGB (how the codecs see images).
-- :func:`map_tiles` — a convolutional stack applied tile by tile with a halo (the codecs'
-  transforms on large images: memory bounded by a tile's, the same output).
+- Tiled inference on large images, memory bounded by a tile's, two ways:
+  :func:`tiled_apply` blends overlapping tiles with a tapered window (the denoiser: a network
+  whose reach exceeds any affordable overlap; no visible seams, close to the untiled output);
+  :func:`map_tiles` keeps each tile's own part of the output, computed with a halo that covers
+  the receptive field, at any up/down scale (the codecs: exactly the untiled output).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -145,3 +149,73 @@ def map_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, halo: int, u
                 part[..., oy: oy + th, ox: ox + tw]
     assert out is not None
     return out
+
+
+def _starts(size: int, tile: int, step: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+@torch.inference_mode()
+def tiled_apply(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+) -> Tensor:
+    """Apply an image-to-image ``fn`` to ``x`` ``(N, C, H, W)`` in overlapping tiles.
+
+    Each tile is processed with its context, and neighbouring tiles are blended
+    across their ``overlap``: each tile's outer quarter of the overlap (where it
+    lacks context) gets no weight and the middle half a linear ramp, weights are
+    normalised to sum to one everywhere, so there is no seam, and memory is
+    bounded by the tile size.
+    Images no larger than ``tile`` go through ``fn`` whole.
+    """
+    n, c, h, w = x.shape
+    if h <= tile and w <= tile:
+        return fn(x)
+    if not 0 <= overlap < tile // 2 + 1:
+        raise ValueError(f"overlap must be in [0, tile/2], got {overlap} for tile {tile}")
+    step = tile - overlap
+    ys, xs = _starts(h, tile, step), _starts(w, tile, step)
+    out: Tensor | None = None
+    weight = torch.zeros(1, 1, h, w, device=x.device)
+    for yi, y0 in enumerate(ys):
+        th = min(tile, h)
+        for xi, x0 in enumerate(xs):
+            tw = min(tile, w)
+            patch = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()
+            if out is None:
+                out = torch.zeros(n, patch.shape[1], h, w, device=x.device)
+            # Overlap with the neighbour may exceed `overlap` for the last tile; ramp over the real overlap.
+            oy_lead = (ys[yi - 1] + th - y0) if yi > 0 else 0
+            oy_trail = (y0 + th - ys[yi + 1]) if yi + 1 < len(ys) else 0
+            ox_lead = (xs[xi - 1] + tw - x0) if xi > 0 else 0
+            ox_trail = (x0 + tw - xs[xi + 1]) if xi + 1 < len(xs) else 0
+            wy = _taper_two(th, oy_lead, oy_trail)
+            wx = _taper_two(tw, ox_lead, ox_trail)
+            win = (wy[:, None] * wx[None, :]).to(x.device)
+            out[..., y0 : y0 + th, x0 : x0 + tw] += patch * win
+            weight[..., y0 : y0 + th, x0 : x0 + tw] += win
+    assert out is not None
+    return out / weight
+
+
+def _taper_two(n: int, lead: int, trail: int) -> Tensor:
+    """Weights of one tile along one axis: zero over the outer quarter of each overlap (the
+    pixels a tile sees with the least context), then a linear ramp to one."""
+    w = torch.ones(n)
+    for length, flip in ((lead, False), (trail, True)):
+        if length <= 0:
+            continue
+        t = torch.arange(length, dtype=torch.float32) + 0.5
+        ramp = ((t - length / 4) / (length / 2)).clamp(1e-4, 1.0)
+        if flip:
+            w[n - length :] = torch.minimum(w[n - length :], ramp.flip(0))
+        else:
+            w[:length] = torch.minimum(w[:length], ramp)
+    return w

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from models.conv import tiled_apply
 from models.dense import seeded
-from models.image_ops import random_patches
+from models.image_ops import random_patches, tiled_apply
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig, images_of

@@ -11,8 +11,8 @@ from models.conv import (
     ConvAutoencoder,
     latent_noise_loss,
     reconstruction_loss,
-    tiled_apply,
 )
+from models.image_ops import tiled_apply
 from models.noise import DenoisingLoss, NoiseConfig, corrupt
 from models.training import TrainSettings, fit
 
