@@ -19,7 +19,7 @@ own copies with slightly different behaviour):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import numpy as np
@@ -67,29 +67,58 @@ def random_patches(images: list[np.ndarray], count: int, size: int, seed: int = 
         pad_mode: How an image smaller than ``size`` is padded (bottom/right) first:
             ``"edge"`` (replicate) or ``"reflect"``.
     """
-    if not images:
+    shapes = [(im.shape[-2], im.shape[-1]) for im in images]
+    return random_patches_streamed(shapes, images, [(count, seed)], size, flips=flips, pad_mode=pad_mode)[0]
+
+
+def random_patches_streamed(shapes: list[tuple[int, int]], images: Iterable[np.ndarray], draws: list[tuple[int, int]],
+                            size: int, *, flips: bool = False,
+                            pad_mode: Literal["edge", "reflect"] = "edge") -> list[np.ndarray]:
+    """:func:`random_patches` for each ``(count, seed)`` of ``draws``, from images that arrive one
+    at a time, in order, with their ``(H, W)`` known beforehand (``shapes``): the same crops, with
+    one image in memory at a time instead of all of them (training on a large image set).
+
+    The crops are planned from the shapes alone (where they fall depends on nothing else),
+    then cut from each image as it arrives.
+    """
+    if not shapes:
         raise ValueError("no images to draw patches from")
-    rng = np.random.default_rng(seed)
-    areas = np.array([im.shape[-2] * im.shape[-1] for im in images], dtype=np.float64)
-    which = rng.choice(len(images), size=count, p=areas / areas.sum())
-    c = images[0].shape[0]
-    out = np.empty((count, c, size, size), dtype=images[0].dtype)
-    for i, j in enumerate(which):
-        im = images[j]
-        h, w = im.shape[-2:]
+    areas = np.array([h * w for h, w in shapes], dtype=np.float64)
+    padded = [(max(h, size), max(w, size)) for h, w in shapes]
+    plans: list[list[list[tuple[int, int, int, bool, bool]]]] = []  # per draw, per image: (crop, top, left, lr, ud)
+    for count, seed in draws:
+        rng = np.random.default_rng(seed)
+        which = rng.choice(len(shapes), size=count, p=areas / areas.sum())
+        per_image: list[list[tuple[int, int, int, bool, bool]]] = [[] for _ in shapes]
+        for i, j in enumerate(which):
+            h, w = padded[j]
+            top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+            lr = bool(flips and rng.random() < 0.5)
+            ud = bool(flips and rng.random() < 0.5)
+            per_image[j].append((i, top, left, lr, ud))
+        plans.append(per_image)
+    outs: list[np.ndarray] = []
+    seen = 0
+    for j, im in enumerate(images):
+        if j >= len(shapes) or im.shape[-2:] != tuple(shapes[j]):
+            raise ValueError(f"image {j} has shape {im.shape[-2:]}, the plan expected {shapes[j] if j < len(shapes) else None}")
+        if not outs:
+            outs = [np.empty((count, im.shape[0], size, size), dtype=im.dtype) for count, _ in draws]
+        h, w = shapes[j]
         if h < size or w < size:
             im = np.pad(im, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode=pad_mode)
-            h, w = im.shape[-2:]
-        top = int(rng.integers(0, h - size + 1))
-        left = int(rng.integers(0, w - size + 1))
-        crop = im[:, top : top + size, left : left + size]
-        if flips:
-            if rng.random() < 0.5:
-                crop = crop[:, :, ::-1]
-            if rng.random() < 0.5:
-                crop = crop[:, ::-1]
-        out[i] = crop
-    return out
+        for out, per_image in zip(outs, plans, strict=True):
+            for i, top, left, lr, ud in per_image[j]:
+                crop = im[:, top : top + size, left : left + size]
+                if lr:
+                    crop = crop[:, :, ::-1]
+                if ud:
+                    crop = crop[:, ::-1]
+                out[i] = crop
+        seen += 1
+    if seen != len(shapes):
+        raise ValueError(f"{seen} images arrived, {len(shapes)} were planned")
+    return outs
 
 
 def as_rgb(im: np.ndarray) -> np.ndarray:
@@ -107,8 +136,15 @@ def rgb_patches(images: list[np.ndarray], count: int, size: int, seed: int = 0) 
 
     ``(count, 3, size, size)`` uint8; :func:`random_patches` with ``flips=True, pad_mode="reflect"``.
     """
-    chw = [as_rgb(im).transpose(2, 0, 1) for im in images]
-    return random_patches(chw, count, size, seed, flips=True, pad_mode="reflect")
+    return rgb_patches_streamed([im.shape[:2] for im in images], images, [(count, seed)], size)[0]
+
+
+def rgb_patches_streamed(shapes: list[tuple[int, int]], images: Iterable[np.ndarray], draws: list[tuple[int, int]],
+                         size: int) -> list[np.ndarray]:
+    """:func:`rgb_patches` for each ``(count, seed)`` of ``draws``, the images arriving one at a time
+    (:func:`random_patches_streamed`)."""
+    chw = (as_rgb(im).transpose(2, 0, 1) for im in images)
+    return random_patches_streamed(shapes, chw, draws, size, flips=True, pad_mode="reflect")
 
 
 def map_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, halo: int, up: int = 1, down: int = 1) -> Tensor:

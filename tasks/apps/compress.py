@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from models.codec import CodecBase
 from models.codec_train import make_loss_fn
 from models.dense import seeded
-from models.image_ops import rgb_patches
+from models.image_ops import rgb_patches_streamed
 from models.metrics import bd_rate
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
@@ -116,14 +116,6 @@ def codec_of(fitted: Fitted) -> LoadedCodec:
     """The fitted codec as the coding functions of ``tasks/codec.py`` take it (model, identity, source)."""
     return LoadedCodec(model=fitted.model, identity=bytes.fromhex(fitted.state["codec_id"]),
                        source=fitted.source_run or "")
-
-
-def pixels(ctx: ImageContext, imset: ImageSet) -> list[tuple[np.ndarray, str]]:
-    """The images of ``imset`` as (H, W) "L" / (H, W, 3) "RGB" arrays with their mode, read once per run."""
-    key = f"pixels:{imset.role}:{imset.source_uri}"
-    if key not in ctx.cache:
-        ctx.cache[key] = [from_chw(a) for a in iter_images(imset)]
-    return ctx.cache[key]
 
 
 class _EncodeProgress:
@@ -251,9 +243,11 @@ class CompressApp(ImageApp):
         """Train the codec on random crops of the training images; validation on held-back crops."""
         assert ctx.train is not None
         a, seed = ctx.config.app, ctx.config.train.seed
-        images = [img for img, _ in pixels(ctx, ctx.train)]
-        train_x = rgb_patches(images, a.patches, a.patch_size, seed=seed)
-        val_x = rgb_patches(images, max(8, a.patches // 10), a.patch_size, seed=seed + 1)
+        # The crops are planned from the images' sizes and cut as each image is decoded: one shard
+        # in memory at a time, not the whole training set.
+        shapes = [(h, w) for _, h, w in ctx.train.shapes]
+        train_x, val_x = rgb_patches_streamed(shapes, (from_chw(chw)[0] for chw in iter_images(ctx.train)),
+                                              [(a.patches, seed), (max(8, a.patches // 10), seed + 1)], a.patch_size)
         with seeded(seed):  # initial weights from the seed: the same in every process
             model = self.build_model(ctx)
         result = train_model(model, train_x, val_x, ctx.config.train, run=ctx.run, loss_fn=make_loss_fn(model),

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
 from models.dense import seeded
-from models.image_ops import random_patches, tiled_apply
+from models.image_ops import random_patches_streamed, tiled_apply
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig, images_of
@@ -36,6 +36,7 @@ from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import InputError
 from tasks.images import (
     ImageLoadConfig,
+    ImageSet,
     encode_like,
     iter_images,
     shard_images,
@@ -99,9 +100,18 @@ class DenoiseRunConfig(ImageRunConfig):
     train: TrainConfig = TrainConfig(epochs=10, default_batch_size=32, lr=2e-3, patience=5)
 
 
-def _channels(images: list[np.ndarray]) -> list[np.ndarray]:
-    """Every colour channel as its own 1-channel image: the model is grayscale, applied per channel."""
-    return [im[c : c + 1] for im in images for c in range(im.shape[0])]
+def _channels(imset: ImageSet, idx: np.ndarray) -> Iterator[np.ndarray]:
+    """The images ``idx`` (increasing) of ``imset``, decoded one shard at a time, every colour channel
+    as its own 1-channel image: the model is grayscale, applied per channel."""
+    keep = {int(i) for i in idx}
+    for i, im in enumerate(iter_images(imset)):
+        if i in keep:
+            yield from (im[c : c + 1] for c in range(im.shape[0]))
+
+
+def _channel_shapes(imset: ImageSet, idx: np.ndarray) -> list[tuple[int, int]]:
+    """(H, W) of every image :func:`_channels` yields, in order."""
+    return [(h, w) for i in idx for c, h, w in [imset.shapes[int(i)]] for _ in range(c)]
 
 
 @torch.inference_mode()
@@ -185,14 +195,15 @@ class Denoise(ImageApp):
     def fit(self, ctx: ImageContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         tr_idx, va_idx = ctx.split()
-        images = images_of(ctx.train)
-        train_imgs = _channels([images[i] for i in tr_idx])
-        val_imgs = _channels([images[i] for i in va_idx])
         seed = ctx.config.train.seed
-        train_p = random_patches(train_imgs, cfg.patches, cfg.patch_size, seed)
+        # Crops planned from the images' sizes and cut as each image is decoded (one shard in memory
+        # at a time, not the whole training set); every colour channel is an image of its own.
+        train_p = random_patches_streamed(_channel_shapes(ctx.train, tr_idx), _channels(ctx.train, tr_idx),
+                                          [(cfg.patches, seed)], cfg.patch_size)[0]
         val_p = (
-            random_patches(val_imgs, max(64, cfg.patches // 8), cfg.patch_size, seed + 1)
-            if val_imgs
+            random_patches_streamed(_channel_shapes(ctx.train, va_idx), _channels(ctx.train, va_idx),
+                                    [(max(64, cfg.patches // 8), seed + 1)], cfg.patch_size)[0]
+            if len(va_idx)
             else train_p[:0]
         )
         with seeded(seed):  # initial weights from the seed: the same in every process

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from models.codec_layers import analysis_transform, conv_specs, receptive_halo, synthesis_transform
-from models.image_ops import as_rgb, map_tiles, pad_to_multiple, random_patches, rgb_patches
+from models.image_ops import (
+    as_rgb,
+    map_tiles,
+    pad_to_multiple,
+    random_patches,
+    random_patches_streamed,
+    rgb_patches,
+    rgb_patches_streamed,
+)
 
 pytestmark = [pytest.mark.models]
 
@@ -81,3 +89,44 @@ def test_map_tiles_gives_the_untiled_result_of_the_codec_transforms():
         assert map_tiles(lambda t: t * 2, x, 96, 0) is not None, "an input within one tile is a single call"
     with pytest.raises(ValueError, match="multiples of 16"):
         map_tiles(g_a, x, 24, halo_a, down=16)
+
+
+def _reference_patches(images, count, size, seed, flips, pad_mode):
+    """The documented random stream, all images in memory (the implementation before streaming)."""
+    rng = np.random.default_rng(seed)
+    areas = np.array([im.shape[-2] * im.shape[-1] for im in images], dtype=np.float64)
+    out = []
+    for j in rng.choice(len(images), size=count, p=areas / areas.sum()):
+        im = images[j]
+        h, w = im.shape[-2:]
+        im = np.pad(im, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode=pad_mode)
+        top, left = int(rng.integers(0, im.shape[-2] - size + 1)), int(rng.integers(0, im.shape[-1] - size + 1))
+        crop = im[:, top : top + size, left : left + size]
+        if flips and rng.random() < 0.5:
+            crop = crop[:, :, ::-1]
+        if flips and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(crop)
+    return np.stack(out)
+
+
+def test_streamed_patches_are_the_in_memory_ones_one_image_at_a_time():
+    """Training crops planned from the sizes and cut as each image arrives (a generator, read once):
+    the same crops as with every image in memory, so training on a large image set gives the same model."""
+    rng = np.random.default_rng(5)
+    chw = [rng.integers(0, 255, (3, h, w), dtype=np.uint8) for h, w in ((40, 60), (10, 70), (33, 12), (100, 100))]
+    shapes = [im.shape[-2:] for im in chw]
+    for flips, pad in ((False, "edge"), (True, "reflect")):
+        ref = _reference_patches(chw, 50, 24, 7, flips, pad)
+        np.testing.assert_array_equal(random_patches(chw, 50, 24, 7, flips=flips, pad_mode=pad), ref)
+        a, b = random_patches_streamed(shapes, iter(chw), [(50, 7), (9, 8)], 24, flips=flips, pad_mode=pad)
+        np.testing.assert_array_equal(a, ref)
+        np.testing.assert_array_equal(b, _reference_patches(chw, 9, 24, 8, flips, pad))
+    hwc = [np.moveaxis(im, 0, -1) for im in chw] + [rng.integers(0, 255, (50, 30), dtype=np.uint8)]
+    one, two = rgb_patches_streamed([im.shape[:2] for im in hwc], (im for im in hwc), [(30, 1), (5, 2)], 32)
+    np.testing.assert_array_equal(one, rgb_patches(hwc, 30, 32, 1))
+    np.testing.assert_array_equal(two, rgb_patches(hwc, 5, 32, 2))
+    with pytest.raises(ValueError, match="plan expected"):
+        random_patches_streamed(shapes[::-1], iter(chw), [(5, 0)], 8)
+    with pytest.raises(ValueError, match="3 images arrived, 4 were planned"):
+        random_patches_streamed(shapes, iter(chw[:3]), [(5, 0)], 8)
