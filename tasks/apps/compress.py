@@ -324,6 +324,9 @@ class CompressApp(ImageApp):
                                     on_done=lambda rows: tracker.done_many(sum(r["codec"] == "aeflow" for r in rows)))
             rd_rows = [row for rows in parts for row in rows]
             metrics["rd_images"] = len(picks)
+            if len(picks) < len(target):
+                notes.append(f"The rate-distortion sweep (rd.parquet, the BD-rates, the RD plot) coded an even sample of "
+                             f"{len(picks)} of the {len(target)} images (app.rd_images; 0: all).")
         rd = pd.DataFrame(rd_rows, columns=["codec", "setting", "image", "bpp", "psnr", "ms_ssim"])
         baselines: dict[str, dict[str, float | int | None]] = {}
         if len(rd):

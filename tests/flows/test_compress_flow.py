@@ -148,6 +148,8 @@ def test_rd_sweep_is_an_even_sample_coded_on_the_cluster(trained, image_dir, das
     rd = pd.read_parquet(r2.outputs["rd"])
     assert sorted(set(rd["image"])) == sorted({order[0], order[-1]})
     assert open_run(r2.run_uri).manifest().metrics["rd_images"] == 2
+    with open(os.path.join(r2.run_uri, "report/summary.md")) as f:
+        assert "an even sample of 2 of the 3 images" in f.read(), "the run's notes say it sampled"
     full = pd.read_parquet(result.outputs["rd"])
     key = ["codec", "setting", "image"]
     both = rd.merge(full, on=key, suffixes=("", "_full"))
