@@ -14,7 +14,9 @@ it is trained first for ``--train-minutes``). Evaluation on the held-out photogr
 pixel from the .aec file sizes, PSNR, MS-SSIM; Pillow JPEG (optimised Huffman, 4:2:0) and
 WebP (method 4) quality sweeps on the same images; BD-rate (PSNR and MS-SSIM) of each codec
 vs each baseline on the mean curves; the payload's real bits against the entropy model's
-estimate; encode/decode megapixels per second on CPU (one torch thread per process).
+estimate (over all files, and per file signed: over the estimate is the range coder's overhead,
+under it is the integer tables charging at most 16 bits for a symbol the continuous model
+thinks rarer); encode/decode megapixels per second on CPU (one torch thread per process).
 Every codec is measured with its fast encoder (the analysis transform), and the ones that
 support it also with ``--refine-steps`` of per-image latent refinement (the same decoder).
 ``--write`` replaces a section of ``benchmarks/RESULTS.md``: ``## Compression (issue 5)``
@@ -161,7 +163,11 @@ def summarise(rd: pd.DataFrame, ours: pd.DataFrame, label: str) -> dict[str, obj
         gaps = inside.psnr.to_numpy() - np.interp(inside.bpp, base.bpp, base.psnr)
         out[f"psnr_gap_{fmt}"] = (float(gaps.min()), float(gaps.max())) if len(gaps) else None
     out["payload_vs_estimate_pct"] = 100 * (ours.payload_bits.sum() / ours.estimate_bits.sum() - 1)
-    out["worst_payload_vs_estimate_pct"] = float((100 * (ours.payload_bits / ours.estimate_bits - 1)).abs().max())
+    # Signed per file: over the estimate is coder overhead (the goal); under it is the integer tables charging
+    # rare outliers at most 16 bits where the continuous Gaussian charges them more (a saving, reported).
+    per_file = 100 * (ours.payload_bits / ours.estimate_bits - 1)
+    out["worst_over_estimate_pct"] = float(per_file.max())
+    out["most_under_estimate_pct"] = float(per_file.min())
     out["encode_mpx_s"] = ours.pixels.sum() / 1e6 / ours.encode_s.sum()
     out["decode_mpx_s"] = ours.pixels.sum() / 1e6 / ours.decode_s.sum()
     out["levels"] = (float(mine.bpp.min()), float(mine.bpp.max()), float(mine.psnr.min()), float(mine.psnr.max()))
@@ -260,7 +266,10 @@ def markdown(section: str, results: dict[str, dict[str, object]], codecs: dict[s
         row("top level, latent unrounded (transform ceiling)", lambda v: f"{v:.1f} dB", "ceiling_psnr"),
         row("payload bits vs entropy-model estimate (all files)", lambda v: f"{v:+.2f}%", "payload_vs_estimate_pct",
             "within 2%"),
-        row("worst file, payload vs estimate", lambda v: f"{v:.2f}%", "worst_payload_vs_estimate_pct", "within 2%"),
+        row("worst file over the estimate (coder overhead)", lambda v: f"{v:+.2f}%", "worst_over_estimate_pct",
+            "within 2%"),
+        row("file most under the estimate (no table symbol costs over 16 bits)", lambda v: f"{v:+.2f}%",
+            "most_under_estimate_pct", "reported"),
         row("encode speed (CPU, 1 thread, incl. entropy coding and .aec I/O in memory)", lambda v: f"{v:.3g} MP/s",
             "encode_mpx_s", "reported"),
         row("decode speed", lambda v: f"{v:.3g} MP/s", "decode_mpx_s", "reported"), "",
