@@ -229,20 +229,19 @@ class Denoise(ImageApp):
         """(name, noisy, clean) float images, the noise sigma in [0, 1] units, and where they come from."""
         if ctx.target is not None and ctx.reference is not None:
             ref = dict(zip(ctx.reference.rel, range(len(ctx.reference)), strict=True))
-            refs = images_of(ctx.reference)
-            pairs = []
-            for rel, img in zip(ctx.target.rel, iter_images(ctx.target), strict=True):
+            n = min(cfg.eval_images, len(ctx.target))  # the first eval_images applied images are scored
+            for rel in ctx.target.rel[:n]:
                 if rel not in ref:
                     raise InputError(f"clean reference {ctx.reference.source_uri} has no image {rel!r} to compare denoised/{rel} with")
-                clean = refs[ref[rel]]
+            refs = images_of(ctx.reference, [ref[rel] for rel in ctx.target.rel[:n]])  # only these are read
+            pairs = []
+            for rel, img, clean in zip(ctx.target.rel[:n], images_of(ctx.target, range(n)), refs, strict=True):
                 if clean.shape != img.shape:
                     raise InputError(
                         f"{ctx.reference.source_uri.rstrip('/')}/{rel} is {clean.shape[2]}x{clean.shape[1]}x{clean.shape[0]} "
                         f"but the noisy image is {img.shape[2]}x{img.shape[1]}x{img.shape[0]} (width x height x channels)"
                     )
                 pairs.append((rel, img.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0))
-                if len(pairs) >= cfg.eval_images:
-                    break
             if cfg.noise_sigma is not None:
                 sigma = cfg.noise_sigma / 255.0
             else:

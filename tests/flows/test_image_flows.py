@@ -105,6 +105,30 @@ def test_denoise_apply_mirrors_inputs_and_improves_psnr(denoise_model, photos, d
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_denoise_apply_against_a_reference_that_does_not_match_is_refused(denoise_model, photos, dask_address,
+                                                                          tmp_path):
+    """The clean reference is read only for the scored images; one missing or of another size is
+    named (the check still runs before anything is scored)."""
+    import shutil
+
+    result, out = denoise_model
+    root, rels = photos
+    for case, expect in (("missing", "has no image"), ("resized", "but the noisy image is")):
+        ref = tmp_path / case
+        shutil.copytree(root / "clean", ref)
+        if case == "missing":
+            (ref / rels[0]).unlink()
+        else:
+            im = Image.open(ref / rels[0])
+            im.resize((im.width + 16, im.height)).save(ref / rels[0])
+        cfg = resolve_config(DenoiseRunConfig, options={
+            "model_run": result.run_uri, "load.apply_to": str(root / "noisy"), "load.reference": str(ref),
+            "output": out, "dask_address": dask_address, "app.baselines": ["tv"]})
+        state = FLOWS["denoise"](config=cfg, return_state=True)
+        assert state.is_failed(), case
+        assert expect in str(state.message) + repr(state.result(raise_on_failure=False)), case
+
+
 def test_denoise_model_folder_gives_the_same_outputs_as_the_run(denoise_model, photos, dask_address, tmp_path):
     """--model also takes a bare model folder (config.json + weights.safetensors), as the committed
     benchmark models are; a folder of another application's model is refused by name."""
