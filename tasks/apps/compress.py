@@ -212,6 +212,7 @@ class CompressApp(ImageApp):
         ("--refine-steps", "app.refine_steps", int, "Latent refinement steps per image at encoding (0 = off; ~100: fewer bits, much slower)."),
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
+        ("--rd-images", "app.rd_images", int, "Images in the rate-distortion sweep: an even sample (default 16; 0 = all)."),
         ("--skip-bad", "load.skip_bad", bool, "Leave out files that do not decode (listed in the manifest) instead of failing."),
     )
 
