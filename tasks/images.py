@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -353,9 +353,37 @@ def read_images(imset: ImageSet) -> list[np.ndarray]:
     return list(iter_images(imset))
 
 
-def stack_images(imset: ImageSet) -> np.ndarray:
-    """All images as one ``(N, C, H, W)`` uint8 array (they must share one shape, e.g. with ``size``)."""
+def images_of(imset: ImageSet, idx: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
+    """The decoded images ``idx`` of ``imset`` (all of them when None), in the order of ``idx``.
+
+    Only the shards that hold them are read, one at a time: a sample of a large set costs the
+    sample's memory, not the set's."""
+    if idx is None:
+        return read_images(imset)
+    want = [int(i) for i in idx]
+    starts = np.cumsum((0, *imset.counts))
+    got: dict[int, np.ndarray] = {}
+    for shard in sorted({int(np.searchsorted(starts, i, side="right")) - 1 for i in want}):
+        images = shard_images(imset, shard)
+        got.update({i: images[i - int(starts[shard])] for i in want if starts[shard] <= i < starts[shard + 1]})
+    return [got[i] for i in want]
+
+
+def image_shape(imset: ImageSet) -> tuple[int, int, int]:
+    """The one ``(C, H, W)`` shape of every image of ``imset``.
+
+    Raises:
+        InputError: the images differ in shape (set a size to resize them).
+    """
     shapes = set(imset.shapes)
     if len(shapes) > 1:
         raise InputError(f"{imset.source_uri}: images have different shapes {sorted(shapes)[:3]}...; set a size to resize them")
-    return np.stack(read_images(imset)) if len(imset) else np.zeros((0, 1, 1, 1), np.uint8)
+    return next(iter(shapes)) if shapes else (1, 1, 1)
+
+
+def stack_images(imset: ImageSet, idx: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Images ``idx`` (all when None) as one ``(N, C, H, W)`` uint8 array; they must share one shape
+    (e.g. with ``size``). Only the shards holding them are read (:func:`images_of`)."""
+    shape = image_shape(imset)
+    images = images_of(imset, idx)
+    return np.stack(images) if images else np.zeros((0, *shape), np.uint8)

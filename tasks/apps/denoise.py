@@ -30,7 +30,7 @@ from models.dense import seeded
 from models.image_ops import random_patches_streamed, tiled_apply
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
 from tasks.apps.base import Evaluation, Fitted, on_worker, register
-from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig, images_of
+from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import InputError
@@ -38,6 +38,7 @@ from tasks.images import (
     ImageLoadConfig,
     ImageSet,
     encode_like,
+    images_of,
     iter_images,
     shard_images,
     shard_rels,

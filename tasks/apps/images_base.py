@@ -10,10 +10,8 @@ the network.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from models.conv import ConvAEConfig, ConvAutoencoder
@@ -21,7 +19,7 @@ from tasks.apps.base import Application
 from tasks.apps.kinds import IMAGES, ImageContext
 from tasks.config import Frozen, RunConfig
 from tasks.errors import InputError
-from tasks.images import ImageLoadConfig, ImageSet, read_images, shard_images
+from tasks.images import ImageLoadConfig, ImageSet
 
 
 class ConvModelConfig(Frozen):
@@ -96,19 +94,3 @@ class ImageApp(Application):
         for role, imset in (("input", ctx.train), ("apply-to", ctx.target), ("reference", ctx.reference)):
             if imset is not None:
                 self.check_sizes(ctx.config, imset, role)
-
-
-def images_of(imset: ImageSet, idx: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
-    """The decoded images ``idx`` of ``imset`` (all of them when None), in the order of ``idx``.
-
-    Only the shards that hold them are read, one at a time: a sample of a large set costs the
-    sample's memory, not the set's."""
-    if idx is None:
-        return read_images(imset)
-    want = [int(i) for i in idx]
-    starts = np.cumsum((0, *imset.counts))
-    got: dict[int, np.ndarray] = {}
-    for shard in sorted({int(np.searchsorted(starts, i, side="right")) - 1 for i in want}):
-        images = shard_images(imset, shard)
-        got.update({i: images[i - int(starts[shard])] for i in want if starts[shard] <= i < starts[shard + 1]})
-    return [got[i] for i in want]

@@ -11,8 +11,11 @@ relative path, label) and ``index/meta.json``. ``aeflow search --index RUN
 --query image.png`` returns the k nearest images with distances.
 
 With class folders, precision@10 and mAP by label are reported for the AE codes,
-raw pixels and PCA codes of the same size, plus recall@10 of the index against
-exact search and queries per second (exact search as the baseline).
+raw pixels and PCA codes of the same size (within a seeded sample of ``app.eval_max``
+images of a larger collection), plus recall@10 of the index against exact search and
+queries per second (exact search as the baseline). Training holds its images in memory
+up to half of ``train.memory_mb``, a seeded sample of them beyond; the codes of the whole
+collection are gathered here to build the index.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, ModelMismatchError
-from tasks.images import ImageLoadConfig, shard_images, stack_images
+from tasks.images import (
+    ImageLoadConfig,
+    image_shape,
+    images_of,
+    shard_images,
+    stack_images,
+)
 from tasks.train import train_model
 
 INDEX_DIR = "index"
@@ -61,7 +70,13 @@ class Config(AppConfig):
     ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
     k: int = Field(10, ge=1, le=1000, description="Neighbours for precision@k and recall@k.")
     eval_queries: int = Field(1000, ge=1, description="Queries sampled from the collection for the metrics.")
-    map_max: int = Field(20_000, ge=1, description="mAP ranks the whole collection; skipped above this size.")
+    eval_max: int = Field(
+        20_000, ge=2,
+        description="precision@k and mAP (AE codes, raw pixels, PCA) are measured within a seeded sample of at most this "
+        "many images of the collection (all of it when smaller; said in the notes when sampled); recall@k and QPS "
+        "query the whole index.",
+    )
+    map_max: int = Field(20_000, ge=1, description="mAP ranks the whole measured collection; skipped above this size.")
     contact_queries: int = Field(4, ge=0, le=32, description="Queries shown in report/contact_sheet.png.")
     latent_noise: float = Field(
         0.25, ge=0.0,
@@ -250,29 +265,52 @@ class Index(ImageApp):
             raise ConfigError("index needs one image size for every image: set --image-size (load.size)")
         return config.model.factor
 
-    def _images(self, ctx: ImageContext) -> tuple[Any, np.ndarray]:
+    @staticmethod
+    def _collection(ctx: ImageContext) -> Any:
         imset = ctx.target if ctx.target is not None else ctx.train
         assert imset is not None
-        return imset, stack_images(imset)
+        return imset
+
+    def training_images(self, ctx: ImageContext) -> tuple[np.ndarray, np.ndarray]:
+        """(training, validation) images for fit, uint8 ``(N, C, H, W)``: every image while they take at most
+        half of ``train.memory_mb``, else a seeded sample of them that does (said in the run's notes;
+        ``train.stream=off`` takes them all). Only the shards holding them are read."""
+        cfg = ctx.config.train
+        tr, va = ctx.split()
+        c, h, w = image_shape(ctx.train)
+        cap = max(2, int(cfg.memory_mb * 2**20 / 2 / (c * h * w)))
+        n = len(tr) + len(va)
+        if cfg.stream != "off" and n > cap:
+            rng = np.random.default_rng(cfg.seed)
+            n_va = min(len(va), max(1, round(cap * len(va) / n))) if len(va) else 0
+            tr = np.sort(rng.choice(tr, cap - n_va, replace=False))
+            va = np.sort(rng.choice(va, n_va, replace=False))
+            ctx.notes.append(f"index trained on a seeded sample of {len(tr) + len(va):,} of the {n:,} training images "
+                             f"(train.memory_mb={cfg.memory_mb}; train.stream=off for all)")
+        x = stack_images(ctx.train, np.concatenate([tr, va]))
+        return x[: len(tr)], x[len(tr):]
 
     def fit(self, ctx: ImageContext) -> Fitted:
-        tr, va = ctx.split()
-        x = stack_images(ctx.train)
+        x_tr, x_va = self.training_images(ctx)
         with seeded(ctx.config.train.seed):  # initial weights from the seed: the same in every process
-            model = ctx.config.model.build(in_channels=x.shape[1])  # type: ignore[attr-defined]
-        result = train_model(model, x[tr], x[va], ctx.config.train, run=ctx.run,
+            model = ctx.config.model.build(in_channels=x_tr.shape[1])  # type: ignore[attr-defined]
+        result = train_model(model, x_tr, x_va, ctx.config.train, run=ctx.run,
                              loss_fn=index_loss(ctx.config.app), label="index autoencoder")  # type: ignore[arg-type]
         model.to(ctx.device).eval()
-        state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x.shape[1])}
+        state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x_tr.shape[1])}
         return Fitted(model=model, state=state, train=result)
+
+    def _codes(self, ctx: ImageContext, fitted: Fitted) -> np.ndarray:
+        """Every image's code, one Dask task per shard (the model shipped once per worker)."""
+        imset = self._collection(ctx)
+        return np.concatenate(self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards)))))
 
     def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
         import pandas as pd
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        imset = ctx.target if ctx.target is not None else ctx.train
-        # Codes per shard on the Dask workers (the model shipped once per worker); the index is built here.
-        codes = np.concatenate(self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards)))))
+        imset = self._collection(ctx)
+        codes = self._codes(ctx, fitted)  # on the Dask workers; the index is built here
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
         buf = io.BytesIO()
@@ -307,15 +345,14 @@ class Index(ImageApp):
         return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": f"{INDEX_DIR}/codes.npy"}
 
     def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
-        from sklearn.decomposition import PCA
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
-        imset, x = self._images(ctx)
+        imset = self._collection(ctx)
         codes = ctx.cache.get("codes")
         index = ctx.cache.get("index")
         if codes is None:
-            codes = encode_images(fitted.model, x, ctx.device)
+            codes = self._codes(ctx, fitted)
             index, _ = build_index(codes, cfg.index, cfg)
         n = len(codes)
         rng = np.random.default_rng(ctx.config.train.seed)
@@ -329,31 +366,33 @@ class Index(ImageApp):
         ev.metrics["n_images"] = n
         ev.baselines["exact"] = {"qps": exact_qps}
         if imset.has_labels and n > k:
-            labels = np.array(imset.labels)
-            with_map = n <= cfg.map_max
-            p_name = f"precision_at_{k}"
-            prec, mean_ap = precision_and_map(codes, labels, q, k, with_map)
-            ev.metrics[p_name], ev.metrics["map"] = prec, mean_ap
-            raw = x.reshape(n, -1).astype(np.float32) / 255.0
-            prec, mean_ap = precision_and_map(raw, labels, q, k, with_map)
-            ev.baselines["raw_pixels"] = {p_name: prec, "map": mean_ap}
-            n_comp = min(codes.shape[1], n - 1, raw.shape[1])
-            pca = PCA(n_components=n_comp, random_state=ctx.config.train.seed).fit(raw)
-            prec, mean_ap = precision_and_map(pca.transform(raw).astype(np.float32), labels, q, k, with_map)
-            ev.baselines[f"pca_{n_comp}"] = {p_name: prec, "map": mean_ap}
-            if not with_map:
-                ev.notes.append(f"mAP skipped: {n} images exceed map_max={cfg.map_max}")
+            # The collection precision is measured in: all of it, or a seeded sample of app.eval_max images
+            # (raw pixels and PCA need the images themselves: only the sample's are read).
+            sample = None
+            if n > cfg.eval_max:
+                sample = np.sort(rng.choice(n, cfg.eval_max, replace=False))
+                q = np.sort(rng.choice(cfg.eval_max, min(cfg.eval_max, cfg.eval_queries), replace=False))
+            ev.metrics.update(precision_metrics(codes if sample is None else codes[sample],
+                                                stack_images(imset, sample),
+                                                np.array(imset.labels) if sample is None else np.array(imset.labels)[sample],
+                                                q, k, cfg, ev, ctx.config.train.seed))
+            m = len(codes) if sample is None else len(sample)
+            if sample is not None:
+                ev.notes.append(f"precision@{k} and mAP (AE codes, raw pixels, PCA) within a seeded sample of {m:,} of "
+                                f"the {n:,} images (app.eval_max={cfg.eval_max}); recall@{k} and QPS over the whole index")
+            if m > cfg.map_max:
+                ev.notes.append(f"mAP skipped: {m} images exceed map_max={cfg.map_max}")
             ev.notes.append(f"precision@{k} and mAP by label over {len(q)} queries from the collection (the query left out)")
         else:
             ev.notes.append("no class folders: precision by label skipped")
-        ev.notes.append(f"recall@{k} of the {index_kind(index)} index against exact search; QPS on one batch of {len(q)} queries")
+        ev.notes.append(f"recall@{k} of the {index_kind(index)} index against exact search; QPS on one batch of {min(n, cfg.eval_queries)} queries")
         return ev
 
     def report(self, ctx: ImageContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         out = super().report(ctx, fitted, evaluation)
         codes, index = ctx.cache.get("codes"), ctx.cache.get("index")
-        imset, x = self._images(ctx)
+        imset = self._collection(ctx)
         if cfg.contact_queries and codes is not None and len(codes) > 1:
             # One query per class when there are classes, else evenly spaced images.
             if imset.has_labels:
@@ -365,11 +404,33 @@ class Index(ImageApp):
                 q = np.linspace(0, len(codes) - 1, min(cfg.contact_queries, len(codes))).astype(int)
             k = min(cfg.k, len(codes))
             dist, nn_i = index.search(codes[q], k)
+            shown = sorted({int(i) for i in q} | {int(j) for j in nn_i.ravel() if j >= 0})
+            x = dict(zip(shown, images_of(imset, shown), strict=True))  # only the images shown are read
             png = contact_sheet([x[i] for i in q], [[x[j] for j in row if j >= 0] for row in nn_i], dist,
                                 [imset.rel[i] for i in q], [[imset.rel[j] for j in row if j >= 0] for row in nn_i])
             ctx.run.write_bytes("report/contact_sheet.png", png)
             out["contact_sheet"] = "report/contact_sheet.png"
         return out
+
+
+def precision_metrics(codes: np.ndarray, images: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, cfg: Config,
+                      ev: Evaluation, seed: int) -> dict[str, float | None]:
+    """precision@k and mAP by label of the AE ``codes`` (returned) and, into ``ev.baselines``, of the raw
+    pixels of ``images`` and of PCA codes of the same size, for queries ``q`` within this collection."""
+    from sklearn.decomposition import PCA
+
+    n = len(codes)
+    with_map = n <= cfg.map_max
+    p_name = f"precision_at_{k}"
+    prec, mean_ap = precision_and_map(codes, labels, q, k, with_map)
+    raw = images.reshape(n, -1).astype(np.float32) / 255.0
+    r_prec, r_map = precision_and_map(raw, labels, q, k, with_map)
+    ev.baselines["raw_pixels"] = {p_name: r_prec, "map": r_map}
+    n_comp = min(codes.shape[1], n - 1, raw.shape[1])
+    pca = PCA(n_components=n_comp, random_state=seed).fit(raw)
+    p_prec, p_map = precision_and_map(pca.transform(raw).astype(np.float32), labels, q, k, with_map)
+    ev.baselines[f"pca_{n_comp}"] = {p_name: p_prec, "map": p_map}
+    return {p_name: prec, "map": mean_ap}
 
 
 def exact_index(codes: np.ndarray) -> Any:

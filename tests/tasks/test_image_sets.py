@@ -7,9 +7,8 @@ import io
 import numpy as np
 import pytest
 
-import tasks.apps.images_base as images_base
-from tasks.apps.images_base import images_of
-from tasks.images import ImageSet
+import tasks.images as images_mod
+from tasks.images import ImageSet, images_of, stack_images
 
 pytestmark = [pytest.mark.tasks]
 
@@ -34,8 +33,8 @@ def _image_set(tmp_path, counts=(3, 3, 2)) -> tuple[ImageSet, list[np.ndarray]]:
 def test_images_of_reads_only_the_shards_it_needs_in_the_order_asked(tmp_path, monkeypatch):
     imset, images = _image_set(tmp_path)
     read = []
-    real = images_base.shard_images
-    monkeypatch.setattr(images_base, "shard_images", lambda s, i: read.append(i) or real(s, i))
+    real = images_mod.shard_images
+    monkeypatch.setattr(images_mod, "shard_images", lambda s, i: read.append(i) or real(s, i))
     got = images_of(imset, [7, 0, 6, 1])
     assert [g.tobytes() for g in got] == [images[i].tobytes() for i in (7, 0, 6, 1)]
     assert read == [0, 2], "shard 1 holds none of them: not read; each shard read once"
@@ -43,3 +42,17 @@ def test_images_of_reads_only_the_shards_it_needs_in_the_order_asked(tmp_path, m
     assert [g.tobytes() for g in images_of(imset, np.array([3, 5]))] == [images[3].tobytes(), images[5].tobytes()]
     assert read == [1]
     assert len(images_of(imset)) == 8 and images_of(imset, []) == []
+
+
+def test_stack_images_stacks_the_wanted_images_of_one_shape(tmp_path, monkeypatch):
+    imset, images = _image_set(tmp_path, counts=(3, 3))
+    with pytest.raises(Exception, match="different shapes"):  # shard 0 and 1 differ in height
+        stack_images(imset)
+    imset, images = _image_set(tmp_path, counts=(4,))
+    read = []
+    real = images_mod.shard_images
+    monkeypatch.setattr(images_mod, "shard_images", lambda s, i: read.append(i) or real(s, i))
+    got = stack_images(imset, [2, 0])
+    assert got.shape == (2, 1, 4, 5) and got.dtype == np.uint8
+    assert got.tobytes() == np.stack([images[2], images[0]]).tobytes() and read == [0]
+    assert stack_images(imset, []).shape == (0, 1, 4, 5)
