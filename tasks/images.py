@@ -3,10 +3,10 @@
 ``inspect_images`` lists a file or folder (recursively; local or ``s3://``),
 hashes the files and reads class labels from subfolders (the ImageFolder
 convention: ``root/<class>/.../image.png``). ``load_images`` decodes every file
-on the Dask client in shards of ``shard_size`` files: each worker reads the
-bytes, decodes them with Pillow, normalises the mode (grayscale or RGB), resizes
-or crops when configured, and writes one ``.npz`` shard (uint8 CHW arrays) into
-the run directory. A file that does not decode names itself in one
+on the Dask client in shards of ``shard_size`` files (fewer when their bytes pass
+``shard_mb``): each worker reads the bytes, decodes them with Pillow, normalises
+the mode (grayscale or RGB), resizes or crops when configured, and writes one
+``.npz`` shard (uint8 CHW arrays) into the run directory. A file that does not decode names itself in one
 :class:`InputError`; with ``skip_bad`` it is left out and listed instead.
 
 Reading shards back (:func:`read_images`, :func:`iter_images`) never unpickles.
@@ -55,7 +55,12 @@ class ImageLoadConfig(Frozen):
         "white", description="Images with transparency: composite on white, or refuse them (the codec has no alpha plane)."
     )
     skip_bad: bool = Field(False, description="Leave out files that do not decode (listed in the manifest) instead of failing.")
-    shard_size: int = Field(64, ge=1, le=100_000, description="Images per Dask task and per shard file.")
+    shard_size: int = Field(64, ge=1, le=100_000, description="Images per Dask task and per shard file (at most).")
+    shard_mb: float = Field(
+        32.0, gt=0,
+        description="A shard also closes when its files reach this many MB, so a Dask task holds a bounded amount of "
+        "decoded pixels (large photographs: a few per shard; a single larger file is a shard of its own).",
+    )
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,21 @@ def _decode_shard(
     return report
 
 
+def shard_spans(sizes: Sequence[int], count: int, max_bytes: float) -> list[range]:
+    """Consecutive files grouped into shards of at most ``count`` files and ``max_bytes`` of file bytes
+    (a file larger than that alone); every file in exactly one shard, in order."""
+    spans: list[range] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= count or total + size > max_bytes):
+            spans.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if len(sizes):
+        spans.append(range(start, len(sizes)))
+    return spans
+
+
 def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | None, prefix: str) -> ImageSet:
     """Decode ``source`` on the Dask client into shards under ``{run}/{prefix}/``.
 
@@ -262,8 +282,8 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
             or every file bad.
     """
     uris = [f.path for f in source.files]
-    n = load.shard_size
-    groups = [uris[i : i + n] for i in range(0, len(uris), n)]
+    spans = shard_spans([f.size for f in source.files], load.shard_size, load.shard_mb * 2**20)
+    groups = [uris[span.start : span.stop] for span in spans]
     out_uris: list[str | None] = [f"{run.uri_of(prefix)}/shard-{i:05d}.npz" for i in range(len(groups))] if run else [None] * len(groups)
     if run is not None:
         run.makedirs(prefix)
@@ -274,7 +294,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     for gi, (rep, out) in enumerate(zip(reports, out_uris, strict=True)):
         ok_here = 0
         for j, r in enumerate(rep):
-            k = gi * n + j
+            k = spans[gi].start + j
             if not r["ok"]:
                 bad.append({"path": uris[k], "reason": r["reason"]})
                 continue

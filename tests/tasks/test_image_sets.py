@@ -56,3 +56,46 @@ def test_stack_images_stacks_the_wanted_images_of_one_shape(tmp_path, monkeypatc
     assert got.shape == (2, 1, 4, 5) and got.dtype == np.uint8
     assert got.tobytes() == np.stack([images[2], images[0]]).tobytes() and read == [0]
     assert stack_images(imset, []).shape == (0, 1, 4, 5)
+
+
+def test_shard_spans_close_on_count_or_bytes():
+    from tasks.images import shard_spans
+
+    assert shard_spans([10] * 5, 2, 1e9) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert shard_spans([10, 10, 10, 50, 10], 64, 25) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert shard_spans([], 64, 25) == []
+
+
+def test_large_files_make_smaller_shards_with_paths_labels_and_bad_files_kept_straight(tmp_path):
+    """Shards close on bytes as well as on count; every image keeps its path, label and pixels, and a bad
+    file in a later shard is reported by its own name."""
+    import fsspec
+    from PIL import Image
+
+    from tasks.images import ImageLoadConfig, inspect_images, load_images
+    from tasks.storage import RunDir
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "in"
+    originals = {}
+    for i, side in enumerate([40, 90, 30, 120, 50, 60, 20, 24]):  # noise: PNG bytes ~ pixels
+        rel = f"{'ab'[i % 2]}/{i}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 256, (side, side), dtype=np.uint8)
+        Image.fromarray(img).save(root / rel)
+        originals[rel] = img
+    (root / "b" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)  # broken, in a later shard
+    del originals["b/5.png"]
+    source = inspect_images(str(root))
+    run = RunDir(fs=fsspec.filesystem("file"), path=str(tmp_path / "run"), app="index", run_id="r")
+    load = ImageLoadConfig(shard_mb=12_000 / 2**20, skip_bad=True)  # about 12 kB of files per shard
+    imset = load_images(source, load, run=run, prefix="images/input")
+    sizes = [f.size for f in source.files]
+    # a/0 a/2 a/4 a/6 | b/1 | b/3 | b/5 (broken) b/7: a shard closes before the file that would pass 12 kB
+    assert imset.counts == (4, 1, 1, 1), (sizes, imset.counts)
+    assert [s["path"].rsplit("/", 2)[-2:] for s in imset.skipped] == [["b", "5.png"]]
+    assert list(imset.rel) == sorted(originals) and list(imset.labels) == [r[0] for r in sorted(originals)]
+    for rel, img in zip(imset.rel, images_of(imset), strict=True):
+        assert img[0].tobytes() == originals[rel].tobytes(), rel
+    whole = load_images(source, ImageLoadConfig(skip_bad=True), run=run, prefix="images/whole")
+    assert whole.counts == (7,) and whole.rel == imset.rel
