@@ -9,10 +9,11 @@ Never the held-out evaluation photographs (:data:`HELDOUT_IMAGES`, =
 ``tasks.sample_data.CODEC_HELDOUT_PHOTOS``): :func:`training_images` refuses any training
 image whose pixels equal a held-out one (skimage's ``cat`` is ``chelsea``).
 
-:func:`save_images` writes them to one ``.npz`` (lossless PNG bytes plus names, sources and
-pixel hashes) for a machine without those packages (a GPU box: only numpy and Pillow are
-needed to read it back with :func:`load_images_file`). Needs numpy and Pillow only; the
-package images are found by path, without importing scikit-learn or matplotlib.
+:func:`save_images` writes them to one ``.npz`` (the uint8 arrays, zlib-compressed, plus names,
+sources and pixel hashes) for a machine without those packages (a GPU box with only torch, numpy
+and safetensors: :func:`load_images_file` and :func:`pyramid` need nothing else). Collecting
+them needs scikit-image and Pillow; the package images are found by path, without importing
+scikit-learn or matplotlib.
 """
 
 from __future__ import annotations
@@ -100,32 +101,31 @@ def training_images() -> list[TrainingImage]:
 
 
 def save_images(path: str, images: list[TrainingImage]) -> int:
-    """Write the photographs as lossless PNG bytes with names, sources and hashes; returns the file size."""
-    from PIL import Image
-
-    arrays: dict[str, np.ndarray] = {}
-    for i, t in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(t.pixels).save(buf, format="PNG")
-        arrays[f"png{i:02d}"] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    """Write the photographs (uint8 arrays, zlib-compressed) with names, sources and hashes; returns the
+    file size. Reading it back needs numpy only (:func:`load_images_file`)."""
+    arrays: dict[str, np.ndarray] = {f"img{i:02d}": np.ascontiguousarray(t.pixels) for i, t in enumerate(images)}
     arrays["names"] = np.array([t.name for t in images])
     arrays["sources"] = np.array([t.source for t in images])
     arrays["hashes"] = np.array([pixel_hash(t.pixels) for t in images])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez_compressed(path, **arrays)
     return os.path.getsize(path)
 
 
 def load_images_file(path: str) -> list[TrainingImage]:
-    """Inverse of :func:`save_images` (checks every image against its recorded pixel hash)."""
-    from PIL import Image
-
+    """Inverse of :func:`save_images` (checks every image against its recorded pixel hash). Files of the
+    earlier format (PNG bytes, ``png00``...) still read, with Pillow."""
     with np.load(path, allow_pickle=False) as z:
         names, sources, hashes = list(z["names"]), list(z["sources"]), list(z["hashes"])
         out = []
         for i, (name, source, digest) in enumerate(zip(names, sources, hashes, strict=True)):
-            with Image.open(io.BytesIO(z[f"png{i:02d}"].tobytes())) as im:
-                pixels = np.asarray(im)
+            if f"img{i:02d}" in z.files:
+                pixels = z[f"img{i:02d}"]
+            else:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(z[f"png{i:02d}"].tobytes())) as im:
+                    pixels = np.asarray(im)
             if pixel_hash(pixels) != digest:
                 raise ValueError(f"{path}: image {name} does not match its recorded hash")
             out.append(TrainingImage(str(name), str(source), pixels))
@@ -133,21 +133,28 @@ def load_images_file(path: str) -> list[TrainingImage]:
 
 
 def pyramid(images: list[np.ndarray], scales: tuple[float, ...], min_side: int) -> list[np.ndarray]:
-    """Each image at each scale (Lanczos), kept while its shorter side is at least ``min_side``.
+    """Each image at each scale, kept while its shorter side is at least ``min_side``.
 
     The scale augmentation: downscaled copies show the same content with more detail per
-    crop, as photographs of other resolutions would.
+    crop, as photographs of other resolutions would. Bicubic with antialiasing in PyTorch
+    (Pillow's resampling filter), so the GPU machine needs no image library.
     """
-    from PIL import Image
+    import torch
+    import torch.nn.functional as F
 
     out = []
     for im in images:
-        pil = Image.fromarray(im)
+        h, w = im.shape[:2]
         for s in scales:
             if s == 1.0:
                 out.append(im)
                 continue
-            w, h = round(pil.width * s), round(pil.height * s)
-            if min(w, h) >= min_side:
-                out.append(np.asarray(pil.resize((w, h), Image.Resampling.LANCZOS)))
+            size = (round(h * s), round(w * s))
+            if min(size) < min_side:
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(im)).float()
+            x = x.permute(2, 0, 1)[None] if im.ndim == 3 else x[None, None]
+            y = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            y = y.round().clamp(0, 255).to(torch.uint8)[0]
+            out.append(np.ascontiguousarray(y.permute(1, 2, 0).numpy() if im.ndim == 3 else y[0].numpy()))
     return out

@@ -23,8 +23,8 @@ run killed by a time limit still leaves its latest state):
   Adam with a short warm-up.
 - ``log.json``: the loss history, speed and (on CUDA) a cross-device check.
 
-Needs torch, numpy, safetensors and Pillow (plus scikit-image for the images without
-``--images``); never Prefect, Dask, pandas or constriction. The held-out photographs of
+Needs torch, numpy and safetensors only with ``--images`` (what a lent GPU machine has; scikit-image
+and Pillow to collect the images without it); never Prefect, Dask, pandas or constriction. The held-out photographs of
 :mod:`benchmarks.quality_compress` are never used here.
 """
 
