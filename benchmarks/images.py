@@ -111,7 +111,16 @@ def bench_ann(n: int = 100_000, d: int = 128, nq: int = 1000) -> None:
         ivf, _ = build_index(base, "ivf", cfg)
         ivf_build = time.perf_counter() - t0
         _, ii, iqps = timed_search(ivf, queries, 10)
-        out[name] = {"hnsw_recall_at_10": recall_at_k(ai, ei, 10), "hnsw_qps": aqps, "exact_qps": eqps,
+        t0 = time.perf_counter()
+        pq, _ = build_index(base, "ivfpq", cfg)  # nprobe calibrated to the target recall, as HNSW's ef_search
+        pq_build = time.perf_counter() - t0
+        _, pi, pqps = timed_search(pq, queries, 10)
+        out[name] = {"ivfpq_recall_at_10": recall_at_k(pi, ei, 10), "ivfpq_qps": pqps, "ivfpq_speedup": pqps / eqps,
+                     "ivfpq_build_s": pq_build, "ivfpq_nprobe_calibrated": int(pq.nprobe),
+                     "ivfpq_bytes_per_code": int(pq.pq.code_size), "float_bytes_per_code": 4 * d,
+                     "ivfpq_index_mb": faiss.serialize_index(pq).nbytes / 1e6,
+                     "hnsw_index_mb": faiss.serialize_index(hnsw).nbytes / 1e6,
+                     "hnsw_recall_at_10": recall_at_k(ai, ei, 10), "hnsw_qps": aqps, "exact_qps": eqps,
                      "hnsw_ef_search_calibrated": int(hnsw.hnsw.efSearch),
                      "hnsw_speedup": aqps / eqps, "hnsw_build_s": build,
                      "ivf_recall_at_10": recall_at_k(ii, ei, 10), "ivf_qps": iqps, "ivf_speedup": iqps / eqps,
@@ -120,7 +129,8 @@ def bench_ann(n: int = 100_000, d: int = 128, nq: int = 1000) -> None:
                   "os_load_average": os.getloadavg()[0],
                   "settings": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search,
                                "target_recall": cfg.target_recall,
-                               "ivf_nlist": "4*sqrt(n)", "ivf_nprobe": cfg.ivf_nprobe}, "results": out})
+                               "ivf_nlist": "4*sqrt(n)", "ivf_nprobe": cfg.ivf_nprobe, "pq_bytes": cfg.pq_bytes},
+                  "results": out})
 
 
 def bench_index(size: int = 16, epochs: int | None = None) -> None:

@@ -3,19 +3,19 @@
 ``aeflow run index --input image_dir`` trains a convolutional autoencoder (or
 reuses ``--model``; by default one downsampling level, so the code keeps half the
 resolution, trained with noise added to the code: see ``Config.latent_noise``),
-encodes every image (resized to ``--image-size``), builds a
-nearest-neighbour index over the codes — exact for collections up to
-``ann_threshold`` images, FAISS HNSW (or IVF) above — and stores it in the run:
-``index/index.faiss``, ``index/codes.npy``, ``index/ids.parquet`` (id, path,
-relative path, label) and ``index/meta.json``. ``aeflow search --index RUN
---query image.png`` returns the k nearest images with distances.
+encodes every image (resized to ``--image-size``) on the Dask workers, each shard's
+codes written to ``index/codes/part.NNNNN.npy``, and builds a nearest-neighbour index
+over them one part at a time — exact for collections up to ``ann_threshold`` images,
+FAISS HNSW above, IVF-PQ (``pq_bytes`` per image) above ``pq_threshold`` — stored as
+``index/index.faiss`` with ``index/ids.parquet`` (id, path, relative path, label) and
+``index/meta.json``. ``aeflow search --index RUN --query image.png`` returns the k
+nearest images with distances.
 
 With class folders, precision@10 and mAP by label are reported for the AE codes,
 raw pixels and PCA codes of the same size (within a seeded sample of ``app.eval_max``
 images of a larger collection), plus recall@10 of the index against exact search and
-queries per second (exact search as the baseline). Training holds its images in memory
-up to half of ``train.memory_mb``, a seeded sample of them beyond; the codes of the whole
-collection are gathered here to build the index.
+queries per second (exact search, part by part, as the baseline). Training holds its
+images in memory up to half of ``train.memory_mb``, a seeded sample of them beyond.
 """
 
 from __future__ import annotations
@@ -53,21 +53,32 @@ class Config(AppConfig):
     """Settings of the index application."""
 
     name = "index"
-    index: Literal["auto", "exact", "hnsw", "ivf"] = Field(
-        "auto", description="auto: exact up to ann_threshold images, HNSW above; or force exact, hnsw or ivf."
+    index: Literal["auto", "exact", "hnsw", "ivf", "ivfpq"] = Field(
+        "auto", description="auto: exact up to ann_threshold images, HNSW up to pq_threshold, IVF-PQ above; or force "
+        "exact, hnsw, ivf or ivfpq.",
     )
     ann_threshold: int = Field(50_000, ge=0, description="Collections larger than this get an ANN index (auto).")
+    pq_threshold: int = Field(
+        1_000_000, ge=0,
+        description="Collections larger than this get IVF-PQ (auto): pq_bytes per image in the index instead of the "
+        "float code (8 kB at 32 px), so a collection of many millions fits in memory.",
+    )
+    pq_bytes: int = Field(64, ge=1, le=1024, description="IVF-PQ: bytes per image (sub-quantizers of 8 bits; at most "
+                          "the largest divisor of the code size not above it).")
+    ivf_train_max: int = Field(
+        100_000, ge=1000, description="IVF and IVF-PQ are trained on a seeded sample of at most this many codes.",
+    )
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
     ef_construction: int = Field(200, ge=8, description="HNSW build-time beam width.")
     ef_search: int = Field(128, ge=1, description="HNSW search-time beam width (the start of the calibration).")
     target_recall: float = Field(
         0.95, ge=0.0, le=1.0,
-        description="HNSW: after the build, ef_search is doubled until recall@k on a sample of the collection "
-        "(against exact search) reaches this; 0 keeps ef_search as given.",
+        description="HNSW (ef_search) and IVF-PQ (nprobe): after the build, the search setting is doubled until "
+        "recall@k on a sample of the collection (against exact search) reaches this, or its bound; 0 keeps it as given.",
     )
     max_ef_search: int = Field(4096, ge=1, description="Upper bound of the ef_search calibration.")
     ivf_nlist: int | None = Field(None, ge=1, description="IVF cells (None: 4 * sqrt(n)).")
-    ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query (IVF-PQ: the start of the calibration).")
     k: int = Field(10, ge=1, le=1000, description="Neighbours for precision@k and recall@k.")
     eval_queries: int = Field(1000, ge=1, description="Queries sampled from the collection for the metrics.")
     eval_max: int = Field(
@@ -112,13 +123,78 @@ def encode_images(model: torch.nn.Module, images: np.ndarray, device: torch.devi
     return np.ascontiguousarray(z.reshape(len(images), -1), dtype=np.float32)
 
 
-def build_index(codes: np.ndarray, kind: str, cfg: Config, seed: int = 0) -> tuple[Any, str]:
-    """A FAISS index over ``codes`` (L2); returns (index, the kind built)."""
+CODES_DIR = f"{INDEX_DIR}/codes"
+
+
+def code_part(i: int) -> str:
+    """Where the codes of shard ``i`` go in the run: one float32 ``.npy`` per shard of images."""
+    return f"{CODES_DIR}/part.{i:05d}.npy"
+
+
+class Codes:
+    """Codes of a collection in consecutive parts (one per shard of images), read one part at a time.
+
+    Over an array (one part) or an index run's stored parts (``index/codes/part.NNNNN.npy``):
+    building and evaluating an index hold one part of float codes, not the collection's.
+    """
+
+    def __init__(self, counts: tuple[int, ...], dim: int, read: Any) -> None:
+        self.counts, self.dim, self._read = tuple(int(c) for c in counts), int(dim), read
+        self.starts = np.cumsum((0, *self.counts))
+
+    @classmethod
+    def of(cls, codes: np.ndarray | Codes) -> Codes:
+        if isinstance(codes, Codes):
+            return codes
+        arr = np.ascontiguousarray(codes, dtype=np.float32)
+        return cls((len(arr),), arr.shape[1], lambda _i: arr)
+
+    @classmethod
+    def stored(cls, run: Any, counts: tuple[int, ...], dim: int) -> Codes:
+        return cls(counts, dim, lambda i: np.load(io.BytesIO(run.read_bytes(code_part(i))), allow_pickle=False))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def part(self, i: int) -> np.ndarray:
+        return self._read(i)
+
+    def parts(self) -> Any:
+        """(first row, codes) of every non-empty part, in order."""
+        for i, c in enumerate(self.counts):
+            if c:
+                yield int(self.starts[i]), self.part(i)
+
+    def rows(self, idx: np.ndarray | list[int]) -> np.ndarray:
+        """The codes of rows ``idx``, in that order (only the parts holding them are read)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.dim), np.float32)
+        where = np.searchsorted(self.starts, idx, side="right") - 1
+        for p in np.unique(where):
+            sel = where == p
+            out[sel] = self.part(int(p))[idx[sel] - self.starts[p]]
+        return out
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(n, size), replace=False))
+
+
+def pq_subquantizers(dim: int, pq_bytes: int) -> int:
+    """The number of 8-bit sub-quantizers: the largest divisor of ``dim`` not above ``pq_bytes``."""
+    return max(m for m in range(1, min(dim, pq_bytes) + 1) if dim % m == 0)
+
+
+def build_index(codes: np.ndarray | Codes, kind: str, cfg: Config, seed: int = 0) -> tuple[Any, str]:
+    """A FAISS index over ``codes`` (L2; an array, or :class:`Codes` added part by part); returns
+    (index, the kind built). IVF kinds train on a seeded sample of at most ``cfg.ivf_train_max`` codes."""
     import faiss
 
-    n, d = codes.shape
+    codes = Codes.of(codes)
+    n, d = len(codes), codes.dim
     if kind == "auto":
-        kind = "exact" if n <= cfg.ann_threshold else "hnsw"
+        kind = "exact" if n <= cfg.ann_threshold else ("hnsw" if n <= cfg.pq_threshold else "ivfpq")
     if kind == "exact":
         index = faiss.IndexFlatL2(d)
     elif kind == "hnsw":
@@ -127,42 +203,74 @@ def build_index(codes: np.ndarray, kind: str, cfg: Config, seed: int = 0) -> tup
         index.hnsw.efSearch = cfg.ef_search
     else:
         nlist = cfg.ivf_nlist or max(1, int(4 * math.sqrt(n)))
-        nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants ~39 training points per cell
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
         rng = np.random.default_rng(seed)
-        sample = codes[rng.choice(n, min(n, 256 * nlist), replace=False)]
+        sample = codes.rows(rng.choice(n, min(n, 256 * nlist, cfg.ivf_train_max), replace=False))
+        nlist = max(1, min(nlist, len(sample) // 39 or 1))  # FAISS wants ~39 training points per cell
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        else:  # 8-bit codebooks want ~39 x 256 training points; fewer bits for a small collection
+            nbits = int(min(8, max(1, math.floor(math.log2(max(len(sample) / 39, 2))))))
+            index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, pq_subquantizers(d, cfg.pq_bytes), nbits)
         index.train(sample)
         index.nprobe = min(cfg.ivf_nprobe, nlist)
-    index.add(codes)
-    if kind == "hnsw" and cfg.target_recall > 0:
-        calibrate_ef_search(index, codes, cfg, seed)
+    for _start, part in codes.parts():
+        index.add(part)
+    if kind in ("hnsw", "ivfpq") and cfg.target_recall > 0:
+        calibrate_search(index, kind, codes, cfg, seed)
     return index, kind
 
 
-def calibrate_ef_search(index: Any, codes: np.ndarray, cfg: Config, seed: int = 0, sample: int = 200) -> float:
-    """Double the HNSW index's ``efSearch`` from ``cfg.ef_search`` until recall@k on ``sample`` rows of the
-    collection (queried for k + 1 neighbours, themselves left out) reaches ``cfg.target_recall``
-    or ``cfg.max_ef_search`` is reached. Returns the recall measured at the chosen setting."""
+def search_param(index: Any, kind: str) -> int:
+    """The search-time setting calibrated for ``kind``: HNSW's efSearch, IVF's nprobe."""
+    import faiss
+
+    if kind == "hnsw":
+        return int(faiss.downcast_index(index).hnsw.efSearch)
+    return int(faiss.extract_index_ivf(index).nprobe) if kind in ("ivf", "ivfpq") else 0
+
+
+def set_search_param(index: Any, kind: str, value: int) -> None:
+    import faiss
+
+    if kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = int(value)
+    elif kind in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(index).nprobe = int(value)
+
+
+def calibrate_search(index: Any, kind: str, codes: np.ndarray | Codes, cfg: Config, seed: int = 0,
+                     sample: int = 200) -> float:
+    """Double the search setting (HNSW ``efSearch`` from ``cfg.ef_search`` up to ``cfg.max_ef_search``; IVF-PQ
+    ``nprobe`` from ``cfg.ivf_nprobe`` up to every cell) until recall@k on ``sample`` rows of the collection
+    (queried for k + 1 neighbours, themselves left out) reaches ``cfg.target_recall`` or the bound. Returns the
+    recall measured at the chosen setting."""
+    import faiss
+
+    codes = Codes.of(codes)
     n = len(codes)
     k = min(cfg.k, n - 1)
     if k < 1:
         return 1.0
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
-    queries = np.ascontiguousarray(codes[rows], dtype=np.float32)
+    rows = sample_rows(n, sample, seed)
+    queries = codes.rows(rows)
     _, exact = exact_neighbours(codes, queries, k + 1)
 
     def others(ids: np.ndarray) -> np.ndarray:  # each row's neighbours without the row itself
         return np.stack([np.concatenate([r[r != q], np.full(k + 1, -1)])[:k] for r, q in zip(ids, rows, strict=True)])
 
     truth = others(exact)
-    ef = min(cfg.ef_search, cfg.max_ef_search)
+    if kind == "hnsw":
+        value, bound = min(cfg.ef_search, cfg.max_ef_search), cfg.max_ef_search
+    else:
+        bound = int(faiss.extract_index_ivf(index).nlist)
+        value = min(cfg.ivf_nprobe, bound)
     while True:
-        index.hnsw.efSearch = ef
+        set_search_param(index, kind, value)
         _, got = index.search(queries, k + 1)
         recall = recall_at_k(others(got), truth, k)
-        if recall >= cfg.target_recall or ef >= cfg.max_ef_search:
+        if recall >= cfg.target_recall or value >= bound:
             return recall
-        ef = min(2 * ef, cfg.max_ef_search)
+        value = min(2 * value, bound)
 
 
 def serialize_index(index: Any) -> bytes:
@@ -177,17 +285,43 @@ def deserialize_index(data: bytes, meta: dict[str, Any]) -> Any:
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if meta.get("kind") == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = int(meta["params"]["ef_search"])
-    elif meta.get("kind") == "ivf":
+    elif meta.get("kind") in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = int(meta["params"]["nprobe"])
     return index
 
 
-def exact_neighbours(x: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_neighbours(x: np.ndarray | Codes, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact L2 k nearest rows of ``x`` (an array, or :class:`Codes` searched part by part) for each query:
+    (squared distances, row ids; -1 past the end)."""
+    d, i, _ = _exact_search(Codes.of(x), queries, k)
+    return d, i
+
+
+def _exact_search(codes: Codes, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact search part by part, the running k best merged; returns (distances, ids, seconds spent
+    searching, reading the parts excluded)."""
     import faiss
 
-    flat = faiss.IndexFlatL2(x.shape[1])
-    flat.add(np.ascontiguousarray(x, dtype=np.float32))
-    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_d = np.full((len(queries), k), np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    spent = 0.0
+    for start, part in codes.parts():
+        flat = faiss.IndexFlatL2(codes.dim)
+        flat.add(np.ascontiguousarray(part, dtype=np.float32))
+        d, i, part_qps = timed_search(flat, queries, min(k, len(part)))
+        spent += len(queries) / part_qps
+        i = np.where(i >= 0, i + start, -1)
+        d, i = np.concatenate([best_d, d], axis=1), np.concatenate([best_i, i], axis=1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    return best_d, best_i, spent
+
+
+def timed_exact_search(codes: Codes, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Exact search of every query over ``codes``; returns (ids, queries per second of the searching)."""
+    _, i, spent = _exact_search(codes, queries, k)
+    return i, len(queries) / max(spent, 1e-9)
 
 
 def precision_and_map(x: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, with_map: bool) -> tuple[float, float | None]:
@@ -232,8 +366,9 @@ def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 # The application
 
 
-def _encode_shard(index: int, *, app: Index, ctx: ImageContext, fitted: Fitted) -> np.ndarray:
-    """The codes of one shard of images, on a Dask worker."""
+def _encode_shard(index: int, *, app: Index, ctx: ImageContext, fitted: Fitted) -> int:
+    """The codes of one shard of images, on a Dask worker, written to ``index/codes/part.NNNNN.npy``;
+    returns how many."""
     ctx, fitted = on_worker(app, ctx, fitted)
     imset = ctx.target if ctx.target is not None else ctx.train
     x = np.stack(shard_images(imset, index))
@@ -243,7 +378,11 @@ def _encode_shard(index: int, *, app: Index, ctx: ImageContext, fitted: Fitted) 
             f"the model of {fitted.source_run or ctx.run.uri} takes {want}-channel images but --mode "
             f"{ctx.config.load.mode} gives {x.shape[1]} channels"
         )
-    return encode_images(fitted.model, x, ctx.device)
+    codes = encode_images(fitted.model, x, ctx.device)
+    buf = io.BytesIO()
+    np.save(buf, codes, allow_pickle=False)
+    ctx.run.write_bytes(code_part(index), buf.getvalue())
+    return len(codes)
 
 
 @register
@@ -254,7 +393,8 @@ class Index(ImageApp):
     headlines = (("precision_at_10", True), ("recall_at_10", True))
     cli_options = ImageApp.cli_options + (
         ("--image-size", "load.size", int, "Images are resized to this square size before encoding."),
-        ("--index-type", "app.index", str, "auto (exact up to --ann-threshold, HNSW above), exact, hnsw or ivf."),
+        ("--index-type", "app.index", str,
+         "auto (exact up to --ann-threshold, HNSW above, IVF-PQ above app.pq_threshold), exact, hnsw, ivf or ivfpq."),
         ("--ann-threshold", "app.ann_threshold", int, "Collections larger than this get an ANN index (auto)."),
         ("--latent-channels", "model.latent_channels", int,
          "Channels of the code (code size = channels x (size/2)^2 with the default two levels)."),
@@ -300,22 +440,26 @@ class Index(ImageApp):
         state = {"image_size": ctx.config.load.size, "mode": ctx.config.load.mode, "in_channels": int(x_tr.shape[1])}
         return Fitted(model=model, state=state, train=result)
 
-    def _codes(self, ctx: ImageContext, fitted: Fitted) -> np.ndarray:
-        """Every image's code, one Dask task per shard (the model shipped once per worker)."""
+    def _codes(self, ctx: ImageContext, fitted: Fitted) -> Codes:
+        """Every image's code, one Dask task per shard (the model shipped once per worker), each written to
+        the run as a part; this process reads them back one part at a time."""
         imset = self._collection(ctx)
-        return np.concatenate(self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards)))))
+        ctx.run.makedirs(CODES_DIR)
+        counts = self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards))))
+        if sum(counts) != len(imset):
+            raise RuntimeError(f"index: {sum(counts)} codes written for {len(imset)} images")
+        first = next(i for i, c in enumerate(counts) if c)
+        dim = int(Codes.stored(ctx.run, tuple(counts), 0).part(first).shape[1])
+        return Codes.stored(ctx.run, tuple(counts), dim)
 
     def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
         import pandas as pd
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         imset = self._collection(ctx)
-        codes = self._codes(ctx, fitted)  # on the Dask workers; the index is built here
+        codes = self._codes(ctx, fitted)  # on the Dask workers; the index is built here, one part at a time
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
-        buf = io.BytesIO()
-        np.save(buf, codes, allow_pickle=False)
-        run.write_bytes(f"{INDEX_DIR}/codes.npy", buf.getvalue())
         run.write_bytes(f"{INDEX_DIR}/index.faiss", serialize_index(index))
         base = imset.source_uri.rstrip("/")
         ids = pd.DataFrame({
@@ -330,19 +474,21 @@ class Index(ImageApp):
         load = ctx.config.load
         meta = {
             "kind": kind,
-            "n": int(codes.shape[0]),
-            "dim": int(codes.shape[1]),
+            "n": len(codes),
+            "dim": codes.dim,
             "metric": "l2",
             "params": {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction,
-                       "ef_search": int(index.hnsw.efSearch) if kind == "hnsw" else cfg.ef_search,
-                       "nprobe": cfg.ivf_nprobe},
+                       "ef_search": search_param(index, kind) if kind == "hnsw" else cfg.ef_search,
+                       "nprobe": search_param(index, kind) if kind in ("ivf", "ivfpq") else cfg.ivf_nprobe,
+                       **({"pq_bytes": int(index.pq.code_size)} if kind == "ivfpq" else {})},
+            "codes": {"parts": list(codes.counts)},
             "image": {"mode": load.mode, "size": load.size, "fit": load.fit},
             "model_run": fitted.source_run or run.uri,
             "model_weights": fitted.weights_hash,
         }
         run.write_json(f"{INDEX_DIR}/meta.json", meta)
         ctx.cache["codes"], ctx.cache["index"] = codes, index
-        return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": f"{INDEX_DIR}/codes.npy"}
+        return {"index": f"{INDEX_DIR}/index.faiss", "ids": f"{INDEX_DIR}/ids.parquet", "codes": CODES_DIR}
 
     def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
 
@@ -354,15 +500,28 @@ class Index(ImageApp):
         if codes is None:
             codes = self._codes(ctx, fitted)
             index, _ = build_index(codes, cfg.index, cfg)
+        codes = Codes.of(codes)
         n = len(codes)
         rng = np.random.default_rng(ctx.config.train.seed)
         q = np.sort(rng.choice(n, min(n, cfg.eval_queries), replace=False))
         k = min(cfg.k, n - 1) if n > 1 else 1
-        _, exact_i, exact_qps = timed_search(exact_index(codes), codes[q], k)
-        _, ann_i, qps = timed_search(index, codes[q], k)
-        ev.metrics["recall_at_10" if k == 10 else f"recall_at_{k}"] = recall_at_k(ann_i, exact_i, k)
+        queries = codes.rows(q)
+        exact_i, exact_qps = timed_exact_search(codes, queries, k)
+        _, ann_i, qps = timed_search(index, queries, k)
+        recall = ev.metrics["recall_at_10" if k == 10 else f"recall_at_{k}"] = recall_at_k(ann_i, exact_i, k)
+        kind = {"HNSW": "hnsw", "IVF-PQ": "ivfpq"}.get(index_kind(index))
+        if kind and 0 < recall < cfg.target_recall:
+            import faiss
+
+            setting, value = ("ef_search" if kind == "hnsw" else "nprobe"), search_param(index, kind)
+            bound = cfg.max_ef_search if kind == "hnsw" else int(faiss.extract_index_ivf(index).nlist)
+            why = (f"the build's calibration stopped at its bound, {setting}={value}"
+                   + (" (every cell): more app.pq_bytes, or HNSW while the codes fit in memory" if kind == "ivfpq"
+                      else " (app.max_ef_search)") if value >= bound
+                   else f"the build's calibration sample reached it at {setting}={value}")
+            ev.notes.append(f"recall@{k} {recall:.3f} is below app.target_recall={cfg.target_recall}: {why}")
         ev.metrics["qps"] = qps
-        ev.metrics["code_dim"] = int(codes.shape[1])
+        ev.metrics["code_dim"] = codes.dim
         ev.metrics["n_images"] = n
         ev.baselines["exact"] = {"qps": exact_qps}
         if imset.has_labels and n > k:
@@ -372,7 +531,7 @@ class Index(ImageApp):
             if n > cfg.eval_max:
                 sample = np.sort(rng.choice(n, cfg.eval_max, replace=False))
                 q = np.sort(rng.choice(cfg.eval_max, min(cfg.eval_max, cfg.eval_queries), replace=False))
-            ev.metrics.update(precision_metrics(codes if sample is None else codes[sample],
+            ev.metrics.update(precision_metrics(codes.rows(np.arange(n) if sample is None else sample),
                                                 stack_images(imset, sample),
                                                 np.array(imset.labels) if sample is None else np.array(imset.labels)[sample],
                                                 q, k, cfg, ev, ctx.config.train.seed))
@@ -403,7 +562,7 @@ class Index(ImageApp):
             else:
                 q = np.linspace(0, len(codes) - 1, min(cfg.contact_queries, len(codes))).astype(int)
             k = min(cfg.k, len(codes))
-            dist, nn_i = index.search(codes[q], k)
+            dist, nn_i = index.search(Codes.of(codes).rows(q), k)
             shown = sorted({int(i) for i in q} | {int(j) for j in nn_i.ravel() if j >= 0})
             x = dict(zip(shown, images_of(imset, shown), strict=True))  # only the images shown are read
             png = contact_sheet([x[i] for i in q], [[x[j] for j in row if j >= 0] for row in nn_i], dist,
@@ -433,17 +592,9 @@ def precision_metrics(codes: np.ndarray, images: np.ndarray, labels: np.ndarray,
     return {p_name: prec, "map": mean_ap}
 
 
-def exact_index(codes: np.ndarray) -> Any:
-    import faiss
-
-    flat = faiss.IndexFlatL2(codes.shape[1])
-    flat.add(codes)
-    return flat
-
-
 def index_kind(index: Any) -> str:
     name = type(index).__name__
-    return {"IndexFlatL2": "exact", "IndexHNSWFlat": "HNSW", "IndexIVFFlat": "IVF"}.get(name, name)
+    return {"IndexFlatL2": "exact", "IndexHNSWFlat": "HNSW", "IndexIVFFlat": "IVF", "IndexIVFPQ": "IVF-PQ"}.get(name, name)
 
 
 def contact_sheet(queries: list[np.ndarray], results: list[list[np.ndarray]], distances: np.ndarray,

@@ -212,7 +212,7 @@ def test_index_outputs_and_metrics(index_run):
     result, _ = index_run
     m = open_run(result.run_uri).manifest()
     paths = {o.path for o in m.outputs}
-    assert {"index/index.faiss", "index/ids.parquet", "index/codes.npy", "index/meta.json",
+    assert {"index/index.faiss", "index/ids.parquet", "index/codes/part.00000.npy", "index/codes/part.00001.npy", "index/meta.json",
             "report/contact_sheet.png", "model/weights.safetensors"} <= paths
     ids = pd.read_parquet(os.path.join(result.run_uri, "index/ids.parquet"))
     assert len(ids) == 80 and set(ids["label"]) == {"0", "1", "2", "3"}
@@ -220,6 +220,15 @@ def test_index_outputs_and_metrics(index_run):
     assert 0.25 < m.metrics["precision_at_10"] <= 1.0 and m.metrics["map"] is not None
     assert set(m.baselines) == {"exact", "raw_pixels", "pca_79"}
     assert m.metrics["code_dim"] == 8 * 8 * 8
+    # The codes are stored per shard of images (written by the workers), in image order, and are what the index holds.
+    from tasks.apps.index import deserialize_index
+
+    meta = json.loads(open(os.path.join(result.run_uri, "index/meta.json")).read())
+    assert meta["codes"]["parts"] == [64, 16] and meta["n"] == 80 and meta["dim"] == 512
+    codes = np.concatenate([np.load(os.path.join(result.run_uri, f"index/codes/part.{i:05d}.npy")) for i in range(2)])
+    index = deserialize_index(open(os.path.join(result.run_uri, "index/index.faiss"), "rb").read(), meta)
+    dist, nn = index.search(codes, 1)
+    assert codes.shape == (80, 512) and np.allclose(dist[:, 0], 0, atol=1e-6) and np.mean(nn[:, 0] == np.arange(80)) > 0.9
 
 
 def test_search_returns_the_query_first(index_run, digits_dir, tmp_path):

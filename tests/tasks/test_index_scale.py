@@ -99,3 +99,22 @@ def test_precision_baselines_are_measured_on_the_same_images_as_the_codes(tmp_pa
         assert "pca_59" in ev.baselines
     else:
         assert not sampled and "pca_199" in ev.baselines
+
+
+def test_an_index_below_its_target_recall_says_why(tmp_path):
+    """IVF-PQ on a collection too small for its codebooks: the calibration ends at every cell and the
+    run's notes say so (with what to change), instead of a bare low recall."""
+    imset, x = _collection(tmp_path)
+    codes = x.reshape(len(x), -1).astype(np.float32) / 255.0
+    cfg = IndexRunConfig(app=Config(eval_queries=50))
+    ctx = ImageContext(config=cfg, run=None, device=torch.device("cpu"), train=imset)  # type: ignore[arg-type]
+    index, kind = build_index(codes, "ivfpq", cfg.app)
+    ctx.cache["codes"], ctx.cache["index"] = codes, index
+    ev = Index().evaluate(ctx, fitted=None)  # type: ignore[arg-type]
+    assert kind == "ivfpq" and ev.metrics["recall_at_10"] < 0.95
+    assert any(n.startswith(f"recall@10 {ev.metrics['recall_at_10']:.3f} is below app.target_recall=0.95: the build's "
+                            f"calibration stopped at its bound, nprobe={index.nlist} (every cell)") for n in ev.notes), ev.notes
+    exact, _ = build_index(codes, "exact", cfg.app)
+    ctx.cache["index"] = exact
+    ev = Index().evaluate(ctx, fitted=None)  # type: ignore[arg-type]
+    assert ev.metrics["recall_at_10"] == 1.0 and not any("below app.target_recall" in n for n in ev.notes)
