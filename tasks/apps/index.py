@@ -124,6 +124,7 @@ def encode_images(model: torch.nn.Module, images: np.ndarray, device: torch.devi
 
 
 CODES_DIR = f"{INDEX_DIR}/codes"
+CHUNK_BYTES = 256 << 20  # codes joined into one block for adding and exact search
 
 
 def code_part(i: int) -> str:
@@ -159,11 +160,23 @@ class Codes:
     def part(self, i: int) -> np.ndarray:
         return self._read(i)
 
-    def parts(self) -> Any:
-        """(first row, codes) of every non-empty part, in order."""
+    def parts(self, max_bytes: int = CHUNK_BYTES) -> Any:
+        """(first row, codes) of consecutive rows in order: parts joined up to ``max_bytes`` of codes (a
+        larger part alone), so that searches and adds run on large blocks with bounded memory."""
+        group: list[np.ndarray] = []
+        start = size = 0
         for i, c in enumerate(self.counts):
-            if c:
-                yield int(self.starts[i]), self.part(i)
+            if not c:
+                continue
+            if group and size + c * self.dim * 4 > max_bytes:
+                yield start, np.concatenate(group) if len(group) > 1 else group[0]
+                group, size = [], 0
+            if not group:
+                start = int(self.starts[i])
+            group.append(self.part(i))
+            size += c * self.dim * 4
+        if group:
+            yield start, np.concatenate(group) if len(group) > 1 else group[0]
 
     def rows(self, idx: np.ndarray | list[int]) -> np.ndarray:
         """The codes of rows ``idx``, in that order (only the parts holding them are read)."""
@@ -273,10 +286,15 @@ def calibrate_search(index: Any, kind: str, codes: np.ndarray | Codes, cfg: Conf
         value = min(2 * value, bound)
 
 
-def serialize_index(index: Any) -> bytes:
+def write_index(run: Any, rel: str, index: Any) -> None:
+    """Write ``index`` to the run's file ``rel`` as FAISS streams it (no in-memory copy of a large index;
+    the file appears only when complete)."""
     import faiss
 
-    return faiss.serialize_index(index).tobytes()
+    with run.open(rel, "wb") as f:
+        writer = faiss.PyCallbackIOWriter(f.write)
+        faiss.write_index(index, writer)
+        del writer  # flushes its buffer into f
 
 
 def deserialize_index(data: bytes, meta: dict[str, Any]) -> Any:
@@ -460,7 +478,7 @@ class Index(ImageApp):
         codes = self._codes(ctx, fitted)  # on the Dask workers; the index is built here, one part at a time
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
-        run.write_bytes(f"{INDEX_DIR}/index.faiss", serialize_index(index))
+        write_index(run, f"{INDEX_DIR}/index.faiss", index)
         base = imset.source_uri.rstrip("/")
         ids = pd.DataFrame({
             "id": np.arange(len(imset.rel)),

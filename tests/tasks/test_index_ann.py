@@ -59,6 +59,9 @@ def test_codes_in_parts_give_the_same_index_and_neighbours_as_in_memory():
     d_mem, i_mem = exact_neighbours(x, q, 7)
     d_par, i_par = exact_neighbours(parts, q, 7)
     assert np.array_equal(i_mem, i_par) and np.allclose(d_mem, d_par) and read == [0, 2, 3], "part 1 is empty"
+    blocks = [(start, len(c)) for start, c in parts.parts(max_bytes=1600 * 32 * 4)]
+    assert blocks == [(0, 1000), (1000, 1500), (2500, 500)], "joined up to the budget, a larger part alone"
+    assert [(s, len(c)) for s, c in parts.parts(max_bytes=2000 * 32 * 4)] == [(0, 1000), (1000, 2000)]
     assert parts.rows([2999, 0, 1500]).tobytes() == x[[2999, 0, 1500]].tobytes()
     flat, kind = build_index(parts, "auto", Config())
     assert kind == "exact" and flat.ntotal == 3000 and np.array_equal(flat.search(q, 7)[1], i_mem)
