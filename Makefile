@@ -63,6 +63,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.images
 	$(BIN)/python -m benchmarks.detect_speed
 	$(BIN)/python -m benchmarks.scale
+	$(BIN)/python -m benchmarks.index_scale
 	$(BIN)/python -m benchmarks.codec_tiles --write
 
 clean:
