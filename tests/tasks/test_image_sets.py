@@ -69,6 +69,7 @@ def test_shard_spans_close_on_count_or_bytes():
 def test_large_files_make_smaller_shards_with_paths_labels_and_bad_files_kept_straight(tmp_path):
     """Shards close on bytes as well as on count; every image keeps its path, label and pixels, and a bad
     file in a later shard is reported by its own name."""
+    import dask
     import fsspec
     from PIL import Image
 
@@ -89,7 +90,9 @@ def test_large_files_make_smaller_shards_with_paths_labels_and_bad_files_kept_st
     source = inspect_images(str(root))
     run = RunDir(fs=fsspec.filesystem("file"), path=str(tmp_path / "run"), app="index", run_id="r")
     load = ImageLoadConfig(shard_mb=12_000 / 2**20, skip_bad=True)  # about 12 kB of files per shard
-    imset = load_images(source, load, run=run, prefix="images/input")
+    with dask.config.set(scheduler="synchronous"):  # no cluster here (another test may have left one configured)
+        imset = load_images(source, load, run=run, prefix="images/input")
+        whole = load_images(source, ImageLoadConfig(skip_bad=True), run=run, prefix="images/whole")
     sizes = [f.size for f in source.files]
     # a/0 a/2 a/4 a/6 | b/1 | b/3 | b/5 (broken) b/7: a shard closes before the file that would pass 12 kB
     assert imset.counts == (4, 1, 1, 1), (sizes, imset.counts)
@@ -97,5 +100,4 @@ def test_large_files_make_smaller_shards_with_paths_labels_and_bad_files_kept_st
     assert list(imset.rel) == sorted(originals) and list(imset.labels) == [r[0] for r in sorted(originals)]
     for rel, img in zip(imset.rel, images_of(imset), strict=True):
         assert img[0].tobytes() == originals[rel].tobytes(), rel
-    whole = load_images(source, ImageLoadConfig(skip_bad=True), run=run, prefix="images/whole")
     assert whole.counts == (7,) and whole.rel == imset.rel
