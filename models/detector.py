@@ -60,7 +60,66 @@ from torch import Tensor, nn
 from models.dense import AEOutput, DenseAEConfig, DenseAutoencoder
 
 SCALINGS = ("median", "robust")
-FRACTIONAL_BLOCK = 1 << 22  # elements (16 MB of float32) of one block of p = 0.5 differences
+FRACTIONAL_BLOCK = 1 << 22  # differences (16 MB of float32) of one block of rows (torch path)
+FRACTIONAL_SUMS = 1 << 22  # sums (16 MB of float32) of one block of rows x references (numba path)
+_FRACTIONAL_KERNEL: Any = None  # numba's compiled fractional_sums; False: numba is not installed
+
+
+def fractional_sums(q: np.ndarray, ref_t: np.ndarray, out: np.ndarray) -> None:
+    """``out[i, j] = sum_c sqrt|q[i, c] - ref_t[c, j]|`` (``ref_t``: the reference rows transposed).
+
+    Plain loops for numba (:func:`fractional_kernel`): the inner loop runs along a reference
+    column, contiguous, so it vectorises; one row of sums (a few tens of kB) stays in cache while
+    every column adds to it. Each sum adds its columns in order, so a row's sums do not depend
+    on the block or thread it is computed in."""
+    n, d = q.shape
+    m = ref_t.shape[1]
+    for i in range(n):
+        row = out[i]
+        for j in range(m):
+            row[j] = 0.0
+        for c in range(d):
+            qc = q[i, c]
+            rc = ref_t[c]
+            for j in range(m):
+                row[j] += np.sqrt(np.abs(qc - rc[j]))
+
+
+def fractional_kernel():
+    """:func:`fractional_sums` compiled by numba (once per process, ~0.5 s; releases the GIL), or
+    None without numba (``models/`` needs only torch: the torch path then)."""
+    global _FRACTIONAL_KERNEL
+    if _FRACTIONAL_KERNEL is None:
+        try:
+            import numba
+        except ImportError:
+            _FRACTIONAL_KERNEL = False
+        else:
+            _FRACTIONAL_KERNEL = numba.njit(nogil=True, cache=False)(fractional_sums)
+    return _FRACTIONAL_KERNEL or None
+
+
+def _fractional_knn_numba(kernel, q: Tensor, ref: Tensor, k: int) -> Tensor:
+    """Mean squared fractional (p = 0.5) sum over each row's k - 1 nearest references after the
+    nearest: blocks of rows through ``kernel``, on ``torch.get_num_threads()`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    qn = np.ascontiguousarray(q.detach().float().numpy())
+    ref_t = np.ascontiguousarray(ref.detach().float().numpy().T)
+    rows = max(1, min(len(qn), FRACTIONAL_SUMS // max(1, len(ref))))
+    starts = range(0, len(qn), rows)
+
+    def block(start: int) -> Tensor:
+        part = qn[start:start + rows]
+        sums = np.empty((len(part), ref_t.shape[1]), np.float32)
+        kernel(part, ref_t, sums)
+        return torch.topk(torch.from_numpy(sums), k, dim=1, largest=False).values[:, 1:].square().mean(dim=1)
+
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        return torch.cat([block(s) for s in starts])
+    with ThreadPoolExecutor(threads) as pool:
+        return torch.cat(list(pool.map(block, starts)))
 
 
 @dataclass(frozen=True)
@@ -252,10 +311,14 @@ class KnnAutoencoderDetector(nn.Module):
             return torch.zeros(len(q), device=q.device)
         out = []
         if p == 0.5:
-            # sum_j sqrt|q_j - r_j|, squared: ~7x faster than cdist's generic pow path (itself ~30x
-            # slower than its Euclidean one). Small blocks of rows (about FRACTIONAL_BLOCK
-            # differences) through one reused buffer: a fresh 100 MB tensor per block spends more
-            # time faulting in pages than computing. Ranked before squaring (monotone).
+            # sum_j sqrt|q_j - r_j|, squared (ranked before squaring: monotone). On the CPU with numba
+            # (a dependency of pyod) one compiled loop per block, ~4x faster than the torch path.
+            kernel = fractional_kernel() if q.device.type == "cpu" else None
+            if kernel is not None:
+                return _fractional_knn_numba(kernel, q, ref, k)
+            # torch: ~7x faster than cdist's generic pow path (itself ~30x slower than its Euclidean
+            # one). Small blocks of rows (about FRACTIONAL_BLOCK differences) through one reused
+            # buffer: a fresh 100 MB tensor per block spends more time faulting in pages than computing.
             rows = max(1, min(len(q), FRACTIONAL_BLOCK // max(1, len(ref) * ref.shape[1])))
             buf = torch.empty(rows, len(ref), ref.shape[1], device=q.device)
             for part in q.float().split(rows):

@@ -177,8 +177,34 @@ def test_fractional_distance_blocks_match_cdist(monkeypatch):
     ref, q = torch.randn(50, 3), torch.randn(23, 3)
     k = m.config.k + 1
     want = torch.topk(torch.cdist(q, ref, p=0.5), k, dim=1, largest=False).values[:, 1:].mean(dim=1)
+    monkeypatch.setattr(det, "_FRACTIONAL_KERNEL", False)  # the torch path (no numba, or a GPU)
     monkeypatch.setattr(det, "FRACTIONAL_BLOCK", 50 * 3 * 4)  # 4 rows per block: 6 blocks, the last one short
     assert torch.allclose(m._knn_distance(q, ref, 1024, 0.5), want, rtol=1e-5)
+
+
+def test_fractional_distance_numba_kernel_matches_and_does_not_depend_on_blocks_or_threads(monkeypatch):
+    import models.detector as det
+
+    assert det.fractional_kernel() is not None, "numba is installed with the project"
+    m = _identity_detector_full(input_weight=1.0, input_p=0.5)
+    gen = torch.Generator().manual_seed(3)
+    ref, q = torch.randn(300, 7, generator=gen), torch.randn(101, 7, generator=gen)
+    k = m.config.k + 1
+    want = torch.topk(torch.cdist(q, ref, p=0.5), k, dim=1, largest=False).values[:, 1:].mean(dim=1)
+    one_block = m._knn_distance(q, ref, 1024, 0.5)
+    assert torch.allclose(one_block, want, rtol=1e-5)
+    monkeypatch.setattr(det, "FRACTIONAL_SUMS", 300 * 8)  # 8 rows per block: 13 blocks, the last one short
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(m._knn_distance(q, ref, 1024, 0.5), one_block), n
+    finally:
+        torch.set_num_threads(threads)
+    # the plain function is what numba compiles: the same sums, uncompiled
+    sums = np.empty((3, 300), np.float32)
+    det.fractional_sums(q[:3].numpy(), np.ascontiguousarray(ref.numpy().T), sums)
+    assert np.allclose(sums, torch.cdist(q[:3], ref, p=0.5).sqrt().numpy(), rtol=1e-5)
 
 
 def _copod_reference(train: np.ndarray, x: np.ndarray) -> np.ndarray:
