@@ -44,6 +44,7 @@ class RunResult(BaseModel):
     metrics: dict[str, float | int | None] = Field(default_factory=dict)
     baselines: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)  # what the metrics were measured on, samples, caveats
 
     @classmethod
     def from_manifest(cls, m: Manifest, skipped: bool = False) -> "RunResult":
@@ -58,6 +59,7 @@ class RunResult(BaseModel):
             metrics=m.metrics,
             baselines=m.baselines,
             timings=m.timings,
+            notes=list(m.extra.get("notes") or []),
         )
 
 
@@ -199,6 +201,7 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inp
         metrics=evaluation.metrics,
         baselines=evaluation.baselines,
         timings=timings,
+        notes=list(evaluation.notes),
     )
 
 

@@ -80,6 +80,12 @@ def metrics_table(title: str, metrics: dict[str, Any], baselines: dict[str, dict
     return table
 
 
+def print_notes(notes: list[str]) -> None:
+    """A run's notes under its metrics: what they were measured on, samples, caveats."""
+    for note in notes:
+        out.print(f"  note: {note}", highlight=False, soft_wrap=True)
+
+
 def print_result(result: Any, as_json: bool) -> None:
     if as_json:
         print(result.model_dump_json())
@@ -87,7 +93,8 @@ def print_result(result: Any, as_json: bool) -> None:
     verb = "skipped (already complete)" if result.skipped else "complete"
     out.print(f"[bold green]{result.app} run {verb}:[/] {result.run_uri}", highlight=False, soft_wrap=True)
     if result.metrics or result.baselines:
-        out.print(metrics_table("metrics (held-out data)", result.metrics, result.baselines))
+        out.print(metrics_table("metrics", result.metrics, result.baselines))
+    print_notes(result.notes)
     for name, uri in result.outputs.items():
         out.print(f"  {name}: {uri}", highlight=False, soft_wrap=True)
 

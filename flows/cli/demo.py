@@ -17,7 +17,7 @@ def demo(
     """Build the sample data and run every application on it; print a summary with the run URIs."""
     from flows.demo import demo_jobs, headline_rows
 
-    summary = Table(title="aeflow demo: headline metrics (held-out data)", title_justify="left")
+    summary = Table(title="aeflow demo: headline metrics (aeflow and the best baseline, on the same data)", title_justify="left")
     for col in ("app", "data", "metric", "aeflow", "best baseline"):
         summary.add_column(col, overflow="fold", justify="right" if col == "aeflow" else "left")
     run_uris: list[tuple[str, str, str]] = []

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli.common import fail, metrics_table, out
+from flows.cli.common import fail, metrics_table, out, print_notes
 from tasks.errors import AeflowError
 
 app = typer.Typer(help="List and inspect completed runs in an artifact root.", no_args_is_help=True)
@@ -69,6 +69,7 @@ def runs_show(
             out.print(f"{role}: {f.path} ({f.size:,} bytes, {f.hash[:20]}…)", highlight=False, soft_wrap=True)
     if manifest.metrics:
         out.print(metrics_table("metrics", manifest.metrics, manifest.baselines))
+    print_notes((manifest.extra or {}).get("notes") or [])
     table = Table(title="outputs", title_justify="left")
     table.add_column("file", overflow="fold")
     table.add_column("bytes", justify="right")

@@ -307,7 +307,14 @@ class CompressApp(ImageApp):
             "decode_mpx_s": float(px / 1e6 / per_image["decode_s"].sum()),
             "payload_vs_estimate_pct": float(100 * (per_image["payload_bits"].sum() / per_image["estimate_bits"].sum() - 1)),
         }
+        if fitted.source_run is not None:
+            trained_on = f"the codec of {fitted.source_run}, not trained in this run"
+        elif ctx.target is None:  # no --apply-to: the input images are trained on and coded
+            trained_on = "the codec was trained in this run on crops of these images (a codec is fitted to what it codes)"
+        else:
+            trained_on = "the codec was trained in this run on --input's images, not these"
         notes = [
+            f"metrics on the {len(per_image)} coded images; {trained_on}.",
             "bpp is measured from the .aec file sizes (header and checksum included); "
             "PSNR on 0..255 pixels, MS-SSIM in [0, 1], means over images.",
         ]

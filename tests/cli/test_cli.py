@@ -43,6 +43,8 @@ def test_runs_list_and_show(cli_run):
     assert payload["run_id"] in res.stdout
     res = runner.invoke(app, ["runs", "show", payload["run_uri"]])
     assert res.exit_code == 0 and "embeddings.parquet" in res.stdout and "trustworthiness" in res.stdout
+    assert "note: metrics on held-out validation rows" in res.stdout, "the notes say what the metrics were measured on"
+    assert any(n.startswith("metrics on held-out validation rows") for n in payload["notes"]), payload["notes"]
     res = runner.invoke(app, ["runs", "show", payload["run_uri"], "--json"])
     assert json.loads(res.stdout)["run_id"] == payload["run_id"]
 

@@ -150,6 +150,11 @@ def test_rd_sweep_is_an_even_sample_coded_on_the_cluster(trained, image_dir, das
     assert open_run(r2.run_uri).manifest().metrics["rd_images"] == 2
     with open(os.path.join(r2.run_uri, "report/summary.md")) as f:
         assert "an even sample of 2 of the 3 images" in f.read(), "the run's notes say it sampled"
+    # and on what the metrics were measured: here images coded by a codec trained in another run
+    assert f"metrics on the 3 coded images; the codec of {result.run_uri}, not trained in this run." in \
+        open_run(r2.run_uri).manifest().extra["notes"]
+    assert ("metrics on the 3 coded images; the codec was trained in this run on crops of these images (a codec is "
+            "fitted to what it codes).") in open_run(result.run_uri).manifest().extra["notes"]
     full = pd.read_parquet(result.outputs["rd"])
     key = ["codec", "setting", "image"]
     both = rd.merge(full, on=key, suffixes=("", "_full"))
