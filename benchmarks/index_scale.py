@@ -97,7 +97,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         for kind in ("exact", "ivfpq"):
             result, wall, cli, tree = run_measured(["run", "index", "--input", str(data), "--index-type", kind,
-                                                    "--epochs", "1", "--output", tmp], env)
+                                                    "--epochs", "1", "--output", tmp,
+                                                    "--set", "local_cluster=processes"], env)  # as measured before auto
             m, t = result["metrics"], result["timings"]
             base = (result.get("baselines") or {}).get("exact", {})
             rows.append([kind, f"{m['n_images']:,}", f"{cli / 2**30:.2f}", f"{tree / 2**30:.2f}", f"{wall:.0f}",

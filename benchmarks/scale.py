@@ -191,7 +191,10 @@ def main() -> None:
         sizes, mem_sizes, n_images = [50_000, 200_000], [50_000], 500
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
-    common = ["--id-column", "id", "--latent-dim", "8", "--epochs", "1", "--patience", "1", "--set", "train.threads=1"]
+    # Dask worker processes at every size (local_cluster=auto would give the smallest sizes worker threads):
+    # the table compares sizes on one execution path.
+    common = ["--id-column", "id", "--latent-dim", "8", "--epochs", "1", "--patience", "1", "--set", "train.threads=1",
+              "--set", "local_cluster=processes"]
     rows_out: list[list[str]] = []
     runs: dict[int, str] = {}
     peaks: dict[tuple[str, int], int] = {}

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from tasks.apps import Evaluation, apply_task, evaluate_task, fit_task, get_app, load_all, report_task
 from tasks.config import RunConfig
-from tasks.dask_client import dask_client
+from tasks.dask_client import dask_client, local_processes
 from tasks.execution import execution_info
 from tasks.report import markdown_summary, metrics_rows, publish_artifacts
 from tasks.redaction import install_log_redaction, redact
@@ -127,7 +127,9 @@ def run_app(config: RunConfig) -> RunResult:
     log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
     try:
         # One Dask client for the whole run: loading/preprocessing and apply run on its workers.
-        with dask_client(config.dask_address):
+        input_bytes = sum(f.size for files in kind.records(inputs).values() for f in files)
+        processes = local_processes(config.local_cluster, input_bytes)
+        with dask_client(config.dask_address, processes=processes):
             with _stage(timings, kind.load_stage):
                 ctx = kind.load(app, config, run, inputs, fitted, device)
             app.check_data(ctx)
@@ -144,7 +146,7 @@ def run_app(config: RunConfig) -> RunResult:
             with _stage(timings, "report"):
                 outputs.update(report_task(app, ctx, fitted, evaluation))
         result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
-                          evaluation, timings, device, kind.manifest_extra(ctx))
+                          evaluation, timings, device, kind.manifest_extra(ctx), "processes" if processes else "threads")
     except BaseException as e:
         run.discard()
         # An outage that surfaced outside the storage layer's own mapping is still one line (exit 4).
@@ -158,7 +160,7 @@ def run_app(config: RunConfig) -> RunResult:
 
 def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inputs: dict[str, list[Any]], fitted,
              outputs: dict[str, str], evaluation: Evaluation, timings: dict[str, float], device,
-             extra: dict[str, Any] | None = None) -> RunResult:
+             extra: dict[str, Any] | None = None, local_cluster: str | None = None) -> RunResult:
     """Summary, Prefect artifacts, then the manifest (last)."""
     uris = {name: run.uri_of(rel) for name, rel in outputs.items()}
     rows = metrics_rows(evaluation.metrics, evaluation.baselines)
@@ -173,7 +175,7 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inp
         extra["train"] = {k: v for k, v in fitted.train.to_dict().items() if k != "history"}
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         extra["prefect"] = {"flow_run_id": str(flow_ctx.flow_run.id), "flow_run_name": flow_ctx.flow_run.name}
-    extra["execution"] = execution_info(config, fitted.train.device if fitted.train else device)
+    extra["execution"] = execution_info(config, fitted.train.device if fitted.train else device, local_cluster)
     manifest = Manifest(
         app=app_name,
         run_id=run.run_id,

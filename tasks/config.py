@@ -149,6 +149,11 @@ class RunConfig(Frozen):
     )
     run_id: str | None = Field(None, description="Name the run (default: time + fingerprint).")
     dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster).")
+    local_cluster: Literal["auto", "processes", "threads"] = Field(
+        "auto", description="Without dask_address, the run's own LocalCluster: worker processes (parallel pandas work; "
+        "each imports the libraries, ~10 s per run on 2 cores), worker threads in the run's process (up in a second), "
+        "or auto: threads when the inputs total at most 256 MB, processes beyond.",
+    )
     skip_existing: bool = Field(
         False, description="Skip the run when a complete run with the same input and config exists (idempotent backfills)."
     )
@@ -158,7 +163,7 @@ class RunConfig(Frozen):
     train: TrainConfig = TrainConfig()
 
     # Fields that change where or how fast a run happens but not what it computes.
-    _NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("output", "run_id", "dask_address", "skip_existing")
+    _NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("output", "run_id", "dask_address", "local_cluster", "skip_existing")
 
     @model_validator(mode="before")
     @classmethod

@@ -69,12 +69,14 @@ def dask_cluster_info(address: str | None, timeout: float = 10.0) -> dict[str, A
         return {"scheduler": address, "error": f"{type(e).__name__}: {e}"}
 
 
-def execution_info(config: Any, device: Any) -> dict[str, Any]:
+def execution_info(config: Any, device: Any, local_cluster: str | None = None) -> dict[str, Any]:
     """Where this run executed: host and process, Prefect flow run and worker, Dask cluster, training device.
 
     Args:
         config: The run's config (its ``dask_address`` names the cluster).
         device: The device training ran on (``fitted.train.device``, or the chosen one).
+        local_cluster: Without ``dask_address``, what the run's LocalCluster ran its tasks on
+            (``"processes"`` or ``"threads"``).
     """
     info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
     prefect: dict[str, Any] = {}
@@ -97,4 +99,6 @@ def execution_info(config: Any, device: Any) -> dict[str, Any]:
     prefect["worker"] = worker
     info["prefect"] = prefect
     info["dask"] = dask_cluster_info(config.dask_address)
+    if not config.dask_address and local_cluster:
+        info["dask"]["workers_are"] = local_cluster
     return info

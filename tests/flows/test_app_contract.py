@@ -194,6 +194,12 @@ def test_a_real_run_keeps_the_contract(name, prefect_server, dask_address, input
     assert on_cluster and on_cluster.keys() == in_process.keys()
     differ = [rel for rel in on_cluster if on_cluster[rel] != in_process[rel]]
     assert not differ, f"{name}: apply on the cluster and in process differ in {differ}"
+    if name in ("reduce", "index"):  # one table app, one image app: the run's own LocalCluster of worker threads
+        monkeypatch.undo()
+        local = FLOWS[name](config=reuse.model_copy(update={"output": str(tmp_path / "local"), "dask_address": None}))
+        dask_info = open_run(local.run_uri).manifest().extra["execution"]["dask"]
+        assert dask_info["scheduler"] is None and dask_info["workers_are"] == "threads", "small inputs: threads (auto)"
+        assert _applied_files(local.run_uri) == on_cluster, f"{name}: apply on local worker threads differs"
 
 
 def _applied_files(run_uri: str) -> dict[str, str]:

@@ -79,3 +79,26 @@ def test_prefect_task_threads_see_their_runs_client(dask_address, prefect_server
 
     client, in_task = a_run()
     assert in_task is client
+
+
+def test_local_cluster_kind_by_mode_and_input_size():
+    from tasks.dask_client import LOCAL_THREADS_MAX_BYTES, local_processes
+
+    assert not local_processes("auto", 0) and not local_processes("auto", LOCAL_THREADS_MAX_BYTES)
+    assert local_processes("auto", LOCAL_THREADS_MAX_BYTES + 1)
+    assert local_processes("processes", 0) and not local_processes("threads", 10 * LOCAL_THREADS_MAX_BYTES)
+    with pytest.raises(ValueError, match="local_cluster must be one of"):
+        local_processes("fork", 0)
+
+
+def test_a_local_cluster_of_threads_runs_tasks_in_this_process():
+    import os
+
+    from tasks.dask_client import current_client, dask_client, run_parallel
+
+    with dask_client(None, n_workers=2, processes=False) as client:
+        assert current_client() is client
+        pids = client.run(os.getpid)
+        assert len(pids) == 2 and set(pids.values()) == {os.getpid()}, "both workers are threads of this process"
+        assert run_parallel(_double, [1, 2, 3], on_done=None) == [2, 4, 6]
+    assert current_client() is None or current_client() is not client
