@@ -330,7 +330,7 @@ def _parse_error(block: Block, e: BaseException) -> InputError:
     return InputError(f"{block.uri}: cannot parse ({text})")
 
 
-def read_block(block: Block, schema: TableSchema, columns: tuple[str, ...]) -> pd.DataFrame:
+def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...]) -> pd.DataFrame:
     """Parse and validate one partition (runs on a Dask worker).
 
     Returns the block with feature columns as float64, id/label coerced, and
@@ -352,10 +352,10 @@ def read_block(block: Block, schema: TableSchema, columns: tuple[str, ...]) -> p
                     if block.offset == 0:
                         df = pd.read_csv(io.BytesIO(data))
                     else:
-                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(columns))
+                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(file_columns))
             else:
                 pf = pq.ParquetFile(fs.open(path, "rb"))
-                df = pf.read_row_groups(list(block.row_groups), columns=list(columns)).to_pandas()
+                df = pf.read_row_groups(list(block.row_groups), columns=list(file_columns)).to_pandas()
     except InputError:
         raise
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError, zlib.error) as e:
@@ -393,7 +393,8 @@ def to_dask(source: TableSource) -> dd.DataFrame:
         read_block,
         list(source.blocks),
         schema=source.schema,
-        columns=source.columns,
+        # not `columns=`: from_map takes that as a selection of meta's columns (excluded ones are not in it)
+        file_columns=source.columns,
         meta=_meta(source),
         enforce_metadata=False,
         label="aeflow-load",

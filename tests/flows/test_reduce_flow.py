@@ -171,3 +171,21 @@ def test_training_rows_over_the_memory_bound_stream(prefect_server, dask_address
     notes = open_run(detected.run_uri).manifest().extra["notes"]
     sampled = [n for n in notes if "fits in memory: on a seeded sample" in n]
     assert sampled and "of the 4,000 training rows" in sampled[0], notes
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_excluded_columns_are_dropped_not_a_crash(prefect_server, dask_address, digits_frame, tmp_path, fmt):
+    """--exclude / load.exclude_columns: the column (a text column here) never reaches the model.
+    (Dask's from_map took the reader's `columns=` keyword as a selection of the partitions' columns,
+    which no longer had the excluded one: every run with an exclusion failed with a KeyError.)"""
+    frame = digits_frame.iloc[:300].assign(notes=[f"note {i}" for i in range(300)])
+    path = tmp_path / f"with-notes.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path, index=False)
+    cfg = _config(**{"load.input": str(path), "load.id_column": "id", "load.exclude_columns": ["notes", "target"],
+                     "model.latent_dim": 2, "output": str(tmp_path / "out"), "dask_address": dask_address})
+    result = FLOWS["reduce"](config=cfg)
+    emb = pd.read_parquet(result.outputs["embeddings"])
+    assert list(emb.columns) == ["id", "z_0", "z_1"] and emb["id"].tolist() == frame["id"].tolist()
+    with open(os.path.join(result.run_uri, "model", "config.json")) as f:
+        features = [c["name"] for c in json.load(f)["schema"]["features"]]
+    assert "notes" not in features and "target" not in features and len(features) == 64, features
