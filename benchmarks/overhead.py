@@ -34,10 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(data: str, out: str, epochs: int, env: dict[str, str]) -> tuple[float, dict]:
+def run_cli(data: str, out: str, epochs: int, env: dict[str, str], extra: tuple[str, ...] = ()) -> tuple[float, dict]:
     aeflow = os.path.join(os.path.dirname(sys.executable), "aeflow")
     cmd = [aeflow, "run", "reduce", "--input", data, "--id-column", "id", "--latent-dim", "8",
-           "--epochs", str(epochs), "--patience", str(epochs), "--output", out, "--json", "--quiet"]
+           "--epochs", str(epochs), "--patience", str(epochs), "--output", out, "--json", "--quiet", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -62,8 +62,9 @@ def main() -> None:
         df.insert(0, "id", np.arange(rows))
         data = f"{tmp}/data.parquet"
         df.to_parquet(data, index=False)
+        size_mb = os.path.getsize(data) / 2**20
 
-        settings = [("ephemeral Prefect (CLI starts its own API)", dict(env))]
+        settings = [("ephemeral Prefect (CLI starts its own API)", dict(env), ())]
         port = _free_port()
         server_env = {**env, "PREFECT_HOME": f"{tmp}/prefect-home", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
         server = subprocess.Popen(
@@ -77,9 +78,12 @@ def main() -> None:
                     break
                 except Exception:
                     time.sleep(1)
-            settings.append(("running Prefect server (PREFECT_API_URL)", server_env))
-            for label, e in settings:
-                wall, result = run_cli(data, f"{tmp}/out", epochs, e)
+            settings.append(("running Prefect server (PREFECT_API_URL)", server_env, ()))
+            # the same, with the LocalCluster's workers as processes (what every run had before local_cluster=auto)
+            settings.append(("running Prefect server, `--set local_cluster=processes`", server_env,
+                             ("--set", "local_cluster=processes")))
+            for label, e, extra in settings:
+                wall, result = run_cli(data, f"{tmp}/out", epochs, e, extra)
                 stages = sum(result["timings"].values())
                 overhead = (wall - stages) / wall
                 print(f"{label}: wall {wall:.1f}s, stages {stages:.1f}s, overhead {overhead:.1%}", flush=True)
@@ -94,7 +98,9 @@ def main() -> None:
             "Orchestration overhead (overhead.py)",
             f"Machine: {machine()}. `aeflow run reduce` on {rows:,} x 64 rows (Parquet), latent 8, {epochs} epochs, "
             "CLI in a subprocess; overhead = wall time not spent in a stage (interpreter start and imports, Prefect API "
-            "start or connection, Dask LocalCluster start and stop, task bookkeeping, manifest).\n\n" + md,
+            "start or connection, Dask LocalCluster start and stop, task bookkeeping, manifest). The input is "
+            f"{size_mb:.0f} MB: `local_cluster=auto` gives the run's LocalCluster worker threads "
+            "(up to 256 MB); the last row forces worker processes, which import torch and pandas at every run.\n\n" + md,
         )
     print(md)
 

@@ -19,8 +19,9 @@ share data through a context object (:class:`Context`, specialised per data kind
 How the data arrives (inspect, then load/preprocess) is the app's *data kind*
 (``tasks/apps/kinds.py``: tables or images), not the app's business. The pipeline
 (``flows/pipeline.py: run_app``) is the same for every app. Adding an application is one
-module here plus one entry in :data:`APP_MODULES` (or :func:`register` on a class defined
-anywhere): its CLI command, flow, deployment entry point and contract tests follow.
+module here whose class is decorated with :func:`register`, plus one entry in :data:`APP_MODULES`
+(which imports the module; a class defined elsewhere registers when its module is imported): its
+CLI command, flow, deployment entry point and contract tests follow.
 """
 
 from __future__ import annotations

@@ -43,12 +43,10 @@ With a label column (``positive_label`` marks anomalies): ROC-AUC and average
 precision for ours and, on the same data in the same run, for IsolationForest,
 PCA reconstruction error and pyod's ``ECOD``, ``COPOD``, ``HBOS`` and
 ``AutoEncoder``, each with its default settings (``BASELINES``).
-
-Over 400 lines on purpose: the application and the plain functions that
-``benchmarks/quality_tabular.py`` and ``detect_speed.py`` import (``fit_detector``,
-``anomaly_scores``, ``baseline_scores``) stay in one module, so the benchmarks measure exactly
-what the app runs.
 """
+# (This docstring is `aeflow run detect --help`.) Over 400 lines on purpose: the application and the
+# plain functions that benchmarks/quality_tabular.py and detect_speed.py import (fit_detector,
+# anomaly_scores, baseline_scores) stay in one module, so the benchmarks measure exactly what the app runs.
 
 from __future__ import annotations
 

@@ -415,7 +415,7 @@ class Index(ImageApp):
          "auto (exact up to --ann-threshold, HNSW above, IVF-PQ above app.pq_threshold), exact, hnsw, ivf or ivfpq."),
         ("--ann-threshold", "app.ann_threshold", int, "Collections larger than this get an ANN index (auto)."),
         ("--latent-channels", "model.latent_channels", int,
-         "Channels of the code (code size = channels x (size/2)^2 with the default two levels)."),
+         "Channels of the code (code size = channels x (size/2)^2 with the default one downsampling level)."),
     )
 
     def min_side(self, config, role: str) -> int:

@@ -245,14 +245,17 @@ def _unit_hash(s: str) -> float:
 
 
 class ImageData(DataKind):
-    """PNG/JPEG files or folders (class subfolders name labels): validated and decoded on Dask."""
+    """PNG/JPEG files or folders (class subfolders name labels, for the apps that use them): validated and
+    decoded on Dask."""
 
     name = "image"
     load_stage = "load"
     common_options = ("input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed",
                       "device", "val_fraction", "dask_address", "run_id")
     option_help = {
-        "input": "Training images: a folder of PNG/JPEG (class subfolders name labels), searched recursively; local or s3://.",
+        "input": "Training images: a folder of PNG/JPEG, searched recursively (index: class subfolders name the labels "
+                 "of its metrics); local or s3://.",
+        "val_fraction": "Share of the training images held out for validation and metrics.",
         "apply_to": "Images to apply the model to: a folder of PNG/JPEG, local or s3:// (default: the input).",
     }
 

@@ -316,3 +316,12 @@ def test_a_model_folder_without_a_recorded_hash_loads_with_a_warning(tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "weights": "sha256:" + "0" * 64}))
     with pytest.raises(ModelMismatchError, match=f"{folder}/weights.safetensors does not match"):
         open_model_source(str(folder)).load_model_files()
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "benchmarks", "weights"))))
+def test_every_committed_model_folder_records_its_weights_hash(name, tmp_path):
+    """The README's `--model benchmarks/weights/...` commands load without the unverifiable-weights warning."""
+    folder = os.path.join(REPO, "benchmarks", "weights", name)
+    with _Records("aeflow.storage") as logged:
+        meta, state = open_model_source(folder).load_model_files()
+    assert meta["weights"].startswith("sha256:") and state and "records no SHA-256" not in logged.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -109,6 +110,7 @@ def test_hyperprior_from_a_factorized_codec_then_resumed(images, tmp_path):
     assert meta["kind"] == "hyperprior" and meta["config"]["lambdas"] == [0.01, 0.1, 0.3]
     assert [i["name"] for i in meta["training_images"]] == ["noise_rgb", "ramp_gray"]
     assert meta["heldout_images"] == ["chelsea", "coffee", "rocket", "camera"]
+    assert meta["weights"] == "sha256:" + hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
     first = meta["steps"]
     assert first > 0 and len(meta["runs"]) == 1 and meta["init"].startswith(init)
     files = sorted(os.listdir(out))
