@@ -106,15 +106,14 @@ def run_in_process(
                 state = flow_fn(config=cfg, date=day, return_state=True)
         except BaseException as e:  # the flow engine re-raises a few things (e.g. bad parameters)
             return DateOutcome(day, "failed", message=_message(e))
-        name = ""
-        if state.state_details and state.state_details.flow_run_id:
-            name = str(state.state_details.flow_run_id)
+        run_id = str(state.state_details.flow_run_id) if state.state_details and state.state_details.flow_run_id else ""
+        ids = {"flow_run_id": run_id, "flow_run_name": _flow_run_name(run_id)}
         if state.is_completed():
             result = state.result()
-            return DateOutcome(day, "skipped" if result.skipped else "completed", result.run_uri, flow_run_id=name)
+            return DateOutcome(day, "skipped" if result.skipped else "completed", result.run_uri, **ids)
         exc = state.result(raise_on_failure=False)
         msg = _message(exc) if isinstance(exc, BaseException) else (state.message or "")
-        return DateOutcome(day, state.type.value.lower(), message=msg, flow_run_id=name)
+        return DateOutcome(day, state.type.value.lower(), message=msg, **ids)
 
     _connect_once()
     outcomes: dict[dt.date, DateOutcome] = {}
@@ -130,6 +129,19 @@ def run_in_process(
                 if on_done:
                     on_done(outcome)
     return [outcomes[d] for d in dates]
+
+
+def _flow_run_name(flow_run_id: str) -> str:
+    """The flow run's name as the server knows it (what the UI lists); "" when it cannot be read."""
+    if not flow_run_id:
+        return ""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).name or ""
+    except Exception:  # noqa: BLE001 - a name is metadata: never fail a finished date for it
+        return ""
 
 
 def _connect_once() -> None:

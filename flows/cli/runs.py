@@ -14,6 +14,22 @@ from tasks.errors import AeflowError
 app = typer.Typer(help="List and inspect completed runs in an artifact root.", no_args_is_help=True)
 
 
+def headline(app_name: str, metrics: dict) -> tuple[str, float] | None:
+    """The run's first headline metric that it has (the application's ``headlines``, as the demo
+    shows them), else its first float metric (an application no longer registered)."""
+    from tasks.apps import get_app
+
+    try:
+        names = [name for name, _higher in get_app(app_name).headlines]
+    except Exception:  # noqa: BLE001 - an unknown app still lists
+        names = []
+    for name in [*names, *metrics]:
+        value = metrics.get(name)
+        if isinstance(value, float) and not isinstance(value, bool):
+            return name, value
+    return None
+
+
 @app.command("list")
 def runs_list(
     output: Annotated[str, typer.Option("--output", "-o", help="Artifact root to list.")] = "./artifacts",
@@ -40,7 +56,7 @@ def runs_list(
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("headline metric")
     for m in manifests:
-        head = next(((k, v) for k, v in m.metrics.items() if isinstance(v, float)), None)
+        head = headline(m.app, m.metrics)
         table.add_row(m.app, m.run_id, f"{m.created:%Y-%m-%d %H:%M}", f"{head[0]} {head[1]:.4g}" if head else "")
     out.print(table)
 

@@ -448,6 +448,10 @@ class Detect(TableApp):
             ev.notes.append(f"labels hold a single class (positive_label={cfg.positive_label!r}): ranking metrics skipped")
             return ev
         ev.metrics.update(ranking_metrics(y, scores[known]))
+        if y.mean() > 0.5:  # anomalies are the rare class: the label most likely names the normal rows
+            ev.notes.append(f"label {label!r} == {cfg.positive_label!r} marks {y.mean():.0%} of the rows as anomalies "
+                            f"(ROC-AUC {ev.metrics['roc_auc']:.3f}): is --positive-label the normal class? The metrics "
+                            "assume it marks the anomalies")
         tp = int((flagged[known] & y).sum())
         ev.metrics["precision_at_threshold"] = tp / max(int(flagged[known].sum()), 1)
         ev.metrics["recall_at_threshold"] = tp / int(y.sum())

@@ -144,3 +144,13 @@ def test_set_keeps_on_off_words_for_choice_settings():
     cfg = resolve_config(ReduceRunConfig, sets=["train.stream=off", "skip_existing=yes"])
     assert cfg.train.stream == "off" and cfg.skip_existing is True
     assert resolve_config(ReduceRunConfig, sets=["train.stream=on", "skip_existing=false"]).train.stream == "on"
+
+
+def test_runs_list_shows_the_applications_headline_metric():
+    from flows.cli.runs import headline
+
+    detect = {"threshold": 1.7, "n_scored": 569, "roc_auc": 0.91, "average_precision": 0.8}
+    assert headline("detect", detect) == ("roc_auc", 0.91), "not the first float (the threshold)"
+    assert headline("impute", {"missing_share": 0.0, "rmse": 0.12}) == ("rmse", 0.12)
+    assert headline("detect", {"threshold": 1.7}) == ("threshold", 1.7), "no headline metric: the first float"
+    assert headline("no-such-app", {"n": 3, "x": 0.5}) == ("x", 0.5) and headline("reduce", {}) is None

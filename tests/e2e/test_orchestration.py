@@ -134,6 +134,8 @@ def test_backfill_in_process_with_a_bad_partition_then_rerun(served, bad_partiti
     assert len(os.listdir(out / "runs" / "reduce")) == 2, "the failed date left no directory either"
     for d in good:
         assert done[rows[d]["run_uri"]].inputs["input"][0].path.endswith(f"{d}/part.csv")
+        # the flow run, as the server lists it (the JSON named only its id)
+        assert rows[d]["flow_run_name"] == done[rows[d]["run_uri"]].extra["prefect"]["flow_run_name"] != "", rows[d]
 
     # the partition is repaired (the others are rewritten byte for byte); the same command redoes only that date
     write_partitions(bad_partitions, digits_frame, DAILY, bad=None)

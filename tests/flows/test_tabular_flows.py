@@ -132,9 +132,12 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
     np.testing.assert_allclose(s2["score"], scores["score"], rtol=1e-6)
     assert (s2["is_anomaly"] == scores["is_anomaly"]).all(), "the fitted threshold_ travels with the model"
 
+    assert not any("is --positive-label the normal class" in n for n in res.notes)
+    # (--positive-label "0" here names the normal rows: the notes say so)
     fixed = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"), "app.threshold": 1e9,
-                             "output": str(d / "artifacts"), "dask_address": dask_address})
+                             "app.positive_label": "0", "output": str(d / "artifacts"), "dask_address": dask_address})
     assert not pd.read_parquet(fixed.outputs["scores"])["is_anomaly"].any(), "--threshold overrides threshold_"
+    assert fixed.metrics["roc_auc"] < 0.2 and any("is --positive-label the normal class" in n for n in fixed.notes)
 
 
 # ---------------------------------------------------------------------------------------
