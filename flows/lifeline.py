@@ -103,6 +103,11 @@ class _GuardedSubprocess:
     def Popen(self, args: Any, *a: Any, **kw: Any) -> Any:  # noqa: N802 - mirrors subprocess.Popen
         if isinstance(args, (list, tuple)) and args and args[0] == sys.executable:
             args = command(list(args[1:]))
+            # Its own session: Ctrl-C in the terminal interrupts the run, not the API server the run
+            # still needs to record that it was interrupted (with the server gone too, the run
+            # spent minutes retrying it, then reported an object-store outage). The lifeline
+            # stops the server, and its process group, when the run is gone.
+            kw.setdefault("start_new_session", True)
         return self._real.Popen(args, *a, **kw)
 
 

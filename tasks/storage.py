@@ -159,7 +159,7 @@ def hash_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) ->
 # Outages: the one place that maps object-store failures to StorageError
 
 
-def _causes(e: BaseException) -> Iterator[BaseException]:
+def causes(e: BaseException) -> Iterator[BaseException]:
     """``e``, its causes and contexts, and the members of exception groups, each once."""
     seen: set[int] = set()
     todo = [e]
@@ -175,7 +175,7 @@ def _causes(e: BaseException) -> Iterator[BaseException]:
 
 def _endpoint_of(e: BaseException) -> str:
     """The object store's address as the failure names it (or as the environment sets it)."""
-    for x in _causes(e):
+    for x in causes(e):
         url = (getattr(x, "kwargs", None) or {}).get("endpoint_url")
         if url:
             parts = urlsplit(str(url))
@@ -190,7 +190,7 @@ def _endpoint_of(e: BaseException) -> str:
 
 
 def _short_reason(e: BaseException) -> str:
-    innermost = list(_causes(e))[-1]
+    innermost = list(causes(e))[-1]
     if isinstance(innermost, ConnectionRefusedError):
         return "connection refused"
     if isinstance(innermost, TimeoutError) or "timeout" in type(innermost).__name__.lower():
@@ -254,7 +254,7 @@ def storage_error(e: BaseException, op: str, uri: str) -> StorageError | None:
     if isinstance(e, AeflowError):
         return None
     what = f"{op} {uri}" if uri else op
-    for x in _causes(e):
+    for x in causes(e):
         kind = _failure_kind(x)
         if kind == "unreachable":
             return StorageUnavailable(
@@ -553,7 +553,7 @@ def _start_heartbeat() -> None:
 
 def _precondition_failed(e: BaseException) -> bool:
     """Whether a conditional write was refused because the key exists (HTTP 412 / PreconditionFailed)."""
-    for x in _causes(e):
+    for x in causes(e):
         response = getattr(x, "response", None) or {}
         code = str(response.get("Error", {}).get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")

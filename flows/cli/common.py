@@ -56,8 +56,13 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
     (exit 4); nothing printed here repeats a secret (:func:`tasks.redaction.redact`).
     """
     from tasks.redaction import redact
-    from tasks.storage import storage_error
+    from tasks.storage import causes, storage_error
 
+    if any(isinstance(x, KeyboardInterrupt) for x in causes(e)):
+        # Ctrl-C: not an outage of whatever the interrupted step was talking to
+        err.print("[bold red]interrupted:[/] the run is incomplete; run the same command again to resume it",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     if not isinstance(e, AeflowError):
         e = storage_error(e, operation, "the object store") or e
     if isinstance(e, AeflowError):

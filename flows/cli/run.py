@@ -96,7 +96,7 @@ def make_command(group: typer.Typer, application: Any) -> None:
         quiet_prefect(kwargs.get("quiet") or kwargs.get("as_json"))
         try:
             result = execute(application.name, options, kwargs.get("config"), kwargs.get("set_"))
-        except (AeflowError, Exception) as e:
+        except (AeflowError, Exception, KeyboardInterrupt) as e:
             fail(e)
         print_result(result, kwargs.get("as_json", False))
 
