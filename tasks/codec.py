@@ -212,6 +212,22 @@ def read_aec(data: bytes, name: str) -> AecFile:
         raise InputError(f"{name}: {e}") from e
 
 
+def check_header(codec: LoadedCodec, f: AecFile, name: str) -> None:
+    """An ``.aec`` header that ``codec`` can decode: its codec, a quality level it has.
+
+    Raises:
+        ModelMismatchError: the file was made by another model.
+        InputError: its quality level does not exist in this model (corrupted).
+    """
+    if f.model_id != codec.identity or f.kind != codec.model.kind:
+        raise ModelMismatchError(
+            f"{name}: made by codec {f.model_id_hex} ({f.kind}), but the model given ({codec.source}) is "
+            f"{codec.identity_hex} ({codec.model.kind})"
+        )
+    if f.quality >= codec.model.config.levels:
+        raise InputError(f"{name}: corrupted: quality level {f.quality} does not exist in this model")
+
+
 def decode_aec(codec: LoadedCodec, data: bytes, name: str) -> tuple[np.ndarray, str]:
     """The bytes of an ``.aec`` file -> (uint8 image, mode). Deterministic for a given machine.
 
@@ -220,13 +236,7 @@ def decode_aec(codec: LoadedCodec, data: bytes, name: str) -> tuple[np.ndarray, 
         ModelMismatchError: the file was made by another model.
     """
     f = read_aec(data, name)
-    if f.model_id != codec.identity or f.kind != codec.model.kind:
-        raise ModelMismatchError(
-            f"{name}: made by codec {f.model_id_hex} ({f.kind}), but the model given ({codec.source}) is "
-            f"{codec.identity_hex} ({codec.model.kind})"
-        )
-    if f.quality >= codec.model.config.levels:
-        raise InputError(f"{name}: corrupted: quality level {f.quality} does not exist in this model")
+    check_header(codec, f, name)
     s = codec.model.stride
     shape = (-(-f.height // s), -(-f.width // s))
     try:

@@ -5,7 +5,10 @@ images of a run instead. Both use the coding functions of :mod:`tasks.codec`.
 
 Outputs are written only inside ``--output`` and never through a link (temporary name, then
 rename); two inputs that would make the same output name (``photo.png`` and ``photo.jpg`` ->
-``photo.aec``) are refused before anything is written.
+``photo.aec``) are refused before anything is written. Every input is read and checked (an image
+decodes; an ``.aec`` file parses, has a codec and a quality level it names) and the output folder is
+checked before the first output is written, so a command that fails on bad input or a bad ``--output``
+writes nothing and overwrites no earlier output.
 """
 
 from __future__ import annotations
@@ -15,26 +18,78 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+from models.aec import AecFile
 from tasks.codec import (
     LoadedCodec,
+    check_header,
     check_quality,
     decode_aec,
+    decode_image_bytes,
     encode_image,
     encode_png,
     find_codec_run,
     load_codec_run,
     read_aec,
-    read_image,
 )
-from tasks.errors import InputError, ModelMismatchError
+from tasks.errors import InputError, ModelMismatchError, StorageError
 from tasks.redaction import refuse_credentials
-from tasks.storage import is_local, join_uri, read_uri, storage_op, url_to_fs, write_file
+from tasks.storage import is_local, join_uri, storage_op, url_to_fs, write_file
+
+
+def check_output_path(uri: str, what: str, *, folder: bool) -> None:
+    """Refuse, before any work, a local output that cannot be created: ``uri`` (a folder when
+    ``folder``, else a file) is a file or a folder of the wrong kind, or a file is in the way of a
+    folder above it. Object stores have no such obstacles; nothing is created here.
+
+    Raises:
+        StorageError: naming ``what`` (e.g. ``--output codes``) and the obstacle (exit 4).
+    """
+    fs, path = url_to_fs(uri)
+    if not is_local(fs):
+        return
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not folder:
+        raise StorageError(f"cannot write {what}: {uri} is a folder; give a file name")
+    if os.path.lexists(path) and not os.path.isdir(path) and folder:
+        raise StorageError(f"cannot create {what}: {uri} is a file, not a folder")
+    above = os.path.dirname(path)
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise StorageError(f"cannot create {what}: {above} is a file, not a folder")
 
 
 def _make_folder(uri: str) -> None:
     fs, path = url_to_fs(uri)
-    with storage_op("create", uri):
-        fs.makedirs(path, exist_ok=True)
+    try:
+        with storage_op("create", uri):
+            fs.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file in the way, permissions: the storage exit, one line
+        raise StorageError(f"cannot create --output {uri}: {e.strerror or e}") from e
+
+
+def _check_outputs(output_dir: str, plan: list[tuple[str, str]]) -> None:
+    """The output folder can be made, and no folder stands where an output file goes."""
+    check_output_path(output_dir, f"--output {output_dir}", folder=True)
+    fs, folder = url_to_fs(output_dir)
+    if is_local(fs):
+        for _uri, name in plan:
+            if os.path.isdir(os.path.join(folder, name)):
+                raise StorageError(f"cannot write {join_uri(output_dir, name)}: a folder of that name is in the way")
+
+
+def _read_input(uri: str, expected: str) -> bytes:
+    """The bytes of one input file (``expected``: what the command takes, for the message)."""
+    fs, path = url_to_fs(uri)
+    try:
+        with storage_op("read", uri):
+            if fs.isdir(path):
+                raise InputError(f"{uri} is a folder; pass {expected}")
+            return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise InputError(f"{uri}: no such file") from e
+    except IsADirectoryError as e:
+        raise InputError(f"{uri} is a folder; pass {expected}") from e
 
 
 @dataclass(frozen=True)
@@ -64,12 +119,13 @@ def _aec_output_name(uri: str) -> str:
     return (name[:-4] if name.endswith(".aec") else name).rsplit(".", 1)[0] + ".png"
 
 
-def plan_outputs(inputs: list[str], output_dir: str, name_of: Callable[[str], str]) -> list[tuple[str, str]]:
+def plan_outputs(inputs: list[str], output_dir: str, name_of: Callable[[str], str],
+                 remedy: str = "give them different --output folders or rename one") -> list[tuple[str, str]]:
     """(input, output name) for each distinct input, refusing two inputs that would write one file.
 
     ``photo.png`` and ``photo.jpg`` both make ``photo.aec``: rather than let the second silently
     overwrite the first, nothing is written and the message names both (compress them into
-    different ``--output`` folders, or rename one).
+    different ``--output`` folders, or rename one: ``remedy`` says what to do).
 
     Raises:
         InputError: two inputs map to the same output name.
@@ -80,7 +136,7 @@ def plan_outputs(inputs: list[str], output_dir: str, name_of: Callable[[str], st
         if name in by_name:
             raise InputError(
                 f"{by_name[name]} and {uri} would both be written to {join_uri(output_dir, name)}; nothing was "
-                "written: give them different --output folders or rename one"
+                f"written: {remedy}"
             )
         by_name[name] = uri
         plan.append((uri, name))
@@ -118,11 +174,15 @@ def compress_files(images: list[str], model: str, output_dir: str, quality: int 
     for uri in [*images, output_dir]:
         refuse_credentials(uri, "URI")
     plan = plan_outputs(images, output_dir, lambda uri: _stem(uri) + ".aec")
+    _check_outputs(output_dir, plan)
     codec = load_codec_run(model)
     q = check_quality(codec, codec.model.config.levels // 2 if quality is None else quality)
+    images_only = "image files (PNG/JPEG; a folder is coded by `aeflow run compress --model MODEL --apply-to FOLDER`)"
+    for uri, _name in plan:  # every image decodes before the first file is written (one in memory at a time)
+        decode_image_bytes(_read_input(uri, images_only), uri)
     _make_folder(output_dir)
     for uri, name in plan:
-        img, mode = read_image(uri)
+        img, mode = decode_image_bytes(_read_input(uri, images_only), uri)
         with progress(uri) if progress is not None and refine_steps else nullcontext() as on_step:
             data = encode_image(codec, img, mode, q, refine_steps, on_step=on_step)
         dest = write_into(output_dir, name, data)
@@ -136,17 +196,13 @@ def decompress_files(files: list[str], output_dir: str, model: str | None = None
     for uri in [*files, output_dir, *([model] if model else [])]:
         refuse_credentials(uri, "URI")
     plan = plan_outputs(files, output_dir, _aec_output_name)
+    _check_outputs(output_dir, plan)
     codecs: dict[bytes, LoadedCodec] = {}
     if model:
         given = load_codec_run(model)
         codecs[given.identity] = given
-    _make_folder(output_dir)
-    for uri, name in plan:
-        try:
-            data = read_uri(uri)
-        except FileNotFoundError as e:
-            raise InputError(f"{uri}: no such file") from e
-        header = read_aec(data, uri)
+
+    def codec_of(uri: str, header: AecFile) -> LoadedCodec:
         codec = codecs.get(header.model_id)
         if codec is None and model:
             codec = next(iter(codecs.values()))  # decode_aec names both identities
@@ -157,6 +213,17 @@ def decompress_files(files: list[str], output_dir: str, model: str | None = None
                     f"{uri}: made by codec {header.model_id_hex}, which no compress run under {root} holds; pass --model RUN"
                 )
             codecs[header.model_id] = codec
-        img, mode = decode_aec(codec, data, uri)
+        return codec
+
+    # Every file parses (checksum included), has its codec and a quality level that codec has
+    # before the first PNG is written.
+    for uri, _name in plan:
+        data = _read_input(uri, ".aec files")
+        header = read_aec(data, uri)
+        check_header(codec_of(uri, header), header, uri)
+    _make_folder(output_dir)
+    for uri, name in plan:
+        data = _read_input(uri, ".aec files")
+        img, mode = decode_aec(codec_of(uri, read_aec(data, uri)), data, uri)
         dest = write_into(output_dir, name, encode_png(img))
         yield Decompressed(uri, dest, int(img.shape[1]), int(img.shape[0]), mode)

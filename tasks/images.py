@@ -18,6 +18,7 @@ Reused by every image application (denoise, index, and the learned codec).
 from __future__ import annotations
 
 import io
+import posixpath
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -96,9 +97,17 @@ class ImageSet:
     skipped: tuple[dict[str, str], ...] = ()
     has_labels: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()  # the URI of each image, as listed (empty: derived from source_uri and rel)
 
     def __len__(self) -> int:
         return len(self.rel)
+
+    def path_of(self, k: int) -> str:
+        """The URI of image ``k`` for messages: the file itself, whether the input was a folder, a glob or one file."""
+        if self.paths:
+            return self.paths[k]
+        base = self.source_uri.rstrip("/")
+        return base if _is_image_name(base) and posixpath.basename(base) == self.rel[k] else f"{base}/{self.rel[k]}"
 
     @property
     def megapixels(self) -> float:
@@ -157,17 +166,20 @@ def inspect_images(uri: str, role: str = "input", *, skip_bad: bool = False) -> 
 # Decoding (pure functions; run on Dask workers)
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def decode_image(
     data: bytes, mode: Mode = "gray", size: int | None = None, fit: str = "resize", alpha: str = "white"
 ) -> np.ndarray:
-    """Decode PNG/JPEG bytes to a uint8 ``(C, H, W)`` array.
+    """Decode PNG/JPEG bytes to a uint8 ``(C, H, W)`` array, upright (an EXIF Orientation is applied).
 
     Transparency is composited on white, or with ``alpha="refuse"`` is an error.
 
     Raises:
         ValueError: with the reason when the bytes are not a decodable image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ValueError("empty file (0 bytes)")
@@ -183,6 +195,9 @@ def decode_image(
         raise ValueError(f"cannot decode image: {e}") from e
     if fmt not in ("PNG", "JPEG", "MPO"):
         raise ValueError(f"is a {fmt} image; use PNG or JPEG")
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        # Pixels as the image is displayed: a camera's EXIF Orientation (e.g. 6, rotated 90°) applied.
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale: keep the 8 most significant bits (PIL's convert would clip).
         arr = np.asarray(img, dtype=np.uint32)
@@ -290,7 +305,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha) for g, u in zip(groups, out_uris, strict=True)]
     reports = dask.compute(*jobs)
     bad: list[dict[str, str]] = []
-    keep_rel, keep_labels, shapes, shards, counts = [], [], [], [], []
+    keep_rel, keep_labels, keep_paths, shapes, shards, counts = [], [], [], [], [], []
     for gi, (rep, out) in enumerate(zip(reports, out_uris, strict=True)):
         ok_here = 0
         for j, r in enumerate(rep):
@@ -300,6 +315,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
                 continue
             ok_here += 1
             keep_rel.append(source.rel[k])
+            keep_paths.append(uris[k])
             keep_labels.append(source.labels[k])
             shapes.append(tuple(r["shape"]))
         if ok_here and out is not None:
@@ -322,6 +338,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
         shapes=tuple(shapes),  # type: ignore[arg-type]
         skipped=skipped,
         has_labels=labels_ok,
+        paths=tuple(keep_paths),
     )
 
 
@@ -393,9 +410,20 @@ def image_shape(imset: ImageSet) -> tuple[int, int, int]:
     """The one ``(C, H, W)`` shape of every image of ``imset``.
 
     Raises:
-        InputError: the images differ in shape (set a size to resize them).
+        InputError: the images differ in mode (one grayscale file and one colour file are named:
+            set a mode) or in size (set a size to resize them).
     """
     shapes = set(imset.shapes)
+    channels = {c for c, _, _ in shapes}
+    if len(channels) > 1:
+        first = {}
+        for k, (c, _, _) in enumerate(imset.shapes):
+            first.setdefault(c, k)
+        kinds = ", ".join(f"{imset.path_of(k)} is {'grayscale' if c == 1 else 'RGB'}" for c, k in sorted(first.items()))
+        sizes = {(h, w) for _, h, w in shapes}
+        also = "; they differ in size too: set a size to resize them" if len(sizes) > 1 else ""
+        raise InputError(f"{imset.source_uri}: images have different modes ({kinds}); "
+                         f"pass --mode gray or --mode rgb to convert them to one{also}")
     if len(shapes) > 1:
         raise InputError(f"{imset.source_uri}: images have different shapes {sorted(shapes)[:3]}...; set a size to resize them")
     return next(iter(shapes)) if shapes else (1, 1, 1)

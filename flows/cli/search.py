@@ -20,9 +20,12 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
 ) -> None:
     """Find the k nearest images of each query in an index built by `aeflow run index`."""
+    from tasks.codec_files import check_output_path
     from tasks.search import expand_queries, open_index, search as search_index, write_search_sheet
 
     try:
+        if sheet:  # before searching: a --sheet that cannot be written fails alone, not after the results
+            check_output_path(sheet, f"--sheet {sheet}", folder=False)
         queries = expand_queries(query)
         loaded = open_index(index)
         hits, arrays = search_index(loaded, queries, k)

@@ -141,6 +141,11 @@ class _EncodeProgress:
         self.ui.update(100.0 * self.count / self.total)
 
 
+def decoded_name(rel: str) -> str:
+    """Where image ``rel`` is written decoded, below ``decoded/``: its path with ``.png`` for its extension."""
+    return f"{rel.rsplit('.', 1)[0]}.png"
+
+
 def _code_shard(index: int, *, app: CompressApp, ctx: ImageContext, fitted: Fitted) -> list[dict[str, Any]]:
     """One shard of images through the codec on a Dask worker: their .aec files, decoded PNGs and metrics."""
     ctx, fitted = on_worker(app, ctx, fitted)
@@ -151,7 +156,7 @@ def _code_shard(index: int, *, app: CompressApp, ctx: ImageContext, fitted: Fitt
         img, mode = from_chw(chw)
         coded = code_image(codec, img, mode, q, join_uri(target.source_uri, rel), a.refine_steps)
         ctx.run.write_bytes(f"codes/{rel}.aec", coded.data)
-        ctx.run.write_bytes(f"decoded/{rel.rsplit('.', 1)[0]}.png", encode_png(coded.decoded))
+        ctx.run.write_bytes(f"decoded/{decoded_name(rel)}", encode_png(coded.decoded))
         h, w = img.shape[:2]
         rows.append({
             "image": rel, "width": w, "height": h, "mode": mode, "quality": q, "bytes": len(coded.data),
@@ -225,7 +230,15 @@ class CompressApp(ImageApp):
     min_train_images: ClassVar[int] = 1
 
     def check_data(self, ctx: ImageContext) -> None:
-        """Any image size works (padded to the codec's stride and cropped back)."""
+        """Any image size works (padded to the codec's stride and cropped back); two images that would
+        decode to one ``decoded/<relpath>.png`` (``photo.jpg`` and ``photo.png``) are refused, naming both,
+        before anything is trained or written (the check of ``aeflow compress``: :func:`plan_outputs`)."""
+        from tasks.codec_files import plan_outputs
+
+        target = self.target(ctx)
+        name_of = {target.path_of(k): decoded_name(rel) for k, rel in enumerate(target.rel)}
+        plan_outputs(list(name_of), "decoded", name_of.__getitem__,
+                     remedy="rename one, or apply the model to them in separate runs")
 
     def check_fitted(self, config: RunConfig, fitted: Fitted) -> None:
         self.quality(config, fitted)  # a bad --quality fails before any work

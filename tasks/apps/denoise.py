@@ -239,7 +239,7 @@ class Denoise(ImageApp):
             for rel, img, clean in zip(ctx.target.rel[:n], images_of(ctx.target, range(n)), refs, strict=True):
                 if clean.shape != img.shape:
                     raise InputError(
-                        f"{ctx.reference.source_uri.rstrip('/')}/{rel} is {clean.shape[2]}x{clean.shape[1]}x{clean.shape[0]} "
+                        f"{ctx.reference.path_of(ref[rel])} is {clean.shape[2]}x{clean.shape[1]}x{clean.shape[0]} "
                         f"but the noisy image is {img.shape[2]}x{img.shape[1]}x{img.shape[0]} (width x height x channels)"
                     )
                 pairs.append((rel, img.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from pydantic import Field, field_validator
 
 from models.conv import ConvAEConfig, ConvAutoencoder
-from tasks.apps.base import Application
+from tasks.apps.base import Application, Fitted
 from tasks.apps.kinds import IMAGES, ImageContext
 from tasks.config import Frozen, RunConfig
-from tasks.errors import InputError
+from tasks.errors import InputError, ModelMismatchError
 from tasks.images import ImageLoadConfig, ImageSet
 
 
@@ -77,16 +78,31 @@ class ImageApp(Application):
         ("--mode", "load.mode", str, "gray, rgb or keep: how image modes are normalised."),
     )
 
+    def load(self, uri: str, device: torch.device) -> Fitted:
+        """The model ``--model`` names; a run that applied another model (``--model`` with
+        ``--apply-to``) and saved none of its own stands for the model it applied (its manifest's
+        ``model_run``), so a day's apply run can be passed on as the model."""
+        from tasks.storage import MODEL_DIR, RunDir, open_model_source
+
+        source = open_model_source(uri)
+        if isinstance(source, RunDir) and not source.exists(f"{MODEL_DIR}/config.json"):
+            applied = source.manifest().model_run
+            if applied:
+                if source.app != self.name:
+                    raise ModelMismatchError(f"{uri} is a run of the {source.app!r} application, not {self.name!r}")
+                return super().load(applied, device)
+        return super().load(uri, device)
+
     def min_side(self, config: RunConfig, role: str) -> int:
         """Smallest image side the network accepts for ``role`` (input, apply-to, reference)."""
         return config.model.factor  # type: ignore[attr-defined]
 
     def check_sizes(self, config: RunConfig, imset: ImageSet, role: str, why: str = "the network") -> None:
         need = self.min_side(config, role)
-        for rel, (_, h, w) in zip(imset.rel, imset.shapes, strict=True):
+        for k, (_, h, w) in enumerate(imset.shapes):
             if min(h, w) < need:
                 raise InputError(
-                    f"{imset.source_uri.rstrip('/')}/{rel} is {w}x{h} pixels, too small for {why}: "
+                    f"{imset.path_of(k)} is {w}x{h} pixels, too small for {why}: "
                     f"{role} images need at least {need}x{need}"
                 )
 
