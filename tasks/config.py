@@ -55,13 +55,20 @@ class LoadConfig(Frozen):
     exclude_columns: tuple[str, ...] = Field((), description="Columns to ignore entirely.")
     blocksize_mb: int = Field(64, ge=1, description="Target size of one Dask partition when splitting large CSV files.")
 
+    @model_validator(mode="after")
+    def _roles_are_distinct(self) -> LoadConfig:
+        for role, col in (("id_column", self.id_column), ("label_column", self.label_column)):
+            if col is not None and col in self.exclude_columns:
+                raise ValueError(f"{col!r} is the {role} and also in exclude_columns; a column has one role")
+        return self
+
 
 class PreprocessConfig(Frozen):
     """Scaling and the train/validation split (computed on the Dask cluster)."""
 
     scaler: Literal["standard", "minmax", "none"] = Field("standard", description="Feature scaling fitted on training rows.")
     val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of rows held out for validation and metrics.")
-    split_seed: int = Field(0, description="Seed of the deterministic train/validation split.")
+    split_seed: int = Field(0, ge=0, description="Seed of the deterministic train/validation split.")
     max_categories: int = Field(
         100, ge=1, description="Most distinct values a categorical column may have at fit time (one-hot width)."
     )
@@ -108,7 +115,7 @@ class TrainConfig(Frozen):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(15, ge=1, description="Epochs without validation improvement before stopping.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32 - 2, description="Seed of the initial weights, batches and sampled metrics.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     threads: int = Field(
         0, ge=0,
@@ -147,7 +154,10 @@ class RunConfig(Frozen):
     model_run: str | None = Field(
         None, description="Reuse the model of this run (its URI) instead of training: train once, apply daily."
     )
-    run_id: str | None = Field(None, description="Name the run (default: time + fingerprint).")
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Name the run: letters, digits, '.', '_' and '-' (default: time + fingerprint).",
+    )
     dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster).")
     local_cluster: Literal["auto", "processes", "threads"] = Field(
         "auto", description="Without dask_address, the run's own LocalCluster: worker processes (parallel pandas work; "

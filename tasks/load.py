@@ -20,6 +20,7 @@ from typing import Any
 
 import dask.dataframe as dd
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.utils import read_block as fs_read_block
 from prefect import task
@@ -55,6 +56,7 @@ class Block:
     row_groups: tuple[int, ...] = ()
     row_offset: int | None = 0
     compression: str | None = None
+    columns: tuple[str, ...] = ()  # a CSV file's own header, in its order (files of a glob may order them differently)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,37 @@ def _csv_header(fs, path: str, compression: str | None) -> list[str]:
             head += more
     # A UTF-8 byte-order mark (as spreadsheets write CSV) is not part of the first column's name.
     line = head.removeprefix(_BOM).split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
-    return [c.strip() for c in next(csv.reader([line]))] if line else []
+    if not line:
+        return []
+    # A column without a name is called as pandas calls it (its index, written by to_csv(), has none).
+    return [c.strip() or f"Unnamed: {i}" for i, c in enumerate(next(csv.reader([line])))]
+
+
+_OTHER_SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def _one_column(cols: list[str], uri: str) -> None:
+    """A header that is one column holding another separator: the file is not comma-separated."""
+    if len(cols) == 1:
+        for sep, name in _OTHER_SEPARATORS.items():
+            if sep in cols[0]:
+                raise InputError(
+                    f"{uri}: the header line is one column, {cols[0][:80]!r}: the file looks {name}-separated; "
+                    f"aeflow reads comma-separated CSV (or Parquet): convert it, e.g. "
+                    f"pandas.read_csv(path, sep={sep!r}).to_csv(new_path, index=False)"
+                )
+
+
+def _unnamed(cols: list[str], load: LoadConfig, uri: str) -> None:
+    """A CSV column without a name must be given a role: pandas writes its row index that way, and
+    row numbers are not a feature."""
+    named = {load.id_column, load.label_column, *load.exclude_columns}
+    for i, c in enumerate(cols):
+        if c == f"Unnamed: {i}" and c not in named:
+            raise InputError(
+                f"{uri}: column {i + 1} has no name in the header line (pandas writes its row index that way; "
+                f"write the file with index=False), or give it a role: --exclude '{c}' or --id-column '{c}'"
+            )
 
 
 def _parquet_meta(fs, path: str, uri: str) -> pq.ParquetFile:
@@ -155,6 +187,19 @@ def _parquet_meta(fs, path: str, uri: str) -> pq.ParquetFile:
         return pq.ParquetFile(fs.open(path, "rb"))
     except Exception as e:
         raise InputError(f"{uri}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+
+
+def _nested(pf: pq.ParquetFile, cols: list[str], excluded: set[str], uri: str) -> None:
+    """List, struct and map columns are refused by name (read as text, a list became one category per value)."""
+    for name in cols:
+        if name in excluded:
+            continue
+        typ = pf.schema_arrow.field(name).type
+        if pa.types.is_nested(typ):
+            raise InputError(
+                f"{uri}: column {name!r} holds {typ} values; aeflow reads columns of numbers, text, booleans or "
+                f"categories: --exclude '{name}', or flatten it into columns"
+            )
 
 
 def _parquet_columns(pf: pq.ParquetFile) -> list[str]:
@@ -211,11 +256,14 @@ def inspect_table(
                     if not cols or all(c == "" for c in cols):
                         raise InputError(f"{furi} has no header line")
                     _unique_columns(cols, furi)
+                    _unnamed(cols, load, furi)
+                    _one_column(cols, furi)
                     if sample is None:
                         with fs.open(path, "rb", compression=compression) as f:
                             sample = pd.read_csv(f, nrows=SAMPLE_ROWS)
                         if len(sample) == 0:
                             raise InputError(f"{furi} has a header but no data rows")
+                        sample = _named(sample, cols, furi)
                     else:
                         with fs.open(path, "rb", compression=compression) as f:
                             f.readline()
@@ -231,13 +279,14 @@ def inspect_table(
                 spans = [(o, min(blocksize, size - o)) for o in range(0, size, blocksize)]
             for j, (off, length) in enumerate(spans):
                 blocks.append(
-                    Block(furi, "csv", len(blocks), off, length, (), 0 if j == 0 else None, compression)
+                    Block(furi, "csv", len(blocks), off, length, (), 0 if j == 0 else None, compression, tuple(cols))
                 )
         else:
             with storage_op("read", furi):
                 pf = _parquet_meta(fs, path, furi)
             cols = _parquet_columns(pf)
             _unique_columns(cols, furi)
+            _nested(pf, cols, {*load.exclude_columns, *(schema.excluded if schema is not None else ())}, furi)
             if pf.metadata.num_rows == 0:
                 raise InputError(f"{furi} has a schema but no data rows")
             if sample is None:
@@ -279,6 +328,15 @@ def inspect_table(
         schema.check_compatible(columns, f"{role} {source_name}")
         schema = schema.with_nulls(allow_nulls)
     return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns))
+
+
+def _named(df: pd.DataFrame, cols: list[str] | tuple[str, ...], uri: str) -> pd.DataFrame:
+    """A parsed CSV block with the header's column names (as ``_csv_header`` reads them: stripped, unnamed
+    ones named), or one message when the rows have more fields than the header."""
+    if len(df.columns) != len(cols):
+        raise InputError(f"{uri}: the header names {len(cols)} columns but the rows have {len(df.columns)} fields")
+    df.columns = list(cols)
+    return df
 
 
 def _lines_before(block: Block) -> int:
@@ -352,7 +410,7 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
                     if block.offset == 0:
                         df = pd.read_csv(io.BytesIO(data))
                     else:
-                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(file_columns))
+                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(block.columns or file_columns))
             else:
                 pf = pq.ParquetFile(fs.open(path, "rb"))
                 df = pf.read_row_groups(list(block.row_groups), columns=list(file_columns)).to_pandas()
@@ -365,7 +423,11 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     if err is not None:
         # Raised outside the handler: the message says it all, and the cause may not pickle back from a worker.
         raise err
+    if block.fmt == "csv" and block.columns:
+        df = _named(df, block.columns, block.uri)
     df.columns = [str(c) for c in df.columns]
+    if list(df.columns) != list(file_columns) and set(df.columns) == set(file_columns):
+        df = df[list(file_columns)]  # a file of the glob with the same columns in another order
     df = validate_block(df.reset_index(drop=True), schema, source=block.uri, locate=_locate(block))
     keep = [c for c in df.columns if c not in set(schema.excluded)]
     return df[keep]

@@ -249,6 +249,16 @@ def prepare(
     if stats is None:
         check_training_rows(source.uri, int(mom["rows"]), int(mom["val_rows"]), cfg.val_fraction if split else 0.0)
         stats = ScalingStats.from_moments(columns, mom, cfg.scaler, onehot)
+        far = stats.extremes(mom["lo_all"], mom["hi_all"])
+        if far:
+            name, value, z = far[0]
+            unit = "standard deviations" if cfg.scaler == "standard" else "ranges"
+            raise InputError(
+                f"{source.uri}: column {name!r} has the value {value:.6g}, {abs(z):.3g} {unit} of the training rows "
+                f"from their {'mean' if cfg.scaler == 'standard' else 'minimum'}: the autoencoder cannot learn from "
+                f"it (its squared error overflows); a placeholder or an error? Remove those rows, or --exclude the column"
+                + (f" (also {', '.join(repr(f[0]) for f in far[1:4])})" if len(far) > 1 else "")
+            )
     prepared = PreparedTable(
         source_uri=source.uri,
         parts=tuple(u for u in out_uris if u),

@@ -15,6 +15,9 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
+EXTREME_SCALED = 1e12
+"""A value scaled beyond this (its squared error ~1e24 and up; float32 overflows at 3.4e38) is refused at fit time."""
+
 SPLIT_COL = "__aeflow_val"
 """The boolean column of a preprocessed partition that flags validation rows."""
 
@@ -37,6 +40,10 @@ def partition_moments(df: pd.DataFrame, columns: list[str]) -> dict[str, np.ndar
         "min": np.where(ok, x, big).min(axis=0, initial=big),
         "max": np.where(ok, x, -big).max(axis=0, initial=-big),
         "nonnull_all": df[columns].notna().to_numpy().sum(axis=0).astype("int64"),
+        # every row's extremes (validation rows too): a value far outside the training rows' scale
+        "lo_all": np.nanmin(np.where(np.isnan(xa := df[columns].to_numpy(dtype="float64", na_value=np.nan)), big, xa),
+                            axis=0, initial=big),
+        "hi_all": np.nanmax(np.where(np.isnan(xa), -big, xa), axis=0, initial=-big),
         "rows": len(df),
         "val_rows": int(df[SPLIT_COL].sum()) if SPLIT_COL in df.columns else 0,
     }
@@ -60,6 +67,9 @@ def merge_moments(parts: list[dict[str, Any]]) -> dict[str, Any]:
         acc["min"] = np.minimum(acc["min"], p["min"])
         acc["max"] = np.maximum(acc["max"], p["max"])
         acc["nonnull_all"] = acc["nonnull_all"] + p["nonnull_all"]
+        if "lo_all" in acc:
+            acc["lo_all"] = np.minimum(acc["lo_all"], p["lo_all"])
+            acc["hi_all"] = np.maximum(acc["hi_all"], p["hi_all"])
         acc["rows"] += p["rows"]
         acc["val_rows"] += p["val_rows"]
         for col, (count, examples) in p.get("unseen", {}).items():
@@ -105,9 +115,26 @@ class ScalingStats:
 
     def offset_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """``x_scaled = (x - offset) / scale``; one-hot columns and constant columns pass through."""
+        offset, scale = self.offset_scale64()
+        return offset.astype("float32"), scale.astype("float32")
+
+    def extremes(self, lo: np.ndarray, hi: np.ndarray, limit: float = EXTREME_SCALED) -> list[tuple[str, float, float]]:
+        """``(column, value, scaled value)`` of each column whose most extreme value (of ``lo``/``hi``: every
+        row's minimum and maximum) scales beyond ``limit``: its squared error would overflow float32 training."""
+        offset, scale = self.offset_scale64()
+        out = []
+        for i, name in enumerate(self.columns):
+            for v in (lo[i], hi[i]):
+                z = (float(v) - offset[i]) / scale[i]
+                if np.isfinite(v) and abs(z) > limit:
+                    out.append((name, float(v), float(z)))
+                    break
+        return out
+
+    def offset_scale64(self) -> tuple[np.ndarray, np.ndarray]:
         k = len(self.columns)
         if self.scaler == "none":
-            return np.zeros(k, "float32"), np.ones(k, "float32")
+            return np.zeros(k), np.ones(k)
         if self.scaler == "standard":
             offset, scale = np.array(self.mean), np.array(self.std)
         else:
@@ -116,7 +143,7 @@ class ScalingStats:
         oh = np.array(self.onehot or [False] * k, dtype=bool)
         offset = np.where(oh, 0.0, offset)
         scale = np.where(oh, 1.0, scale)
-        return offset.astype("float32"), scale.astype("float32")
+        return offset.astype("float64"), scale.astype("float64")
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         offset, scale = self.offset_scale()

@@ -194,6 +194,14 @@ def _finite(s: pd.Series) -> pd.Series | bool:
     return np.isfinite(s.astype("float64")) | s.isna()
 
 
+FLOAT32_MAX = float(np.finfo("float32").max)
+
+
+def _float32_range(s: pd.Series) -> pd.Series | bool:
+    """Finite in float64 but not in the float32 the models compute in (1e308 became inf there)."""
+    return ~(np.abs(s.astype("float64")) > FLOAT32_MAX)
+
+
 def pandera_schema(ts: TableSchema, columns_present: list[str] | None = None) -> pa.DataFrameSchema:
     """The pandera schema that every block of input must satisfy."""
     cols: dict[str, pa.Column] = {}
@@ -203,7 +211,8 @@ def pandera_schema(ts: TableSchema, columns_present: list[str] | None = None) ->
                 "float64",
                 coerce=True,
                 nullable=ts.allow_nulls,
-                checks=[pa.Check(_finite, error="finite", name="finite")],
+                checks=[pa.Check(_finite, error="finite", name="finite"),
+                        pa.Check(_float32_range, error="float32_range", name="float32_range")],
             )
         else:
             cols[c.name] = pa.Column("str", coerce=True, nullable=ts.allow_nulls)
@@ -219,6 +228,7 @@ def pandera_schema(ts: TableSchema, columns_present: list[str] | None = None) ->
 _CHECK_WORDS = {
     "not_nullable": "null values (use the impute application for data with missing values)",
     "finite": "infinite values",
+    "float32_range": "values beyond the range of the 32-bit floats the models compute in (±3.4e38)",
     "column_in_dataframe": "is missing",
     "column_in_schema": "is not expected",
 }

@@ -89,7 +89,8 @@ class Config(AppConfig):
         0.1, gt=0.0, le=0.5, description="Expected share of anomalies in the training data, in (0, 0.5]."
     )
     threshold: float | None = Field(
-        None, description="Fixed score threshold (default: the training scores' (1 - contamination) percentile)."
+        None, allow_inf_nan=False,
+        description="Fixed score threshold (default: the training scores' (1 - contamination) percentile).",
     )
     robust: bool = Field(
         True,
@@ -444,6 +445,12 @@ class Detect(TableApp):
             return ev
         known = side[label].notna().to_numpy()
         y = (side[label].astype(str).to_numpy() == cfg.positive_label)[known]
+        values = sorted(side[label][known].astype(str).unique())
+        if not y.any() and len(values) > 1:
+            shown = ", ".join(repr(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+            ev.notes.append(f"--positive-label {cfg.positive_label!r} is none of label {label!r}'s values ({shown}): "
+                            "ranking metrics skipped; pass the value that marks the anomalies")
+            return ev
         if y.all() or not y.any():
             ev.notes.append(f"labels hold a single class (positive_label={cfg.positive_label!r}): ranking metrics skipped")
             return ev

@@ -194,7 +194,14 @@ class Extract(TableApp):
         y = side[label].to_numpy()
         keep = pd.notna(side[label]).to_numpy()
         x, y = x[keep], y[keep].astype(str)
-        _, counts = np.unique(y, return_counts=True)
+        classes, counts = np.unique(y, return_counts=True)
+        rare = classes[counts < 2]  # a class of one row cannot be in a training and a test fold
+        if len(rare) and (counts >= 2).sum() >= 2:
+            shown = ", ".join(repr(str(c)) for c in rare[:5]) + (", ..." if len(rare) > 5 else "")
+            ev.notes.append(f"{int(counts[counts < 2].sum())} row(s) of class(es) with a single row left out of the "
+                            f"evaluation ({shown})")
+            keep_rows = ~np.isin(y, rare)
+            x, y, counts = x[keep_rows], y[keep_rows], counts[counts >= 2]
         folds = min(cfg.cv_folds, int(counts.min()) if len(counts) else 0)
         if len(counts) < 2 or folds < 2:
             ev.notes.append("fewer than 2 classes with 2 rows each: downstream accuracy not evaluated")
@@ -210,9 +217,14 @@ class Extract(TableApp):
         ev.metrics.update(res["ae"])
         ev.metrics["n_eval_rows"] = len(x)
         ev.baselines["raw"] = res["raw"]
+        k = fitted.model.config.latent_dim
         if "pca" in res:
             ev.baselines["pca"] = res["pca"]
+        else:
+            ev.notes.append(f"PCA baseline skipped: {k} components need at least {k} features "
+                            f"(the data has {x.shape[1]} after encoding); lower --latent-dim to compare with PCA-k")
+        fitted_on = "PCA and the autoencoder" if "pca" in res else "the autoencoder"
         ev.notes.append(
-            f"stratified {folds}-fold LogisticRegression accuracy; PCA and the autoencoder fitted on training folds only"
+            f"stratified {folds}-fold LogisticRegression accuracy; {fitted_on} fitted on training folds only"
         )
         return ev

@@ -243,8 +243,8 @@ def _restore_dtype(values: pd.Series, dtype: str | None) -> pd.Series:
     if not dtype:
         return values
     try:
-        if dtype == "bool":
-            return values.astype("float64") > 0.5
+        if dtype in ("bool", "boolean"):  # numpy's and pandas' nullable booleans
+            return (values.astype("float64") > 0.5).astype(dtype)
         if dtype.lower().startswith(("int", "uint")) and pd.api.types.is_float_dtype(values):
             return values.round().astype(dtype)
         return values.astype(dtype)

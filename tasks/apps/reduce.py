@@ -83,13 +83,16 @@ class Reduce(TableApp):
         ev.metrics["recon_mse"] = sq / cells
         x_t, _, _ = ctx.sample(which, split, cfg.trust_sample, seed)
         nn_k = min(cfg.trust_neighbors, max(1, len(x_t) // 2 - 1))
-        ev.metrics["trustworthiness"] = float(trustworthiness(x_t, self.encode(fitted, x_t, ctx.device), n_neighbors=nn_k))
+        trust = nn_k < len(x_t) / 2  # sklearn's bound; not met by 1 to 3 rows
+        if trust:
+            ev.metrics["trustworthiness"] = float(trustworthiness(x_t, self.encode(fitted, x_t, ctx.device), n_neighbors=nn_k))
+        else:
+            ev.notes.append(f"trustworthiness not evaluated: {len(x_t)} row(s) (it needs at least 3)")
         ev.metrics["n_eval_rows"] = n
         if pca is not None:
-            ev.baselines["pca"] = {
-                "recon_mse": sq_pca / cells,
-                "trustworthiness": float(trustworthiness(x_t, pca.transform(x_t), n_neighbors=nn_k)),
-            }
+            ev.baselines["pca"] = {"recon_mse": sq_pca / cells}
+            if trust:
+                ev.baselines["pca"]["trustworthiness"] = float(trustworthiness(x_t, pca.transform(x_t), n_neighbors=nn_k))
         trust_on = f"; trustworthiness on a seeded sample of {len(x_t):,} rows" if n > len(x_t) else ""
         ev.notes.append(f"metrics on {where}; reconstruction MSE in scaled units{trust_on}")
         return ev
