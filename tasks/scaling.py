@@ -123,10 +123,11 @@ class ScalingStats:
         row's minimum and maximum) scales beyond ``limit``: its squared error would overflow float32 training."""
         offset, scale = self.offset_scale64()
         out = []
+        none = np.finfo("float64").max  # the moments' placeholder of a column without a value (all null)
         for i, name in enumerate(self.columns):
             for v in (lo[i], hi[i]):
                 z = (float(v) - offset[i]) / scale[i]
-                if np.isfinite(v) and abs(z) > limit:
+                if np.isfinite(v) and abs(v) < none and abs(z) > limit:
                     out.append((name, float(v), float(z)))
                     break
         return out

@@ -198,8 +198,10 @@ FLOAT32_MAX = float(np.finfo("float32").max)
 
 
 def _float32_range(s: pd.Series) -> pd.Series | bool:
-    """Finite in float64 but not in the float32 the models compute in (1e308 became inf there)."""
-    return ~(np.abs(s.astype("float64")) > FLOAT32_MAX)
+    """Finite in float64 but not in the float32 the models compute in (1e308 became inf there);
+    infinite values are the ``finite`` check's."""
+    x = s.astype("float64")
+    return ~(np.isfinite(x) & (np.abs(x) > FLOAT32_MAX))
 
 
 def pandera_schema(ts: TableSchema, columns_present: list[str] | None = None) -> pa.DataFrameSchema:
