@@ -475,6 +475,11 @@ class Index(ImageApp):
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         imset = self._collection(ctx)
+        trained_at = fitted.state.get("image_size")
+        if ctx.train is None and trained_at and trained_at != ctx.config.load.size:
+            # a reused model: its codes are meant for images of the size it learnt on
+            ctx.notes.append(f"images resized to {ctx.config.load.size}x{ctx.config.load.size}, but the model was trained "
+                             f"on {trained_at}x{trained_at}: pass --image-size {trained_at} to encode them as it learnt")
         codes = self._codes(ctx, fitted)  # on the Dask workers; the index is built here, one part at a time
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run

@@ -282,6 +282,11 @@ def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_ad
     res = runner.invoke(cli, ["search", "--index", ann.run_uri, "--query", str(q), "--k", "1", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["results"][0]["path"] == str(q)
+    assert ann.notes and not any("resized to" in n for n in ann.notes), ann.notes
+    # applied at another size than the model learnt on (index's default 32 against its 16): said
+    other = FLOWS["index"](config=cfg.model_copy(update={"load": cfg.load.model_copy(update={"size": 32, "skip_bad": True}),
+                                                          "app": cfg.app.model_copy(update={"index": "exact"})}))
+    assert any("the model was trained on 16x16: pass --image-size 16" in n for n in other.notes), other.notes
 
 
 def test_committed_benchmark_denoiser_beats_nl_means_on_a_held_out_crop():
