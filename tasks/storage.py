@@ -1022,8 +1022,10 @@ class ArtifactStore:
                 except StorageError as e:
                     if e.transient:
                         raise
+                    log.warning("skipping %s: its manifest cannot be read (%s)", run.uri, e)
                     continue
-                except Exception:  # a manifest from an incompatible version: skip, don't crash listing
+                except Exception as e:  # a manifest from an incompatible version: skip, don't crash listing
+                    log.warning("skipping %s: its manifest cannot be read (%s: %s)", run.uri, type(e).__name__, e)
                     continue
         return sorted(manifests, key=lambda m: (m.created, m.run_id))
 

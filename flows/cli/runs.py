@@ -37,9 +37,16 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
     """List complete runs (those with a manifest), oldest first."""
-    from tasks.storage import ArtifactStore
+    from tasks.apps import load_all
+    from tasks.errors import ConfigError, StorageError
+    from tasks.storage import ArtifactStore, is_local, url_to_fs
 
     try:
+        if app_name is not None and app_name not in (apps := load_all()):
+            raise ConfigError(f"--app {app_name!r} is no application; one of: {', '.join(sorted(apps))}")
+        fs, path = url_to_fs(output)
+        if is_local(fs) and not fs.exists(path):
+            raise StorageError(f"no artifact root at {output} (nothing has run there); --output names one")
         manifests = ArtifactStore(output).list_runs(app_name)
     except AeflowError as e:
         fail(e)

@@ -47,6 +47,11 @@ def test_runs_list_and_show(cli_run):
     assert any(n.startswith("metrics on held-out validation rows") for n in payload["notes"]), payload["notes"]
     res = runner.invoke(app, ["runs", "show", payload["run_uri"], "--json"])
     assert json.loads(res.stdout)["run_id"] == payload["run_id"]
+    # what a typo gives: a refusal, not an empty listing with exit 0
+    res = runner.invoke(app, ["runs", "list", "--output", out, "--app", "reduse"])
+    assert res.exit_code == 2 and "'reduse' is no application" in res.output, res.output
+    res = runner.invoke(app, ["runs", "list", "--output", out + "-typo"])
+    assert res.exit_code == 4 and "no artifact root at" in res.output, res.output
 
 
 def test_config_file_and_set_overrides(prefect_server, dask_address, digits_csv, tmp_path):
