@@ -108,6 +108,7 @@ def run_app(config: RunConfig) -> RunResult:
 
     with _stage(timings, "inspect"):
         fitted = app.load(config.model_run, device) if config.model_run else None
+        config = app.adopt(config, fitted)
         if fitted is not None:
             app.check_fitted(config, fitted)
         inputs = kind.inspect(app, config, fitted)

@@ -156,6 +156,12 @@ class Application(ABC):
 
         return resolve_device(config.train.device)
 
+    def adopt(self, config: RunConfig, fitted: Fitted | None) -> RunConfig:
+        """The config the run uses, once ``--model`` is loaded (None: training): a setting the
+        user left unset may take the reused model's value (index: the image size it learnt on).
+        Called before the run's fingerprint, so an adopted value counts as if given."""
+        return config
+
     def check_fitted(self, config: RunConfig, fitted: Fitted) -> None:
         """Refuse a reused model that cannot serve ``config``, before any work (e.g. a quality level)."""
 

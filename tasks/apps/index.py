@@ -96,11 +96,15 @@ class Config(AppConfig):
     )
 
 
+DEFAULT_IMAGE_SIZE = 32  # index's --image-size when it trains a model and none is given
+
+
 class IndexRunConfig(ImageRunConfig):
     """A run of index: the flow's parameter."""
 
     app: Config = Config()
-    load: ImageLoadConfig = ImageLoadConfig(mode="gray", size=32)
+    # size None: DEFAULT_IMAGE_SIZE when training, the size the model learnt on with --model (Index.adopt)
+    load: ImageLoadConfig = ImageLoadConfig(mode="gray", size=None)
     # Two levels: the code is at half the image resolution (8 x (size/2)^2 values). Measured on digits
     # (benchmarks/RESULTS.md, index): more compressed codes (three levels) rank neighbours worse than raw pixels.
     model: ConvModelConfig = ConvModelConfig(channels=(16, 32), latent_channels=8)
@@ -410,13 +414,22 @@ class Index(ImageApp):
     RunConfig = IndexRunConfig
     headlines = (("precision_at_10", True), ("recall_at_10", True))
     cli_options = ImageApp.cli_options + (
-        ("--image-size", "load.size", int, "Images are resized to this square size before encoding."),
+        ("--image-size", "load.size", int, f"Images are resized to this square size before encoding (default: "
+         f"{DEFAULT_IMAGE_SIZE} when training; with --model, the size that model learnt on)."),
         ("--index-type", "app.index", str,
          "auto (exact up to --ann-threshold, HNSW above, IVF-PQ above app.pq_threshold), exact, hnsw, ivf or ivfpq."),
         ("--ann-threshold", "app.ann_threshold", int, "Collections larger than this get an ANN index (auto)."),
         ("--latent-channels", "model.latent_channels", int,
          "Channels of the code (code size = channels x (size/2)^2 with the default one downsampling level)."),
     )
+
+    def adopt(self, config: Any, fitted: Fitted | None) -> Any:
+        """An unset --image-size: the size a reused model learnt on (its codes are meant for that
+        size), else DEFAULT_IMAGE_SIZE."""
+        if config.load.size is not None:
+            return config
+        size = (fitted.state.get("image_size") if fitted is not None else None) or DEFAULT_IMAGE_SIZE
+        return config.model_copy(update={"load": config.load.model_copy(update={"size": int(size)})})
 
     def min_side(self, config, role: str) -> int:
         if config.load.size is None:
@@ -479,7 +492,8 @@ class Index(ImageApp):
         if ctx.train is None and trained_at and trained_at != ctx.config.load.size:
             # a reused model: its codes are meant for images of the size it learnt on
             ctx.notes.append(f"images resized to {ctx.config.load.size}x{ctx.config.load.size}, but the model was trained "
-                             f"on {trained_at}x{trained_at}: pass --image-size {trained_at} to encode them as it learnt")
+                             f"on {trained_at}x{trained_at}: leave --image-size unset (or pass {trained_at}) to encode them "
+                             "as it learnt")
         codes = self._codes(ctx, fitted)  # on the Dask workers; the index is built here, one part at a time
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run

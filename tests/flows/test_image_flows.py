@@ -260,6 +260,18 @@ def test_query_of_another_mode_and_size_is_converted(index_run, digits_dir, tmp_
     assert len(results) == 10 and results[0]["label"] == "3"
 
 
+def test_index_image_size_unset_is_the_default_or_the_reused_model_s():
+    from tasks.apps.base import Fitted
+    from tasks.apps.index import DEFAULT_IMAGE_SIZE, Index
+
+    app, cfg = Index(), IndexRunConfig()
+    assert cfg.load.size is None and app.adopt(cfg, None).load.size == DEFAULT_IMAGE_SIZE
+    reused = Fitted(model=None, state={"image_size": 24})
+    assert app.adopt(cfg, reused).load.size == 24
+    given = resolve_config(IndexRunConfig, options={"load.size": 40})
+    assert app.adopt(given, reused) is given  # a size the user gave stays
+
+
 def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_address, tmp_path):
     result, out = index_run
     coll = tmp_path / "coll"
@@ -268,14 +280,18 @@ def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_ad
         (coll / p.parent.name / p.name).write_bytes(p.read_bytes())
     (coll / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (coll / "notes.txt").write_text("not an image")
+    # no --image-size: the reused model's 16 px, not index's default 32 (Index.adopt)
+    unsized = {k: v for k, v in FAST_INDEX.items() if k != "load.size"}
     cfg = resolve_config(IndexRunConfig, options={
-        **FAST_INDEX, "model_run": result.run_uri, "load.apply_to": str(coll), "load.skip_bad": True,
+        **unsized, "model_run": result.run_uri, "load.apply_to": str(coll), "load.skip_bad": True,
         "app.index": "hnsw", "output": out, "dask_address": dask_address})
     ann = FLOWS["index"](config=cfg)
     m = open_run(ann.run_uri).manifest()
     assert sorted(s["path"].rsplit("/", 1)[-1] for s in m.extra["skipped"]) == ["broken.png", "notes.txt"]
     assert m.extra["images"] == {"apply_to": 80}
-    assert json.loads(open(os.path.join(ann.run_uri, "index/meta.json")).read())["kind"] == "hnsw"
+    meta = json.loads(open(os.path.join(ann.run_uri, "index/meta.json")).read())
+    assert meta["kind"] == "hnsw" and meta["image"]["size"] == 16, meta
+    assert cfg.load.size is None and m.config["load"]["size"] == 16
     assert m.metrics["recall_at_10"] >= 0.9
     # The index has no model of its own: search loads the model run it was built with.
     q = sorted((coll / "1").iterdir())[0]
@@ -286,7 +302,8 @@ def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_ad
     # applied at another size than the model learnt on (index's default 32 against its 16): said
     other = FLOWS["index"](config=cfg.model_copy(update={"load": cfg.load.model_copy(update={"size": 32, "skip_bad": True}),
                                                           "app": cfg.app.model_copy(update={"index": "exact"})}))
-    assert any("the model was trained on 16x16: pass --image-size 16" in n for n in other.notes), other.notes
+    assert any("the model was trained on 16x16: leave --image-size unset (or pass 16)" in n for n in other.notes), \
+        other.notes
 
 
 def test_committed_benchmark_denoiser_beats_nl_means_on_a_held_out_crop():
