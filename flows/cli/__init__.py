@@ -8,6 +8,7 @@ bodies are thin; their logic lives in ``tasks/`` and ``flows/``.
 """
 
 import os
+import sys
 
 import typer
 
@@ -25,7 +26,7 @@ def build_app() -> typer.Typer:
         rich_markup_mode="rich",
         pretty_exceptions_enable=False,
     )
-    root.add_typer(run.build(), name="run")
+    root.add_typer(run.lazy(), name="run")
     root.add_typer(runs.app, name="runs")
     root.command("search")(search.search)
     root.command("compress")(codec.compress)
@@ -45,13 +46,17 @@ __all__ = ["COMMON_OPTIONS", "app", "build_app", "main"]
 
 def main() -> None:
     from flows.lifeline import guard_prefect_ephemeral_server
-    from tasks.prefect_utils import no_default_flow_heartbeats
     from tasks.redaction import install_log_redaction
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     guard_prefect_ephemeral_server()  # a killed CLI leaves no temporary Prefect server behind
     install_log_redaction()
+    if not sys.argv[1:] or "--help" in sys.argv[1:]:
+        app()  # help runs no flow: not worth importing Prefect (a second) for its settings
+        return
+    from tasks.prefect_utils import no_default_flow_heartbeats
+
     with no_default_flow_heartbeats():  # a second per flow run otherwise, for nothing watching
         app()
 

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from flows.cli.common import execute, fail, print_result, quiet_prefect
 from tasks.errors import AeflowError
@@ -106,12 +108,40 @@ def make_command(group: typer.Typer, application: Any) -> None:
     group.command(application.name, help=doc, no_args_is_help=True)(command)
 
 
+class _LazyRunGroup(TyperGroup):
+    """``aeflow run``'s commands, built from the registry when ``run`` is used: ``aeflow --help``
+    and the other commands do not import the applications (PyTorch, scikit-learn, Prefect:
+    seconds)."""
+
+    _built = False
+
+    def _build(self) -> None:
+        if not self._built:
+            self._built = True
+            self.commands.update(typer.main.get_command(build()).commands)  # type: ignore[attr-defined]
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._build()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._build()
+        return super().get_command(ctx, cmd_name)
+
+
+RUN_HELP = "Run an application once (train, or reuse --model, then apply and evaluate)."
+
+
+def lazy() -> typer.Typer:
+    """The ``aeflow run`` group, its commands built on first use (see :class:`_LazyRunGroup`)."""
+    return typer.Typer(cls=_LazyRunGroup, help=RUN_HELP, no_args_is_help=True)
+
+
 def build() -> typer.Typer:
     """The ``aeflow run`` group: one command per application registered now."""
     from tasks.apps import load_all
 
-    group = typer.Typer(help="Run an application once (train, or reuse --model, then apply and evaluate).",
-                        no_args_is_help=True)
+    group = typer.Typer(help=RUN_HELP, no_args_is_help=True)
     for application in load_all().values():
         make_command(group, application)
     return group

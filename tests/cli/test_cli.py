@@ -159,3 +159,25 @@ def test_runs_list_shows_the_applications_headline_metric():
     assert headline("impute", {"missing_share": 0.0, "rmse": 0.12}) == ("rmse", 0.12)
     assert headline("detect", {"threshold": 1.7}) == ("threshold", 1.7), "no headline metric: the first float"
     assert headline("no-such-app", {"n": 3, "x": 0.5}) == ("x", 0.5) and headline("reduce", {}) is None
+
+
+def test_top_level_help_imports_no_application_stack():
+    """`aeflow --help` (and `aeflow runs --help`) list the commands without importing PyTorch, Prefect or
+    the applications (5 s before; the `run` group builds its commands when it is used)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nsys.argv = ['aeflow', {args}]\nfrom flows.cli import main\ntry:\n    main()\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print(sorted(m for m in ('torch', 'prefect', 'sklearn', 'tasks.apps.base') if m in sys.modules))")
+    for args in ("'--help'", "'runs', '--help'"):
+        res = subprocess.run([sys.executable, "-c", probe.format(args=args)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-500:]
+    assert "Commands" in subprocess.run([sys.executable, "-c", probe.format(args="'--help'")],
+                                        capture_output=True, text=True, timeout=60).stdout
+    # ...and `aeflow run --help` still lists every registered application
+    res = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    from tasks.apps import load_all
+
+    assert res.exit_code == 0 and all(f" {name} " in res.stdout for name in load_all()), res.stdout
