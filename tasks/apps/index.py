@@ -39,6 +39,7 @@ from tasks.config import AppConfig, PreprocessConfig, TrainConfig
 from tasks.errors import ConfigError, ModelMismatchError
 from tasks.images import (
     ImageLoadConfig,
+    Mode,
     image_shape,
     images_of,
     shard_images,
@@ -96,15 +97,27 @@ class Config(AppConfig):
     )
 
 
-DEFAULT_IMAGE_SIZE = 32  # index's --image-size when it trains a model and none is given
+# index's --image-size and --mode when it trains a model and none is given (with --model: the model's)
+DEFAULT_IMAGE_SIZE, DEFAULT_MODE = 32, "gray"
+
+
+class IndexLoadConfig(ImageLoadConfig):
+    """Image loading for index: one size for every image; unset size and mode are the reused model's
+    (its codes are meant for images like those it learnt on), or the defaults when training."""
+
+    mode: Mode | None = Field(  # type: ignore[assignment]
+        None, description=f"gray, rgb or keep (default: {DEFAULT_MODE} when training; with --model, the mode it learnt on).")
+    size: int | None = Field(
+        None, ge=1, le=8192,
+        description=f"Resize every image to size x size (default: {DEFAULT_IMAGE_SIZE} when training; with --model, "
+        "the size it learnt on).")
 
 
 class IndexRunConfig(ImageRunConfig):
     """A run of index: the flow's parameter."""
 
     app: Config = Config()
-    # size None: DEFAULT_IMAGE_SIZE when training, the size the model learnt on with --model (Index.adopt)
-    load: ImageLoadConfig = ImageLoadConfig(mode="gray", size=None)
+    load: IndexLoadConfig = IndexLoadConfig()  # type: ignore[assignment]
     # Two levels: the code is at half the image resolution (8 x (size/2)^2 values). Measured on digits
     # (benchmarks/RESULTS.md, index): more compressed codes (three levels) rank neighbours worse than raw pixels.
     model: ConvModelConfig = ConvModelConfig(channels=(16, 32), latent_channels=8)
@@ -413,7 +426,9 @@ class Index(ImageApp):
     Config = Config
     RunConfig = IndexRunConfig
     headlines = (("precision_at_10", True), ("recall_at_10", True))
-    cli_options = ImageApp.cli_options + (
+    cli_options = tuple(o for o in ImageApp.cli_options if o[0] != "--mode") + (
+        ("--mode", "load.mode", str, f"gray, rgb or keep (default: {DEFAULT_MODE} when training; with --model, the "
+         "mode that model learnt on)."),
         ("--image-size", "load.size", int, f"Images are resized to this square size before encoding (default: "
          f"{DEFAULT_IMAGE_SIZE} when training; with --model, the size that model learnt on)."),
         ("--index-type", "app.index", str,
@@ -424,12 +439,15 @@ class Index(ImageApp):
     )
 
     def adopt(self, config: Any, fitted: Fitted | None) -> Any:
-        """An unset --image-size: the size a reused model learnt on (its codes are meant for that
-        size), else DEFAULT_IMAGE_SIZE."""
-        if config.load.size is not None:
-            return config
-        size = (fitted.state.get("image_size") if fitted is not None else None) or DEFAULT_IMAGE_SIZE
-        return config.model_copy(update={"load": config.load.model_copy(update={"size": int(size)})})
+        """An unset --image-size or --mode: the one a reused model learnt on (its codes are meant for
+        such images), else DEFAULT_IMAGE_SIZE / DEFAULT_MODE."""
+        state = fitted.state if fitted is not None else {}
+        update = {}
+        if config.load.size is None:
+            update["size"] = int(state.get("image_size") or DEFAULT_IMAGE_SIZE)
+        if config.load.mode is None:
+            update["mode"] = state.get("mode") or DEFAULT_MODE
+        return config.model_copy(update={"load": config.load.model_copy(update=update)}) if update else config
 
     def min_side(self, config, role: str) -> int:
         if config.load.size is None:

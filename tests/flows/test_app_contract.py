@@ -76,6 +76,9 @@ def _sample(model: type, path: str, typ: type):
     for key in sections:
         model = model.model_fields[key].annotation
     annotation = model.model_fields[leaf].annotation
+    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(optional) == 1:  # X | None: a value of X
+        annotation = optional[0]
     choices = [a for a in typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal]
     if choices:
         return choices[-1]

@@ -260,16 +260,18 @@ def test_query_of_another_mode_and_size_is_converted(index_run, digits_dir, tmp_
     assert len(results) == 10 and results[0]["label"] == "3"
 
 
-def test_index_image_size_unset_is_the_default_or_the_reused_model_s():
+def test_index_image_size_and_mode_unset_are_the_defaults_or_the_reused_model_s():
     from tasks.apps.base import Fitted
-    from tasks.apps.index import DEFAULT_IMAGE_SIZE, Index
+    from tasks.apps.index import DEFAULT_IMAGE_SIZE, DEFAULT_MODE, Index
 
     app, cfg = Index(), IndexRunConfig()
-    assert cfg.load.size is None and app.adopt(cfg, None).load.size == DEFAULT_IMAGE_SIZE
-    reused = Fitted(model=None, state={"image_size": 24})
-    assert app.adopt(cfg, reused).load.size == 24
-    given = resolve_config(IndexRunConfig, options={"load.size": 40})
-    assert app.adopt(given, reused) is given  # a size the user gave stays
+    assert cfg.load.size is None and cfg.load.mode is None
+    trained = app.adopt(cfg, None).load
+    assert (trained.size, trained.mode) == (DEFAULT_IMAGE_SIZE, DEFAULT_MODE)
+    reused = Fitted(model=None, state={"image_size": 24, "mode": "rgb"})
+    assert (app.adopt(cfg, reused).load.size, app.adopt(cfg, reused).load.mode) == (24, "rgb")
+    given = resolve_config(IndexRunConfig, options={"load.size": 40, "load.mode": "keep"})
+    assert app.adopt(given, reused) is given  # what the user gave stays
 
 
 def test_index_ann_with_reused_model_and_skip_bad(index_run, digits_dir, dask_address, tmp_path):
