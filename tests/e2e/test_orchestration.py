@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tasks.storage import ArtifactStore
+from tasks.storage import ArtifactStore, open_run
 from tests.e2e.conftest import BAD_DAY, DAILY, write_partitions
 
 pytestmark = [pytest.mark.e2e]
@@ -138,12 +138,17 @@ def test_backfill_in_process_with_a_bad_partition_then_rerun(served, bad_partiti
         assert rows[d]["flow_run_name"] == done[rows[d]["run_uri"]].extra["prefect"]["flow_run_name"] != "", rows[d]
 
     # the partition is repaired (the others are rewritten byte for byte); the same command redoes only that date
+    # (without --dask-address, which is not part of a run's identity: that date's run has its own LocalCluster
+    # of threads, as `aeflow run` would, not a shared cluster of worker processes started for the backfill)
     write_partitions(bad_partitions, digits_frame, DAILY, bad=None)
-    res2, rows2 = _backfill(served, *common)
+    at = common.index("--dask-address")
+    res2, rows2 = _backfill(served, *common[:at], *common[at + 2:])
     assert res2.exit_code == 0, res2.output
     assert [rows2[d]["status"] for d in good] == ["skipped", "skipped"]
     assert [rows2[d]["run_uri"] for d in good] == [rows[d]["run_uri"] for d in good]
     assert rows2[str(BAD_DAY)]["status"] == "completed"
+    redone = open_run(rows2[str(BAD_DAY)]["run_uri"]).manifest().extra["execution"]["dask"]
+    assert redone["scheduler"] is None and redone["workers_are"] == "threads", redone
     assert len(ArtifactStore(str(out)).list_runs("reduce")) == 3
 
 
