@@ -125,6 +125,8 @@ def parse(data: bytes) -> AecFile:
         AecFormatError: wrong magic, unsupported version, truncated, trailing bytes,
             checksum mismatch or an impossible header.
     """
+    if not data:
+        raise AecFormatError("empty file (0 bytes), not an .aec file")
     if len(data) < 4 or data[:4] != MAGIC:
         raise AecFormatError("not an .aec file (wrong magic bytes)")
     if len(data) < 5:

@@ -25,7 +25,7 @@ from models.codec_hyperprior import HyperpriorConfig
 from models.entropy_coding import EntropyCodingError
 from models.image_ops import as_rgb
 from models.metrics import ms_ssim, psnr
-from tasks.errors import InputError, ModelMismatchError, StorageError
+from tasks.errors import ConfigError, InputError, ModelMismatchError, StorageError
 from tasks.storage import MODEL_DIR, ArtifactStore, open_model_source, url_to_fs
 
 # -- images --------------------------------------------------------------------------------
@@ -41,13 +41,20 @@ def decode_image_bytes(data: bytes, name: str) -> tuple[np.ndarray, str]:
     Raises:
         InputError: naming ``name`` when the bytes do not decode or have alpha.
     """
-    from tasks.images import decode_image
+    img, mode, _change = decode_image_bytes_noting(data, name)
+    return img, mode
+
+
+def decode_image_bytes_noting(data: bytes, name: str) -> tuple[np.ndarray, str, str | None]:
+    """:func:`decode_image_bytes`, and how the image was converted to L or RGB (a palette, 16 bits, CMYK:
+    :func:`tasks.images.decode_image_noting`; None when it was L or RGB already)."""
+    from tasks.images import decode_image_noting
 
     try:
-        chw = decode_image(data, "keep", alpha="refuse")
+        chw, change = decode_image_noting(data, "keep", alpha="refuse")
     except ValueError as e:
         raise InputError(f"{name}: {e}") from e
-    return from_chw(chw)
+    return (*from_chw(chw), change)
 
 
 def from_chw(chw: np.ndarray) -> tuple[np.ndarray, str]:
@@ -169,10 +176,29 @@ def find_codec_run(root: str, identity: bytes) -> LoadedCodec | None:
 
 
 def check_quality(codec: LoadedCodec, quality: int) -> int:
+    """``quality`` if ``codec`` has that level.
+
+    Raises:
+        ConfigError: an option out of the model's range (exit 2, like any invalid option).
+    """
     levels = codec.model.config.levels
     if not 0 <= quality < levels:
-        raise InputError(f"--quality must be in 0..{levels - 1} for this model, got {quality}")
+        raise ConfigError(f"--quality must be in 0..{levels - 1} for this model, got {quality}")
     return quality
+
+
+def check_refine_steps(codec: LoadedCodec, refine_steps: int) -> int:
+    """``refine_steps`` if ``codec`` can refine its latents that many steps.
+
+    Raises:
+        ConfigError: negative, or refinement asked of a codec that has none (exit 2).
+    """
+    if refine_steps < 0:
+        raise ConfigError(f"--refine-steps must be >= 0, got {refine_steps}")
+    if refine_steps and not codec.model.supports_refinement:
+        raise ConfigError(f"--refine-steps {refine_steps}: latent refinement is implemented for the factorized "
+                          f"codec only; {codec.source} is a {codec.model.kind} codec (use --refine-steps 0)")
+    return refine_steps
 
 
 def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine_steps: int = 0,
@@ -180,11 +206,7 @@ def _encode(codec: LoadedCodec, img: np.ndarray, mode: str, quality: int, refine
     h, w = img.shape[:2]
     if h < 1 or w < 1:
         raise InputError("empty image")
-    if refine_steps < 0:
-        raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
-    if refine_steps and not codec.model.supports_refinement:
-        raise InputError(f"--refine-steps {refine_steps}: latent refinement is implemented for the factorized "
-                         f"codec only; {codec.source} is a {codec.model.kind} codec (use --refine-steps 0)")
+    check_refine_steps(codec, refine_steps)
     with torch.inference_mode():
         x = to_model_input(img, next(codec.model.parameters()).device)
     enc = codec.model.compress(x, quality, refine_steps, on_step)

@@ -8,12 +8,14 @@ rename); two inputs that would make the same output name (``photo.png`` and ``ph
 ``photo.aec``) are refused before anything is written. Every input is read and checked (an image
 decodes; an ``.aec`` file parses, has a codec and a quality level it names) and the output folder is
 checked before the first output is written, so a command that fails on bad input or a bad ``--output``
-writes nothing and overwrites no earlier output.
+writes nothing and overwrites no earlier output. An output file that already exists is refused, naming it,
+before anything is written, unless ``overwrite`` (``--overwrite``) is given.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -23,8 +25,10 @@ from tasks.codec import (
     LoadedCodec,
     check_header,
     check_quality,
+    check_refine_steps,
     decode_aec,
     decode_image_bytes,
+    decode_image_bytes_noting,
     encode_image,
     encode_png,
     find_codec_run,
@@ -68,14 +72,39 @@ def _make_folder(uri: str) -> None:
         raise StorageError(f"cannot create --output {uri}: {e.strerror or e}") from e
 
 
-def _check_outputs(output_dir: str, plan: list[tuple[str, str]]) -> None:
-    """The output folder can be made, and no folder stands where an output file goes."""
+def _check_outputs(output_dir: str, plan: list[tuple[str, str]], overwrite: bool = False) -> None:
+    """The output folder can be made, no folder stands where an output file goes, and (unless ``overwrite``)
+    no output file exists already: an earlier result is not replaced without being asked.
+
+    A link found where an output goes is not an earlier result (it is replaced, never written through:
+    :func:`write_into`), so it does not count as one.
+
+    Raises:
+        StorageError: naming the obstacle, or every output that exists (the first three and a count).
+    """
     check_output_path(output_dir, f"--output {output_dir}", folder=True)
     fs, folder = url_to_fs(output_dir)
+    existing: list[str] = []
     if is_local(fs):
         for _uri, name in plan:
-            if os.path.isdir(os.path.join(folder, name)):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
                 raise StorageError(f"cannot write {join_uri(output_dir, name)}: a folder of that name is in the way")
+            if os.path.isfile(path) and not os.path.islink(path):
+                existing.append(join_uri(output_dir, name))
+    elif not overwrite:
+        try:
+            with storage_op("list", output_dir):
+                there = {posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)}
+        except FileNotFoundError:
+            there = set()
+        existing = [join_uri(output_dir, name) for _uri, name in plan if name in there]
+    if existing and not overwrite:
+        names = existing[:3] + ([f"{len(existing) - 3} more"] if len(existing) > 3 else [])
+        shown = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        one = len(existing) == 1
+        raise StorageError(f"{shown} already exist{'s' if one else ''}; nothing was written (pass --overwrite to "
+                           f"replace {'it' if one else 'them'})")
 
 
 def _read_input(uri: str, expected: str) -> bytes:
@@ -99,6 +128,7 @@ class Compressed:
     bytes: int
     bpp: float
     quality: int
+    converted: str = ""  # how the image was converted to L or RGB for the codec ("" when it was one)
 
 
 @dataclass(frozen=True)
@@ -165,38 +195,44 @@ StepProgress = Callable[[str], AbstractContextManager[Callable[[int, int], None]
 
 
 def compress_files(images: list[str], model: str, output_dir: str, quality: int | None = None, refine_steps: int = 0,
-                   progress: StepProgress | None = None) -> Iterator[Compressed]:
+                   progress: StepProgress | None = None, overwrite: bool = False) -> Iterator[Compressed]:
     """Code each image into ``output_dir/<stem>.aec`` with the codec of ``model`` (a run or model folder).
 
     With the refining encoder, ``progress(uri)`` is entered around each image's encoding and
-    gives an ``on_step(done, total)`` callback (e.g. a progress bar).
+    gives an ``on_step(done, total)`` callback (e.g. a progress bar). ``.aec`` files that exist
+    already are refused (nothing written) unless ``overwrite``.
     """
+    from tasks.images import describe_conversion
+
     for uri in [*images, output_dir]:
         refuse_credentials(uri, "URI")
     plan = plan_outputs(images, output_dir, lambda uri: _stem(uri) + ".aec")
-    _check_outputs(output_dir, plan)
+    _check_outputs(output_dir, plan, overwrite)
     codec = load_codec_run(model)
     q = check_quality(codec, codec.model.config.levels // 2 if quality is None else quality)
+    check_refine_steps(codec, refine_steps)
     images_only = "image files (PNG/JPEG; a folder is coded by `aeflow run compress --model MODEL --apply-to FOLDER`)"
     for uri, _name in plan:  # every image decodes before the first file is written (one in memory at a time)
         decode_image_bytes(_read_input(uri, images_only), uri)
     _make_folder(output_dir)
     for uri, name in plan:
-        img, mode = decode_image_bytes(_read_input(uri, images_only), uri)
+        img, mode, change = decode_image_bytes_noting(_read_input(uri, images_only), uri)
         with progress(uri) if progress is not None and refine_steps else nullcontext() as on_step:
             data = encode_image(codec, img, mode, q, refine_steps, on_step=on_step)
         dest = write_into(output_dir, name, data)
-        yield Compressed(uri, dest, len(data), 8 * len(data) / (img.shape[0] * img.shape[1]), q)
+        yield Compressed(uri, dest, len(data), 8 * len(data) / (img.shape[0] * img.shape[1]), q,
+                         describe_conversion(change, None) if change else "")
 
 
 def decompress_files(files: list[str], output_dir: str, model: str | None = None,
-                     root: str = "./artifacts") -> Iterator[Decompressed]:
+                     root: str = "./artifacts", overwrite: bool = False) -> Iterator[Decompressed]:
     """Decode each ``.aec`` file to ``output_dir/<stem>.png``; the codec is ``model`` or found under
-    ``root`` by the file's model identity (and checked against it in every case)."""
+    ``root`` by the file's model identity (and checked against it in every case). PNGs that exist
+    already are refused (nothing written) unless ``overwrite``."""
     for uri in [*files, output_dir, *([model] if model else [])]:
         refuse_credentials(uri, "URI")
     plan = plan_outputs(files, output_dir, _aec_output_name)
-    _check_outputs(output_dir, plan)
+    _check_outputs(output_dir, plan, overwrite)
     codecs: dict[bytes, LoadedCodec] = {}
     if model:
         given = load_codec_run(model)

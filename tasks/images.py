@@ -7,7 +7,9 @@ on the Dask client in shards of ``shard_size`` files (fewer when their bytes pas
 ``shard_mb``): each worker reads the bytes, decodes them with Pillow, normalises
 the mode (grayscale or RGB), resizes or crops when configured, and writes one
 ``.npz`` shard (uint8 CHW arrays) into the run directory. A file that does not decode names itself in one
-:class:`InputError`; with ``skip_bad`` it is left out and listed instead.
+:class:`InputError`; with ``skip_bad`` it is left out and listed instead. What the normalisation changed
+beyond the mode asked for (transparency composited, a palette, 16 bits, CMYK) is counted per image set,
+and :func:`image_notes` says it (and which files were left out) in the run's notes.
 
 Reading shards back (:func:`read_images`, :func:`iter_images`) never unpickles.
 This module does not import Prefect: Dask workers import it to decode, and should
@@ -38,6 +40,37 @@ from tasks.storage import FileRecord, RunDir, read_uri, storage_op, to_uri, url_
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Mode = Literal["gray", "rgb", "keep"]
 
+# Image formats aeflow does not read, by file name (at the door) and by Pillow's name for the content
+# (when decoding): a refusal names the format, so the user knows what to convert.
+OTHER_IMAGE_EXTENSIONS = {
+    ".webp": "WebP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".dib": "BMP", ".gif": "GIF",
+    ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".jp2": "JPEG 2000", ".j2k": "JPEG 2000",
+    ".ico": "ICO", ".tga": "TGA", ".psd": "PSD", ".pbm": "PBM", ".pgm": "PGM", ".ppm": "PPM", ".pnm": "PNM",
+    ".dng": "DNG (camera raw)", ".cr2": "CR2 (camera raw)", ".nef": "NEF (camera raw)", ".arw": "ARW (camera raw)",
+}
+_PIL_FORMAT_NAMES = {"WEBP": "WebP", "JPEG2000": "JPEG 2000", "DIB": "BMP", "AVIF": "AVIF", "HEIF": "HEIF"}
+READS = "aeflow reads PNG and JPEG"
+
+
+def unsupported_format(fmt: str) -> str:
+    """The one reason given for an image in a format aeflow does not read, e.g. ``fmt="WebP"``."""
+    article = "an" if fmt[:1] in "AEIO" else "a"
+    return f"{article} {fmt} image; {READS}: convert it to one of them"
+
+
+def not_an_image(path: str) -> str:
+    """Why a listed file that is not named .png/.jpg/.jpeg is not read: its format when its name says one."""
+    fmt = OTHER_IMAGE_EXTENSIONS.get(posixpath.splitext(path)[1].lower())
+    return unsupported_format(fmt) if fmt else f"not an image file; {READS} (.png, .jpg, .jpeg)"
+
+
+def other_files_error(others: Sequence[str], role: str, uri: str, remedy: str = "pass --skip-bad to leave such "
+                      "files out") -> InputError:
+    """The refusal of a folder holding files that are not PNG/JPEG images (URIs): the first named, with why."""
+    more = f" (and {len(others) - 1} more file{'s' if len(others) > 2 else ''} aeflow does not read)" if len(others) > 1 else ""
+    return InputError(f"{others[0]}: {not_an_image(others[0])}{more}; {role} {uri} must hold only PNG/JPEG images "
+                      f"(or {remedy})")
+
 
 class ImageLoadConfig(Frozen):
     """Where the images are and how they are normalised at the door."""
@@ -47,7 +80,10 @@ class ImageLoadConfig(Frozen):
     reference: str | None = Field(
         None, description="Clean images with the same relative paths as apply_to, for quality metrics (denoise: --clean-reference)."
     )
-    mode: Mode = Field("gray", description="gray, rgb, or keep (grayscale stays 1 channel, anything else becomes RGB).")
+    mode: Mode = Field(
+        "gray", description="gray, rgb, or keep: keep leaves grayscale (L) and RGB images as they are and converts the rest "
+        "(grayscale with alpha -> L, RGBA/CMYK/palette -> RGB, 16-bit -> 8-bit; the run's notes count them). "
+        "Transparency is composited on white (see alpha).")
     size: int | None = Field(None, ge=1, le=8192, description="Resize every image to size x size (None: keep the original size).")
     fit: Literal["resize", "crop"] = Field(
         "resize", description="With size: resize (ignores aspect ratio) or crop (shorter side to size, then centre crop)."
@@ -55,7 +91,8 @@ class ImageLoadConfig(Frozen):
     alpha: Literal["white", "refuse"] = Field(
         "white", description="Images with transparency: composite on white, or refuse them (the codec has no alpha plane)."
     )
-    skip_bad: bool = Field(False, description="Leave out files that do not decode (listed in the manifest) instead of failing.")
+    skip_bad: bool = Field(False, description="Leave out files that are not PNG/JPEG or do not decode instead of failing "
+                           "(named in a warning and the run's notes; listed with reasons in the manifest).")
     shard_size: int = Field(64, ge=1, le=100_000, description="Images per Dask task and per shard file (at most).")
     shard_mb: float = Field(
         32.0, gt=0,
@@ -98,6 +135,7 @@ class ImageSet:
     has_labels: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     paths: tuple[str, ...] = ()  # the URI of each image, as listed (empty: derived from source_uri and rel)
+    converted: dict[str, int] = field(default_factory=dict)  # images per conversion beyond the mode (decode_image_noting)
 
     def __len__(self) -> int:
         return len(self.rel)
@@ -128,7 +166,7 @@ def list_images(uri: str, role: str = "input") -> tuple[Any, list[str], list[str
     images = [p for p in found if _is_image_name(p)]
     others = [p for p in found if not _is_image_name(p)]
     if len(found) == 1 and others:
-        raise InputError(f"{to_uri(fs, others[0])}: not an image file; use PNG or JPEG (.png, .jpg, .jpeg)")
+        raise InputError(f"{to_uri(fs, others[0])}: {not_an_image(others[0])}")
     if not images:
         raise InputError(f"no PNG/JPEG images found in {role} {uri}" + (" (the folder is empty)" if not found else ""))
     return fs, images, others, root
@@ -142,11 +180,7 @@ def inspect_images(uri: str, role: str = "input", *, skip_bad: bool = False) -> 
     """
     fs, paths, others, root = list_images(uri, role)
     if others and not skip_bad:
-        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
-        raise InputError(
-            f"{to_uri(fs, others[0])}: not an image file{more}; {role} {uri} must hold only PNG/JPEG images "
-            "(or pass --skip-bad to leave such files out)"
-        )
+        raise other_files_error([to_uri(fs, p) for p in others], role, uri)
     files, rels, labels = [], [], []
     for p in paths:
         furi = to_uri(fs, p)
@@ -174,10 +208,23 @@ def decode_image(
 ) -> np.ndarray:
     """Decode PNG/JPEG bytes to a uint8 ``(C, H, W)`` array, upright (an EXIF Orientation is applied).
 
-    Transparency is composited on white, or with ``alpha="refuse"`` is an error.
+    Transparency is composited on white, or with ``alpha="refuse"`` is an error
+    (:func:`decode_image_noting` also says what was converted).
 
     Raises:
         ValueError: with the reason when the bytes are not a decodable image.
+    """
+    return decode_image_noting(data, mode, size, fit, alpha)[0]
+
+
+def decode_image_noting(
+    data: bytes, mode: Mode = "gray", size: int | None = None, fit: str = "resize", alpha: str = "white"
+) -> tuple[np.ndarray, str | None]:
+    """:func:`decode_image`, and what it changed beyond the mode asked for (None: nothing).
+
+    The change is a key of :data:`CONVERSIONS`, ``"<kind>><target>"`` (e.g. ``"palette>RGB"``,
+    ``"16-bit>grayscale"``) or ``"alpha"`` (transparency composited on white). Converting L to RGB
+    or RGB to L is what ``mode`` asks for, and not a change.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -194,22 +241,32 @@ def decode_image(
     except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"cannot decode image: {e}") from e
     if fmt not in ("PNG", "JPEG", "MPO"):
-        raise ValueError(f"is a {fmt} image; use PNG or JPEG")
+        raise ValueError(unsupported_format(_PIL_FORMAT_NAMES.get(str(fmt), str(fmt))))
     if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         # Pixels as the image is displayed: a camera's EXIF Orientation (e.g. 6, rotated 90°) applied.
         img = ImageOps.exif_transpose(img)
+    source = img.mode
+    kind = {"P": "palette", "PA": "palette", "1": "1-bit", "CMYK": "CMYK"}.get(source, source)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale: keep the 8 most significant bits (PIL's convert would clip).
+        kind = "16-bit"
         arr = np.asarray(img, dtype=np.uint32)
         img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L") if arr.max() > 255 else Image.fromarray(arr.astype(np.uint8), "L")
     gray_like = img.mode in ("1", "L", "LA", "I", "F")
     target = {"gray": "L", "rgb": "RGB"}.get(mode) or ("L" if gray_like else "RGB")
+    target_name = "grayscale" if target == "L" else "RGB"
+    change = None if kind in ("L", "RGB") else f"{kind}>{target_name}"
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         if alpha == "refuse":
             raise ValueError(f"image has an alpha channel (mode {img.mode}); the codec stores L or RGB only")
         # Composite transparency on white rather than letting convert() drop alpha to black.
-        base = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(base, img.convert("RGBA"))
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] == 255:
+            change = f"opaque-alpha>{target_name}"  # nothing to composite: the alpha channel is dropped
+        else:
+            change = "alpha"
+            rgba = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba)
+        img = rgba
     img = img.convert(target)
     if size is not None:
         if fit == "crop":
@@ -222,7 +279,34 @@ def decode_image(
         else:
             img = img.resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return (arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))), change
+
+
+# How each change of decode_image_noting is said in a run's notes (``{n}`` images, ``{s}`` plural, ``{to}`` target).
+CONVERSIONS = {
+    "alpha": "{n} image{s} with transparency composited on white (--set load.alpha=refuse to refuse them)",
+    "opaque-alpha": "{n} image{s} with a fully opaque alpha channel stored as {to} without it",
+    "palette": "{n} palette image{s} converted to {to}",
+    "16-bit": "{n} 16-bit image{s} reduced to 8 bits ({to})",
+    "1-bit": "{n} 1-bit (black and white) image{s} stored as 8-bit {to}",
+    "CMYK": "{n} CMYK image{s} converted to {to}",
+}
+
+
+def _conversion_rank(change: str) -> int:
+    kinds = list(CONVERSIONS)
+    kind = change.partition(">")[0]
+    return kinds.index(kind) if kind in kinds else len(kinds)
+
+
+def describe_conversion(change: str, n: int | None = 1) -> str:
+    """One change of :func:`decode_image_noting` in words, for ``n`` images (None: "a ... image")."""
+    kind, _, to = change.partition(">")
+    text = CONVERSIONS.get(kind, "{n} " + kind + " image{s} converted to {to}")
+    if n is None:
+        text = text.removeprefix("{n} ")
+        return ("an " if text[:1] in "AEIOaeio" else "a ") + text.format(s="", to=to)
+    return text.format(n=n, s="" if n == 1 else "s", to=to)
 
 
 def encode_png(arr: np.ndarray) -> bytes:
@@ -258,7 +342,7 @@ def _decode_shard(
             fs, path = url_to_fs(uri)
             with storage_op("read", uri), fs.open(path, "rb") as f:  # an outage stops the run, not this file
                 data = f.read()
-            arr = decode_image(data, mode, size, fit, alpha)
+            arr, change = decode_image_noting(data, mode, size, fit, alpha)
         except ValueError as e:
             report.append({"ok": False, "reason": str(e)})
             continue
@@ -266,7 +350,7 @@ def _decode_shard(
             report.append({"ok": False, "reason": f"cannot read: {e}"})
             continue
         arrays[f"i{i:06d}"] = arr
-        report.append({"ok": True, "shape": list(arr.shape)})
+        report.append({"ok": True, "shape": list(arr.shape), "change": change})
     if out_uri is not None and arrays:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -305,6 +389,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha) for g, u in zip(groups, out_uris, strict=True)]
     reports = dask.compute(*jobs)
     bad: list[dict[str, str]] = []
+    converted: dict[str, int] = {}
     keep_rel, keep_labels, keep_paths, shapes, shards, counts = [], [], [], [], [], []
     for gi, (rep, out) in enumerate(zip(reports, out_uris, strict=True)):
         ok_here = 0
@@ -318,6 +403,8 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
             keep_paths.append(uris[k])
             keep_labels.append(source.labels[k])
             shapes.append(tuple(r["shape"]))
+            if r.get("change"):
+                converted[r["change"]] = converted.get(r["change"], 0) + 1
         if ok_here and out is not None:
             shards.append(out)
             counts.append(ok_here)
@@ -326,7 +413,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
         raise InputError(f"{bad[0]['path']}: {bad[0]['reason']}{more}; fix or remove it, or pass --skip-bad")
     if not keep_rel:
         raise InputError(f"{source.role} {source.uri}: none of the {len(uris)} files is a decodable PNG/JPEG image")
-    skipped = tuple(bad) + tuple({"path": p, "reason": "not an image file"} for p in source.not_images)
+    skipped = tuple(bad) + tuple({"path": p, "reason": not_an_image(p)} for p in source.not_images)
     labels_ok = all(lbl is not None for lbl in keep_labels) and len(set(keep_labels)) > 1
     return ImageSet(
         source_uri=source.uri,
@@ -339,7 +426,25 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
         skipped=skipped,
         has_labels=labels_ok,
         paths=tuple(keep_paths),
+        converted=dict(sorted(converted.items(), key=lambda kv: (_conversion_rank(kv[0]), kv[0]))),
     )
+
+
+def image_notes(imset: ImageSet, shown: int = 3) -> list[str]:
+    """What a run's notes say about how an image set was read: the files ``--skip-bad`` left out (the first
+    ``shown`` by name, a warning) and the images converted beyond the mode asked for, counted by kind."""
+    notes = []
+    if imset.skipped:
+        base = imset.source_uri.rstrip("/") + "/"
+        names = [s["path"].removeprefix(base) for s in imset.skipped]
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        notes.append(f"warning: --skip-bad left out {len(names)} file{'s' if len(names) > 1 else ''} of {imset.role} "
+                     f"{imset.source_uri}: {', '.join(names[:shown])}{more} (each with its reason under skipped in "
+                     "the manifest)")
+    if imset.converted:
+        said = "; ".join(describe_conversion(change, n) for change, n in imset.converted.items())
+        notes.append(f"{imset.role} {imset.source_uri}: {said}")
+    return notes
 
 
 @task(name="load-images", task_run_name="load-images-{prefix}", **IO_TASK)

@@ -79,12 +79,15 @@ def read_query(uri: str, meta: dict[str, Any]) -> np.ndarray:
         raise InputError(f"query {uri}: {e}") from e
 
 
-def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.device | None = None) -> tuple[list[list[SearchHit]], list[np.ndarray]]:
-    """The ``k`` nearest images of each query (one batched encode and search)."""
+def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.device | None = None,
+           arrays: list[np.ndarray] | None = None) -> tuple[list[list[SearchHit]], list[np.ndarray]]:
+    """The ``k`` nearest images of each query (one batched encode and search); ``arrays``: the queries
+    already decoded (:func:`read_queries`)."""
     device = device or torch.device("cpu")
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
-    arrays = [read_query(q, loaded.meta) for q in queries]
+    if arrays is None:
+        arrays = [read_query(q, loaded.meta) for q in queries]
     x = np.stack(arrays)
     want = loaded.fitted.model.config.in_channels
     if x.shape[1] != want:  # cannot happen with mode gray/rgb; "keep" indexes would need one mode
@@ -103,16 +106,50 @@ def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.d
     return out, arrays
 
 
-def expand_queries(queries: list[str]) -> list[str]:
-    """Query images and folders of them (``aeflow search --query``) as the URIs of every image."""
-    from tasks.images import list_images
+def expand_queries(queries: list[str], skip_bad: bool = False) -> tuple[list[str], list[str]]:
+    """Query images and folders of them (``aeflow search --query``) as the URIs of every image, and what was left out.
+
+    A folder holding files that are not PNG/JPEG images is refused naming the first (as a run's input is),
+    or with ``skip_bad`` they are left out: the second list says which and why (``"uri: reason"``).
+
+    Raises:
+        InputError: a query that does not exist, is not a PNG/JPEG image, or a folder with other files.
+    """
+    from tasks.images import list_images, not_an_image, other_files_error
     from tasks.storage import to_uri
 
     out: list[str] = []
+    left_out: list[str] = []
     for q in queries:
-        fs, paths, _others, _root = list_images(q, "query")
+        fs, paths, others, _root = list_images(q, "query")
+        others = [to_uri(fs, p) for p in others]
+        if others and not skip_bad:
+            raise other_files_error(others, "query", q, "pass --skip-bad to search the others")
+        left_out += [f"{o}: {not_an_image(o)}" for o in others]
         out += [to_uri(fs, p) for p in paths]
-    return out
+    return out, left_out
+
+
+def read_queries(queries: list[str], meta: dict[str, Any], skip_bad: bool = False
+                 ) -> tuple[list[str], list[np.ndarray], list[str]]:
+    """The queries that decode, their arrays, and (with ``skip_bad``) those left out as ``"uri: reason"``.
+
+    Raises:
+        InputError: a query that does not decode (without ``skip_bad``), or none that does.
+    """
+    kept, arrays, left_out = [], [], []
+    for q in queries:
+        try:
+            arrays.append(read_query(q, meta))
+        except InputError as e:
+            if not skip_bad:
+                raise
+            left_out.append(str(e).removeprefix("query "))
+            continue
+        kept.append(q)
+    if not kept:
+        raise InputError(f"none of the {len(queries)} queries is a decodable PNG/JPEG image")
+    return kept, arrays, left_out
 
 
 def write_search_sheet(dest: str, loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray],

@@ -19,8 +19,12 @@ def compress(
     quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
     refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Optimise each image's latent for this many steps before coding (about 100: fewer bits and higher PSNR, a few hundred times slower encoding; decoding unchanged).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace .aec files that already exist in --output (default: refuse them by name and write nothing).")] = False,
 ) -> None:
-    """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec."""
+    """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec.
+
+    Grayscale images are coded as L, colour as RGB (a palette, CMYK or 16-bit image is converted, and the
+    line says so); images with transparency are refused (the codec has no alpha plane)."""
     from tasks.codec_files import compress_files
 
     @contextmanager
@@ -36,12 +40,13 @@ def compress(
             yield lambda done, _total: bar.update(task_id, completed=done)
 
     try:
-        for r in compress_files(images, model, output_dir, quality, refine_steps, progress):
+        for r in compress_files(images, model, output_dir, quality, refine_steps, progress, overwrite):
             if as_json:
                 print(json.dumps(r.__dict__))
             else:
-                out.print(f"{r.input} -> {r.output}  ({r.bytes:,} bytes, {r.bpp:.3f} bpp, quality {r.quality})",
-                          highlight=False)
+                converted = f"; {r.converted}" if r.converted else ""
+                out.print(f"{r.input} -> {r.output}  ({r.bytes:,} bytes, {r.bpp:.3f} bpp, quality {r.quality}"
+                          f"{converted})", highlight=False)
     except Exception as e:  # user errors and outages: one line; anything else: a bug, with its traceback
         fail(e, "compress")
 
@@ -51,12 +56,13 @@ def decompress(
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the decoded PNGs (local or s3://).")] = ".",
     model: Annotated[str | None, typer.Option("--model", "-m", help="The compress run (or model folder) that made the files (default: found by the files' model identity under --root).", show_default=False)] = None,
     root: Annotated[str, typer.Option("--root", help="Artifact root searched for the model when --model is not given.")] = "./artifacts",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace PNGs that already exist in --output (default: refuse them by name and write nothing).")] = False,
 ) -> None:
     """Decode .aec files to PNG: OUTDIR/<name>.png. The model is checked against each file's identity."""
     from tasks.codec_files import decompress_files
 
     try:
-        for r in decompress_files(files, output_dir, model, root):
+        for r in decompress_files(files, output_dir, model, root, overwrite):
             out.print(f"{r.input} -> {r.output}  ({r.width}x{r.height} {r.mode})", highlight=False)
     except Exception as e:  # user errors and outages: one line; anything else: a bug, with its traceback
         fail(e, "decompress")

@@ -6,9 +6,10 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from flows.cli.common import fail, out
+from flows.cli.common import err, fail, out
 from tasks.errors import AeflowError
 
 
@@ -18,17 +19,25 @@ def search(
     k: Annotated[int, typer.Option("--k", help="Number of neighbours per query.")] = 10,
     sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out query files that are not PNG/JPEG images or do not decode (each named in a warning) instead of failing.")] = False,
 ) -> None:
     """Find the k nearest images of each query in an index built by `aeflow run index`."""
     from tasks.codec_files import check_output_path
-    from tasks.search import expand_queries, open_index, search as search_index, write_search_sheet
+    from tasks.search import expand_queries, open_index, read_queries, search as search_index, write_search_sheet
 
     try:
         if sheet:  # before searching: a --sheet that cannot be written fails alone, not after the results
             check_output_path(sheet, f"--sheet {sheet}", folder=False)
-        queries = expand_queries(query)
+        queries, left_out = expand_queries(query, skip_bad)
         loaded = open_index(index)
-        hits, arrays = search_index(loaded, queries, k)
+        queries, arrays, undecodable = read_queries(queries, loaded.meta, skip_bad)
+        left_out += undecodable
+        if left_out:  # never silently: what --skip-bad left out, by name (stderr, so --json stays parseable)
+            err.print(f"[bold yellow]warning:[/] --skip-bad left out {len(left_out)} query file"
+                      f"{'s' if len(left_out) > 1 else ''}:", highlight=False, soft_wrap=True)
+            for line in left_out:
+                err.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+        hits, arrays = search_index(loaded, queries, k, arrays=arrays)
         if sheet:
             write_search_sheet(sheet, loaded, queries, arrays, hits)
     except AeflowError as e:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from models.codec import CodecBase
 from models.codec_train import make_loss_fn
@@ -30,6 +30,7 @@ from tasks.codec import (
     WEBP_QUALITIES,
     LoadedCodec,
     check_quality,
+    check_refine_steps,
     code_image,
     codec_from_files,
     encode_png,
@@ -93,11 +94,20 @@ class CompressConfig(AppConfig):
             raise ValueError(f"patch_size must be a multiple of 16, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _refinable(self) -> CompressConfig:
+        # Before training, not after it (the codes are written after the codec is trained).
+        if self.refine_steps and self.codec == "hyperprior":
+            raise ValueError(f"refine_steps {self.refine_steps}: latent refinement is implemented for the factorized "
+                             "codec only (use --refine-steps 0 with --codec hyperprior)")
+        return self
+
 
 class CompressLoadConfig(ImageLoadConfig):
     """Image loading for the codec: the shared Dask loader, modes kept (L or RGB), transparency refused."""
 
-    mode: Mode = Field("keep", description="keep (grayscale stays 1 channel, colour is RGB), gray or rgb.")
+    mode: Mode = Field("keep", description="keep (grayscale stays 1 channel, colour is RGB; palette, CMYK and 16-bit "
+                       "images are converted, counted in the run's notes), gray or rgb.")
     alpha: Literal["white", "refuse"] = Field(
         "refuse", description="Images with transparency: refuse them (the codec has no alpha plane) or composite on white."
     )
@@ -218,7 +228,9 @@ class CompressApp(ImageApp):
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
         ("--rd-images", "app.rd_images", int, "Images in the rate-distortion sweep: an even sample (default 16; 0 = all)."),
-        ("--skip-bad", "load.skip_bad", bool, "Leave out files that do not decode (listed in the manifest) instead of failing."),
+        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have "
+                                               "transparency instead of failing (named in a warning and the run's "
+                                               "notes; listed in the manifest).")),
     )
 
     def device_for(self, config: RunConfig) -> torch.device:
@@ -242,6 +254,7 @@ class CompressApp(ImageApp):
 
     def check_fitted(self, config: RunConfig, fitted: Fitted) -> None:
         self.quality(config, fitted)  # a bad --quality fails before any work
+        check_refine_steps(codec_of(fitted), config.app.refine_steps)  # and --refine-steps the model cannot do
 
     @staticmethod
     def target(ctx: ImageContext) -> ImageSet:

@@ -8,8 +8,9 @@ run reports PSNR/SSIM on held-out images with synthetic Gaussian noise of the
 training sigma, for the noisy input, ours and the baselines.
 
 Applying (``--model RUN --apply-to noisy_dir``): every image is denoised at full
-resolution (tiled, no seams) into ``denoised/<relative path>``, same size, mode
-and format as the input. With ``--clean-reference DIR`` (same relative paths),
+resolution (tiled, no seams) into ``denoised/<relative path>``, same size and
+format as the input, grayscale or RGB as it was read (an image converted at the door,
+e.g. a palette or 16-bit PNG or one with transparency, is counted in the run's notes). With ``--clean-reference DIR`` (same relative paths),
 PSNR/SSIM before and after are reported per image (``report/per_image.csv``)
 together with scikit-image's TV (Chambolle), wavelet (BayesShrink) and
 NL-means, and BM3D, on the same images; ``report/side_by_side.png`` shows

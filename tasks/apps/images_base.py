@@ -74,8 +74,11 @@ class ImageApp(Application):
     RunConfig: ClassVar[type[RunConfig]] = ImageRunConfig
     model_kind: ClassVar[str] = "conv"
     cli_options = (
-        ("--skip-bad", "load.skip_bad", bool, "Leave out files that do not decode (listed in the manifest) instead of failing."),
-        ("--mode", "load.mode", str, "gray, rgb or keep: how image modes are normalised."),
+        ("--skip-bad", "load.skip_bad", bool, "Leave out files that are not PNG/JPEG or do not decode instead of failing "
+         "(named in a warning and the run's notes; listed with reasons in the manifest)."),
+        ("--mode", "load.mode", str, "gray, rgb or keep: keep leaves grayscale (L) and RGB images as they are and "
+         "converts the rest (grayscale with alpha -> L; RGBA, CMYK, palette -> RGB; 16-bit -> 8-bit), counted in the "
+         "run's notes; transparency is composited on white (--set load.alpha=refuse refuses it)."),
     )
 
     def load(self, uri: str, device: torch.device) -> Fitted:

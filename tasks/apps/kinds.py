@@ -272,12 +272,21 @@ class ImageData(DataKind):
 
     def load(self, app: Application, config: RunConfig, run: RunDir, inputs: Inputs, fitted: Fitted | None,
              device: torch.device) -> ImageContext:
-        from tasks.images import MIN_TRAIN_IMAGES, check_training_images, load_images_task
+        from tasks.images import MIN_TRAIN_IMAGES, check_training_images, image_notes, load_images_task
+        from tasks.train import run_logger
 
         sets = {role: load_images_task(src, config.load, run, f"images/{role}") for role, src in inputs.items()}
         if "input" in sets:  # the training set (with --model there is none)
             check_training_images(sets["input"], getattr(app, "min_train_images", MIN_TRAIN_IMAGES))
-        return ImageContext(config=config, run=run, device=device, train=sets.get("input"),
+        # Files left out and images converted at the door: said while running and in the run's notes
+        # (the result, report/summary.md, `aeflow runs show`), not only in the manifest.
+        notes = [n for s in sets.values() for n in image_notes(s)]
+        for n in notes:
+            if n.startswith("warning: "):
+                run_logger().warning("%s", n.removeprefix("warning: "))
+            else:
+                run_logger().info("%s", n)
+        return ImageContext(config=config, run=run, device=device, notes=notes, train=sets.get("input"),
                             target=sets.get("apply_to"), reference=sets.get("reference"))
 
     def manifest_extra(self, ctx: Context) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.storage import open_run
 from tests.conftest import files_under
 from tests.refusals import assert_refused, refusal
 
@@ -54,7 +56,7 @@ def case_non_image_file_in_folder(d):
 @refusal("a file that is not an image", 3, "images")
 def case_non_image_file(d):
     (d / "notes.txt").write_text("hello")
-    return str(d / "notes.txt"), "{d}/notes.txt: not an image file; use PNG or JPEG"
+    return str(d / "notes.txt"), "{d}/notes.txt: not an image file; aeflow reads PNG and JPEG (.png, .jpg, .jpeg)"
 
 
 @refusal("a text file named .png", 3, "images")
@@ -109,21 +111,64 @@ def test_bad_images_are_one_clear_message_and_write_nothing(prefect_server, dask
 
 @pytest.fixture(scope="module")
 def two_runs(prefect_server, dask_address, tmp_path_factory):
-    """A tiny denoise model and a tiny index, for the model-mismatch cases."""
+    """A tiny denoise model and a tiny index, for the model-mismatch cases; with --skip-bad, their folder
+    also holds a WebP file (left out) and a grayscale PNG with transparency (composited on white)."""
     d = tmp_path_factory.mktemp("runs")
     for i in range(6):
         _png(d / "imgs" / str(i % 2) / f"{i}.png", size=(24, 24), seed=i)
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(d / "imgs" / "1" / "skip.webp")
+    la = np.dstack([np.full((24, 24), 60, np.uint8), np.tile(np.arange(0, 240, 10, dtype=np.uint8), (24, 1))])
+    Image.fromarray(la, "LA").save(d / "imgs" / "0" / "la.png")
     out = d / "artifacts"
     res = runner.invoke(app, ["run", "denoise", "--input", str(d / "imgs"), "--output", str(out), "--json",
-                              "--dask-address", dask_address, *TINY])
+                              "--skip-bad", "--dask-address", dask_address, *TINY])
     assert res.exit_code == 0, res.output
     denoise = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
     res = runner.invoke(app, ["run", "index", "--input", str(d / "imgs"), "--output", str(out), "--json", "--epochs", "1",
                               "--image-size", "8", "--set", "model.channels=[4,8]", "--latent-channels", "2",
-                              "--dask-address", dask_address])
+                              "--skip-bad", "--dask-address", dask_address])
     assert res.exit_code == 0, res.output
     index = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
     return d, out, denoise, index
+
+
+def test_files_left_out_and_images_converted_are_said_in_the_result_summary_and_runs_show(two_runs):
+    """--skip-bad listed the files it left out only in the manifest, and converting a grayscale+alpha PNG
+    (composited on white) was said nowhere: both are now in the run's notes."""
+    d, _, denoise, _ = two_runs
+    left_out = f"warning: --skip-bad left out 1 file of input {d / 'imgs'}: 1/skip.webp"
+    converted = f"input {d / 'imgs'}: 1 image with transparency composited on white (--set load.alpha=refuse"
+    notes = open_run(denoise).manifest().extra["notes"]
+    assert any(n.startswith(left_out) for n in notes) and any(n.startswith(converted) for n in notes), notes
+    summary = (Path(denoise) / "report" / "summary.md").read_text()
+    assert left_out in summary and converted in summary
+    res = runner.invoke(app, ["runs", "show", denoise])
+    assert res.exit_code == 0 and left_out in " ".join(res.output.split()), res.output
+    skipped = open_run(denoise).manifest().extra["skipped"]
+    assert skipped == [{"path": f"{d}/imgs/1/skip.webp",
+                        "reason": "a WebP image; aeflow reads PNG and JPEG: convert it to one of them"}]
+
+
+def test_search_a_query_folder_holding_files_it_cannot_read(two_runs, tmp_path):
+    """A query folder with a WebP file: refused naming it, as a run's input is (was: silently searched the
+    others); --skip-bad searches the others and names what it left out."""
+    d, _, _, index = two_runs
+    q = tmp_path / "q"
+    q.mkdir()
+    shutil.copy(d / "imgs" / "0" / "0.png", q / "a.png")
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(q / "b.webp")
+    (q / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    res = runner.invoke(app, ["search", "--index", index, "--query", str(q)])
+    assert res.exit_code == 3, res.output
+    said = " ".join(res.stderr.split())
+    assert f"{q}/b.webp: a WebP image; aeflow reads PNG and JPEG: convert it to one of them; query {q} must hold " \
+           "only PNG/JPEG images (or pass --skip-bad to search the others)" in said, said
+    res = runner.invoke(app, ["search", "--index", index, "--query", str(q), "--skip-bad", "--json", "--k", "2"])
+    assert res.exit_code == 0, res.output
+    assert [r["query"] for r in json.loads(res.stdout)] == [f"{q}/a.png"]
+    said = " ".join(res.stderr.split())
+    assert "warning: --skip-bad left out 2 query files:" in said and f"{q}/b.webp: a WebP image" in said
+    assert f"{q}/c.png: not a PNG/JPEG image" in said
 
 
 @refusal("a --model of another application", 5, "model")

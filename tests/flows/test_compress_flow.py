@@ -182,7 +182,7 @@ def test_cli_round_trip_and_quality(trained, image_dir, tmp_path):
     img = Image.open(tmp_path / "dec" / "astro.png")
     assert img.size == (64, 48) and img.mode == "RGB"
     res = runner.invoke(app, ["compress", src, "--model", result.run_uri, "--quality", str(top + 1), "-o", str(tmp_path)])
-    assert res.exit_code == 3 and f"--quality must be in 0..{top}" in res.output
+    assert res.exit_code == 2 and f"--quality must be in 0..{top}" in res.output
 
 
 def _bad_files(good: bytes) -> dict[str, tuple[bytes, int, str]]:
@@ -337,4 +337,4 @@ def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, dask
     assert np.array_equal(dec, np.asarray(Image.open(os.path.join(result.run_uri, "decoded", "astro.png"))))
     res = runner.invoke(app, ["compress", str(image_dir / "astro.png"), "--model", result.run_uri, "--refine-steps", "5",
                               "-o", str(tmp_path / "r")])
-    assert res.exit_code == 3 and "latent refinement is implemented for the factorized codec only" in res.output
+    assert res.exit_code == 2 and "latent refinement is implemented for the factorized codec only" in res.output

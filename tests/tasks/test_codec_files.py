@@ -17,7 +17,7 @@ from models.aec import AecFile, AecFormatError, parse
 from models.codec import CodecConfig, ImageCodec
 from models.codec_hyperprior import HyperpriorCodec
 from tasks.codec import code_image, codec_from_files, decode_aec, encode_image, load_codec_run, new_codec
-from tasks.errors import InputError, ModelMismatchError
+from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tests.models.codec_helpers import TINY_HYPER, save_model_folder
 
 pytestmark = [pytest.mark.tasks]
@@ -81,13 +81,33 @@ def test_codecs_load_by_kind_and_files_name_their_kind(folders):
     with pytest.raises(ModelMismatchError, match=r"made by codec \w+ \(hyperprior\), but the model given .* \(codec\)"):
         decode_aec(fact, data, "a.aec")
     assert parse(encode_image(fact, img, "RGB", 1)).version == 1
-    with pytest.raises(InputError, match="latent refinement is implemented for the factorized codec only"):
+    with pytest.raises(ConfigError, match="latent refinement is implemented for the factorized codec only"):
         encode_image(hyper, img, "RGB", 1, refine_steps=10)
     coded = code_image(hyper, img, "RGB", 1, "a.png")
     assert coded.payload_bits == 8 * (len(coded.data) - 32) and coded.estimate_bits > 0
     assert isinstance(new_codec("hyperprior", channels=8, latent_channels=8), HyperpriorCodec)
     with pytest.raises(ValueError, match="unknown codec 'jpeg'"):
         new_codec("jpeg")
+
+
+def test_codec_option_errors_are_configuration_errors_found_before_writing(folders, tmp_path):
+    """--refine-steps with the hyperprior and --quality beyond the model's levels: exit 2 (invalid configuration),
+    found before the output folder is made (was: exit 3 as invalid input, after the folder was made)."""
+    from PIL import Image
+
+    from tasks.codec_files import compress_files
+
+    Image.fromarray(_photo()).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="--refine-steps 3: latent refinement is implemented for the factorized"):
+        list(compress_files([str(tmp_path / "a.png")], folders["hyperprior"], str(out), refine_steps=3))
+    with pytest.raises(ConfigError, match=f"--quality must be in 0..{TINY_HYPER.levels - 1} for this model, got 99"):
+        list(compress_files([str(tmp_path / "a.png")], folders["hyperprior"], str(out), quality=99))
+    assert not out.exists()
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="empty.png: empty file"):
+        list(compress_files([str(tmp_path / "empty.png")], folders["codec"], str(out)))
+    assert not out.exists()
 
 
 def test_codec_from_files_refuses_what_is_not_a_complete_codec(folders):

@@ -1,0 +1,213 @@
+"""A second user walkthrough of the image commands: conversions at the door are said, not silent; files left
+out by --skip-bad are named; formats aeflow does not read get one message everywhere; option errors of the
+codec commands are configuration errors (exit 2); earlier outputs are not overwritten without --overwrite;
+an empty .aec file is called empty."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import dask
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.errors import ConfigError, InputError
+from tasks.images import (
+    ImageLoadConfig,
+    ImageSet,
+    inspect_images,
+    list_images,
+    load_images,
+)
+from tests.conftest import files_under
+
+runner = CliRunner()
+pytestmark = pytest.mark.cli
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CODEC = os.path.join(REPO, "benchmarks", "weights", "codec")
+READS = "aeflow reads PNG and JPEG: convert it to one of them"
+
+
+def _rgb(seed=0, size=32):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _save(img: Image.Image, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def _one_line(result) -> str:
+    assert "Traceback" not in result.output and "unexpected error" not in result.output, result.output
+    return " ".join(result.output.split())
+
+
+# 1. conversions at the door (mode keep): counted per kind and said in the run's notes -----------------
+
+def test_conversions_are_counted_and_said(tmp_path):
+    from tasks.images import image_notes
+
+    d = tmp_path / "in"
+    rgba = np.dstack([_rgb(1), np.full((32, 32), 128, np.uint8)])
+    _save(Image.fromarray(rgba, "RGBA"), d / "glass.png")
+    la = np.dstack([np.full((32, 32), 90, np.uint8), np.full((32, 32), 0, np.uint8)])
+    _save(Image.fromarray(la, "LA"), d / "gray_alpha.png")
+    _save(Image.fromarray(np.dstack([_rgb(2), np.full((32, 32), 255, np.uint8)]), "RGBA"), d / "opaque.png")
+    _save(Image.fromarray(_rgb(3)).convert("P"), d / "palette.png")
+    _save(Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)), d / "deep.png")
+    _save(Image.fromarray(_rgb(4)).convert("CMYK"), d / "print.jpg")
+    _save(Image.fromarray(_rgb(5)), d / "plain.png")
+    _save(Image.fromarray(_rgb(6)[..., 0]), d / "plain_gray.png")
+    with dask.config.set(scheduler="synchronous"):
+        imset = load_images(inspect_images(str(d)), ImageLoadConfig(mode="keep"), run=None, prefix="x")
+    assert imset.converted == {"alpha": 2, "opaque-alpha>RGB": 1, "palette>RGB": 1, "16-bit>grayscale": 1,
+                               "CMYK>RGB": 1}, imset.converted
+    la_at = imset.rel.index("gray_alpha.png")
+    assert imset.shapes[la_at][0] == 1, "LA stays grayscale (alpha composited)"
+    notes = " | ".join(image_notes(imset))
+    for said in (f"input {d}: 2 images with transparency composited on white (--set load.alpha=refuse to refuse them)",
+                 "1 image with a fully opaque alpha channel stored as RGB without it",
+                 "1 palette image converted to RGB", "1 16-bit image reduced to 8 bits (grayscale)",
+                 "1 CMYK image converted to RGB"):
+        assert said in notes, notes
+    assert "plain" not in notes
+    # Asked for: --mode gray converts colour without a note, but the 16-bit reduction is still said.
+    with dask.config.set(scheduler="synchronous"):
+        gray = load_images(inspect_images(str(d)), ImageLoadConfig(mode="gray"), run=None, prefix="x")
+    assert "palette>grayscale" in gray.converted and "16-bit>grayscale" in gray.converted
+    assert not any(k.startswith("RGB") for k in gray.converted)
+
+
+# 2. files left out by --skip-bad: the run's notes name them (the console prints the notes) ----------------
+
+def test_skipped_files_are_named_in_the_notes():
+    from tasks.images import image_notes
+
+    skipped = tuple({"path": f"/in/{n}", "reason": "r"} for n in ("a.webp", "b.png", "c.txt", "d.gif"))
+    imset = ImageSet(source_uri="/in", role="input", shards=(), counts=(), rel=("ok.png",), labels=(None,),
+                     shapes=((1, 8, 8),), skipped=skipped)
+    notes = image_notes(imset)
+    assert notes == [("warning: --skip-bad left out 4 files of input /in: a.webp, b.png, c.txt and 1 more (each "
+                      "with its reason under skipped in the manifest)")], notes
+    assert image_notes(ImageSet(source_uri="/in", role="input", shards=(), counts=(), rel=(), labels=(),
+                                shapes=())) == []
+
+
+# 3. WebP/TIFF/BMP/GIF: one message everywhere, naming the file and its format --------------------------
+
+def test_formats_aeflow_does_not_read_get_one_message_everywhere(tmp_path):
+    from tasks.codec import decode_image_bytes
+    from tasks.search import expand_queries
+
+    webp = _save(Image.fromarray(_rgb()), tmp_path / "photo.webp")
+    with pytest.raises(InputError, match=f"^{webp}: a WebP image; {READS}$"):
+        list_images(str(webp))  # aeflow run --input photo.webp
+    folder = tmp_path / "folder"
+    _save(Image.fromarray(_rgb()), folder / "a.png")
+    _save(Image.fromarray(_rgb()), folder / "b.tif")
+    _save(Image.fromarray(_rgb()), folder / "c.bmp")
+    with pytest.raises(InputError, match=f"^{folder}/b.tif: a TIFF image; {READS} \\(and 1 more file aeflow does "
+                                         f"not read\\); input {folder} must hold only PNG/JPEG images"):
+        inspect_images(str(folder))  # aeflow run --input folder/
+    with pytest.raises(InputError, match=f"^{webp}: a WebP image; {READS}$"):
+        decode_image_bytes(webp.read_bytes(), str(webp))  # aeflow compress photo.webp
+    disguised = tmp_path / "disguised.png"
+    disguised.write_bytes(webp.read_bytes())  # the content's format, not the name's
+    with pytest.raises(InputError, match=f"^{disguised}: a WebP image; {READS}$"):
+        decode_image_bytes(disguised.read_bytes(), str(disguised))
+    gif = _save(Image.fromarray(_rgb()).convert("P"), tmp_path / "anim.gif")
+    r = runner.invoke(app, ["compress", str(gif), "--model", CODEC, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 3 and f"{gif}: a GIF image; {READS}" in _one_line(r)
+    # aeflow search --query folder/: refused like a run's input (was: silently searched a.png alone) ...
+    with pytest.raises(InputError, match=f"^{folder}/b.tif: a TIFF image; {READS} .*query {folder} must hold only "
+                                         "PNG/JPEG images.*--skip-bad"):
+        expand_queries([str(folder)])
+    r = runner.invoke(app, ["search", "--index", str(tmp_path / "no-index"), "--query", str(folder)])
+    assert r.exit_code == 3 and f"{folder}/b.tif: a TIFF image" in _one_line(r)
+    # ... or, with --skip-bad, left out by name.
+    queries, left_out = expand_queries([str(folder)], skip_bad=True)
+    assert queries == [f"{folder}/a.png"]
+    assert left_out == [f"{folder}/b.tif: a TIFF image; {READS}", f"{folder}/c.bmp: a BMP image; {READS}"]
+
+
+# 4. option errors of aeflow compress are configuration errors (exit 2), found before anything is written --
+
+def test_quality_out_of_range_is_a_configuration_error(tmp_path):
+    img = _save(Image.fromarray(_rgb()), tmp_path / "a.png")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["compress", str(img), "--model", CODEC, "--quality", "99", "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "--quality must be in 0..6 for this model, got 99" in _one_line(r)
+    assert not out.exists()
+
+
+def test_refine_steps_with_the_hyperprior_is_refused_at_configuration():
+    from tasks.apps.compress import CompressRunConfig
+    from tasks.config import resolve_config
+
+    with pytest.raises(ConfigError, match="refine_steps.*factorized codec only"):
+        resolve_config(CompressRunConfig, options={"app.codec": "hyperprior", "app.refine_steps": 5})
+    resolve_config(CompressRunConfig, options={"app.codec": "factorized", "app.refine_steps": 5})
+
+
+# 5. earlier outputs are not overwritten silently --------------------------------------------------------
+
+def test_codec_commands_keep_earlier_outputs_unless_overwrite(tmp_path):
+    a = _save(Image.fromarray(_rgb(1)), tmp_path / "a.png")
+    b = _save(Image.fromarray(_rgb(2)), tmp_path / "b.png")
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    (codes / "a.aec").write_bytes(b"earlier a")
+    r = runner.invoke(app, ["compress", str(a), str(b), "--model", CODEC, "-o", str(codes)])
+    assert r.exit_code == 4, r.output
+    assert f"{codes}/a.aec already exists; nothing was written (pass --overwrite to replace it)" in _one_line(r)
+    assert files_under(codes) == [str(codes / "a.aec")] and (codes / "a.aec").read_bytes() == b"earlier a", "b.aec written"
+    r = runner.invoke(app, ["compress", str(a), str(b), "--model", CODEC, "-o", str(codes), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert (codes / "a.aec").read_bytes()[:4] == b"\x89AEC" and (codes / "b.aec").exists()
+
+    decoded = tmp_path / "decoded"
+    decoded.mkdir()
+    for name in ("a.png", "b.png"):
+        (decoded / name).write_bytes(b"earlier " + name.encode())
+    r = runner.invoke(app, ["decompress", str(codes / "a.aec"), str(codes / "b.aec"), "--model", CODEC,
+                            "-o", str(decoded)])
+    assert r.exit_code == 4, r.output
+    assert f"{decoded}/a.png and {decoded}/b.png already exist; nothing was written (pass --overwrite to replace " \
+           "them)" in _one_line(r)
+    assert (decoded / "a.png").read_bytes() == b"earlier a.png"
+    r = runner.invoke(app, ["decompress", str(codes / "a.aec"), "--model", CODEC, "-o", str(decoded), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(decoded / "a.png").size == (32, 32) and (decoded / "b.png").read_bytes() == b"earlier b.png"
+
+
+# 6. an empty .aec file is called empty, by name -------------------------------------------------------
+
+def test_an_empty_aec_file_is_called_empty(tmp_path):
+    from tasks.codec import read_aec
+
+    with pytest.raises(InputError, match=r"^x.aec: empty file \(0 bytes\), not an .aec file$"):
+        read_aec(b"", "x.aec")
+    (tmp_path / "empty.aec").write_bytes(b"")
+    r = runner.invoke(app, ["decompress", str(tmp_path / "empty.aec"), "--model", CODEC, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 3 and f"{tmp_path}/empty.aec: empty file (0 bytes), not an .aec file" in _one_line(r)
+    assert files_under(tmp_path / "out") == []
+
+
+# 1 (ad hoc). aeflow compress says how it coded an image that was converted -----------------------------
+
+def test_compress_says_when_an_image_was_converted(tmp_path):
+    p = _save(Image.fromarray(_rgb()).convert("P"), tmp_path / "pal.png")
+    r = runner.invoke(app, ["compress", str(p), "--model", CODEC, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "quality 3; a palette image converted to RGB)" in _one_line(r)
+    buf = io.BytesIO()
+    Image.fromarray(_rgb()).save(buf, format="PNG")
+    (tmp_path / "rgb.png").write_bytes(buf.getvalue())
+    r = runner.invoke(app, ["compress", str(tmp_path / "rgb.png"), "--model", CODEC, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0 and "converted" not in r.output
