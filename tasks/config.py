@@ -266,10 +266,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def format_validation_error(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        loc = ".".join(str(x) for x in err["loc"])
         got = err.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {redact(repr(got))})"
-        parts.append(f"{loc}: {err['msg']}{got_s}")
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
     return "invalid configuration: " + "; ".join(parts)
 
 

@@ -121,6 +121,16 @@ class CompressRunConfig(RunConfig):
     # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
     train: TrainConfig = TrainConfig(epochs=20, default_batch_size=8, lr=5e-4, patience=5)
 
+    @model_validator(mode="after")
+    def _quality_of_the_codec_to_train(self) -> CompressRunConfig:
+        # A codec trained here has one level per lambda: a --quality beyond them fails now, not after training
+        # (with --model, the model's own levels are checked when it is loaded: Compress.check_fitted).
+        q, levels = self.app.quality, len(self.app.lambdas)
+        if self.model_run is None and q is not None and q >= levels:
+            raise ValueError(f"app.quality {q}: the codec to train has {levels} quality levels, so --quality must be "
+                             f"in 0..{levels - 1} (one level per app.lambdas)")
+        return self
+
 
 def codec_of(fitted: Fitted) -> LoadedCodec:
     """The fitted codec as the coding functions of ``tasks/codec.py`` take it (model, identity, source)."""

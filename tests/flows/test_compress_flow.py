@@ -338,3 +338,13 @@ def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, dask
     res = runner.invoke(app, ["compress", str(image_dir / "astro.png"), "--model", result.run_uri, "--refine-steps", "5",
                               "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "latent refinement is implemented for the factorized codec only" in res.output
+
+
+def test_quality_beyond_the_levels_of_the_codec_to_train_is_refused_before_training():
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"the codec to train has 7 quality levels, so --quality must be in 0\.\.6"):
+        resolve_config(CompressRunConfig, options={"app.quality": 7})
+    assert resolve_config(CompressRunConfig, options={"app.quality": 6}).app.quality == 6
+    # with a model to reuse, the model's levels decide (checked when it is loaded)
+    assert resolve_config(CompressRunConfig, options={"app.quality": 9, "model_run": "m"}).app.quality == 9
