@@ -20,7 +20,14 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from tasks.apps import load_all  # noqa: E402
 from tasks.sample_data import sample_frame  # noqa: E402
+
+# `aeflow run`'s commands are built when first used (flows/cli/run.py), and importing the applications
+# sets up Prefect's logging, whose console handler keeps the stderr of that moment. Import them now, not
+# inside the first CliRunner invocation, whose captured stream is closed when it returns (a later log line
+# would print "--- Logging error ---" with a traceback into another test's output).
+load_all()
 
 TEST_BUCKET = "aeflow-test"
 

@@ -71,7 +71,7 @@ def assert_refused(res: Any, test: Callable[..., Any], *messages: str) -> None:
     assert res.exit_code == entry.exit_code, f"expected exit {entry.exit_code} for {entry.what!r}: {res.output}"
     for m in messages:
         assert m in res.stderr, f"{m!r} not in {res.stderr!r}"
-    assert "Traceback" not in res.output
+    assert "Traceback" not in res.output, res.output
     assert res.stderr.count("error:") == 1, res.stderr
 
 
