@@ -69,6 +69,8 @@ class TableSource:
     blocks: tuple[Block, ...]
     schema: TableSchema
     columns: tuple[str, ...]
+    # Columns of data a model is applied to that it was trained without: not read (said in the run's notes).
+    ignored: tuple[str, ...] = ()
 
     @property
     def n_partitions(self) -> int:
@@ -224,7 +226,8 @@ def inspect_table(
         load: Roles of columns and the block size.
         allow_nulls: Whether feature nulls pass validation (impute only).
         schema: A schema fitted earlier (``--model``/``--apply-to``): the files
-            must have its columns; otherwise one is inferred from a sample.
+            must have its columns (others are left out: ``TableSource.ignored``);
+            otherwise one is inferred from a sample.
         role: How to call this input in messages (``input``, ``apply-to``).
 
     Raises:
@@ -256,7 +259,8 @@ def inspect_table(
                     if not cols or all(c == "" for c in cols):
                         raise InputError(f"{furi} has no header line")
                     _unique_columns(cols, furi)
-                    _unnamed(cols, load, furi)
+                    if schema is None:  # with a fitted schema, a column it lacks is left out (ignored)
+                        _unnamed(cols, load, furi)
                     _one_column(cols, furi)
                     if sample is None:
                         with fs.open(path, "rb", compression=compression) as f:
@@ -286,7 +290,8 @@ def inspect_table(
                 pf = _parquet_meta(fs, path, furi)
             cols = _parquet_columns(pf)
             _unique_columns(cols, furi)
-            _nested(pf, cols, {*load.exclude_columns, *(schema.excluded if schema is not None else ())}, furi)
+            known = set(schema.columns) - set(schema.excluded) if schema is not None else set(cols)
+            _nested(pf, cols, {*load.exclude_columns, *(c for c in cols if c not in known)}, furi)
             if pf.metadata.num_rows == 0:
                 raise InputError(f"{furi} has a schema but no data rows")
             if sample is None:
@@ -315,6 +320,7 @@ def inspect_table(
         raise InputError(f"{uri} mixes CSV and Parquet files; point it at one kind")
     assert columns is not None and sample is not None
     source_name = first_uri if len(files) == 1 else f"{uri} ({len(files)} files)"
+    ignored: list[str] = []
     if schema is None:
         schema = infer_schema(
             sample,
@@ -325,9 +331,10 @@ def inspect_table(
             source=source_name,
         )
     else:
-        schema.check_compatible(columns, f"{role} {source_name}")
+        extra = schema.check_compatible(columns, f"{role} {source_name}")
+        ignored = [c for c in extra if c not in load.exclude_columns]  # excluded by the user: nothing to say
         schema = schema.with_nulls(allow_nulls)
-    return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns))
+    return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns), tuple(ignored))
 
 
 def _named(df: pd.DataFrame, cols: list[str] | tuple[str, ...], uri: str) -> pd.DataFrame:
@@ -413,7 +420,8 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
                         df = pd.read_csv(io.BytesIO(data), header=None, names=list(block.columns or file_columns))
             else:
                 pf = pq.ParquetFile(fs.open(path, "rb"))
-                df = pf.read_row_groups(list(block.row_groups), columns=list(file_columns)).to_pandas()
+                wanted = [c for c in file_columns if c in schema.columns]  # not the columns a model was trained without
+                df = pf.read_row_groups(list(block.row_groups), columns=wanted).to_pandas()
     except InputError:
         raise
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError, zlib.error) as e:
@@ -428,6 +436,9 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     df.columns = [str(c) for c in df.columns]
     if list(df.columns) != list(file_columns) and set(df.columns) == set(file_columns):
         df = df[list(file_columns)]  # a file of the glob with the same columns in another order
+    known = set(schema.columns)
+    if not known.issuperset(df.columns):  # data a model is applied to: columns it was trained without are left out
+        df = df[[c for c in df.columns if c in known]]
     df = validate_block(df.reset_index(drop=True), schema, source=block.uri, locate=_locate(block))
     keep = [c for c in df.columns if c not in set(schema.excluded)]
     return df[keep]

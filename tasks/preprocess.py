@@ -16,6 +16,7 @@ tested without Prefect.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,34 @@ def _process_partition(df: pd.DataFrame, schema: TableSchema, out_uri: str | Non
     return mom
 
 
+def _column(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name]
+
+
+def _repeats(n: Any, rows: Any, top: list[pd.Series]) -> tuple:
+    top_ = pd.concat(top) if top else pd.Series([], dtype="int64")
+    if not int(n) or not len(top_):
+        return ()
+    example = top_.index[0]
+    return int(n), int(rows), example.item() if hasattr(example, "item") else example, int(top_.iloc[0])
+
+
+def duplicate_ids(parts: list[Any], column: str, meta: pd.Series) -> Any:
+    """A delayed ``(ids on more than one row, rows they are on, the most repeated id, its rows)``, or ``()``
+    when every id is unique, over the delayed (parsed, validated) partitions ``parts``.
+
+    Computed in the same ``dask.compute`` as the partitions' own tasks, it reads nothing again. The
+    counts are hash-partitioned across the workers (``split_out``): no one task holds every id.
+    """
+    ids = dd.from_delayed([dask.delayed(_column)(p, column) for p in parts], meta=meta, verify_meta=False)
+    # A task-based shuffle: the peer-to-peer one logs warnings on every run of a distributed cluster.
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        counts = ids.value_counts(split_out=True)
+        repeated = counts[counts > 1]
+        return dask.delayed(_repeats)(repeated.size.to_delayed(), repeated.sum().to_delayed(),
+                                      repeated.nlargest(1).to_delayed())
+
+
 MIN_TRAIN_ROWS = 8
 """Fewest training rows (after the validation split) a table model is trained on."""
 
@@ -164,16 +193,28 @@ def check_training_rows(uri: str, rows: int, val_rows: int, val_fraction: float)
 
     Raises:
         InputError: fewer than :data:`MIN_TRAIN_ROWS` training rows, or no validation row
-            although ``val_fraction`` asks for some; the message gives the minimum.
+            although ``val_fraction`` asks for some; the message gives the fewest rows needed, and
+            suggests another ``--val-fraction`` only when one can help.
     """
     train_rows = rows - val_rows
     if train_rows >= MIN_TRAIN_ROWS and (val_rows >= 1 or val_fraction == 0):
         return
-    raise InputError(
+    validates = val_fraction > 0
+    least = MIN_TRAIN_ROWS + validates
+    head = (
         f"{uri}: too few rows to train and validate on: {rows} row(s) split into {train_rows} for training and "
         f"{val_rows} held out for validation (val_fraction {val_fraction:g}); training needs at least "
-        f"{MIN_TRAIN_ROWS} training rows" + (" and 1 validation row" if val_fraction > 0 else "")
-        + ": add rows" + (" or change --val-fraction" if val_fraction > 0 else "")
+        f"{MIN_TRAIN_ROWS} training rows" + (" and 1 validation row" if validates else "")
+    )
+    if rows < least:  # no --val-fraction makes up for rows the table does not have
+        raise InputError(f"{head}, so at least {least} rows: add rows")
+    # Enough rows, but the random split left too few on one side: each row is held out with probability
+    # val_fraction, so about max(8 / (1 - f), 1 / f) rows are needed to expect both sides filled.
+    typical = max(math.ceil(MIN_TRAIN_ROWS / (1 - val_fraction)), math.ceil(1 / val_fraction))
+    expect = f" (about {typical} rows are needed at val_fraction {val_fraction:g})" if rows < typical else ""
+    raise InputError(
+        f"{head}: each row is held out at random{expect}: add rows, change --val-fraction, "
+        f"or try another split with --set preprocess.split_seed=N"
     )
 
 
@@ -192,6 +233,10 @@ class PreparedTable:
     nonnull: tuple[int, ...] = ()
     # {column: [rows, example values]} of categories not seen at fit time (encoded as all-zero one-hot).
     unseen: dict[str, list] = field(default_factory=dict)
+    # (ids on more than one row, rows they are on, an example, its rows): () when ids are unique or absent.
+    duplicate_ids: tuple = ()
+    # Columns of data a model is applied to that it was trained without: left out (TableSource.ignored).
+    ignored: tuple[str, ...] = ()
 
     @property
     def unseen_warnings(self) -> list[str]:
@@ -200,6 +245,24 @@ class PreparedTable:
             f"(e.g. {ex}); encoded as all-zero one-hot"
             for col, (n, ex) in self.unseen.items()
         ]
+
+    @property
+    def input_warnings(self) -> list[str]:
+        """What a run takes from this table with a caveat: columns left out, ids on more than one row.
+
+        Duplicate ids are a warning, not a refusal: every output has one row per input row in input
+        order, so nothing is lost or mixed up, but the ids alone cannot tell those rows apart.
+        """
+        out = []
+        if self.ignored:
+            out.append(f"{self.source_uri}: column(s) {list(self.ignored)} left out: the model was trained "
+                       "without them")
+        if self.duplicate_ids:
+            n, rows, example, count = self.duplicate_ids
+            out.append(f"{self.source_uri}: id column {self.id_column!r} has {n} value(s) on more than one row "
+                       f"({rows} rows; e.g. {example!r} on {count} rows): the outputs carry it, so those rows match "
+                       "their input rows by position (outputs keep the input's order), not by id")
+        return out
 
     @property
     def n_train(self) -> int:
@@ -241,7 +304,8 @@ def prepare(
         dask.delayed(_process_partition)(p, schema, u, columns)
         for p, u in zip(parts, out_uris, strict=True)
     ]
-    moments = list(dask.compute(*tasks))
+    dups = duplicate_ids(parts, schema.id, ddf._meta[schema.id]) if schema.id else ()
+    *moments, repeated = dask.compute(*tasks, dups)  # one pass: the id counts share the parsed partitions
     mom = merge_moments(moments)
     if mom["rows"] == 0:
         raise InputError(f"{source.uri}: no data rows")
@@ -270,6 +334,8 @@ def prepare(
         label_column=schema.label if schema.label in source.columns else None,
         nonnull=tuple(int(v) for v in mom["nonnull_all"]),
         unseen=dict(mom.get("unseen", {})),
+        duplicate_ids=tuple(repeated),
+        ignored=source.ignored,
     )
     if run is not None:
         run.write_json(f"{prefix}/stats.json", {"stats": stats.to_dict(), "n_rows": prepared.n_rows, "n_val": prepared.n_val})

@@ -8,6 +8,8 @@ the offending values.
 
 from __future__ import annotations
 
+import datetime
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -88,24 +90,25 @@ class TableSchema:
         d["allow_nulls"] = allow
         return TableSchema.from_dict(d)
 
-    def check_compatible(self, columns: list[str], where: str) -> None:
-        """Raise if a table's columns differ from the ones this schema was fitted on."""
+    def check_compatible(self, columns: list[str], where: str) -> list[str]:
+        """Raise if a table lacks columns this schema was fitted on; return the columns it has beyond them.
+
+        Those extra columns are left out when the table is read (the model was trained without them,
+        so it cannot use them); the caller says so in the run's notes.
+        """
         expected = set(self.columns) - set(self.excluded)
         got = set(columns) - set(self.excluded)
         # The label may be absent when applying (no ground truth); features and id may not.
         optional = {self.label} if self.label else set()
         missing = sorted(expected - got - optional)
-        extra = sorted(got - expected)
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing {missing}")
-            if extra:
-                parts.append(f"unexpected {extra}")
+        extra = [c for c in columns if c not in expected and c not in self.excluded]
+        if missing:
             raise ModelMismatchError(
-                f"{where} does not have the columns the model was trained on: {', '.join(parts)}"
+                f"{where} does not have the columns the model was trained on: missing {missing}"
                 f" (expected features {self.feature_names})"
+                + (f"; it has {extra}, which the model was trained without (renamed?)" if extra else "")
             )
+        return extra
 
 
 def _dtype_family(series: pd.Series) -> str:
@@ -134,6 +137,68 @@ def _is_categorical(series: pd.Series) -> bool:
     return bool(numeric < 0.5)
 
 
+_ISO_DATE = r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+_ISO_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d+)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?"
+_ISO_DATETIME = re.compile(rf"{_ISO_DATE}(?:[T ]{_ISO_TIME})?|{_ISO_TIME}")
+# Digits in groups of three after a separator (1,257.30; 1.257,30; 1 257; 1'257), or one decimal comma (3,5).
+_SEPARATED_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:([,. '\u00a0\u202f])\d{3})(?:\1\d{3})*(?:[.,]\d+)?|\d+,\d+)")
+
+
+def _text(values: pd.Series) -> pd.Series:
+    return values.astype(str).str.strip()
+
+
+def _refuse_dates(series: pd.Series, name: str, source: str) -> None:
+    """A column of dates or times (a Parquet timestamp, date or time type, or CSV text of which every
+    sampled value is an ISO date/time) is not a feature: one-hot encoding its values says nothing a
+    model can use, and a new date is always an unseen category."""
+    values = series.dropna()
+    if len(values) == 0:
+        return
+    first = values.iloc[0]
+    if pd.api.types.is_timedelta64_dtype(series):
+        raise InputError(
+            f"{source}: column {name!r} holds durations (e.g. {str(first)!r}): convert them to numbers "
+            f"(e.g. seconds), or --exclude '{name}'"
+        )
+    dated = pd.api.types.is_datetime64_any_dtype(series) or (
+        series.dtype == object and values.map(lambda v: isinstance(v, (datetime.date, datetime.time))).all()
+    )
+    if not dated and not pd.api.types.is_bool_dtype(series) and not pd.api.types.is_numeric_dtype(series):
+        dated = bool(_text(values).str.fullmatch(_ISO_DATETIME).all())
+    if dated:
+        raise InputError(
+            f"{source}: column {name!r} holds dates/times (e.g. {str(first)!r}); dates and times are not used as "
+            f"features: --exclude '{name}' (or, if it identifies rows, give it as --id-column '{name}'); to use "
+            f"them, derive numeric columns of your own (e.g. the hour or the day of the week)"
+        )
+
+
+def _refuse_separated_numbers(series: pd.Series, name: str, source: str) -> None:
+    """A text column of numbers written with thousands separators (or decimal commas) is refused rather
+    than read as categories; which separator means what depends on a locale, which aeflow does not guess."""
+    text = _text(series.dropna())
+    separated = text.str.fullmatch(_SEPARATED_NUMBER)
+    plain = pd.to_numeric(text, errors="coerce").notna()
+    if len(text) and separated.any() and (separated | plain).all():
+        example = text[separated].iloc[0]
+        raise InputError(
+            f"{source}: column {name!r} looks like numbers written with thousands separators or a decimal comma "
+            f"(e.g. {example!r}); numbers must be plain, such as 1257.30 (aeflow does not guess a locale's "
+            f"separators): write the column without them (e.g. pandas.read_csv(path, thousands=',')"
+            f".to_csv(new_path, index=False)), or --exclude '{name}'"
+        )
+
+
+def _feature_kind(series: pd.Series, name: str, source: str) -> Kind:
+    """A feature column's kind; dates/times and numbers with separators are refused by name."""
+    _refuse_dates(series, name, source)
+    if not _is_categorical(series):
+        return "numeric"
+    _refuse_separated_numbers(series, name, source)
+    return "categorical"
+
+
 def infer_schema(
     sample: pd.DataFrame,
     *,
@@ -150,7 +215,8 @@ def infer_schema(
     (:func:`tasks.preprocess.collect_categories`).
 
     Raises:
-        InputError: an option names a column that is not there, or no feature is left.
+        InputError: an option names a column that is not there, no feature is left, or a
+            feature column holds dates/times or numbers written with thousands separators.
     """
     columns = [str(c) for c in sample.columns]
     listing = ", ".join(columns[:20]) + (" …" if len(columns) > 20 else "")
@@ -163,11 +229,7 @@ def infer_schema(
     if label is not None and label == id_column:
         raise InputError(f"column {label!r} cannot be both the label and the id column")
     roles = {label, id_column, *exclude} - {None}
-    features = tuple(
-        ColumnSpec(c, "categorical" if _is_categorical(sample[c]) else "numeric")
-        for c in columns
-        if c not in roles
-    )
+    features = tuple(ColumnSpec(c, _feature_kind(sample[c], c, source)) for c in columns if c not in roles)
     if not features:
         raise InputError(f"{source} has no feature columns left after the label, id and excluded columns")
     id_dtype = _dtype_family(sample[id_column]) if id_column else None
@@ -249,6 +311,7 @@ def summarise_schema_errors(
     source: str,
     n_rows: int,
     locate: Any = None,
+    id_column: str | None = None,
 ) -> str:
     """One readable message from pandera's lazy failure report.
 
@@ -257,8 +320,14 @@ def summarise_schema_errors(
         source: The file (URI) the block came from.
         n_rows: Rows in the block (to say "entirely null").
         locate: ``locate(index) -> str`` turning a block row index into "line 12"/"row 11".
+        id_column: The id column, whose nulls are no missing values to impute but rows without an id.
     """
     fc = err.failure_cases.copy()
+    if id_column is not None:
+        # A null id past the sampled rows fails the id's integer coercion: it is a null id all the same.
+        null_id = (fc["column"].astype(str) == id_column) & fc["failure_case"].isna()
+        fc.loc[null_id, "check"] = "not_nullable"
+        fc = fc.drop_duplicates(subset=["column", "check", "index"])
     coerced = set(fc.loc[fc["check"].astype(str).str.startswith("coerce_dtype"), "column"].astype(str))
     # Values that cannot be coerced also fail every later check of that column (dtype, finite):
     # report the coercion alone.
@@ -272,8 +341,10 @@ def summarise_schema_errors(
             parts.append(f"column {column!r} {what}")
             continue
         count = len(grp)
+        null_ids = check == "not_nullable" and column == id_column
         if check == "not_nullable" and count >= n_rows:
-            parts.append(f"column {column!r} is entirely null")
+            parts.append(f"id column {column!r} is entirely null: ids must not be null" if null_ids
+                         else f"column {column!r} is entirely null")
             continue
         examples = []
         for _, row in grp.head(3).iterrows():
@@ -282,6 +353,10 @@ def summarise_schema_errors(
             shown = "null" if check == "not_nullable" else repr(val.item() if hasattr(val, "item") else val)
             examples.append(f"{shown} at {where}" if where else shown)
         more = f" ({count} rows)" if count > 3 else ""
+        if null_ids:
+            parts.append(f"id column {column!r} has null values: {', '.join(examples)}{more}; ids must not be null "
+                         "(each output row carries its input row's id): fill them in or drop those rows")
+            continue
         parts.append(f"column {column!r} has {what}: {', '.join(examples)}{more}")
     return f"{source}: " + "; ".join(parts)
 
@@ -292,7 +367,7 @@ def validate_block(df: pd.DataFrame, ts: TableSchema, *, source: str, locate: An
     try:
         return schema.validate(df, lazy=True)
     except pa.errors.SchemaErrors as e:
-        message = summarise_schema_errors(e, source=source, n_rows=len(df), locate=locate)
+        message = summarise_schema_errors(e, source=source, n_rows=len(df), locate=locate, id_column=ts.id)
     except pa.errors.SchemaError as e:  # non-lazy paths (e.g. strictness) still raise singly
         message = f"{source}: {e}"
     # Raised outside the handler on purpose: the message carries the summary, and pandera's

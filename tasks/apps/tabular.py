@@ -65,6 +65,18 @@ class TableApp(Application):
     output: ClassVar[str] = ""  # the main output: {output}.parquet
     carries_id: ClassVar[bool] = True  # insert the id column in front of each partition's output
 
+    # -- data ----------------------------------------------------------------------------
+    def check_data(self, ctx: TableContext) -> None:
+        """Say what the run takes with a caveat (columns of apply data left out, ids on more than one row):
+        in the log and in the run's notes (the result, report/summary.md, the manifest)."""
+        from tasks.train import run_logger
+
+        tables = [ctx.train] + ([ctx.target] if ctx.target is not ctx.train else [])
+        for prep in (t for t in tables if t is not None):
+            for w in prep.input_warnings:
+                run_logger().warning("%s", w)
+                ctx.notes.append(f"warning: {w}")
+
     # -- fit -----------------------------------------------------------------------------
     def build_model(self, ctx: TableContext) -> nn.Module:
         return DenseAutoencoder(ctx.config.model.dense(len(ctx.train.columns)))

@@ -202,7 +202,8 @@ def test_apply_to_with_other_columns(prefect_server, dask_address, tmp_path):
     res = runner.invoke(app, ["run", "reduce", "--model", model, "--apply-to", new, "--output", str(out),
                               "--dask-address", dask_address])
     assert_refused(res, test_apply_to_with_other_columns,
-                   f"apply-to {new} does not have the columns the model was trained on: missing ['f1'], unexpected ['extra']")
+                   f"apply-to {new} does not have the columns the model was trained on: missing ['f1'] (expected features "
+                   "['f0', 'f1', 'f2', 'f3', 'f4']); it has ['extra'], which the model was trained without (renamed?)")
     assert files_under(out) == before, "a failed run writes nothing and leaves earlier runs untouched"
 
 

@@ -75,7 +75,8 @@ def test_apply_to_columns_and_unseen_category_with_a_saved_model(prefect_server,
     res = _invoke(["run", "detect", "--model", model, "--apply-to", str(tmp_path / "wrong.parquet"),
                    "--output", str(out)], dask_address)
     assert res.exit_code == 5
-    assert "does not have the columns the model was trained on: missing ['b'], unexpected ['extra']" in res.stderr
+    assert "does not have the columns the model was trained on: missing ['b'] (expected features" in res.stderr
+    assert "it has ['extra'], which the model was trained without (renamed?)" in res.stderr
     assert files_under(out) == before, "a failed run writes nothing"
 
     # An unseen category is not a crash: all-zero one-hot, scored, and a warning in the manifest.

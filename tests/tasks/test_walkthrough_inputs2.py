@@ -1,0 +1,151 @@
+"""Tables a new user brings (second walkthrough): dates, numbers with thousands separators, ids that repeat
+or are missing, a table too small to train on, apply data with a column the model never saw. Each is read
+with a note or refused with one message naming the file, the column, a value and what to do."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tasks.apps import get_app
+from tasks.apps.kinds import TableContext
+from tasks.config import LoadConfig, PreprocessConfig
+from tasks.errors import InputError
+from tasks.load import SAMPLE_ROWS, Block, inspect_table, to_dask
+from tasks.preprocess import check_training_rows, prepare
+from tasks.schemas import infer_schema
+
+pytestmark = [pytest.mark.tasks, pytest.mark.tabular]
+
+
+def _frame(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.normal(size=(n, 3)), columns=["a", "b", "c"])
+    df.insert(0, "id", np.arange(n))
+    return df
+
+
+def _kinds(df, **roles):
+    schema = infer_schema(df, label=None, id_column=roles.get("id_column"), exclude=roles.get("exclude", ()),
+                          allow_nulls=False, source="t.csv")
+    return {c.name: c.kind for c in schema.features}
+
+
+def _days(n, every="D"):
+    return pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(n) % 3, unit=every)
+
+
+@pytest.mark.parametrize("fmt, when, shown", [
+    ("parquet", lambda n: _days(n), "2024-01-01 00:00:00"),  # a timestamp column, 3 distinct values
+    ("parquet", lambda n: [datetime.date(2024, 1, 1 + i % 28) for i in range(n)], "2024-01-01"),  # date32
+    ("csv", lambda n: _days(n).strftime("%Y-%m-%d"), "2024-01-01"),  # few values: one-hot encoded before
+    ("csv", lambda n: (pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(n) * 37, unit="min"))
+     .strftime("%Y-%m-%dT%H:%M:%SZ"), "2024-01-01T00:00:00Z"),  # one value per row: 'too many categories' before
+], ids=["parquet-timestamp", "parquet-date", "csv-dates", "csv-datetimes"])
+def test_dates_and_times_are_refused_by_name(tmp_path, fmt, when, shown):
+    df = _frame().assign(when=lambda d: when(len(d)))
+    path = tmp_path / f"t.{fmt}"
+    getattr(df, f"to_{fmt}")(path, index=False)
+    with pytest.raises(InputError, match=rf"t\.{fmt}: column 'when' holds dates/times \(e\.g\. '{shown}'\); dates and "
+                                         r"times are not used as features: --exclude 'when' \(or.*--id-column 'when'\)"):
+        inspect_table(str(path), LoadConfig(id_column="id"))
+    assert inspect_table(str(path), LoadConfig(id_column="id", exclude_columns=("when",))).schema.feature_names == list("abc")
+    assert inspect_table(str(path), LoadConfig(id_column="when")).schema.id == "when"
+
+
+def test_codes_and_numbers_that_are_not_dates_keep_their_kind():
+    df = _frame(6).assign(code=["A1", "B2", "A1", "C3", "B2", "A1"], year=[2024, 2025] * 3,
+                          month=["2024-01", "2024-02"] * 3,  # a year-month is a plain category here
+                          mixed=["2024-01-05", "soon", "2024-01-06", "later", "2024-01-05", "soon"])
+    assert _kinds(df, id_column="id") == {"a": "numeric", "b": "numeric", "c": "numeric", "code": "categorical",
+                                          "year": "numeric", "month": "categorical", "mixed": "categorical"}
+
+
+def test_numbers_with_thousands_separators_are_refused_by_name(tmp_path):
+    df = _frame().assign(amount=lambda d: [f"{v:,.2f}" for v in np.linspace(10, 5000, len(d))])
+    df.loc[0, "amount"] = "1,257.30"
+    df.to_csv(tmp_path / "t.csv", index=False)
+    assert '"1,257.30"' in (tmp_path / "t.csv").read_text()  # quoted, as spreadsheets write it
+    with pytest.raises(InputError, match=r"t\.csv: column 'amount' looks like numbers written with thousands separators"
+                                         r".*\(e\.g\. '1,257\.30'\); numbers must be plain.*--exclude 'amount'"):
+        inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id"))
+    # Text with commas that is not numbers stays categorical.
+    df = _frame(4).assign(pair=["red,blue", "red,green", "red,blue", "1,5 kg"])
+    assert _kinds(df, id_column="id")["pair"] == "categorical"
+
+
+def _blocks(src, path, step):
+    size = path.stat().st_size
+    return replace(src, blocks=tuple(Block(str(path), "csv", i, o, min(step, size - o), (), 0 if o == 0 else None,
+                                           None, src.columns) for i, o in enumerate(range(0, size, step))))
+
+
+def test_duplicate_ids_are_a_warning_in_the_log_and_the_notes(tmp_path, caplog):
+    df = _frame(300)
+    df.loc[[5, 250, 290], "id"] = 7  # id 7 on rows 5, 7, 250 and 290: in other partitions than row 7
+    df.loc[100, "id"] = 101
+    df.to_csv(tmp_path / "t.csv", index=False)
+    src = inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id"))
+    src = _blocks(src, tmp_path / "t.csv", 4000)
+    assert src.n_partitions >= 3
+    prep = prepare(src, PreprocessConfig(), run=None)
+    assert prep.duplicate_ids == (2, 6, 7, 4)
+    ctx = TableContext(config=get_app("detect").RunConfig(), run=None, device=torch.device("cpu"), train=prep,
+                       target=prep)
+    with caplog.at_level(logging.WARNING):
+        get_app("detect").check_data(ctx)
+    said = "id column 'id' has 2 value(s) on more than one row (6 rows; e.g. 7 on 4 rows)"
+    assert [n for n in ctx.notes if said in n and n.startswith("warning: ")] and said in caplog.text, ctx.notes
+    assert prepare(inspect_table(str(tmp_path / "t.csv"), LoadConfig()), PreprocessConfig(), run=None).duplicate_ids == ()
+    df["id"] = np.arange(300)
+    df.to_csv(tmp_path / "u.csv", index=False)
+    assert prepare(inspect_table(str(tmp_path / "u.csv"), LoadConfig(id_column="id")), PreprocessConfig(),
+                   run=None).input_warnings == []
+
+
+def test_a_table_too_small_to_train_on_says_how_many_rows_it_needs(tmp_path):
+    _frame(3).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match=r"t\.csv: too few rows to train and validate on: 3 row\(s\).*so at least 9 "
+                                         r"rows: add rows$") as e:
+        prepare(inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id")), PreprocessConfig(), run=None)
+    assert "val-fraction" not in str(e.value)  # no --val-fraction gives 3 rows 9
+    with pytest.raises(InputError, match=r"so at least 8 rows: add rows$"):
+        check_training_rows("t.csv", 3, 0, 0.0)
+    # Enough rows, but the random split left none for validation: then another fraction or split can help.
+    with pytest.raises(InputError, match=r"about 20 rows are needed at val_fraction 0\.05\): add rows, change "
+                                         r"--val-fraction, or try another split with --set preprocess\.split_seed=N"):
+        check_training_rows("t.csv", 12, 0, 0.05)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_apply_data_with_a_column_the_model_never_saw_leaves_it_out_with_a_note(tmp_path, fmt):
+    train, new = tmp_path / f"train.{fmt}", tmp_path / f"new.{fmt}"
+    getattr(_frame(), f"to_{fmt}")(train, index=False)
+    getattr(_frame(12, seed=1).assign(extra=[[1]] * 12 if fmt == "parquet" else "x"), f"to_{fmt}")(new, index=False)
+    schema = inspect_table(str(train), LoadConfig(id_column="id")).schema
+    src = inspect_table(str(new), LoadConfig(id_column="id"), schema=schema, role="apply-to")
+    assert src.ignored == ("extra",)
+    assert list(to_dask(src).compute(scheduler="sync").columns) == ["id", "a", "b", "c"]
+    prep = prepare(src, PreprocessConfig(), run=None, split=False)
+    assert prep.input_warnings == [f"{new}: column(s) ['extra'] left out: the model was trained without them"]
+    # --exclude'd by the user: left out without a word
+    assert inspect_table(str(new), LoadConfig(exclude_columns=("extra",)), schema=schema).ignored == ()
+
+
+# A null in the sampled rows (the ids read as floats), or past them (read as integers: it fails their coercion).
+@pytest.mark.parametrize("null_row", [6, SAMPLE_ROWS + 50], ids=["in-sample", "past-sample"])
+def test_null_ids_are_refused_as_ids_with_their_line(tmp_path, null_row):
+    df = _frame(SAMPLE_ROWS + 100).astype({"id": "Int64"})
+    df.loc[null_row, "id"] = pd.NA  # written as an empty field; the other ids as integers
+    df.to_csv(tmp_path / "t.csv", index=False)
+    src = inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id"))
+    with pytest.raises(InputError, match=rf"t\.csv: id column 'id' has null values: null at line {null_row + 2}; ids "
+                                         r"must not be null") as e:
+        to_dask(src).compute(scheduler="sync")
+    assert "impute" not in str(e.value)
