@@ -2,7 +2,8 @@
 
 A test (or a case of a parametrized bad-input test) that checks a refusal is decorated with
 :func:`refusal`: what is refused, in words, the exit code, and the kind of input. The test
-asserts that exit code (:func:`assert_refused`, or ``case.refusal.exit_code``), and
+asserts that exit code (:func:`assert_refused`, or ``case.refusal.exit_code``; below the CLI,
+:func:`assert_raised` on the error, whose ``exit_code`` the CLI exits with), and
 ``tests/test_readme_refusals.py`` asserts that the README's table is exactly
 :func:`render_table` of every registered refusal, so the table cannot drift from the tests.
 
@@ -31,6 +32,10 @@ MODULES = (
     "tests.cli.test_tabular_bad_input",
     "tests.cli.test_refusals",
     "tests.cli.test_outage",
+    "tests.cli.test_image_walkthrough2",
+    "tests.tasks.test_walkthrough_inputs",
+    "tests.tasks.test_walkthrough_inputs2",
+    "tests.flows.test_compress_flow",
 )
 KINDS = ("configuration", "table", "images", "codec files", "model", "storage")
 EXIT_MEANING = {2: "invalid configuration", 3: "invalid input data", 4: "storage", 5: "does not fit the model"}
@@ -73,6 +78,15 @@ def assert_refused(res: Any, test: Callable[..., Any], *messages: str) -> None:
         assert m in res.stderr, f"{m!r} not in {res.stderr!r}"
     assert "Traceback" not in res.output, res.output
     assert res.stderr.count("error:") == 1, res.stderr
+
+
+def assert_raised(exc: BaseException, test: Callable[..., Any], *messages: str) -> None:
+    """A refusal tested below the CLI: the error carries the registered exit code (the CLI exits with
+    an :class:`~tasks.errors.AeflowError`'s ``exit_code``: ``flows/cli/common.py: fail``) and ``messages``."""
+    entry: Refusal = test.refusal  # type: ignore[attr-defined]
+    assert getattr(exc, "exit_code", None) == entry.exit_code, f"expected exit {entry.exit_code} for {entry.what!r}: {exc!r}"
+    for m in messages:
+        assert m in str(exc), f"{m!r} not in {str(exc)!r}"
 
 
 def load_all() -> list[Refusal]:

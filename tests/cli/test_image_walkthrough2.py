@@ -26,6 +26,8 @@ from tasks.images import (
 from tests.conftest import files_under
 
 runner = CliRunner()
+from tests.refusals import assert_raised, assert_refused, refusal
+
 pytestmark = pytest.mark.cli
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CODEC = os.path.join(REPO, "benchmarks", "weights", "codec")
@@ -100,6 +102,8 @@ def test_skipped_files_are_named_in_the_notes():
 
 # 3. WebP/TIFF/BMP/GIF: one message everywhere, naming the file and its format --------------------------
 
+@refusal("an image in another format than PNG or JPEG (WebP, TIFF, BMP, GIF...: the message names the format), "
+         "as input, query or file to compress", 3, "images")
 def test_formats_aeflow_does_not_read_get_one_message_everywhere(tmp_path):
     from tasks.codec import decode_image_bytes
     from tasks.search import expand_queries
@@ -122,7 +126,8 @@ def test_formats_aeflow_does_not_read_get_one_message_everywhere(tmp_path):
         decode_image_bytes(disguised.read_bytes(), str(disguised))
     gif = _save(Image.fromarray(_rgb()).convert("P"), tmp_path / "anim.gif")
     r = runner.invoke(app, ["compress", str(gif), "--model", CODEC, "-o", str(tmp_path / "out")])
-    assert r.exit_code == 3 and f"{gif}: a GIF image; {READS}" in _one_line(r)
+    assert r.exit_code == test_formats_aeflow_does_not_read_get_one_message_everywhere.refusal.exit_code
+    assert f"{gif}: a GIF image; {READS}" in _one_line(r)
     # aeflow search --query folder/: refused like a run's input (was: silently searched a.png alone) ...
     with pytest.raises(InputError, match=f"^{folder}/b.tif: a TIFF image; {READS} .*query {folder} must hold only "
                                          "PNG/JPEG images.*--skip-bad"):
@@ -137,26 +142,30 @@ def test_formats_aeflow_does_not_read_get_one_message_everywhere(tmp_path):
 
 # 4. option errors of aeflow compress are configuration errors (exit 2), found before anything is written --
 
+@refusal("aeflow compress --quality outside the model's levels", 2, "configuration")
 def test_quality_out_of_range_is_a_configuration_error(tmp_path):
     img = _save(Image.fromarray(_rgb()), tmp_path / "a.png")
     out = tmp_path / "out"
     r = runner.invoke(app, ["compress", str(img), "--model", CODEC, "--quality", "99", "-o", str(out)])
-    assert r.exit_code == 2, r.output
+    assert_refused(r, test_quality_out_of_range_is_a_configuration_error)
     assert "--quality must be in 0..6 for this model, got 99" in _one_line(r)
     assert not out.exists()
 
 
+@refusal("--refine-steps with the hyperprior codec (refinement is the factorized codec's)", 2, "configuration")
 def test_refine_steps_with_the_hyperprior_is_refused_at_configuration():
     from tasks.apps.compress import CompressRunConfig
     from tasks.config import resolve_config
 
-    with pytest.raises(ConfigError, match="refine_steps.*factorized codec only"):
+    with pytest.raises(ConfigError, match="refine_steps.*factorized codec only") as e:
         resolve_config(CompressRunConfig, options={"app.codec": "hyperprior", "app.refine_steps": 5})
+    assert_raised(e.value, test_refine_steps_with_the_hyperprior_is_refused_at_configuration)
     resolve_config(CompressRunConfig, options={"app.codec": "factorized", "app.refine_steps": 5})
 
 
 # 5. earlier outputs are not overwritten silently --------------------------------------------------------
 
+@refusal("aeflow compress/decompress outputs that already exist (unless --overwrite); nothing is written", 4, "codec files")
 def test_codec_commands_keep_earlier_outputs_unless_overwrite(tmp_path):
     a = _save(Image.fromarray(_rgb(1)), tmp_path / "a.png")
     b = _save(Image.fromarray(_rgb(2)), tmp_path / "b.png")
@@ -164,7 +173,7 @@ def test_codec_commands_keep_earlier_outputs_unless_overwrite(tmp_path):
     codes.mkdir()
     (codes / "a.aec").write_bytes(b"earlier a")
     r = runner.invoke(app, ["compress", str(a), str(b), "--model", CODEC, "-o", str(codes)])
-    assert r.exit_code == 4, r.output
+    assert_refused(r, test_codec_commands_keep_earlier_outputs_unless_overwrite)
     assert f"{codes}/a.aec already exists; nothing was written (pass --overwrite to replace it)" in _one_line(r)
     assert files_under(codes) == [str(codes / "a.aec")] and (codes / "a.aec").read_bytes() == b"earlier a", "b.aec written"
     r = runner.invoke(app, ["compress", str(a), str(b), "--model", CODEC, "-o", str(codes), "--overwrite"])
@@ -188,6 +197,7 @@ def test_codec_commands_keep_earlier_outputs_unless_overwrite(tmp_path):
 
 # 6. an empty .aec file is called empty, by name -------------------------------------------------------
 
+@refusal("an empty .aec file (0 bytes)", 3, "codec files")
 def test_an_empty_aec_file_is_called_empty(tmp_path):
     from tasks.codec import read_aec
 
@@ -195,7 +205,7 @@ def test_an_empty_aec_file_is_called_empty(tmp_path):
         read_aec(b"", "x.aec")
     (tmp_path / "empty.aec").write_bytes(b"")
     r = runner.invoke(app, ["decompress", str(tmp_path / "empty.aec"), "--model", CODEC, "-o", str(tmp_path / "out")])
-    assert r.exit_code == 3 and f"{tmp_path}/empty.aec: empty file (0 bytes), not an .aec file" in _one_line(r)
+    assert_refused(r, test_an_empty_aec_file_is_called_empty, f"{tmp_path}/empty.aec: empty file (0 bytes), not an .aec file")
     assert files_under(tmp_path / "out") == []
 
 

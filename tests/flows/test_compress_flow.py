@@ -23,6 +23,8 @@ from tasks.config import resolve_config
 from tasks.storage import open_run
 from tests.conftest import TEST_BUCKET
 
+from tests.refusals import assert_raised, refusal
+
 pytestmark = [pytest.mark.flows]
 runner = CliRunner()
 # A tiny, barely trained codec: these tests check the plumbing and the bitstreams, not quality.
@@ -340,11 +342,13 @@ def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, dask
     assert res.exit_code == 2 and "latent refinement is implemented for the factorized codec only" in res.output
 
 
+@refusal("aeflow run compress --quality beyond the levels of the codec it trains (before training)", 2, "configuration")
 def test_quality_beyond_the_levels_of_the_codec_to_train_is_refused_before_training():
     from tasks.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"the codec to train has 7 quality levels, so --quality must be in 0\.\.6"):
+    with pytest.raises(ConfigError, match=r"the codec to train has 7 quality levels, so --quality must be in 0\.\.6") as e:
         resolve_config(CompressRunConfig, options={"app.quality": 7})
+    assert_raised(e.value, test_quality_beyond_the_levels_of_the_codec_to_train_is_refused_before_training)
     assert resolve_config(CompressRunConfig, options={"app.quality": 6}).app.quality == 6
     # with a model to reuse, the model's levels decide (checked when it is loaded)
     assert resolve_config(CompressRunConfig, options={"app.quality": 9, "model_run": "m"}).app.quality == 9

@@ -21,6 +21,8 @@ from tasks.load import SAMPLE_ROWS, Block, inspect_table, to_dask
 from tasks.preprocess import check_training_rows, prepare
 from tasks.schemas import infer_schema
 
+from tests.refusals import assert_raised, refusal
+
 pytestmark = [pytest.mark.tasks, pytest.mark.tabular]
 
 
@@ -48,13 +50,15 @@ def _days(n, every="D"):
     ("csv", lambda n: (pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(n) * 37, unit="min"))
      .strftime("%Y-%m-%dT%H:%M:%SZ"), "2024-01-01T00:00:00Z"),  # one value per row: 'too many categories' before
 ], ids=["parquet-timestamp", "parquet-date", "csv-dates", "csv-datetimes"])
+@refusal("a feature column of dates or times (Parquet timestamp/date/time, or ISO dates/times in CSV text)", 3, "table")
 def test_dates_and_times_are_refused_by_name(tmp_path, fmt, when, shown):
     df = _frame().assign(when=lambda d: when(len(d)))
     path = tmp_path / f"t.{fmt}"
     getattr(df, f"to_{fmt}")(path, index=False)
     with pytest.raises(InputError, match=rf"t\.{fmt}: column 'when' holds dates/times \(e\.g\. '{shown}'\); dates and "
-                                         r"times are not used as features: --exclude 'when' \(or.*--id-column 'when'\)"):
+                                         r"times are not used as features: --exclude 'when' \(or.*--id-column 'when'\)") as e:
         inspect_table(str(path), LoadConfig(id_column="id"))
+    assert_raised(e.value, test_dates_and_times_are_refused_by_name)
     assert inspect_table(str(path), LoadConfig(id_column="id", exclude_columns=("when",))).schema.feature_names == list("abc")
     assert inspect_table(str(path), LoadConfig(id_column="when")).schema.id == "when"
 
@@ -67,14 +71,16 @@ def test_codes_and_numbers_that_are_not_dates_keep_their_kind():
                                           "year": "numeric", "month": "categorical", "mixed": "categorical"}
 
 
+@refusal("a text column of numbers written with thousands separators or a decimal comma ('1,257.30')", 3, "table")
 def test_numbers_with_thousands_separators_are_refused_by_name(tmp_path):
     df = _frame().assign(amount=lambda d: [f"{v:,.2f}" for v in np.linspace(10, 5000, len(d))])
     df.loc[0, "amount"] = "1,257.30"
     df.to_csv(tmp_path / "t.csv", index=False)
     assert '"1,257.30"' in (tmp_path / "t.csv").read_text()  # quoted, as spreadsheets write it
     with pytest.raises(InputError, match=r"t\.csv: column 'amount' looks like numbers written with thousands separators"
-                                         r".*\(e\.g\. '1,257\.30'\); numbers must be plain.*--exclude 'amount'"):
+                                         r".*\(e\.g\. '1,257\.30'\); numbers must be plain.*--exclude 'amount'") as e:
         inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id"))
+    assert_raised(e.value, test_numbers_with_thousands_separators_are_refused_by_name)
     # Text with commas that is not numbers stays categorical.
     df = _frame(4).assign(pair=["red,blue", "red,green", "red,blue", "1,5 kg"])
     assert _kinds(df, id_column="id")["pair"] == "categorical"
@@ -109,12 +115,14 @@ def test_duplicate_ids_are_a_warning_in_the_log_and_the_notes(tmp_path, caplog):
                    run=None).input_warnings == []
 
 
+@refusal("a table too small to train on (fewer than 9 rows: the message gives the number needed)", 3, "table")
 def test_a_table_too_small_to_train_on_says_how_many_rows_it_needs(tmp_path):
     _frame(3).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(InputError, match=r"t\.csv: too few rows to train and validate on: 3 row\(s\).*so at least 9 "
                                          r"rows: add rows$") as e:
         prepare(inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id")), PreprocessConfig(), run=None)
     assert "val-fraction" not in str(e.value)  # no --val-fraction gives 3 rows 9
+    assert_raised(e.value, test_a_table_too_small_to_train_on_says_how_many_rows_it_needs)
     with pytest.raises(InputError, match=r"so at least 8 rows: add rows$"):
         check_training_rows("t.csv", 3, 0, 0.0)
     # Enough rows, but the random split left none for validation: then another fraction or split can help.
@@ -140,6 +148,7 @@ def test_apply_data_with_a_column_the_model_never_saw_leaves_it_out_with_a_note(
 
 # A null in the sampled rows (the ids read as floats), or past them (read as integers: it fails their coercion).
 @pytest.mark.parametrize("null_row", [6, SAMPLE_ROWS + 50], ids=["in-sample", "past-sample"])
+@refusal("null values in the --id-column (the message names the line)", 3, "table")
 def test_null_ids_are_refused_as_ids_with_their_line(tmp_path, null_row):
     df = _frame(SAMPLE_ROWS + 100).astype({"id": "Int64"})
     df.loc[null_row, "id"] = pd.NA  # written as an empty field; the other ids as integers
@@ -149,3 +158,4 @@ def test_null_ids_are_refused_as_ids_with_their_line(tmp_path, null_row):
                                          r"must not be null") as e:
         to_dask(src).compute(scheduler="sync")
     assert "impute" not in str(e.value)
+    assert_raised(e.value, test_null_ids_are_refused_as_ids_with_their_line)
