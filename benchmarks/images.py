@@ -49,8 +49,8 @@ def _write_images(d: str, n: int, size: tuple[int, int], fmt: str) -> None:
 
 
 def _loader_case(n: int, size: tuple[int, int], fmt: str, out_size: int) -> dict:
-    from tasks.images import ImageLoadConfig, decode_image, inspect_images, load_images
     from tasks.dask_client import dask_client
+    from tasks.images import ImageLoadConfig, decode_image, inspect_images, load_images
 
     with tempfile.TemporaryDirectory() as d:
         _write_images(d, n, size, fmt)
@@ -144,7 +144,12 @@ def bench_index(size: int = 16, epochs: int | None = None) -> None:
     from sklearn.decomposition import PCA
 
     from models.training import fit
-    from tasks.apps.index import IndexRunConfig, encode_images, index_loss, precision_and_map
+    from tasks.apps.index import (
+        IndexRunConfig,
+        encode_images,
+        index_loss,
+        precision_and_map,
+    )
     from tasks.train import settings_from
 
     dg = load_digits()
@@ -202,8 +207,8 @@ def bench_denoise(patches: int = 8000, epochs: int = 10, sigma: float = 25.0, sa
     from models.image_ops import random_patches
     from models.noise import DenoisingLoss, NoiseConfig
     from models.training import TrainSettings, fit
-    from tasks.apps.denoise import _psnr_ssim, baseline_fns, denoise_array
     from tasks.apps.base import Fitted
+    from tasks.apps.denoise import _psnr_ssim, baseline_fns, denoise_array
     from tasks.apps.images_base import ConvModelConfig
     from tasks.sample_data import write_photos
 

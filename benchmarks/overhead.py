@@ -25,7 +25,7 @@ import urllib.request
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import md_table, machine, update_section
+from benchmarks._common import machine, md_table, update_section
 
 
 def _free_port() -> int:

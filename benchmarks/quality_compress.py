@@ -43,7 +43,13 @@ import torch
 
 from benchmarks.train_codec import HELDOUT_IMAGES, TRAIN_IMAGES, load_codec, load_images
 from models.metrics import bd_rate
-from tasks.codec import JPEG_QUALITIES, WEBP_QUALITIES, LoadedCodec, code_image, pillow_point
+from tasks.codec import (
+    JPEG_QUALITIES,
+    WEBP_QUALITIES,
+    LoadedCodec,
+    code_image,
+    pillow_point,
+)
 
 SECTIONS = {"factorized": "## Compression (issue 5)", "hyperprior": "## Compression: hyperprior (issue 18)"}
 KIND_NAMES = {"codec": "factorized", "hyperprior": "hyperprior"}
@@ -296,7 +302,7 @@ def markdown(section: str, results: dict[str, dict[str, object]], codecs: dict[s
 
 def write_section(path: str, section: str, text: str) -> None:
     old = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     with open(path, "w") as f:
         f.write(new)

@@ -49,22 +49,22 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections import defaultdict  # noqa: E402
+import argparse
+import dataclasses
+import platform
+import time
+import warnings
+from collections import defaultdict
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn import datasets  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.manifold import trustworthiness  # noqa: E402
+import numpy as np
+import torch
+from sklearn import datasets
+from sklearn.decomposition import PCA
+from sklearn.manifold import trustworthiness
 
-from tasks.apps import detect, extract, impute, reduce  # noqa: E402
-from models.training import predict  # noqa: E402
-from tasks.config import ModelConfig  # noqa: E402
+from models.training import predict
+from tasks.apps import detect, extract, impute, reduce
+from tasks.config import ModelConfig
 
 REPORT_SEED = 1000  # seeds of the reporting data start here; the tuning data's start at 0
 

@@ -42,11 +42,24 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.codec_data import TRAIN_IMAGES  # noqa: F401  (re-exported: tests, quality_compress)
-from benchmarks.codec_data import HELDOUT_IMAGES, load_images_file, load_skimage, pyramid, save_images, training_images
-from models.codec import CodecConfig, CodecBase, ImageCodec, load_codec_state
-from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
-from models.codec_train import calibrate_hyperprior, hyperprior_from_factorized, make_loss_fn, make_rate_loss_fn, widen_codec
+from benchmarks.codec_data import (
+    HELDOUT_IMAGES,
+    TRAIN_IMAGES,  # noqa: F401  (re-exported: tests, quality_compress)
+    load_images_file,
+    load_skimage,
+    pyramid,
+    save_images,
+    training_images,
+)
+from models.codec import CodecBase, CodecConfig, ImageCodec, load_codec_state
+from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
+from models.codec_train import (
+    calibrate_hyperprior,
+    hyperprior_from_factorized,
+    make_loss_fn,
+    make_rate_loss_fn,
+    widen_codec,
+)
 from models.image_ops import as_rgb, pad_to_multiple, rgb_patches
 
 KINDS: dict[str, tuple[type[CodecConfig], type[CodecBase]]] = {

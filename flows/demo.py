@@ -25,7 +25,11 @@ class DemoJob:
 
 def demo_jobs(output: str, quick: bool = False) -> list[DemoJob]:
     """Write the sample data under ``output/sample-data`` and list the demo's runs."""
-    from tasks.sample_data import SAMPLE_TABLES, write_sample_images, write_sample_tables
+    from tasks.sample_data import (
+        SAMPLE_TABLES,
+        write_sample_images,
+        write_sample_tables,
+    )
 
     data_dir = os.path.join(output, "sample-data")
     paths = write_sample_tables(data_dir)

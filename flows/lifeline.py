@@ -100,7 +100,7 @@ class _GuardedSubprocess:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def Popen(self, args: Any, *a: Any, **kw: Any) -> Any:  # noqa: N802 - mirrors subprocess.Popen
+    def Popen(self, args: Any, *a: Any, **kw: Any) -> Any:
         if isinstance(args, (list, tuple)) and args and args[0] == sys.executable:
             args = command(list(args[1:]))
             # Its own session: Ctrl-C in the terminal interrupts the run, not the API server the run

@@ -22,12 +22,20 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
-from tasks.apps import Evaluation, apply_task, evaluate_task, fit_task, get_app, load_all, report_task
+from tasks.apps import (
+    Evaluation,
+    apply_task,
+    evaluate_task,
+    fit_task,
+    get_app,
+    load_all,
+    report_task,
+)
 from tasks.config import RunConfig
 from tasks.dask_client import dask_client, local_processes
 from tasks.execution import execution_info
-from tasks.report import markdown_summary, metrics_rows, publish_artifacts
 from tasks.redaction import install_log_redaction, redact
+from tasks.report import markdown_summary, metrics_rows, publish_artifacts
 from tasks.storage import ArtifactStore, Manifest, RunDir, storage_error
 
 VERSIONED = ("aeflow", "torch", "prefect", "dask", "distributed", "pandas", "numpy", "scikit-learn", "pandera", "s3fs", "pyarrow")

@@ -7,9 +7,8 @@ from typing import Any
 from torch import nn
 
 from models.codec import CodecConfig, ImageCodec, build_codec
-from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec, build_hyperprior
+from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig, build_hyperprior
 from models.conv import ConvAEConfig, ConvAutoencoder, build_conv
-from models.detector import DetectorConfig, KnnAutoencoderDetector, build_detector
 from models.dense import (
     DenseAEConfig,
     DenseAutoencoder,
@@ -20,6 +19,7 @@ from models.dense import (
     build_masked_dense,
     build_masked_imputer,
 )
+from models.detector import DetectorConfig, KnnAutoencoderDetector, build_detector
 
 MODEL_BUILDERS = {
     "dense": build_dense,
@@ -42,19 +42,19 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
 
 
 __all__ = [
+    "MODEL_BUILDERS",
     "CodecConfig",
     "ConvAEConfig",
     "ConvAutoencoder",
     "DenseAEConfig",
     "DenseAutoencoder",
     "DetectorConfig",
-    "KnnAutoencoderDetector",
+    "HyperpriorCodec",
     "HyperpriorConfig",
     "ImageCodec",
-    "HyperpriorCodec",
     "ImputerConfig",
+    "KnnAutoencoderDetector",
     "MaskedDenseAutoencoder",
     "MaskedImputer",
-    "MODEL_BUILDERS",
     "build_model",
 ]

@@ -69,7 +69,7 @@ class BatchSource(ABC):
     def __len__(self) -> int:
         """Samples in one pass."""
 
-    def prepare(self, device: torch.device) -> None:  # noqa: B027 - optional hook
+    def prepare(self, device: torch.device) -> None:
         """Called once by :func:`fit` before any batch: place or pin data for ``device``."""
 
     @abstractmethod

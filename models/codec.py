@@ -39,12 +39,30 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.codec_layers import GDN, analysis_transform, conv_specs, receptive_halo, synthesis_transform
+from models.codec_layers import (
+    GDN,
+    analysis_transform,
+    conv_specs,
+    receptive_halo,
+    synthesis_transform,
+)
 from models.entropy_models import FactorizedPrior, quantize_pmf
 from models.image_ops import as_rgb, map_tiles, pad_to_multiple
 
-__all__ = ["GDN", "CodecConfig", "CodecOutput", "FactorizedPrior", "CodecBase", "ImageCodec", "as_rgb",
-           "build_codec", "codec_identity", "load_codec_state", "pad_to_multiple", "quantize_pmf"]
+__all__ = [
+    "GDN",
+    "CodecBase",
+    "CodecConfig",
+    "CodecOutput",
+    "FactorizedPrior",
+    "ImageCodec",
+    "as_rgb",
+    "build_codec",
+    "codec_identity",
+    "load_codec_state",
+    "pad_to_multiple",
+    "quantize_pmf",
+]
 
 # Initial Adam step of the encoder-side latent refinement (latent units after the level's gain).
 REFINE_LR = 0.01

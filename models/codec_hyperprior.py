@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.codec import CodecConfig, CodecOutput, CodecBase, level_likelihoods
+from models.codec import CodecBase, CodecConfig, CodecOutput, level_likelihoods
 from models.codec_layers import GDN, IntegerConvStack, conv, deconv
 from models.entropy_models import FactorizedPrior, GaussianConditional
 from models.image_ops import pad_to_multiple
@@ -318,4 +318,4 @@ def build_hyperprior(config: dict[str, Any]) -> HyperpriorCodec:
     return HyperpriorCodec(HyperpriorConfig.from_dict(config))
 
 
-__all__ = ["HyperLatents", "HyperpriorConfig", "HyperpriorCodec", "build_hyperprior"]
+__all__ = ["HyperLatents", "HyperpriorCodec", "HyperpriorConfig", "build_hyperprior"]

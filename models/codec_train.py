@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.codec import CodecConfig, CodecOutput, CodecBase, ImageCodec, load_codec_state
-from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
+from models.codec import (
+    CodecBase,
+    CodecConfig,
+    CodecOutput,
+    ImageCodec,
+    load_codec_state,
+)
+from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
 from models.codec_layers import GDN
 from models.image_ops import pad_to_multiple
 

@@ -115,7 +115,7 @@ class FactorizedPrior(nn.Module):
         return lik.reshape(c, b, hh, ww).permute(1, 0, 2, 3)
 
     @staticmethod
-    def likelihood_per_sample(priors: "nn.ModuleList | list[FactorizedPrior]", y: Tensor, prior_index: Tensor) -> Tensor:
+    def likelihood_per_sample(priors: nn.ModuleList | list[FactorizedPrior], y: Tensor, prior_index: Tensor) -> Tensor:
         """Likelihood of each element of ``y`` (B, C, H, W) under ``priors[prior_index[i]]`` for sample ``i``.
 
         The same densities as :meth:`likelihood`, with each sample's parameters gathered from the

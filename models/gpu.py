@@ -7,10 +7,9 @@ real model and loss). Pure PyTorch.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-
-import logging
 
 import torch
 from torch import Tensor, nn

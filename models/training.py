@@ -65,14 +65,44 @@ from models.gpu import (
     measure_step_cost,
     peak_bf16_flops,
 )
-from models.train_state import CompileMode, EpochStats, LossFn, TrainResult, TrainSettings, TrainState, _detached
+from models.train_state import (
+    CompileMode,
+    EpochStats,
+    LossFn,
+    TrainResult,
+    TrainSettings,
+    TrainState,
+    _detached,
+)
 
 __all__ = [  # the loop's public names, wherever they are defined (models/batches.py, gpu.py, train_state.py)
-    "BatchSource", "CompileMode", "DeviceGenerator", "EpochStats", "LossFn", "StepCost", "TensorSource",
-    "TrainResult", "TrainSettings", "TrainState", "as_source", "auto_batch_size", "describe_device",
-    "evaluate_loss", "fit", "host_generator", "host_to_device", "measure_step_cost", "peak_bf16_flops",
-    "predict", "reconstruction_loss", "select_device", "CUDA_GRAPH_STEP_S", "MIN_STEPS_PER_EPOCH",
-    "TARGET_STEP_S", "PROBE_START", "PROBE_END",
+    "CUDA_GRAPH_STEP_S",
+    "MIN_STEPS_PER_EPOCH",
+    "PROBE_END",
+    "PROBE_START",
+    "TARGET_STEP_S",
+    "BatchSource",
+    "CompileMode",
+    "DeviceGenerator",
+    "EpochStats",
+    "LossFn",
+    "StepCost",
+    "TensorSource",
+    "TrainResult",
+    "TrainSettings",
+    "TrainState",
+    "as_source",
+    "auto_batch_size",
+    "describe_device",
+    "evaluate_loss",
+    "fit",
+    "host_generator",
+    "host_to_device",
+    "measure_step_cost",
+    "peak_bf16_flops",
+    "predict",
+    "reconstruction_loss",
+    "select_device",
 ]
 
 log = logging.getLogger("aeflow.training")

@@ -20,7 +20,7 @@ import torch
 
 from models import build_model
 from models.aec import AecFile, AecFormatError, parse
-from models.codec import CodecConfig, CodecBase, load_codec_state
+from models.codec import CodecBase, CodecConfig, load_codec_state
 from models.codec_hyperprior import HyperpriorConfig
 from models.entropy_coding import EntropyCodingError
 from models.image_ops import as_rgb

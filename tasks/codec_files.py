@@ -146,7 +146,7 @@ def _stem(uri: str) -> str:
 
 def _aec_output_name(uri: str) -> str:
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return (name[:-4] if name.endswith(".aec") else name).rsplit(".", 1)[0] + ".png"
+    return (name.removesuffix(".aec")).rsplit(".", 1)[0] + ".png"
 
 
 def plan_outputs(inputs: list[str], output_dir: str, name_of: Callable[[str], str],

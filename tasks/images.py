@@ -33,9 +33,17 @@ from pydantic import Field
 
 from tasks.config import Frozen
 from tasks.errors import InputError
-from tasks.prefect_utils import IO_TASK
 from tasks.inputs import content_hash, find_files, relative_to
-from tasks.storage import FileRecord, RunDir, read_uri, storage_op, to_uri, url_to_fs, write_uri
+from tasks.prefect_utils import IO_TASK
+from tasks.storage import (
+    FileRecord,
+    RunDir,
+    read_uri,
+    storage_op,
+    to_uri,
+    url_to_fs,
+    write_uri,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Mode = Literal["gray", "rgb", "keep"]

@@ -27,9 +27,9 @@ from prefect import task
 
 from tasks.config import LoadConfig
 from tasks.errors import InputError
+from tasks.inputs import content_hash, find_files
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.inputs import content_hash, find_files
 from tasks.storage import FileRecord, storage_op, to_uri, url_to_fs
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}

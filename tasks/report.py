@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from tasks.storage import RunDir  # noqa: E402
+from tasks.storage import RunDir
 
 log = logging.getLogger("aeflow.report")
 

@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from tasks.apps.base import Fitted
-from tasks.apps.index import INDEX_DIR, Index, contact_sheet, deserialize_index, encode_images
+from tasks.apps.index import (
+    INDEX_DIR,
+    Index,
+    contact_sheet,
+    deserialize_index,
+    encode_images,
+)
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tasks.images import decode_image
 from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs, write_uri

@@ -74,7 +74,12 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import DEFAULT_OUTPUT
-from tasks.errors import AeflowError, ModelMismatchError, StorageError, StorageUnavailable
+from tasks.errors import (
+    AeflowError,
+    ModelMismatchError,
+    StorageError,
+    StorageUnavailable,
+)
 
 MANIFEST = "manifest.json"
 RUN_MARKER = "_run.json"
@@ -328,7 +333,7 @@ class _AtomicFile(io.BufferedWriter):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
 
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+    def __exit__(self, exc_type: Any, *rest: object) -> None:
         if exc_type is not None:
             self.discard()
         else:

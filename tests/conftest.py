@@ -17,11 +17,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import pandas as pd
+import pytest
 
-from tasks.apps import load_all  # noqa: E402
-from tasks.sample_data import sample_frame  # noqa: E402
+from tasks.apps import load_all
+from tasks.sample_data import sample_frame
 
 # `aeflow run`'s commands are built when first used (flows/cli/run.py), and importing the applications
 # sets up Prefect's logging, whose console handler keeps the stderr of that moment. Import them now, not

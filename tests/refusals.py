@@ -107,7 +107,7 @@ def render_table(refusals: list[Refusal]) -> str:
 
 
 def readme_table(text: str) -> str:
-    m = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.S)
+    m = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.DOTALL)
     if m is None:
         raise AssertionError(f"README.md has no bad-input table between {BEGIN!r} and {END!r}")
     return m.group(1)

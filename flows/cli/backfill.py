@@ -41,9 +41,21 @@ def backfill(
     skipped (unless --force), so running the same backfill again redoes only
     the dates that failed. Exit code 1 when any date failed.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    from flows.backfill import date_options, exit_code, explicit_overrides, run_in_process, run_via_deployment
+    from flows.backfill import (
+        date_options,
+        exit_code,
+        explicit_overrides,
+        run_in_process,
+        run_via_deployment,
+    )
     from tasks.apps import get_app
     from tasks.config import resolve_config
     from tasks.schedule import date_range, has_template, parse_date

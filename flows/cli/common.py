@@ -109,7 +109,6 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
     from flows.pipeline import FLOWS
     from tasks.apps import get_app
     from tasks.config import resolve_config
-
     from tasks.redaction import install_log_redaction
 
     application = get_app(app_name)

@@ -15,7 +15,11 @@ def sample_data(
 ) -> None:
     """Write the bundled sample datasets (scikit-learn's digits, breast cancer, wine, diabetes)
     and image sets (digits as PNG class folders; scikit-image's photographs, train/held-out)."""
-    from tasks.sample_data import SAMPLE_TABLES, write_sample_images, write_sample_tables
+    from tasks.sample_data import (
+        SAMPLE_TABLES,
+        write_sample_images,
+        write_sample_tables,
+    )
 
     paths = write_sample_tables(output, overwrite=overwrite)
     for t in SAMPLE_TABLES:

@@ -23,7 +23,13 @@ def search(
 ) -> None:
     """Find the k nearest images of each query in an index built by `aeflow run index`."""
     from tasks.codec_files import check_output_path
-    from tasks.search import expand_queries, open_index, read_queries, search as search_index, write_search_sheet
+    from tasks.search import (
+        expand_queries,
+        open_index,
+        read_queries,
+        write_search_sheet,
+    )
+    from tasks.search import search as search_index
 
     try:
         if sheet:  # before searching: a --sheet that cannot be written fails alone, not after the results

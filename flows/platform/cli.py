@@ -33,8 +33,8 @@ def _fail(e: AeflowError) -> None:
     raise typer.Exit(e.exit_code)
 
 
-def _progress(quiet: bool):  # noqa: ANN202 - a listener
-    def emit(e) -> None:  # noqa: ANN001
+def _progress(quiet: bool):
+    def emit(e) -> None:
         if quiet:
             return
         colour = {"started": "green", "running": "cyan", "stopped": "yellow", "deployed": "green"}.get(e.action, "white")

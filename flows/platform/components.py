@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.platform.procs import ProcRecord, exit_code, port_open, reap, spawn, tail, user_exists
+from flows.platform.procs import (
+    ProcRecord,
+    exit_code,
+    port_open,
+    reap,
+    spawn,
+    tail,
+    user_exists,
+)
 from flows.platform.s3_identities import identities as s3_identities
 from flows.platform.state import PlatformState
 from tasks.errors import PlatformError
@@ -108,7 +116,7 @@ def wait_healthy(rec: ProcRecord, check: Callable[[], bool], timeout: float, wha
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - our own local URL
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return 200 <= r.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False

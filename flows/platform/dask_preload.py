@@ -10,7 +10,7 @@ import dask.dataframe  # noqa: F401
 import pyarrow.parquet  # noqa: F401
 import s3fs  # noqa: F401
 
-import tasks.load  # noqa: F401
+import tasks.load
 import tasks.preprocess  # noqa: F401
 from tasks.apps import load_all
 

@@ -121,7 +121,7 @@ def spawn(
     with open(log, "ab") as f:
         f.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {' '.join(cmd)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(  # noqa: S603 - the command is built here from fixed parts
+        proc = subprocess.Popen(
             cmd,
             env=env,
             cwd=str(cwd) if cwd else None,

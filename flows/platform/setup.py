@@ -13,7 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from flows.platform.components import ensure_pool_and_limit, ensure_zombie_automation, http_ok, run_deploy
+from flows.platform.components import (
+    ensure_pool_and_limit,
+    ensure_zombie_automation,
+    http_ok,
+    run_deploy,
+)
 from tasks.errors import PlatformError
 
 

@@ -272,7 +272,12 @@ class ImageData(DataKind):
 
     def load(self, app: Application, config: RunConfig, run: RunDir, inputs: Inputs, fitted: Fitted | None,
              device: torch.device) -> ImageContext:
-        from tasks.images import MIN_TRAIN_IMAGES, check_training_images, image_notes, load_images_task
+        from tasks.images import (
+            MIN_TRAIN_IMAGES,
+            check_training_images,
+            image_notes,
+            load_images_task,
+        )
         from tasks.train import run_logger
 
         sets = {role: load_images_task(src, config.load, run, f"images/{role}") for role, src in inputs.items()}

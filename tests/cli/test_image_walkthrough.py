@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.apps import get_app
 from tasks.errors import InputError, ModelMismatchError
-from tasks.images import ImageLoadConfig, ImageSet, decode_image, image_shape, inspect_images, load_images
+from tasks.images import (
+    ImageLoadConfig,
+    ImageSet,
+    decode_image,
+    image_shape,
+    inspect_images,
+    load_images,
+)
 from tasks.storage import Manifest
 from tests.conftest import files_under
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import files_under
-from tests.refusals import refusal
 from tests.flows.test_tabular_flows import mixed_frame, one_thread  # noqa: F401 (autouse fixture)
+from tests.refusals import refusal
 
 pytestmark = [pytest.mark.cli, pytest.mark.tabular]
 runner = CliRunner()

@@ -54,7 +54,10 @@ class Served:
         return self.log.read_text(errors="replace")[-n:]
 
     def deployment(self, name: str) -> Any:
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+        )
 
         with self.client() as c:
             found = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
@@ -244,7 +247,10 @@ class PlatformHandle:
         return uri
 
     def deployment(self, name: str = "reduce") -> Any:
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+        )
 
         with self.client() as c:
             found = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))

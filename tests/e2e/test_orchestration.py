@@ -43,7 +43,10 @@ def test_run_button_runs_a_deployment(served, digits_frame):
     emb = pd.read_parquet(m.output_uri("embeddings.parquet"))
     assert emb["id"].tolist() == digits_frame["id"].tolist() and list(emb.columns) == ["id", "z_0", "z_1"]
     with served.client() as c:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+        )
 
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
     assert {a.type for a in arts} >= {"table", "markdown"}, "metrics table and summary are published"

@@ -131,7 +131,11 @@ def test_the_containers_deploy_step_is_idempotent(platform):
     """`python -m flows.platform.setup` (infra's deploy step) against the real server; again changes nothing."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    from flows.platform.components import ZOMBIE_AUTOMATION, ensure_pool_and_limit, ensure_zombie_automation
+    from flows.platform.components import (
+        ZOMBIE_AUTOMATION,
+        ensure_pool_and_limit,
+        ensure_zombie_automation,
+    )
     from flows.platform.setup import main
 
     spec = str(platform.dir / "prefect.yaml")
@@ -197,7 +201,13 @@ def test_run_button_runs_on_a_worker_preprocesses_on_dask_and_writes_to_s3(platf
 
 
 def test_a_schedule_produces_runs_that_the_workers_execute(platform, first_runs, digits_frame):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
 
     dep, uri = first_runs["deployment"], first_runs["scheduled_uri"]
 
@@ -237,10 +247,10 @@ def test_a_dask_worker_killed_mid_preprocessing_loses_nothing(platform, digits_f
             self.flag = flag
             self.name = ""
 
-        def setup(self, worker) -> None:  # noqa: ANN001
+        def setup(self, worker) -> None:
             self.name = str(worker.name)
 
-        def transition(self, key, start, finish, **kwargs) -> None:  # noqa: ANN001
+        def transition(self, key, start, finish, **kwargs) -> None:
             if finish != "executing":
                 return
             try:

@@ -28,7 +28,14 @@ from typer.testing import CliRunner
 from flows.cli import COMMON_OPTIONS, build_app
 from flows.cli.run import option_specs
 from flows.pipeline import FLOWS
-from tasks.apps.base import APP_MODULES, Application, Fitted, load_all, register, unregister
+from tasks.apps.base import (
+    APP_MODULES,
+    Application,
+    Fitted,
+    load_all,
+    register,
+    unregister,
+)
 from tasks.apps.kinds import IMAGES, TABLES
 from tasks.config import AppConfig, RunConfig, resolve_config
 from tasks.storage import open_run

@@ -22,7 +22,6 @@ from tasks.codec import decode_aec, load_codec_run
 from tasks.config import resolve_config
 from tasks.storage import open_run
 from tests.conftest import TEST_BUCKET
-
 from tests.refusals import assert_raised, refusal
 
 pytestmark = [pytest.mark.flows]

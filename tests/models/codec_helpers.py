@@ -8,7 +8,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from models.codec_hyperprior import HyperpriorConfig, HyperpriorCodec
+from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
 
 TINY_HYPER = HyperpriorConfig(channels=8, latent_channels=8, hyper_channels=8, lambdas=(0.002, 0.01, 0.05, 0.2),
                               scale_levels=64)

@@ -10,7 +10,13 @@ import torch
 
 from models import build_model
 from models.aec import AecFile
-from models.codec import CodecConfig, CodecOutput, ImageCodec, codec_identity, load_codec_state
+from models.codec import (
+    CodecConfig,
+    CodecOutput,
+    ImageCodec,
+    codec_identity,
+    load_codec_state,
+)
 from models.codec_train import RateDistortionLoss, make_loss_fn, widen_codec
 from models.entropy_models import FactorizedPrior, quantize_pmf
 from models.image_ops import rgb_patches

@@ -12,9 +12,14 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.codec import CodecConfig, CodecOutput, ImageCodec, load_codec_state
-from models.codec_hyperprior import HyperLatents, HyperpriorConfig, HyperpriorCodec
+from models.codec_hyperprior import HyperLatents, HyperpriorCodec, HyperpriorConfig
 from models.codec_layers import IntegerConvStack
-from models.codec_train import hyperprior_from_factorized, interpolate_gains, make_loss_fn, make_rate_loss_fn
+from models.codec_train import (
+    hyperprior_from_factorized,
+    interpolate_gains,
+    make_loss_fn,
+    make_rate_loss_fn,
+)
 from models.entropy_coding import EntropyCodingError
 from models.entropy_models import GaussianConditional
 from models.image_ops import map_tiles, pad_to_multiple, rgb_patches

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load, save
 
 from models import build_model
 from models.dense import DenseAEConfig
 from models.detector import DetectorConfig, KnnAutoencoderDetector
-
-import pytest
 
 pytestmark = pytest.mark.models
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.codec_layers import analysis_transform, conv_specs, receptive_halo, synthesis_transform
+from models.codec_layers import (
+    analysis_transform,
+    conv_specs,
+    receptive_halo,
+    synthesis_transform,
+)
 from models.image_ops import (
     as_rgb,
     map_tiles,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-import models.training as training
+from models import training
 from models.conv import ConvAEConfig, ConvAutoencoder, latent_noise_loss
 from models.conv import reconstruction_loss as conv_loss
 from models.dense import (

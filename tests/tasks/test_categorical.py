@@ -9,7 +9,12 @@ import pytest
 from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.load import inspect_table
-from tasks.preprocess import collect_categories, encode_partition, encoded_columns, unseen_categories
+from tasks.preprocess import (
+    collect_categories,
+    encode_partition,
+    encoded_columns,
+    unseen_categories,
+)
 from tasks.schemas import infer_schema
 
 pytestmark = [pytest.mark.tasks, pytest.mark.tabular]

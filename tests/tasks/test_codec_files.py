@@ -16,7 +16,14 @@ import torch
 from models.aec import AecFile, AecFormatError, parse
 from models.codec import CodecConfig, ImageCodec
 from models.codec_hyperprior import HyperpriorCodec
-from tasks.codec import code_image, codec_from_files, decode_aec, encode_image, load_codec_run, new_codec
+from tasks.codec import (
+    code_image,
+    codec_from_files,
+    decode_aec,
+    encode_image,
+    load_codec_run,
+    new_codec,
+)
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tests.models.codec_helpers import TINY_HYPER, save_model_folder
 

@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from tasks.errors import ModelMismatchError, StorageError
-from tasks.storage import ArtifactStore, CheckpointError, ModelFolder, _sha256, claim_is_stale, open_model_source
+from tasks.storage import (
+    ArtifactStore,
+    CheckpointError,
+    ModelFolder,
+    _sha256,
+    claim_is_stale,
+    open_model_source,
+)
 
 pytestmark = pytest.mark.tasks
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,7 +12,13 @@ from tasks.config import LoadConfig, PreprocessConfig
 from tasks.errors import InputError
 from tasks.load import Block, inspect_table, to_dask
 from tasks.preprocess import add_split, prepare, read_prepared, split_partition
-from tasks.scaling import SPLIT_COL, ScalingStats, merge_moments, partition_moments, scale
+from tasks.scaling import (
+    SPLIT_COL,
+    ScalingStats,
+    merge_moments,
+    partition_moments,
+    scale,
+)
 from tasks.storage import ArtifactStore
 
 pytestmark = pytest.mark.tasks

@@ -11,7 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.codec_data import TrainingImage, load_images_file, pixel_hash, save_images
+from benchmarks.codec_data import (
+    TrainingImage,
+    load_images_file,
+    pixel_hash,
+    save_images,
+)
 from tests.models.codec_helpers import save_model_folder
 
 pytestmark = [pytest.mark.tasks]

@@ -14,7 +14,6 @@ from tasks.config import ConfigError, LoadConfig, resolve_config
 from tasks.errors import InputError
 from tasks.load import inspect_table, to_dask
 from tasks.scaling import ScalingStats, merge_moments, partition_moments
-
 from tests.refusals import assert_raised, refusal
 
 pytestmark = pytest.mark.tasks

@@ -20,17 +20,14 @@ from tasks.errors import InputError
 from tasks.load import SAMPLE_ROWS, Block, inspect_table, to_dask
 from tasks.preprocess import check_training_rows, prepare
 from tasks.schemas import infer_schema
-
 from tests.refusals import assert_raised, refusal
+from tests.tasks.test_walkthrough_inputs import _frame as first_walkthrough_frame
 
 pytestmark = [pytest.mark.tasks, pytest.mark.tabular]
 
 
 def _frame(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    df = pd.DataFrame(rng.normal(size=(n, 3)), columns=["a", "b", "c"])
-    df.insert(0, "id", np.arange(n))
-    return df
+    return first_walkthrough_frame(n, seed)  # id, a, b, c
 
 
 def _kinds(df, **roles):
