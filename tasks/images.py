@@ -264,9 +264,11 @@ def decode_image_noting(
     target = {"gray": "L", "rgb": "RGB"}.get(mode) or ("L" if gray_like else "RGB")
     target_name = "grayscale" if target == "L" else "RGB"
     change = None if kind in ("L", "RGB") else f"{kind}>{target_name}"
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # An alpha channel, or a PNG colour key (tRNS: one palette entry, gray level or RGB colour is transparent)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         if alpha == "refuse":
-            raise ValueError(f"image has an alpha channel (mode {img.mode}); the codec stores L or RGB only")
+            what = "an alpha channel" if img.mode in ("RGBA", "LA", "PA") else "a transparent colour (PNG tRNS)"
+            raise ValueError(f"image has {what} (mode {img.mode}); the codec stores L or RGB only")
         # Composite transparency on white rather than letting convert() drop alpha to black.
         rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] == 255:

@@ -65,14 +65,20 @@ def test_conversions_are_counted_and_said(tmp_path):
     _save(Image.fromarray(_rgb(4)).convert("CMYK"), d / "print.jpg")
     _save(Image.fromarray(_rgb(5)), d / "plain.png")
     _save(Image.fromarray(_rgb(6)[..., 0]), d / "plain_gray.png")
+    keyed = _rgb(7)
+    keyed[:4] = 0  # black is the transparent colour (a PNG tRNS chunk): composited on white, not kept black
+    _save(Image.fromarray(keyed), d / "keyed.png", transparency=(0, 0, 0))
     with dask.config.set(scheduler="synchronous"):
         imset = load_images(inspect_images(str(d)), ImageLoadConfig(mode="keep"), run=None, prefix="x")
-    assert imset.converted == {"alpha": 2, "opaque-alpha>RGB": 1, "palette>RGB": 1, "16-bit>grayscale": 1,
+    from tasks.images import decode_image
+
+    assert decode_image((d / "keyed.png").read_bytes(), "keep")[:, 0, 0].tolist() == [255, 255, 255]
+    assert imset.converted == {"alpha": 3, "opaque-alpha>RGB": 1, "palette>RGB": 1, "16-bit>grayscale": 1,
                                "CMYK>RGB": 1}, imset.converted
     la_at = imset.rel.index("gray_alpha.png")
     assert imset.shapes[la_at][0] == 1, "LA stays grayscale (alpha composited)"
     notes = " | ".join(image_notes(imset))
-    for said in (f"input {d}: 2 images with transparency composited on white (--set load.alpha=refuse to refuse them)",
+    for said in (f"input {d}: 3 images with transparency composited on white (--set load.alpha=refuse to refuse them)",
                  "1 image with a fully opaque alpha channel stored as RGB without it",
                  "1 palette image converted to RGB", "1 16-bit image reduced to 8 bits (grayscale)",
                  "1 CMYK image converted to RGB"):
