@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from tasks.errors import InputError
+from tasks.errors import InputError, StorageError
 from tasks.storage import hash_file, is_local, nothing_at, storage_op, to_uri, url_to_fs
 
 
@@ -49,8 +49,8 @@ def find_files(uri: str, role: str = "input") -> tuple[fsspec.AbstractFileSystem
                 found, root = [path], posixpath.dirname(path.replace(os.sep, "/"))
             else:
                 found, root = None, path
-    except PermissionError as e:
-        raise InputError(f"cannot read {role} {uri}: permission denied ({e})") from e
+    except PermissionError as e:  # a storage matter (exit 4), like the object store's refusal (storage_op)
+        raise StorageError(f"cannot read {role} {uri}: permission denied ({e})") from e
     except OSError as e:
         raise InputError(f"cannot read {role} {uri}: {e}") from e
     if found is None:

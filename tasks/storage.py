@@ -194,6 +194,20 @@ def _endpoint_of(e: BaseException) -> str:
     return "the default AWS S3 endpoint"
 
 
+def _first_line(e: BaseException) -> str:
+    """One short line of ``e``: pydantic's first error (where and what), else its message's first line."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            return f"{where}: {first['msg']}" if where else str(first["msg"])
+        except Exception:  # noqa: BLE001 - any other .errors(): fall back to the message
+            pass
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def _short_reason(e: BaseException) -> str:
     innermost = list(causes(e))[-1]
     if isinstance(innermost, ConnectionRefusedError):
@@ -223,8 +237,11 @@ def _server_trouble(x: BaseException) -> str | None:
     return None
 
 
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+
+
 def _failure_kind(x: BaseException) -> str | None:
-    """'unreachable', 'unavailable', 'credentials' or None for one exception (not its causes)."""
+    """'unreachable', 'unavailable', 'credentials', 'denied' or None for one exception (not its causes)."""
     try:
         import botocore.exceptions as bce
     except ImportError:  # pragma: no cover - s3fs is a dependency
@@ -238,6 +255,11 @@ def _failure_kind(x: BaseException) -> str | None:
             return "unreachable"
         if isinstance(x, (bce.NoCredentialsError, bce.PartialCredentialsError)):
             return "credentials"
+        code = str((getattr(x, "response", None) or {}).get("Error", {}).get("Code", ""))
+        if isinstance(x, bce.ClientError) and code in _DENIED_CODES:
+            return "denied"
+    if isinstance(x, PermissionError):  # s3fs's 403 (wrong keys, no access), or a local file's mode bits
+        return "denied"
     if aiohttp is not None and isinstance(x, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
         return "unreachable"
     if isinstance(x, (ConnectionError, TimeoutError, socket.gaierror)):
@@ -275,6 +297,13 @@ def storage_error(e: BaseException, op: str, uri: str) -> StorageError | None:
             return StorageError(
                 f"cannot {what}: no credentials for the object store at {_endpoint_of(e)} "
                 "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile)"
+            )
+        if kind == "denied":
+            if uri and "://" not in uri:  # a local path
+                return StorageError(f"cannot {what}: permission denied ({_first_line(x)})")
+            return StorageError(
+                f"cannot {what}: the object store at {_endpoint_of(e)} refused access ({_first_line(x)}): "
+                "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the profile) and the bucket's permissions"
             )
     return None
 
@@ -865,7 +894,12 @@ class RunDir:
     def manifest(self) -> Manifest:
         if not self.is_complete:
             raise StorageError(f"{self.uri} is not a complete run (no manifest.json)")
-        return Manifest.model_validate_json(self.read_bytes(MANIFEST))
+        data = self.read_bytes(MANIFEST)
+        try:
+            return Manifest.model_validate_json(data)
+        except ValueError as e:  # pydantic's ValidationError (bad JSON too) is a ValueError
+            raise StorageError(f"{self.uri}: its manifest.json cannot be read ({_first_line(e)}): the run is damaged or "
+                               "was written by an incompatible aeflow") from None
 
     def remove(self, rel: str) -> None:
         path = self.path_of(rel)
@@ -1091,7 +1125,9 @@ def open_model_source(uri: str) -> RunDir | ModelFolder:
             folder = False
         if folder and not fs.exists(f"{path}/{MANIFEST}"):
             return ModelFolder(fs, path)
-    return open_run(uri)
+    run = open_run(uri)
+    run.manifest()  # a run whose manifest cannot be read is no complete run (runs list skips it too)
+    return run
 
 
 def open_run(uri: str, *, require_complete: bool = True) -> RunDir:

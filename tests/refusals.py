@@ -33,6 +33,7 @@ MODULES = (
     "tests.cli.test_refusals",
     "tests.cli.test_outage",
     "tests.cli.test_image_walkthrough2",
+    "tests.cli.test_walkthrough3",
     "tests.tasks.test_walkthrough_inputs",
     "tests.tasks.test_walkthrough_inputs2",
     "tests.flows.test_compress_flow",

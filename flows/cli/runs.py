@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from flows.cli.common import fail, metrics_table, out, print_notes
-from tasks.errors import AeflowError
 
 app = typer.Typer(help="List and inspect completed runs in an artifact root.", no_args_is_help=True)
 
@@ -39,7 +38,13 @@ def runs_list(
     """List complete runs (those with a manifest), oldest first."""
     from tasks.apps import load_all
     from tasks.errors import ConfigError, StorageError
-    from tasks.storage import ArtifactStore, is_local, url_to_fs
+    from tasks.storage import (
+        ArtifactStore,
+        bucket_exists,
+        is_local,
+        storage_op,
+        url_to_fs,
+    )
 
     try:
         if app_name is not None and app_name not in (apps := load_all()):
@@ -47,8 +52,14 @@ def runs_list(
         fs, path = url_to_fs(output)
         if is_local(fs) and not fs.exists(path):
             raise StorageError(f"no artifact root at {output} (nothing has run there); --output names one")
-        manifests = ArtifactStore(output).list_runs(app_name)
-    except AeflowError as e:
+        if not is_local(fs):
+            bucket = path.split("/")[0]
+            with storage_op("list", output):
+                if not bucket_exists(fs, bucket):
+                    raise StorageError(f"cannot list {output}: bucket {bucket!r} does not exist")
+        with storage_op("list", output):
+            manifests = ArtifactStore(output).list_runs(app_name)
+    except Exception as e:  # noqa: BLE001 - fail() says what it is: a user error, an outage (exit 4), or a bug
         fail(e)
     if as_json:
         print(json.dumps([{"app": m.app, "run_id": m.run_id, "run_uri": m.run_uri, "created": m.created.isoformat(),
@@ -78,7 +89,7 @@ def runs_show(
 
     try:
         manifest = open_run(run_uri).manifest()
-    except AeflowError as e:
+    except Exception as e:  # noqa: BLE001 - fail() says what it is: a user error, an outage (exit 4), or a bug
         fail(e)
     if as_json:
         print(manifest.model_dump_json(indent=2))

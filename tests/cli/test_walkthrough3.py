@@ -1,0 +1,64 @@
+"""Found by the third walkthrough (configuration, runs, object storage): refused with one line and the
+documented exit code where they crashed, printed a traceback, or said nothing."""
+
+from __future__ import annotations
+
+import json
+
+import botocore.exceptions
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.errors import StorageError
+from tasks.storage import open_model_source, storage_error
+from tests.refusals import assert_raised, assert_refused, refusal
+
+pytestmark = [pytest.mark.cli]
+runner = CliRunner()
+
+
+@refusal("object-store keys that the store refuses (403: wrong key id or secret, no access to the bucket), "
+         "or a local file without permission", 4, "storage")
+def test_access_refused_by_the_store_is_one_storage_line():
+    # s3fs turns a 403 into PermissionError; the CLI printed "unexpected error (a bug)" (exit 1) for --output,
+    # a bare traceback for `runs list`, and exit 3 (invalid input) for --input
+    denied = PermissionError("Forbidden")
+    denied.__cause__ = botocore.exceptions.ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject")
+    e = storage_error(denied, "write", "s3://walk/aeflow")
+    assert isinstance(e, StorageError) and not e.transient
+    assert_raised(e, test_access_refused_by_the_store_is_one_storage_line, "cannot write s3://walk/aeflow: the object "
+                  "store at", "refused access (Forbidden): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    signature = botocore.exceptions.ClientError({"Error": {"Code": "SignatureDoesNotMatch", "Message": "no"}}, "ListObjectsV2")
+    assert "refused access" in str(storage_error(signature, "list", "s3://walk/raw"))
+    local = storage_error(PermissionError(13, "Permission denied", "/data/x.csv"), "read", "/data/x.csv")
+    assert str(local) == "cannot read /data/x.csv: permission denied ([Errno 13] Permission denied: '/data/x.csv')"
+    assert storage_error(FileNotFoundError("x"), "read", "s3://walk/x") is None  # not every OSError is storage's
+
+
+def _damaged_run(root, text: str) -> str:
+    run = root / "runs" / "reduce" / "r1"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "model" / "weights.safetensors").write_bytes(b"")
+    (run / "manifest.json").write_text(text)
+    return str(run)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", json.dumps({"app": "reduce"})], ids=["bad-json", "empty", "fields"])
+@refusal("a run whose manifest.json cannot be read (damaged, or written by an incompatible aeflow), "
+         "in runs show and as --model", 4, "storage")
+def test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model(tmp_path, text):
+    run = _damaged_run(tmp_path, text)
+    res = runner.invoke(app, ["runs", "show", run])
+    assert_refused(res, test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model,
+                   f"{run}: its manifest.json cannot be read (")
+    with pytest.raises(StorageError, match="manifest.json cannot be read") as e:
+        open_model_source(run)  # --model of that run: it is not a complete run (runs list skips it too)
+    assert_raised(e.value, test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model)
+
+
+@refusal("aeflow runs list on a bucket that does not exist (it said 'no complete runs', exit 0)", 4, "storage")
+def test_runs_list_on_a_missing_bucket(s3_endpoint):
+    res = runner.invoke(app, ["runs", "list", "-o", "s3://no-such-bucket-9/aeflow"])
+    assert_refused(res, test_runs_list_on_a_missing_bucket, "bucket 'no-such-bucket-9' does not exist")
