@@ -97,6 +97,21 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - t0, 4)
 
 
+# TrainConfig fields that only shape training (the seed and the device also serve apply and evaluation)
+TRAINING_ONLY = ("epochs", "batch_size", "default_batch_size", "lr", "weight_decay", "patience", "compile",
+                 "checkpoint_seconds", "stream", "memory_mb")
+
+
+def unused_with_model(config: RunConfig, defaults: RunConfig) -> list[str]:
+    """The model and training settings of ``config`` that differ from the application's ``defaults``:
+    with ``--model`` they do nothing (``model.latent_dim=7``, ``train.epochs=50``), which the run says."""
+    out = []
+    for section, keys in (("model", None), ("train", TRAINING_ONLY)):
+        given, default = getattr(config, section).model_dump(), getattr(defaults, section).model_dump()
+        out += [f"{section}.{k}={v}" for k, v in given.items() if (keys is None or k in keys) and v != default.get(k)]
+    return out
+
+
 def run_app(config: RunConfig) -> RunResult:
     """Run one application end to end: the body of every application's flow.
 
@@ -141,6 +156,13 @@ def run_app(config: RunConfig) -> RunResult:
         with dask_client(config.dask_address, processes=processes):
             with _stage(timings, kind.load_stage):
                 ctx = kind.load(app, config, run, inputs, fitted, device)
+            if config.model_run and not app.trains_in_evaluation:
+                unused = unused_with_model(config, app.RunConfig())
+                if unused:
+                    note = (f"settings for training a model do not apply with --model (its model was used as saved): "
+                            f"{', '.join(unused)}")
+                    log.warning("%s", note)
+                    ctx.notes.append(note)
             app.check_data(ctx)
             if fitted is None:
                 with _stage(timings, "train"):

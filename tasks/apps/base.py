@@ -123,6 +123,9 @@ class Application(ABC):
     headlines: ClassVar[tuple[tuple[str, bool], ...]] = ()
     # Save a reused (--model) model into the run as well, so the run is self-contained.
     self_contained: ClassVar[bool] = False
+    # Evaluation trains models of its own from the model and train settings (extract's cross-validated
+    # encoders), so with --model those settings still apply (otherwise the run notes them as unused).
+    trains_in_evaluation: ClassVar[bool] = False
 
     # -- the stages ---------------------------------------------------------------------
     @abstractmethod

@@ -168,6 +168,7 @@ class Extract(TableApp):
     RunConfig = ExtractRunConfig
     output = "features"
     headlines = (("accuracy", True), ("accuracy_10_per_class", True))
+    trains_in_evaluation = True  # the cross-validated encoders of the evaluation use the model/train settings
     cli_options = (
         ("--latent-dim", "model.latent_dim", int, "Number of extracted features k (f_0..f_{k-1})."),
         ("--cv-folds", "app.cv_folds", int, "Stratified folds of the downstream-accuracy evaluation."),

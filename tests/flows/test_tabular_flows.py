@@ -98,6 +98,7 @@ def test_extract_features_metrics_and_reuse(prefect_server, dask_address, data, 
     again = run("extract", **{"model_run": res.run_uri, "load.apply_to": str(new), "output": str(d / "artifacts"),
                               "dask_address": dask_address})
     b = pd.read_parquet(again.outputs["features"])
+    assert not any("do not apply with --model" in n for n in again.notes), "extract's evaluation trains with them"
     assert b["id"].tolist() == df["id"].iloc[::-1].tolist()
     np.testing.assert_allclose(b.set_index("id").loc[feats["id"]].to_numpy(), feats.set_index("id").to_numpy(), atol=1e-6)
 
@@ -131,6 +132,9 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
     s2 = pd.read_parquet(again.outputs["scores"])
     np.testing.assert_allclose(s2["score"], scores["score"], rtol=1e-6)
     assert (s2["is_anomaly"] == scores["is_anomaly"]).all(), "the fitted threshold_ travels with the model"
+    # the training settings given with --model did nothing: the run says which (FAST's train.epochs=8 ...)
+    unused = [n for n in again.notes if n.startswith("settings for training a model do not apply with --model")]
+    assert unused and "train.epochs=8" in unused[0] and "model." not in unused[0], again.notes
 
     assert not any("is --positive-label the normal class" in n for n in res.notes)
     # (--positive-label "0" here names the normal rows: the notes say so)
