@@ -62,6 +62,11 @@ class LoadConfig(Frozen):
     exclude_columns: tuple[str, ...] = Field((), description="Columns to ignore entirely.")
     blocksize_mb: int = Field(64, ge=1, description="Target size of one Dask partition when splitting large CSV files.")
 
+    @field_validator("exclude_columns", mode="before")
+    @classmethod
+    def _one_name_is_a_list_of_one(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v  # YAML `exclude_columns: notes`, --set load.exclude_columns=notes
+
     @model_validator(mode="after")
     def _roles_are_distinct(self) -> LoadConfig:
         for role, col in (("id_column", self.id_column), ("label_column", self.label_column)):
@@ -89,6 +94,19 @@ class ModelConfig(Frozen):
     activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu", "elu"] = "gelu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False
+
+    @field_validator("hidden", mode="before")
+    @classmethod
+    def _widths_as_the_cli_takes_them(cls, v: Any) -> Any:
+        """``64`` and ``"256,128"`` (YAML, --set) as well as lists, as ``--hidden 256,128`` takes them."""
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v,)
+        if isinstance(v, str):
+            try:
+                return tuple(int(w) for w in v.replace(" ", "").split(",") if w)
+            except ValueError:
+                raise ValueError("hidden expects comma-separated integers, e.g. 256,128") from None
+        return v
 
     @field_validator("hidden")
     @classmethod
@@ -163,7 +181,7 @@ class RunConfig(Frozen):
     )
     run_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="Name the run: letters, digits, '.', '_' and '-' (default: time + fingerprint).",
+        description="Name the run: letters, digits, '.', '_' and '-', not 'latest' (default: time + fingerprint).",
     )
     dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster).")
     local_cluster: Literal["auto", "processes", "threads"] = Field(
@@ -181,6 +199,13 @@ class RunConfig(Frozen):
 
     # Fields that change where or how fast a run happens but not what it computes.
     _NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("output", "run_id", "dask_address", "local_cluster", "skip_existing")
+
+    @field_validator("run_id")
+    @classmethod
+    def _not_latest(cls, v: str | None) -> str | None:
+        if v == "latest":
+            raise ValueError("'latest' is what --model latest means (the newest trained model); name the run otherwise")
+        return v
 
     @model_validator(mode="before")
     @classmethod

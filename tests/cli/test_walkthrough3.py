@@ -62,3 +62,16 @@ def test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model(tmp_path, text
 def test_runs_list_on_a_missing_bucket(s3_endpoint):
     res = runner.invoke(app, ["runs", "list", "-o", "s3://no-such-bucket-9/aeflow"])
     assert_refused(res, test_runs_list_on_a_missing_bucket, "bucket 'no-such-bucket-9' does not exist")
+
+
+def test_list_settings_take_the_forms_the_cli_takes():
+    """`--hidden 64` worked, but YAML `hidden: 64`, `--set model.hidden=64,32` and YAML `exclude_columns: notes`
+    were refused ('Input should be a valid tuple')."""
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+
+    reduce = get_app("reduce").RunConfig
+    assert resolve_config(reduce, sets=["model.hidden=64"]).model.hidden == (64,)
+    assert resolve_config(reduce, sets=["model.hidden=64,32"]).model.hidden == (64, 32)
+    assert resolve_config(reduce, sets=["model.hidden=[64,32]"]).model.hidden == (64, 32)
+    assert resolve_config(reduce, sets=["load.exclude_columns=notes"]).load.exclude_columns == ("notes",)

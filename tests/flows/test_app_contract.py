@@ -91,6 +91,8 @@ def _sample(model: type, path: str, typ: type):
         return choices[-1]
     if path == "model.hidden":
         return [16]
+    if path == "app.quality":  # compress: a level the codec to train has (7 by default)
+        return 3
     return {int: 16, float: 0.25, str: "1"}[typ]
 
 

@@ -108,6 +108,8 @@ def test_a_validation_value_far_outside_the_training_rows_is_found():
     ("reduce", {"train.seed": -5}, "train.seed"),
     ("reduce", {"load.id_column": "id", "load.exclude_columns": ["id"]}, "'id' is the id_column and also in exclude_columns"),
     ("reduce", {"run_id": "../escape"}, "run_id"),
+    ("reduce", {"run_id": "latest"}, "'latest' is what --model latest means"),
+    ("reduce", {"model.hidden": "64,x"}, "hidden expects comma-separated integers"),
     ("detect", {"app.threshold": "nan"}, "app.threshold"),
 ])
 @refusal("settings that contradict each other or are not values (--exclude of the --id-column, a negative --seed, "
