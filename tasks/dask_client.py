@@ -118,7 +118,9 @@ def dask_client(address: str | None = None, n_workers: int | None = None, proces
             # worker threads share this process: its memory is not theirs to watch (a limit per worker
             # would pause them whenever the run's own arrays are large)
             **({} if processes else {"memory_limit": 0}),
-            dashboard_address=None,
+            # The scheduler serves HTTP (health, metrics) whatever this says; None means distributed's 8787,
+            # and a second cluster on the machine then warned "Port 8787 is already in use" on every run.
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.WARNING,
         )
         client = Client(cluster)

@@ -14,6 +14,7 @@ import csv
 import gzip
 import io
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -406,7 +407,9 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     """
     fs, path = url_to_fs(block.uri)
     try:
-        with storage_op("read", block.uri):
+        # Mixed types within a column are the schema's to report (by line), not pandas' DtypeWarning's
+        with storage_op("read", block.uri), warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
             if block.fmt == "csv":
                 if block.length is None:
                     with fs.open(path, "rb", compression=block.compression) as f:

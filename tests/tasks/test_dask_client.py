@@ -102,3 +102,27 @@ def test_a_local_cluster_of_threads_runs_tasks_in_this_process():
         assert len(pids) == 2 and set(pids.values()) == {os.getpid()}, "both workers are threads of this process"
         assert run_parallel(_double, [1, 2, 3], on_done=None) == [2, 4, 6]
     assert current_client() is None or current_client() is not client
+
+
+def test_a_run_s_local_cluster_does_not_warn_when_port_8787_is_taken():
+    """Another cluster on the machine held distributed's default 8787: every run warned "Port 8787 is already
+    in use" on the console, --quiet or not."""
+    import socket
+    import warnings
+
+    from tasks.dask_client import dask_client
+
+    held = socket.socket()
+    try:
+        held.bind(("0.0.0.0", 8787))
+        held.listen()
+    except OSError:
+        pass  # already taken (another cluster of this session): the case itself
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with dask_client(None, processes=False) as client:
+                assert client.submit(sum, [1, 2]).result() == 3
+        assert not [w for w in seen if "8787" in str(w.message)], [str(w.message) for w in seen]
+    finally:
+        held.close()
