@@ -5,7 +5,8 @@ template filled for that date and ``skip_existing`` on, so a date whose run
 already has a complete manifest for the same input and config is skipped, and
 a second backfill redoes only what failed (a failed, cancelled or crashed run
 leaves no manifest). ``force`` runs every date again. Dates run ``parallel`` at a
-time, sharing one Dask cluster.
+time, each with its own LocalCluster unless one cluster is shared (``_shared_dask``).
+Ctrl-C starts no further date and interrupts the running ones.
 
 Through a deployment, each date becomes a flow run of that deployment on the
 server (visible in the UI, tagged ``backfill``), created with an idempotency key
@@ -22,12 +23,17 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from tasks.errors import AeflowError, ConfigError
+
+
+class ServerUnreachable(AeflowError):
+    """The Prefect server of ``--via-deployment`` cannot be reached (exit 4, like ``aeflow serve --api-url``)."""
+
+    exit_code = 4
 
 FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
 FINAL_STATES = FAILED_STATES | {"COMPLETED"}
@@ -46,7 +52,7 @@ class DateOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status not in {"failed", "crashed", "cancelled", "cancelling", "error"}
+        return self.status not in {"failed", "crashed", "cancelled", "cancelling", "error", "interrupted", "not run"}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +88,33 @@ def _shared_dask(address: str | None, needed: bool) -> Iterator[str | None]:
         yield client.scheduler.address
 
 
+class BackfillInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an in-process backfill: ``outcomes`` holds every date, in date order, the ones
+    that did not finish as ``interrupted`` (it was running) or ``not run`` (it was still queued)."""
+
+    def __init__(self, outcomes: list[DateOutcome]) -> None:
+        super().__init__("backfill interrupted")
+        self.outcomes = outcomes
+
+
+def _raise_in_thread(ident: int, exc: type[BaseException]) -> None:
+    """Raise ``exc`` in the thread ``ident`` at its next Python instruction (how Ctrl-C reaches a date's run)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+
+
+def _exit_now(signum: int, _frame: Any) -> None:
+    """A second Ctrl-C while the running dates wind down: leave at once (the temporary server and
+    Dask processes go with their lifelines)."""
+    import os
+    import sys
+
+    sys.stderr.write("\ninterrupted again: exiting now\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def run_in_process(
     app_name: str,
     dates: list[dt.date],
@@ -90,8 +123,17 @@ def run_in_process(
     parallel: int = 1,
     force: bool = False,
     on_done: Callable[[DateOutcome], None] | None = None,
+    grace_s: float = 30.0,
 ) -> list[DateOutcome]:
-    """Run ``app_name``'s flow once per date (``config`` holds the templates); return outcomes in date order."""
+    """Run ``app_name``'s flow once per date (``config`` holds the templates); return outcomes in date order.
+
+    Ctrl-C (KeyboardInterrupt in the main thread) starts no further date, interrupts the running
+    ones (up to ``grace_s`` for them to stop) and raises :class:`BackfillInterrupted`; a second
+    Ctrl-C exits at once with code 130.
+    """
+    import queue
+    import signal
+
     from prefect import tags
 
     from flows.pipeline import FLOWS
@@ -99,6 +141,8 @@ def run_in_process(
     flow_fn = FLOWS[app_name]
     config = config.model_copy(update={"skip_existing": not force})
     lock = threading.Lock()
+    stop = threading.Event()
+    running: dict[dt.date, int] = {}  # date -> thread ident, while its run is in progress
 
     def one(day: dt.date, dask_address: str | None) -> DateOutcome:
         cfg = config.model_copy(update={"dask_address": dask_address}) if dask_address else config
@@ -106,33 +150,88 @@ def run_in_process(
             with tags("backfill", app_name):
                 state = flow_fn(config=cfg, date=day, return_state=True)
         except BaseException as e:  # the flow engine re-raises a few things (e.g. bad parameters)
+            if stop.is_set():
+                return DateOutcome(day, "interrupted", message="interrupted (Ctrl-C)")
             return DateOutcome(day, "failed", message=_message(e))
         run_id = str(state.state_details.flow_run_id) if state.state_details and state.state_details.flow_run_id else ""
-        ids = {"flow_run_id": run_id, "flow_run_name": _flow_run_name(run_id)}
+        ids = {"flow_run_id": run_id, "flow_run_name": "" if stop.is_set() else _flow_run_name(run_id)}
         if state.is_completed():
             result = state.result()
             return DateOutcome(day, "skipped" if result.skipped else "completed", result.run_uri, **ids)
+        if stop.is_set():
+            return DateOutcome(day, "interrupted", message="interrupted (Ctrl-C)", **ids)
         exc = state.result(raise_on_failure=False)
         msg = _message(exc) if isinstance(exc, BaseException) else (state.message or "")
         return DateOutcome(day, state.type.value.lower(), message=msg, **ids)
 
     _connect_once()
     outcomes: dict[dt.date, DateOutcome] = {}
+    todo: queue.Queue[dt.date] = queue.Queue()
+    for d in dates:
+        todo.put(d)
+    results: queue.Queue[DateOutcome] = queue.Queue()
+    # Each date runs in a copy of this context, so Prefect settings (API URL, profile) and
+    # tags set by the caller reach the worker threads.
+    contexts = {d: contextvars.copy_context() for d in dates}
+
+    def worker(address: str | None) -> None:
+        while not stop.is_set():
+            try:
+                day = todo.get_nowait()
+            except queue.Empty:
+                return
+            with lock:
+                if stop.is_set():
+                    return
+                running[day] = threading.get_ident()
+            try:
+                outcome = contexts[day].run(one, day, address)
+            except BaseException as e:  # noqa: BLE001 - an interrupt that landed outside the flow
+                outcome = DateOutcome(day, "interrupted" if stop.is_set() else "failed", message=_message(e))
+            finally:
+                with lock:
+                    running.pop(day, None)
+            results.put(outcome)
+
     # Worker processes import the libraries when they start (~10 s on 2 cores): started once and shared
     # when the config asks for processes. Otherwise each date's run decides as `aeflow run` does
     # (local_cluster=auto: worker threads in this process, up in a second, for inputs up to 256 MB).
     with _shared_dask(config.dask_address, needed=config.local_cluster == "processes") as address:
-        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="backfill") as pool:
-            # Each date runs in a copy of this context, so Prefect settings (API URL, profile) and
-            # tags set by the caller reach the worker threads.
-            futures = {pool.submit(contextvars.copy_context().run, one, d, address): d for d in dates}
-            for fut in as_completed(futures):
-                outcome = fut.result()
-                with lock:
-                    outcomes[outcome.date] = outcome
+        # Daemon threads, not a ThreadPoolExecutor: leaving one waits for every queued date, and
+        # interpreter exit waits for its threads, so Ctrl-C could not end a backfill.
+        threads = [threading.Thread(target=worker, args=(address,), name=f"backfill-{i}", daemon=True)
+                   for i in range(max(1, min(parallel, len(dates))))]
+        for t in threads:
+            t.start()
+        try:
+            while len(outcomes) < len(dates):
+                try:
+                    outcome = results.get(timeout=0.2)  # a timed wait, so Ctrl-C is seen at once
+                except queue.Empty:
+                    if not any(t.is_alive() for t in threads) and results.empty():
+                        break
+                    continue
+                outcomes[outcome.date] = outcome
                 if on_done:
                     on_done(outcome)
-    return [outcomes[d] for d in dates]
+        except KeyboardInterrupt:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, _exit_now)
+            with lock:
+                stop.set()
+                idents = list(running.values())
+                was_running = set(running)
+            for ident in idents:
+                _raise_in_thread(ident, KeyboardInterrupt)
+            deadline = time.monotonic() + grace_s
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            while not results.empty():
+                o = results.get_nowait()
+                outcomes[o.date] = o
+            final = [outcomes.get(d) or DateOutcome(d, "interrupted" if d in was_running else "not run") for d in dates]
+            raise BackfillInterrupted(final) from None
+    return [outcomes.get(d) or DateOutcome(d, "failed", message="did not run (its worker thread ended)") for d in dates]
 
 
 def _flow_run_name(flow_run_id: str) -> str:
@@ -215,7 +314,46 @@ def run_via_deployment(
     poll_s: float = 2.0,
     on_done: Callable[[DateOutcome], None] | None = None,
 ) -> list[DateOutcome]:
-    """Create one flow run of the deployment per date (tagged ``backfill``); optionally wait for them."""
+    """Create one flow run of the deployment per date (tagged ``backfill``); optionally wait for them.
+
+    Raises:
+        ServerUnreachable: no healthy Prefect server at PREFECT_API_URL (before creating anything).
+        ConfigError: no such deployment, or it runs another application's flow (before creating anything).
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deploy import api_healthy
+
+    api_url = PREFECT_API_URL.value()
+    if api_url and not api_healthy(api_url):
+        raise ServerUnreachable(f"no healthy Prefect server at {api_url} (PREFECT_API_URL)")
+    try:
+        return _run_via_deployment(deployment_name, dates, config_overrides, app_name=app_name, force=force,
+                                   wait=wait, poll_s=poll_s, on_done=on_done)
+    except httpx.TransportError as e:  # the server went away mid-way
+        raise ServerUnreachable(f"the Prefect server at {api_url or '(ephemeral)'} became unreachable: {e}") from e
+
+
+def check_deployment_app(client: Any, dep: Any, app_name: str) -> None:
+    """Refuse a deployment whose flow is not ``app_name``'s (its flow, or its ``APP-...`` pipeline flow)."""
+    flow_name = client.read_flow(dep.flow_id).name
+    if flow_name != app_name and not flow_name.startswith(f"{app_name}-"):
+        raise ConfigError(f"deployment {dep.name!r} runs flow {flow_name!r}, not {app_name!r}: "
+                          f"use `aeflow backfill {flow_name.split('-')[0]} --via-deployment {dep.name}` or a deployment of {app_name}")
+
+
+def _run_via_deployment(
+    deployment_name: str,
+    dates: list[dt.date],
+    config_overrides: dict[str, Any],
+    *,
+    app_name: str,
+    force: bool,
+    wait: bool,
+    poll_s: float,
+    on_done: Callable[[DateOutcome], None] | None,
+) -> list[DateOutcome]:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_UI_URL
 
@@ -223,6 +361,7 @@ def run_via_deployment(
     outcomes: list[DateOutcome] = []
     with get_client(sync_client=True) as client:
         dep = find_deployment(client, deployment_name)
+        check_deployment_app(client, dep, app_name)
         base_cfg = (dep.parameters or {}).get("config") or {}
         cfg = _deep_merge(base_cfg, config_overrides)
         cfg["skip_existing"] = not force

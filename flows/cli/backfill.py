@@ -22,7 +22,7 @@ def backfill(
         help="Input URI with date fields, e.g. 's3://b/raw/{date}/*.parquet' (fields: see README). "
              "Optional with --via-deployment (the deployment's own input is used).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Apply this run's model (URI, or 'latest') instead of training per date.")] = None,
-    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Dates running at once.")] = 1,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Dates running at once, in this process (not with --via-deployment: the server's workers decide).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Run dates that already have a complete run again.")] = False,
     via_deployment: Annotated[str | None, typer.Option("--via-deployment", help="Create flow runs of this deployment (FLOW/NAME or NAME) on the server instead of running here.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="With --via-deployment: wait until every flow run has finished.")] = False,
@@ -30,7 +30,8 @@ def backfill(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Artifact root (default ./artifacts).")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column kept out of training.")] = None,
     id_column: Annotated[str | None, typer.Option("--id-column", help="Column carried through to every output.")] = None,
-    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler (default: one LocalCluster for the backfill).")] = None,
+    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler for every date (default: each date's run starts its own LocalCluster, "
+                                                                        "or one shared cluster of worker processes with --set local_cluster=processes).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message.")] = False,
@@ -39,7 +40,9 @@ def backfill(
 
     Dates that already have a complete run for the same input and config are
     skipped (unless --force), so running the same backfill again redoes only
-    the dates that failed. Exit code 1 when any date failed.
+    the dates that failed. Exit code 1 when any date failed. Ctrl-C starts no
+    further date, stops the running ones and exits 130 (run the same command
+    again to resume).
     """
     from rich.progress import (
         BarColumn,
@@ -50,6 +53,7 @@ def backfill(
     )
 
     from flows.backfill import (
+        BackfillInterrupted,
         date_options,
         exit_code,
         explicit_overrides,
@@ -58,10 +62,21 @@ def backfill(
     )
     from tasks.apps import get_app
     from tasks.config import resolve_config
+    from tasks.errors import ConfigError, ModelMismatchError
     from tasks.schedule import date_range, has_template, parse_date
 
     try:
-        application = get_app(app_name)
+        try:
+            application = get_app(app_name)
+        except ModelMismatchError as e:  # an unknown APP is a bad argument (exit 2, as `aeflow run nope`)
+            raise ConfigError(str(e)) from e
+        if wait and not via_deployment:
+            raise typer.BadParameter("--wait only applies with --via-deployment (an in-process backfill always "
+                                     "waits for its dates)", param_hint="--wait")
+        if parallel != 1 and via_deployment:
+            raise typer.BadParameter("--parallel only applies in process; with --via-deployment the server's workers "
+                                     "(and the deployment's concurrency limit) decide how many dates run at once",
+                                     param_hint="--parallel")
         dates = date_range(parse_date(start), parse_date(end), every)
         if input_template is None and not via_deployment:
             raise typer.BadParameter("--input-template is required (unless --via-deployment)", param_hint="--input-template")
@@ -92,6 +107,7 @@ def backfill(
         def done(o: Any) -> None:
             progress.update(bar, advance=1, last=f"{o.date}: {o.status}")
 
+        interrupted = False
         try:
             if via_deployment:
                 overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
@@ -99,6 +115,11 @@ def backfill(
                                               wait=wait, on_done=done)
             else:
                 outcomes = run_in_process(app_name, dates, cfg, parallel=parallel, force=force, on_done=done)
+        except BackfillInterrupted as e:
+            interrupted, outcomes = True, e.outcomes
+        except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
+            progress.stop()
+            fail(e)
         except AeflowError as e:
             fail(e)
     if as_json:
@@ -120,6 +141,11 @@ def backfill(
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
         out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if interrupted:
+        left = sum(1 for o in outcomes if o.status in {"interrupted", "not run"})
+        err.print(f"[bold red]interrupted:[/] {left} date(s) not done; run the same command again to resume them "
+                  "(complete dates are skipped)", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     code = exit_code(outcomes)
     if code:
         err.print("[bold red]some dates failed[/]; run the same command again to redo only those", highlight=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,8 @@ def serve(
 
     Open the UI at http://HOST:PORT, pick a deployment, press Run. Scheduled runs
     execute here too. Ctrl-C stops the runner and the server this command started.
+    The server logs to PREFECT_HOME/server.log (appended). Exit code 2 when --port is
+    in use by another program, 4 when --api-url has no healthy Prefect server.
     """
     from flows.deploy import (
         api_healthy,
@@ -55,6 +58,15 @@ def serve(
         if api_healthy(api_url):
             err.print(f"a Prefect server is already running at {api_url}; using it", highlight=False)
         else:
+            from flows.platform.procs import port_free
+
+            if not port_free(host, port):
+                # Checked before starting anything: a server that cannot bind only says so in its log,
+                # and a running server's log (and SQLite database) in PREFECT_HOME stay untouched.
+                err.print(f"[bold red]error:[/] port {port} on {host} is in use by another program (not a healthy "
+                          f"Prefect server); pass another --port, or --api-url to use a server that is running",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(2)
             server_log = _server_log_path()
             err.print(f"starting a Prefect server (SQLite) at http://{host}:{port} (log: {server_log}) ...", highlight=False)
             try:
@@ -87,9 +99,13 @@ def serve(
 
 
 def _server_log_path() -> Path:
-    """Where the server that ``aeflow serve`` starts writes its log: PREFECT_HOME/server.log."""
+    """Where the server that ``aeflow serve`` starts writes its log: PREFECT_HOME/server.log, appended to
+    (never truncated: an earlier server's lines stay), each start marked by a header line."""
     from prefect.settings import PREFECT_HOME
 
     home = Path(PREFECT_HOME.value()).expanduser()
     home.mkdir(parents=True, exist_ok=True)
-    return home / "server.log"
+    path = home / "server.log"
+    with path.open("a") as f:
+        f.write(f"\n--- aeflow serve (pid {os.getpid()}) starting a Prefect server at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n")
+    return path

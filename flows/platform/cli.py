@@ -19,7 +19,9 @@ platform_app = typer.Typer(
 )
 err = Console(stderr=True)
 
-DirOption = Annotated[Path, typer.Option("--dir", "-d", help="The platform's state directory (data, logs, keys).")]
+DirOption = Annotated[Path, typer.Option(
+    "--dir", "-d", help="The platform's state directory (data, logs, keys); default ./.aeflow/platform, "
+                        "relative to the current directory.")]
 
 
 def _default_dir() -> Path:
@@ -96,7 +98,11 @@ def status_cmd(
     directory: DirOption = None,  # type: ignore[assignment]
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Show each component: pid, running, healthy, ports, log. Exit code 1 when any is not healthy."""
+    """Show each component: pid, running, healthy, ports, log.
+
+    Exit code 0 when every component is healthy; 1 when any is not, or when nothing is
+    running (a stopped platform is not healthy); 4 when DIR holds no platform.
+    """
     from flows.platform.core import status
 
     try:
@@ -114,13 +120,17 @@ def status_cmd(
             table.add_row(c["name"], str(c["pid"]), state, " ".join(f"{k}={v}" for k, v in c["ports"].items()), c["log"])
         Console().print(table)
         if not result["components"]:
-            err.print("nothing is running (state and data are kept); `aeflow platform up` starts it again", highlight=False)
+            err.print("nothing is running (state and data are kept; exit code 1); `aeflow platform up` starts it again",
+                      highlight=False)
     raise typer.Exit(0 if result["healthy"] else 1)
 
 
 @platform_app.command("down")
 def down_cmd(directory: DirOption = None) -> None:  # type: ignore[assignment]
-    """Stop every process the platform started (and nothing else). Data, keys and logs stay in DIR."""
+    """Stop every process the platform started (and nothing else). Data, keys and logs stay in DIR.
+
+    Exit code 0 also when nothing was running; 4 when DIR holds no platform.
+    """
     from flows.platform.core import down
 
     try:

@@ -28,6 +28,15 @@ from flows.platform.state import PORT_NAMES, PlatformState, locked
 from tasks.errors import PlatformError
 
 DEFAULT_DIR = Path(".aeflow") / "platform"
+
+
+class NoPlatform(PlatformError):
+    """``status``/``down`` on a directory that holds no platform: nothing there (exit 4, as a run that
+    does not exist), not a component that did not start (6)."""
+
+    exit_code = 4
+
+
 DEFAULTS: dict[str, Any] = {
     "workers": 2,            # Prefect worker processes on the work pool
     "worker_limit": 1,       # flow runs each worker executes at once (0: unlimited)
@@ -371,7 +380,7 @@ def down(directory: Path = DEFAULT_DIR, emit: Listener | None = None) -> list[st
     emit = emit or (lambda e: None)
     directory = directory.resolve()
     if not (directory / "platform.json").exists():
-        raise PlatformError(f"{directory} holds no platform (no platform.json); nothing to stop")
+        raise NoPlatform(f"{directory} holds no platform (no platform.json); nothing to stop")
     stopped: list[str] = []
     with locked(directory):
         state = PlatformState.load(directory)
@@ -418,7 +427,7 @@ def status(directory: Path = DEFAULT_DIR) -> dict[str, Any]:
     """Each component: running or not, and whether it answers its health check right now."""
     directory = directory.resolve()
     if not (directory / "platform.json").exists():
-        raise PlatformError(f"{directory} holds no platform (no platform.json); start one with `aeflow platform up --dir {directory}`")
+        raise NoPlatform(f"{directory} holds no platform (no platform.json); start one with `aeflow platform up --dir {directory}`")
     state = PlatformState.load(directory)
     checks: dict[str, Callable[[], bool]] = {
         "postgres": lambda: C.postgres_healthy(state),

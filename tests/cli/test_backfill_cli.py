@@ -18,7 +18,13 @@ runner = CliRunner()
         (["reduce", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "--input-template is required"),
         (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-05", "--end", "2026-11-02"], 2, "is before start date"),
         (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-31", "--end", "2026-12-02"], 2, "invalid date '2026-11-31'"),
-        (["nope", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02"], 5, "unknown application 'nope'"),
+        # an unknown application is a bad argument, exit 2 as `aeflow run nope` (it was 5, "does not fit the model")
+        (["nope", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "unknown application 'nope'"),
+        # options that would do nothing are refused (they were silently ignored)
+        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02", "--wait"], 2,
+         "--wait only applies with --via-deployment"),
+        (["reduce", "--via-deployment", "reduce", "--start", "2026-11-01", "--end", "2026-11-02", "--parallel", "2"], 2,
+         "--parallel only applies in process"),
         (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02", "--set", "train.epochs=0"], 2,
          "train.epochs"),
     ],
@@ -27,6 +33,13 @@ def test_backfill_rejects_bad_arguments(args, code, message):
     res = runner.invoke(app, ["backfill", *args])
     assert res.exit_code == code, res.output
     assert message in " ".join(res.output.split()), res.output
+
+
+def test_backfill_help_says_each_date_has_its_own_local_cluster():
+    res = runner.invoke(app, ["backfill", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    text = " ".join(res.output.replace("│", " ").split())
+    assert "one LocalCluster for the backfill" not in text
+    assert "each date's run starts its own LocalCluster" in text, text
 
 
 def test_serve_rejects_a_missing_file_and_an_unreachable_server(tmp_path):

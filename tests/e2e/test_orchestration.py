@@ -177,6 +177,17 @@ def test_backfill_via_deployment_creates_tagged_idempotent_runs(served, bad_part
         m = _manifest_of(served.workdir / "artifacts", r.id)
         assert m is not None and m.inputs["input"][0].path.endswith(f"{r.parameters['date']}/part.csv")
 
+    # a deployment of another application is refused before any flow run is created (it ran detect's deployment)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import app
+
+    with temporary_settings(updates={PREFECT_API_URL: served.api_url}):
+        wrong = runner.invoke(app, ["backfill", "reduce", "--via-deployment", "detect", "--start", str(DAILY[0]),
+                                    "--end", str(DAILY[0])])
+    assert wrong.exit_code == 2, wrong.output
+    assert "deployment 'detect' runs flow 'detect', not 'reduce'" in " ".join(wrong.output.split()), wrong.output
+
     # the same backfill again creates nothing new
     res2, rows2 = _backfill(served, *args)
     assert res2.exit_code == 0, res2.output

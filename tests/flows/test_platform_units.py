@@ -145,8 +145,26 @@ def test_platform_commands_on_a_directory_without_a_platform(tmp_path):
     runner = CliRunner()
     for cmd in ("status", "down"):
         res = runner.invoke(app, ["platform", cmd, "--dir", str(tmp_path)])
-        assert res.exit_code == 6, res.output
+        # nothing there: 4 (as a run that does not exist), not 6 ("a component did not start")
+        assert res.exit_code == 4, res.output
         assert f"{tmp_path} holds no platform" in " ".join(res.output.split())
+    res = runner.invoke(app, ["platform", "status", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert "default ./.aeflow/platform" in " ".join(res.output.replace("│", " ").split()), res.output
+
+
+def test_status_of_a_stopped_platform_is_not_healthy(tmp_path):
+    """After `down` the state has no component: status says nothing runs and exits 1, as its help says."""
+    from flows.cli import app
+
+    PlatformState(dir=tmp_path).save()
+    runner = CliRunner()
+    res = runner.invoke(app, ["platform", "status", "--dir", str(tmp_path)])
+    assert res.exit_code == 1, res.output
+    assert "nothing is running" in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["platform", "status", "--dir", str(tmp_path), "--json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["healthy"] is False, res.output
+    res = runner.invoke(app, ["platform", "status", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert "or when nothing is running" in " ".join(res.output.replace("│", " ").split()), res.output
 
 
 def test_watchdog_knows_a_flow_run_process_only_below_a_platform_worker(tmp_path):
