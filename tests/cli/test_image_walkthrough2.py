@@ -24,10 +24,9 @@ from tasks.images import (
     load_images,
 )
 from tests.conftest import files_under
-
-runner = CliRunner()
 from tests.refusals import assert_raised, assert_refused, refusal
 
+runner = CliRunner()
 pytestmark = pytest.mark.cli
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CODEC = os.path.join(REPO, "benchmarks", "weights", "codec")

@@ -26,6 +26,16 @@ from tests.tasks.test_walkthrough_inputs import _frame as first_walkthrough_fram
 pytestmark = [pytest.mark.tasks, pytest.mark.tabular]
 
 
+@pytest.fixture(autouse=True)
+def _no_cluster():
+    """prepare() computes on the default scheduler: synchronous here (an earlier test may have left the
+    distributed scheduler configured with no client, which fails every compute)."""
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
 def _frame(n=40, seed=0):
     return first_walkthrough_frame(n, seed)  # id, a, b, c
 
