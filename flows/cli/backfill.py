@@ -62,14 +62,10 @@ def backfill(
     )
     from tasks.apps import get_app
     from tasks.config import resolve_config
-    from tasks.errors import ConfigError, ModelMismatchError
     from tasks.schedule import date_range, has_template, parse_date
 
     try:
-        try:
-            application = get_app(app_name)
-        except ModelMismatchError as e:  # an unknown APP is a bad argument (exit 2, as `aeflow run nope`)
-            raise ConfigError(str(e)) from e
+        application = get_app(app_name)  # an unknown APP: ConfigError, exit 2 (as `aeflow run nope`)
         if wait and not via_deployment:
             raise typer.BadParameter("--wait only applies with --via-deployment (an in-process backfill always "
                                      "waits for its dates)", param_hint="--wait")
@@ -134,7 +130,7 @@ def backfill(
             c = colours.get(o.status, "red" if not o.ok else "yellow")
             detail = o.run_uri if o.ok else o.message
             if via_deployment and o.flow_run_name:
-                detail = f"{o.flow_run_name}  {o.run_uri}"
+                detail = f"{o.flow_run_name}  {o.run_uri}" + (f"\n{o.message}" if not o.ok and o.message else "")
             table.add_row(str(o.date), f"[{c}]{o.status}[/]", detail)
         out.print(table)
         counts: dict[str, int] = {}

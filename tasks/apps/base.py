@@ -40,7 +40,7 @@ from torch import nn
 from models import build_model
 from models.training import TrainResult
 from tasks.config import AppConfig, RunConfig
-from tasks.errors import ModelMismatchError
+from tasks.errors import ConfigError, ModelMismatchError
 from tasks.prefect_utils import COMPUTE_TASK
 from tasks.storage import MODEL_DIR, RunDir, open_model_source
 
@@ -274,7 +274,7 @@ def get_app(name: str) -> Application:
     try:
         return apps[name]
     except KeyError as e:
-        raise ModelMismatchError(f"unknown application {name!r}; known: {sorted(apps)}") from e
+        raise ConfigError(f"unknown application {name!r}; known: {sorted(apps)}") from e  # a bad argument: exit 2
 
 
 # ---------------------------------------------------------------------------------------

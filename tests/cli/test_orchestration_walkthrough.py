@@ -227,3 +227,20 @@ def test_serve_on_a_busy_port_refuses_before_starting_and_keeps_the_server_log(t
     assert f"port {busy} on 127.0.0.1 is in use by another program" in " ".join(res.output.split()), res.output
     assert took < 8, f"{took:.1f} s: a server was started"
     assert (home / "server.log").read_text() == "the running server's log\n"
+
+
+def test_the_via_deployment_table_says_why_a_date_failed(monkeypatch):
+    """With --wait the table named a failed date's flow run but not why (only --json had the message)."""
+    import flows.backfill as backfill
+    from flows.backfill import DateOutcome
+
+    def fake(deployment, dates, overrides, **_kw):
+        return [DateOutcome(dates[0], "completed", "http://ui/runs/flow-run/1", flow_run_name="reduce-2026-11-01-a"),
+                DateOutcome(dates[1], "failed", "http://ui/runs/flow-run/2", flow_run_name="reduce-2026-11-02-b",
+                            message="InputError: input data/2026-11-02/part.csv does not exist")]
+
+    monkeypatch.setattr(backfill, "run_via_deployment", fake)
+    res = runner.invoke(app, ["backfill", "reduce", "--via-deployment", "reduce", "--start", "2026-11-01",
+                              "--end", "2026-11-02", "--wait"], terminal_width=200)
+    assert res.exit_code == 1, res.output
+    assert "reduce-2026-11-02-b" in res.stdout and "InputError: input data/2026-11-02/part.csv" in res.stdout, res.stdout
