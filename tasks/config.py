@@ -86,6 +86,25 @@ class PreprocessConfig(Frozen):
     )
 
 
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"256,128"`` -> ``(256, 128)``; ``"none"`` -> ``()`` (a linear autoencoder: no hidden layer).
+
+    The one reading of ``--hidden`` and of a ``model.hidden`` string (YAML, --set). An empty text or an
+    empty width (``"64,,32"``) is refused rather than read as fewer layers.
+    """
+    t = text.strip()
+    if t.lower() == "none":
+        return ()
+    parts = [w.strip() for w in t.split(",")]
+    if not t or any(not w for w in parts):
+        raise ValueError(f"hidden {text!r} has an empty width: give comma-separated integers, e.g. 256,128 "
+                         "(or none for a linear autoencoder)")
+    try:
+        return tuple(int(w) for w in parts)
+    except ValueError:
+        raise ValueError(f"hidden expects comma-separated integers, e.g. 256,128, got {text!r}") from None
+
+
 class ModelConfig(Frozen):
     """Autoencoder architecture."""
 
@@ -102,10 +121,7 @@ class ModelConfig(Frozen):
         if isinstance(v, int) and not isinstance(v, bool):
             return (v,)
         if isinstance(v, str):
-            try:
-                return tuple(int(w) for w in v.replace(" ", "").split(",") if w)
-            except ValueError:
-                raise ValueError("hidden expects comma-separated integers, e.g. 256,128") from None
+            return parse_widths(v)
         return v
 
     @field_validator("hidden")

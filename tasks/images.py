@@ -256,10 +256,11 @@ def decode_image_noting(
     source = img.mode
     kind = {"P": "palette", "PA": "palette", "1": "1-bit", "CMYK": "CMYK"}.get(source, source)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: keep the 8 most significant bits (PIL's convert would clip).
+        # 16-bit grayscale: keep the 8 most significant bits (PIL's convert would clip), whatever the values
+        # (a dark 16-bit image, every value under 256, is nearly black, not an 8-bit image to cast).
         kind = "16-bit"
         arr = np.asarray(img, dtype=np.uint32)
-        img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L") if arr.max() > 255 else Image.fromarray(arr.astype(np.uint8), "L")
+        img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
     gray_like = img.mode in ("1", "L", "LA", "I", "F")
     target = {"gray": "L", "rgb": "RGB"}.get(mode) or ("L" if gray_like else "RGB")
     target_name = "grayscale" if target == "L" else "RGB"

@@ -35,6 +35,8 @@ def backfill(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message.")] = False,
+    max_dates: Annotated[int, typer.Option("--max-dates", min=1, help="Refuse a range of more dates than this (a typo in "
+                                           "--end would queue thousands of runs); raise it for a long backfill.")] = 1000,
 ) -> None:
     """Run APP once per date from --start to --end, filling {date} in --input-template.
 
@@ -74,6 +76,10 @@ def backfill(
                                      "(and the deployment's concurrency limit) decide how many dates run at once",
                                      param_hint="--parallel")
         dates = date_range(parse_date(start), parse_date(end), every)
+        if len(dates) > max_dates:
+            raise typer.BadParameter(
+                f"--start {start} --end {end} is {len(dates):,} dates, more than --max-dates {max_dates:,}: "
+                "narrow the range, use --every, or raise --max-dates", param_hint="--end")
         if input_template is None and not via_deployment:
             raise typer.BadParameter("--input-template is required (unless --via-deployment)", param_hint="--input-template")
         if input_template is not None and not has_template(input_template):

@@ -29,7 +29,7 @@ COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = 
     ("id_column", ("--id-column",), "load.id_column", str, "Column carried through to every output table."),
     ("exclude", ("--exclude",), "load.exclude_columns", list[str], "Column to ignore (repeatable)."),
     ("file_format", ("--format",), "load.format", str, "csv, parquet or auto (by extension)."),
-    ("hidden", ("--hidden",), "model.hidden", str, "Encoder widths, comma separated, e.g. 1500 or 256,128."),
+    ("hidden", ("--hidden",), "model.hidden", str, "Encoder widths, comma separated, e.g. 1500 or 256,128 (none: a linear autoencoder)."),
     ("epochs", ("--epochs",), "train.epochs", int, "Maximum epochs (early stopping usually ends sooner)."),
     ("batch_size", ("--batch-size",), "train.batch_size", int, "Training batch size."),
     ("lr", ("--lr",), "train.lr", float, "Adam learning rate."),
@@ -71,10 +71,12 @@ def options_from(specs: list[tuple[str, tuple[str, ...], str, Any, str]], kwargs
         if value is None or value == []:
             continue
         if name == "hidden":
+            from tasks.config import parse_widths
+
             try:
-                value = [int(v) for v in str(value).replace(" ", "").split(",") if v]
+                value = list(parse_widths(str(value)))
             except ValueError as e:
-                raise typer.BadParameter(f"--hidden expects comma-separated integers, got {value!r}") from e
+                raise typer.BadParameter(str(e).replace("hidden", "--hidden", 1)) from e
         options[path] = value
     if kwargs.get("skip_existing"):
         options["skip_existing"] = True

@@ -89,8 +89,15 @@ def up_cmd(
         return
     if not quiet:
         err.print(f"[bold]UI:[/] {result['prefect_ui_url']}   [bold]S3:[/] {result['s3_endpoint']} ({result['output']})   "
-                  f"[bold]Dask:[/] {result['dask_scheduler']}   up in {result['timings'].get('up', 0):.0f}s", highlight=False)
+                  f"[bold]Dask:[/] {result['dask_scheduler']}   {_up_in(result)}", highlight=False)
     print(shell_exports(result["env"]))
+
+
+def _up_in(result: dict) -> str:
+    """How long this ``up`` took to start what it started, or that everything was running already."""
+    if not result.get("started"):
+        return "already running (nothing started)"
+    return f"up in {result['timings'].get('up', 0):.0f}s (started: {', '.join(result['started'])})"
 
 
 @platform_app.command("status")

@@ -341,7 +341,7 @@ def up(
         finally:
             state.settings.pop("redeploy", None)
             state.save()
-        return info(state)
+        return {**info(state), "started": list(run.started)}
 
 
 def _repo_root() -> Path:

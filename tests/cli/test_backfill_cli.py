@@ -27,12 +27,17 @@ runner = CliRunner()
          "--parallel only applies in process"),
         (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02", "--set", "train.epochs=0"], 2,
          "train.epochs"),
+        # a typo in --end (2126) queued 36,525 dates; a long backfill raises --max-dates
+        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-01-01", "--end", "2126-01-01"], 2,
+         "is 36,525 dates, more than --max-dates 1,000"),
+        (["reduce", "--via-deployment", "reduce", "--start", "2026-01-01", "--end", "2026-01-03", "--max-dates", "2"], 2,
+         "is 3 dates, more than --max-dates 2"),
     ],
 )
 def test_backfill_rejects_bad_arguments(args, code, message):
     res = runner.invoke(app, ["backfill", *args])
     assert res.exit_code == code, res.output
-    assert message in " ".join(res.output.split()), res.output
+    assert message in " ".join(res.output.replace("│", " ").split()), res.output
 
 
 def test_backfill_help_says_each_date_has_its_own_local_cluster():

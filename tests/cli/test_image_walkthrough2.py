@@ -90,6 +90,24 @@ def test_conversions_are_counted_and_said(tmp_path):
     assert not any(k.startswith("RGB") for k in gray.converted)
 
 
+def test_a_16_bit_image_keeps_its_brightness_whatever_its_values():
+    """16-bit levels are divided by 256: a dark 16-bit image (every value under 256) stays dark, not cast up."""
+    import io
+
+    from tasks.images import decode_image
+
+    def png16(values):
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(values, np.uint16)).save(buf, "PNG")
+        assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+        return buf.getvalue()
+
+    dark = decode_image(png16([[200, 255], [0, 100]]), "keep")
+    assert dark.tolist() == [[[0, 0], [0, 0]]], "values under 256 of 65,535 are black in 8 bits"
+    mixed = decode_image(png16([[100 * 257, 65535], [0, 300]]), "keep")
+    assert mixed.tolist() == [[[100, 255], [0, 1]]]
+
+
 # 2. files left out by --skip-bad: the run's notes name them (the console prints the notes) ----------------
 
 def test_skipped_files_are_named_in_the_notes():

@@ -75,3 +75,24 @@ def test_list_settings_take_the_forms_the_cli_takes():
     assert resolve_config(reduce, sets=["model.hidden=64,32"]).model.hidden == (64, 32)
     assert resolve_config(reduce, sets=["model.hidden=[64,32]"]).model.hidden == (64, 32)
     assert resolve_config(reduce, sets=["load.exclude_columns=notes"]).load.exclude_columns == ("notes",)
+
+
+def test_an_empty_hidden_width_is_refused_and_none_is_a_linear_autoencoder(tmp_path):
+    """`--hidden ""` built a linear autoencoder silently and `--hidden 64,,32` was read as 64,32."""
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+    from tasks.errors import ConfigError
+
+    reduce = get_app("reduce").RunConfig
+    assert resolve_config(reduce, sets=["model.hidden=none"]).model.hidden == ()
+    assert resolve_config(reduce, sets=["model.hidden=[]"]).model.hidden == ()
+    for bad in ("64,,32", "64,"):
+        with pytest.raises(ConfigError, match="has an empty width"):
+            resolve_config(reduce, sets=[f"model.hidden={bad}"])
+    data = tmp_path / "t.csv"
+    data.write_text("a,b\n1,2\n")
+    for bad in ("", "64,,32"):
+        res = runner.invoke(app, ["run", "reduce", "-i", str(data), "-o", str(tmp_path / "o"), "--hidden", bad])
+        assert res.exit_code == 2, res.output
+        assert "--hidden" in res.output and "has an empty width" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "o").exists()

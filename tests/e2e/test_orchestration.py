@@ -155,9 +155,11 @@ def test_backfill_in_process_with_a_bad_partition_then_rerun(served, bad_partiti
     assert len(ArtifactStore(str(out)).list_runs("reduce")) == 3
 
 
-def test_backfill_via_deployment_creates_tagged_idempotent_runs(served, bad_partitions):
+def test_backfill_via_deployment_creates_tagged_idempotent_runs(served, bad_partitions, digits_frame):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
+    # every partition readable, whether or not the in-process test above ran (and repaired it) first
+    write_partitions(bad_partitions, digits_frame, DAILY, bad=None)
     args = ["--via-deployment", "reduce", "-i", "bf/{date}/*.csv"]
     res, rows = _backfill(served, *args, "--wait")
     assert res.exit_code == 0, res.output + served.log_tail()

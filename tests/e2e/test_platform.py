@@ -447,6 +447,11 @@ def test_down_stops_every_process_and_port_and_up_reuses_the_data(platform):
 
     info = platform.up()  # again on the same DIR: same addresses, the database and the objects are still there
     assert info["prefect_api_url"] == platform.api_url and info["s3_endpoint"] == platform.info["s3_endpoint"]
+    assert {"postgres", "prefect-server", "seaweedfs", "dask-scheduler"} <= set(info["started"]), info["started"]
+    again = platform.command("up")  # everything running: nothing started, and the summary says so (not a time)
+    assert again.returncode == 0, again.stderr
+    said = " ".join(again.stderr.split())
+    assert "already running (nothing started)" in said and "up in" not in said, again.stderr
     with platform.client() as c:
         assert runs_before <= {r.id for r in c.read_flow_runs(limit=200)}
     assert objects_before <= set(platform.fs.find(platform.info["bucket"]))
