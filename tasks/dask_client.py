@@ -121,6 +121,8 @@ def dask_client(address: str | None = None, n_workers: int | None = None, proces
             # The scheduler serves HTTP (health, metrics) whatever this says; None means distributed's 8787,
             # and a second cluster on the machine then warned "Port 8787 is already in use" on every run.
             dashboard_address="127.0.0.1:0",
+            # and each worker serves HTTP too: on every interface unless told (the threads' cluster did)
+            worker_dashboard_address="127.0.0.1:0",
             silence_logs=logging.WARNING,
         )
         client = Client(cluster)

@@ -126,3 +126,29 @@ def test_a_run_s_local_cluster_does_not_warn_when_port_8787_is_taken():
         assert not [w for w in seen if "8787" in str(w.message)], [str(w.message) for w in seen]
     finally:
         held.close()
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_run_s_local_cluster_listens_on_loopback_only(processes):
+    """Each worker's HTTP server listened on every interface (0.0.0.0 and ::) in a run's cluster of threads."""
+    import psutil
+
+    from tasks.dask_client import dask_client
+
+    def listening():  # this process and its children (other fixtures' servers among them: taken out below)
+        me = psutil.Process()
+        found = set()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                found |= {(p.pid, c.laddr) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    before = listening()
+    with dask_client(None, n_workers=1, processes=processes) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        opened = listening() - before
+    assert opened, "the cluster serves something (scheduler and workers' HTTP)"
+    listening = sorted(opened)
+    assert all(a.ip == "127.0.0.1" for _, a in listening), listening
