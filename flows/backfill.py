@@ -412,6 +412,7 @@ def _run_via_deployment(
                     fr = client.read_flow_run(frid)
                     st = fr.state.type.value if fr.state else "PENDING"
                     o.status = st.lower()
+                    o.flow_run_name = fr.name or o.flow_run_name  # a run renames itself (reduce-DATE-...) as it starts
                     if st in FINAL_STATES:
                         if st != "COMPLETED":
                             o.message = fr.state.message or ""

@@ -176,6 +176,7 @@ def test_backfill_via_deployment_creates_tagged_idempotent_runs(served, bad_part
         assert r.parameters["config"]["skip_existing"] is True
         assert r.parameters["config"]["model"]["latent_dim"] == 2, "the deployment's own parameters are kept"
         assert f"-{r.parameters['date']}-" in r.name
+        assert rows[str(r.parameters["date"])]["flow_run_name"] == r.name, "the table names the run as it renamed itself"
         m = _manifest_of(served.workdir / "artifacts", r.id)
         assert m is not None and m.inputs["input"][0].path.endswith(f"{r.parameters['date']}/part.csv")
 
