@@ -199,6 +199,19 @@ def _feature_kind(series: pd.Series, name: str, source: str) -> Kind:
     return "categorical"
 
 
+def _column_hint(name: str, columns: list[str]) -> str:
+    """What follows "column X not found in FILE": the closest names first (a typo or another case), then the
+    columns (the first 20: a wide table's listing alone did not show 'target' for --label-column targt)."""
+    import difflib
+
+    folded = {c.casefold(): c for c in columns}
+    close = [folded[name.casefold()]] if name.casefold() in folded else []
+    close += [c for c in difflib.get_close_matches(name, columns, n=3, cutoff=0.6) if c not in close]
+    listing = ", ".join(columns[:20]) + (" …" if len(columns) > 20 else "")
+    did = f" (did you mean {' or '.join(repr(c) for c in close[:3])}?)" if close else ""
+    return f"{did}; its columns are: {listing}"
+
+
 def infer_schema(
     sample: pd.DataFrame,
     *,
@@ -219,13 +232,12 @@ def infer_schema(
             feature column holds dates/times or numbers written with thousands separators.
     """
     columns = [str(c) for c in sample.columns]
-    listing = ", ".join(columns[:20]) + (" …" if len(columns) > 20 else "")
     for role, name in (("label column", label), ("id column", id_column)):
         if name is not None and name not in columns:
-            raise InputError(f"{role} {name!r} not found in {source}; its columns are: {listing}")
+            raise InputError(f"{role} {name!r} not found in {source}{_column_hint(name, columns)}")
     for name in exclude:
         if name not in columns:
-            raise InputError(f"excluded column {name!r} not found in {source}; its columns are: {listing}")
+            raise InputError(f"excluded column {name!r} not found in {source}{_column_hint(name, columns)}")
     if label is not None and label == id_column:
         raise InputError(f"column {label!r} cannot be both the label and the id column")
     roles = {label, id_column, *exclude} - {None}

@@ -23,7 +23,7 @@ from tasks.apps.index import (
 )
 from tasks.errors import ConfigError, InputError, ModelMismatchError
 from tasks.images import decode_image
-from tasks.storage import MODEL_DIR, RunDir, open_run, url_to_fs, write_uri
+from tasks.storage import MODEL_DIR, RunDir, open_run, storage_op, url_to_fs, write_uri
 
 
 @dataclass
@@ -163,8 +163,20 @@ def write_search_sheet(dest: str, loaded: LoadedIndex, queries: list[str], array
     write_uri(dest, search_sheet(loaded, queries, arrays, hits))
 
 
+def _read_result(path: str, loaded: LoadedIndex) -> np.ndarray:
+    """An indexed image, read again for the contact sheet: one that is gone is named as the index's, not a query."""
+    fs, p = url_to_fs(path)
+    with storage_op("read", path):
+        there = fs.exists(p)
+    if not there:
+        raise InputError(f"{path}, an image of index {loaded.run.uri}, no longer exists (moved or deleted since the "
+                         "index was built?): the contact sheet shows the indexed files; search without --sheet, "
+                         "or rebuild the index")
+    return read_query(path, loaded.meta)
+
+
 def search_sheet(loaded: LoadedIndex, queries: list[str], arrays: list[np.ndarray], hits: list[list[SearchHit]]) -> bytes:
     """Contact sheet of queries and their results (results decoded from their original files)."""
-    results = [[read_query(h.path, loaded.meta) for h in row] for row in hits]
+    results = [[_read_result(h.path, loaded) for h in row] for row in hits]
     dist = np.array([[h.distance for h in row] + [np.nan] * (max(len(r) for r in hits) - len(row)) for row in hits])
     return contact_sheet(arrays, results, dist, queries, [[h.path for h in row] for row in hits])

@@ -47,6 +47,11 @@ def quiet_prefect(quiet: bool) -> None:
     if quiet:
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Prefect's event and log services say "Still processing items: 3 items remaining..." (a WARNING of
+        # their own loggers, outside "prefect") while they flush at exit: not about the run, and it reached
+        # the stderr of --quiet and --json runs now and then.
+        for name in ("EventsWorker", "APILogWorker"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def fail(e: BaseException, operation: str = "run") -> NoReturn:

@@ -314,6 +314,23 @@ def write_index(run: Any, rel: str, index: Any) -> None:
         del writer  # flushes its buffer into f
 
 
+def ids_frame(imset: Any) -> Any:
+    """``index/ids.parquet``: id, path, relative path and label of every indexed image, in index order.
+
+    ``path`` is each file's URI as listed at the door (absolute for local files), so that `aeflow search`
+    names (and ``--sheet`` reads) the right files from any working directory and for a glob input; it was
+    the input as typed joined with the relative path ('./imgs/a.png', or the glob itself for every image).
+    """
+    import pandas as pd
+
+    return pd.DataFrame({
+        "id": np.arange(len(imset.rel)),
+        "path": [imset.path_of(k) for k in range(len(imset.rel))],
+        "rel": list(imset.rel),
+        "label": [lbl if lbl is not None else "" for lbl in imset.labels],
+    })
+
+
 def deserialize_index(data: bytes, meta: dict[str, Any]) -> Any:
     import faiss
 
@@ -502,8 +519,6 @@ class Index(ImageApp):
         return Codes.stored(ctx.run, tuple(counts), dim)
 
     def apply(self, ctx: ImageContext, fitted: Fitted) -> dict[str, str]:
-        import pandas as pd
-
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         imset = self._collection(ctx)
         trained_at = fitted.state.get("image_size")
@@ -516,15 +531,8 @@ class Index(ImageApp):
         index, kind = build_index(codes, cfg.index, cfg, ctx.config.train.seed)
         run = ctx.run
         write_index(run, f"{INDEX_DIR}/index.faiss", index)
-        base = imset.source_uri.rstrip("/")
-        ids = pd.DataFrame({
-            "id": np.arange(len(imset.rel)),
-            "path": [f"{base}/{r}" if not base.lower().endswith((".png", ".jpg", ".jpeg")) else base for r in imset.rel],
-            "rel": list(imset.rel),
-            "label": [lbl if lbl is not None else "" for lbl in imset.labels],
-        })
         pbuf = io.BytesIO()
-        ids.to_parquet(pbuf, index=False)
+        ids_frame(imset).to_parquet(pbuf, index=False)
         run.write_bytes(f"{INDEX_DIR}/ids.parquet", pbuf.getvalue())
         load = ctx.config.load
         meta = {
