@@ -333,7 +333,9 @@ def inspect_table(
         )
     else:
         extra = schema.check_compatible(columns, f"{role} {source_name}")
-        ignored = [c for c in extra if c not in load.exclude_columns]  # excluded by the user: nothing to say
+        if load.label_column:  # metrics against the label given now, also when the model was trained without one
+            schema = schema.with_label(load.label_column, sample, f"{role} {source_name}")
+        ignored = [c for c in extra if c not in load.exclude_columns and c != schema.label]  # excluded by the user: nothing to say
         schema = schema.with_nulls(allow_nulls)
     return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns), tuple(ignored))
 

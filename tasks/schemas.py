@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from tasks.errors import InputError, ModelMismatchError
+from tasks.errors import ConfigError, InputError, ModelMismatchError
 
 Kind = Literal["numeric", "categorical"]
 
@@ -90,6 +90,24 @@ class TableSchema:
         d["allow_nulls"] = allow
         return TableSchema.from_dict(d)
 
+    def with_label(self, label: str, sample: pd.DataFrame, where: str) -> TableSchema:
+        """This (fitted) schema, evaluated against ``label``: ``--label-column`` given when applying a model
+        that was trained with another label column or none. It was left out as a column the model was
+        trained without, and the metrics said "no label column"."""
+        if label == self.label:
+            return self
+        if label in self.feature_names:
+            raise ConfigError(f"--label-column {label!r} is one of the features the model was trained on; a "
+                              "label is kept out of the model, so it must be a column the model does not read")
+        if label == self.id:
+            raise ConfigError(f"--label-column {label!r} is the model's id column")
+        if label not in sample.columns:
+            raise InputError(f"label column {label!r} not found in {where}"
+                             f"{_column_hint(label, [str(c) for c in sample.columns])}")
+        columns = self.columns if label in self.columns else (*self.columns, label)
+        return replace(self, columns=columns, label=label, label_dtype=_label_dtype(sample[label]),
+                       excluded=tuple(c for c in self.excluded if c != label))
+
     def check_compatible(self, columns: list[str], where: str) -> list[str]:
         """Raise if a table lacks columns this schema was fitted on; return the columns it has beyond them.
 
@@ -109,6 +127,12 @@ class TableSchema:
                 + (f"; it has {extra}, which the model was trained without (renamed?)" if extra else "")
             )
         return extra
+
+
+def _label_dtype(series: pd.Series) -> str:
+    """The dtype a label column is read as (nullable integers: a missing label must not break them)."""
+    family = _dtype_family(series)
+    return "Int64" if family == "int64" else family
 
 
 def _dtype_family(series: pd.Series) -> str:
@@ -245,11 +269,9 @@ def infer_schema(
     if not features:
         raise InputError(f"{source} has no feature columns left after the label, id and excluded columns")
     id_dtype = _dtype_family(sample[id_column]) if id_column else None
-    label_dtype = _dtype_family(sample[label]) if label else None
+    label_dtype = _label_dtype(sample[label]) if label else None
     if id_dtype == "float64":
         id_dtype = "str" if sample[id_column].isna().all() else "float64"
-    if label_dtype == "int64":
-        label_dtype = "Int64"  # nullable: a missing label must not break the integer type
     return TableSchema(
         columns=tuple(columns),
         features=features,

@@ -439,7 +439,7 @@ class Detect(TableApp):
         ev.metrics["anomaly_rate"] = float(flagged.mean())
         if isinstance(fitted.model, KnnAutoencoderDetector):
             ev.notes.append(score_description(fitted.model))
-        label = fitted.schema.label
+        label = ctx.schema.label
         if not label or label not in side.columns:
             ev.notes.append("no label column: ROC-AUC and average precision not evaluated")
             return ev
@@ -483,7 +483,7 @@ class Detect(TableApp):
         scores = anomaly_scores(fitted.model, x, ctx.device)
         thr = self.threshold(ctx, fitted)
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        label = fitted.schema.label
+        label = ctx.schema.label
         if label and label in side.columns and side[label].notna().any():
             y = side[label].astype(str).to_numpy() == cfg.positive_label
             ax.hist([scores[~y], scores[y]], bins=cfg.bins, stacked=True, label=["normal (label)", "anomaly (label)"])

@@ -183,7 +183,7 @@ class Extract(TableApp):
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
-        label = fitted.schema.label
+        label = ctx.schema.label
         prep = ctx.target
         if not label or prep.label_column is None:
             ev.notes.append("no label column: downstream accuracy not evaluated")

@@ -198,7 +198,9 @@ class TableData(DataKind):
         stats = fitted.stats if fitted is not None else train.stats
         target = (prepare_task(target_src, config.preprocess, run, "preprocessed-apply", stats, False)
                   if target_src is not None else train)
-        schema = fitted.schema if fitted is not None else train_src.schema
+        # a reused model's schema, with the label column given for this run (TableSchema.with_label)
+        schema = target_src.schema if fitted is not None and target_src is not None else (
+            fitted.schema if fitted is not None else train_src.schema)
         notes = [f"warning: {w}" for w in (target.unseen_warnings if target is not train else [])]
         if notes:
             from tasks.train import run_logger

@@ -109,7 +109,7 @@ class Reduce(TableApp):
         elif z.shape[1] > 2:
             z = PCA(n_components=2, random_state=0).fit_transform(z)
             title = f"Embedding ({fitted.model.config.latent_dim}-D, projected to 2-D by PCA)"
-        label = fitted.schema.label
+        label = ctx.schema.label
         labels = side[label].to_numpy() if label and label in side.columns else None
         out["embedding_plot"] = scatter_2d(ctx.run, z, labels, "report/embedding.png", title)
         return out

@@ -92,3 +92,32 @@ def test_apply_to_columns_and_unseen_category_with_a_saved_model(prefect_server,
                for n in manifest["extra"]["notes"])
     scores = pd.read_parquet(f"{run_uri}/scores.parquet")
     assert scores["id"].tolist() == new["id"].tolist() and scores["score"].notna().all()
+
+
+def test_label_column_given_when_applying_a_model_trained_without_one(prefect_server, dask_address, tmp_path):
+    """`--model M --apply-to X --label-column label` on a model trained without a label left the label out
+    ("the model was trained without them") and said "no label column: ROC-AUC ... not evaluated"."""
+    mixed_frame(80, anomalies=0).drop(columns=["label"]).to_csv(tmp_path / "train.csv", index=False)
+    out = tmp_path / "art"
+    res = _invoke(["run", "detect", "--input", str(tmp_path / "train.csv"), "--id-column", "id", "--output", str(out),
+                   "--json"], dask_address)
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    mixed_frame(60, seed=3).to_csv(tmp_path / "today.csv", index=False)  # the last 10 rows anomalies, label 1
+    res = _invoke(["run", "detect", "--model", model, "--apply-to", str(tmp_path / "today.csv"), "--output", str(out),
+                   "--label-column", "label", "--json"], dask_address)
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout.strip().splitlines()[-1])
+    assert run["metrics"]["roc_auc"] > 0.9, run["metrics"]
+    notes = json.loads(open(f"{run['run_uri']}/manifest.json").read())["extra"]["notes"]
+    assert not [n for n in notes if "no label column" in n or "'label'" in n and "without" in n], notes
+    before = files_under(out)
+    # a label that the model reads as a feature, or that is not there, is refused before anything is written
+    res = _invoke(["run", "detect", "--model", model, "--apply-to", str(tmp_path / "today.csv"), "--output", str(out),
+                   "--label-column", "a"], dask_address)
+    assert res.exit_code == 2 and "--label-column 'a' is one of the features the model was trained on" in res.stderr
+    res = _invoke(["run", "detect", "--model", model, "--apply-to", str(tmp_path / "today.csv"), "--output", str(out),
+                   "--label-column", "lable"], dask_address)
+    assert res.exit_code == 3, res.output
+    assert f"label column 'lable' not found in apply-to {tmp_path}/today.csv (did you mean 'label'?)" in res.stderr
+    assert files_under(out) == before
