@@ -924,6 +924,19 @@ class RunDir:
                     if ".tmp-" in posixpath.basename(entry.replace(os.sep, "/")):
                         self.fs.rm(entry)
 
+    def _remove_empty_parents(self) -> None:
+        """``runs/<app>`` and ``runs`` of a local store when the removed run left them empty (a failed
+        first run left the folders behind); the output folder itself stays. Object stores have no folders."""
+        if not is_local(self.fs):
+            return
+        parent = os.path.dirname(os.path.abspath(self.path))
+        for _ in range(2):  # runs/<app>, then runs
+            try:
+                os.rmdir(parent)  # only when empty (another run's files keep it)
+            except OSError:
+                return
+            parent = os.path.dirname(parent)
+
     def discard(self) -> None:
         """Undo a failed run: delete its outputs; keep only what lets a rerun resume.
 
@@ -940,6 +953,7 @@ class RunDir:
             if not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
                 with storage_op("remove", self.uri):
                     self.fs.rm(self.path, recursive=True)
+                    self._remove_empty_parents()
                 return
             self.clear_partial()
             self.release()

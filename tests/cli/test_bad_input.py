@@ -212,3 +212,14 @@ def test_model_that_does_not_exist(prefect_server, tmp_path):
     res = runner.invoke(app, ["run", "reduce", "--model", str(tmp_path / "runs" / "reduce" / "nope"),
                               "--apply-to", str(tmp_path / "x.csv"), "--output", str(tmp_path / "o")])
     assert_refused(res, test_model_that_does_not_exist, "does not exist")
+
+
+def test_a_failed_first_run_leaves_no_empty_folders(prefect_server, dask_address, tmp_path):
+    """The run's directory was removed, but `runs/reduce/` stayed behind, empty, in a new output folder."""
+    df = _frame(400).astype(object)
+    df.iloc[350, 2] = "twelve"  # found while preprocessing, after the run's directory was made
+    bad = _write(tmp_path / "bad.csv", df)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "reduce", "--input", bad, "--output", str(out), "--dask-address", dask_address, *FAST])
+    assert res.exit_code == 3 and "'twelve'" in res.output, res.output
+    assert not out.exists() or list(out.iterdir()) == [], sorted(str(p) for p in out.rglob("*"))
