@@ -18,7 +18,8 @@ on the device, progress callbacks are throttled, Adam is fused, bf16 autocast is
 convolutional models run channels-last, and ``torch.compile`` (with CUDA graphs for
 short steps) is used when the run is long enough to repay it. The batch size, when
 not given, is chosen to fill the device (:func:`auto_batch_size`) with the learning
-rate scaled by ``sqrt(batch / default_batch_size)``. On CPU the loop computes exactly
+rate scaled by ``sqrt(batch / default_batch_size)`` (ramped up over the first epoch, halved on
+plateaus, decayed over the last half of the planned epochs). On CPU the loop computes exactly
 what it always did (same batches, same random draws, same optimiser).
 
 Over 400 lines because :func:`fit` is one function on purpose: its step loop is the hot path
@@ -120,6 +121,11 @@ COMPILE_PAYOFF_S = 120.0
 # A learning rate scaled up for an automatic batch is halved after this many epochs without
 # improvement (at most a third of `patience`): large-batch Adam oscillates at the end of training.
 LR_PLATEAU_EPOCHS = 3
+# A scaled lr also decays linearly over the last half of the planned steps (settings.epochs), to a tenth of
+# itself at the end: with 16x fewer steps than at the default batch the run ends while the loss still falls,
+# and the decay lowered the final validation loss by 4-36% in CPU analogs of the batch check (RESULTS.md).
+LR_ANNEAL_FRACTION = 0.5
+LR_ANNEAL_END = 0.1
 
 
 def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
@@ -375,9 +381,16 @@ def fit(
         with _closing(batches):  # a stream's reader thread stops even when training raises
             for batch in batches:
                 if scaled_lr:
-                    frac = min(1.0, ((epoch - 1) * steps + step + 1) / steps)
+                    done_steps = (epoch - 1) * steps + step + 1
+                    frac = min(1.0, done_steps / steps)
+                    lr_now = settings.lr + (lr_top - settings.lr) * frac
+                    if LR_ANNEAL_FRACTION > 0:  # decay over the planned run's last part (a pure function of the step: resumable)
+                        total = settings.epochs * steps
+                        left = (total - done_steps) / (LR_ANNEAL_FRACTION * total)
+                        if left < 1:
+                            lr_now *= LR_ANNEAL_END + (1 - LR_ANNEAL_END) * max(0.0, left)
                     for group in opt.param_groups:
-                        group["lr"] = settings.lr + (lr_top - settings.lr) * frac
+                        group["lr"] = lr_now
                 batch = batch.to(device, non_blocking=True)
                 if channels_last and batch.dim() == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)

@@ -258,12 +258,16 @@ def _automatic_batch_lrs(monkeypatch, factor: int) -> list[float]:
 
 
 def test_automatic_batch_scales_lr_by_sqrt_and_ramps_it_over_the_first_epoch(monkeypatch):
-    """What CUDA does with an automatic batch (here forced to 4x the default on CPU)."""
+    """What CUDA does with an automatic batch (here forced to 4x the default on CPU): the ramp over the
+    first epoch, then the linear decay over the last half of the planned steps, to a tenth."""
     lrs = _automatic_batch_lrs(monkeypatch, 4)
     x = _data(300)
-    r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=2, batch_size=None, default_batch_size=16, lr=1e-3))
+    r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=4, batch_size=None, default_batch_size=16, lr=1e-3))
     assert r.batch_size == 64 and r.lr == pytest.approx(2e-3)
-    assert lrs == pytest.approx([1.25e-3, 1.5e-3, 1.75e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3])
+    ramp, plateau = [1.25e-3, 1.5e-3, 1.75e-3, 2e-3], [2e-3] * 4
+    decay = [2e-3 * (0.1 + 0.9 * (16 - k) / 8) for k in range(9, 17)]  # steps 9..16 of 16: 1.775e-3 ... 0.2e-3
+    assert lrs == pytest.approx(ramp + plateau + decay)
+    assert decay[0] < 2e-3 and decay[-1] == pytest.approx(2e-4)
     lrs.clear()
     r = fit(_model(), x[:256], x[256:], TrainSettings(epochs=1, batch_size=64, default_batch_size=16, lr=1e-3))
     assert r.lr == 1e-3 and lrs == [1e-3] * 4, "an explicit batch keeps lr as given"
@@ -281,7 +285,9 @@ def test_scaled_lr_is_halved_on_plateaus_down_to_lr(monkeypatch):
                                                         patience=6), loss_fn=flat_validation)
     assert r.batch_size == 64 and r.lr == pytest.approx(4e-3) and len(r.history) == 6
     per_epoch = [lrs[i * 4 + 3] for i in range(6)]  # each epoch's last step; plateau = 6 // 3 = 2 epochs
-    assert per_epoch == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3, 2e-3, 1e-3])
+    # halved after epochs 3 and 5 (4e-3 -> 2e-3 -> 1e-3), and from step 13 of 24 on also decayed (step 16: x0.7,
+    # step 20: x0.4, step 24: x0.1)
+    assert per_epoch == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3 * 0.7, 2e-3 * 0.4, 1e-3 * 0.1])
 
 
 def _step_reads_no_device_value_cases():
