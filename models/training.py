@@ -123,7 +123,7 @@ COMPILE_PAYOFF_S = 120.0
 LR_PLATEAU_EPOCHS = 3
 # A scaled lr also decays linearly over the last half of the planned steps (settings.epochs), to a tenth of
 # itself at the end: with 16x fewer steps than at the default batch the run ends while the loss still falls,
-# and the decay lowered the final validation loss by 4-36% in CPU analogs of the batch check (RESULTS.md).
+# and the decay lowered the final validation loss by 3.5-36% in CPU analogs of the batch check (RESULTS.md).
 LR_ANNEAL_FRACTION = 0.5
 LR_ANNEAL_END = 0.1
 
