@@ -109,7 +109,8 @@ def test_label_column_given_when_applying_a_model_trained_without_one(prefect_se
     assert res.exit_code == 0, res.output
     run = json.loads(res.stdout.strip().splitlines()[-1])
     assert run["metrics"]["roc_auc"] > 0.9, run["metrics"]
-    notes = json.loads(open(f"{run['run_uri']}/manifest.json").read())["extra"]["notes"]
+    with open(f"{run['run_uri']}/manifest.json") as f:
+        notes = json.load(f)["extra"]["notes"]
     assert not [n for n in notes if "no label column" in n or "'label'" in n and "without" in n], notes
     before = files_under(out)
     # a label that the model reads as a feature, or that is not there, is refused before anything is written
