@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from tasks.storage import RunDir
 
@@ -37,6 +38,19 @@ def training_curve(run: RunDir, history: list[Any], rel: str = "report/training.
     best = int(np.argmin(va))
     ax.axvline(epochs[best], color="grey", ls=":", label=f"best epoch {epochs[best]}")
     ax.set_yscale("log")
+    # Whole epochs on x; plain numbers on the log y axis (not "1.55 x 10^0" on every minor tick).
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Minor ticks are labelled when the curve spans a few decades at most: all of them within a factor
+    # of 3, else only 2x and 5x (they would crowd).
+    def minor(v: float, _pos: Any) -> str:
+        lo, hi = ax.get_ylim()
+        if lo <= 0 or hi / lo > 100:
+            return ""
+        mantissa = round(v / 10 ** np.floor(np.log10(v)), 6)
+        return f"{v:.3g}" if hi / lo <= 3 or mantissa in (2.0, 5.0) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()
@@ -52,8 +66,10 @@ def scatter_2d(
     title: str,
     max_points: int = 5000,
     seed: int = 0,
+    axis_labels: tuple[str, str] = ("z_0", "z_1"),
+    label_name: str | None = None,
 ) -> str:
-    """A 2-D scatter of codes, coloured by label when there is one."""
+    """A 2-D scatter of codes, coloured by label (``label_name``: the legend's title) when there is one."""
     if len(z) > max_points:
         idx = np.random.default_rng(seed).choice(len(z), max_points, replace=False)
         z = z[idx]
@@ -66,12 +82,15 @@ def scatter_2d(
             for i, u in enumerate(sorted(uniq, key=str)):
                 m = labels == u
                 ax.scatter(z[m, 0], z[m, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=str(u))
-            ax.legend(markerscale=2, fontsize=7, loc="best", ncol=2 if len(uniq) > 10 else 1)
+            ax.legend(markerscale=2, fontsize=7, loc="best", ncol=2 if len(uniq) > 10 else 1, title=label_name,
+                      title_fontsize=7)
         else:
             sc = ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.7, c=labels.astype(float), cmap="viridis")
-            fig.colorbar(sc, ax=ax)
+            fig.colorbar(sc, ax=ax, label=label_name)
     else:
         ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.6)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
     ax.set_title(title)
     return save_figure(run, rel, fig)
 
@@ -98,6 +117,46 @@ def metrics_rows(metrics: dict[str, Any], baselines: dict[str, dict[str, Any]]) 
     return rows
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def verdict_lines(
+    metrics: dict[str, Any], baselines: dict[str, dict[str, Any]], headlines: tuple[tuple[str, bool], ...]
+) -> list[str]:
+    """One line per headline metric the run reported: its direction, ours, the best baseline and who wins."""
+    lines = []
+    for metric, higher in headlines:
+        ours = metrics.get(metric)
+        if not _number(ours):
+            continue
+        direction = "higher is better" if higher else "lower is better"
+        scored = [(name, v[metric]) for name, v in baselines.items() if _number(v.get(metric))]
+        if scored:
+            name, best = (max if higher else min)(scored, key=lambda nv: nv[1])
+            against = f"vs best baseline {name} {_fmt(best)}"
+        elif "_vs_" in metric:  # a relative metric (compress's BD-rates): 0 is break-even with the named baseline
+            best, against = 0.0, f"vs {metric.split('_vs_', 1)[1].removesuffix('_pct')} at 0 (break-even)"
+        else:
+            continue
+        if ours == best:
+            result = "a tie"
+        else:
+            result = "aeflow wins" if (ours > best) == higher else "aeflow loses"
+        lines.append(f"- {metric} ({direction}): aeflow {_fmt(ours)} {against}: {result}")
+    return lines
+
+
+def _headlines(app: str) -> tuple[tuple[str, bool], ...]:
+    from tasks.apps import get_app
+    from tasks.errors import ConfigError
+
+    try:
+        return tuple(get_app(app).headlines)
+    except ConfigError:  # an unregistered app (tests): no verdicts
+        return ()
+
+
 def markdown_summary(
     app: str,
     run_uri: str,
@@ -106,6 +165,7 @@ def markdown_summary(
     outputs: dict[str, str],
     notes: list[str],
     timings: dict[str, float],
+    headlines: tuple[tuple[str, bool], ...] | None = None,
 ) -> str:
     rows = metrics_rows(metrics, baselines)
     lines = [f"# aeflow {app}", "", f"Run: `{run_uri}`", ""]
@@ -114,6 +174,9 @@ def markdown_summary(
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
         lines.append("")
+    verdicts = verdict_lines(metrics, baselines, _headlines(app) if headlines is None else headlines)
+    if verdicts:
+        lines += ["## Against the baselines", ""] + verdicts + [""]
     if outputs:
         lines += ["## Outputs", ""]
         lines += [f"- **{name}**: [{uri}]({uri})" for name, uri in outputs.items()]

@@ -187,6 +187,23 @@ def _code_shard(index: int, *, app: CompressApp, ctx: ImageContext, fitted: Fitt
     return rows
 
 
+def equal_rate_baseline(fmt: str, bpp: float, curve: pd.DataFrame) -> tuple[dict[str, float | None], str | None]:
+    """A baseline's quality at aeflow's rate, interpolated along its (bpp-sorted) RD ``curve``. Outside the
+    rates its sweep reached there is nothing to interpolate (``np.interp`` would silently give the curve's
+    end, e.g. WebP's quality 95 as if reached at a higher rate): None, and a note saying why."""
+    inside = len(curve) > 0 and float(curve.bpp.min()) <= bpp <= float(curve.bpp.max())
+    row: dict[str, float | None] = {
+        "bpp": bpp,
+        "psnr": float(np.interp(bpp, curve.bpp, curve.psnr)) if inside else None,
+        "ms_ssim": float(np.interp(bpp, curve.bpp, curve.ms_ssim)) if inside else None,
+    }
+    note = None
+    if not inside and len(curve):
+        note = (f"{fmt} at aeflow's {bpp:.3g} bpp: outside the rates its quality sweep reached "
+                f"({float(curve.bpp.min()):.3g}-{float(curve.bpp.max()):.3g} bpp), not extrapolated (None).")
+    return row, note
+
+
 def sweep_sample(n: int, k: int) -> list[int]:
     """Indices of ``k`` of ``n`` images spread evenly over them, the first and the last included (all when ``k`` is 0 or >= ``n``)."""
     if k == 0 or k >= n:
@@ -381,11 +398,12 @@ class CompressApp(ImageApp):
                 metrics[f"bd_rate_vs_{fmt}_pct"] = bd_rate(base.bpp, base.psnr, ours.bpp, ours.psnr)
                 metrics[f"bd_rate_msssim_vs_{fmt}_pct"] = bd_rate(base.bpp, base.ms_ssim, ours.bpp, ours.ms_ssim)
                 # The baseline at the same rate as ours (interpolated along its curve): equal-bpp quality.
-                baselines[fmt] = {
-                    "bpp": metrics["bpp"],
-                    "psnr": float(np.interp(metrics["bpp"], base.bpp, base.psnr)),
-                    "ms_ssim": float(np.interp(metrics["bpp"], base.bpp, base.ms_ssim)),
-                }
+                baselines[fmt], note = equal_rate_baseline(fmt, float(metrics["bpp"]), base)
+                if note:
+                    notes.append(note)
+            notes.append(f"jpeg/webp psnr and ms_ssim: at aeflow's bpp, interpolated along their mean rate-distortion "
+                         f"curves over the {rd['image'].nunique()} swept image(s); aeflow's: means over the "
+                         f"{len(per_image)} coded images.")
             notes.append("BD-rate: negative means aeflow needs fewer bits than the baseline at equal PSNR "
                          "(or MS-SSIM), over the PSNR range both curves cover; None when they do not overlap.")
             with ctx.run.open("rd.parquet", "wb") as f:

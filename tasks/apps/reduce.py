@@ -102,14 +102,16 @@ class Reduce(TableApp):
         out = super().report(ctx, fitted, evaluation)
         x, side, _ = ctx.sample("target", "all", cfg.plot_points, 0)
         z = self.encode(fitted, x, ctx.device)
-        title = "Embedding (z_0, z_1)"
+        title, axes = "Embedding (z_0, z_1)", ("z_0", "z_1")
         if z.shape[1] == 1:
             z = np.column_stack([z[:, 0], np.zeros(len(z))])
-            title = "Embedding (z_0)"
+            title, axes = "Embedding (z_0)", ("z_0", "")
         elif z.shape[1] > 2:
             z = PCA(n_components=2, random_state=0).fit_transform(z)
             title = f"Embedding ({fitted.model.config.latent_dim}-D, projected to 2-D by PCA)"
+            axes = ("PC 1 of the code", "PC 2 of the code")
         label = ctx.schema.label
         labels = side[label].to_numpy() if label and label in side.columns else None
-        out["embedding_plot"] = scatter_2d(ctx.run, z, labels, "report/embedding.png", title)
+        out["embedding_plot"] = scatter_2d(ctx.run, z, labels, "report/embedding.png", title, axis_labels=axes,
+                                           label_name=label if labels is not None else None)
         return out
