@@ -182,6 +182,14 @@ def _train_ae(model: nn.Module, train_x: np.ndarray, val_x: np.ndarray, train_cf
     return train_model(model, train_x, val_x, train_cfg, run=run, loss_fn=loss, label=label, show_progress=show_progress)
 
 
+def min_step_epochs(n_train: int, train_cfg: TrainConfig, min_steps: int) -> int:
+    """``train.epochs``, or more on a small table: enough epochs for ``min_steps`` optimiser steps."""
+    steps_per_epoch = max(1, -(-n_train // (train_cfg.batch_size or train_cfg.default_batch_size)))
+    if train_cfg.epochs * steps_per_epoch < min_steps:
+        return -(-min_steps // steps_per_epoch)
+    return train_cfg.epochs
+
+
 def fit_detector(
     train_x: np.ndarray, val_x: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     contamination: float, robust: bool = True, knn_k: int = 30, knn_weight: float = 1.0,
@@ -212,9 +220,7 @@ def fit_detector(
     """
     ae_cfg = model_cfg.dense(train_x.shape[1])
     trim = contamination if robust else 0.0
-    steps_per_epoch = max(1, -(-len(train_x) // (train_cfg.batch_size or train_cfg.default_batch_size)))
-    if train_cfg.epochs * steps_per_epoch < min_steps:
-        train_cfg = train_cfg.model_copy(update={"epochs": -(-min_steps // steps_per_epoch)})
+    train_cfg = train_cfg.model_copy(update={"epochs": min_step_epochs(len(train_x), train_cfg, min_steps)})
     keep_train = np.ones(len(train_x), bool)
     keep_val = np.ones(len(val_x), bool)
     if robust and len(train_x) + len(val_x) >= 10:
@@ -405,6 +411,10 @@ class Detect(TableApp):
     def fit(self, ctx: TableContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         train_x, val_x = self.training_rows(ctx)
+        epochs = min_step_epochs(len(train_x), ctx.config.train, cfg.min_steps)
+        if epochs != ctx.config.train.epochs:  # the README says so; the run's notes did not
+            ctx.notes.append(f"training: up to {epochs} epochs, not train.epochs={ctx.config.train.epochs}: "
+                             f"app.min_steps={cfg.min_steps} optimiser steps on {len(train_x)} training rows")
         model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train, **detector_options(cfg),
                                      run=ctx.run, show_progress=True)
         scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
@@ -490,7 +500,7 @@ class Detect(TableApp):
             ax.legend()
         else:
             ax.hist(scores, bins=cfg.bins)
-        ax.axvline(thr, color="red", ls="--", label=f"threshold_ {thr:.4g}")
+        ax.axvline(thr, color="red", ls="--", label=f"threshold {thr:.4g}")
         ax.set_xlabel("anomaly score (weighted parts, each on the training rows' scale)")
         ax.set_ylabel("rows")
         ax.set_title(f"Scores: {int((scores > thr).sum())} of {len(scores)} above the threshold")

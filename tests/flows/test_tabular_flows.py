@@ -121,6 +121,8 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
     assert abs(scores["is_anomaly"].mean() - 0.1) <= 0.02
     assert res.metrics["threshold"] == pytest.approx(thr)
     assert {"roc_auc", "average_precision"} <= set(res.metrics)
+    # a small table trains more epochs than asked (app.min_steps): the run's notes say so (they did not)
+    assert any(n.startswith("training: up to ") and "app.min_steps=300" in n for n in res.notes), res.notes
     assert set(res.baselines) == set(BASELINES), "IsolationForest, PCA, ECOD, COPOD, HBOS, pyod AutoEncoder"
     assert all(0 <= b["roc_auc"] <= 1 and 0 <= b["average_precision"] <= 1 for b in res.baselines.values())
     assert res.metrics["roc_auc"] > 0.8, "the shifted rows score high"
