@@ -63,6 +63,23 @@ def check_output_path(uri: str, what: str, *, folder: bool) -> None:
         raise StorageError(f"cannot create {what}: {above} is a file, not a folder")
 
 
+def check_new_file(uri: str, what: str, overwrite: bool) -> None:
+    """:func:`check_output_path` for one output file, which also must not exist unless ``overwrite``.
+
+    Raises:
+        StorageError: the path cannot be created, or the file exists (named; exit 4).
+    """
+    check_output_path(uri, what, folder=False)
+    if overwrite:
+        return
+    fs, path = url_to_fs(uri)
+    with storage_op("check", uri):
+        there = os.path.lexists(path) if is_local(fs) else fs.exists(path)
+    if there:
+        raise StorageError(f"cannot write {what}: it already exists; nothing was written (pass --overwrite to "
+                           "replace it)")
+
+
 def _make_folder(uri: str) -> None:
     fs, path = url_to_fs(uri)
     try:

@@ -20,9 +20,10 @@ def search(
     sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out query files that are not PNG/JPEG images or do not decode (each named in a warning) instead of failing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --sheet file if it exists (default: refuse it by name before searching).")] = False,
 ) -> None:
     """Find the k nearest images of each query in an index built by `aeflow run index`."""
-    from tasks.codec_files import check_output_path
+    from tasks.codec_files import check_new_file
     from tasks.search import (
         expand_queries,
         open_index,
@@ -33,7 +34,7 @@ def search(
 
     try:
         if sheet:  # before searching: a --sheet that cannot be written fails alone, not after the results
-            check_output_path(sheet, f"--sheet {sheet}", folder=False)
+            check_new_file(sheet, f"--sheet {sheet}", overwrite)
         queries, left_out = expand_queries(query, skip_bad)
         loaded = open_index(index)
         queries, arrays, undecodable = read_queries(queries, loaded.meta, skip_bad)

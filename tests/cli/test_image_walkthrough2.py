@@ -244,3 +244,19 @@ def test_compress_says_when_an_image_was_converted(tmp_path):
     (tmp_path / "rgb.png").write_bytes(buf.getvalue())
     r = runner.invoke(app, ["compress", str(tmp_path / "rgb.png"), "--model", CODEC, "-o", str(tmp_path / "c")])
     assert r.exit_code == 0 and "converted" not in r.output
+
+
+@refusal("aeflow search --sheet FILE that already exists (unless --overwrite); refused before searching", 4, "storage")
+def test_search_refuses_an_existing_sheet_before_searching(tmp_path):
+    """An existing --sheet was replaced silently; now refused by name before the index is even opened (the
+    replacement with --overwrite is tested on a real index in tests/flows/test_image_flows.py)."""
+    q = _save(Image.fromarray(_rgb()), tmp_path / "q.png")
+    sheet = tmp_path / "sheet.png"
+    sheet.write_bytes(b"earlier sheet")
+    r = runner.invoke(app, ["search", "--index", str(tmp_path / "no-index"), "--query", str(q), "--sheet", str(sheet)])
+    assert_refused(r, test_search_refuses_an_existing_sheet_before_searching)
+    assert f"cannot write --sheet {sheet}: it already exists; nothing was written (pass --overwrite" in _one_line(r)
+    assert sheet.read_bytes() == b"earlier sheet"
+    r = runner.invoke(app, ["search", "--index", str(tmp_path / "no-index"), "--query", str(q), "--sheet", str(sheet),
+                            "--overwrite"])
+    assert r.exit_code != 0 and "already exists" not in r.output, "--overwrite lets the search go on (to the index)"

@@ -243,6 +243,15 @@ def test_search_returns_the_query_first(index_run, digits_dir, tmp_path):
     first = payload[0]["results"][0]
     assert first["path"] == str(query) and first["distance"] < 1e-6 and first["label"] == "2"
     assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # An existing sheet is not replaced unless asked (it was, silently): refused by name before searching.
+    sheet.write_bytes(b"earlier sheet")
+    args = ["search", "--index", result.run_uri, "--query", str(query), "--k", "5", "--sheet", str(sheet)]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 4 and f"cannot write --sheet {sheet}: it already exists" in " ".join(res.output.split()), res.output
+    assert "nearest to" not in res.output and sheet.read_bytes() == b"earlier sheet"
+    res = runner.invoke(cli, [*args, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A folder of queries is one batch: one result list per image, each finds itself.
     res = runner.invoke(cli, ["search", "--index", result.run_uri, "--query", str(digits_dir / "1"), "--k", "3", "--json"])
     payload = json.loads(res.stdout)
