@@ -168,6 +168,14 @@ _ISO_DATETIME = re.compile(rf"{_ISO_DATE}(?:[T ]{_ISO_TIME})?|{_ISO_TIME}")
 _SEPARATED_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:([,. '\u00a0\u202f])\d{3})(?:\1\d{3})*(?:[.,]\d+)?|\d+,\d+)")
 
 
+# An amount or a share written with a currency symbol or a percent sign ($1,257.30, 1.257,30 €, -12.5%, £ 12).
+_NUMBER = r"(?:\d{1,3}(?:[,. '\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?|[.,]\d+)"
+_SYMBOL = r"[$\u20ac\u00a3\u00a5\u20b9]"  # $ € £ ¥ ₹
+_DECORATED_NUMBER = re.compile(
+    rf"[+-]?\s?{_SYMBOL}\s?[+-]?{_NUMBER}|[+-]?{_NUMBER}\s?(?:{_SYMBOL}|%)"
+)
+
+
 def _text(values: pd.Series) -> pd.Series:
     return values.astype(str).str.strip()
 
@@ -199,11 +207,21 @@ def _refuse_dates(series: pd.Series, name: str, source: str) -> None:
 
 
 def _refuse_separated_numbers(series: pd.Series, name: str, source: str) -> None:
-    """A text column of numbers written with thousands separators (or decimal commas) is refused rather
-    than read as categories; which separator means what depends on a locale, which aeflow does not guess."""
+    """A text column of numbers written with thousands separators (or decimal commas), currency symbols or
+    percent signs is refused rather than read as categories; which separator means what depends on a locale,
+    which aeflow does not guess (nor whether 12% should be 12 or 0.12)."""
     text = _text(series.dropna())
     separated = text.str.fullmatch(_SEPARATED_NUMBER)
     plain = pd.to_numeric(text, errors="coerce").notna()
+    decorated = text.str.fullmatch(_DECORATED_NUMBER)
+    if len(text) and decorated.any() and (decorated | separated | plain).all():
+        example = text[decorated].iloc[0]
+        raise InputError(
+            f"{source}: column {name!r} looks like amounts or percentages written with a currency symbol or a "
+            f"percent sign (e.g. {example!r}); numbers must be plain, such as 1257.30 or 0.125 (aeflow does not "
+            f"strip symbols or guess what a percentage should become): write the column as plain numbers, or "
+            f"--exclude '{name}'"
+        )
     if len(text) and separated.any() and (separated | plain).all():
         example = text[separated].iloc[0]
         raise InputError(
@@ -215,7 +233,7 @@ def _refuse_separated_numbers(series: pd.Series, name: str, source: str) -> None
 
 
 def _feature_kind(series: pd.Series, name: str, source: str) -> Kind:
-    """A feature column's kind; dates/times and numbers with separators are refused by name."""
+    """A feature column's kind; dates/times and numbers with separators or symbols are refused by name."""
     _refuse_dates(series, name, source)
     if not _is_categorical(series):
         return "numeric"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -91,6 +92,37 @@ def test_numbers_with_thousands_separators_are_refused_by_name(tmp_path):
     # Text with commas that is not numbers stays categorical.
     df = _frame(4).assign(pair=["red,blue", "red,green", "red,blue", "1,5 kg"])
     assert _kinds(df, id_column="id")["pair"] == "categorical"
+
+
+@pytest.mark.parametrize("fmt, first", [
+    (lambda v: f"${v:,.2f}", "$1,257.30"),
+    (lambda v: f"{v / 50:.1f}%", "12.5%"),
+    (lambda v: f"{v:.2f} \u20ac".replace(".", ","), "1257,30 \u20ac"),
+    (lambda v: f"-\u00a3{v:.0f}", "\u00a3 12"),
+], ids=["dollars", "percent", "euros-decimal-comma", "pounds"])
+@refusal("a text column of amounts or percentages written with a currency symbol or a percent sign ('$1,257.30', "
+         "'12.5%')", 3, "table")
+def test_amounts_and_percentages_with_symbols_are_refused_by_name(tmp_path, fmt, first):
+    """Such a column was read as categories (one-hot, a category per distinct amount) without a word."""
+    df = _frame().assign(amount=lambda d: [fmt(v) for v in np.linspace(10, 500, len(d))])
+    df.loc[0, "amount"] = first
+    df.loc[1, "amount"] = "42"  # a plain number among them does not make the column categorical either
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match=r"t\.csv: column 'amount' looks like amounts or percentages written with a "
+                                         rf"currency symbol or a percent sign \(e\.g\. '{re.escape(first)}'\); numbers "
+                                         r"must be plain.*--exclude 'amount'$") as e:
+        inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id"))
+    assert_raised(e.value, test_amounts_and_percentages_with_symbols_are_refused_by_name)
+    assert inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id", exclude_columns=("amount",))) \
+        .schema.feature_names == list("abc")
+
+
+def test_text_with_symbols_that_is_not_amounts_stays_categorical():
+    df = _frame(6).assign(tier=["gold", "silver", "$$$", "gold", "50% off", "silver"],
+                          price=["$5", "cheap", "$5", "free", "$7", "cheap"],
+                          share=["5%", "10%", "5%", "10%", "5%", "n/a"])
+    assert _kinds(df, id_column="id") == {"a": "numeric", "b": "numeric", "c": "numeric", "tier": "categorical",
+                                          "price": "categorical", "share": "categorical"}
 
 
 def _blocks(src, path, step):
