@@ -20,6 +20,7 @@ import contextvars
 import datetime as dt
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.errors import AeflowError, ConfigError
+
+log = logging.getLogger("aeflow.backfill")
 
 
 class ServerUnreachable(AeflowError):
@@ -49,6 +52,7 @@ class DateOutcome:
     message: str = ""
     flow_run_id: str = ""
     flow_run_name: str = ""
+    flow_run_url: str = ""  # via a deployment: the flow run in the UI (its id without a UI URL)
 
     @property
     def ok(self) -> bool:
@@ -62,6 +66,7 @@ class DateOutcome:
             "message": self.message,
             "flow_run_id": self.flow_run_id,
             "flow_run_name": self.flow_run_name,
+            "flow_run_url": self.flow_run_url,
         }
 
 
@@ -392,10 +397,12 @@ def _run_via_deployment(
             outcome = DateOutcome(
                 day,
                 "skipped" if state == "COMPLETED" else state.lower(),
-                run_uri=f"{ui}/runs/flow-run/{fr.id}" if ui else str(fr.id),
                 flow_run_id=str(fr.id),
                 flow_run_name=fr.name,
+                flow_run_url=f"{ui}/runs/flow-run/{fr.id}" if ui else str(fr.id),
             )
+            if outcome.status == "skipped":  # its flow run completed earlier: the run folder it made or found
+                outcome.run_uri = run_folder(client, outcome.flow_run_id, app_name)
             outcomes.append(outcome)
             if on_done and not wait:
                 on_done(outcome)
@@ -416,10 +423,39 @@ def _run_via_deployment(
                     if st in FINAL_STATES:
                         if st != "COMPLETED":
                             o.message = fr.state.message or ""
+                        else:
+                            o.run_uri = run_folder(client, frid, app_name)
                         del pending[frid]
                         if on_done:
                             on_done(o)
     return outcomes
+
+
+def run_folder(client: Any, flow_run_id: str, app_name: str) -> str:
+    """The run folder a completed flow run made (or, skipped as already done, found): its link artifact
+    (:func:`tasks.report.publish_run_link`); "" when it has none (a flow run of an older aeflow)."""
+    from uuid import UUID
+
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    from tasks.report import RUN_LINK_KEY
+
+    try:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
+            key=ArtifactFilterKey(any_=[RUN_LINK_KEY.format(app=app_name)])))
+    except Exception as e:  # the table still names the flow run
+        log.debug("no run link for flow run %s: %s", flow_run_id, e)
+        return ""
+    for a in found:
+        data = a.data
+        if isinstance(data, str) and "](" in data:  # a link artifact's data: "[text](link)"
+            return data.rsplit("](", 1)[1].removesuffix(")")
+    return ""
 
 
 def exit_code(outcomes: list[DateOutcome]) -> int:

@@ -35,7 +35,12 @@ from tasks.config import RunConfig
 from tasks.dask_client import dask_client, local_processes
 from tasks.execution import execution_info
 from tasks.redaction import install_log_redaction, redact
-from tasks.report import markdown_summary, metrics_rows, publish_artifacts
+from tasks.report import (
+    markdown_summary,
+    metrics_rows,
+    publish_artifacts,
+    publish_run_link,
+)
 from tasks.storage import ArtifactStore, Manifest, RunDir, storage_error
 
 VERSIONED = ("aeflow", "torch", "prefect", "dask", "distributed", "pandas", "numpy", "scikit-learn", "pandera", "s3fs", "pyarrow")
@@ -145,6 +150,7 @@ def run_app(config: RunConfig) -> RunResult:
         done = store.find_complete(app.name, fingerprint)
         if done is not None:
             log.info("skipping: %s already has a complete run with the same input and config", done.run_uri)
+            publish_run_link(app.name, done.run_uri)
             return RunResult.from_manifest(done, skipped=True)
 
     run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
@@ -200,6 +206,7 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inp
     outputs["summary"] = "report/summary.md"
     uris["summary"] = run.uri_of("report/summary.md")
     publish_artifacts(app_name, run.uri, rows, summary)
+    publish_run_link(app_name, run.uri)
     flow_ctx = FlowRunContext.get()
     extra = {"named_outputs": outputs, "notes": evaluation.notes, **(extra or {})}
     if fitted.train is not None:

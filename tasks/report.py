@@ -190,6 +190,24 @@ def markdown_summary(
     return "\n".join(lines)
 
 
+RUN_LINK_KEY = "{app}-run"  # the link artifact naming a flow run's run folder (read back by backfill --wait)
+
+
+def publish_run_link(app: str, run_uri: str) -> None:
+    """A Prefect link artifact: the run folder (outputs, report, manifest) of this flow run, also when the run
+    was skipped as already complete (it links the complete run). Skipped outside a flow run."""
+    try:
+        from prefect.artifacts import create_link_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is None:
+            return
+        create_link_artifact(link=run_uri, link_text=run_uri, key=RUN_LINK_KEY.format(app=app),
+                             description=f"{app} run folder: outputs, report/, manifest.json")
+    except Exception as e:  # artifacts are for people; a failure to post one must not fail the run
+        log.warning("could not publish the run's link artifact: %s", e)
+
+
 def publish_artifacts(app: str, run_uri: str, rows: list[dict[str, str]], summary_md: str) -> None:
     """Prefect artifacts (metrics table, Markdown summary). Skipped outside a flow run."""
     try:

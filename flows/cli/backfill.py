@@ -34,7 +34,7 @@ def backfill(
                                                                         "or one shared cluster of worker processes with --set local_cluster=processes).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message (and, via a deployment, flow_run_id/name/url).")] = False,
     max_dates: Annotated[int, typer.Option("--max-dates", min=1, help="Refuse a range of more dates than this (a typo in "
                                            "--end would queue thousands of runs); raise it for a long backfill.")] = 1000,
 ) -> None:
@@ -136,7 +136,8 @@ def backfill(
             c = colours.get(o.status, "red" if not o.ok else "yellow")
             detail = o.run_uri if o.ok else o.message
             if via_deployment and o.flow_run_name:
-                detail = f"{o.flow_run_name}  {o.run_uri}" + (f"\n{o.message}" if not o.ok and o.message else "")
+                detail = (f"{o.flow_run_name}  {o.flow_run_url}" + (f"\n{o.run_uri}" if o.run_uri else "")
+                          + (f"\n{o.message}" if not o.ok and o.message else ""))
             table.add_row(str(o.date), f"[{c}]{o.status}[/]", detail)
         out.print(table)
         counts: dict[str, int] = {}

@@ -235,8 +235,9 @@ def test_the_via_deployment_table_says_why_a_date_failed(monkeypatch):
     from flows.backfill import DateOutcome
 
     def fake(deployment, dates, overrides, **_kw):
-        return [DateOutcome(dates[0], "completed", "http://ui/runs/flow-run/1", flow_run_name="reduce-2026-11-01-a"),
-                DateOutcome(dates[1], "failed", "http://ui/runs/flow-run/2", flow_run_name="reduce-2026-11-02-b",
+        return [DateOutcome(dates[0], "completed", "./artifacts/runs/reduce/20261201-a", flow_run_name="reduce-2026-11-01-a",
+                            flow_run_url="http://ui/runs/flow-run/1"),
+                DateOutcome(dates[1], "failed", "", flow_run_name="reduce-2026-11-02-b", flow_run_url="http://ui/runs/flow-run/2",
                             message="InputError: input data/2026-11-02/part.csv does not exist")]
 
     monkeypatch.setattr(backfill, "run_via_deployment", fake)
@@ -244,3 +245,5 @@ def test_the_via_deployment_table_says_why_a_date_failed(monkeypatch):
                               "--end", "2026-11-02", "--wait"], terminal_width=200)
     assert res.exit_code == 1, res.output
     assert "reduce-2026-11-02-b" in res.stdout and "InputError: input data/2026-11-02/part.csv" in res.stdout, res.stdout
+    # a completed date shows its flow run in the UI and the run folder it made
+    assert "http://ui/runs/flow-run/1" in res.stdout and "./artifacts/runs/reduce/20261201-a" in res.stdout, res.stdout

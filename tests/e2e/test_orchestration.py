@@ -179,6 +179,9 @@ def test_backfill_via_deployment_creates_tagged_idempotent_runs(served, bad_part
         assert rows[str(r.parameters["date"])]["flow_run_name"] == r.name, "the table names the run as it renamed itself"
         m = _manifest_of(served.workdir / "artifacts", r.id)
         assert m is not None and m.inputs["input"][0].path.endswith(f"{r.parameters['date']}/part.csv")
+        row = rows[str(r.parameters["date"])]
+        # run_uri is the run folder the flow run made (it was the flow run's UI address), read from its link artifact
+        assert row["run_uri"] == m.run_uri and row["flow_run_url"].endswith(str(r.id)), row
 
     # a deployment of another application is refused before any flow run is created (it ran detect's deployment)
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -196,3 +199,5 @@ def test_backfill_via_deployment_creates_tagged_idempotent_runs(served, bad_part
     assert res2.exit_code == 0, res2.output
     assert {d: r["flow_run_id"] for d, r in rows2.items()} == {d: r["flow_run_id"] for d, r in rows.items()}
     assert {r["status"] for r in rows2.values()} == {"skipped"}
+    assert {d: r["run_uri"] for d, r in rows2.items()} == {d: r["run_uri"] for d, r in rows.items()}, \
+        "a date skipped as done names the run folder its flow run made"
