@@ -11,7 +11,10 @@ terminal, and a Prefect progress artifact. The data is arrays in memory or a
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -112,6 +115,61 @@ class UiProgress:
             log.debug("progress artifact update failed: %s", e)
 
 
+# A line in the log (and Prefect's) at most this often within a long epoch: step, rate, time left.
+STEP_LOG_EVERY_S = 30.0
+
+
+def _threads_line(device: torch.device, n_threads: int, asked: int | None) -> str:
+    """Where training runs; on the CPU, its threads and, when the machine is already busy, a hint."""
+    if device.type != "cpu":
+        return f"training on {device}"
+    line = f"training on the CPU with {n_threads} torch thread{'s' if n_threads != 1 else ''}"
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # no load average on this system
+        return line
+    if not asked and n_threads > 1 and load >= cores:
+        line += (f" (load average {load:.1f} on {cores} cores: where other work shares the cores, "
+                 "--set train.threads=1 can be many times faster)")
+    return line
+
+
+class _StepMeter:
+    """Within-epoch progress for the log: every ``STEP_LOG_EVERY_S``, the step, steps per second and about
+    how long the epochs left take at that rate (epochs are an upper bound: early stopping may end sooner)."""
+
+    def __init__(self, label: str, budget: int, done: int, emit: Callable[..., None]) -> None:
+        self.label, self.budget, self.epoch, self.emit = label, budget, done, emit
+        self.t0 = self.last = time.monotonic()
+        self.steps_done = 0
+        self.epoch_steps = 0
+
+    def epoch_done(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.steps_done += self.epoch_steps
+        self.epoch_steps = 0
+
+    def step(self, step: int, steps: int) -> None:
+        self.epoch_steps = step
+        now = time.monotonic()
+        if now - self.last < STEP_LOG_EVERY_S or step == steps:
+            return
+        self.last = now
+        rate = (self.steps_done + step) / max(now - self.t0, 1e-9)
+        left = ((self.budget - self.epoch - 1) * steps + steps - step) / max(rate, 1e-9)
+        self.emit("%s epoch %d/%d: step %d/%d (%.0f%%), %.3g steps/s, about %s left at this rate",
+                  self.label, self.epoch + 1, self.budget, step, steps, 100.0 * step / steps, rate, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {round(seconds % 3600 / 60)} min"
+
+
 def train_model(
     model: nn.Module,
     train_x: np.ndarray | torch.Tensor | BatchSource,
@@ -186,6 +244,17 @@ def train_model(
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    logger.info("%s: %s", label, _threads_line(resolve_device(cfg.device), torch.get_num_threads(), cfg.threads))
+    meter = _StepMeter(label, settings.epochs, resume.epoch if resume is not None else 0, logger.info)
+
+    def on_epoch_and_meter(stats: Any, budget: int) -> None:
+        meter.epoch_done(stats.epoch)
+        on_epoch(stats, budget)
+
+    def on_batch(step: int, steps: int) -> None:
+        progress.update(task_id, completed=meter.epoch + step / steps)
+        meter.step(step, steps)
+
     try:
         with progress:
             result = fit(
@@ -195,7 +264,8 @@ def train_model(
                 settings,
                 loss_fn=loss_fn,
                 resume=resume,
-                on_epoch=on_epoch,
+                on_epoch=on_epoch_and_meter,
+                on_batch=on_batch,
                 on_checkpoint=on_checkpoint if run is not None else None,
             )
     finally:
