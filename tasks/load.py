@@ -389,7 +389,7 @@ _PANDAS_LINE = re.compile(r"\bline (\d+)")
 
 def _parse_error(block: Block, e: BaseException) -> InputError:
     """A parse failure of a block as one message naming the file and, for CSV, the file's line."""
-    text = f"{type(e).__name__}: {e}"
+    text = f"{type(e).__name__}: {str(e).strip()}"  # pandas ends its tokenizer message with a newline
     if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
         return InputError(f"{block.uri}: the file is truncated or corrupted ({text})")
     if block.fmt == "csv" and block.row_offset is None:  # pandas counts lines within the block
@@ -444,9 +444,43 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     known = set(schema.columns)
     if not known.issuperset(df.columns):  # data a model is applied to: columns it was trained without are left out
         df = df[[c for c in df.columns if c in known]]
-    df = validate_block(df.reset_index(drop=True), schema, source=block.uri, locate=_locate(block))
+    try:
+        df = validate_block(df.reset_index(drop=True), schema, source=block.uri, locate=_locate(block))
+    except InputError as e:
+        short = _short_line(block, len(file_columns)) if block.fmt == "csv" else None
+        if short is None:
+            raise
+        i, fields = short
+        raise InputError(f"{block.uri}: {_locate(block)(i)} has {fields} field{'s' if fields != 1 else ''} but the "
+                         f"header names {len(file_columns)} columns (a missing separator, or a line cut short?); "
+                         "pandas reads the missing fields as empty") from e
     keep = [c for c in df.columns if c not in set(schema.excluded)]
     return df[keep]
+
+
+def _short_line(block: Block, n_columns: int) -> tuple[int, int] | None:
+    """The first data row of a CSV block with fewer fields than the header, as (row index in the block, fields).
+
+    pandas fills a short line's missing fields with nulls, which validation then reports as missing values
+    (and suggests the impute application); read again only when validation has failed.
+    """
+    import csv
+
+    fs, path = url_to_fs(block.uri)
+    with storage_op("read", block.uri):
+        if block.length is None:
+            with fs.open(path, "rb", compression=block.compression) as f:
+                data = f.read()
+        else:
+            with fs.open(path, "rb") as f:
+                data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
+    rows = (r for r in csv.reader(io.StringIO(data.decode("utf-8", errors="replace"))) if r)  # pandas skips blank lines
+    if block.length is None or block.offset == 0:
+        next(rows, None)  # the header
+    for i, row in enumerate(rows):
+        if len(row) < n_columns:
+            return i, len(row)
+    return None
 
 
 def _meta(source: TableSource) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import files_under
-from tests.refusals import assert_refused, refusal
+from tests.refusals import assert_raised, assert_refused, refusal
 
 pytestmark = [pytest.mark.cli]
 runner = CliRunner()
@@ -314,5 +314,32 @@ def test_a_parse_error_deep_in_a_large_csv_names_the_files_line(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     src = inspect_table(str(path), LoadConfig(id_column="id", blocksize_mb=1))
     assert src.n_partitions > 1 and src.blocks[-1].row_offset is None
-    with pytest.raises(InputError, match=r"big.csv: cannot parse \(ParserError: .* in line 35002, saw 6"):
+    with pytest.raises(InputError, match=r"big.csv: cannot parse \(ParserError: .* in line 35002, saw 6\)$"):
+        to_dask(src).compute(scheduler="sync")  # ... and the message ends there (pandas' newline left a ')' alone)
+
+
+@pytest.mark.parametrize("short_at", [5, 35_001], ids=["first-block", "deep"])
+@refusal("a CSV line with fewer fields than the header (named by line and count; it read as missing values)", 3, "table")
+def test_a_short_csv_line_is_named_as_short_not_as_missing_values(tmp_path, short_at):
+    """pandas fills a short line's fields with nulls, and the message was "column 'd' has null values (use the
+    impute application ...)" at that line: the wrong fix. Now the line and its field count are named."""
+    from tasks.config import LoadConfig
+    from tasks.errors import InputError
+    from tasks.load import inspect_table, to_dask
+
+    n = 40_000
+    lines = ["id,a,b,c,d"] + [f"{i},{i * 0.5:.6f},{i * 0.25:.6f},{i * 0.125:.6f},1.0" for i in range(n)]
+    lines[short_at] = lines[short_at].rsplit(",", 2)[0]  # 3 fields: c and d missing
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(lines) + "\n")
+    src = inspect_table(str(path), LoadConfig(id_column="id", blocksize_mb=1))
+    with pytest.raises(InputError, match=rf"big.csv: line {short_at + 1} has 3 fields but the header names 5 columns "
+                                         r"\(a missing separator, or a line cut short\?\)") as e:
         to_dask(src).compute(scheduler="sync")
+    assert_raised(e.value, test_a_short_csv_line_is_named_as_short_not_as_missing_values)
+    assert "impute" not in str(e.value)
+    # A real missing value (an empty field, all fields there) is still reported as one.
+    lines[short_at] = lines[short_at] + ",,"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=rf"column 'c' has null values \(use the impute application.*line {short_at + 1}"):
+        to_dask(inspect_table(str(path), LoadConfig(id_column="id", blocksize_mb=1))).compute(scheduler="sync")
