@@ -231,13 +231,18 @@ class Denoise(ImageApp):
         """(name, noisy, clean) float images, the noise sigma in [0, 1] units, and where they come from."""
         if ctx.target is not None and ctx.reference is not None:
             ref = dict(zip(ctx.reference.rel, range(len(ctx.reference)), strict=True))
-            n = min(cfg.eval_images, len(ctx.target))  # the first eval_images applied images are scored
-            for rel in ctx.target.rel[:n]:
+            total = len(ctx.target)
+            # app.eval_images of the applied images are scored (with the baselines): a seeded sample when there are
+            # more (the first ones were all from one class folder), in their order
+            chosen = list(range(total)) if total <= cfg.eval_images else sorted(
+                np.random.default_rng(ctx.config.train.seed + 4321).choice(total, cfg.eval_images, replace=False).tolist())
+            rels = [ctx.target.rel[i] for i in chosen]
+            for rel in rels:
                 if rel not in ref:
                     raise InputError(f"clean reference {ctx.reference.source_uri} has no image {rel!r} to compare denoised/{rel} with")
-            refs = images_of(ctx.reference, [ref[rel] for rel in ctx.target.rel[:n]])  # only these are read
+            refs = images_of(ctx.reference, [ref[rel] for rel in rels])  # only these are read
             pairs = []
-            for rel, img, clean in zip(ctx.target.rel[:n], images_of(ctx.target, range(n)), refs, strict=True):
+            for rel, img, clean in zip(rels, images_of(ctx.target, chosen), refs, strict=True):
                 if clean.shape != img.shape:
                     raise InputError(
                         f"{ctx.reference.path_of(ref[rel])} is {clean.shape[2]}x{clean.shape[1]}x{clean.shape[0]} "
@@ -250,7 +255,9 @@ class Denoise(ImageApp):
                 from skimage.restoration import estimate_sigma
 
                 sigma = float(np.mean([np.mean(estimate_sigma(n, channel_axis=0)) for _, n, _ in pairs]))
-            return pairs, sigma, f"{len(pairs)} applied images against the clean reference"
+            of = (f"{len(pairs)} of the {total} applied images (a seeded sample: app.eval_images={cfg.eval_images})"
+                  if total > len(pairs) else f"{len(pairs)} applied images")
+            return pairs, sigma, f"{of} against the clean reference"
         if ctx.train is None:
             return [], 0.0, "no clean reference (pass --clean-reference DIR to score the denoised images)"
         tr_idx, va_idx = ctx.split()

@@ -103,6 +103,14 @@ def test_denoise_apply_mirrors_inputs_and_improves_psnr(denoise_model, photos, d
     assert (per_image["psnr"] > per_image["psnr_noisy"]).all()
     with open(os.path.join(run, "report/side_by_side.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # More applied images than app.eval_images: a seeded sample is scored, and the notes say how many of how many
+    # (per_image.csv listed the first 16 without a word about the rest).
+    few = FLOWS["denoise"](config=cfg.model_copy(update={"app": cfg.app.model_copy(update={
+        "eval_images": 3, "baselines": ("tv",)})}))
+    per_image = pd.read_csv(os.path.join(few.run_uri, "report/per_image.csv"))
+    assert len(per_image) == 3 and set(per_image["image"]) <= set(rels)
+    assert any("3 of the 5 applied images (a seeded sample: app.eval_images=3) against the clean reference" in n
+               for n in few.notes), few.notes
 
 
 def test_denoise_apply_against_a_reference_that_does_not_match_is_refused(denoise_model, photos, dask_address,
