@@ -69,6 +69,11 @@ class Config(AppConfig):
     )
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of observed cells hidden (MCAR) for the evaluation.")
     eval_seed: int = Field(0, description="Seed of the evaluation's hidden cells.")
+    eval_rows: int = Field(
+        20000, ge=10,
+        description="Rows (a seeded sample when there are more) whose observed cells the evaluation hides; aeflow "
+        "and every baseline impute them (KNN and the iterative imputers take minutes per 100,000 rows).",
+    )
     knn_neighbors: int = Field(5, ge=1, description="k of the KNNImputer baseline.")
     baseline_max_rows: int = Field(20000, ge=10, description="Training rows (sampled) the baselines are fitted on.")
     extra_trees: bool = Field(
@@ -116,7 +121,6 @@ def numeric_groups(d: int) -> list[Group]:
 
 
 HEAD_MAX_FEATURES = 1024
-EVAL_ROWS = 100_000  # rows (sampled) whose cells the evaluation hides
 
 
 def fit_imputer(
@@ -321,22 +325,25 @@ class Impute(TableApp):
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         groups = feature_groups(fitted.schema)
-        # Bounded memory: the evaluation hides cells of at most EVAL_ROWS rows, the baselines are
+        # Bounded memory and time: the evaluation hides cells of at most app.eval_rows rows, the baselines are
         # fitted on at most baseline_max_rows (seeded samples; all rows, in order, when there are fewer).
-        seed, cap = cfg.eval_seed, cfg.baseline_max_rows
+        seed, cap, n_eval = cfg.eval_seed, cfg.baseline_max_rows, cfg.eval_rows
         if ctx.train is not None and ctx.target is ctx.train:
-            fit_x, eval_x = ctx.sample("train", "train", cap, seed)[0], ctx.sample("train", "val", EVAL_ROWS, seed)[0]
+            fit_x = ctx.sample("train", "train", cap, seed)[0]
+            eval_x, _, total = ctx.sample("train", "val", n_eval, seed)
             where = "held-out validation rows; baselines fitted on the training rows"
             if len(eval_x) == 0:
-                eval_x, fit_x = ctx.sample("train", "train", EVAL_ROWS, seed)[0], None
+                (eval_x, _, total), fit_x = ctx.sample("train", "train", n_eval, seed), None
                 where = "the training rows (no validation rows); baselines fitted on them"
         elif ctx.train is not None:
             fit_x = np.concatenate([ctx.sample("train", split, cap // 2, seed)[0] for split in ("train", "val")])
-            eval_x = ctx.sample("target", "all", EVAL_ROWS, seed)[0]
+            eval_x, _, total = ctx.sample("target", "all", n_eval, seed)
             where = "the applied data; baselines fitted on the input"
         else:
-            fit_x, eval_x = None, ctx.sample("target", "all", EVAL_ROWS, seed)[0]
+            fit_x, (eval_x, _, total) = None, ctx.sample("target", "all", n_eval, seed)
             where = "the applied data; baselines fitted on it (the model was reused)"
+        if total > len(eval_x):
+            where = f"a seeded sample of {len(eval_x):,} of {total:,} rows (app.eval_rows) of " + where
         n_missing = int(sum(np.isnan(eval_x[:, g.cols[0]]).sum() for g in groups))
         ev.metrics["missing_share"] = n_missing / max(eval_x.shape[0] * len(groups), 1)
         hidden_x, hidden = hide_cells(eval_x, groups, cfg.eval_fraction, cfg.eval_seed)
@@ -348,6 +355,12 @@ class Impute(TableApp):
         truth = stats.inverse(np.nan_to_num(eval_x))
         ours = stats.inverse(fill(hidden_x, reconstruct(fitted.model, hidden_x, ctx.device), groups))
         ev.metrics.update(imputation_errors(truth, ours, hidden, groups, lo, hi))
+        from tasks.train import run_logger
+
+        run_logger().info("impute evaluation: %s rows with %s hidden cells; baselines fitted on %s rows "
+                          "(mean/mode, KNN, IterativeImputer%s)", f"{len(eval_x):,}", f"{int(hidden.sum()):,}",
+                          f"{len(fit_x if fit_x is not None else eval_x):,}",
+                          ", IterativeImputer over ExtraTrees" if cfg.extra_trees else "")
         for name, imp in baseline_imputations(fit_x, hidden_x, groups, k=cfg.knn_neighbors, seed=ctx.config.train.seed,
                                                extra_trees=cfg.extra_trees,
                                                extra_trees_max_rows=cfg.extra_trees_max_rows).items():
