@@ -155,6 +155,7 @@ def run_app(config: RunConfig) -> RunResult:
 
     run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
     log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
+    created, resumed_notes = _first_attempt(run, created)
     try:
         # One Dask client for the whole run: loading/preprocessing and apply run on its workers.
         input_bytes = sum(f.size for files in kind.records(inputs).values() for f in files)
@@ -180,6 +181,14 @@ def run_app(config: RunConfig) -> RunResult:
             with _stage(timings, "evaluate"):
                 evaluation: Evaluation = evaluate_task(app, ctx, fitted)
             evaluation.notes.extend(ctx.notes)
+            train = fitted.train
+            if resumed_notes and train is not None and train.resumed:
+                resumed_notes.append(
+                    f"training went on from the checkpoint after epoch {train.resumed_from_epoch}"
+                    + (f", step {train.resumed_from_step} of epoch {train.resumed_from_epoch + 1}"
+                       if train.resumed_from_step else "")
+                    + f"; its time ({train.seconds:.1f} s) and samples/s are this attempt's")
+            evaluation.notes.extend(resumed_notes)
             with _stage(timings, "report"):
                 outputs.update(report_task(app, ctx, fitted, evaluation))
         result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
@@ -193,6 +202,22 @@ def run_app(config: RunConfig) -> RunResult:
             raise mapped from None
         raise
     return result
+
+
+def _first_attempt(run: RunDir, started: datetime) -> tuple[datetime, list[str]]:
+    """When ``run`` is an interrupted run taken up again: when its first attempt started (the manifest's
+    ``created``) and a note saying so; else ``started`` and no note."""
+    from tasks.storage import RUN_MARKER
+
+    try:
+        first = datetime.fromisoformat(run.read_json(RUN_MARKER)["created"])
+    except Exception:  # an older marker: nothing to say
+        return started, []
+    if first >= started:  # the marker this attempt wrote
+        return started, []
+    note = (f"resumed: this run was started at {first:%Y-%m-%d %H:%M:%S} UTC and interrupted; this attempt "
+            f"began at {started:%H:%M:%S} and took it up in the same folder")
+    return first, [note]
 
 
 def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inputs: dict[str, list[Any]], fitted,

@@ -197,6 +197,8 @@ class TrainResult:
     batch_size: int = 0
     lr: float = 0.0  # after scaling for an automatic batch
     compiled: str = "off"  # "off", the torch.compile mode used, or why compiling was abandoned
+    resumed: bool = False  # started from a checkpoint (seconds and samples/s are then this session's only)
+    resumed_from_step: int = 0  # the step within epoch resumed_from_epoch + 1 it went on from
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -490,6 +490,8 @@ def fit(
         batch_size=bs,
         lr=lr_peak,
         compiled=compiled,
+        resumed=resume is not None,
+        resumed_from_step=resume_step,
     )
 
 

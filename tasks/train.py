@@ -272,9 +272,10 @@ def train_model(
         torch.set_num_threads(threads)
     ui.update(100.0)
     logger.info(
-        "%s done: %d epochs (best %d, val loss %.5g) in %.1fs on %s, %.0f samples/s (batch %d, lr %.3g, compiled: %s)",
+        "%s done: %d epochs (best %d, val loss %.5g) in %.1fs on %s, %.0f samples/s (batch %d, lr %.3g, compiled: %s)%s",
         label, result.epochs_run, result.best_epoch, result.best_val_loss, result.seconds,
         result.device, result.train_samples_per_s, result.batch_size, result.lr, result.compiled,
+        f"; resumed after epoch {result.resumed_from_epoch}: time and rate are this session's" if result.resumed else "",
     )
     sys.stderr.flush()
     return result

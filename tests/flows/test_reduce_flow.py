@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -102,6 +103,7 @@ def test_skip_existing_and_resume_after_interruption(prefect_server, dask_addres
     cfg = _config(**{**base, "train.epochs": 9})
     src = inspect_table(digits_csv, cfg.load)
     interrupted = ArtifactStore(out).start_run("reduce", cfg.fingerprint({"input": [f.hash for f in src.files]}), {})
+    interrupted_created = datetime.fromisoformat(interrupted.read_json("_run.json")["created"])
 
     def checkpoint_then_die(state: TrainState) -> None:
         interrupted.save_checkpoint(*state.to_flat())
@@ -121,6 +123,14 @@ def test_skip_existing_and_resume_after_interruption(prefect_server, dask_addres
     manifest = open_run(resumed.run_uri).manifest()
     assert manifest.extra["train"]["resumed_from_epoch"] == 4
     assert manifest.extra["train"]["epochs_run"] == 9
+    # ... and says so (a resumed run looked like a fresh one, created when the last attempt started)
+    assert manifest.extra["train"]["resumed"] is True and manifest.extra["train"]["resumed_from_step"] == 0
+    marker_created = interrupted_created.isoformat()
+    assert manifest.created.isoformat() == marker_created, "created: when the run's first attempt started"
+    said = [n for n in resumed.notes if n.startswith("resumed: this run was started at ")]
+    assert said and any("training went on from the checkpoint after epoch 4;" in n for n in resumed.notes), resumed.notes
+    assert first.notes and not any(n.startswith("resumed:") for n in first.notes)
+    assert open_run(first.run_uri).manifest().extra["train"]["resumed"] is False
 
 
 def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_frame):

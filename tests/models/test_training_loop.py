@@ -80,6 +80,7 @@ def test_mid_epoch_resume_matches_uninterrupted_run():
     resumed = _model(seed=99, dropout=0.1)
     r = fit(resumed, x[:160], x[160:], settings, resume=state)
     assert [h.epoch for h in r.history] == [1, 2]
+    assert r.resumed and (r.resumed_from_epoch, r.resumed_from_step) == (1, 7), "the result says where it went on from"
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
