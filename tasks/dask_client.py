@@ -22,6 +22,15 @@ from tasks.errors import InputError
 log = logging.getLogger("aeflow.dask")
 
 
+class _ClosingTasks(logging.Filter):
+    """A worker closing with tasks still running (a run that failed on bad input closes its cluster at once)
+    warns "Async instruction for <Task ...> ended with CancelledError" per task: expected, not the user's concern."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Async instruction for") and message.endswith("ended with CancelledError"))
+
+
 class _QuietUserErrors(WorkerPlugin):
     """Dask worker plugin: a user's bad input is reported once by aeflow, not also as a
     worker "Compute Failed" log with a traceback. On the run's own LocalCluster (``local``),
@@ -48,6 +57,7 @@ class _QuietUserErrors(WorkerPlugin):
                 return True
 
         logging.getLogger("distributed.worker").addFilter(_Filter())
+        logging.getLogger("distributed.worker.state_machine").addFilter(_ClosingTasks())
 
     def teardown(self, worker: Any) -> None:
         return None

@@ -152,3 +152,31 @@ def test_a_run_s_local_cluster_listens_on_loopback_only(processes):
     assert opened, "the cluster serves something (scheduler and workers' HTTP)"
     listening = sorted(opened)
     assert all(a.ip == "127.0.0.1" for _, a in listening), listening
+
+
+def test_workers_closing_with_running_tasks_do_not_warn_about_each_one():
+    """A run refused for bad input (inputs over 256 MB: worker processes) printed a Dask warning per cancelled task
+    ("Async instruction for <Task ...> ended with CancelledError") before its one clear error line."""
+    import logging
+
+    from tasks.dask_client import _QuietUserErrors
+
+    logger = logging.getLogger("distributed.worker.state_machine")
+    before = list(logger.filters)
+    try:
+        _QuietUserErrors(local=True).setup(worker=None)
+        added = [f for f in logger.filters if f not in before]
+        assert added, "the plugin filters the worker state machine's log"
+
+        def passes(msg: str) -> bool:
+            record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+            return all(f.filter(record) for f in added)
+
+        assert not passes("Async instruction for <Task cancelled name=\"execute(('x', 2))\" coro=<...>> ended with "
+                          "CancelledError")
+        assert passes("Async instruction for <Task finished> ended with RuntimeError('boom')")
+        assert passes("some other warning")
+    finally:
+        logger.filters[:] = before
+        logging.getLogger("distributed.worker").filters[:] = [
+            f for f in logging.getLogger("distributed.worker").filters if type(f).__name__ != "_Filter"]
