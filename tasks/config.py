@@ -362,3 +362,25 @@ def resolve_config(
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from e
+
+
+def annotated_yaml(config: BaseModel) -> str:
+    """``config`` as YAML with every key, its value and its description as a comment: what ``--set`` and
+    ``--config`` accept, and itself a valid ``--config`` file (values in JSON flow style, which YAML reads)."""
+    import json
+
+    def lines(model: BaseModel, indent: int) -> list[str]:
+        out = []
+        pad = " " * indent
+        dumped = model.model_dump(mode="json")
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            note = f"  # {' '.join(field.description.split())}" if field.description else ""
+            if isinstance(value, BaseModel):
+                out.append(f"{pad}{name}:{note}")
+                out += lines(value, indent + 2)
+            else:
+                out.append(f"{pad}{name}: {json.dumps(dumped[name], ensure_ascii=False)}{note}")
+        return out
+
+    return "\n".join(lines(config, 0)) + "\n"

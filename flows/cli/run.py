@@ -49,6 +49,9 @@ _FIXED = (
      typer.Option("--skip-existing", help="Do nothing if a complete run with the same input and config exists.")),
     ("as_json", bool, False, typer.Option("--json", help="Print one JSON object (run_uri, outputs, metrics) on stdout.")),
     ("quiet", bool, False, typer.Option("--quiet", "-q", help="Only warnings and the result.")),
+    ("show_config", bool, False,
+     typer.Option("--show-config", help="Print the resolved configuration (every key --set and --config take, its value "
+                  "and what it means) as YAML, usable as a --config file, and exit without running.")),
 )
 
 
@@ -97,6 +100,16 @@ def make_command(group: typer.Typer, application: Any) -> None:
 
     def command(**kwargs: Any) -> None:
         options = options_from(specs, kwargs)
+        if kwargs.get("show_config"):
+            from tasks.config import annotated_yaml, resolve_config
+
+            try:
+                cfg = resolve_config(application.RunConfig, file=kwargs.get("config"), options=options,
+                                     sets=kwargs.get("set_"))
+            except AeflowError as e:
+                fail(e)
+            sys.stdout.write(annotated_yaml(cfg))
+            return
         quiet_prefect(kwargs.get("quiet") or kwargs.get("as_json"))
         try:
             result = execute(application.name, options, kwargs.get("config"), kwargs.get("set_"))

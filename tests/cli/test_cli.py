@@ -181,3 +181,27 @@ def test_top_level_help_imports_no_application_stack():
     from tasks.apps import load_all
 
     assert res.exit_code == 0 and all(f" {name} " in res.stdout for name in load_all()), res.stdout
+
+
+@pytest.mark.parametrize("app_name", ["reduce", "compress"])
+def test_show_config_prints_every_key_with_its_meaning_and_is_a_config_file(app_name, tmp_path, monkeypatch):
+    """The settings that matter at scale (train.stream, memory_mb, threads, ...) were only in the README: --show-config
+    prints the resolved configuration, each key with its description, runs nothing, and reads back as --config."""
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    args = ["run", app_name, "--show-config", "--epochs", "3", "--set", "train.memory_mb=64", "-o", "out"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert "  epochs: 3  # " in text and "  memory_mb: 64  # " in text and 'output: "out"' in text
+    assert "  threads: 0  # CPU threads for training" in text and "\n  stream: " in text
+    assert not (tmp_path / "out").exists() and not (tmp_path / "artifacts").exists(), "nothing ran"
+    (tmp_path / "shown.yaml").write_text(text)
+    cls = get_app(app_name).RunConfig
+    assert resolve_config(cls, file=tmp_path / "shown.yaml") == resolve_config(
+        cls, options={"train.epochs": 3, "output": "out"}, sets=["train.memory_mb=64"])
+    assert yaml.safe_load(text)["train"]["epochs"] == 3
+    bad = runner.invoke(app, ["run", app_name, "--show-config", "--set", "train.epochs=-1"])
+    assert bad.exit_code == 2 and "train.epochs" in bad.output, bad.output
