@@ -1101,6 +1101,29 @@ class ArtifactStore:
                         raise
                     continue
 
+    def incomplete_runs(self, app: str | None = None) -> list[dict[str, Any]]:
+        """Runs without a manifest that hold a run marker (interrupted, or being run now), oldest first: app, run
+        id and URI, when the first attempt started, the live claim (pid, host) if one holds it, and where training's
+        checkpoint stands (epoch, step, finished), read from its ``meta.json`` alone."""
+        found = []
+        for run in self._run_dirs(app):
+            if run.is_complete or not run.exists(RUN_MARKER):
+                continue
+            try:
+                marker = run.read_json(RUN_MARKER)
+                ckpt = run.read_json(f"{CHECKPOINT_DIR}/meta.json") if run.exists(f"{CHECKPOINT_DIR}/meta.json") else None
+            except (json.JSONDecodeError, StorageError) as e:
+                if isinstance(e, StorageError) and e.transient:
+                    raise
+                continue
+            holder = run.claim_holder()
+            found.append({
+                "app": run.app, "run_id": run.run_id, "run_uri": run.uri, "created": marker.get("created", ""),
+                "running": {k: holder.get(k) for k in ("pid", "host")} if holder else None,
+                "checkpoint": {k: ckpt.get(k) for k in ("epoch", "step", "finished")} if isinstance(ckpt, dict) else None,
+            })
+        return sorted(found, key=lambda r: (str(r["created"]), r["run_id"]))
+
     def find_incomplete(self, app: str, fingerprint: str) -> RunDir | None:
         """An interrupted run of this fingerprint that nobody is working on (not claimed by a live owner)."""
         for run in self._incomplete(app, fingerprint):

@@ -34,8 +34,11 @@ def runs_list(
     output: Annotated[str, typer.Option("--output", "-o", help="Artifact root to list.")] = "./artifacts",
     app_name: Annotated[str | None, typer.Option("--app", help="Only this application.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    incomplete: Annotated[bool, typer.Option(
+        "--incomplete", help="List the runs without a manifest instead: interrupted ones (the same command resumes "
+        "them), and ones running now, with where their training checkpoint stands.")] = False,
 ) -> None:
-    """List complete runs (those with a manifest), oldest first."""
+    """List complete runs (those with a manifest), oldest first; --incomplete: the unfinished ones."""
     from tasks.apps import load_all
     from tasks.errors import ConfigError, StorageError
     from tasks.storage import (
@@ -58,9 +61,16 @@ def runs_list(
                 if not bucket_exists(fs, bucket):
                     raise StorageError(f"cannot list {output}: bucket {bucket!r} does not exist")
         with storage_op("list", output):
-            manifests = ArtifactStore(output).list_runs(app_name)
+            store = ArtifactStore(output)
+            if incomplete:
+                unfinished = store.incomplete_runs(app_name)
+            else:
+                manifests = store.list_runs(app_name)
     except Exception as e:  # noqa: BLE001 - fail() says what it is: a user error, an outage (exit 4), or a bug
         fail(e)
+    if incomplete:
+        _print_incomplete(unfinished, output, app_name, as_json)
+        return
     if as_json:
         print(json.dumps([{"app": m.app, "run_id": m.run_id, "run_uri": m.run_uri, "created": m.created.isoformat(),
                            "metrics": m.metrics} for m in manifests]))
@@ -77,6 +87,27 @@ def runs_list(
         head = headline(m.app, m.metrics)
         table.add_row(m.app, m.run_id, f"{m.created:%Y-%m-%d %H:%M}", f"{head[0]} {head[1]:.4g}" if head else "")
     out.print(table)
+
+
+def _print_incomplete(runs: list[dict], output: str, app_name: str | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(runs))
+        return
+    if not runs:
+        out.print(f"no incomplete runs under {output}" + (f" for {app_name}" if app_name else ""))
+        return
+    table = Table(title=f"incomplete runs in {output} (no manifest yet)", title_justify="left")
+    for col in ("app", "run id", "started (UTC)", "state", "training checkpoint"):
+        table.add_column(col, overflow="fold")
+    for r in runs:
+        state = f"running (pid {r['running']['pid']} on {r['running']['host']})" if r["running"] else "interrupted"
+        ck = r["checkpoint"]
+        where = ("none (starts over)" if not ck else "training done" if ck.get("finished")
+                 else f"after epoch {ck.get('epoch')}" + (f", step {ck.get('step')}" if ck.get("step") else ""))
+        table.add_row(r["app"], r["run_id"], str(r["created"])[:16].replace("T", " "), state, where)
+    out.print(table)
+    out.print("An interrupted run is resumed by the same command (same input and configuration); to abandon one, "
+              "delete its folder (<root>/runs/<app>/<run id>).", highlight=False, soft_wrap=True)
 
 
 @app.command("show")

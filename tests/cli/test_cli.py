@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -205,3 +206,36 @@ def test_show_config_prints_every_key_with_its_meaning_and_is_a_config_file(app_
     assert yaml.safe_load(text)["train"]["epochs"] == 3
     bad = runner.invoke(app, ["run", app_name, "--show-config", "--set", "train.epochs=-1"])
     assert bad.exit_code == 2 and "train.epochs" in bad.output, bad.output
+
+
+def test_runs_list_incomplete_shows_interrupted_and_running_runs(tmp_path):
+    """Interrupted runs were invisible (runs list shows complete ones): --incomplete lists them with where their
+    training checkpoint stands, and which are being run now."""
+    from tasks.storage import ArtifactStore
+
+    out = str(tmp_path / "art")
+    store = ArtifactStore(out)
+    interrupted = store.start_run("reduce", "f" * 64, {})
+    interrupted.save_checkpoint({}, {"epoch": 3, "step": 120, "finished": False})
+    interrupted.discard()  # as run_app does when interrupted: checkpoint kept, claim released
+    running = store.start_run("detect", "e" * 64, {})  # claimed by this process, as a run in progress is
+    other_owner = ArtifactStore(out).run("detect", running.run_id)
+    early = store.start_run("reduce", "d" * 64, {})  # interrupted before training wrote a checkpoint:
+    early.discard()  # removed (nothing to resume), so not listed
+    res = runner.invoke(app, ["runs", "list", "-o", out, "--incomplete", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["run_id"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == {interrupted.run_id, running.run_id}
+    assert rows[interrupted.run_id]["checkpoint"] == {"epoch": 3, "step": 120, "finished": False}
+    assert rows[interrupted.run_id]["running"] is None
+    assert rows[running.run_id]["checkpoint"] is None and other_owner.claim_holder() is not None
+    assert rows[running.run_id]["running"]["pid"] == os.getpid(), "claimed by a live process: running"
+    res = runner.invoke(app, ["runs", "list", "-o", out, "--incomplete"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert "interrupted" in text and "after epoch 3," in text and "none (starts" in text, text
+    assert "running (pid" in text and "resumed by the same command (same input and configuration)" in text, text
+    assert runner.invoke(app, ["runs", "list", "-o", out]).stdout.startswith("no complete runs"), "list is unchanged"
+    running.release()
+    only = runner.invoke(app, ["runs", "list", "-o", out, "--incomplete", "--app", "reduce", "--json"])
+    assert [r["run_id"] for r in json.loads(only.stdout)] == [interrupted.run_id]
