@@ -254,6 +254,7 @@ def fit_detector(
     model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(every))
     if len(rows) > SCALE_ROWS:  # medians and quartiles of the parts: a sample is as good and the kNN parts cost
         rows = rows[np.sort(np.random.default_rng(train_cfg.seed + 2).choice(len(rows), SCALE_ROWS, replace=False))]
+    log.info("detect: scoring %s rows to fix the score's scales", f"{len(rows):,}")
     parts = _score_parts(model, rows, device)
     if tail_weight > 0:
         names = model.config.part_names

@@ -142,6 +142,10 @@ def fit_imputer(
                          show_progress=show_progress)
     if model.config.head:
         model.eval()
+        from tasks.train import run_logger
+
+        run_logger().info("impute: fitting the per-column linear head on %s rows (the ensemble imputes each column "
+                          "hidden in turn)", f"{len(train_x) + len(val_x):,}")
         model.fit_head(np.concatenate([train_x, val_x]), head_alpha, head_columns, seed=train_cfg.seed)
     return model, result
 

@@ -78,6 +78,23 @@ def test_impute_fit_is_reproducible_whatever_the_global_rng_state():
     np.testing.assert_array_equal(imputed(), first)
 
 
+def test_the_long_steps_after_training_say_what_they_do(caplog):
+    """impute's head fit and detect's scoring ran for minutes on a big table without a line in the log."""
+    import logging
+
+    from tasks.apps import detect
+
+    _, holed, _, _ = _holes()
+    with caplog.at_level(logging.INFO):
+        impute.fit_imputer(holed[:100], holed[100:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN,
+                           mask_fraction=0.25, members=1)
+        x = np.nan_to_num(holed)
+        detect.fit_detector(x[:100], x[100:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN, contamination=0.1,
+                            min_steps=1)
+    assert f"impute: fitting the per-column linear head on {len(holed)} rows" in caplog.text
+    assert f"detect: scoring {len(holed)} rows to fix the score's scales" in caplog.text
+
+
 def test_impute_extra_trees_baseline_beats_the_mean_and_honours_its_row_cap():
     x, holed, hidden, groups = _holes(n=200)
     lo, hi = x.min(0), x.max(0)
