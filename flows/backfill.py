@@ -448,7 +448,7 @@ def run_folder(client: Any, flow_run_id: str, app_name: str) -> str:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
             key=ArtifactFilterKey(any_=[RUN_LINK_KEY.format(app=app_name)])))
-    except Exception as e:  # the table still names the flow run
+    except Exception as e:  # noqa: BLE001 - a lookup for the table, which still names the flow run
         log.debug("no run link for flow run %s: %s", flow_run_id, e)
         return ""
     for a in found:

@@ -211,7 +211,7 @@ def _first_attempt(run: RunDir, started: datetime) -> tuple[datetime, list[str]]
 
     try:
         first = datetime.fromisoformat(run.read_json(RUN_MARKER)["created"])
-    except Exception:  # an older marker: nothing to say
+    except Exception:  # noqa: BLE001 - an older or unreadable marker: nothing to say
         return started, []
     if first >= started:  # the marker this attempt wrote
         return started, []

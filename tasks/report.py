@@ -204,7 +204,7 @@ def publish_run_link(app: str, run_uri: str) -> None:
             return
         create_link_artifact(link=run_uri, link_text=run_uri, key=RUN_LINK_KEY.format(app=app),
                              description=f"{app} run folder: outputs, report/, manifest.json")
-    except Exception as e:  # artifacts are for people; a failure to post one must not fail the run
+    except Exception as e:  # noqa: BLE001 - artifacts are for people; a failure to post one must not fail the run
         log.warning("could not publish the run's link artifact: %s", e)
 
 
