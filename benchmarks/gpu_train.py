@@ -69,10 +69,12 @@ from models.training import (
 SIZES: dict[str, dict[str, Any]] = {
     "gpu": dict(features=3000, hidden=1500, latent=200, rows=262_144, val_rows=16_384, batches=(4096, 32768),
                 host_rows=65_536, conv_patches=4096, conv_patch=48, codec_patches=1024, codec_patch=64,
-                check_rows=65_536, check_epochs=30, measure_epochs=2, min_epochs=3, peak_n=8192),
+                check_rows=65_536, check_epochs=30, measure_epochs=2, min_epochs=3, peak_n=8192,
+                codec_train_patch=256, codec_train_steps=15),
     "cpu": dict(features=96, hidden=48, latent=8, rows=2048, val_rows=256, batches=(256, 512),
                 host_rows=1024, conv_patches=64, conv_patch=16, codec_patches=16, codec_patch=16,
-                check_rows=1024, check_epochs=2, measure_epochs=1, min_epochs=2, peak_n=512),
+                check_rows=1024, check_epochs=2, measure_epochs=1, min_epochs=2, peak_n=512,
+                codec_train_patch=32, codec_train_steps=2),
 }
 # Rough cost of one torch.compile (s) on a fresh machine, to skip compiled rows that would overrun.
 COMPILE_COST_S = 50.0
@@ -202,7 +204,11 @@ def bare_loop(make_model: Callable[[], nn.Module], data: torch.Tensor, *, batch:
     model = make_model().to(device)
     cuda = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if cuda else {}))
-    step_model = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
+
+    def mse(xb: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(model(xb).x_hat.float(), xb.float())
+
+    step_loss = torch.compile(mse, mode=compile_mode, dynamic=False) if compile_mode else mse  # the loss in the graph
     n = len(data)
     per_epoch = n // batch
     g = torch.Generator(device=data.device).manual_seed(0)
@@ -217,7 +223,7 @@ def bare_loop(make_model: Callable[[], nn.Module], data: torch.Tensor, *, batch:
                 perm = torch.randperm(n, generator=g, device=data.device)
             xb = data.index_select(0, perm[j * batch : (j + 1) * batch])
             with autocast:
-                loss = F.mse_loss(step_model(xb).x_hat.float(), xb.float())
+                loss = step_loss(xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -260,6 +266,110 @@ def build_codec(mod: Any, cls: type) -> nn.Module:
     ann = inspect.signature(cls.__init__).parameters["config"].annotation
     cfg_cls = getattr(mod, ann) if isinstance(ann, str) else ann
     return cls(cfg_cls())
+
+
+# The codec training step as benchmarks/train_codec.py runs it, per variant: (label, batch, channels-last,
+# bf16 transforms). The first is the recipe the earlier GPU runs used; benchmarks.gpu_session picks the
+# hyperprior's training settings from these rows.
+CODEC_VARIANTS = (("batch 16 (recipe)", 16, False, False), ("batch 16, channels-last", 16, True, False),
+                  ("batch 16, bf16 transforms", 16, False, True), ("batch 16, channels-last, bf16 transforms", 16, True, True),
+                  ("batch 32", 32, False, False), ("batch 64", 64, False, False))
+
+
+def codec_train_speed(bench: Bench, sz: dict[str, Any], device: torch.device) -> None:
+    """Steps/s of the hyperprior's training step (``train_codec.py``: Adam with two step sizes, gradient
+    clipping, TF32 and cuDNN autotuning on CUDA) at ``codec_train_patch`` crops, per :data:`CODEC_VARIANTS`,
+    each variant's first loss compared with the recipe's (same weights, same batch, same noise); then a
+    profile of the recipe's step (what the device and the host spend it on)."""
+    from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
+    from models.codec_train import make_loss_fn, transforms_in_bf16
+
+    cuda = device.type == "cuda"
+    patch, steps = sz["codec_train_patch"], sz["codec_train_steps"]
+    data = smooth_patches(max(b for _, b, _, _ in CODEC_VARIANTS), 3, patch, seed=4).to(device)
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if cuda:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    first_loss: dict[int, float] = {}
+    rows: list[dict[str, Any]] = []
+
+    def setup(batch: int, channels_last: bool, bf16: bool) -> tuple[Any, Callable[[], torch.Tensor]]:
+        torch.manual_seed(0)
+        model = HyperpriorCodec(HyperpriorConfig()).to(device).train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        if bf16:
+            transforms_in_bf16(model, device.type)
+        hyper = ("h_a.", "h_s.", "log_hyper_gain", "log_inv_hyper_gain", "z_priors.")
+        named = list(model.named_parameters())
+        opt = torch.optim.Adam([{"params": [p for n, p in named if not n.startswith(hyper)], "lr": 1e-4},
+                                {"params": [p for n, p in named if n.startswith(hyper)], "lr": 1e-3}])
+        loss_fn = make_loss_fn(model)
+        gen = torch.Generator().manual_seed(0)
+        xb = data[:batch].contiguous(memory_format=torch.channels_last) if channels_last else data[:batch]
+
+        def step() -> torch.Tensor:
+            loss = loss_fn(model, xb, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return loss.detach()
+
+        return (model, loss_fn, xb), step
+
+    def one(label: str, batch: int, channels_last: bool, bf16: bool) -> dict[str, Any]:
+        (model, loss_fn, xb), step = setup(batch, channels_last, bf16)
+        torch.manual_seed(1)  # the same noise for every variant's first loss
+        with torch.no_grad():
+            loss0 = float(loss_fn(model, xb, torch.Generator().manual_seed(0)))
+        first_loss.setdefault(batch, loss0)
+        for _ in range(3):  # cuDNN picks its algorithms
+            step()
+        _sync(device)
+        t = time.perf_counter()
+        losses = [step() for _ in range(steps)]
+        _sync(device)
+        seconds = time.perf_counter() - t
+        finite = bool(torch.isfinite(torch.stack(losses)).all())
+        rec = {"batch": batch, "patch": patch, "channels_last": channels_last, "bf16_transforms": bf16,
+               "steps_per_s": steps / seconds, "samples_per_s": steps * batch / seconds, "finite": finite,
+               "first_loss": loss0, "first_loss_rel_diff": abs(loss0 / first_loss[batch] - 1)}
+        rows.append({"label": label, **rec})
+        return rec
+
+    try:
+        for label, batch, channels_last, bf16 in CODEC_VARIANTS:
+            bench.row(f"hyperprior training step {patch}px, {label}", lambda a=(label, batch, channels_last, bf16): one(*a),
+                      needs_s=5, model="hyperprior train step", loop="train_codec")
+
+        def profile() -> dict[str, Any]:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            _, step = setup(16, False, False)
+            for _ in range(3):
+                step()
+            _sync(device)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with torch_profile(activities=acts) as prof:
+                for _ in range(5):
+                    step()
+                _sync(device)
+            ev = prof.key_averages()
+            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            syncs = {e.key: e.count for e in ev if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item"}
+            return {"profile_device": ev.table(sort_by=key, row_limit=18, max_name_column_width=60),
+                    "profile_host": ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60),
+                    "ops_per_step": sum(e.count for e in ev) / 5, "sync_calls_5_steps": syncs}
+
+        prof = bench.row(f"hyperprior training step {patch}px, profile of the recipe (5 steps)", profile, needs_s=10,
+                         model="hyperprior train step", loop="profile")
+        bench.extra["codec_profile"] = {k: prof.get(k) for k in ("profile_device", "profile_host", "ops_per_step",
+                                                                  "sync_calls_5_steps", "error")}
+    finally:
+        bench.extra["codec_speed"] = rows
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,8 +524,9 @@ def run(out: Path, cpu_smoke: bool, budget_s: float) -> dict[str, Any]:
     bench.extra["auto_batch"] = auto_batch  # the compiled rows compare fit and the bare loop at this batch
     if cuda:  # the automatic batch compiled, fit and the bare loop at the same batch
         dense_compiled(None, auto_batch)
-    conv_models()
+    codec_train_speed(bench, sz, device)
     batch_check()
+    conv_models()
     host_rows()
     if cuda:
         for b in reversed(sz["batches"]):
@@ -486,6 +597,18 @@ def markdown(result: dict[str, Any]) -> str:
                          f"| {r['samples_per_s']:,.0f} | {100 * r.get('mfu', 0):.1f}% |")
         elif "flops" not in r:
             lines.append(f"| {r['name']} | | | | {r.get('error') or r.get('skipped', '')} | |")
+    if result.get("codec_speed"):
+        lines += ["", ("Hyperprior training step (`train_codec.py`'s: Adam, gradient clipping; TF32 and cuDNN autotuning "
+                       "on CUDA), first loss compared with the recipe's on the same weights, batch and noise:"), "",
+                  "| variant | batch | patch | steps/s | crops/s | finite | first loss vs recipe |", "|---|---|---|---|---|---|---|"]
+        for r in result["codec_speed"]:
+            lines.append(f"| {r['label']} | {r['batch']} | {r['patch']} | {r['steps_per_s']:.1f} | {r['samples_per_s']:,.0f} "
+                         f"| {'yes' if r['finite'] else 'NO'} | {100 * r['first_loss_rel_diff']:.2f}% |")
+    prof = result.get("codec_profile") or {}
+    if prof.get("profile_device"):
+        lines += ["", (f"Profile of the recipe's step ({prof['ops_per_step']:.0f} profiler events per step; "
+                       f"synchronising calls in 5 steps: {prof['sync_calls_5_steps']}):"), "", "```",
+                  prof["profile_device"].rstrip(), "```"]
     g = result["goals"]
     lines += ["", "Goals (issue 16):"]
     for k, v in g.get("fit_over_bare", {}).items():

@@ -58,6 +58,7 @@ from models.codec_train import (
     hyperprior_from_factorized,
     make_loss_fn,
     make_rate_loss_fn,
+    transforms_in_bf16,
     widen_codec,
 )
 from models.image_ops import as_rgb, pad_to_multiple, rgb_patches
@@ -372,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--channels-last", action="store_true", help="the model and batches in channels-last memory (speed)")
+    ap.add_argument("--bf16-transforms", action="store_true",
+                    help="g_a and g_s under bf16 autocast, the entropy models in float32 (speed; weights stay float32)")
     ap.add_argument("--init", default=None, help="start from this trained codec folder (a factorized one can start a hyperprior)")
     ap.add_argument("--widen", type=int, default=None, help="with --init of the same kind: grow the hidden width to this")
     ap.add_argument("--images", default=None, help="training photographs from this file (see --save-images)")
@@ -400,6 +404,10 @@ def main(argv: list[str] | None = None) -> None:
     model, info = make_model(args, resumed, images)
     kind = info["kind"]
     model.to(dev).train()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.bf16_transforms:
+        transforms_in_bf16(model, dev.type)
     groups = param_groups(model, args.lr, args.hyper_lr)
     if args.entropy_only:
         if not isinstance(model, HyperpriorCodec):
@@ -414,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed + step)
     run = {"device": str(dev), "minutes": args.minutes, "batch": args.batch, "patch": args.patch, "lr": args.lr,
            "hyper_lr": args.hyper_lr, "decay_at": args.decay_at, "hyper_only": args.hyper_only, "scales": list(scales), "start_step": step,
+           **({"channels_last": True} if args.channels_last else {}), **({"bf16_transforms": True} if args.bf16_transforms else {}),
            **({"entropy_only": True} if args.entropy_only else {})}
     lineage = [t.lineage() for t in sources]
     if args.entropy_only:
@@ -429,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     parts: list[dict] = []
 
     def save(final: bool = False) -> None:
-        cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        cpu_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
         seconds = info["seconds"] + time.time() - t0
         record = {**run, "steps": step - step0, "seconds": round(time.time() - t0, 1)}
         meta = {"steps": step, "train_seconds": round(seconds, 1), "training_images": lineage,
@@ -456,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         for i, g in enumerate(opt.param_groups):
             g["lr"] = g["peak"] * warm * (0.1 if decayed else 1.0) * (1.0 if joint or i > 0 else 0.0)
         batch = batches.next().to(dev, non_blocking=True)
+        if args.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         loss = loss_fn(model, batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()

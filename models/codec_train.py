@@ -68,6 +68,25 @@ def make_loss_fn(model: CodecBase):
     return loss_fn
 
 
+def transforms_in_bf16(model: CodecBase, device_type: str = "cuda") -> None:
+    """Run ``model``'s analysis and synthesis transforms under bf16 autocast, their outputs back in float32.
+
+    A training-speed option (``benchmarks/train_codec.py --bf16-transforms``): the convolutions, nearly all
+    of a step's arithmetic, run on bf16 tensor cores; the entropy models, gains and the loss stay in float32,
+    and so do the weights. Applied to this instance only (its ``g_a``/``g_s`` forward); the weights file,
+    coding and decoding are unaffected.
+    """
+    for name in ("g_a", "g_s"):
+        module = getattr(model, name)
+        forward = module.forward
+
+        def in_bf16(x: Tensor, forward=forward) -> Tensor:
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return forward(x).float()
+
+        module.forward = in_bf16
+
+
 def make_rate_loss_fn(model: HyperpriorCodec):
     """A ``loss_fn(model, latents, generator)`` for a hyperprior's entropy side alone.
 

@@ -134,6 +134,10 @@ def reconstruction_loss(model: nn.Module, batch: Tensor, generator: torch.Genera
 
 
 reconstruction_loss.device_rng = True  # type: ignore[attr-defined]  # draws nothing
+# Compiled together with the model when training compiles (the loss's casts and reduction fuse into the
+# step's graph instead of reading and writing the batch-sized output several more times): a loss that
+# draws nothing from its generator can say so.
+reconstruction_loss.compile_with_model = True  # type: ignore[attr-defined]
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -193,6 +197,28 @@ def evaluate_loss(
     if total_t is not None:
         total = float(total_t)
     return total / max(n, 1)
+
+
+class _ModelLoss(nn.Module):
+    """``loss_fn(model, batch)`` as one module, so that compiling it compiles the loss with the model."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Tensor) -> Tensor:
+        return self.loss_fn(self.model, batch, None)  # type: ignore[arg-type]  # draws nothing (compile_with_model)
+
+
+def _compiled_step(model: nn.Module, loss_fn: LossFn, mode: str) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The training step's loss through ``torch.compile``: the model and the loss in one graph when the loss
+    says it draws nothing from its generator (``compile_with_model``), else the model alone."""
+    if getattr(loss_fn, "compile_with_model", False):
+        whole = _compile(_ModelLoss(model, loss_fn), mode)
+        return lambda batch, generator: whole(batch)
+    compiled = _compile(model, mode)
+    return lambda batch, generator: loss_fn(compiled, batch, generator)
 
 
 @contextmanager
@@ -317,12 +343,15 @@ def fit(
     lr_top = resume.lr_top if resume is not None and resume.lr_top is not None else lr_peak
     plateau = min(LR_PLATEAU_EPOCHS, max(1, settings.patience // 3))
 
-    step_model: nn.Module = model
+    def eager_step(batch: Tensor, generator: torch.Generator) -> Tensor:
+        return loss_fn(model, batch, generator)
+
+    step_loss: Callable[[Tensor, torch.Generator], Tensor] = eager_step
     compiled = "off"
     compile_checked = True  # False until the first compiled step has run
     if settings.compile == "on" and (not cuda or settings.compile_mode):
         compiled = settings.compile_mode or "default"
-        step_model, compile_checked = _compile(model, compiled), False
+        step_loss, compile_checked = _compiled_step(model, loss_fn, compiled), False
     # On CUDA, "auto" (and "on" without a mode) times a few eager steps first.
     probe = cuda and settings.compile != "off" and compiled == "off" and not finished
     probe_t0 = 0.0
@@ -396,21 +425,21 @@ def fit(
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 if compile_checked:
                     with _autocast(device):
-                        loss = loss_fn(step_model, batch, loss_gen)
+                        loss = step_loss(batch, loss_gen)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 else:  # the first compiled step: a compiler failure falls back to eager training
                     try:
                         with _autocast(device):
-                            loss = loss_fn(step_model, batch, loss_gen)
+                            loss = step_loss(batch, loss_gen)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                     except Exception as e:  # noqa: BLE001 - torch.compile raises many kinds
                         log.warning("torch.compile failed, training continues without it: %s", e)
                         compiled = f"failed ({type(e).__name__})"
-                        step_model = model
+                        step_loss = eager_step
                         with _autocast(device):
-                            loss = loss_fn(step_model, batch, loss_gen)
+                            loss = step_loss(batch, loss_gen)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                     compile_checked = True
@@ -429,7 +458,7 @@ def fit(
                         if settings.compile == "on" or per_step * remaining >= COMPILE_PAYOFF_S:
                             mode = settings.compile_mode or ("reduce-overhead" if per_step < CUDA_GRAPH_STEP_S else "default")
                             log.info("compiling the model (mode %s): %.2f ms per eager step, %d steps to go", mode, per_step * 1e3, remaining)
-                            step_model, compiled, compile_checked = _compile(model, mode), mode, False
+                            step_loss, compiled, compile_checked = _compiled_step(model, loss_fn, mode), mode, False
                 if on_batch is not None or settings.checkpoint_seconds > 0:
                     now = time.perf_counter()
                     if on_batch is not None and (step == steps or now - last_progress >= PROGRESS_EVERY_S):

@@ -35,6 +35,15 @@ def test_gpu_train_benchmark_cpu_smoke(tmp_path):
     check = saved["batch_check"]
     assert check["samples_seen"] > 0 and math.isfinite(check["ratio"]) and check["ratio"] > 0
     assert set(saved["goals"]["fit_over_bare"]) == {"batch 256, off", "batch 512, off"}
+    # the hyperprior's training step per variant (gpu_session picks the training settings from these)
+    speed = {r["label"]: r for r in saved["codec_speed"]}
+    assert {"batch 16 (recipe)", "batch 16, bf16 transforms", "batch 64"} <= set(speed)
+    assert all(r["steps_per_s"] > 0 and r["finite"] for r in speed.values())
+    assert speed["batch 16 (recipe)"]["first_loss_rel_diff"] == 0
+    assert speed["batch 16, channels-last"]["first_loss_rel_diff"] < 1e-4  # the same arithmetic, another layout
+    assert 0 < speed["batch 16, bf16 transforms"]["first_loss_rel_diff"] < 0.05
+    assert saved["codec_profile"]["ops_per_step"] > 0 and "Self CPU" in saved["codec_profile"]["profile_device"]
+    assert "Hyperprior training step" in (tmp_path / "gpu_train.md").read_text()
 
 
 def test_gpu_train_benchmark_imports_only_torch_numpy_safetensors_and_models():

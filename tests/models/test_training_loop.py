@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load, save
 from torch import nn
 
@@ -33,6 +34,7 @@ from models.training import (
     fit,
     host_generator,
     measure_step_cost,
+    reconstruction_loss,
 )
 
 pytestmark = pytest.mark.models
@@ -222,6 +224,33 @@ def test_compile_on_trains_through_the_compiled_model(monkeypatch):
     assert calls == ["default"] and (r0.compiled, r1.compiled) == ("off", "default")
     assert r1.history[-1].train_loss == pytest.approx(r0.history[-1].train_loss, rel=1e-4)
     assert not any(k.startswith("_orig_mod") for k in compiled.state_dict())
+
+
+def test_compile_takes_the_loss_into_the_graph_only_when_it_draws_nothing(monkeypatch):
+    """reconstruction_loss (compile_with_model) is compiled with the model, as one module returning the
+    loss; a loss that draws from its generator keeps it outside, the model compiled alone."""
+    seen: list[nn.Module] = []
+
+    def fake_compile(module, mode):
+        seen.append(module)
+        return torch.compile(module, backend="aot_eager", dynamic=False)
+
+    monkeypatch.setattr(training, "_compile", fake_compile)
+    x = _data(200)
+    model = _model()
+    r = fit(model, x[:160], x[160:], TrainSettings(epochs=2, batch_size=32, compile="on"))
+    assert len(seen) == 1 and getattr(seen[0], "model", None) is model and np.isfinite(r.best_val_loss)
+    batch = torch.from_numpy(x[:8])
+    assert torch.allclose(seen[0](batch), reconstruction_loss(model, batch, None))
+
+    def noisy_loss(m, batch, generator):
+        noise = torch.randn(batch.shape, generator=generator)
+        return F.mse_loss(m(batch + 0.1 * noise).x_hat, batch)
+
+    seen.clear()
+    model = _model()
+    fit(model, x[:160], x[160:], TrainSettings(epochs=1, batch_size=32, compile="on"), loss_fn=noisy_loss)
+    assert seen == [model]
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
