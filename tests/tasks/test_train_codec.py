@@ -183,3 +183,57 @@ def test_entropy_only_moves_the_entropy_side_and_nothing_else(images, tmp_path, 
         with torch.no_grad():  # eval mode: rounded latents, the rate the coder sees
             rates.append(float(make_rate_loss_fn(model)(model, crops, torch.Generator().manual_seed(0))))
     assert rates[1] < rates[0], rates
+
+
+def test_speed_options_train_and_save_a_normal_model(images, tmp_path, capsys):
+    """--channels-last --bf16-transforms (the GPU speed options) at toy scale on the CPU: the run records
+    them, and what it saves is an ordinary float32 model that loads and codes (weights contiguous)."""
+    import torch
+
+    from benchmarks.train_codec import main
+    from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
+
+    torch.manual_seed(0)
+    start = HyperpriorCodec(HyperpriorConfig(channels=8, latent_channels=8, lambdas=(0.01, 0.1)))
+    start.eval()
+    start.update_tables()
+    init = save_model_folder(start, str(tmp_path / "start"))
+    out = tmp_path / "fast"
+    threads = torch.get_num_threads()
+    try:
+        main(["--kind", "hyperprior", "--init", init, "--images", images, "--patch", "32", "--batch", "2",
+              "--lr", "1e-4", "--save-every", "100", "--minutes", "0.03", "--channels-last", "--bf16-transforms",
+              "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert "(final)" in capsys.readouterr().out
+    run = json.load(open(out / "config.json"))["runs"][-1]
+    assert run["channels_last"] is True and run["bf16_transforms"] is True and run["steps"] > 0
+    from tasks.codec import load_codec_run
+
+    codec = load_codec_run(str(out))
+    x = torch.rand(1, 3, 32, 32)
+    assert codec.model.kind == "hyperprior" and codec.model(x, 1).x_hat.dtype == torch.float32
+
+
+def test_transforms_in_bf16_changes_only_the_transforms_precision():
+    import torch
+
+    from models.codec_hyperprior import HyperpriorCodec, HyperpriorConfig
+    from models.codec_train import make_loss_fn, transforms_in_bf16
+
+    torch.manual_seed(0)
+    model = HyperpriorCodec(HyperpriorConfig(channels=8, latent_channels=8, lambdas=(0.01, 0.1))).eval()
+    x = torch.rand(2, 3, 32, 32)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        y32 = model.g_a(x)
+        transforms_in_bf16(model, "cpu")
+        y16 = model.g_a(x)
+    assert y16.dtype == torch.float32 and not torch.equal(y16, y32)
+    assert torch.allclose(y16, y32, rtol=0.05, atol=0.05 * float(y32.abs().max()))
+    assert list(model.state_dict()) == keys and all(p.dtype == torch.float32 for p in model.parameters())
+    model.train()
+    loss = make_loss_fn(model)(model, (x * 255).to(torch.uint8), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
