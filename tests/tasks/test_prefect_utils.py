@@ -41,7 +41,8 @@ def test_the_aeflow_console_script_runs_its_commands_without_default_heartbeats(
     import flows.lifeline
 
     seen = []
-    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    for var in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):  # asked for: kept (other tests)
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(flows.cli, "app", lambda: seen.append(_freq()))
     monkeypatch.setattr(flows.lifeline, "guard_prefect_ephemeral_server", lambda: None)
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: PREFECT_DEFAULT_HEARTBEAT_S}):
