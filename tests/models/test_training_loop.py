@@ -208,20 +208,26 @@ def test_device_rng_losses_draw_noise_from_the_device_generator(name, model, los
         assert run(1) != a, "the noise did not come from the device generator"
 
 
-def test_compile_on_trains_through_the_compiled_model(monkeypatch):
-    calls: list[str] = []
+def _recording_compile(monkeypatch) -> list[tuple[nn.Module, str]]:
+    """training._compile through the cheap aot_eager backend, recording what it was given."""
+    calls: list[tuple[nn.Module, str]] = []
 
-    def fake_compile(model, mode):
-        calls.append(mode)
-        return torch.compile(model, backend="aot_eager", dynamic=False)
+    def fake_compile(module, mode):
+        calls.append((module, mode))
+        return torch.compile(module, backend="aot_eager", dynamic=False)
 
     monkeypatch.setattr(training, "_compile", fake_compile)
+    return calls
+
+
+def test_compile_on_trains_through_the_compiled_model(monkeypatch):
+    calls = _recording_compile(monkeypatch)
     x = _data(200)
     eager = _model()
     r0 = fit(eager, x[:160], x[160:], TrainSettings(epochs=2, batch_size=32, compile="off"))
     compiled = _model()
     r1 = fit(compiled, x[:160], x[160:], TrainSettings(epochs=2, batch_size=32, compile="on"))
-    assert calls == ["default"] and (r0.compiled, r1.compiled) == ("off", "default")
+    assert [mode for _, mode in calls] == ["default"] and (r0.compiled, r1.compiled) == ("off", "default")
     assert r1.history[-1].train_loss == pytest.approx(r0.history[-1].train_loss, rel=1e-4)
     assert not any(k.startswith("_orig_mod") for k in compiled.state_dict())
 
@@ -229,28 +235,23 @@ def test_compile_on_trains_through_the_compiled_model(monkeypatch):
 def test_compile_takes_the_loss_into_the_graph_only_when_it_draws_nothing(monkeypatch):
     """reconstruction_loss (compile_with_model) is compiled with the model, as one module returning the
     loss; a loss that draws from its generator keeps it outside, the model compiled alone."""
-    seen: list[nn.Module] = []
-
-    def fake_compile(module, mode):
-        seen.append(module)
-        return torch.compile(module, backend="aot_eager", dynamic=False)
-
-    monkeypatch.setattr(training, "_compile", fake_compile)
+    calls = _recording_compile(monkeypatch)
     x = _data(200)
     model = _model()
     r = fit(model, x[:160], x[160:], TrainSettings(epochs=2, batch_size=32, compile="on"))
-    assert len(seen) == 1 and getattr(seen[0], "model", None) is model and np.isfinite(r.best_val_loss)
+    [(whole, _)] = calls
+    assert getattr(whole, "model", None) is model and np.isfinite(r.best_val_loss)
     batch = torch.from_numpy(x[:8])
-    assert torch.allclose(seen[0](batch), reconstruction_loss(model, batch, None))
+    assert torch.allclose(whole(batch), reconstruction_loss(model, batch, None))
 
     def noisy_loss(m, batch, generator):
         noise = torch.randn(batch.shape, generator=generator)
         return F.mse_loss(m(batch + 0.1 * noise).x_hat, batch)
 
-    seen.clear()
+    calls.clear()
     model = _model()
     fit(model, x[:160], x[160:], TrainSettings(epochs=1, batch_size=32, compile="on"), loss_fn=noisy_loss)
-    assert seen == [model]
+    assert [m for m, _ in calls] == [model]
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
