@@ -207,7 +207,7 @@ def test_speed_options_train_and_save_a_normal_model(images, tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert "(final)" in capsys.readouterr().out
-    run = json.load(open(out / "config.json"))["runs"][-1]
+    run = json.loads((out / "config.json").read_text())["runs"][-1]
     assert run["channels_last"] is True and run["bf16_transforms"] is True and run["steps"] > 0
     from tasks.codec import load_codec_run
 
