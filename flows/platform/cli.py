@@ -20,8 +20,9 @@ platform_app = typer.Typer(
 err = Console(stderr=True)
 
 DirOption = Annotated[Path, typer.Option(
-    "--dir", "-d", help="The platform's state directory (data, logs, keys); default ./.aeflow/platform, "
-                        "relative to the current directory.")]
+    "--dir", "-d", envvar="AEFLOW_PLATFORM_DIR",
+    help="The platform's state directory (data, logs, keys); default $AEFLOW_PLATFORM_DIR (one of the variables "
+         "`up` prints), else ./.aeflow/platform, relative to the current directory.")]
 
 
 def _default_dir() -> Path:
@@ -127,8 +128,8 @@ def status_cmd(
             table.add_row(c["name"], str(c["pid"]), state, " ".join(f"{k}={v}" for k, v in c["ports"].items()), c["log"])
         Console().print(table)
         if not result["components"]:
-            err.print("nothing is running (state and data are kept; exit code 1); `aeflow platform up` starts it again",
-                      highlight=False)
+            err.print("nothing is running (state and data are kept; exit code 1); "
+                      f"`aeflow platform up --dir {result['dir']}` starts it again", highlight=False)
     raise typer.Exit(0 if result["healthy"] else 1)
 
 

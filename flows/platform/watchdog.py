@@ -14,7 +14,13 @@ a crashed one. The watchdog closes both gaps for the platform's own workers:
 2. a task run still RUNNING or PENDING inside a flow run that has ended (crashed,
    failed or cancelled: by the watchdog, by its worker after the process died, by an
    operator) is set to CRASHED too, which releases its tag concurrency slots —
-   unless the flow run's process still runs on this machine.
+   unless the flow run's process still runs on this machine;
+3. (with a platform directory, whose workers run on this machine) a flow run of the pool
+   still RUNNING or CANCELLING that started before this watchdog did, and whose process
+   is no longer alive here, was left by a platform that stopped under it (``platform
+   down`` mid-run, a reboot): RUNNING is set to CRASHED, CANCELLING to CANCELLED, and its
+   task runs are freed. Without this, its ``fit`` task kept the ``training`` slot after the
+   next ``up`` and every later training waited for ever.
 
 A heartbeat file (``DIR/watchdog.alive``) is touched every loop: ``platform status``
 reads it. Run by ``aeflow platform up``; ``python -m flows.platform.watchdog --dir DIR``
@@ -84,6 +90,20 @@ def _pid_alive(pid_text: str | None) -> bool:
         return True
 
 
+def _process_of(pid_text: str | None, started: dt.datetime | None) -> bool:
+    """Whether ``pid_text`` is a live process here that could be the flow run started at ``started`` (not a
+    later process that reuses the number: one created after the flow run started is not it)."""
+    try:
+        p = psutil.Process(int(pid_text or ""))
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or p.create_time() <= started.timestamp() + 5.0
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
 class Watchdog:
     """One watchdog over one platform directory, or (``directory`` None) over a pool on a remote API.
 
@@ -100,6 +120,7 @@ class Watchdog:
         self.pool = pool
         self.tracked: dict[Any, Tracked] = {}
         self.last_error = ""
+        self.started = dt.datetime.now(dt.UTC)  # rule 3: flow runs older than this watchdog
 
     def tick(self) -> None:
         """One pass: track new flow-run processes, crash orphaned runs, free their task runs."""
@@ -148,7 +169,45 @@ class Watchdog:
                     self.crash(c, fr.id, t)
             for frid in set(self.tracked) - seen:
                 del self.tracked[frid]
+            self.end_stale_runs(c, pool)
             self.free_orphaned_tasks(c, pool)
+
+    def end_stale_runs(self, c: Any, pool: str) -> None:
+        """Rule 3: RUNNING/CANCELLING flow runs of the pool older than this watchdog whose process is gone."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterStartTime,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Cancelled, Crashed
+
+        stale = c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.CANCELLING])),
+                start_time=FlowRunFilterStartTime(before_=self.started),
+            ),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            limit=200,
+        )
+        for fr in stale:
+            if fr.id in self.tracked or _process_of(fr.infrastructure_pid, fr.start_time):
+                continue
+            was = fr.state.type.value
+            why = (f"Its process (pid {fr.infrastructure_pid or '?'}) is gone: the platform stopped while it ran "
+                   "(aeflow platform down, or the machine restarted).")
+            if was == "CANCELLING":
+                new_state = Cancelled(message=f"{why} Cancelled by the aeflow platform watchdog.")
+            else:
+                new_state = Crashed(message=f"{why} Marked crashed by the aeflow platform watchdog; running it again "
+                                            "resumes from its training checkpoint.")
+            result = c.set_flow_run_state(fr.id, new_state, force=True)
+            log(f"flow run {fr.name} ({fr.id}), {was} since before this watchdog started, process gone -> "
+                f"{result.status.value}")
+            self.free_tasks_of(c, c.read_flow_run(fr.id))
 
     def crash(self, c: Any, flow_run_id: Any, t: Tracked) -> None:
         from prefect.states import Crashed

@@ -149,7 +149,7 @@ def test_platform_commands_on_a_directory_without_a_platform(tmp_path):
         assert res.exit_code == 4, res.output
         assert f"{tmp_path} holds no platform" in " ".join(res.output.split())
     res = runner.invoke(app, ["platform", "status", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
-    assert "default ./.aeflow/platform" in " ".join(res.output.replace("│", " ").split()), res.output
+    assert "else ./.aeflow/platform" in " ".join(res.output.replace("│", " ").split()), res.output
 
 
 def test_status_of_a_stopped_platform_is_not_healthy(tmp_path):
@@ -161,8 +161,14 @@ def test_status_of_a_stopped_platform_is_not_healthy(tmp_path):
     res = runner.invoke(app, ["platform", "status", "--dir", str(tmp_path)])
     assert res.exit_code == 1, res.output
     assert "nothing is running" in " ".join(res.output.split()), res.output
+    assert f"aeflow platform up --dir {tmp_path}" in " ".join(res.output.split()), "the hint names the directory"
     res = runner.invoke(app, ["platform", "status", "--dir", str(tmp_path), "--json"])
     assert res.exit_code == 1 and json.loads(res.stdout)["healthy"] is False, res.output
+    # the directory `up` exported (AEFLOW_PLATFORM_DIR) is the default of status and down
+    res = runner.invoke(app, ["platform", "status", "--json"], env={"AEFLOW_PLATFORM_DIR": str(tmp_path)})
+    assert res.exit_code == 1 and json.loads(res.stdout)["dir"] == str(tmp_path), res.output
+    res = runner.invoke(app, ["platform", "down"], env={"AEFLOW_PLATFORM_DIR": str(tmp_path)})
+    assert res.exit_code == 0 and "stopped 0 process(es)" in res.output, res.output
     res = runner.invoke(app, ["platform", "status", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert "or when nothing is running" in " ".join(res.output.replace("│", " ").split()), res.output
 
@@ -212,3 +218,51 @@ def test_a_failed_up_names_the_component_and_stops_what_it_started(tmp_path):
     logs = {p.name for p in (directory / "logs").iterdir()}
     assert {"seaweedfs.log", "dask-scheduler.log"} <= logs, "they had started"
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_watchdog_ends_runs_a_stopped_platform_left_running(prefect_server):
+    """Rule 3: after `down` mid-run (or a reboot) and `up`, a flow run still RUNNING or CANCELLING from before the
+    watchdog started, whose process is gone, is crashed (cancelled) and its task runs freed (the `fit` task kept
+    the training slot: every later training waited); one whose process still runs is left alone."""
+    import datetime as dt
+    import subprocess
+
+    from prefect import get_client, task
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Running
+
+    from flows.platform.watchdog import Watchdog
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    @task
+    def fit_step():
+        return None
+
+    with get_client(sync_client=True) as c:
+        pool = f"wd-{os.getpid()}-{time.time_ns()}"
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        dep = c.create_deployment(flow_id=c.create_flow_from_name("wd-flow"), name="d", work_pool_name=pool)
+        runs = {}
+        for name, pid in (("gone", dead.pid), ("alive", os.getpid()), ("cancelling", dead.pid)):
+            fr = c.create_flow_run_from_deployment(dep, name=name)
+            c.set_flow_run_state(fr.id, Running(), force=True)
+            c.update_flow_run(fr.id, infrastructure_pid=str(pid))
+            runs[name] = fr.id
+        tr = c.create_task_run(fit_step, runs["gone"], "0", state=Running())
+        from prefect.states import State
+
+        c.set_flow_run_state(runs["cancelling"], State(type="CANCELLING"), force=True)
+        wd = Watchdog(None)
+        wd.started = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+        young = Watchdog(None)  # a watchdog older than the runs: they are its own to track, not stale
+        young.started = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        young.end_stale_runs(c, pool)
+        assert c.read_flow_run(runs["gone"]).state.type.value == "RUNNING"
+        wd.end_stale_runs(c, pool)
+        states = {n: c.read_flow_run(i).state for n, i in runs.items()}
+        assert states["gone"].type.value == "CRASHED" and "platform stopped" in states["gone"].message
+        assert states["cancelling"].type.value == "CANCELLED"
+        assert states["alive"].type.value == "RUNNING", "its process still runs (this one)"
+        assert c.read_task_run(tr.id).state.type.value == "CRASHED", "its task run is freed"
