@@ -27,7 +27,7 @@ def backfill(
     via_deployment: Annotated[str | None, typer.Option("--via-deployment", help="Create flow runs of this deployment (FLOW/NAME or NAME) on the server instead of running here.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="With --via-deployment: wait until every flow run has finished.")] = False,
     every: Annotated[int, typer.Option("--every", min=1, help="Days between dates (1 = daily, 7 = weekly).")] = 1,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Artifact root (default ./artifacts).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Artifact root (default $AEFLOW_OUTPUT, else ./artifacts).")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column kept out of training.")] = None,
     id_column: Annotated[str | None, typer.Option("--id-column", help="Column carried through to every output.")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler for every date (default: each date's run starts its own LocalCluster, "

@@ -24,7 +24,7 @@ COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = 
     ("apply_to", ("--apply-to",), "load.apply_to", str, "Data to apply the model to (default: the input)."),
     ("model", ("--model", "-m"), "model_run", str,
      "Reuse a trained model instead of training: a run's URI or a model folder (config.json + weights.safetensors)."),
-    ("output", ("--output", "-o"), "output", str, "Artifact root: a folder or s3://bucket/prefix (default ./artifacts)."),
+    ("output", ("--output", "-o"), "output", str, "Artifact root: a folder or s3://bucket/prefix (default $AEFLOW_OUTPUT, else ./artifacts)."),
     ("label_column", ("--label-column",), "load.label_column", str, "Column kept out of training (reduce colours its plot by it; extract and detect score against it)."),
     ("id_column", ("--id-column",), "load.id_column", str, "Column carried through to every output table."),
     ("exclude", ("--exclude",), "load.exclude_columns", list[str], "Column to ignore (repeatable)."),

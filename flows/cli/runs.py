@@ -31,7 +31,9 @@ def headline(app_name: str, metrics: dict) -> tuple[str, float] | None:
 
 @app.command("list")
 def runs_list(
-    output: Annotated[str, typer.Option("--output", "-o", help="Artifact root to list.")] = "./artifacts",
+    output: Annotated[str, typer.Option(
+        "--output", "-o", envvar="AEFLOW_OUTPUT",
+        help="Artifact root to list (default $AEFLOW_OUTPUT, as `aeflow run` uses it, else ./artifacts).")] = "./artifacts",
     app_name: Annotated[str | None, typer.Option("--app", help="Only this application.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     incomplete: Annotated[bool, typer.Option(

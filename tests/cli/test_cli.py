@@ -42,6 +42,9 @@ def test_runs_list_and_show(cli_run):
     assert [r["run_id"] for r in listed] == [payload["run_id"]]
     res = runner.invoke(app, ["runs", "list", "--output", out, "--app", "reduce"])
     assert payload["run_id"] in res.stdout
+    # the artifact root `aeflow run` writes to by default on a platform (AEFLOW_OUTPUT) is where list looks too
+    res = runner.invoke(app, ["runs", "list", "--json"], env={"AEFLOW_OUTPUT": out})
+    assert res.exit_code == 0 and [r["run_id"] for r in json.loads(res.stdout)] == [payload["run_id"]], res.output
     res = runner.invoke(app, ["runs", "show", payload["run_uri"]])
     assert res.exit_code == 0 and "embeddings.parquet" in res.stdout and "trustworthiness" in res.stdout
     assert "note: metrics on held-out validation rows" in res.stdout, "the notes say what the metrics were measured on"
