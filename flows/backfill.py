@@ -95,11 +95,17 @@ def _shared_dask(address: str | None, needed: bool) -> Iterator[str | None]:
 
 class BackfillInterrupted(KeyboardInterrupt):
     """Ctrl-C during an in-process backfill: ``outcomes`` holds every date, in date order, the ones
-    that did not finish as ``interrupted`` (it was running) or ``not run`` (it was still queued)."""
+    that did not finish as ``interrupted`` (it was running) or ``not run`` (it was still queued).
 
-    def __init__(self, outcomes: list[DateOutcome]) -> None:
+    ``detached``: Ctrl-C of a backfill through a deployment, which stops only this command: the flow
+    runs it created go on on the workers (their outcomes hold the state last read); ``not run`` dates
+    got no flow run.
+    """
+
+    def __init__(self, outcomes: list[DateOutcome], detached: bool = False) -> None:
         super().__init__("backfill interrupted")
         self.outcomes = outcomes
+        self.detached = detached
 
 
 def _raise_in_thread(ident: int, exc: type[BaseException]) -> None:
@@ -367,68 +373,82 @@ def _run_via_deployment(
     with get_client(sync_client=True) as client:
         dep = find_deployment(client, deployment_name)
         check_deployment_app(client, dep, app_name)
-        base_cfg = (dep.parameters or {}).get("config") or {}
-        cfg = _deep_merge(base_cfg, config_overrides)
-        cfg["skip_existing"] = not force
-        for day in dates:
-            params = {**(dep.parameters or {}), "config": cfg, "date": day.isoformat()}
-            digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            base_key = f"aeflow-backfill/{dep.id}/{day.isoformat()}/{digest}"
-            if force:
-                base_key += f"/force-{time.time_ns()}"
-            fr = None
-            for attempt in range(100):
-                key = base_key if attempt == 0 else f"{base_key}/retry-{attempt}"
-                try:
-                    fr = client.create_flow_run_from_deployment(
-                        dep.id, parameters=params, tags=["backfill", app_name], idempotency_key=key
-                    )
-                except Exception as e:  # e.g. parameters rejected by the deployment's schema
-                    outcomes.append(DateOutcome(day, "error", message=_message(e)))
-                    fr = None
-                    break
-                if fr.state is None or fr.state.type.value not in FAILED_STATES:
-                    break  # a new run, or one that is scheduled, running or complete: keep it
-            if fr is None:
-                if on_done:
-                    on_done(outcomes[-1])
-                continue
-            state = fr.state.type.value if fr.state else "PENDING"
-            outcome = DateOutcome(
-                day,
-                "skipped" if state == "COMPLETED" else state.lower(),
-                flow_run_id=str(fr.id),
-                flow_run_name=fr.name,
-                flow_run_url=f"{ui}/runs/flow-run/{fr.id}" if ui else str(fr.id),
-            )
-            if outcome.status == "skipped":  # its flow run completed earlier: the run folder it made or found
-                outcome.run_uri = run_folder(client, outcome.flow_run_id, app_name)
-            outcomes.append(outcome)
-            if on_done and not wait:
-                on_done(outcome)
-        if wait:
-            pending = {o.flow_run_id: o for o in outcomes if o.flow_run_id}
-            for o in outcomes:
-                if o.status == "skipped" or not o.flow_run_id:
-                    pending.pop(o.flow_run_id, None)
-                    if on_done and o.flow_run_id:
-                        on_done(o)
-            while pending:
-                time.sleep(poll_s)
-                for frid, o in list(pending.items()):
-                    fr = client.read_flow_run(frid)
-                    st = fr.state.type.value if fr.state else "PENDING"
-                    o.status = st.lower()
-                    o.flow_run_name = fr.name or o.flow_run_name  # a run renames itself (reduce-DATE-...) as it starts
-                    if st in FINAL_STATES:
-                        if st != "COMPLETED":
-                            o.message = fr.state.message or ""
-                        else:
-                            o.run_uri = run_folder(client, frid, app_name)
-                        del pending[frid]
-                        if on_done:
-                            on_done(o)
+        try:
+            _create_and_wait(client, dep, dates, config_overrides, outcomes, app_name=app_name, force=force, wait=wait,
+                             poll_s=poll_s, on_done=on_done, ui=ui)
+        except KeyboardInterrupt:  # stops this command only: the flow runs created go on on the workers
+            created = {o.date for o in outcomes}
+            raise BackfillInterrupted([*outcomes, *(DateOutcome(d, "not run") for d in dates if d not in created)],
+                                      detached=True) from None
     return outcomes
+
+
+def _create_and_wait(client: Any, dep: Any, dates: list[dt.date], config_overrides: dict[str, Any],
+                     outcomes: list[DateOutcome], *, app_name: str, force: bool, wait: bool, poll_s: float,
+                     on_done: Callable[[DateOutcome], None] | None, ui: str) -> None:
+    """The body of :func:`_run_via_deployment`: ``outcomes`` grows as flow runs are created (and, with
+    ``wait``, their states are read until final)."""
+    base_cfg = (dep.parameters or {}).get("config") or {}
+    cfg = _deep_merge(base_cfg, config_overrides)
+    cfg["skip_existing"] = not force
+    for day in dates:
+        params = {**(dep.parameters or {}), "config": cfg, "date": day.isoformat()}
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        base_key = f"aeflow-backfill/{dep.id}/{day.isoformat()}/{digest}"
+        if force:
+            base_key += f"/force-{time.time_ns()}"
+        fr = None
+        for attempt in range(100):
+            key = base_key if attempt == 0 else f"{base_key}/retry-{attempt}"
+            try:
+                fr = client.create_flow_run_from_deployment(
+                    dep.id, parameters=params, tags=["backfill", app_name], idempotency_key=key
+                )
+            except Exception as e:  # e.g. parameters rejected by the deployment's schema
+                outcomes.append(DateOutcome(day, "error", message=_message(e)))
+                fr = None
+                break
+            if fr.state is None or fr.state.type.value not in FAILED_STATES:
+                break  # a new run, or one that is scheduled, running or complete: keep it
+        if fr is None:
+            if on_done:
+                on_done(outcomes[-1])
+            continue
+        state = fr.state.type.value if fr.state else "PENDING"
+        outcome = DateOutcome(
+            day,
+            "skipped" if state == "COMPLETED" else state.lower(),
+            flow_run_id=str(fr.id),
+            flow_run_name=fr.name,
+            flow_run_url=f"{ui}/runs/flow-run/{fr.id}" if ui else str(fr.id),
+        )
+        if outcome.status == "skipped":  # its flow run completed earlier: the run folder it made or found
+            outcome.run_uri = run_folder(client, outcome.flow_run_id, app_name)
+        outcomes.append(outcome)
+        if on_done and not wait:
+            on_done(outcome)
+    if wait:
+        pending = {o.flow_run_id: o for o in outcomes if o.flow_run_id}
+        for o in outcomes:
+            if o.status == "skipped" or not o.flow_run_id:
+                pending.pop(o.flow_run_id, None)
+                if on_done and o.flow_run_id:
+                    on_done(o)
+        while pending:
+            time.sleep(poll_s)
+            for frid, o in list(pending.items()):
+                fr = client.read_flow_run(frid)
+                st = fr.state.type.value if fr.state else "PENDING"
+                o.status = st.lower()
+                o.flow_run_name = fr.name or o.flow_run_name  # a run renames itself (reduce-DATE-...) as it starts
+                if st in FINAL_STATES:
+                    if st != "COMPLETED":
+                        o.message = fr.state.message or ""
+                    else:
+                        o.run_uri = run_folder(client, frid, app_name)
+                    del pending[frid]
+                    if on_done:
+                        on_done(o)
 
 
 def run_folder(client: Any, flow_run_id: str, app_name: str) -> str:

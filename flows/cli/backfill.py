@@ -44,7 +44,8 @@ def backfill(
     skipped (unless --force), so running the same backfill again redoes only
     the dates that failed. Exit code 1 when any date failed. Ctrl-C starts no
     further date, stops the running ones and exits 130 (run the same command
-    again to resume).
+    again to resume); with --via-deployment it stops only the waiting: the flow
+    runs created go on on the workers.
     """
     from rich.progress import (
         BarColumn,
@@ -109,7 +110,7 @@ def backfill(
         def done(o: Any) -> None:
             progress.update(bar, advance=1, last=f"{o.date}: {o.status}")
 
-        interrupted = False
+        interrupted, detached = False, False
         try:
             if via_deployment:
                 overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
@@ -118,7 +119,7 @@ def backfill(
             else:
                 outcomes = run_in_process(app_name, dates, cfg, parallel=parallel, force=force, on_done=done)
         except BackfillInterrupted as e:
-            interrupted, outcomes = True, e.outcomes
+            interrupted, detached, outcomes = True, e.detached, e.outcomes
         except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
             progress.stop()
             fail(e)
@@ -144,6 +145,14 @@ def backfill(
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
         out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if detached:
+        going = sum(1 for o in outcomes if o.flow_run_id and o.status not in {"completed", "skipped"} and o.ok)
+        never = sum(1 for o in outcomes if o.status == "not run")
+        err.print(f"[bold red]stopped waiting[/] (Ctrl-C): {going} flow run(s) listed above go on on the workers and "
+                  f"finish without this command" + (f"; {never} date(s) got no flow run" if never else "")
+                  + "; the same command again creates only the missing ones and waits for all (its runs are "
+                  "idempotent per date)", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     if interrupted:
         left = sum(1 for o in outcomes if o.status in {"interrupted", "not run"})
         err.print(f"[bold red]interrupted:[/] {left} date(s) not done; run the same command again to resume them "

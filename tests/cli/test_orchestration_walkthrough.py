@@ -247,3 +247,57 @@ def test_the_via_deployment_table_says_why_a_date_failed(monkeypatch):
     assert "reduce-2026-11-02-b" in res.stdout and "InputError: input data/2026-11-02/part.csv" in res.stdout, res.stdout
     # a completed date shows its flow run in the UI and the run folder it made
     assert "http://ui/runs/flow-run/1" in res.stdout and "./artifacts/runs/reduce/20261201-a" in res.stdout, res.stdout
+
+
+def test_ctrl_c_of_a_backfill_through_a_deployment_stops_only_the_waiting(monkeypatch):
+    """The flow runs go on on the workers: Ctrl-C says so and lists them (it said 'interrupted: the run is
+    incomplete', with no table); dates that got no flow run yet are 'not run'. Found by the eighth walkthrough."""
+    import types
+    import uuid
+
+    import prefect.client.orchestration
+
+    import flows.backfill
+    import flows.deploy
+
+    state = types.SimpleNamespace(type=types.SimpleNamespace(value="SCHEDULED"), message="")
+    created: list[str] = []
+
+    class FakeClient:
+        def __init__(self, ctrl_c_at: str):
+            self.ctrl_c_at = ctrl_c_at
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def create_flow_run_from_deployment(self, dep_id, parameters, tags, idempotency_key):
+            if self.ctrl_c_at == parameters["date"]:
+                raise KeyboardInterrupt
+            created.append(parameters["date"])
+            return types.SimpleNamespace(id=uuid.uuid4(), name=f"run-{parameters['date']}", state=state)
+
+        def read_flow_run(self, frid):
+            raise KeyboardInterrupt  # Ctrl-C while waiting
+
+    dep = types.SimpleNamespace(id=uuid.uuid4(), name="reduce", flow_id=uuid.uuid4(), parameters={"config": {}})
+    monkeypatch.setattr(flows.backfill, "find_deployment", lambda client, name: dep)
+    monkeypatch.setattr(flows.backfill, "check_deployment_app", lambda client, d, app_name: None)
+    monkeypatch.setattr(flows.deploy, "api_healthy", lambda url: True)
+    args = ["backfill", "reduce", "--via-deployment", "reduce", "-i", "s3://b/daily/{date}/part.csv",
+            "--start", "2026-11-01", "--end", "2026-11-03", "--wait"]
+    for ctrl_c_at, going, never in (("", 3, 0), ("2026-11-03", 2, 1)):
+        created.clear()
+        monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda **kw: FakeClient(ctrl_c_at))
+        res = runner.invoke(app, args, terminal_width=200)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 130, res.output
+        assert f"stopped waiting (Ctrl-C): {going} flow run(s) listed above go on on the workers" in text, res.output
+        assert ("got no flow run" in text) == bool(never), res.output
+        assert "the run is incomplete" not in text and "Traceback" not in res.output, res.output
+        for day in created:
+            assert f"run-{day}" in res.output, "the table lists the flow runs that go on"
+        if never:
+            assert "2026-11-03 │ not run" in res.output, res.output
