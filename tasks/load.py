@@ -31,7 +31,7 @@ from tasks.errors import InputError
 from tasks.inputs import content_hash, find_files
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.storage import FileRecord, storage_op, to_uri, url_to_fs
+from tasks.storage import FileRecord, is_local, relative_note, storage_op, to_uri, url_to_fs
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SAMPLE_ROWS = 2000
@@ -96,7 +96,7 @@ def list_table_files(uri: str, fmt: str = "auto", role: str = "input") -> tuple[
                 f"{to_uri(fs, unknown[0])}: unknown file type; use .csv, .csv.gz or .parquet, or pass --format"
             )
     if not typed:
-        raise InputError(f"no CSV or Parquet files found at {uri}")
+        raise InputError(f"no CSV or Parquet files found at {uri}{relative_note(uri) if is_local(fs) else ''}")
     return fs, typed
 
 

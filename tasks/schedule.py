@@ -173,7 +173,8 @@ def latest_model_run(app: str, output: str) -> str:
             return m.run_uri
     raise StorageError(
         f"model_run is {LATEST!r} but {output!r} holds no complete {app} run that trained a model; "
-        "run a training first (e.g. the train-apply deployment)"
+        f"run a training of {app} that writes there first (`aeflow run {app} --output {output} ...`, or its "
+        f"deployment with that output; under `aeflow serve` also the {app}-train-apply deployment)"
     )
 
 

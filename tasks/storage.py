@@ -454,16 +454,25 @@ def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
     return True
 
 
+def relative_note(uri: str) -> str:
+    """For a message about a local path given relative: where it was looked for (the process's working
+    directory, on this host: on a worker that is the project directory of *its* machine, not the object store)."""
+    if "://" in str(uri) or os.path.isabs(str(uri)):
+        return ""
+    return f" (a relative path, read from {os.getcwd()} on {socket.gethostname()})"
+
+
 def nothing_at(fs: fsspec.AbstractFileSystem, path: str, uri: str, what: str) -> str:
     """Why there is nothing at ``uri`` (``what`` names it, e.g. "input"): a missing bucket, or no such path."""
-    if not is_local(fs):
-        bucket = path.split("/")[0]
-        try:
-            bucket_ok = bucket_exists(fs, bucket)
-        except Exception:  # unreachable: the listing before this would have said so
-            bucket_ok = True
-        if not bucket_ok:
-            return f"cannot read {what} {uri}: bucket {bucket!r} does not exist"
+    if is_local(fs):
+        return f"{what} {uri} does not exist{relative_note(uri)}"
+    bucket = path.split("/")[0]
+    try:
+        bucket_ok = bucket_exists(fs, bucket)
+    except Exception:  # unreachable: the listing before this would have said so
+        bucket_ok = True
+    if not bucket_ok:
+        return f"cannot read {what} {uri}: bucket {bucket!r} does not exist"
     return f"{what} {uri} does not exist"
 
 

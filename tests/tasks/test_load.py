@@ -109,6 +109,23 @@ def test_file_level_errors(tmp_path, setup, needle):
     assert needle in str(e.value)
 
 
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """On a platform worker a relative input is the worker's project directory, not the object store:
+    the message names the directory and the host (found by the eighth walkthrough: a nightly schedule's
+    data/daily/DATE/*.csv failed with only 'no CSV or Parquet files found at data/daily/...')."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "daily").mkdir()
+    for uri in ("daily/missing.csv", "daily/*.csv"):
+        with pytest.raises(InputError) as e:
+            inspect_table(uri, _load())
+        assert f"(a relative path, read from {tmp_path} on {socket.gethostname()})" in str(e.value), str(e.value)
+    with pytest.raises(InputError) as e:
+        inspect_table(str(tmp_path / "daily" / "missing.csv"), _load())
+    assert "relative path" not in str(e.value), "an absolute path needs no note"
+
+
 def test_unknown_columns_and_role_errors(tmp_path):
     path = tmp_path / "t.csv"
     _frame().to_csv(path, index=False)

@@ -57,8 +57,10 @@ def test_prepare_config_fills_templates_and_resolves_latest(tmp_path):
     cfg = ReduceRunConfig.model_validate(
         {"load": {"apply_to": "raw/{yesterday}/*.csv"}, "model_run": "latest", "output": str(tmp_path)}
     )
-    with pytest.raises(StorageError, match="no complete reduce run that trained a model"):
+    with pytest.raises(StorageError, match="no complete reduce run that trained a model") as e:
         prepare_config(cfg, "2026-11-03")
+    # a hint that works wherever the schedule runs (the train-apply deployments exist only under `aeflow serve`)
+    assert f"`aeflow run reduce --output {tmp_path} ...`" in str(e.value) and "under `aeflow serve`" in str(e.value)
     plain = ReduceRunConfig.model_validate({"load": {"input": "a.csv"}})
     same, day = prepare_config(plain)
     assert same == plain and day is None, "no template, no date: the config is untouched"
