@@ -31,7 +31,14 @@ from tasks.errors import InputError
 from tasks.inputs import content_hash, find_files
 from tasks.prefect_utils import IO_TASK
 from tasks.schemas import TableSchema, infer_schema, validate_block
-from tasks.storage import FileRecord, is_local, relative_note, storage_op, to_uri, url_to_fs
+from tasks.storage import (
+    FileRecord,
+    is_local,
+    relative_note,
+    storage_op,
+    to_uri,
+    url_to_fs,
+)
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SAMPLE_ROWS = 2000

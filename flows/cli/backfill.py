@@ -121,9 +121,12 @@ def backfill(
         except BackfillInterrupted as e:
             interrupted, detached, outcomes = True, e.detached, e.outcomes
         except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
+            progress.update(bar, visible=False)  # no empty bar left above the message
             progress.stop()
             fail(e)
-        except AeflowError as e:
+        except AeflowError as e:  # a refusal before any date ran (no deployment, another app's, no server)
+            progress.update(bar, visible=False)
+            progress.stop()
             fail(e)
     if as_json:
         print(json.dumps([o.to_json() for o in outcomes]))

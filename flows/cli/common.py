@@ -65,8 +65,8 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
 
     if any(isinstance(x, KeyboardInterrupt) for x in causes(e)):
         # Ctrl-C: not an outage of whatever the interrupted step was talking to
-        err.print("[bold red]interrupted:[/] the run is incomplete; run the same command again to resume it",
-                  highlight=False, soft_wrap=True)
+        err.print("[bold red]interrupted:[/] the run is incomplete; the same command again resumes it (training goes "
+                  "on from its last checkpoint when it had saved one, else starts over)", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     if not isinstance(e, AeflowError):
         e = storage_error(e, operation, "the object store") or e

@@ -80,11 +80,16 @@ def up_cmd(
                 "training_slots": training_slots, "poll_seconds": poll_seconds, "bucket": bucket, "pg_user": pg_user,
                 "redeploy": redeploy or None}
     ports = {"prefect": prefect_port, "s3": s3_port, "dask": dask_port, "postgres": postgres_port}
+    where = directory or _default_dir()
     try:
-        result = up(directory or _default_dir(), settings=settings, ports=ports, project_dir=project_dir,
+        result = up(where, settings=settings, ports=ports, project_dir=project_dir,
                     deploy_file=deploy_file, emit=_progress(quiet or as_json))
     except AeflowError as e:
         _fail(e)
+    except KeyboardInterrupt:  # up has stopped what this command had started (what ran before stays)
+        err.print(f"[bold red]interrupted:[/] what this `up` had started is stopped again; `aeflow platform up --dir "
+                  f"{where}` starts it", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps(result, indent=2))
         return

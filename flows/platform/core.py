@@ -199,7 +199,7 @@ class _Up:
             self.record(C.start_watchdog(st))
         if deploying.result():
             st.timings["deploy"] = round(deploying.seconds, 2)
-            self.emit(Event("deploy", "deployed", f"{st.settings['deploy_file']} ({st.timings['deploy']:.1f}s)"))
+            self.emit(Event("deployments", "deployed", f"of {st.settings['deploy_file']} ({st.timings['deploy']:.1f}s)"))
         for name in need_workers:
             since = self.spawned_at[name]
 

@@ -290,7 +290,7 @@ def test_ctrl_c_of_a_backfill_through_a_deployment_stops_only_the_waiting(monkey
             "--start", "2026-11-01", "--end", "2026-11-03", "--wait"]
     for ctrl_c_at, going, never in (("", 3, 0), ("2026-11-03", 2, 1)):
         created.clear()
-        monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda **kw: FakeClient(ctrl_c_at))
+        monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda at=ctrl_c_at, **kw: FakeClient(at))
         res = runner.invoke(app, args, terminal_width=200)
         text = " ".join(res.output.split())
         assert res.exit_code == 130, res.output
@@ -301,3 +301,29 @@ def test_ctrl_c_of_a_backfill_through_a_deployment_stops_only_the_waiting(monkey
             assert f"run-{day}" in res.output, "the table lists the flow runs that go on"
         if never:
             assert "2026-11-03 │ not run" in res.output, res.output
+
+
+def test_a_refused_backfill_leaves_no_empty_progress_bar(monkeypatch):
+    import flows.backfill
+    import flows.deploy
+    from tasks.errors import ConfigError
+
+    def no_such(client, name):
+        raise ConfigError(f"no deployment named {name!r} on the server")
+
+    class NoServer:  # find_deployment is all it is asked
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    import prefect.client.orchestration
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda **kw: NoServer())
+    monkeypatch.setattr(flows.backfill, "find_deployment", no_such)
+    monkeypatch.setattr(flows.deploy, "api_healthy", lambda url: True)
+    res = runner.invoke(app, ["backfill", "reduce", "--via-deployment", "nope", "-i", "s3://b/{date}.csv",
+                              "--start", "2026-11-01", "--end", "2026-11-02"], terminal_width=200)
+    assert res.exit_code == 2 and "no deployment named 'nope'" in res.output, res.output
+    assert "0/2" not in res.output, res.output

@@ -266,3 +266,18 @@ def test_watchdog_ends_runs_a_stopped_platform_left_running(prefect_server):
         assert states["cancelling"].type.value == "CANCELLED"
         assert states["alive"].type.value == "RUNNING", "its process still runs (this one)"
         assert c.read_task_run(tr.id).state.type.value == "CRASHED", "its task run is freed"
+
+
+def test_ctrl_c_of_up_says_what_it_left(tmp_path, monkeypatch):
+    """It exited 130 without a word (found by the eighth walkthrough); up itself stops what it started."""
+    import flows.platform.core
+    from flows.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.platform.core, "up", interrupted)
+    res = CliRunner().invoke(app, ["platform", "up", "--dir", str(tmp_path)])
+    assert res.exit_code == 130, res.output
+    text = " ".join(res.output.split())
+    assert "interrupted: what this `up` had started is stopped again" in text and f"--dir {tmp_path}" in text, text
