@@ -418,16 +418,21 @@ def test_seaweedfs_stopped_and_restarted_mid_run_leaves_no_partial_run(platform,
     _assert_complete_on_s3(platform, platform.manifest_of(rerun.id), len(digits_frame))
 
 
-def test_down_stops_every_process_and_port_and_up_reuses_the_data(platform):
+def test_down_stops_every_process_and_port_and_up_reuses_the_data(platform, digits_frame):
+    """down mid-training, then up: no process or port outlives down, the data stays, and the run that was
+    training ends CRASHED with its fit task ended and its checkpoint kept (a run left RUNNING held the
+    training slot, so every later training waited: found by the eighth walkthrough)."""
     from flows.platform.procs import listening_ports, port_open
 
+    _cfg, in_flight, run_dir, _meta = _long_run_in_training(platform, "data/down-mid-run/digits.csv", digits_frame)
     state = platform.state()
     procs = [p for rec in state.components.values() for p in tree(rec)]
     ports = listening_ports(procs) | set(state.ports.values())
     assert len(procs) >= 10 and len(ports) >= 11
     with platform.client() as c:
         runs_before = {r.id for r in c.read_flow_runs(limit=200)}
-    objects_before = set(platform.fs.find(platform.info["bucket"]))
+    training = run_dir.removeprefix("s3://").rstrip("/") + "/"  # goes on changing until down stops it
+    objects_before = {o for o in platform.fs.find(platform.info["bucket"]) if not o.startswith(training)}
 
     res = platform.command("down")
     assert res.returncode == 0, res.stderr
@@ -455,3 +460,21 @@ def test_down_stops_every_process_and_port_and_up_reuses_the_data(platform):
     with platform.client() as c:
         assert runs_before <= {r.id for r in c.read_flow_runs(limit=200)}
     assert objects_before <= set(platform.fs.find(platform.info["bucket"]))
+
+    def crashed():
+        with platform.client() as c:
+            fr = c.read_flow_run(in_flight.id)
+        return fr if fr.state.type.value == "CRASHED" else None
+
+    # Crashed either by its own process on down's SIGTERM (when the server still answered) or by the new
+    # watchdog (rule 3, when it did not: unit-tested in test_watchdog); never left RUNNING.
+    _wait(crashed, 60, "the run stopped by down marked crashed after up", platform, 0.5)
+
+    def fit_ended():
+        [fit] = [t for t in platform.task_runs(in_flight.id) if t.name.startswith("fit")]
+        return fit if fit.state.type.value in ("CRASHED", "FAILED", "CANCELLED") else None
+
+    _wait(fit_ended, 60, "its fit task ended (the training slot free again)", platform, 0.5)
+    platform.fs.invalidate_cache()
+    assert platform.fs.exists(f"{training}checkpoint/meta.json"), "the stopped run keeps its checkpoint (a rerun resumes)"
+    assert not platform.fs.exists(f"{training}manifest.json"), "and is not complete"
