@@ -169,6 +169,35 @@ def _denoise_shard(index: int, *, app: Denoise, ctx: ImageContext, fitted: Fitte
     return len(rels)
 
 
+def _scored(total: int, cfg: Config, seed: int) -> list[int]:
+    """Which of ``total`` applied images are scored against the clean reference (with the baselines):
+    app.eval_images of them, a seeded sample when there are more (the first ones were all from one class
+    folder), in their order."""
+    if total <= cfg.eval_images:
+        return list(range(total))
+    return sorted(np.random.default_rng(seed + 4321).choice(total, cfg.eval_images, replace=False).tolist())
+
+
+def _reference_pairs(target: ImageSet, reference: ImageSet, chosen: list[int]) -> list[int]:
+    """The reference image of each chosen applied image (same relative path, same size and channels).
+
+    Raises:
+        InputError: one is missing or differs in shape, named.
+    """
+    ref = dict(zip(reference.rel, range(len(reference)), strict=True))
+    out = []
+    for i in chosen:
+        rel = target.rel[i]
+        if rel not in ref:
+            raise InputError(f"clean reference {reference.source_uri} has no image {rel!r} to compare denoised/{rel} with")
+        (c, h, w), (rc, rh, rw) = target.shapes[i], reference.shapes[ref[rel]]
+        if (rc, rh, rw) != (c, h, w):
+            raise InputError(f"{reference.path_of(ref[rel])} is {rw}x{rh}x{rc} but the noisy image is {w}x{h}x{c} "
+                             "(width x height x channels)")
+        out.append(ref[rel])
+    return out
+
+
 @register
 class Denoise(ImageApp):
     name = "denoise"
@@ -192,6 +221,14 @@ class Denoise(ImageApp):
         if role == "input":
             why = f"the network's {config.app.patch_size}x{config.app.patch_size} training patches (--patch-size)"
         super().check_sizes(config, imset, role, why)
+
+    def check_data(self, ctx: ImageContext) -> None:
+        """Sizes, and the clean reference of every applied image that will be scored, from the listings
+        and decoded shapes: before training and applying, not after them (a missing or resized reference
+        ended a run at its evaluation, after training had run and with its checkpoint left behind)."""
+        super().check_data(ctx)
+        if ctx.target is not None and ctx.reference is not None:
+            _reference_pairs(ctx.target, ctx.reference, _scored(len(ctx.target), ctx.config.app, ctx.config.train.seed))
 
     # -- fit ------------------------------------------------------------------------------
     def fit(self, ctx: ImageContext) -> Fitted:
@@ -230,24 +267,13 @@ class Denoise(ImageApp):
     def _pairs(self, ctx: ImageContext, cfg: Config) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], float, str]:
         """(name, noisy, clean) float images, the noise sigma in [0, 1] units, and where they come from."""
         if ctx.target is not None and ctx.reference is not None:
-            ref = dict(zip(ctx.reference.rel, range(len(ctx.reference)), strict=True))
             total = len(ctx.target)
-            # app.eval_images of the applied images are scored (with the baselines): a seeded sample when there are
-            # more (the first ones were all from one class folder), in their order
-            chosen = list(range(total)) if total <= cfg.eval_images else sorted(
-                np.random.default_rng(ctx.config.train.seed + 4321).choice(total, cfg.eval_images, replace=False).tolist())
+            chosen = _scored(total, cfg, ctx.config.train.seed)
+            ref_idx = _reference_pairs(ctx.target, ctx.reference, chosen)  # checked again: they were before training
             rels = [ctx.target.rel[i] for i in chosen]
-            for rel in rels:
-                if rel not in ref:
-                    raise InputError(f"clean reference {ctx.reference.source_uri} has no image {rel!r} to compare denoised/{rel} with")
-            refs = images_of(ctx.reference, [ref[rel] for rel in rels])  # only these are read
+            refs = images_of(ctx.reference, ref_idx)  # only these are read
             pairs = []
             for rel, img, clean in zip(rels, images_of(ctx.target, chosen), refs, strict=True):
-                if clean.shape != img.shape:
-                    raise InputError(
-                        f"{ctx.reference.path_of(ref[rel])} is {clean.shape[2]}x{clean.shape[1]}x{clean.shape[0]} "
-                        f"but the noisy image is {img.shape[2]}x{img.shape[1]}x{img.shape[0]} (width x height x channels)"
-                    )
                 pairs.append((rel, img.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0))
             if cfg.noise_sigma is not None:
                 sigma = cfg.noise_sigma / 255.0

@@ -137,6 +137,33 @@ def test_denoise_apply_against_a_reference_that_does_not_match_is_refused(denois
         assert expect in str(state.message) + repr(state.result(raise_on_failure=False)), case
 
 
+def test_denoise_training_with_a_bad_reference_is_refused_before_training(prefect_server, photos, dask_address,
+                                                                         tmp_path):
+    """A training run with --apply-to and a --clean-reference that misses an image (or holds one of another
+    size) is refused at the door: it trained, applied and then failed at its evaluation, leaving the run's
+    folder with a training checkpoint behind (listed as an interrupted run)."""
+    import shutil
+
+    root, rels = photos
+    for case, expect in (("missing", "has no image"), ("resized", "but the noisy image is")):
+        ref = tmp_path / case
+        shutil.copytree(root / "clean", ref)
+        if case == "missing":
+            (ref / rels[0]).unlink()
+        else:
+            im = Image.open(ref / rels[0])
+            im.resize((im.width + 16, im.height)).save(ref / rels[0])
+        out = tmp_path / f"out-{case}"
+        cfg = resolve_config(DenoiseRunConfig, options={
+            **FAST_DENOISE, "load.input": str(root / "clean"), "load.apply_to": str(root / "noisy"),
+            "load.reference": str(ref), "output": str(out), "dask_address": dask_address})
+        state = FLOWS["denoise"](config=cfg, return_state=True)
+        assert state.is_failed(), case
+        assert expect in str(state.message) + repr(state.result(raise_on_failure=False)), case
+        runs = out / "runs" / "denoise"
+        assert not runs.exists() or not any(runs.iterdir()), (case, sorted(p.name for p in runs.rglob("*")))
+
+
 def test_denoise_model_folder_gives_the_same_outputs_as_the_run(denoise_model, photos, dask_address, tmp_path):
     """--model also takes a bare model folder (config.json + weights.safetensors), as the committed
     benchmark models are; a folder of another application's model is refused by name."""
