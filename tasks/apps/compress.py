@@ -48,7 +48,7 @@ from tasks.images import (
     shard_rels,
 )
 from tasks.storage import RunDir, join_uri
-from tasks.train import train_model
+from tasks.train import run_logger, train_model
 
 
 class CompressConfig(AppConfig):
@@ -380,6 +380,16 @@ class CompressApp(ImageApp):
             items = [(i, [p - int(starts[i]) for p in picks if starts[i] <= p < starts[i + 1]])
                      for i in range(len(target.shards))]
             items = [it for it in items if it[1]]
+            if picks:
+                # The sweep is the run's longest stage on large images (each sampled image coded once per level and
+                # per JPEG/WebP quality, each scored with MS-SSIM: minutes for one 6 MP photograph on a core): say
+                # what it does and how to shorten it, rather than nothing until it ends.
+                mp = sum(target.shapes[p][1] * target.shapes[p][2] for p in picks) / 1e6
+                run_logger().info(
+                    "rate-distortion sweep: %d image%s (%.2f MP) at each of the codec's %d quality levels and %d JPEG "
+                    "+ %d WebP qualities (--rd-images N sweeps fewer images; --set app.rd_sweep=false skips it)",
+                    len(picks), "" if len(picks) == 1 else "s", mp, fitted.model.config.levels,
+                    len(a.jpeg_qualities), len(a.webp_qualities))
             tracker = _EncodeProgress(a.refine_steps, len(picks) * fitted.model.config.levels, "rate-distortion sweep")
             parts = self.map_shards(ctx, fitted, _sweep_shard, items,
                                     on_done=lambda rows: tracker.done_many(sum(r["codec"] == "aeflow" for r in rows)))

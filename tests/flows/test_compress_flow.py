@@ -164,6 +164,41 @@ def test_rd_sweep_is_an_even_sample_coded_on_the_cluster(trained, image_dir, das
     assert open_run(result.run_uri).manifest().metrics["rd_images"] == 3, "3 images: all of them (default 16)"
 
 
+def test_rd_sweep_says_what_it_does_before_it_starts(trained, image_dir, dask_address, tmp_path):
+    """The sweep is the longest stage on large images (minutes for one 6 MP photograph, with no line
+    in the log until it ended): a line says what it codes and how to shorten or skip it."""
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    result, _ = trained
+    cfg = resolve_config(CompressRunConfig, options={
+        **TINY, "model_run": result.run_uri, "load.apply_to": str(image_dir), "output": str(tmp_path),
+        "app.rd_images": 2, "dask_address": dask_address})
+    handler, loggers = Lines(), [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs", "aeflow")]
+    levels_before = [lg.level for lg in loggers]
+    for lg in loggers:  # the tests log at WARNING (conftest): this line is INFO
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        FLOWS["compress"](config=cfg)
+    finally:
+        for lg, level in zip(loggers, levels_before, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    levels = load_codec_run(result.run_uri).model.config.levels
+    said = [ln for ln in handler.lines if ln.startswith("rate-distortion sweep: 2 images (")]
+    assert said, handler.lines
+    assert (f"at each of the codec's {levels} quality levels and 4 JPEG + 4 WebP qualities (--rd-images N sweeps "
+            "fewer images; --set app.rd_sweep=false skips it)") in said[0], said
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 
 
