@@ -420,8 +420,11 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
             shards.append(out)
             counts.append(ok_here)
     if bad and not load.skip_bad:
-        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise InputError(f"{bad[0]['path']}: {bad[0]['reason']}{more}; fix or remove it, or pass --skip-bad")
+        n = len(bad) - 1
+        more = f" (and {n} more bad file{'' if n == 1 else 's'})" if n else ""
+        # Which input it is in: the same file name can be in --apply-to and in the clean reference.
+        raise InputError(f"{bad[0]['path']}: {bad[0]['reason']}{more}; {source.role} {source.uri} must hold only "
+                         "decodable PNG/JPEG images: fix or remove it, or pass --skip-bad to leave such files out")
     if not keep_rel:
         raise InputError(f"{source.role} {source.uri}: none of the {len(uris)} files is a decodable PNG/JPEG image")
     skipped = tuple(bad) + tuple({"path": p, "reason": not_an_image(p)} for p in source.not_images)

@@ -1,21 +1,24 @@
 """index: image search on autoencoder codes, with an exact or FAISS ANN index.
 
-``aeflow run index --input image_dir`` trains a convolutional autoencoder (or
-reuses ``--model``; by default one downsampling level, so the code keeps half the
-resolution, trained with noise added to the code: see ``Config.latent_noise``),
-encodes every image (resized to ``--image-size``) on the Dask workers, each shard's
-codes written to ``index/codes/part.NNNNN.npy``, and builds a nearest-neighbour index
-over them one part at a time — exact for collections up to ``ann_threshold`` images,
-FAISS HNSW above, IVF-PQ (``pq_bytes`` per image) above ``pq_threshold`` — stored as
-``index/index.faiss`` with ``index/ids.parquet`` (id, path, relative path, label) and
-``index/meta.json``. ``aeflow search --index RUN --query image.png`` returns the k
-nearest images with distances.
+``aeflow run index --input image_dir`` trains a convolutional autoencoder
+(or reuses ``--model``; by default one downsampling level, so the code keeps
+half the resolution, trained with noise added to the code:
+``app.latent_noise``), encodes every image (resized to ``--image-size``) on
+the Dask workers, each shard's codes written to
+``index/codes/part.NNNNN.npy``, and builds a nearest-neighbour index over
+them one part at a time — exact for collections up to ``--ann-threshold``
+images, FAISS HNSW above, IVF-PQ (``app.pq_bytes`` per image) above
+``app.pq_threshold`` — stored as ``index/index.faiss`` with
+``index/ids.parquet`` (id, path, relative path, label) and
+``index/meta.json``. ``aeflow search --index RUN --query image.png``
+returns the k nearest images with their squared L2 distances.
 
-With class folders, precision@10 and mAP by label are reported for the AE codes,
-raw pixels and PCA codes of the same size (within a seeded sample of ``app.eval_max``
-images of a larger collection), plus recall@10 of the index against exact search and
-queries per second (exact search, part by part, as the baseline). Training holds its
-images in memory up to half of ``train.memory_mb``, a seeded sample of them beyond.
+With class folders, precision@10 and mAP by label are reported for the AE
+codes, raw pixels and PCA codes of the same size (within a seeded sample of
+``app.eval_max`` images of a larger collection), plus recall@10 of the index
+against exact search and queries per second (exact search, part by part, as
+the baseline). Training holds its images in memory up to half of
+``train.memory_mb``, a seeded sample of them beyond.
 """
 
 from __future__ import annotations

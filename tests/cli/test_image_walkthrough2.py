@@ -260,3 +260,30 @@ def test_search_refuses_an_existing_sheet_before_searching(tmp_path):
     r = runner.invoke(app, ["search", "--index", str(tmp_path / "no-index"), "--query", str(q), "--sheet", str(sheet),
                             "--overwrite"])
     assert r.exit_code != 0 and "already exists" not in r.output, "--overwrite lets the search go on (to the index)"
+
+
+def test_index_help_names_settings_a_user_can_set():
+    """`aeflow run index --help` sent users to ``Config.latent_noise`` and to ``ann_threshold``/``pq_bytes``/
+    ``pq_threshold`` (internal names); it names the option and the --set keys, and what the distances are."""
+    res = runner.invoke(app, ["run", "index", "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "Config.latent_noise" not in text
+    for said in ("app.latent_noise", "--ann-threshold images", "app.pq_bytes per image", "above app.pq_threshold",
+                 "squared L2 distances"):
+        assert said in text, (said, text)
+
+
+def test_a_bad_image_is_named_with_the_input_that_holds_it(tmp_path):
+    """A file that does not decode names the input it is in (an --apply-to and a clean reference can hold
+    the same file names) and counts the others in good English ('1 more bad files' before)."""
+    d = tmp_path / "clean ref"
+    d.mkdir()
+    _save(Image.fromarray(_rgb(1)), d / "ok.png")
+    for name in ("a.png", "b.png"):
+        (d / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then nothing decodable
+    with dask.config.set(scheduler="synchronous"), pytest.raises(InputError) as e:
+        load_images(inspect_images(str(d), "reference"), ImageLoadConfig(), run=None, prefix="x")
+    msg = str(e.value)
+    assert f"(and 1 more bad file); reference {d} must hold only decodable PNG/JPEG images: fix or remove it, or " \
+           "pass --skip-bad to leave such files out" in msg, msg
