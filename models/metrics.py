@@ -38,20 +38,37 @@ def psnr(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def _gaussian(size: int = 11, sigma: float = 1.5, channels: int = 3, dtype=torch.float64) -> Tensor:
+def _gaussian(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> Tensor:
+    """The normalised 1-D Gaussian; the 2-D window is its outer product (applied as two 1-D passes)."""
     x = torch.arange(size, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+    return g / g.sum()
+
+
+def _blur(t: Tensor, g: Tensor, dim: int) -> Tensor:
+    """``t`` filtered along ``dim`` with the 1-D kernel ``g`` ('valid': k - 1 shorter), as k shifted
+    multiply-adds into one buffer: 1.6x faster on one CPU thread than the depthwise 11x11 convolution
+    (which oneDNN runs slowly) and than a 1-D depthwise one; equal to it within float rounding."""
+    k, n = len(g), t.shape[dim]
+    out = torch.mul(t.narrow(dim, 0, n - k + 1), float(g[0]))
+    for i in range(1, k):
+        out.add_(t.narrow(dim, i, n - k + 1), alpha=float(g[i]))
+    return out
 
 
 def _ssim_parts(x: Tensor, y: Tensor, win: Tensor) -> tuple[Tensor, Tensor]:
+    """SSIM and its contrast-structure term per image. ``win`` is a 1-D Gaussian (the separable 11x11
+    window: a row pass then a column pass, 2·11 instead of 121 multiply-adds per pixel) or a 2-D (H, W) box."""
     c = x.shape[1]
-    mu_x = F.conv2d(x, win, groups=c)
-    mu_y = F.conv2d(y, win, groups=c)
-    sxx = F.conv2d(x * x, win, groups=c) - mu_x**2
-    syy = F.conv2d(y * y, win, groups=c) - mu_y**2
-    sxy = F.conv2d(x * y, win, groups=c) - mu_x * mu_y
+    moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    if win.dim() == 1:
+        filtered = _blur(_blur(moments, win, -1), win, -2)
+    else:
+        filtered = F.conv2d(moments, win.expand(5 * c, 1, *win.shape), groups=5 * c)
+    mu_x, mu_y, exx, eyy, exy = filtered.split(c, dim=1)
+    sxx = exx - mu_x**2
+    syy = eyy - mu_y**2
+    sxy = exy - mu_x * mu_y
     c1, c2 = _K1**2, _K2**2
     cs = (2 * sxy + c2) / (sxx + syy + c2)
     lum = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
@@ -66,12 +83,12 @@ def ms_ssim(a: np.ndarray | Tensor, b: np.ndarray | Tensor, win_size: int = 11) 
     side = min(x.shape[-2:])
     levels = max(1, min(len(MS_SSIM_WEIGHTS), int(math.floor(math.log2(side / win_size))) + 1)) if side >= win_size else 0
     if levels == 0:  # smaller than the window: plain SSIM over the whole image as one window
-        win = torch.full((x.shape[1], 1, *x.shape[-2:]), 1.0 / (x.shape[-2] * x.shape[-1]), dtype=x.dtype)
+        win = torch.full(x.shape[-2:], 1.0 / (x.shape[-2] * x.shape[-1]), dtype=x.dtype)
         s, _ = _ssim_parts(x, y, win)
         return float(s.mean())
     weights = torch.tensor(MS_SSIM_WEIGHTS[:levels], dtype=x.dtype)
     weights = weights / weights.sum()
-    win = _gaussian(win_size, 1.5, x.shape[1], x.dtype)
+    win = _gaussian(win_size, 1.5, x.dtype)
     vals = []
     for i in range(levels):
         s, cs = _ssim_parts(x, y, win)
