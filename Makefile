@@ -65,6 +65,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.index_scale
 	$(BIN)/python -m benchmarks.codec_tiles --write
+	$(BIN)/python -m benchmarks.metrics_speed
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
