@@ -174,9 +174,15 @@ def markdown_summary(
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
         lines.append("")
-    verdicts = verdict_lines(metrics, baselines, _headlines(app) if headlines is None else headlines)
+    heads = _headlines(app) if headlines is None else headlines
+    verdicts = verdict_lines(metrics, baselines, heads)
     if verdicts:
         lines += ["## Against the baselines", ""] + verdicts + [""]
+    elif baselines and any(metric in metrics for metric, _ in heads):
+        # e.g. compress at a rate outside every baseline's quality sweep: no comparison exists, and the
+        # section saying so beats a summary silently without it
+        lines += ["## Against the baselines", "",
+                  "No headline metric could be compared with a baseline in this run: see the notes for why.", ""]
     if outputs:
         lines += ["## Outputs", ""]
         lines += [f"- **{name}**: [{uri}]({uri})" for name, uri in outputs.items()]

@@ -193,7 +193,7 @@ def equal_rate_baseline(fmt: str, bpp: float, curve: pd.DataFrame) -> tuple[dict
     end, e.g. WebP's quality 95 as if reached at a higher rate): None, and a note saying why."""
     inside = len(curve) > 0 and float(curve.bpp.min()) <= bpp <= float(curve.bpp.max())
     row: dict[str, float | None] = {
-        "bpp": bpp,
+        "bpp": bpp if inside else None,  # not reached: no rate to show as if measured there
         "psnr": float(np.interp(bpp, curve.bpp, curve.psnr)) if inside else None,
         "ms_ssim": float(np.interp(bpp, curve.bpp, curve.ms_ssim)) if inside else None,
     }

@@ -65,6 +65,18 @@ def test_summary_picks_the_best_baseline_in_the_right_direction():
     assert "average_precision (" not in md and "nan" not in md.split("## Against the baselines")[1]
 
 
+def test_a_summary_with_no_comparable_baseline_says_so():
+    """compress at 4.25 bpp, past every JPEG/WebP quality swept: every baseline value and BD-rate is None; the
+    section said nothing and vanished (found by the ninth walkthrough)."""
+    md = report.markdown_summary("compress", "/r", {"psnr": 38.0, "bpp": 4.252, "bd_rate_vs_jpeg_pct": None},
+                                 {"jpeg": {"psnr": None, "bpp": None}, "webp": {"psnr": None, "bpp": None}}, {},
+                                 ["jpeg at aeflow's 4.25 bpp: outside the rates its quality sweep reached"], {})
+    section = md.split("## Against the baselines", 1)[1]
+    assert "No headline metric could be compared with a baseline in this run: see the notes" in section
+    assert "| 4.252 | 4.252" not in md
+    assert "## Against the baselines" not in report.markdown_summary("compress", "/r", {"psnr": 38.0}, {}, {}, [], {})
+
+
 def test_bd_rate_is_judged_against_break_even():
     md = report.markdown_summary("compress", "/r", {"psnr": 30.0, "bd_rate_vs_jpeg_pct": 12.5, "bd_rate_vs_webp_pct": -3.0},
                                  {"jpeg": {"psnr": 31.0}, "webp": {"psnr": 29.0}}, {}, [], {})
@@ -131,7 +143,8 @@ def test_compress_baseline_is_not_extrapolated_past_its_sweep():
     # webp's mean sweep on the walkthrough run topped out at 1.73 bpp; aeflow coded at 1.869 bpp
     webp = pd.DataFrame({"bpp": [0.16, 1.21, 1.73], "psnr": [31.7, 43.2, 46.24], "ms_ssim": [0.96, 0.997, 0.9988]})
     row, note = equal_rate_baseline("webp", 1.869, webp)
-    assert row == {"bpp": 1.869, "psnr": None, "ms_ssim": None}, "np.interp's clamp must not pass for webp at 1.869 bpp"
+    assert row == {"bpp": None, "psnr": None, "ms_ssim": None}, \
+        "np.interp's clamp must not pass for webp at 1.869 bpp, nor aeflow's rate show as a rate webp reached"
     assert note == "webp at aeflow's 1.87 bpp: outside the rates its quality sweep reached (0.16-1.73 bpp), not extrapolated (None)."
     row, note = equal_rate_baseline("webp", 1.47, webp)
     assert note is None and row["psnr"] == pytest.approx((43.2 + 46.24) / 2) and row["bpp"] == 1.47
