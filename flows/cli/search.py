@@ -10,15 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli.common import err, fail, out
-from tasks.errors import AeflowError
+from tasks.errors import AeflowError, ConfigError
 
 
 def search(
     index: Annotated[str, typer.Option("--index", help="URI of an index run, e.g. ./artifacts/runs/index/<run_id>.")],
     query: Annotated[list[str], typer.Option("--query", help="Query image, or a folder of them (repeatable); searched in one batch.")],
     k: Annotated[int, typer.Option("--k", help="Number of neighbours per query.")] = 10,
-    sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with distances.")] = False,
+    sheet: Annotated[str | None, typer.Option("--sheet", help="Write a contact-sheet PNG (each query and its results) to this path (ending in .png).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list: per query, its results with their squared L2 distances in code space.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out query files that are not PNG/JPEG images or do not decode (each named in a warning) instead of failing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --sheet file if it exists (default: refuse it by name before searching).")] = False,
 ) -> None:
@@ -35,6 +35,8 @@ def search(
     try:
         if sheet:  # before searching: a --sheet that cannot be written fails alone, not after the results
             check_new_file(sheet, f"--sheet {sheet}", overwrite)
+            if not sheet.lower().endswith(".png"):  # it is PNG bytes: a .jpg name would hold a PNG
+                raise ConfigError(f"--sheet {sheet}: the contact sheet is a PNG image; give a name ending in .png")
         queries, left_out = expand_queries(query, skip_bad)
         loaded = open_index(index)
         queries, arrays, undecodable = read_queries(queries, loaded.meta, skip_bad)

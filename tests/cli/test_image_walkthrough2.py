@@ -262,6 +262,18 @@ def test_search_refuses_an_existing_sheet_before_searching(tmp_path):
     assert r.exit_code != 0 and "already exists" not in r.output, "--overwrite lets the search go on (to the index)"
 
 
+@refusal("aeflow search --sheet FILE not ending in .png (the contact sheet is a PNG); refused before searching", 2,
+         "configuration")
+def test_search_refuses_a_sheet_name_of_another_format(tmp_path):
+    """``--sheet out/sheet.jpg`` wrote PNG bytes under a .jpg name (found by the ninth walkthrough)."""
+    q = _save(Image.fromarray(_rgb()), tmp_path / "q.png")
+    sheet = tmp_path / "sheet.jpg"
+    r = runner.invoke(app, ["search", "--index", str(tmp_path / "no-index"), "--query", str(q), "--sheet", str(sheet)])
+    assert_refused(r, test_search_refuses_a_sheet_name_of_another_format)
+    assert f"--sheet {sheet}: the contact sheet is a PNG image; give a name ending in .png" in _one_line(r)
+    assert not sheet.exists()
+
+
 def test_index_help_names_settings_a_user_can_set():
     """`aeflow run index --help` sent users to ``Config.latent_noise`` and to ``ann_threshold``/``pq_bytes``/
     ``pq_threshold`` (internal names); it names the option and the --set keys, and what the distances are."""
