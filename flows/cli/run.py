@@ -119,8 +119,17 @@ def make_command(group: typer.Typer, application: Any) -> None:
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__name__ = f"run_{application.name}"
-    doc = (sys.modules[type(application).__module__].__doc__ or "").strip().replace("``", "")
+    doc = _reflow((sys.modules[type(application).__module__].__doc__ or "").strip().replace("``", ""))
     group.command(application.name, help=doc, no_args_is_help=True)(command)
+
+
+def _reflow(doc: str) -> str:
+    """The application's docstring as --help text: each plain paragraph joined into one line for the terminal
+    to wrap (its source line breaks stayed, leaving ragged lines of one or two words); a paragraph with a
+    list or indented lines is kept as written."""
+    paragraphs = doc.split("\n\n")
+    return "\n\n".join(p if any(line.startswith(("-", " ", "*")) for line in p.splitlines()[1:])
+                         else " ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
 class _LazyRunGroup(TyperGroup):

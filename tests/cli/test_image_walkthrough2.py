@@ -299,3 +299,15 @@ def test_a_bad_image_is_named_with_the_input_that_holds_it(tmp_path):
     msg = str(e.value)
     assert f"(and 1 more bad file); reference {d} must hold only decodable PNG/JPEG images: fix or remove it, or " \
            "pass --skip-bad to leave such files out" in msg, msg
+
+
+def test_run_help_reflows_the_application_text():
+    """`aeflow run denoise --help` kept the docstring's line breaks, so the terminal's own wrapping left lines of
+    one or two words ('masking;', 'The'); plain paragraphs are now one line each for the terminal to wrap, and a
+    list (detect's score parts) keeps its items (found by the ninth walkthrough)."""
+    res = runner.invoke(app, ["run", "denoise", "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert any("masking; the network is a U-Net-style conv autoencoder" in line for line in res.output.splitlines())
+    res = runner.invoke(app, ["run", "detect", "--help"], terminal_width=200)
+    items = [line.strip(" │") for line in res.output.splitlines() if line.strip(" │").startswith("- ")]
+    assert len(items) >= 4 and items[0].startswith("- input_weight (8)"), items
