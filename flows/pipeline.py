@@ -33,6 +33,7 @@ from tasks.apps import (
 )
 from tasks.config import RunConfig
 from tasks.dask_client import dask_client, local_processes
+from tasks.errors import AeflowError
 from tasks.execution import execution_info
 from tasks.redaction import install_log_redaction, redact
 from tasks.report import (
@@ -194,7 +195,10 @@ def run_app(config: RunConfig) -> RunResult:
         result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
                           evaluation, timings, device, kind.manifest_extra(ctx), "processes" if processes else "threads")
     except BaseException as e:
-        run.discard()
+        # A checkpoint is worth keeping for what may not recur (Ctrl-C, a crash, an outage); bad input or a bad
+        # setting found after training recurs with the same command, and fixing it changes the fingerprint, so
+        # its checkpoint would never be resumed: it was left listed as "interrupted" for ever.
+        run.discard(keep_checkpoint=not (isinstance(e, AeflowError) and not e.transient and e.exit_code in (2, 3, 5)))
         # An outage that surfaced outside the storage layer's own mapping is still one line (exit 4).
         mapped = storage_error(e, f"finish the {next(reversed(timings), 'load')} stage of", run.uri) \
             if isinstance(e, Exception) else None

@@ -946,12 +946,14 @@ class RunDir:
                 return
             parent = os.path.dirname(parent)
 
-    def discard(self) -> None:
+    def discard(self, keep_checkpoint: bool = True) -> None:
         """Undo a failed run: delete its outputs; keep only what lets a rerun resume.
 
         The checkpoint and the fingerprint marker stay when a checkpoint exists,
         so the next run of the same (app, input, config) continues training
         where this one stopped. No manifest is ever left, and the claim is released.
+        ``keep_checkpoint=False`` (a failure the same command would meet again: bad
+        input or configuration, whose fix changes the fingerprint) removes it all.
         Best effort: when the store itself fails (an outage), what is left has no
         manifest, so readers ignore it, and the next run of the same command
         removes it (:meth:`clear_partial`).
@@ -959,7 +961,7 @@ class RunDir:
         try:
             if not self.exists():
                 return
-            if not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
+            if not keep_checkpoint or not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
                 with storage_op("remove", self.uri):
                     self.fs.rm(self.path, recursive=True)
                     self._remove_empty_parents()

@@ -199,3 +199,29 @@ def test_excluded_columns_are_dropped_not_a_crash(prefect_server, dask_address, 
     with open(os.path.join(result.run_uri, "model", "config.json")) as f:
         features = [c["name"] for c in json.load(f)["schema"]["features"]]
     assert "notes" not in features and "target" not in features and len(features) == 64, features
+
+
+@pytest.mark.parametrize("error, kept", [("input", False), ("crash", True)])
+def test_a_failure_after_training_keeps_the_checkpoint_only_when_a_rerun_can_resume(
+        prefect_server, dask_address, digits_csv, tmp_path, monkeypatch, error, kept):
+    """Bad input found after training (as a clean reference was, at evaluation) recurs with the same command,
+    and fixing it changes the fingerprint: its checkpoint was kept and listed as an interrupted run that 'the
+    same command resumes' for ever (found by the ninth walkthrough). A crash (or Ctrl-C, an outage) keeps it."""
+    from tasks.apps.reduce import Reduce
+    from tasks.errors import InputError
+
+    def fails(self, ctx, fitted):
+        raise InputError("the reference is wrong") if error == "input" else RuntimeError("a bug")
+
+    monkeypatch.setattr(Reduce, "evaluate", fails)
+    out = tmp_path / "art"
+    cfg = _config(**{"load.input": digits_csv, "load.label_column": "target", "output": str(out),
+                     "dask_address": dask_address, "train.epochs": 2, "train.checkpoint_seconds": 0})
+    with pytest.raises(InputError if error == "input" else RuntimeError):
+        FLOWS["reduce"](config=cfg)
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    if kept:
+        assert any(p.endswith("checkpoint/meta.json") for p in left) and not any(p.endswith("manifest.json") for p in left)
+        assert [r for r in ArtifactStore(str(out)).incomplete_runs()], "listed by runs list --incomplete"
+    else:
+        assert left == [], left
