@@ -76,8 +76,20 @@ from tasks.report import save_figure
 from tasks.train import train_model
 
 log = logging.getLogger("aeflow.detect")
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger, as training's lines use (outside a flow, ``aeflow.train``'s): the plain ``log`` has no
+    handler in a run, so its lines (rows set aside, the tail part's agreement and weight, a baseline skipped)
+    never reached the terminal or the UI."""
+    from tasks.train import run_logger
+
+    return run_logger()
+
+
 PYOD_MIN_ROWS = 64
 SCALE_ROWS = 100_000  # training rows (sampled) whose score parts fix the parts' centres and scales
+THRESHOLD_ROWS = 100_000  # training rows (sampled) whose scores fix threshold_
 EVAL_ROWS = 100_000  # scored rows (sampled) the metrics, the baselines and the histogram use
 
 
@@ -233,8 +245,8 @@ def fit_detector(
         keep_train, keep_val = err_train <= cutoff, err_val <= cutoff
         if keep_val.sum() == 0 or keep_train.sum() < 2:  # tiny data: nothing sensible to set aside
             keep_train[:], keep_val[:] = True, True
-        log.info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
-                 int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
+        _log().info("detect: %d of %d rows set aside before the final fit (largest reconstruction errors)",
+                    int((~keep_train).sum() + (~keep_val).sum()), len(train_x) + len(val_x))
     with seeded(train_cfg.seed + 1):
         model = KnnAutoencoderDetector(DetectorConfig(ae_cfg, 0, k=knn_k, knn_weight=knn_weight,
                                                       input_weight=input_weight, scaling=scaling,
@@ -254,14 +266,14 @@ def fit_detector(
     model.set_reference(torch.from_numpy(predict(model.encode, kept, device=device)), torch.from_numpy(every))
     if len(rows) > SCALE_ROWS:  # medians and quartiles of the parts: a sample is as good and the kNN parts cost
         rows = rows[np.sort(np.random.default_rng(train_cfg.seed + 2).choice(len(rows), SCALE_ROWS, replace=False))]
-    log.info("detect: scoring %s rows to fix the score's scales", f"{len(rows):,}")
+    _log().info("detect: scoring %s rows to fix the score's scales", f"{len(rows):,}")
     parts = _score_parts(model, rows, device)
     if tail_weight > 0:
         names = model.config.part_names
         rho = part_agreement(parts[:, names.index("tail")], parts[:, names.index("input" if "input" in names else "code")])
         weight = tail_weight * float(np.clip((rho - tail_min_agreement) / max(1.0 - tail_min_agreement, 1e-12), 0.0, 1.0))
-        log.info("detect: tail part agrees with the %s part at Spearman %.3f: weight %.3g of %.3g",
-                 "input" if "input" in names else "code", rho, weight, tail_weight)
+        _log().info("detect: tail part agrees with the %s part at Spearman %.3f: weight %.3g of %.3g",
+                    "input" if "input" in names else "code", rho, weight, tail_weight)
         model.set_tail_weight(weight)
         if weight == 0:
             parts = parts[:, [i for i, n in enumerate(names) if n != "tail"]]
@@ -362,13 +374,16 @@ def baseline_scores(
                 warnings.simplefilter("ignore")  # pyod's and numpy's warnings on constant columns
                 out[name] = np.asarray(score(), dtype="float64")
         except Exception as e:  # a baseline must never fail the run it is compared in
-            log.warning("%s baseline skipped: %s: %s", name, type(e).__name__, e)
+            _log().warning("%s baseline skipped: %s: %s", name, type(e).__name__, e)
             continue
+        took = time.perf_counter() - t0
+        _log().info("detect: baseline %s fitted on %s rows, scored %s rows in %.1f s", name, f"{len(fit_x):,}",
+                    f"{len(x):,}", took)
         if seconds is not None:
-            seconds[name] = time.perf_counter() - t0
+            seconds[name] = took
     if len(fit_x) < PYOD_MIN_ROWS:
         # pyod drops the ragged last batch of 32: with fewer rows it trains on nothing and fails.
-        log.warning("pyod AutoEncoder baseline skipped: %d rows, it needs at least %d", len(fit_x), PYOD_MIN_ROWS)
+        _log().warning("pyod AutoEncoder baseline skipped: %d rows, it needs at least %d", len(fit_x), PYOD_MIN_ROWS)
         return out
     torch_state = torch.random.get_rng_state()
     t0 = time.perf_counter()
@@ -378,10 +393,13 @@ def baseline_scores(
         pyod_ae = AutoEncoder(contamination=contamination, random_state=seed, verbose=0)
         pyod_ae.fit(fit_x)
         out["pyod_autoencoder"] = np.asarray(pyod_ae.decision_function(x), dtype="float64")
+        took = time.perf_counter() - t0
+        _log().info("detect: baseline pyod_autoencoder fitted on %s rows, scored %s rows in %.1f s",
+                    f"{len(fit_x):,}", f"{len(x):,}", took)
         if seconds is not None:
-            seconds["pyod_autoencoder"] = time.perf_counter() - t0
+            seconds["pyod_autoencoder"] = took
     except Exception as e:  # a baseline must never fail the run it is compared in
-        log.warning("pyod AutoEncoder baseline skipped: %s: %s", type(e).__name__, e)
+        _log().warning("pyod AutoEncoder baseline skipped: %s: %s", type(e).__name__, e)
     finally:
         torch.random.set_rng_state(torch_state)
     return out
@@ -418,7 +436,14 @@ class Detect(TableApp):
                              f"app.min_steps={cfg.min_steps} optimiser steps on {len(train_x)} training rows")
         model, result = fit_detector(train_x, val_x, ctx.config.model, ctx.config.train, **detector_options(cfg),
                                      run=ctx.run, show_progress=True)
-        scores = anomaly_scores(model, np.concatenate([train_x, val_x]), ctx.device)
+        rows = np.concatenate([train_x, val_x])
+        if len(rows) > THRESHOLD_ROWS:  # scoring every fit row (1M at the default memory_mb) took minutes for one percentile
+            rows = rows[np.sort(np.random.default_rng(ctx.config.train.seed + 3).choice(len(rows), THRESHOLD_ROWS,
+                                                                                       replace=False))]
+            ctx.notes.append(f"threshold_ and the training score mean from a seeded sample of {len(rows):,} of the "
+                             f"{len(train_x) + len(val_x):,} training rows' scores")
+        _log().info("detect: scoring %s training rows for the threshold", f"{len(rows):,}")
+        scores = anomaly_scores(model, rows, ctx.device)
         threshold = cfg.threshold if cfg.threshold is not None else fit_threshold(scores, cfg.contamination)
         state = {
             "threshold_": float(threshold),
