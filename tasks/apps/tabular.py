@@ -11,6 +11,7 @@ says what one partition becomes (:meth:`TableApp.apply_part`).
 from __future__ import annotations
 
 import io
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,6 +51,33 @@ def _apply_part_task(index: int, *, app: TableApp, ctx: TableContext, fitted: Fi
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
         ctx.run.write_bytes(f"{app.output}.parquet/part.{index:05d}.parquet", buf.getvalue())
     return len(df)
+
+
+class ApplyProgress:
+    """Apply over many partitions can take minutes (detect scores a few thousand rows/s): a log line at most
+    every ``STEP_LOG_EVERY_S`` with the partitions and rows done, the rate and about how long the rest takes."""
+
+    def __init__(self, label: str, parts: int, rows: int, emit=None) -> None:
+        from tasks.train import run_logger
+
+        self.label, self.parts, self.rows = label, parts, rows
+        self.emit = emit or run_logger().info
+        self.parts_done = self.rows_done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def done(self, rows: int) -> None:
+        from tasks.train import STEP_LOG_EVERY_S, _duration
+
+        self.parts_done += 1
+        self.rows_done += int(rows)
+        now = time.monotonic()
+        if now - self.last < STEP_LOG_EVERY_S or self.parts_done == self.parts:
+            return
+        self.last = now
+        rate = self.rows_done / max(now - self.t0, 1e-9)
+        left = (self.rows - self.rows_done) / max(rate, 1e-9)
+        self.emit("%s: %d/%d partitions, %s of %s rows, %s rows/s, about %s left", self.label, self.parts_done,
+                  self.parts, f"{self.rows_done:,}", f"{self.rows:,}", f"{rate:,.0f}", _duration(left))
 
 
 class TableApp(Application):
@@ -131,7 +159,8 @@ class TableApp(Application):
         """``{output}.parquet/``: one Parquet file per input partition (``part.NNNNN.parquet``, written
         in parallel on the Dask workers), one row per input row, in input order — read it whole with
         ``pandas.read_parquet`` (or any Parquet dataset reader)."""
-        rows = self.map_shards(ctx, fitted, _apply_part_task, list(range(len(ctx.target.parts))))
+        progress = ApplyProgress(f"{self.name} apply", len(ctx.target.parts), ctx.target.n_rows)
+        rows = self.map_shards(ctx, fitted, _apply_part_task, list(range(len(ctx.target.parts))), on_done=progress.done)
         if sum(rows) != ctx.target.n_rows:
             raise RuntimeError(f"{self.name}: {sum(rows)} rows written for {ctx.target.n_rows} input rows")
         return {self.output: f"{self.output}.parquet"}

@@ -166,3 +166,116 @@ def test_masking_loss_hides_input_cells_and_scores_the_clean_row():
     assert extract.masking_loss(Identity(), batch, gen, hide=0.0).item() == 0.0, "plain: the identity rebuilds all"
     masked = extract.masking_loss(Identity(), batch, gen, hide=0.5).item()
     assert 0.4 < masked < 0.6, "about half the cells set to 0 (the mean) cost 1 each against the clean row"
+
+
+class _RunLog:
+    """Stands in for Prefect's run logger (what reaches the terminal and the UI in a run)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, fmt: str, *args) -> None:
+        self.lines.append(fmt % args)
+
+    warning = info
+
+
+def test_detect_fit_lines_reach_the_run_log(monkeypatch):
+    """detect's fit lines went to a plain ``aeflow.detect`` logger that has no handler in a run: the 3-minute
+    silence after training on 3.75M rows never said what it did, nor the tail part's agreement the README cites."""
+    run_log = _RunLog()
+    monkeypatch.setattr("tasks.train.run_logger", lambda: run_log)
+    x, _ = shifted_rows()
+    detect.fit_detector(x[:150], x[150:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN, contamination=0.1,
+                        min_steps=1)
+    said = "\n".join(run_log.lines)
+    assert "detect: 20 of 200 rows set aside before the final fit" in said, said
+    assert "detect: scoring 200 rows to fix the score's scales" in said, said
+    assert "detect: tail part agrees with the input part at Spearman" in said, said
+    run_log.lines.clear()  # the evaluation's baselines took 4 silent minutes on 100,000 rows
+    detect.baseline_scores(x, x, k=2, contamination=0.1, seed=0)
+    assert [line.split(" fitted on")[0] for line in run_log.lines] == [f"detect: baseline {b}" for b in detect.BASELINES]
+
+
+def test_detect_threshold_comes_from_a_capped_sample_of_the_training_scores(monkeypatch):
+    """Detect.fit scored every fit row (a 1.1M-row sample at the default memory_mb: 3 silent minutes on 2 cores)
+    only to take one percentile: a seeded sample of THRESHOLD_ROWS of them fixes it, and the notes say so."""
+    from types import SimpleNamespace
+
+    x, _ = shifted_rows()
+    monkeypatch.setattr(detect, "THRESHOLD_ROWS", 60, raising=False)
+    monkeypatch.setattr(detect.Detect, "training_rows", lambda self, ctx: (x[:150], x[150:]))
+    scored: list[np.ndarray] = []
+    real = detect.anomaly_scores
+
+    def recording(model, rows, device="cpu"):
+        scored.append(real(model, rows, device))
+        return scored[-1]
+
+    monkeypatch.setattr(detect, "anomaly_scores", recording)
+    cfg = detect.DetectRunConfig().model_copy(update={
+        "train": TINY_TRAIN, "model": ModelConfig(latent_dim=2, hidden=(8,)),
+        "app": detect.Config(min_steps=1, contamination=0.1)})
+    ctx = SimpleNamespace(config=cfg, notes=[], run=None, device=torch.device("cpu"), schema=None,
+                          train=SimpleNamespace(stats=None))
+    fitted = detect.Detect().fit(ctx)
+    assert [len(s) for s in scored] == [60], "the threshold's scores: 60 sampled training rows, not all 200"
+    assert fitted.state["threshold_"] == pytest.approx(np.percentile(scored[0], 90.0))
+    assert any("seeded sample of 60 of the 200 training rows' scores" in n for n in ctx.notes), ctx.notes
+
+
+def test_table_apply_says_how_far_it_is_on_long_work(monkeypatch):
+    """Apply over 30 partitions of 3.75M rows ran 8 minutes (detect) without a line in the log."""
+    from types import SimpleNamespace
+
+    from tasks.apps import get_app
+
+    run_log = _RunLog()
+    monkeypatch.setattr("tasks.train.run_logger", lambda: run_log)
+    monkeypatch.setattr("tasks.train.STEP_LOG_EVERY_S", 0.0)  # a line per partition (but the last)
+    app = get_app("reduce")
+    monkeypatch.setattr(type(app), "map_shards",
+                        lambda self, ctx, fitted, fn, items, on_done=None: [on_done(10) or 10 for _ in items])
+    app.apply(SimpleNamespace(target=SimpleNamespace(parts=("a", "b", "c"), n_rows=30)), None)
+    assert len(run_log.lines) == 2, run_log.lines
+    import re
+
+    assert re.fullmatch(r"reduce apply: 1/3 partitions, 10 of 30 rows, [\d,]+ rows/s, about \d+ (s|min|h \d+ min) left",
+                        run_log.lines[0]), run_log.lines
+    assert run_log.lines[1].startswith("reduce apply: 2/3 partitions, 20 of 30 rows, "), run_log.lines
+
+
+def test_impute_help_names_the_settings_it_cites():
+    """`aeflow run impute --help` (the module docstring without its double backticks) read "an ensemble of members such
+    autoencoders ... and passes refinement passes": the setting names turned into words."""
+    doc = " ".join(impute.__doc__.replace("``", "").split())
+    assert "an ensemble of app.members (5) such autoencoders" in doc
+    assert "app.passes (2) refinement passes" in doc
+    assert impute.Config().members == 5 and impute.Config().passes == 2, "the defaults the help cites"
+
+
+def test_impute_baselines_fit_in_float64_and_one_that_fails_is_left_out(monkeypatch):
+    """On a 20,000-row sample of a 1M-row table (36 numeric, 2 categorical columns) IterativeImputer overflowed on
+    the float32 rows ("Input X contains infinity") and its traceback failed the run after 7 minutes, discarding a
+    finished imputed.parquet: the baselines now compute in float64, and a baseline that still fails is left out."""
+    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
+    from sklearn.impute import IterativeImputer, SimpleImputer
+
+    _, holed, _, groups = _holes()
+    assert holed.dtype == np.float32
+    dtypes: list = []
+    real_fit = SimpleImputer.fit
+    monkeypatch.setattr(SimpleImputer, "fit", lambda self, X, y=None: dtypes.append(X.dtype) or real_fit(self, X, y))
+
+    def overflow(self, X):
+        raise ValueError("Input X contains infinity or a value too large for dtype('float32').")
+
+    monkeypatch.setattr(IterativeImputer, "transform", overflow)
+    run_log = _RunLog()
+    monkeypatch.setattr("tasks.train.run_logger", lambda: run_log)
+    out = impute.baseline_imputations(holed[:100], holed[100:], groups, seed=0)
+    assert set(out) == {"mean_mode", "knn"}, "the failing IterativeImputer is left out, the others stay"
+    assert dtypes and all(d == np.float64 for d in dtypes), dtypes
+    said = ("impute: iterative baseline skipped: ValueError: Input X contains infinity or a value too large for "
+            "dtype('float32').")
+    assert run_log.lines == [said], run_log.lines
