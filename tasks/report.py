@@ -33,8 +33,9 @@ def training_curve(run: RunDir, history: list[Any], rel: str = "report/training.
     tr = [h.train_loss if hasattr(h, "train_loss") else h["train_loss"] for h in history]
     va = [h.val_loss if hasattr(h, "val_loss") else h["val_loss"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, tr, label="train")
-    ax.plot(epochs, va, label="validation")
+    marker = "o" if len(epochs) < 3 else None  # one or two epochs: a line of one point is invisible
+    ax.plot(epochs, tr, label="train", marker=marker)
+    ax.plot(epochs, va, label="validation", marker=marker)
     best = int(np.argmin(va))
     ax.axvline(epochs[best], color="grey", ls=":", label=f"best epoch {epochs[best]}")
     ax.set_yscale("log")

@@ -97,6 +97,22 @@ def test_training_curve_has_whole_epochs_and_plain_loss_ticks(figures):
     assert not any("times" in t or "×" in t or "^" in t for t in shown_y), f"scientific tick labels: {shown_y}"
 
 
+def test_a_one_epoch_training_curve_shows_its_points(monkeypatch):
+    """A 1-epoch run's training.png was empty: a line through one point draws nothing (found by the ninth
+    walkthrough); with fewer than 3 epochs the points are marked."""
+    drawn = {}
+
+    def keep(run, rel, fig):
+        drawn.update({line.get_label(): line.get_marker() for line in fig.axes[0].get_lines()})
+        return rel
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    report.training_curve(_Run(), [{"epoch": 1, "train_loss": 0.5, "val_loss": 0.6}])
+    assert drawn["train"] not in (None, "", "None") and drawn["validation"] not in (None, "", "None"), drawn
+    report.training_curve(_Run(), [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e} for e in range(1, 6)])
+    assert drawn["train"] in ("", "None"), "longer curves stay plain lines"
+
+
 def test_embedding_scatter_labels_axes_and_legend(figures):
     z = np.random.default_rng(0).normal(size=(60, 2))
     labels = np.repeat(np.arange(3), 20)
