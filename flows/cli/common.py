@@ -84,7 +84,9 @@ def metrics_table(title: str, metrics: dict[str, Any], baselines: dict[str, dict
     rows = metrics_rows(metrics, baselines)
     table = Table(title=title, title_justify="left")
     for col in rows[0] if rows else ["metric", "aeflow"]:
-        table.add_column(col, justify="left" if col == "metric" else "right")
+        # fold, never cut: at 80 columns detect's seven baselines showed as 'isolation…', 'pyod_aut…'
+        table.add_column(col, justify="left" if col == "metric" else "right", overflow="fold",
+                         no_wrap=col == "metric", min_width=len(col) if col == "metric" else None)
     for r in rows:
         table.add_row(*r.values())
     return table

@@ -96,3 +96,22 @@ def test_an_empty_hidden_width_is_refused_and_none_is_a_linear_autoencoder(tmp_p
         assert res.exit_code == 2, res.output
         assert "--hidden" in res.output and "has an empty width" in " ".join(res.output.split()), res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_metrics_table_folds_rather_than_cuts_at_80_columns():
+    """detect's seven baselines at 80 columns showed as 'isolation…', 'pyod_aut…', 'average_…' (found by the
+    ninth walkthrough): every name and value is printed whole (headers folded), the metric names unbroken."""
+    import io
+
+    from rich.console import Console
+
+    from flows.cli.common import metrics_table
+
+    metrics = {"roc_auc": 0.9512, "average_precision": 0.7123, "precision_at_threshold": 0.5}
+    baselines = {k: {"roc_auc": 0.9, "average_precision": 0.6} for k in
+                 ("isolation_forest", "pca", "ecod", "copod", "hbos", "pyod_autoencoder")}
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(metrics_table("detect", metrics, baselines))
+    text = buf.getvalue()
+    assert "…" not in text, text
+    assert all(f"│ {m} " in text for m in metrics), text
