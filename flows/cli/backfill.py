@@ -19,7 +19,7 @@ def backfill(
     end: Annotated[str, typer.Option("--end", help="Last date, YYYY-MM-DD (included).")],
     input_template: Annotated[str | None, typer.Option(
         "--input-template", "-i",
-        help="Input URI with date fields, e.g. 's3://b/raw/{date}/*.parquet' (fields: see README). "
+        help="Input URI with date fields, e.g. data/{date}.csv or s3://b/{date}/ (fields: see README). "
              "Optional with --via-deployment (the deployment's own input is used).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Apply this run's model (URI, or 'latest') instead of training per date.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Dates running at once, in this process (not with --via-deployment: the server's workers decide).")] = 1,
@@ -31,10 +31,10 @@ def backfill(
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column kept out of training.")] = None,
     id_column: Annotated[str | None, typer.Option("--id-column", help="Column carried through to every output.")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler for every date (default: each date's run starts its own LocalCluster, "
-                                                                        "or one shared cluster of worker processes with --set local_cluster=processes).")] = None,
+                                                                        "or one shared cluster of worker processes when the setting local_cluster is processes, via --set).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message (and, via a deployment, flow_run_id/name/url).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message (and, via a deployment, flow_run_id, flow_run_name, flow_run_url).")] = False,
     max_dates: Annotated[int, typer.Option("--max-dates", min=1, help="Refuse a range of more dates than this (a typo in "
                                            "--end would queue thousands of runs); raise it for a long backfill.")] = 1000,
 ) -> None:

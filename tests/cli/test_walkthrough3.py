@@ -115,3 +115,18 @@ def test_the_metrics_table_folds_rather_than_cuts_at_80_columns():
     text = buf.getvalue()
     assert "…" not in text, text
     assert all(f"│ {m} " in text for m in metrics), text
+
+
+@pytest.mark.parametrize("argv", [["backfill"], ["run", "reduce"], ["run", "detect"], ["run", "impute"],
+                                  ["run", "compress"], ["run", "index"], ["runs", "list"], ["search"]])
+def test_help_at_80_columns_cuts_nothing(argv):
+    """backfill --help cut its -i example to "'s3://b/raw/{date…" in a narrow column (found by the ninth
+    walkthrough): no help text is cut with an ellipsis on an 80-column terminal."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, [*argv, "--help"], terminal_width=80)
+    assert res.exit_code == 0, res.output
+    cut = [line for line in res.output.splitlines() if "…" in line]
+    assert not cut, "\n".join(cut)
