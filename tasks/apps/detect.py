@@ -469,6 +469,7 @@ class Detect(TableApp):
         if total > len(x):
             ev.notes.append(f"metrics and baselines on a seeded sample of {len(x):,} of the {total:,} scored rows")
         scores = anomaly_scores(fitted.model, x, ctx.device)
+        ctx.cache["detect_eval_scores"] = (scores, side)  # the histogram plots these: not scored twice
         thr = self.threshold(ctx, fitted)
         flagged = scores > thr
         ev.metrics["threshold"] = thr
@@ -515,8 +516,11 @@ class Detect(TableApp):
         import matplotlib.pyplot as plt
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
-        x, side, _ = ctx.sample("target", "all", EVAL_ROWS, ctx.config.train.seed)
-        scores = anomaly_scores(fitted.model, x, ctx.device)
+        if "detect_eval_scores" in ctx.cache:  # evaluate's sample and scores (the same seeded sample)
+            scores, side = ctx.cache["detect_eval_scores"]
+        else:
+            x, side, _ = ctx.sample("target", "all", EVAL_ROWS, ctx.config.train.seed)
+            scores = anomaly_scores(fitted.model, x, ctx.device)
         thr = self.threshold(ctx, fitted)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         label = ctx.schema.label
