@@ -245,6 +245,9 @@ def decode_image_noting(
             fmt = img.format
             img.load()
     except UnidentifiedImageError as e:
+        for sig, name in ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG")):
+            if data.startswith(sig):  # the format's signature, then nothing Pillow can read: damaged, not foreign
+                raise ValueError(f"a damaged {name} file (its {name} signature, then data that does not decode)") from e
         raise ValueError("not a PNG/JPEG image (cannot identify the format)") from e
     except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"cannot decode image: {e}") from e

@@ -43,7 +43,7 @@ def case_corrupt_png(d):
 def case_png_header_then_garbage(d):
     _png(d / "imgs" / "a.png")
     (d / "imgs" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
-    return str(d / "imgs"), "{d}/imgs/b.png: not a PNG/JPEG image"
+    return str(d / "imgs"), "{d}/imgs/b.png: a damaged PNG file (its PNG signature, then data that does not decode)"
 
 
 @refusal("a non-image file in an image folder (unless --skip-bad)", 3, "images")
@@ -168,7 +168,7 @@ def test_search_a_query_folder_holding_files_it_cannot_read(two_runs, tmp_path):
     assert [r["query"] for r in json.loads(res.stdout)] == [f"{q}/a.png"]
     said = " ".join(res.stderr.split())
     assert "warning: --skip-bad left out 2 query files:" in said and f"{q}/b.webp: a WebP image" in said
-    assert f"{q}/c.png: not a PNG/JPEG image" in said
+    assert f"{q}/c.png: a damaged PNG file" in said
 
 
 @refusal("a --model of another application", 5, "model")

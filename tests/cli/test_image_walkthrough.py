@@ -120,7 +120,7 @@ def test_failed_compress_and_decompress_write_nothing(tmp_path):
     (out / "a.aec").write_bytes(b"earlier result")
     # Even when told to replace earlier outputs, a command that fails on one input replaces none.
     r = _invoke("compress", str(a), str(bad), "-o", str(out), "--model", CODEC, "--overwrite")
-    assert r.exit_code == 3 and f"{bad}: not a PNG/JPEG image" in _one_line(r)
+    assert r.exit_code == 3 and f"{bad}: a damaged PNG file" in _one_line(r)
     assert (out / "a.aec").read_bytes() == b"earlier result", "an earlier output was overwritten"
 
     codes = tmp_path / "codes"
