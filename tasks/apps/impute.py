@@ -180,6 +180,9 @@ def hide_cells(x: np.ndarray, groups: list[Group], fraction: float, seed: int) -
     return out, hidden
 
 
+BASELINE_WORKING_MEMORY_MB = 64  # sklearn's chunk size for the baselines' pairwise distances
+
+
 def baseline_imputations(
     fit_x: np.ndarray | None, x: np.ndarray, groups: list[Group], *, k: int = 5, seed: int = 0,
     extra_trees: bool = False, extra_trees_max_rows: int | None = None, seconds: dict[str, float] | None = None,
@@ -188,6 +191,7 @@ def baseline_imputations(
     itself), and with ``extra_trees`` IterativeImputer over ExtraTreesRegressor (10 trees, 10 rounds:
     MissForest-style), fitted on at most ``extra_trees_max_rows`` of those rows (a seeded sample).
     ``seconds``, when given, receives each baseline's fit + imputation time."""
+    import sklearn
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer, KNNImputer, SimpleImputer
 
@@ -216,7 +220,9 @@ def baseline_imputations(
             fit_rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), extra_trees_max_rows, replace=False))]
         t0 = time.perf_counter()
         try:
-            with warnings.catch_warnings():
+            # KNNImputer's distances come in chunks of sklearn's working_memory (1 GiB by default): 2.5 GB peak
+            # for 20,000 x 20,000 rows; at 64 MiB 0.46 GB, and faster (40 s vs 62 s here), same imputations.
+            with warnings.catch_warnings(), sklearn.config_context(working_memory=BASELINE_WORKING_MEMORY_MB):
                 warnings.simplefilter("ignore")  # IterativeImputer's "did not converge" is its normal state here
                 x_hat = imp.fit(fit_rows).transform(x64)
         except Exception as e:  # a baseline must never fail the run it is compared in (detect's rule too)
