@@ -225,7 +225,7 @@ def baseline_imputations(
             with warnings.catch_warnings(), sklearn.config_context(working_memory=BASELINE_WORKING_MEMORY_MB):
                 warnings.simplefilter("ignore")  # IterativeImputer's "did not converge" is its normal state here
                 x_hat = imp.fit(fit_rows).transform(x64)
-        except Exception as e:  # a baseline must never fail the run it is compared in (detect's rule too)
+        except Exception as e:  # noqa: BLE001 - a baseline must never fail the run it is compared in (detect's rule too)
             run_logger().warning("impute: %s baseline skipped: %s: %s", name, type(e).__name__, str(e).splitlines()[0])
             continue
         if seconds is not None:

@@ -113,22 +113,27 @@ def test_denoise_apply_mirrors_inputs_and_improves_psnr(denoise_model, photos, d
                for n in few.notes), few.notes
 
 
+def _bad_reference(root, rels, ref, case: str):
+    """A copy of the clean images at ``ref`` with its first image missing or (``resized``) 16 px wider."""
+    import shutil
+
+    shutil.copytree(root / "clean", ref)
+    if case == "missing":
+        (ref / rels[0]).unlink()
+    else:
+        im = Image.open(ref / rels[0])
+        im.resize((im.width + 16, im.height)).save(ref / rels[0])
+    return ref
+
+
 def test_denoise_apply_against_a_reference_that_does_not_match_is_refused(denoise_model, photos, dask_address,
                                                                           tmp_path):
     """The clean reference is read only for the scored images; one missing or of another size is
     named (the check still runs before anything is scored)."""
-    import shutil
-
     result, out = denoise_model
     root, rels = photos
     for case, expect in (("missing", "has no image"), ("resized", "but the noisy image is")):
-        ref = tmp_path / case
-        shutil.copytree(root / "clean", ref)
-        if case == "missing":
-            (ref / rels[0]).unlink()
-        else:
-            im = Image.open(ref / rels[0])
-            im.resize((im.width + 16, im.height)).save(ref / rels[0])
+        ref = _bad_reference(root, rels, tmp_path / case, case)
         cfg = resolve_config(DenoiseRunConfig, options={
             "model_run": result.run_uri, "load.apply_to": str(root / "noisy"), "load.reference": str(ref),
             "output": out, "dask_address": dask_address, "app.baselines": ["tv"]})
@@ -142,17 +147,9 @@ def test_denoise_training_with_a_bad_reference_is_refused_before_training(prefec
     """A training run with --apply-to and a --clean-reference that misses an image (or holds one of another
     size) is refused at the door: it trained, applied and then failed at its evaluation, leaving the run's
     folder with a training checkpoint behind (listed as an interrupted run)."""
-    import shutil
-
     root, rels = photos
     for case, expect in (("missing", "has no image"), ("resized", "but the noisy image is")):
-        ref = tmp_path / case
-        shutil.copytree(root / "clean", ref)
-        if case == "missing":
-            (ref / rels[0]).unlink()
-        else:
-            im = Image.open(ref / rels[0])
-            im.resize((im.width + 16, im.height)).save(ref / rels[0])
+        ref = _bad_reference(root, rels, tmp_path / case, case)
         out = tmp_path / f"out-{case}"
         cfg = resolve_config(DenoiseRunConfig, options={
             **FAST_DENOISE, "load.input": str(root / "clean"), "load.apply_to": str(root / "noisy"),
