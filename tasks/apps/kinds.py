@@ -14,6 +14,7 @@ An :class:`~tasks.apps.base.Application` names its kind (``data = TABLES`` or
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,10 +141,14 @@ class TableContext(Context):
 
     def sample(self, which: str = "target", split: str = "all", max_rows: int = 100_000,
                seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, int]:
-        """A seeded sample of at most ``max_rows`` rows (all of them, in input order, when there are
-        no more), read one partition at a time: (x, side, number of rows sampled from)."""
+        """A seeded sample of ``max_rows`` rows in input order (all of them when there are no more), read one
+        partition at a time: (x, side, number of rows sampled from).
+
+        Each partition keeps a row with a probability a few standard deviations above ``max_rows / total``,
+        and the overshoot is trimmed (seeded): the sample has ``max_rows`` rows, not about that many
+        (it came out at 991 of a 1,000-row cap, 99,638 of 100,000)."""
         total = self.count(which, split)
-        p = 1.0 if total <= max_rows else max_rows / total
+        p = 1.0 if total <= max_rows else min(1.0, (max_rows + 6 * math.sqrt(max_rows) + 20) / total)
         xs, sides = [], []
         for i, (x, side) in enumerate(self.parts(which, split)):
             if p < 1.0:
