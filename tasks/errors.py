@@ -41,6 +41,14 @@ class ConfigError(AeflowError):
     exit_code = 2
 
 
+class PortInUse(ConfigError):
+    """A port that a server of aeflow's is to listen on is held by another program.
+
+    Found before anything starts (``aeflow serve``, ``aeflow platform up``): the fix is the
+    option that moves the port, or freeing it, so it is refused as a setting (exit 2).
+    """
+
+
 class StorageError(AeflowError):
     """The artifact store cannot be read or written (bucket, permissions, missing run)."""
 

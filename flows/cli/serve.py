@@ -58,15 +58,14 @@ def serve(
         if api_healthy(api_url):
             err.print(f"a Prefect server is already running at {api_url}; using it", highlight=False)
         else:
-            from flows.platform.procs import port_free
+            from flows.platform.procs import require_free_port
 
-            if not port_free(host, port):
-                # Checked before starting anything: a server that cannot bind only says so in its log,
-                # and a running server's log (and SQLite database) in PREFECT_HOME stay untouched.
-                err.print(f"[bold red]error:[/] port {port} on {host} is in use by another program (not a healthy "
-                          f"Prefect server); pass another --port, or --api-url to use a server that is running",
-                          highlight=False, soft_wrap=True)
-                raise typer.Exit(2)
+            try:  # before starting anything: a running server's log and database in PREFECT_HOME stay untouched
+                require_free_port(host, port, user="the Prefect server this command starts",
+                                  change="pass another --port, or --api-url to use a Prefect server that is running "
+                                         "(the program on that port is not one)")
+            except AeflowError as e:
+                fail(e)
             server_log = _server_log_path()
             err.print(f"starting a Prefect server (SQLite) at http://{host}:{port} (log: {server_log}) ...", highlight=False)
             try:

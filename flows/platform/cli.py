@@ -69,10 +69,12 @@ def up_cmd(
 ) -> None:
     """Start the platform (or restart what is not running) and print what a client needs.
 
-    Prints `export` lines (use `eval "$(aeflow platform up)"`) or, with --json, the
-    Prefect API URL, the S3 endpoint, bucket and keys, the Dask scheduler and each
-    process's pid and log. Progress goes to stderr. Exit code 6 when a component
-    does not start (its name and log are printed).
+    Prints `export` lines (use `eval "$(aeflow platform up)"`) or, with --json,
+    the Prefect API URL, the S3 endpoint, bucket and keys, the Dask scheduler and
+    each process's pid and log. Progress goes to stderr. Exit code 2 when a port
+    it needs is held by another program or set for two servers (refused before
+    anything starts, naming the option that moves it, as `aeflow serve` does);
+    6 when a component does not start (its name and log are printed).
     """
     from flows.platform.core import shell_exports, up
 

@@ -23,9 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from flows.platform import components as C
-from flows.platform.procs import ProcRecord, free_ports, port_free, stop
+from flows.platform.procs import (
+    ProcRecord,
+    free_ports,
+    port_free,
+    require_free_port,
+    stop,
+)
 from flows.platform.state import PORT_NAMES, PlatformState, locked
-from tasks.errors import PlatformError
+from tasks.errors import PlatformError, PortInUse
 
 DEFAULT_DIR = Path(".aeflow") / "platform"
 
@@ -263,30 +269,69 @@ class _Background:
         return self._value
 
 
+# The ports clients are given (each set by an option of `up`), and what listens there.
+CLIENT_PORTS = {
+    "prefect": ("--prefect-port", "prefect-server", "the Prefect API and UI"),
+    "s3": ("--s3-port", "seaweedfs", "the S3 endpoint"),
+    "dask": ("--dask-port", "dask-scheduler", "the Dask scheduler"),
+    "postgres": ("--postgres-port", "postgres", "PostgreSQL"),
+}
+
+
+def _port_owner(name: str) -> str:
+    return CLIENT_PORTS[name][1] if name in CLIENT_PORTS else ("dask-scheduler" if name == "dask_http" else "seaweedfs")
+
+
 def _allocate_ports(state: PlatformState, requested: dict[str, int | None]) -> None:
-    """Ports: as given, else as recorded (so clients' settings stay valid), else free ones."""
-    owners = {"postgres": "postgres", "prefect": "prefect-server", "dask": "dask-scheduler", "dask_http": "dask-scheduler"}
+    """Ports: as given, else as recorded (so clients' settings stay valid), else free ones.
+
+    Checked before anything starts (a component that cannot bind only says so in its log, after
+    the ones started before it): a port given for two roles, or one another program holds, is
+    refused (:class:`PortInUse`, exit 2) naming the option that moves it; an internal port
+    (SeaweedFS's own, the scheduler's HTTP) that another program took is chosen afresh.
+    """
     for name, port in requested.items():
         if not port:
             continue
         have = state.ports.get(name)
-        owner = owners.get(name, "seaweedfs")
+        owner = _port_owner(name)
         rec = state.components.get(owner)
         if have and have != port and rec is not None and rec.alive:
             raise PlatformError(f"{owner} already runs on port {have} in {state.dir}; run `aeflow platform down` first to move it to {port}")
         state.ports[name] = port
+    given = {n: p for n, p in requested.items() if p}
+    clients = {n: p for n, p in state.ports.items() if n in CLIENT_PORTS}
+    for name, port in clients.items():
+        twice = [n for n, p in clients.items() if p == port and n != name]
+        if twice:
+            pair = sorted([name, *twice], key=lambda n: n not in given)
+            opts = " and ".join(CLIENT_PORTS[n][0] for n in pair)
+            raise PortInUse(f"port {port} is set for both {opts} (one port, one server); pass another "
+                            f"{CLIENT_PORTS[pair[0]][0]}; nothing was started")
+    for name, port in list(state.ports.items()):  # an internal port that a given one now collides with
+        if name not in CLIENT_PORTS and port in clients.values():
+            owner, rec = _port_owner(name), state.components.get(_port_owner(name))
+            if rec is not None and rec.alive:
+                option = next(CLIENT_PORTS[n][0] for n, p in clients.items() if p == port)
+                raise PortInUse(f"port {port} is one of {owner}'s, running in {state.dir}; pass another {option}; "
+                                "nothing was started")
+            del state.ports[name]
     missing = [n for n in PORT_NAMES if n not in state.ports]
     for name, port in zip(missing, free_ports(len(missing), avoid=set(state.ports.values())), strict=True):
         state.ports[name] = port
     # a recorded port that another program took meanwhile: say which, before starting anything
     for name, port in state.ports.items():
-        owner = owners.get(name, "seaweedfs")
+        owner = _port_owner(name)
         rec = state.components.get(owner)
-        if (rec is None or not rec.alive) and not port_free(C.HOST, port):
-            raise PlatformError(
-                f"port {port} ({name}, for {owner}) is in use by another program; free it, or start the platform in "
-                f"another --dir (or pass the component's --*-port option)"
-            )
+        if rec is not None and rec.alive:
+            continue
+        if name not in CLIENT_PORTS:
+            if not port_free(C.HOST, port):  # no client knows it: another free one does as well
+                state.ports[name] = free_ports(1, avoid=set(state.ports.values()))[0]
+            continue
+        option, _, what = CLIENT_PORTS[name]
+        require_free_port(C.HOST, port, user=f"{owner} ({what})",
+                          change=f"free it, or pass another {option}; nothing was started")
 
 
 def up(

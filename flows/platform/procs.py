@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 
+from tasks.errors import PortInUse
+
 
 @dataclass
 class ProcRecord:
@@ -99,6 +101,23 @@ def port_free(host: str, port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def require_free_port(host: str, port: int, *, user: str, change: str) -> None:
+    """The one check before a server of aeflow's starts on ``host:port`` (``serve``, ``platform up``).
+
+    A server that cannot bind says so only in its log, after the components started before it;
+    checked first, the command refuses with nothing started.
+
+    Args:
+        user: What would listen there, e.g. ``"the Prefect server this command starts"``.
+        change: How to proceed, e.g. ``"pass another --port"``.
+
+    Raises:
+        PortInUse: naming the port, ``user`` and ``change`` (exit 2).
+    """
+    if not port_free(host, port):
+        raise PortInUse(f"port {port} on {host} is in use by another program, so {user} cannot listen there; {change}")
 
 
 def spawn(

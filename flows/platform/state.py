@@ -105,14 +105,28 @@ class PlatformState:
 
 @contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """One ``up``/``down`` at a time per platform directory."""
+    """One ``up``/``down`` at a time per platform directory.
+
+    A directory this call created and that holds nothing but the lock when it ends (an ``up``
+    refused before anything started) is removed again, with the parents it created.
+    """
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # the deepest first
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             raise PlatformError(f"another `aeflow platform` command is working on {directory}; wait for it") from e
+        held = True
         yield
     finally:
+        if held and created and os.listdir(directory) == [".lock"]:
+            (directory / ".lock").unlink()  # still held: no other command can have taken it meanwhile
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:  # something else appeared in it meanwhile
+                    break
         os.close(fd)

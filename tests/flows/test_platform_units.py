@@ -75,16 +75,82 @@ def test_state_round_trips_and_keeps_secrets_private(tmp_path):
         PlatformState.load(tmp_path)
 
 
-def test_a_port_taken_by_another_program_is_named_before_anything_starts(tmp_path):
-    from flows.platform.core import up
+@pytest.fixture
+def another_program():
+    """`python -m http.server` on a free port of 127.0.0.1: the port is another program's."""
+    import subprocess
 
+    from flows.platform.procs import port_open
+
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(("option", "names"), [("--prefect-port", "prefect-server (the Prefect API and UI)"),
+                                               ("--s3-port", "seaweedfs (the S3 endpoint)")])
+def test_up_on_a_port_another_program_holds_refuses_before_anything_starts(tmp_path, another_program, option, names):
+    """As `aeflow serve` does (one check, one exit code: 2, the option moves it); it was exit 6, as for a component
+    that did not start, and left the new DIR behind with its lock file."""
+    from flows.cli import app
+
+    directory = tmp_path / "new" / "p"
+    res = CliRunner().invoke(app, ["platform", "up", "--dir", str(directory), option, str(another_program)])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert (f"port {another_program} on 127.0.0.1 is in use by another program, so {names} cannot listen there; "
+            f"free it, or pass another {option}; nothing was started") in text, text
+    assert not (tmp_path / "new").exists(), "nothing half-created: the DIR (and its parent) it made are gone again"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_up_with_one_port_for_two_servers_refuses_before_anything_starts(tmp_path):
+    """--prefect-port P --s3-port P started PostgreSQL, SeaweedFS (on P) and the Dask cluster, then the Prefect server
+    could not bind P: exit 6 after ~25 s, and the state kept both on P, so every later `up` failed the same way."""
+    from flows.cli import app
+
+    port = free_ports(1)[0]
+    directory = tmp_path / "p"
+    t0 = time.monotonic()
+    res = CliRunner().invoke(app, ["platform", "up", "--dir", str(directory), "--prefect-port", str(port),
+                                   "--s3-port", str(port)])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"port {port} is set for both --prefect-port and --s3-port (one port, one server); pass another" in text, text
+    assert time.monotonic() - t0 < 10, "nothing was started"
+    assert not directory.exists()
+    # a state that recorded one port for two servers (written by that earlier `up`) is refused the same way
+    PlatformState(dir=directory, ports={"prefect": port, "s3": port}).save()
+    res = CliRunner().invoke(app, ["platform", "up", "--dir", str(directory)])
+    assert res.exit_code == 2 and "is set for both --prefect-port and --s3-port" in " ".join(res.output.split())
+    assert PlatformState.load(directory).ports == {"prefect": port, "s3": port}, "refused before the state changed"
+
+
+def test_an_internal_port_another_program_took_is_chosen_afresh(tmp_path):
+    """SeaweedFS's own ports and the scheduler's HTTP port are known to no client: another free one does."""
+    from flows.platform.core import _allocate_ports
+    from flows.platform.state import PORT_NAMES
+
+    state = PlatformState(dir=tmp_path, ports=dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True)))
+    before = dict(state.ports)
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", before["weed_master"]))
         s.listen()
-        busy = s.getsockname()[1]
-        with pytest.raises(PlatformError, match=f"port {busy} \\(prefect, for prefect-server\\) is in use"):
-            up(tmp_path / "p", ports={"prefect": busy}, deploy_file=None, project_dir=tmp_path)
-    assert PlatformState.load(tmp_path / "p").components == {}, "nothing was started"
+        _allocate_ports(state, {})
+    assert state.ports["weed_master"] != before["weed_master"]
+    assert {k: v for k, v in state.ports.items() if k != "weed_master"} == {k: v for k, v in before.items() if k != "weed_master"}
+    assert len(set(state.ports.values())) == len(PORT_NAMES)
+    # and one that a given port now asks for (--dask-port on SeaweedFS's volume port)
+    _allocate_ports(state, {"dask": state.ports["weed_volume"]})
+    assert len(set(state.ports.values())) == len(PORT_NAMES)
 
 
 def test_a_component_that_dies_while_starting_is_named_with_its_log(tmp_path):
@@ -266,6 +332,55 @@ def test_watchdog_ends_runs_a_stopped_platform_left_running(prefect_server):
         assert states["cancelling"].type.value == "CANCELLED"
         assert states["alive"].type.value == "RUNNING", "its process still runs (this one)"
         assert c.read_task_run(tr.id).state.type.value == "CRASHED", "its task run is freed"
+
+
+def test_watchdog_logs_every_crash_also_the_ones_a_worker_reported(prefect_server, capsys):
+    """A flow-run process killed under a live worker is marked CRASHED by the worker: watchdog.log said nothing (it
+    logged only the runs it ended itself). Now each crash seen while it watches is logged once, with its message."""
+    import datetime as dt
+    import subprocess
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Crashed, Running
+
+    from flows.platform.watchdog import Watchdog
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a flow-run process that is gone
+    dead.wait()
+    with get_client(sync_client=True) as c:
+        pool = f"wd-log-{os.getpid()}-{time.time_ns()}"
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        dep = c.create_deployment(flow_id=c.create_flow_from_name("wd-log-flow"), name="d", work_pool_name=pool)
+
+        def run(name, pid):
+            fr = c.create_flow_run_from_deployment(dep, name=name)
+            c.set_flow_run_state(fr.id, Running(), force=True)
+            c.update_flow_run(fr.id, infrastructure_pid=str(pid))
+            return fr.id
+
+        def worker_reports_crash(frid):  # what a Prefect worker does when its flow-run process exits non-zero
+            c.set_flow_run_state(frid, Crashed(message="Flow run infrastructure exited with non-zero status code -9."))
+
+        before = run("crashed-before", dead.pid)
+        worker_reports_crash(before)
+        time.sleep(0.5)
+        wd = Watchdog(None)
+        time.sleep(0.5)
+        killed, gone = run("killed", dead.pid), run("gone", dead.pid)
+        worker_reports_crash(killed)
+        started, wd.started = wd.started, wd.started + dt.timedelta(seconds=60)
+        wd.end_stale_runs(c, pool)  # the watchdog crashes `gone` itself (rule 3): logged as it does so
+        wd.started = started
+        assert f"flow run gone ({gone}), RUNNING since before this watchdog started" in capsys.readouterr().out
+        wd.free_orphaned_tasks(c, pool)
+        wd.free_orphaned_tasks(c, pool)  # the next pass: nothing twice
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "flow run" in ln]
+    said = (f"watchdog: flow run killed ({killed}): CRASHED, reported by its worker or its own process "
+            f"(pid {dead.pid}): Flow run infrastructure exited with non-zero status code -9.")
+    assert [ln[len("2026-12-01 04:22:51 "):] for ln in lines] == [said], lines
+    assert str(before) not in " ".join(lines), "it ended before the watchdog watched"
+    assert str(gone) not in " ".join(lines), "the watchdog's own crash was logged when it made it, not again"
 
 
 def test_ctrl_c_of_up_says_what_it_left(tmp_path, monkeypatch):
