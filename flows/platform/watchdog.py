@@ -22,6 +22,12 @@ a crashed one. The watchdog closes both gaps for the platform's own workers:
    task runs are freed. Without this, its ``fit`` task kept the ``training`` slot after the
    next ``up`` and every later training waited for ever.
 
+Every crash of a flow run of the pool that it sees end while it watches is in its log, once:
+the ones it marks itself (rules 1 and 3, with why), and the ones that its worker, the flow
+run's own process or the server marked CRASHED first (a flow-run process killed under a
+live worker: the worker reports it), with their message — so ``watchdog.log`` lists every
+crash, whichever worker's log holds the details.
+
 A heartbeat file (``DIR/watchdog.alive``) is touched every loop: ``platform status``
 reads it. Run by ``aeflow platform up``; ``python -m flows.platform.watchdog --dir DIR``
 (or ``--api-url URL --pool NAME`` where the workers run in other containers: rule 2 only).
@@ -121,6 +127,7 @@ class Watchdog:
         self.tracked: dict[Any, Tracked] = {}
         self.last_error = ""
         self.started = dt.datetime.now(dt.UTC)  # rule 3: flow runs older than this watchdog
+        self.logged: dict[Any, float] = {}  # crashed flow runs already in the log (id -> when), each once
 
     def tick(self) -> None:
         """One pass: track new flow-run processes, crash orphaned runs, free their task runs."""
@@ -207,6 +214,7 @@ class Watchdog:
             result = c.set_flow_run_state(fr.id, new_state, force=True)
             log(f"flow run {fr.name} ({fr.id}), {was} since before this watchdog started, process gone -> "
                 f"{result.status.value}")
+            self.logged[fr.id] = time.time()
             self.free_tasks_of(c, c.read_flow_run(fr.id))
 
     def crash(self, c: Any, flow_run_id: Any, t: Tracked) -> None:
@@ -220,11 +228,13 @@ class Watchdog:
                f"state: its worker or machine was killed. Marked crashed by the aeflow platform watchdog.")
         result = c.set_flow_run_state(flow_run_id, Crashed(message=msg), force=False)
         log(f"flow run {fr.name} ({flow_run_id}): process {t.pid} of {t.worker} is gone -> {result.status.value}")
+        if result.status.value == "ACCEPT":  # else another reported first: logged as such (note_crash)
+            self.logged[flow_run_id] = time.time()
         self.tracked.pop(flow_run_id, None)
         self.free_tasks_of(c, c.read_flow_run(flow_run_id))
 
     def free_orphaned_tasks(self, c: Any, pool: str) -> None:
-        """Task runs still running in flow runs of the pool that ended within the last hour."""
+        """Task runs still running in flow runs of the pool that ended within the last hour; each crash logged."""
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterEndTime,
@@ -245,8 +255,25 @@ class Watchdog:
             limit=200,
         )
         for fr in ended:
+            if fr.state is not None and fr.state.type.value == "CRASHED":
+                self.note_crash(fr)
             if not _pid_alive(fr.infrastructure_pid):
                 self.free_tasks_of(c, fr)
+        cutoff = time.time() - 2 * 3600  # past the hour that is read: never seen again
+        self.logged = {k: v for k, v in self.logged.items() if v > cutoff}
+
+    def note_crash(self, fr: Any) -> None:
+        """Log, once, a crash that this watchdog did not mark: the flow run's worker or its own process did."""
+        if fr.id in self.logged:
+            return
+        self.logged[fr.id] = time.time()
+        if fr.end_time is not None and fr.end_time < self.started:
+            return  # it ended before this watchdog watched
+        message = " ".join((fr.state.message or "no message").split())
+        if len(message) > 300:
+            message = message[:297] + "..."
+        log(f"flow run {fr.name} ({fr.id}): CRASHED, reported by its worker or its own process "
+            f"(pid {fr.infrastructure_pid or '?'}): {message}")
 
     def free_tasks_of(self, c: Any, fr: Any) -> None:
         from prefect.client.schemas.filters import (
