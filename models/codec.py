@@ -156,6 +156,9 @@ class CodecBase(nn.Module):
 
     kind: ClassVar[str] = ""
     stride: ClassVar[int] = 16
+    # The image's total downsampling to its deepest latent (the hyperprior's side latent: 16 x 4): an image
+    # smaller than this still codes (padded), but is mostly padding.
+    factor: ClassVar[int] = 16
     # Whether ``compress(..., refine_steps > 0)`` (encoder-side latent refinement) is implemented.
     supports_refinement: ClassVar[bool] = False
     # The automatic GPU batch keeps the given lr (no sqrt scaling): on an H200 the hyperprior's

@@ -91,6 +91,7 @@ class HyperpriorCodec(CodecBase):
     """Variable-rate mean-scale hyperprior codec (GDN transforms, per-level gains, Gaussian conditional)."""
 
     kind: ClassVar[str] = "hyperprior"
+    factor: ClassVar[int] = CodecBase.stride * HYPER_STRIDE
     config: HyperpriorConfig
 
     def __init__(self, config: HyperpriorConfig) -> None:

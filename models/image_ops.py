@@ -201,6 +201,7 @@ def tiled_apply(
     *,
     tile: int = 256,
     overlap: int = 32,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Apply an image-to-image ``fn`` to ``x`` ``(N, C, H, W)`` in overlapping tiles.
 
@@ -209,7 +210,8 @@ def tiled_apply(
     lacks context) gets no weight and the middle half a linear ramp, weights are
     normalised to sum to one everywhere, so there is no seam, and memory is
     bounded by the tile size.
-    Images no larger than ``tile`` go through ``fn`` whole.
+    Images no larger than ``tile`` go through ``fn`` whole. ``on_tile(done, total)`` is called after
+    each tile of a larger image (progress: a photograph is hundreds of tiles).
     """
     n, c, h, w = x.shape
     if h <= tile and w <= tile:
@@ -237,6 +239,8 @@ def tiled_apply(
             win = (wy[:, None] * wx[None, :]).to(x.device)
             out[..., y0 : y0 + th, x0 : x0 + tw] += patch * win
             weight[..., y0 : y0 + th, x0 : x0 + tw] += win
+            if on_tile is not None:
+                on_tile(yi * len(xs) + xi + 1, len(ys) * len(xs))
     assert out is not None
     return out / weight
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import dask
@@ -160,33 +163,95 @@ def current_client() -> Any | None:
         return None
 
 
+PROGRESS_TOPIC = "aeflow-progress"  # the Dask event topic of progress within an item (report_progress)
+PROGRESS_EVERY_S = 1.0  # an item sends its progress at most this often (what is logged is throttled again)
+_progress: ContextVar[dict[str, Any] | None] = ContextVar("aeflow_progress", default=None)
+
+
+def report_progress(payload: dict[str, Any]) -> None:
+    """From ``fn`` of :func:`run_parallel`: how far one item is (e.g. the tiles of a large image), passed to
+    its ``on_progress`` in the process that called it, at most every ``PROGRESS_EVERY_S`` per item; from a
+    Dask worker through the scheduler's events, wherever the worker runs. Nothing outside such a call."""
+    state = _progress.get()
+    if state is None:
+        return
+    now = time.monotonic()
+    if now - state["last"] < PROGRESS_EVERY_S:
+        return
+    state["last"] = now
+    if state["local"] is not None:
+        state["local"](payload)
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(PROGRESS_TOPIC, {**payload, "token": state["token"]})
+    except Exception as e:  # noqa: BLE001 - progress is a nicety; never fail the work for it
+        log.debug("progress not sent: %s", e)
+
+
+def _with_progress(item: Any, *, _aeflow_fn: Callable[..., Any], _aeflow_token: str | None,
+                   _aeflow_local: Callable[[dict[str, Any]], None] | None = None, **shared: Any) -> Any:
+    """``fn(item, **shared)`` with :func:`report_progress` sending to this call's ``on_progress``."""
+    reset = _progress.set({"token": _aeflow_token, "local": _aeflow_local, "last": time.monotonic()})
+    try:
+        return _aeflow_fn(item, **shared)
+    finally:
+        _progress.reset(reset)
+
+
 def run_parallel(fn: Callable[..., Any], items: Sequence[Any], *, on_done: Callable[[Any], None] | None = None,
-                 **shared: Any) -> list[Any]:
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, **shared: Any) -> list[Any]:
     """``fn(item, **shared)`` for every item, results in order.
 
     On the run's Dask client each item is one task, and each ``shared`` object is shipped
     once to every worker (scattered with ``broadcast``), not once per task; a worker lost
     midway costs only its items, which the scheduler runs again elsewhere (``fn`` must be
     idempotent: it writes its own files). Without a client the items run here, one by one.
-    ``on_done(result)`` is called in this process as each item finishes (in completion order).
+    ``on_done(result)`` is called in this process as each item finishes (in completion order);
+    ``on_progress(payload)`` with what ``fn`` passes to :func:`report_progress` while an item runs
+    (from the client's event thread when on a cluster).
     """
     client = current_client()
     if client is None or len(items) == 0:
         results = []
         for item in items:
-            results.append(fn(item, **shared))
+            if on_progress is None:
+                results.append(fn(item, **shared))
+            else:
+                results.append(_with_progress(item, _aeflow_fn=fn, _aeflow_token=None, _aeflow_local=on_progress,
+                                              **shared))
             if on_done is not None:
                 on_done(results[-1])
         return results
     from distributed import as_completed
 
+    token = uuid.uuid4().hex
+    if on_progress is not None:
+        def relay(event: tuple[float, Any]) -> None:  # every run on the scheduler sends to one topic: ours only
+            msg = event[1]
+            if isinstance(msg, dict) and msg.get("token") == token:
+                try:
+                    on_progress(msg)
+                except Exception as e:  # noqa: BLE001 - progress is a nicety; never fail the work for it
+                    log.debug("progress not shown: %s", e)
+
+        client.subscribe_topic(PROGRESS_TOPIC, relay)
     scattered = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
-    futures = client.map(fn, list(items), pure=False, **scattered)
+    if on_progress is None:
+        futures = client.map(fn, list(items), pure=False, **scattered)
+    else:
+        name = getattr(fn, "__name__", "item")
+        futures = client.map(_with_progress, list(items), key=[f"{name}-{uuid.uuid4().hex}" for _ in items],
+                             _aeflow_fn=fn, _aeflow_token=token, **scattered)
     try:
         if on_done is not None:
             for future in as_completed(futures):
                 on_done(future.result())
         return client.gather(futures)
     finally:
+        if on_progress is not None:
+            with contextlib.suppress(Exception):
+                client.unsubscribe_topic(PROGRESS_TOPIC)
         for f in [*futures, *scattered.values()]:
             f.release()

@@ -6,8 +6,9 @@ convention: ``root/<class>/.../image.png``). ``load_images`` decodes every file
 on the Dask client in shards of ``shard_size`` files (fewer when their bytes pass
 ``shard_mb``): each worker reads the bytes, decodes them with Pillow, normalises
 the mode (grayscale or RGB), resizes or crops when configured, and writes one
-``.npz`` shard (uint8 CHW arrays) into the run directory. A file that does not decode names itself in one
-:class:`InputError`; with ``skip_bad`` it is left out and listed instead. What the normalisation changed
+``.npz`` shard (uint8 CHW arrays) into the run directory. A file that does not decode, or an image smaller
+than the network needs, names itself in one :class:`InputError`; with ``skip_bad`` it is left out and listed
+instead. What the normalisation changed
 beyond the mode asked for (transparency composited, a palette, 16 bits, CMYK) is counted per image set,
 and :func:`image_notes` says it (and which files were left out) in the run's notes.
 
@@ -99,8 +100,9 @@ class ImageLoadConfig(Frozen):
     alpha: Literal["white", "refuse"] = Field(
         "white", description="Images with transparency: composite on white, or refuse them (the codec has no alpha plane)."
     )
-    skip_bad: bool = Field(False, description="Leave out files that are not PNG/JPEG or do not decode instead of failing "
-                           "(named in a warning and the run's notes; listed with reasons in the manifest).")
+    skip_bad: bool = Field(False, description="Leave out files that are not PNG/JPEG, do not decode or are smaller than "
+                           "the network needs, instead of failing (named in a warning and the run's notes; listed with "
+                           "reasons in the manifest).")
     shard_size: int = Field(64, ge=1, le=100_000, description="Images per Dask task and per shard file (at most).")
     shard_mb: float = Field(
         32.0, gt=0,
@@ -346,9 +348,11 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def _decode_shard(
-    uris: list[str], mode: Mode, size: int | None, fit: str, out_uri: str | None, alpha: str = "white"
+    uris: list[str], mode: Mode, size: int | None, fit: str, out_uri: str | None, alpha: str = "white",
+    min_side: int = 1,
 ) -> list[dict[str, Any]]:
-    """Decode one shard of files; write the good ones as one ``.npz``; report every file."""
+    """Decode one shard of files; write the good ones as one ``.npz``; report every file (an image with a side
+    under ``min_side`` is not good: ``small``, with its shape)."""
     report: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
     for i, uri in enumerate(uris):
@@ -362,6 +366,9 @@ def _decode_shard(
             continue
         except OSError as e:
             report.append({"ok": False, "reason": f"cannot read: {e}"})
+            continue
+        if min(arr.shape[1:]) < min_side:
+            report.append({"ok": False, "small": True, "shape": list(arr.shape)})
             continue
         arrays[f"i{i:06d}"] = arr
         report.append({"ok": True, "shape": list(arr.shape), "change": change})
@@ -387,11 +394,15 @@ def shard_spans(sizes: Sequence[int], count: int, max_bytes: float) -> list[rang
     return spans
 
 
-def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | None, prefix: str) -> ImageSet:
+def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | None, prefix: str, min_side: int = 1,
+                too_small_for: str = "the network") -> ImageSet:
     """Decode ``source`` on the Dask client into shards under ``{run}/{prefix}/``.
 
+    An image whose shorter side is under ``min_side`` (what the network needs, ``too_small_for`` in words)
+    is refused like a file that does not decode, and with ``load.skip_bad`` left out and listed like one.
+
     Raises:
-        InputError: the first file that does not decode, by name (unless ``load.skip_bad``),
+        InputError: the first file that does not decode or is too small, by name (unless ``load.skip_bad``),
             or every file bad.
     """
     uris = [f.path for f in source.files]
@@ -400,15 +411,23 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     out_uris: list[str | None] = [f"{run.uri_of(prefix)}/shard-{i:05d}.npz" for i in range(len(groups))] if run else [None] * len(groups)
     if run is not None:
         run.makedirs(prefix)
-    jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha) for g, u in zip(groups, out_uris, strict=True)]
+    jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha, min_side)
+            for g, u in zip(groups, out_uris, strict=True)]
     reports = dask.compute(*jobs)
     bad: list[dict[str, str]] = []
+    small: set[int] = set()  # which of bad are images too small for the network
     converted: dict[str, int] = {}
     keep_rel, keep_labels, keep_paths, shapes, shards, counts = [], [], [], [], [], []
     for gi, (rep, out) in enumerate(zip(reports, out_uris, strict=True)):
         ok_here = 0
         for j, r in enumerate(rep):
             k = spans[gi].start + j
+            if r.get("small"):
+                _, h, w = r["shape"]
+                small.add(len(bad))
+                bad.append({"path": uris[k], "reason": f"{w}x{h} pixels, too small for {too_small_for}: "
+                                                       f"{source.role} images need at least {min_side}x{min_side}"})
+                continue
             if not r["ok"]:
                 bad.append({"path": uris[k], "reason": r["reason"]})
                 continue
@@ -425,11 +444,15 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
     if bad and not load.skip_bad:
         n = len(bad) - 1
         more = f" (and {n} more bad file{'' if n == 1 else 's'})" if n else ""
+        if 0 in small:
+            raise InputError(f"{bad[0]['path']} is {bad[0]['reason']}{more}; resize or remove it, or pass --skip-bad "
+                             "to leave such images out")
         # Which input it is in: the same file name can be in --apply-to and in the clean reference.
         raise InputError(f"{bad[0]['path']}: {bad[0]['reason']}{more}; {source.role} {source.uri} must hold only "
                          "decodable PNG/JPEG images: fix or remove it, or pass --skip-bad to leave such files out")
     if not keep_rel:
-        raise InputError(f"{source.role} {source.uri}: none of the {len(uris)} files is a decodable PNG/JPEG image")
+        large = f" of at least {min_side}x{min_side} pixels ({len(small)} too small for {too_small_for})" if small else ""
+        raise InputError(f"{source.role} {source.uri}: none of the {len(uris)} files is a decodable PNG/JPEG image{large}")
     skipped = tuple(bad) + tuple({"path": p, "reason": not_an_image(p)} for p in source.not_images)
     labels_ok = all(lbl is not None for lbl in keep_labels) and len(set(keep_labels)) > 1
     return ImageSet(
@@ -465,9 +488,10 @@ def image_notes(imset: ImageSet, shown: int = 3) -> list[str]:
 
 
 @task(name="load-images", task_run_name="load-images-{prefix}", **IO_TASK)
-def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, prefix: str) -> ImageSet:
+def load_images_task(source: ImageSource, load: ImageLoadConfig, run: RunDir, prefix: str, min_side: int = 1,
+                     too_small_for: str = "the network") -> ImageSet:
     """Prefect task over :func:`load_images` (validation errors are not retried)."""
-    return load_images(source, load, run=run, prefix=prefix)
+    return load_images(source, load, run=run, prefix=prefix, min_side=min_side, too_small_for=too_small_for)
 
 
 MIN_TRAIN_IMAGES = 2

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,20 +220,88 @@ class Application(ABC):
 
     # -- apply on the cluster ------------------------------------------------------------------
     def map_shards(self, ctx: Context, fitted: Fitted, fn: Any, items: list[Any],
-                   on_done: Callable[[Any], None] | None = None) -> list[Any]:
+                   on_done: Callable[[Any], None] | None = None,
+                   on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[Any]:
         """``fn(item, app=..., ctx=..., fitted=...)`` for every item (a partition or a shard): one Dask
         task each on the run's cluster, the context and the model shipped once per worker
         (:func:`tasks.dask_client.run_parallel`); in this process when there is no cluster.
         On the worker, ``fn`` calls :func:`on_worker` for the context and model it computes with;
-        ``on_done(result)`` is called here as each item finishes (progress)."""
+        ``on_done(result)`` is called here as each item finishes, ``on_progress(payload)`` with what ``fn``
+        reports within an item (:func:`tasks.dask_client.report_progress`): :class:`ApplyProgress`."""
         from tasks.dask_client import run_parallel
 
         lean = dataclasses.replace(ctx, cache={}, artifacts={}, notes=[])  # no cached arrays on the wire
         fitted.model.to("cpu")
         try:
-            return run_parallel(fn, items, on_done=on_done, app=self, ctx=lean, fitted=fitted)
+            return run_parallel(fn, items, on_done=on_done, on_progress=on_progress, app=self, ctx=lean, fitted=fitted)
         finally:
             fitted.model.to(ctx.device)
+
+
+class ApplyProgress:
+    """Apply over many partitions or images can take minutes (detect scores a few thousand rows/s; denoise
+    a 6 MP photograph ~50 s on a CPU): a log line at most every ``STEP_LOG_EVERY_S`` with the items and amount
+    done, the rate and about how long the rest takes. Items finish through :meth:`done` (``map_shards``'
+    ``on_done``); work within a running item (the tiles of one large image) through :meth:`progress`
+    (``map_shards``' ``on_progress``), which a worker sends with :func:`tasks.dask_client.report_progress`.
+
+    Amounts are counted in ``unit`` and shown divided by ``scale`` with ``digits`` decimals (tables: rows;
+    images: ``unit="MP", scale=1e6, digits=1`` over pixels).
+    """
+
+    def __init__(self, label: str, parts: int, rows: float, emit: Callable[..., None] | None = None, *,
+                 items: str = "partitions", unit: str = "rows", scale: float = 1.0, digits: int = 0) -> None:
+        import threading
+
+        from tasks.train import run_logger
+
+        self.label, self.parts, self.rows = label, parts, rows
+        self.items, self.unit, self.scale, self.digits = items, unit, scale, digits
+        self.emit = emit or run_logger().info
+        self.parts_done = 0
+        self.rows_done = 0.0
+        self.running: dict[Any, float] = {}  # item -> amount done within it (progress)
+        self.finished: set[Any] = set()
+        self.lock = threading.Lock()  # progress arrives on the Dask client's event thread
+        self.t0 = self.last = time.monotonic()
+
+    def done(self, rows: float, count: int = 1, item: Any = None) -> None:
+        """``count`` items finished with ``rows`` of the amount (``item``: the key their progress came under)."""
+        with self.lock:
+            self.parts_done += count
+            self.rows_done += rows
+            if item is not None:
+                self.running.pop(item, None)
+                self.finished.add(item)
+            if self.parts_done < self.parts:  # the stage's end is said elsewhere
+                self._line()
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """``{"item": key, "done": amount done within it, "detail": what it is doing}`` of a running item."""
+        with self.lock:
+            item = event.get("item")
+            if item in self.finished:  # it arrived after the item's result
+                return
+            self.running[item] = float(event.get("done", 0.0))
+            self._line(str(event.get("detail") or ""))
+
+    def _line(self, detail: str = "") -> None:
+        from tasks.train import STEP_LOG_EVERY_S, _duration
+
+        now = time.monotonic()
+        if now - self.last < STEP_LOG_EVERY_S:
+            return
+        self.last = now
+        done = self.rows_done + sum(self.running.values())
+        rate = done / max(now - self.t0, 1e-9)
+        left = (self.rows - done) / max(rate, 1e-9)
+
+        def amount(v: float) -> str:
+            return f"{v / self.scale:,.{self.digits}f}"
+
+        self.emit("%s: %d/%d %s, %s of %s %s, %s %s/s, about %s left%s", self.label, self.parts_done, self.parts,
+                  self.items, amount(done), amount(self.rows), self.unit, amount(rate), self.unit, _duration(left),
+                  f" ({detail})" if detail else "")
 
 
 def on_worker(app: Application, ctx: Context, fitted: Fitted) -> tuple[Context, Fitted]:

@@ -22,7 +22,7 @@ from models.codec_train import make_loss_fn
 from models.dense import seeded
 from models.image_ops import rgb_patches_streamed
 from models.metrics import bd_rate
-from tasks.apps.base import Evaluation, Fitted, on_worker, register
+from tasks.apps.base import ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
 from tasks.apps.kinds import ImageContext
 from tasks.codec import (
@@ -279,6 +279,31 @@ class CompressApp(ImageApp):
         plan_outputs(list(name_of), "decoded", name_of.__getitem__,
                      remedy="rename one, or apply the model to them in separate runs")
 
+    def min_side(self, config: RunConfig, role: str, fitted: Fitted | None = None) -> int:
+        return 1  # any decoded image: padded to the codec's stride and cropped back
+
+    def too_small_for(self, config: RunConfig, role: str, fitted: Fitted | None = None) -> str:
+        return f"the {self._codec_name(config, fitted)} codec, which downsamples images by {self.factor(config, fitted)}"
+
+    def size_setting_minimum(self, config: RunConfig, role: str, fitted: Fitted | None = None) -> tuple[int, str]:
+        """A ``load.size`` resizes every image: below the codec's downsampling (16, the hyperprior 64) every
+        image would be mostly padding (3 px: 145 bits per pixel, PSNR 4.7 dB)."""
+        return self.factor(config, fitted), self.too_small_for(config, role, fitted)
+
+    @staticmethod
+    def factor(config: RunConfig, fitted: Fitted | None = None) -> int:
+        """The codec's total downsampling: the reused one's, else that of the codec to train."""
+        if fitted is not None:
+            return int(fitted.model.factor)
+        from models import HyperpriorCodec, ImageCodec
+
+        return (HyperpriorCodec if config.app.codec == "hyperprior" else ImageCodec).factor  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _codec_name(config: RunConfig, fitted: Fitted | None = None) -> str:
+        kind = fitted.model.kind if fitted is not None else config.app.codec  # type: ignore[attr-defined]
+        return "factorized" if kind == "codec" else kind
+
     def check_fitted(self, config: RunConfig, fitted: Fitted) -> None:
         self.quality(config, fitted)  # a bad --quality fails before any work
         check_refine_steps(codec_of(fitted), config.app.refine_steps)  # and --refine-steps the model cannot do
@@ -333,8 +358,14 @@ class CompressApp(ImageApp):
         One Dask task per shard of images (the codec shipped once per worker); coding is on the CPU."""
         target = self.target(ctx)
         tracker = _EncodeProgress(ctx.config.app.refine_steps, len(target), "codes")
-        shards = self.map_shards(ctx, fitted, _code_shard, list(range(len(target.shards))),
-                                 on_done=lambda rows: tracker.done_many(len(rows)))
+        progress = ApplyProgress("compress apply", len(target), target.megapixels * 1e6, items="images", unit="MP",
+                                 scale=1e6, digits=1)
+
+        def on_done(rows: list[dict[str, Any]]) -> None:
+            tracker.done_many(len(rows))
+            progress.done(sum(r["width"] * r["height"] for r in rows), len(rows))
+
+        shards = self.map_shards(ctx, fitted, _code_shard, list(range(len(target.shards))), on_done=on_done)
         table = pd.DataFrame([row for rows in shards for row in rows])
         with ctx.run.open("per_image.parquet", "wb") as f:
             table.to_parquet(f, index=False)

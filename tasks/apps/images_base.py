@@ -4,8 +4,9 @@ An image application subclasses :class:`ImageApp` (``data = IMAGES``): its image
 listed and hashed at the door, then decoded, validated and normalised on the Dask client
 into shards of the run (``tasks/apps/kinds.py: ImageData``, ``tasks/images.py``), and
 the stages get an :class:`~tasks.apps.kinds.ImageContext`. This module adds the
-convolutional model's configuration and the check that images are large enough for
-the network.
+convolutional model's configuration and what size images the network needs: a ``load.size``
+below it is refused before any image is read, and smaller decoded images are refused by name
+(or left out with ``--skip-bad``) by the loader.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pydantic import Field, field_validator
 
 from models.conv import ConvAEConfig, ConvAutoencoder
 from tasks.apps.base import Application, Fitted
-from tasks.apps.kinds import IMAGES, ImageContext
+from tasks.apps.kinds import IMAGES
 from tasks.config import Frozen, RunConfig
-from tasks.errors import InputError, ModelMismatchError
-from tasks.images import ImageLoadConfig, ImageSet
+from tasks.errors import ConfigError, ModelMismatchError
+from tasks.images import ImageLoadConfig
 
 
 class ConvModelConfig(Frozen):
@@ -74,8 +75,9 @@ class ImageApp(Application):
     RunConfig: ClassVar[type[RunConfig]] = ImageRunConfig
     model_kind: ClassVar[str] = "conv"
     cli_options = (
-        ("--skip-bad", "load.skip_bad", bool, "Leave out files that are not PNG/JPEG or do not decode instead of failing "
-         "(named in a warning and the run's notes; listed with reasons in the manifest)."),
+        ("--skip-bad", "load.skip_bad", bool, "Leave out files that are not PNG/JPEG, do not decode or are smaller than "
+         "the network needs instead of failing (named in a warning and the run's notes; listed with reasons in the "
+         "manifest)."),
         ("--mode", "load.mode", str, "gray, rgb or keep: keep leaves grayscale (L) and RGB images as they are and "
          "converts the rest (grayscale with alpha -> L; RGBA, CMYK, palette -> RGB; 16-bit -> 8-bit), counted in the "
          "run's notes; transparency is composited on white (--set load.alpha=refuse refuses it)."),
@@ -96,20 +98,44 @@ class ImageApp(Application):
                 return super().load(applied, device)
         return super().load(uri, device)
 
-    def min_side(self, config: RunConfig, role: str) -> int:
-        """Smallest image side the network accepts for ``role`` (input, apply-to, reference)."""
-        return config.model.factor  # type: ignore[attr-defined]
+    # Roles of the image sets (the data kind's input keys) as min_side and the messages name them.
+    SIZE_ROLES: ClassVar[dict[str, str]] = {"input": "input", "apply_to": "apply-to", "reference": "reference"}
 
-    def check_sizes(self, config: RunConfig, imset: ImageSet, role: str, why: str = "the network") -> None:
-        need = self.min_side(config, role)
-        for k, (_, h, w) in enumerate(imset.shapes):
-            if min(h, w) < need:
-                raise InputError(
-                    f"{imset.path_of(k)} is {w}x{h} pixels, too small for {why}: "
-                    f"{role} images need at least {need}x{need}"
-                )
+    @staticmethod
+    def factor(config: RunConfig, fitted: Fitted | None = None) -> int:
+        """The network's total downsampling: the reused model's (``--model``), else the configured model's."""
+        model = getattr(fitted, "model", None)
+        return int(getattr(model, "factor", 0) or config.model.factor)  # type: ignore[attr-defined]
 
-    def check_data(self, ctx: ImageContext) -> None:
-        for role, imset in (("input", ctx.train), ("apply-to", ctx.target), ("reference", ctx.reference)):
-            if imset is not None:
-                self.check_sizes(ctx.config, imset, role)
+    def min_side(self, config: RunConfig, role: str, fitted: Fitted | None = None) -> int:
+        """Smallest image side the network accepts for ``role`` (input, apply-to, reference). Images
+        that are not a multiple of it are padded and cropped back (``models.conv``); smaller ones are refused
+        (or left out with ``--skip-bad``) when they are decoded."""
+        return self.factor(config, fitted)
+
+    def too_small_for(self, config: RunConfig, role: str, fitted: Fitted | None = None) -> str:
+        """What :meth:`min_side` is the minimum of, for messages ("too small for ...")."""
+        return f"the network, which downsamples by {self.factor(config, fitted)}"
+
+    def size_setting_minimum(self, config: RunConfig, role: str, fitted: Fitted | None = None) -> tuple[int, str]:
+        """The smallest ``load.size`` for ``role`` and why: by default :meth:`min_side`, as every image is
+        resized to it."""
+        return self.min_side(config, role, fitted), self.too_small_for(config, role, fitted)
+
+    def check_size_setting(self, config: RunConfig, roles: list[str], fitted: Fitted | None = None) -> None:
+        """Refuse a ``load.size`` the network cannot take, before any image is read: every image is resized
+        to it, so checking the decoded images named a file for what a setting did.
+
+        Raises:
+            ConfigError: (exit 2) naming the setting, its value and the minimum.
+        """
+        size = config.load.size  # type: ignore[attr-defined]
+        if size is None:
+            return
+        flag = next((f for f, path, *_ in self.cli_options if path == "load.size"), None)
+        setting = f"{flag} (load.size)" if flag else "load.size"
+        for role in roles:
+            need, why = self.size_setting_minimum(config, role, fitted)
+            if size < need:
+                raise ConfigError(f"{setting} {size}: images resized to {size}x{size} are too small for {why}; "
+                                  f"{role} images need at least {need}x{need}, so {setting} must be at least {need}")

@@ -35,7 +35,7 @@ from pydantic import Field
 from models.conv import latent_noise_loss
 from models.dense import seeded
 from models.training import predict
-from tasks.apps.base import Evaluation, Fitted, on_worker, register
+from tasks.apps.base import ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
@@ -469,10 +469,10 @@ class Index(ImageApp):
             update["mode"] = state.get("mode") or DEFAULT_MODE
         return config.model_copy(update={"load": config.load.model_copy(update=update)}) if update else config
 
-    def min_side(self, config, role: str) -> int:
+    def min_side(self, config, role: str, fitted: Fitted | None = None) -> int:
         if config.load.size is None:
             raise ConfigError("index needs one image size for every image: set --image-size (load.size)")
-        return config.model.factor
+        return self.factor(config, fitted)
 
     @staticmethod
     def _collection(ctx: ImageContext) -> Any:
@@ -514,7 +514,8 @@ class Index(ImageApp):
         the run as a part; this process reads them back one part at a time."""
         imset = self._collection(ctx)
         ctx.run.makedirs(CODES_DIR)
-        counts = self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards))))
+        progress = ApplyProgress("index encoding", len(imset.shards), len(imset), items="shards", unit="images")
+        counts = self.map_shards(ctx, fitted, _encode_shard, list(range(len(imset.shards))), on_done=progress.done)
         if sum(counts) != len(imset):
             raise RuntimeError(f"index: {sum(counts)} codes written for {len(imset)} images")
         first = next(i for i, c in enumerate(counts) if c)
@@ -570,11 +571,18 @@ class Index(ImageApp):
         n = len(codes)
         rng = np.random.default_rng(ctx.config.train.seed)
         q = np.sort(rng.choice(n, min(n, cfg.eval_queries), replace=False))
+        # The metrics are named after app.k whatever the collection's size, so that runs compare and the
+        # headlines find them; a collection of at most k images is searched for all of its other images.
         k = min(cfg.k, n - 1) if n > 1 else 1
+        if k < cfg.k:
+            also = f" and precision_at_{cfg.k}" if imset.has_labels else ""
+            ev.notes.append(f"recall_at_{cfg.k}{also} {'are' if also else 'is'} measured at k={k}: the collection has "
+                            f"{n} image{'s' if n != 1 else ''}, so each query has {k} other{'s' if k != 1 else ''} to "
+                            f"find (app.k={cfg.k})")
         queries = codes.rows(q)
         exact_i, exact_qps = timed_exact_search(codes, queries, k)
         _, ann_i, qps = timed_search(index, queries, k)
-        recall = ev.metrics["recall_at_10" if k == 10 else f"recall_at_{k}"] = recall_at_k(ann_i, exact_i, k)
+        recall = ev.metrics[f"recall_at_{cfg.k}"] = recall_at_k(ann_i, exact_i, k)
         kind = {"HNSW": "hnsw", "IVF-PQ": "ivfpq"}.get(index_kind(index))
         if kind and 0 < recall < cfg.target_recall:
             import faiss
@@ -600,7 +608,7 @@ class Index(ImageApp):
             ev.metrics.update(precision_metrics(codes.rows(np.arange(n) if sample is None else sample),
                                                 stack_images(imset, sample),
                                                 np.array(imset.labels) if sample is None else np.array(imset.labels)[sample],
-                                                q, k, cfg, ev, ctx.config.train.seed))
+                                                q, k, cfg, ev, ctx.config.train.seed, named=cfg.k))
             m = len(codes) if sample is None else len(sample)
             if sample is not None:
                 ev.notes.append(f"precision@{k} and mAP (AE codes, raw pixels, PCA) within a seeded sample of {m:,} of "
@@ -641,14 +649,16 @@ class Index(ImageApp):
 
 
 def precision_metrics(codes: np.ndarray, images: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int, cfg: Config,
-                      ev: Evaluation, seed: int) -> dict[str, float | None]:
+                      ev: Evaluation, seed: int, named: int | None = None) -> dict[str, float | None]:
     """precision@k and mAP by label of the AE ``codes`` (returned) and, into ``ev.baselines``, of the raw
-    pixels of ``images`` and of PCA codes of the same size, for queries ``q`` within this collection."""
+    pixels of ``images`` and of PCA codes of the same size, for queries ``q`` within this collection; the
+    precision is named ``precision_at_{named}`` (default: ``k``; the run names it after app.k when a small
+    collection measures it at a smaller k)."""
     from sklearn.decomposition import PCA
 
     n = len(codes)
     with_map = n <= cfg.map_max
-    p_name = f"precision_at_{k}"
+    p_name = f"precision_at_{named or k}"
     prec, mean_ap = precision_and_map(codes, labels, q, k, with_map)
     raw = images.reshape(n, -1).astype(np.float32) / 255.0
     r_prec, r_map = precision_and_map(raw, labels, q, k, with_map)

@@ -275,6 +275,8 @@ class ImageData(DataKind):
             if "apply_to" not in roles:
                 raise ConfigError("a clean reference needs the images it belongs to: pass --apply-to")
             roles["reference"] = load.reference
+        # A load.size every image is resized to, too small for the network: the setting, before any file is read
+        app.check_size_setting(config, [app.SIZE_ROLES[role] for role in roles], fitted)  # type: ignore[attr-defined]
         return {role: inspect_images(uri, _role_label(role, config), skip_bad=load.skip_bad) for role, uri in roles.items()}
 
     def load(self, app: Application, config: RunConfig, run: RunDir, inputs: Inputs, fitted: Fitted | None,
@@ -287,7 +289,12 @@ class ImageData(DataKind):
         )
         from tasks.train import run_logger
 
-        sets = {role: load_images_task(src, config.load, run, f"images/{role}") for role, src in inputs.items()}
+        # Images smaller than the network needs for their role are refused by name, or left out with --skip-bad
+        sizes = {role: (app.min_side(config, app.SIZE_ROLES[role], fitted),  # type: ignore[attr-defined]
+                        app.too_small_for(config, app.SIZE_ROLES[role], fitted))  # type: ignore[attr-defined]
+                 for role in inputs}
+        sets = {role: load_images_task(src, config.load, run, f"images/{role}", *sizes[role])
+                for role, src in inputs.items()}
         if "input" in sets:  # the training set (with --model there is none)
             check_training_images(sets["input"], getattr(app, "min_train_images", MIN_TRAIN_IMAGES))
         # Files left out and images converted at the door: said while running and in the run's notes

@@ -11,7 +11,6 @@ says what one partition becomes (:meth:`TableApp.apply_part`).
 from __future__ import annotations
 
 import io
-import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch import nn
 
 from models.dense import DenseAutoencoder, seeded
 from models.training import predict, reconstruction_loss
-from tasks.apps.base import Application, Fitted, on_worker
+from tasks.apps.base import Application, ApplyProgress, Fitted, on_worker
 from tasks.apps.kinds import TABLES, TableContext
 from tasks.scaling import SPLIT_COL
 from tasks.storage import read_uri
@@ -51,33 +50,6 @@ def _apply_part_task(index: int, *, app: TableApp, ctx: TableContext, fitted: Fi
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
         ctx.run.write_bytes(f"{app.output}.parquet/part.{index:05d}.parquet", buf.getvalue())
     return len(df)
-
-
-class ApplyProgress:
-    """Apply over many partitions can take minutes (detect scores a few thousand rows/s): a log line at most
-    every ``STEP_LOG_EVERY_S`` with the partitions and rows done, the rate and about how long the rest takes."""
-
-    def __init__(self, label: str, parts: int, rows: int, emit=None) -> None:
-        from tasks.train import run_logger
-
-        self.label, self.parts, self.rows = label, parts, rows
-        self.emit = emit or run_logger().info
-        self.parts_done = self.rows_done = 0
-        self.t0 = self.last = time.monotonic()
-
-    def done(self, rows: int) -> None:
-        from tasks.train import STEP_LOG_EVERY_S, _duration
-
-        self.parts_done += 1
-        self.rows_done += int(rows)
-        now = time.monotonic()
-        if now - self.last < STEP_LOG_EVERY_S or self.parts_done == self.parts:
-            return
-        self.last = now
-        rate = self.rows_done / max(now - self.t0, 1e-9)
-        left = (self.rows - self.rows_done) / max(rate, 1e-9)
-        self.emit("%s: %d/%d partitions, %s of %s rows, %s rows/s, about %s left", self.label, self.parts_done,
-                  self.parts, f"{self.rows_done:,}", f"{self.rows:,}", f"{rate:,.0f}", _duration(left))
 
 
 class TableApp(Application):

@@ -19,6 +19,7 @@ from tests.refusals import assert_refused, refusal
 
 pytestmark = [pytest.mark.cli]
 runner = CliRunner()
+FAST_CODEC = ["--epochs", "1", "--patches", "8", "--channels", "8", "--latent-channels", "8", "--set", "app.rd_sweep=false"]
 TINY = ["--epochs", "1", "--patches", "32", "--patch-size", "16", "--set", "model.channels=[8,16]",
         "--set", "model.latent_channels=4", "--set", "app.baselines=[tv]", "--set", "app.side_by_side=0"]
 
@@ -77,7 +78,7 @@ def case_missing_folder(d):
     return str(d / "nope"), "input {d}/nope does not exist"
 
 
-@refusal("an image smaller than the network needs", 3, "images")
+@refusal("an image smaller than the network needs (unless --skip-bad)", 3, "images")
 def case_too_small_for_network(d):
     _png(d / "imgs" / "ok.png")
     _png(d / "imgs" / "tiny.png", size=(6, 5))
@@ -213,3 +214,53 @@ def test_search_with_a_non_index_run_and_a_corrupt_query(two_runs, tmp_path):
     assert res.exit_code == 3 and f"query {bad}: not a PNG/JPEG image" in res.stderr, res.stderr
     res = runner.invoke(app, ["search", "--index", index, "--query", str(tmp_path / "missing.png")])
     assert res.exit_code == 3 and f"query {tmp_path}/missing.png does not exist" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("app_name, size_args, expected", [
+    ("denoise", ["--set", "load.size=3", *TINY],  # TINY trains on 16x16 patches
+     ("load.size 3: images resized to 3x3 are too small for the network's 16x16 training patches (--patch-size); "
+      "input images need at least 16x16, so load.size must be at least 16")),
+    ("compress", ["--set", "load.size=8", *FAST_CODEC],
+     ("load.size 8: images resized to 8x8 are too small for the factorized codec, which downsamples images by 16; "
+      "input images need at least 16x16, so load.size must be at least 16")),
+    ("compress", ["--set", "load.size=32", "--codec", "hyperprior", *FAST_CODEC],
+     "load.size 32: images resized to 32x32 are too small for the hyperprior codec, which downsamples images by 64"),
+    ("index", ["--image-size", "1", "--epochs", "1"],
+     ("--image-size (load.size) 1: images resized to 1x1 are too small for the network, which downsamples by 2; "
+      "input images need at least 2x2, so --image-size (load.size) must be at least 2")),
+], ids=["denoise", "compress", "compress-hyperprior", "index"])  # tiny training: fails fast without the check
+@refusal("a --set load.size (index: --image-size) smaller than the network needs: its training patches (denoise) or "
+         "downsampling (the message names the setting, the value and the minimum); refused before any image is read",
+         2, "configuration")
+def test_a_size_too_small_for_the_network_is_a_configuration_error(dask_address, tmp_path, app_name, size_args,
+                                                                   expected):
+    """--set load.size=3 was accepted: denoise then blamed the first image ("imgs/a.png is 3x3 pixels", exit 3,
+    after decoding everything), compress coded 3x3 images at 145 bits per pixel and 4.7 dB."""
+    for i in range(3):
+        _png(tmp_path / "imgs" / f"{i}.png", seed=i)
+    out = tmp_path / "artifacts"
+    res = runner.invoke(app, ["run", app_name, "--input", str(tmp_path / "imgs"), "--output", str(out),
+                              "--dask-address", dask_address, *size_args])
+    assert_refused(res, test_a_size_too_small_for_the_network_is_a_configuration_error, expected)
+    assert res.stderr.count("error:") == 1
+    assert files_under(out) == [], "nothing may be written on a bad setting"
+
+
+def test_skip_bad_leaves_out_an_image_too_small_for_the_network(prefect_server, dask_address, tmp_path):
+    """--skip-bad left out files that did not decode, but an image too small for the network still failed the
+    whole run: it is now left out and listed the same way (without --skip-bad it is refused by name, as before)."""
+    for i in range(3):
+        _png(tmp_path / "imgs" / f"{i}.png", seed=i)
+    _png(tmp_path / "imgs" / "tiny.png", size=(6, 5))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    out = tmp_path / "artifacts"
+    res = runner.invoke(app, ["run", "denoise", "--input", str(tmp_path / "imgs"), "--output", str(out), "--json",
+                              "--skip-bad", "--dask-address", dask_address, *TINY])
+    assert res.exit_code == 0, res.output
+    run_uri = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    m = open_run(run_uri).manifest()
+    assert m.extra["images"] == {"input": 3}
+    reason = "6x5 pixels, too small for the network's 16x16 training patches (--patch-size): input images need at least 16x16"
+    assert {"path": f"{tmp_path}/imgs/tiny.png", "reason": reason} in m.extra["skipped"], m.extra["skipped"]
+    left_out = f"warning: --skip-bad left out 2 files of input {tmp_path / 'imgs'}: tiny.png, notes.txt"
+    assert any(n.startswith(left_out) for n in m.extra["notes"]), m.extra["notes"]

@@ -168,11 +168,11 @@ def test_too_small_single_file_is_named_once(tmp_path):
     one = tmp_path / "tiny" / "one.png"
     one.parent.mkdir()
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(one)
-    imset = load_images(inspect_images(str(one), "apply-to"), ImageLoadConfig(), run=None, prefix="x")
     denoise = get_app("denoise")
     cfg = denoise.RunConfig()
     with pytest.raises(InputError) as e:
-        denoise.check_sizes(cfg, imset, "apply-to")
+        load_images(inspect_images(str(one), "apply-to"), ImageLoadConfig(), run=None, prefix="x",
+                    min_side=denoise.min_side(cfg, "apply-to"), too_small_for=denoise.too_small_for(cfg, "apply-to"))
     assert str(e.value).startswith(f"{one} is 1x1 pixels"), str(e.value)
     # Without recorded paths (older pickles, hand-made sets), a file input is still not doubled.
     bare = ImageSet(source_uri=str(one), role="apply-to", shards=(), counts=(), rel=("one.png",), labels=(None,),

@@ -372,3 +372,68 @@ def test_committed_benchmark_denoiser_beats_nl_means_on_a_held_out_crop():
     p_noisy, p_ours, p_nlm = (psnr(clean, x.clip(0, 1).astype(np.float32)) for x in (noisy, ours, nlm))  # [0, 1] floats
     assert p_ours > p_noisy + 6 and p_ours > p_nlm, (p_noisy, p_ours, p_nlm)
     assert 18 < p_noisy < 23, p_noisy  # sigma 25 on the 0..255 scale
+
+
+def test_index_metrics_are_named_after_k_whatever_the_collection_size(prefect_server, dask_address, tmp_path):
+    """Over 7 images the run reported recall_at_6 and precision_at_6 (k = min(app.k, n - 1)): runs over collections
+    of different sizes did not compare, and the headlines (precision_at_10, recall_at_10) found nothing to show.
+    The names are app.k's; the k they were measured at is in the notes."""
+    from flows.cli.runs import headline
+
+    for i in range(7):
+        label = i % 2
+        img = synthetic(i, 24, 24) if label else 255 - synthetic(i, 24, 24)
+        (tmp_path / "imgs" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "imgs" / str(label) / f"{i}.png")
+    cfg = resolve_config(IndexRunConfig, options={**FAST_INDEX, "train.epochs": 1, "load.input": str(tmp_path / "imgs"),
+                                                  "output": str(tmp_path / "out"), "dask_address": dask_address})
+    result = FLOWS["index"](config=cfg)
+    m = open_run(result.run_uri).manifest()
+    assert {"recall_at_10", "precision_at_10"} <= set(m.metrics), m.metrics
+    assert not [k for k in m.metrics if k.startswith(("recall_at_6", "precision_at_6"))], m.metrics
+    assert m.baselines["raw_pixels"]["precision_at_10"] is not None
+    assert ("recall_at_10 and precision_at_10 are measured at k=6: the collection has 7 images, so each query has 6 "
+            "others to find (app.k=10)") in m.extra["notes"], m.extra["notes"]
+    with open(os.path.join(result.run_uri, "report", "summary.md")) as f:
+        summary = f.read()
+    assert "- precision_at_10 (higher is better): aeflow" in summary, summary
+    assert headline("index", m.metrics)[0] == "precision_at_10"
+
+
+def test_denoise_apply_says_how_far_it_is_within_one_large_image(monkeypatch, tmp_path):
+    """Denoising one 6 MP photograph was ~47 s without a line: the tiles of an image are progress now, in the
+    run's log, of the same kind as a table's apply (at most every STEP_LOG_EVERY_S; 0 here: every tile report)."""
+    import re
+
+    import dask
+    import fsspec
+
+    from tasks.apps import get_app
+    from tasks.apps.base import Fitted
+    from tasks.apps.denoise import Config
+    from tasks.apps.images_base import ConvModelConfig
+    from tasks.apps.kinds import ImageContext
+    from tasks.images import ImageLoadConfig, inspect_images, load_images
+    from tasks.storage import RunDir
+
+    lines: list[str] = []
+    monkeypatch.setattr("tasks.train.run_logger", lambda: type("Log", (), {"info": lambda _s, f, *a: lines.append(f % a)})())
+    monkeypatch.setattr("tasks.train.STEP_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr("tasks.dask_client.PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr("tasks.dask_client.current_client", lambda: None)  # items run here (the cluster: test_dask_client)
+    (tmp_path / "noisy").mkdir()
+    Image.fromarray(synthetic(0, 96, 128)).save(tmp_path / "noisy" / "photo.png")
+    run = RunDir(fs=fsspec.filesystem("file"), path=str(tmp_path / "run"), app="denoise", run_id="r")
+    with dask.config.set(scheduler="synchronous"):
+        target = load_images(inspect_images(str(tmp_path / "noisy"), "apply-to"), ImageLoadConfig(), run=run,
+                             prefix="images/apply_to")
+    app = get_app("denoise")
+    cfg = DenoiseRunConfig(app=Config(tile=32, overlap=8), model=ConvModelConfig(channels=(4, 8), latent_channels=4))
+    ctx = ImageContext(config=cfg, run=run, target=target)
+    app.apply(ctx, Fitted(model=cfg.model.build(in_channels=1).eval()))
+    assert (tmp_path / "run" / "denoised" / "photo.png").exists()
+    tiles = [line for line in lines if "denoised tile" in line]
+    assert len(tiles) == 20, lines  # 4 x 5 tiles of 32 px overlapping by 8 over 96 x 128 px, each said
+    assert re.fullmatch(r"denoise apply: 0/1 images, 0\.0 of 0\.0 MP, [\d.]+ MP/s, about \d+ s left "
+                        r"\(denoised tile 1/20 of photo\.png\)", tiles[0]), tiles
+    assert tiles[-1].endswith("(denoised tile 20/20 of photo.png)"), tiles

@@ -180,3 +180,30 @@ def test_workers_closing_with_running_tasks_do_not_warn_about_each_one():
         logger.filters[:] = before
         logging.getLogger("distributed.worker").filters[:] = [
             f for f in logging.getLogger("distributed.worker").filters if type(f).__name__ != "_Filter"]
+
+
+def _tiles(n: int) -> int:
+    from tasks.dask_client import report_progress
+
+    for i in range(n):
+        report_progress({"item": n, "done": i + 1, "detail": f"tile {i + 1}/{n}"})
+    return n
+
+
+def test_progress_within_an_item_reaches_the_caller_from_the_workers(monkeypatch):
+    """Progress inside one item (the tiles of a large image) is sent from the Dask worker through the scheduler's
+    events to run_parallel's on_progress, in the calling process; only this call's, not another run's."""
+    from tasks.dask_client import PROGRESS_TOPIC, dask_client, run_parallel
+
+    monkeypatch.setattr("tasks.dask_client.PROGRESS_EVERY_S", 0.0)  # worker threads share this module
+    got: list[dict] = []
+    with dask_client(processes=False, n_workers=1) as client:
+        client.log_event(PROGRESS_TOPIC, {"item": 99, "done": 1, "token": "another run"})
+        assert run_parallel(_tiles, [3, 4], on_progress=got.append) == [3, 4]
+    assert got, "no progress arrived"
+    assert {e["item"] for e in got} <= {3, 4} and all(e["detail"].startswith("tile ") for e in got), got
+    # without a cluster, the same reports reach on_progress directly
+    local: list[dict] = []
+    monkeypatch.setattr("tasks.dask_client.current_client", lambda: None)
+    assert run_parallel(_tiles, [2], on_progress=local.append) == [2]
+    assert [e["detail"] for e in local] == ["tile 1/2", "tile 2/2"]
