@@ -75,7 +75,7 @@ def headline_rows(app_name: str, metrics: dict[str, Any], baselines: dict[str, d
     from tasks.apps import get_app
 
     rows = []
-    for metric, higher in get_app(app_name).headlines:
+    for metric, higher in get_app(app_name).headlines_of(metrics):
         ours = metrics.get(metric)
         if not isinstance(ours, (int, float)) or isinstance(ours, bool):
             continue

@@ -148,12 +148,12 @@ def verdict_lines(
     return lines
 
 
-def _headlines(app: str) -> tuple[tuple[str, bool], ...]:
+def _headlines(app: str, metrics: dict[str, Any]) -> tuple[tuple[str, bool], ...]:
     from tasks.apps import get_app
     from tasks.errors import ConfigError
 
     try:
-        return tuple(get_app(app).headlines)
+        return get_app(app).headlines_of(metrics)
     except ConfigError:  # an unregistered app (tests): no verdicts
         return ()
 
@@ -175,7 +175,7 @@ def markdown_summary(
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
         lines.append("")
-    heads = _headlines(app) if headlines is None else headlines
+    heads = _headlines(app, metrics) if headlines is None else headlines
     verdicts = verdict_lines(metrics, baselines, heads)
     if verdicts:
         lines += ["## Against the baselines", ""] + verdicts + [""]

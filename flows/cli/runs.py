@@ -19,7 +19,7 @@ def headline(app_name: str, metrics: dict) -> tuple[str, float] | None:
     from tasks.apps import get_app
 
     try:
-        names = [name for name, _higher in get_app(app_name).headlines]
+        names = [name for name, _higher in get_app(app_name).headlines_of(metrics)]
     except Exception:  # noqa: BLE001 - an unknown app still lists
         names = []
     for name in [*names, *metrics]:

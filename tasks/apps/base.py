@@ -120,7 +120,8 @@ class Application(ABC):
     # The app's own `aeflow run APP` options, and which common ones apply (None: the data kind's).
     cli_options: ClassVar[tuple[CliOption, ...]] = ()
     common_options: ClassVar[tuple[str, ...] | None] = None
-    # The metrics people compare first (the demo's table): (metric, higher is better).
+    # The metrics people compare first (the demo's table): (metric, higher is better). A name ending in
+    # "_*" stands for a metric named after a setting (index's precision_at_{app.k}): see headlines_of.
     headlines: ClassVar[tuple[tuple[str, bool], ...]] = ()
     # Save a reused (--model) model into the run as well, so the run is self-contained.
     self_contained: ClassVar[bool] = False
@@ -217,6 +218,19 @@ class Application(ABC):
     def fitted_extras(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Data-kind fields of :class:`Fitted` read back from a saved ``config.json`` (tables: schema, stats)."""
         return self.data.fitted_extras(meta)
+
+    @classmethod
+    def headlines_of(cls, metrics: dict[str, Any]) -> tuple[tuple[str, bool], ...]:
+        """:attr:`headlines` as a run with these ``metrics`` names them: a ``prefix_*`` headline is the run's
+        first metric ``prefix_<something>`` (``precision_at_5`` with ``--set app.k=5``), and is left out when
+        the run has none."""
+        out = []
+        for name, higher in cls.headlines:
+            if name.endswith("_*"):
+                name = next((m for m in metrics if m.startswith(name[:-1])), "")
+            if name:
+                out.append((name, higher))
+        return tuple(out)
 
     # -- apply on the cluster ------------------------------------------------------------------
     def map_shards(self, ctx: Context, fitted: Fitted, fn: Any, items: list[Any],

@@ -445,7 +445,7 @@ class Index(ImageApp):
     name = "index"
     Config = Config
     RunConfig = IndexRunConfig
-    headlines = (("precision_at_10", True), ("recall_at_10", True))
+    headlines = (("precision_at_*", True), ("recall_at_*", True))  # named after app.k
     cli_options = tuple(o for o in ImageApp.cli_options if o[0] != "--mode") + (
         ("--mode", "load.mode", str, f"gray, rgb or keep (default: {DEFAULT_MODE} when training; with --model, the "
          "mode that model learnt on)."),

@@ -400,6 +400,21 @@ def test_index_metrics_are_named_after_k_whatever_the_collection_size(prefect_se
     assert headline("index", m.metrics)[0] == "precision_at_10"
 
 
+def test_index_headlines_follow_app_k():
+    """With --set app.k=5 the metrics are precision_at_5 and recall_at_5: the headlines (fixed at _10) found
+    neither, so summary.md had no verdicts and `runs list` showed another metric."""
+    from flows.cli.runs import headline
+    from flows.demo import headline_rows
+    from tasks.report import markdown_summary
+
+    metrics = {"map": 0.6, "precision_at_5": 0.8, "recall_at_5": 1.0, "qps": 900.0}
+    baselines = {"raw_pixels": {"precision_at_5": 0.7}, "pca": {"precision_at_5": 0.75}}
+    summary = markdown_summary("index", "file:///r", metrics, baselines, {}, [], {})
+    assert "- precision_at_5 (higher is better): aeflow 0.8 vs best baseline pca 0.75: aeflow wins" in summary, summary
+    assert headline("index", metrics) == ("precision_at_5", 0.8)
+    assert [r[0] for r in headline_rows("index", metrics, baselines)] == ["precision_at_5 (↑)", "recall_at_5 (↑)"]
+
+
 def test_denoise_apply_says_how_far_it_is_within_one_large_image(monkeypatch, tmp_path):
     """Denoising one 6 MP photograph was ~47 s without a line: the tiles of an image are progress now, in the
     run's log, of the same kind as a table's apply (at most every STEP_LOG_EVERY_S; 0 here: every tile report)."""
