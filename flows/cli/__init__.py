@@ -9,12 +9,35 @@ bodies are thin; their logic lives in ``tasks/`` and ``flows/``.
 
 import os
 import sys
+from typing import Any
 
 import typer
 
 from flows.cli import backfill, codec, demo, run, runs, sample_data, search, serve
 from flows.cli.run import COMMON_OPTIONS
 from flows.platform.cli import platform_app
+
+
+def _no_type_beside_flags() -> None:
+    """Typer's rich help (0.29) prints ``<bool>`` beside every flag (``--json``, ``--help``...), which takes
+    no value: shown without it, as its plain help does. Other options keep their type (``<int>``, ``<str>``)."""
+    from typer import core
+
+    option = getattr(core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "aeflow", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.aeflow = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich  # type: ignore[union-attr]
+
+
+_no_type_beside_flags()
 
 
 def build_app() -> typer.Typer:

@@ -130,3 +130,17 @@ def test_help_at_80_columns_cuts_nothing(argv):
     assert res.exit_code == 0, res.output
     cut = [line for line in res.output.splitlines() if "…" in line]
     assert not cut, "\n".join(cut)
+
+
+@pytest.mark.parametrize("argv", [["run", "reduce"], ["runs", "list"], ["compress"], ["platform", "up"]])
+def test_help_shows_no_type_beside_flags(argv):
+    """Typer's rich help printed "<bool>" beside every flag (--json, --quiet, --help: they take no value);
+    options that take one keep their type."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, [*argv, "--help"], terminal_width=120)
+    assert res.exit_code == 0, res.output
+    assert "<bool>" not in res.output, res.output
+    assert "--help" in res.output and ("<int>" in res.output or "<str>" in res.output), res.output
