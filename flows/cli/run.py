@@ -59,7 +59,9 @@ def option_specs(application: Any) -> list[tuple[str, tuple[str, ...], str, Any,
     """The (name, flags, config path, type, help) of every config option of ``aeflow run APP``."""
     kind = application.data
     accepted = application.common_options or kind.common_options
-    common = [(n, f, p, t, kind.option_help.get(n, h)) for n, f, p, t, h in COMMON_OPTIONS
+    # help texts: the data kind's, then the application's own (where an option means something else for it)
+    helps = {**kind.option_help, **getattr(application, "option_help", {})}
+    common = [(n, f, p, t, helps.get(n, h)) for n, f, p, t, h in COMMON_OPTIONS
               if accepted is None or n in accepted]
     extra = [(flag.lstrip("-").replace("-", "_"), (flag,), path, typ, help_)
              for flag, path, typ, help_ in application.cli_options]

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from flows.cli.common import fail, metrics_table, out, print_notes
 
-app = typer.Typer(help="List and inspect completed runs in an artifact root.", no_args_is_help=True)
+app = typer.Typer(help="List and inspect the runs in an artifact root (complete ones; --incomplete: unfinished ones).", no_args_is_help=True)
 
 
 def headline(app_name: str, metrics: dict) -> tuple[str, float] | None:
@@ -100,7 +100,9 @@ def _print_incomplete(runs: list[dict], output: str, app_name: str | None, as_js
         return
     table = Table(title=f"incomplete runs in {output} (no manifest yet)", title_justify="left")
     for col in ("app", "run id", "started (UTC)", "state", "training checkpoint"):
-        table.add_column(col, overflow="fold")
+        # the run id whole on one line, to copy (it was folded at 80 columns); the others wrap at spaces
+        table.add_column(col, overflow="fold", no_wrap=col in ("app", "run id"),
+                         min_width={"state": len("interrupted"), "training checkpoint": len("checkpoint")}.get(col))
     for r in runs:
         state = f"running (pid {r['running']['pid']} on {r['running']['host']})" if r["running"] else "interrupted"
         ck = r["checkpoint"]

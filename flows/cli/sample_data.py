@@ -13,8 +13,10 @@ def sample_data(
     output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the sample data into.")] = "./artifacts/sample-data",
     overwrite: Annotated[bool, typer.Option(help="Rewrite files that exist.")] = False,
 ) -> None:
-    """Write the bundled sample datasets (scikit-learn's digits, breast cancer, wine, diabetes)
-    and image sets (digits as PNG class folders; scikit-image's photographs, train/held-out)."""
+    """Write the bundled sample tables and images (nothing is downloaded).
+
+    Tables: scikit-learn's digits, breast cancer, wine and diabetes. Images: the digits as PNG class folders (digit-images/<digit>/), and scikit-image's photographs: photos/train, photos/heldout, photos/heldout-noisy-25 and photos/codec-heldout.
+    """
     from tasks.sample_data import (
         SAMPLE_TABLES,
         write_sample_images,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -217,6 +218,12 @@ class Denoise(ImageApp):
     Config = Config
     RunConfig = DenoiseRunConfig
     headlines = (("psnr", True), ("ssim", True))
+    # A training run denoises nothing unless --apply-to names images (its input is clean); not "default: the input"
+    option_help: ClassVar[dict[str, str]] = {
+        "apply_to": ("Noisy images to denoise (a folder of PNG/JPEG, local or s3://): denoised/<relative path> in the "
+                     "run. Without it a training run applies nothing and scores held-out images with synthetic "
+                     "noise; with --model, --input is applied when --apply-to is not given."),
+    }
     cli_options = ImageApp.cli_options + (
         ("--clean-reference", "load.reference", str, "Clean images with the same relative paths as --apply-to: PSNR/SSIM and baselines."),
         ("--sigma", "app.sigma", float, "Gaussian noise sigma in 0..255 units (training, held-out evaluation)."),
@@ -361,7 +368,10 @@ class Denoise(ImageApp):
         }
         for b in cfg.baselines:
             ev.baselines[b] = {"psnr": mean(f"psnr_{b}"), "ssim": mean(f"ssim_{b}"), "seconds_per_mp": t_base[b] / mp}
-        ev.notes.append(f"PSNR (dB) and SSIM on {where}; noise sigma for NL-means/BM3D {sigma * 255:.1f}/255")
+        # the sigma is an input of NL-means and BM3D only: said when one of them ran
+        given = [name for b, name in (("nl_means", "NL-means"), ("bm3d", "BM3D")) if b in cfg.baselines]
+        ev.notes.append(f"PSNR (dB) and SSIM on {where}" + (
+            f"; noise sigma for {'/'.join(given)} {sigma * 255:.1f}/255" if given else ""))
         import pandas as pd
 
         buf = io.StringIO()

@@ -211,7 +211,7 @@ def test_show_config_prints_every_key_with_its_meaning_and_is_a_config_file(app_
     assert bad.exit_code == 2 and "train.epochs" in bad.output, bad.output
 
 
-def test_runs_list_incomplete_shows_interrupted_and_running_runs(tmp_path):
+def test_runs_list_incomplete_shows_interrupted_and_running_runs(tmp_path, monkeypatch):
     """Interrupted runs were invisible (runs list shows complete ones): --incomplete lists them with where their
     training checkpoint stands, and which are being run now."""
     from tasks.storage import ArtifactStore
@@ -233,9 +233,18 @@ def test_runs_list_incomplete_shows_interrupted_and_running_runs(tmp_path):
     assert rows[interrupted.run_id]["running"] is None
     assert rows[running.run_id]["checkpoint"] is None and other_owner.claim_holder() is not None
     assert rows[running.run_id]["running"]["pid"] == os.getpid(), "claimed by a live process: running"
-    res = runner.invoke(app, ["runs", "list", "-o", out, "--incomplete"], terminal_width=250)
+    import io
+
+    from rich.console import Console
+
+    import flows.cli.runs as runs_cli
+
+    wide = io.StringIO()  # terminal_width reaches click, not the rich console the table is printed on
+    with monkeypatch.context() as m:
+        m.setattr(runs_cli, "out", Console(file=wide, width=250))
+        res = runner.invoke(app, ["runs", "list", "-o", out, "--incomplete"], terminal_width=250)
     assert res.exit_code == 0, res.output
-    text = res.stdout
+    text = wide.getvalue()
     assert "interrupted" in text and "after epoch 3," in text and "none (starts" in text, text
     assert "running (pid" in text and "resumed by the same command (same input and configuration)" in text, text
     assert runner.invoke(app, ["runs", "list", "-o", out]).stdout.startswith("no complete runs"), "list is unchanged"
