@@ -263,7 +263,8 @@ def decompress_files(files: list[str], output_dir: str, model: str | None = None
             codec = find_codec_run(root, header.model_id)
             if codec is None:
                 raise ModelMismatchError(
-                    f"{uri}: made by codec {header.model_id_hex}, which no compress run under {root} holds; pass --model RUN"
+                    f"{uri}: made by codec {header.model_id_hex}, which no compress run under {root} holds; pass --model with the run or the model folder "
+                    "(config.json + weights.safetensors) that made it"
                 )
             codecs[header.model_id] = codec
         return codec

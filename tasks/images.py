@@ -85,7 +85,9 @@ class ImageLoadConfig(Frozen):
     """Where the images are and how they are normalised at the door."""
 
     input: str | None = Field(None, description="Training images: a PNG/JPEG file or folder (recursive; subfolders name classes), local or s3://.")
-    apply_to: str | None = Field(None, description="Images to apply the model to (default: held-out/training images). Same forms as input.")
+    apply_to: str | None = Field(None, description="Images to apply the model to; same forms as input. Without it, index and compress use the "
+                                   "input; denoise applies the input with --model, and nothing in a training run (which scores held-out "
+                                   "input images with synthetic noise).")
     reference: str | None = Field(
         None, description="Clean images with the same relative paths as apply_to, for quality metrics (denoise: --clean-reference)."
     )

@@ -254,7 +254,7 @@ def test_cli_decompress_without_known_model(trained, tmp_path):
     result, _ = trained
     res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
                               "--root", str(tmp_path / "empty-root"), "-o", str(tmp_path)])
-    assert res.exit_code == 5 and "pass --model RUN" in res.output
+    assert res.exit_code == 5 and "pass --model with the run or the model folder" in res.output
 
 
 def test_bad_images_fail_before_any_work(prefect_server, tmp_path):
