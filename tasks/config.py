@@ -311,13 +311,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(e: ValidationError) -> str:
+def _keys_at(cls: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys the config class ``cls`` accepts in the section that ``loc`` (a pydantic error's location) names."""
+    for name in loc:
+        field = cls.model_fields.get(str(name)) if cls is not None else None
+        inner = field.annotation if field is not None else None
+        cls = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    return list(cls.model_fields) if cls is not None else []
+
+
+def format_validation_error(e: ValidationError, cls: type[BaseModel] | None = None) -> str:
+    """One line from pydantic's errors; with ``cls``, a key it does not know comes with the closest known ones."""
+    import difflib
+
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
         got = err.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {redact(repr(got))})"
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            close = difflib.get_close_matches(str(err["loc"][-1]), _keys_at(cls, err["loc"][:-1]), n=2, cutoff=0.7)
+            section = ".".join(str(x) for x in err["loc"][:-1])
+            msg += f" (did you mean {' or '.join(repr('.'.join(filter(None, (section, c)))) for c in close)}?)" if close else ""
         parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
     return "invalid configuration: " + "; ".join(parts)
 
@@ -361,7 +377,7 @@ def resolve_config(
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from e
+        raise ConfigError(format_validation_error(e, cls)) from e
 
 
 def annotated_yaml(config: BaseModel) -> str:

@@ -180,11 +180,32 @@ def _one_column(cols: list[str], uri: str) -> None:
                 )
 
 
+def _wider_rows(fs, path: str, compression: str | None, cols: list[str], uri: str) -> None:
+    """Refuse a first data line with more (non-empty) fields than the header: pandas took the extra leading
+    fields as the index, so every column was read from its neighbour's values (ids from the first feature...).
+    Empty extra fields (data lines ending with a comma, the header not) are dropped (``index_col=False``)."""
+    with fs.open(path, "rb", compression=compression) as f:
+        f.readline()
+        line = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    fields = next(csv.reader([line]), [])
+    if len(fields) > len(cols) and any(v.strip() for v in fields[len(cols):]):
+        raise InputError(
+            f"{uri}: line 2 has {len(fields)} fields but the header names {len(cols)} column(s)"
+            + (" (a title line above the header? remove it)" if len(cols) == 1 else
+               " (a column without a name in the header, or a separator inside an unquoted value?)")
+        )
+
+
 def _unnamed(cols: list[str], load: LoadConfig, uri: str) -> None:
     """A CSV column without a name must be given a role: pandas writes its row index that way, and
     row numbers are not a feature."""
     named = {load.id_column, load.label_column, *load.exclude_columns}
     for i, c in enumerate(cols):
+        if c == f"Unnamed: {i}" and c not in named and i == len(cols) - 1 > 0:
+            raise InputError(  # pandas' index comes first; a last one is a separator at the end of the lines
+                f"{uri}: the last column ({i + 1}) has no name in the header line (do the lines end with a comma, as "
+                f"some exports write them?): --exclude '{c}' to leave it out, or write the file without the trailing comma"
+            )
         if c == f"Unnamed: {i}" and c not in named:
             raise InputError(
                 f"{uri}: column {i + 1} has no name in the header line (pandas writes its row index that way; "
@@ -249,6 +270,7 @@ def inspect_table(
     first_uri = ""
     sample: pd.DataFrame | None = None
     fmt_seen: set[str] = set()
+    excluded, seen_columns = set(load.exclude_columns), set()
     for path in paths:
         furi = to_uri(fs, path)
         fmt = load.format if load.format != "auto" else _format_of(path)
@@ -270,9 +292,10 @@ def inspect_table(
                     if schema is None:  # with a fitted schema, a column it lacks is left out (ignored)
                         _unnamed(cols, load, furi)
                     _one_column(cols, furi)
+                    _wider_rows(fs, path, compression, cols, furi)
                     if sample is None:
                         with fs.open(path, "rb", compression=compression) as f:
-                            sample = pd.read_csv(f, nrows=SAMPLE_ROWS)
+                            sample = pd.read_csv(f, nrows=SAMPLE_ROWS, index_col=False)
                         if len(sample) == 0:
                             raise InputError(f"{furi} has a header but no data rows")
                         sample = _named(sample, cols, furi)
@@ -314,14 +337,18 @@ def inspect_table(
                 group_bytes += meta.total_byte_size
                 row_offset += meta.num_rows
             blocks.append(Block(furi, "parquet", len(blocks), row_groups=tuple(group), row_offset=group_start))
+        seen_columns.update(cols)
         if columns is None:
             columns, first_uri = cols, furi
-        elif set(cols) != set(columns):
-            missing = sorted(set(columns) - set(cols))
-            extra = sorted(set(cols) - set(columns))
+        elif set(cols) - excluded != set(columns) - excluded:  # an --exclude'd column may come and go
+            missing = sorted(set(columns) - set(cols) - excluded)
+            extra = sorted(set(cols) - set(columns) - excluded)
+            drift = missing + extra
             raise InputError(
                 f"{furi} has different columns from {first_uri}: "
                 + ", ".join(p for p in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if p)
+                + f"; the files of one input must have the same columns, apart from --exclude'd ones "
+                f"(e.g. --exclude '{drift[0]}' to leave it out of every file)"
             )
         files.append(FileRecord(path=furi, size=size, hash=content_hash(fs, path, info)))
     if len(fmt_seen) > 1:
@@ -334,12 +361,15 @@ def inspect_table(
             sample,
             label=load.label_column,
             id_column=load.id_column,
-            exclude=tuple(load.exclude_columns),
+            # one that only later files have is left out of them when they are read (not a column of the schema)
+            exclude=tuple(c for c in load.exclude_columns if c in sample.columns or c not in seen_columns),
             allow_nulls=allow_nulls,
             source=source_name,
         )
     else:
+        schema.check_excluded(load.exclude_columns)
         extra = schema.check_compatible(columns, f"{role} {source_name}")
+        schema = schema.with_ids_of(sample)
         if load.label_column:  # metrics against the label given now, also when the model was trained without one
             schema = schema.with_label(load.label_column, sample, f"{role} {source_name}")
         ignored = [c for c in extra if c not in load.exclude_columns and c != schema.label]  # excluded by the user: nothing to say
@@ -422,17 +452,19 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
             if block.fmt == "csv":
                 if block.length is None:
                     with fs.open(path, "rb", compression=block.compression) as f:
-                        df = pd.read_csv(f)
+                        df = pd.read_csv(f, index_col=False)
                 else:
                     with fs.open(path, "rb") as f:
                         data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
                     if block.offset == 0:
-                        df = pd.read_csv(io.BytesIO(data))
+                        df = pd.read_csv(io.BytesIO(data), index_col=False)
                     else:
-                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(block.columns or file_columns))
+                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(block.columns or file_columns),
+                                         index_col=False)
             else:
                 pf = pq.ParquetFile(fs.open(path, "rb"))
-                wanted = [c for c in file_columns if c in schema.columns]  # not the columns a model was trained without
+                # not the columns a model was trained without, nor excluded ones (a later file may lack them)
+                wanted = [c for c in file_columns if c in schema.columns and c not in schema.excluded]
                 df = pf.read_row_groups(list(block.row_groups), columns=wanted).to_pandas()
     except InputError:
         raise
@@ -461,8 +493,9 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
         raise InputError(f"{block.uri}: {_locate(block)(i)} has {fields} field{'s' if fields != 1 else ''} but the "
                          f"header names {len(file_columns)} columns (a missing separator, or a line cut short?); "
                          "pandas reads the missing fields as empty") from e
-    keep = [c for c in df.columns if c not in set(schema.excluded)]
-    return df[keep]
+    # in the first file's order, whatever this file's (its --exclude'd columns may differ)
+    keep = [c for c in file_columns if c in df.columns and c not in set(schema.excluded)]
+    return df[keep + [c for c in df.columns if c not in keep and c not in set(schema.excluded)]]
 
 
 def _short_line(block: Block, n_columns: int) -> tuple[int, int] | None:

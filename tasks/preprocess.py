@@ -46,7 +46,13 @@ __all__ = ["SPLIT_COL", "PreparedTable", "ScalingStats", "prepare", "prepare_tas
 def split_partition(df: pd.DataFrame, val_fraction: float, seed: int, partition: int) -> pd.DataFrame:
     """Flag validation rows with a generator seeded by (seed, partition): deterministic."""
     rng = np.random.default_rng([seed, partition])
-    return df.assign(**{SPLIT_COL: rng.random(len(df)) < val_fraction})
+    return _with_column(df, SPLIT_COL, rng.random(len(df)) < val_fraction)
+
+
+def _with_column(df: pd.DataFrame, name: str, values: Any) -> pd.DataFrame:
+    """``df.assign(name=values)`` without pandas' PerformanceWarning on a wide table (a block per column, as
+    validation leaves it), which reached the user's terminal."""
+    return pd.concat([df, pd.Series(values, index=df.index, name=name)], axis=1)
 
 
 def add_split(ddf: dd.DataFrame, val_fraction: float, seed: int) -> dd.DataFrame:
@@ -55,7 +61,7 @@ def add_split(ddf: dd.DataFrame, val_fraction: float, seed: int) -> dd.DataFrame
     def _split(df: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
         return split_partition(df, val_fraction, seed, partition_info["number"] if partition_info else 0)
 
-    meta = ddf._meta.assign(**{SPLIT_COL: pd.Series([], dtype=bool)})
+    meta = _with_column(ddf._meta, SPLIT_COL, pd.Series([], dtype=bool))
     return ddf.map_partitions(_split, meta=meta)
 
 
@@ -134,7 +140,8 @@ def collect_categories(source: TableSource, max_categories: int = 100) -> TableS
                 f"--set preprocess.max_categories=N"
             )
         if not values:
-            raise InputError(f"{source.uri}: categorical column {c!r} is entirely null")
+            raise InputError(f"{source.uri}: categorical column {c!r} is entirely null: there is no value to learn "
+                             f"it from; --exclude '{c}'")
         merged[c] = tuple(values)
     from tasks.load import with_schema
 
@@ -145,10 +152,32 @@ def collect_categories(source: TableSource, max_categories: int = 100) -> TableS
 # The one pass
 
 
+def dtype_misfits(df: pd.DataFrame, schema: TableSchema) -> dict[str, float]:
+    """{column: first value} of numeric features whose values do not fit the integer or boolean dtype the
+    column was read with at fit time (``schema.extra["dtypes"]``): a fraction (45.5) in an integer column, or
+    a value other than 0/1 in a boolean one. A glob's later file may hold floats where the sampled first file
+    held integers, and data applied to a model may too; giving such a column back in its fit-time dtype
+    (impute) would round observed values."""
+    dtypes = schema.extra.get("dtypes", {})
+    out: dict[str, float] = {}
+    for c in schema.features:
+        dtype = str(dtypes.get(c.name, "")).lower()
+        boolean = dtype in ("bool", "boolean")
+        if c.kind != "numeric" or c.name not in df.columns or not (boolean or dtype.startswith(("int", "uint"))):
+            continue
+        x = df[c.name].to_numpy(dtype="float64", na_value=np.nan)
+        x = x[~np.isnan(x)]
+        bad = (x != np.round(x)) | (((x != 0) & (x != 1)) if boolean else False)
+        if bad.any():
+            out[c.name] = float(x[bad][0])
+    return out
+
+
 def _process_partition(df: pd.DataFrame, schema: TableSchema, out_uri: str | None, columns: list[str]) -> dict[str, Any]:
     enc = encode_partition(df, schema)
     mom = partition_moments(enc, columns)
     mom["unseen"] = unseen_categories(df, schema)
+    mom["misfit"] = dtype_misfits(df, schema)
     if out_uri is not None:
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(enc, preserve_index=False), buf)
@@ -253,6 +282,8 @@ class PreparedTable:
     duplicate_ids: tuple = ()
     # Columns of data a model is applied to that it was trained without: left out (TableSource.ignored).
     ignored: tuple[str, ...] = ()
+    # {column: first value} of features whose values do not fit their fit-time integer/boolean dtype (dtype_misfits).
+    misfit: dict[str, float] = field(default_factory=dict)
 
     @property
     def unseen_warnings(self) -> list[str]:
@@ -322,6 +353,10 @@ def prepare(
     ]
     dups = duplicate_ids(parts, schema.id) if schema.id else ()
     *moments, repeated = dask.compute(*tasks, dups)  # one pass: the id counts share the parsed partitions
+    misfit: dict[str, float] = {}
+    for m in moments:  # the first value in input order
+        for name, value in m.pop("misfit").items():
+            misfit.setdefault(name, value)
     mom = merge_moments(moments)
     if mom["rows"] == 0:
         raise InputError(f"{source.uri}: no data rows")
@@ -352,6 +387,7 @@ def prepare(
         unseen=dict(mom.get("unseen", {})),
         duplicate_ids=tuple(repeated),
         ignored=source.ignored,
+        misfit=misfit,
     )
     if run is not None:
         run.write_json(f"{prefix}/stats.json", {"stats": stats.to_dict(), "n_rows": prepared.n_rows, "n_val": prepared.n_val})

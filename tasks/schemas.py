@@ -108,6 +108,24 @@ class TableSchema:
         return replace(self, columns=columns, label=label, label_dtype=_label_dtype(sample[label]),
                        excluded=tuple(c for c in self.excluded if c != label))
 
+    def with_ids_of(self, sample: pd.DataFrame) -> TableSchema:
+        """This (fitted) schema with the id column's dtype read from ``sample``, data it is applied to: ids are
+        carried to the outputs, not read by the model, so integer ids at fit time do not bind later data to them
+        (they were refused as "values that are not int64")."""
+        if not self.id or self.id not in sample.columns:
+            return self
+        return replace(self, id_dtype=_id_dtype(sample[self.id]))
+
+    def check_excluded(self, exclude: tuple[str, ...] | list[str]) -> None:
+        """Refuse ``--exclude`` of a column this (fitted) schema's model reads: it read the column all the same
+        and said nothing."""
+        for name in exclude:
+            if name in self.feature_names:
+                raise ConfigError(f"--exclude {name!r}: the model was trained on that column and reads it from every "
+                                  "table it is applied to; to leave it out, train a model without it")
+            if name == self.id:
+                raise ConfigError(f"--exclude {name!r}: it is the model's id column, carried to every output")
+
     def check_compatible(self, columns: list[str], where: str) -> list[str]:
         """Raise if a table lacks columns this schema was fitted on; return the columns it has beyond them.
 
@@ -121,9 +139,11 @@ class TableSchema:
         missing = sorted(expected - got - optional)
         extra = [c for c in columns if c not in expected and c not in self.excluded]
         if missing:
+            names = self.feature_names  # a wide table's whole list buried the missing ones: the first 20
+            expected = f"{names}" if len(names) <= 20 else f"{len(names)}: {str(names[:20])[:-1]}, …]"
             raise ModelMismatchError(
                 f"{where} does not have the columns the model was trained on: missing {missing}"
-                f" (expected features {self.feature_names})"
+                f" (expected features {expected})"
                 + (f"; it has {extra}, which the model was trained without (renamed?)" if extra else "")
             )
         return extra
@@ -135,8 +155,27 @@ def _label_dtype(series: pd.Series) -> str:
     return "Int64" if family == "int64" else family
 
 
-def _dtype_family(series: pd.Series) -> str:
+def _id_dtype(series: pd.Series) -> str:
+    family = _dtype_family(series)
+    return "str" if family == "float64" and series.isna().all() else family
+
+
+def _is_boolean(series: pd.Series) -> bool:
+    """Booleans, also with nulls as pandas reads them from Parquet or CSV: object values True/False/None
+    (they were one-hot categories 'False'/'True', and impute gave the column back as text)."""
     if pd.api.types.is_bool_dtype(series):
+        return True
+    values = series.dropna()
+    return series.dtype == object and len(values) > 0 and bool(values.map(lambda v: isinstance(v, (bool, np.bool_))).all())
+
+
+def _read_dtype(series: pd.Series) -> str:
+    """The dtype a column was read with, as outputs that give it back (impute) restore it."""
+    return "boolean" if _is_boolean(series) and not pd.api.types.is_bool_dtype(series) else str(series.dtype)
+
+
+def _dtype_family(series: pd.Series) -> str:
+    if _is_boolean(series):
         return "boolean"
     if pd.api.types.is_integer_dtype(series):
         return "int64"
@@ -152,11 +191,13 @@ def _is_categorical(series: pd.Series) -> bool:
     A mostly numeric column with a stray string stays numeric, so that value is
     reported as an error by validation instead of silently becoming a category.
     """
-    if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+    if _is_boolean(series) or pd.api.types.is_numeric_dtype(series):
         return False
     values = series.dropna()
     if len(values) == 0:
-        return False
+        # No value sampled: text by its type (a Parquet string column, sparse at the start) is categorical, its
+        # categories collected over the whole input; a CSV column without a sampled value reads as float.
+        return isinstance(series.dtype, pd.StringDtype)
     numeric = pd.to_numeric(values.astype(str), errors="coerce").notna().mean()
     return bool(numeric < 0.5)
 
@@ -279,6 +320,11 @@ def infer_schema(
             raise InputError(f"{role} {name!r} not found in {source}{_column_hint(name, columns)}")
     for name in exclude:
         if name not in columns:
+            parts = [p.strip() for p in name.split(",")]
+            if len(parts) > 1 and all(p in columns for p in parts):  # --exclude a,b (as --hidden 256,128 is written)
+                raise InputError(f"excluded column {name!r} not found in {source}: give --exclude once per column: "
+                                 + " ".join(f"--exclude '{p}'" for p in parts)
+                                 + f" (in a --config file: exclude_columns: [{', '.join(parts)}])")
             raise InputError(f"excluded column {name!r} not found in {source}{_column_hint(name, columns)}")
     if label is not None and label == id_column:
         raise InputError(f"column {label!r} cannot be both the label and the id column")
@@ -286,10 +332,8 @@ def infer_schema(
     features = tuple(ColumnSpec(c, _feature_kind(sample[c], c, source)) for c in columns if c not in roles)
     if not features:
         raise InputError(f"{source} has no feature columns left after the label, id and excluded columns")
-    id_dtype = _dtype_family(sample[id_column]) if id_column else None
+    id_dtype = _id_dtype(sample[id_column]) if id_column else None
     label_dtype = _label_dtype(sample[label]) if label else None
-    if id_dtype == "float64":
-        id_dtype = "str" if sample[id_column].isna().all() else "float64"
     return TableSchema(
         columns=tuple(columns),
         features=features,
@@ -300,7 +344,9 @@ def infer_schema(
         excluded=tuple(exclude),
         allow_nulls=allow_nulls,
         # dtypes as read at fit time: outputs that give features back (impute) restore them.
-        extra={"dtypes": {c: str(sample[c].dtype) for c in columns}},
+        extra={"dtypes": {c: _read_dtype(sample[c]) for c in columns},
+               # numeric for want of a sampled value: a text value later is explained (summarise_schema_errors)
+               "unsampled": [f.name for f in features if f.kind == "numeric" and sample[f.name].isna().all()]},
     )
 
 
@@ -364,6 +410,7 @@ def summarise_schema_errors(
     n_rows: int,
     locate: Any = None,
     id_column: str | None = None,
+    unsampled: tuple[str, ...] | list[str] = (),
 ) -> str:
     """One readable message from pandera's lazy failure report.
 
@@ -373,6 +420,7 @@ def summarise_schema_errors(
         n_rows: Rows in the block (to say "entirely null").
         locate: ``locate(index) -> str`` turning a block row index into "line 12"/"row 11".
         id_column: The id column, whose nulls are no missing values to impute but rows without an id.
+        unsampled: Columns taken as numeric because the rows sampled at fit time held no value in them.
     """
     fc = err.failure_cases.copy()
     if id_column is not None:
@@ -409,7 +457,12 @@ def summarise_schema_errors(
             parts.append(f"id column {column!r} has null values: {', '.join(examples)}{more}; ids must not be null "
                          "(each output row carries its input row's id): fill them in or drop those rows")
             continue
-        parts.append(f"column {column!r} has {what}: {', '.join(examples)}{more}")
+        why = ""
+        if check.startswith("coerce_dtype") and what == "non-numeric values" and column in unsampled:
+            why = (" (the rows sampled at the start of the input held no value in this column, so it was taken as "
+                   "numeric: a text column must have values there, e.g. sort the rows or write the input as Parquet, "
+                   f"which records text columns as text; or --exclude '{column}')")
+        parts.append(f"column {column!r} has {what}: {', '.join(examples)}{more}{why}")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -419,7 +472,8 @@ def validate_block(df: pd.DataFrame, ts: TableSchema, *, source: str, locate: An
     try:
         return schema.validate(df, lazy=True)
     except pa.errors.SchemaErrors as e:
-        message = summarise_schema_errors(e, source=source, n_rows=len(df), locate=locate, id_column=ts.id)
+        message = summarise_schema_errors(e, source=source, n_rows=len(df), locate=locate, id_column=ts.id,
+                                          unsampled=ts.extra.get("unsampled", ()))
     except pa.errors.SchemaError as e:  # non-lazy paths (e.g. strictness) still raise singly
         message = f"{source}: {e}"
     # Raised outside the handler on purpose: the message carries the summary, and pandera's

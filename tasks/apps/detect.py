@@ -481,6 +481,9 @@ class Detect(TableApp):
             ev.notes.append("no label column: ROC-AUC and average precision not evaluated")
             return ev
         known = side[label].notna().to_numpy()
+        if not known.all():
+            ev.notes.append(f"{int((~known).sum())} row(s) without a label (null {label!r}) left out of the ranking "
+                            "metrics")
         y = (side[label].astype(str).to_numpy() == cfg.positive_label)[known]
         values = sorted(side[label][known].astype(str).unique())
         if not y.any() and len(values) > 1:

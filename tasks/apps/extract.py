@@ -194,6 +194,8 @@ class Extract(TableApp):
             ev.notes.append(f"evaluation on a seeded sample of {len(x):,} of {total:,} rows")
         y = side[label].to_numpy()
         keep = pd.notna(side[label]).to_numpy()
+        if not keep.all():
+            ev.notes.append(f"{int((~keep).sum())} row(s) without a label (null {label!r}) left out of the evaluation")
         x, y = x[keep], y[keep].astype(str)
         classes, counts = np.unique(y, return_counts=True)
         rare = classes[counts < 2]  # a class of one row cannot be in a training and a test fold

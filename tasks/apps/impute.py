@@ -10,8 +10,9 @@ the imputation is the members' mean, passed through a per-column linear head fit
 in closed form after training (stacking, ``head_alpha``: for each numeric column, a
 ridge regression of its observed values, hidden one column at a time, on the ensemble's
 prediction of it and the row's other cells). Output ``imputed.parquet``: the input's columns (excluded
-ones aside), in their order and with the dtypes they were read with at fit time,
-one row per input row in input order, no nulls in the features, and every
+ones aside), in their order and with the dtypes they were read with at fit time
+(float64 for an integer or boolean column whose values now include fractions, said in
+the notes), one row per input row in input order, no nulls in the features, and every
 observed value unchanged (filled cells only). Categorical cells are filled with
 the category whose one-hot output is largest; integer columns are rounded.
 
@@ -296,6 +297,19 @@ class Impute(TableApp):
         ("--latent-dim", "model.latent_dim", int, "Width of the autoencoder's code."),
     )
 
+    def check_data(self, ctx: TableContext) -> None:
+        """Also say which columns ``imputed.parquet`` gives back as float64 rather than in the integer or boolean
+        dtype they were read with at fit time: they hold values that dtype cannot (observed values stay as read)."""
+        super().check_data(ctx)
+        from tasks.train import run_logger
+
+        dtypes = ctx.schema.extra.get("dtypes", {})
+        for name, value in ctx.target.misfit.items():
+            w = (f"{ctx.target.source_uri}: column {name!r} was read as {dtypes.get(name)} at fit time but holds "
+                 f"{value:g}: imputed.parquet gives it as float64, so that no observed value is rounded")
+            run_logger().warning("%s", w)
+            ctx.notes.append(f"warning: {w}")
+
     def fit(self, ctx: TableContext) -> Fitted:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         prep = ctx.train
@@ -336,8 +350,9 @@ class Impute(TableApp):
                 col = raw[name].to_numpy(dtype=object, copy=True)
                 col[missing] = cats[np.argmax(values[missing][:, list(g.cols)], axis=1)]
                 raw[name] = col
+        misfit = ctx.target.misfit  # fractions in a column read as integers at fit time: rounding would change them
         for name in raw.columns:
-            raw[name] = _restore_dtype(raw[name], dtypes.get(name))
+            raw[name] = _restore_dtype(raw[name], "float64" if name in misfit else dtypes.get(name))
         return raw
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:

@@ -17,7 +17,7 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -197,8 +197,8 @@ class TableData(DataKind):
         if train_src is not None:
             # Categories come from the whole training input; data applied to in the same run shares them.
             train_src = categories_task(train_src, config.preprocess)
-            if target_src is not None:
-                target_src = with_schema(target_src, train_src.schema)
+            if target_src is not None:  # with its own ids' dtype (TableSchema.with_ids_of)
+                target_src = with_schema(target_src, replace(train_src.schema, id_dtype=target_src.schema.id_dtype))
         train = prepare_task(train_src, config.preprocess, run, "preprocessed") if train_src is not None else None
         stats = fitted.stats if fitted is not None else train.stats
         target = (prepare_task(target_src, config.preprocess, run, "preprocessed-apply", stats, False)

@@ -122,3 +122,86 @@ def test_label_column_given_when_applying_a_model_trained_without_one(prefect_se
     assert res.exit_code == 3, res.output
     assert f"label column 'lable' not found in apply-to {tmp_path}/today.csv (did you mean 'label'?)" in res.stderr
     assert files_under(out) == before
+
+
+def test_impute_never_rounds_observed_values_of_a_column_read_as_integers_at_fit_time(prefect_server, dask_address,
+                                                                                       tmp_path):
+    """A folder of Parquet parts whose integer column became float in a later part (schema drift), and data with
+    fractions given to the model: imputed.parquet gave 45.5 back as 46 (the dtype sampled from the first part),
+    silently changing observed values. Now the column comes back as float64 for the whole table, with a note."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    first, later = mixed_frame(60, anomalies=0), mixed_frame(60, seed=1, anomalies=0)
+    later["count"] = later["count"] + 0.5
+    later["id"] = [f"s{i:03d}" for i in range(60)]
+    later.loc[2, "count"] = np.nan
+    first.to_parquet(parts / "part-0.parquet", index=False)
+    later.to_parquet(parts / "part-1.parquet", index=False)
+    out, quick = tmp_path / "art", ["--set", "app.members=1", "--set", "app.extra_trees=false", "--json"]
+    res = _invoke(["run", "impute", "--input", str(parts), "--id-column", "id", "--label-column", "label",
+                   "--output", str(out), *quick], dask_address)
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout.strip().splitlines()[-1])
+    imputed = pd.read_parquet(f"{run['run_uri']}/imputed.parquet")  # one dtype for every part, or this fails
+    assert imputed["count"].dtype == "float64"
+    observed = later["count"].notna().to_numpy()
+    assert imputed["count"].iloc[60:].to_numpy()[observed].tolist() == later["count"][observed].tolist()
+    assert imputed["count"].iloc[:60].tolist() == first["count"].astype("float64").tolist()
+    held = f"holds {later['count'].iloc[0]:g}: imputed.parquet gives it as float64"
+    assert any(f"column 'count' was read as int64 at fit time but {held}" in n for n in run["notes"]), run["notes"]
+
+    # a model trained on integers, given fractions: the same
+    first.to_parquet(tmp_path / "ints.parquet", index=False)
+    res = _invoke(["run", "impute", "--input", str(tmp_path / "ints.parquet"), "--id-column", "id",
+                   "--label-column", "label", "--output", str(out), *quick], dask_address)
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    assert pd.read_parquet(f"{model}/imputed.parquet")["count"].dtype == "int64", "integers stay integers"
+    later.to_parquet(tmp_path / "new.parquet", index=False)
+    res = _invoke(["run", "impute", "--model", model, "--apply-to", str(tmp_path / "new.parquet"),
+                   "--output", str(out), *quick], dask_address)
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout.strip().splitlines()[-1])
+    applied = pd.read_parquet(f"{run['run_uri']}/imputed.parquet")
+    assert applied["count"].to_numpy()[observed].tolist() == later["count"][observed].tolist()
+    assert applied["count"].notna().all()
+
+
+def test_ids_of_data_given_to_a_model_need_not_have_the_training_ids_dtype(prefect_server, dask_address, tmp_path):
+    """Integer ids at training, text ids in the data applied to (a new id scheme): ids are carried to the outputs,
+    not read by the model, yet the run was refused with "column 'id' has values that are not int64"; in the
+    training run itself with --apply-to as well as with --model."""
+    train = mixed_frame(60, anomalies=0).assign(id=range(60))
+    train.to_csv(tmp_path / "train.csv", index=False)
+    new = mixed_frame(30, seed=2, anomalies=0)  # ids 'r000', ...
+    new.to_csv(tmp_path / "new.csv", index=False)
+    out, fast = tmp_path / "art", ["--set", "app.min_steps=10", "--json"]
+    res = _invoke(["run", "detect", "--input", str(tmp_path / "train.csv"), "--apply-to", str(tmp_path / "new.csv"),
+                   "--id-column", "id", "--output", str(out), *fast], dask_address)
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout.strip().splitlines()[-1])
+    assert pd.read_parquet(f"{run['run_uri']}/scores.parquet")["id"].tolist() == new["id"].tolist()
+    res = _invoke(["run", "detect", "--model", run["run_uri"], "--apply-to", str(tmp_path / "new.csv"),
+                   "--output", str(out), *fast], dask_address)
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout.strip().splitlines()[-1])
+    assert pd.read_parquet(f"{run['run_uri']}/scores.parquet")["id"].tolist() == new["id"].tolist()
+
+
+def test_rows_without_a_label_left_out_of_the_metrics_are_counted_in_the_notes(prefect_server, dask_address,
+                                                                                tmp_path):
+    """Labels with gaps (string classes, some missing): the metrics silently counted only the labelled rows."""
+    df = mixed_frame(60, anomalies=6).assign(label=lambda d: np.where(d["label"] == 1, "fraud", "ok"))
+    df.loc[[1, 8, 15], "label"] = None
+    df.to_parquet(tmp_path / "t.parquet", index=False)
+    for name, options, said in (
+        ("detect", ["--positive-label", "fraud", "--set", "app.min_steps=10"],
+         "3 row(s) without a label (null 'label') left out of the ranking metrics"),
+        ("extract", ["--cv-folds", "2", "--set", "app.few_labels=[2]", "--latent-dim", "2"],
+         "3 row(s) without a label (null 'label') left out of the evaluation"),
+    ):
+        res = _invoke(["run", name, "--input", str(tmp_path / "t.parquet"), "--id-column", "id", "--label-column",
+                       "label", "--output", str(tmp_path / "o"), "--json", *options], dask_address)
+        assert res.exit_code == 0, res.output
+        run = json.loads(res.stdout.strip().splitlines()[-1])
+        assert said in run["notes"], run["notes"]

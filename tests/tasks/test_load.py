@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import LoadConfig
@@ -144,6 +148,63 @@ def test_folder_with_different_columns(tmp_path):
         inspect_table(str(tmp_path), _load())
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("later", [True, False], ids=["added-later", "dropped-later"])
+def test_files_of_one_input_may_differ_in_excluded_columns(tmp_path, fmt, later):
+    """A column added in a later file (or dropped from one) was refused as "different columns" even when
+    --exclude'd, and the message did not say that excluding it was the way out."""
+    df = _frame(60)
+    parts = [df.iloc[:30], df.iloc[30:].assign(notes="n")] if later else [df.iloc[:30].assign(notes="n"), df.iloc[30:]]
+    for i, part in enumerate(parts):
+        getattr(part[list(reversed(part.columns))] if i else part, f"to_{fmt}")(tmp_path / f"p{i}.{fmt}", index=False)
+    with pytest.raises(InputError, match=r"p1\.\w+ has different columns from .*p0\.\w+: (missing|extra) \['notes'\]; "
+                                         r"the files of one input must have the same columns, apart from --exclude'd "
+                                         r"ones \(e\.g\. --exclude 'notes' to leave it out of every file\)"):
+        inspect_table(str(tmp_path), _load(id_column="id"))
+    src = inspect_table(str(tmp_path), _load(id_column="id", exclude_columns=("notes",)))
+    assert src.schema.feature_names == list("abcdy")
+    got = to_dask(src).compute(scheduler="sync")
+    assert list(got.columns) == ["id", *"abcdy"]
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), df.astype({c: "float64" for c in "abcdy"}),
+                                  check_dtype=False)
+
+
+def test_a_trailing_comma_on_every_line_is_named_as_such(tmp_path):
+    """An export whose lines end with a separator (here also with a BOM, quoted numbers and CRLF) has an unnamed
+    last column: the message said "pandas writes its row index that way; write the file with index=False"."""
+    df = _frame(20)
+    lines = ['"id","a","b","c","d","y",'] + [",".join(f'"{v}"' for v in row) + "," for row in df.astype(str).values]
+    (tmp_path / "t.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    with pytest.raises(InputError, match=r"t\.csv: the last column \(7\) has no name in the header line \(do the "
+                                         r"lines end with a comma, as some exports write them\?\): --exclude "
+                                         r"'Unnamed: 6' to leave it out") as e:
+        inspect_table(str(tmp_path / "t.csv"), _load(id_column="id"))
+    assert "index" not in str(e.value)
+    src = inspect_table(str(tmp_path / "t.csv"), _load(id_column="id", exclude_columns=("Unnamed: 6",)))
+    got = to_dask(src).compute(scheduler="sync").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, df, check_dtype=False)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_booleans_with_nulls_are_booleans_not_categories(tmp_path, fmt):
+    """A boolean column with missing values (object True/False/None as pandas reads it from Parquet or CSV)
+    became a categorical of 'False'/'True', and impute gave it back as text."""
+    from tasks.apps.impute import _restore_dtype
+
+    df = _frame(20).assign(flag=pd.array([None if i % 5 == 0 else bool(i % 2) for i in range(20)], dtype="boolean"))
+    if fmt == "csv":
+        df.to_csv(tmp_path / "t.csv", index=False)
+    else:  # as Spark, DuckDB or pyarrow write it: no pandas metadata, so pandas reads object True/False/None
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None), tmp_path / "t.parquet")
+    src = inspect_table(str(tmp_path / f"t.{fmt}"), _load(id_column="id"))
+    flag = next(c for c in src.schema.features if c.name == "flag")
+    assert flag.kind == "numeric" and flag.categories == ()
+    assert src.schema.extra["dtypes"]["flag"] == "boolean"
+    got = to_dask(replace(src, schema=src.schema.with_nulls(True))).compute(scheduler="sync")["flag"]
+    assert got.tolist()[:4] == [pytest.approx(np.nan, nan_ok=True), 1.0, 0.0, 1.0]
+    assert _restore_dtype(got.fillna(1.0), "boolean").dtype == "boolean"
+
+
 def test_schema_mismatch_names_missing_and_extra(tmp_path):
     _frame().to_csv(tmp_path / "train.csv", index=False)
     _frame().drop(columns=["c"]).assign(z=1.0).to_csv(tmp_path / "new.csv", index=False)
@@ -154,6 +215,59 @@ def test_schema_mismatch_names_missing_and_extra(tmp_path):
     _frame().drop(columns=["y"]).to_csv(tmp_path / "nolabel.csv", index=False)
     src = inspect_table(str(tmp_path / "nolabel.csv"), _load(), schema=schema)
     assert "y" not in read_block(src.blocks[0], src.schema, src.columns).columns
+
+
+def test_a_wide_model_names_the_missing_column_without_listing_every_feature(tmp_path):
+    """Data lacking one of a 150-column model's features: the message listed all 150 expected features."""
+    wide = pd.DataFrame(np.ones((12, 150)), columns=[f"x{i}" for i in range(150)])
+    wide.to_parquet(tmp_path / "train.parquet", index=False)
+    wide.drop(columns=["x140"]).to_parquet(tmp_path / "new.parquet", index=False)
+    schema = inspect_table(str(tmp_path / "train.parquet"), _load()).schema
+    with pytest.raises(ModelMismatchError) as e:
+        inspect_table(str(tmp_path / "new.parquet"), _load(), schema=schema, role="apply-to")
+    assert str(e.value).endswith(
+        "does not have the columns the model was trained on: missing ['x140'] (expected features 150: "
+        f"{str([f'x{i}' for i in range(20)])[:-1]}, …])")
+
+
+def test_a_comma_separated_exclude_says_to_give_one_per_column(tmp_path):
+    """`--exclude ts,flag` (as `--hidden 256,128` is written) named one column 'ts,flag': "not found ... (did you
+    mean 'flag'?)", which suggested excluding only one of them."""
+    _frame().to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError) as e:
+        inspect_table(str(tmp_path / "t.csv"), _load(exclude_columns=("a, b",)))
+    assert str(e.value) == (f"excluded column 'a, b' not found in {tmp_path}/t.csv: give --exclude once per column: "
+                            "--exclude 'a' --exclude 'b' (in a --config file: exclude_columns: [a, b])")
+    with pytest.raises(InputError, match="; its columns are: id, a, b"):  # not all of them columns: the usual hint
+        inspect_table(str(tmp_path / "t.csv"), _load(exclude_columns=("a,zz",)))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_text_column_empty_in_the_sampled_rows(tmp_path, fmt):
+    """A sparse text column (a promotion code, empty in the first 2,000 rows): taken as numeric for want of a
+    sampled value, it was refused with "non-numeric values: 'spring'" and no reason, also as Parquet, whose
+    column type says it is text."""
+    from tasks.load import SAMPLE_ROWS
+    from tasks.preprocess import collect_categories
+
+    n = SAMPLE_ROWS + 100
+    df = _frame(n).assign(promo=[None] * (n - 10) + ["spring", "fall"] * 5)
+    getattr(df, f"to_{fmt}")(tmp_path / f"t.{fmt}", index=False)
+    src = inspect_table(str(tmp_path / f"t.{fmt}"), _load(id_column="id"))
+    src = replace(src, schema=src.schema.with_nulls(True))  # as impute reads it
+    promo = next(c for c in src.schema.features if c.name == "promo")
+    if fmt == "parquet":
+        assert promo.kind == "categorical"
+        assert next(c for c in collect_categories(src).schema.features if c.name == "promo").categories == (
+            "fall", "spring")
+        return
+    assert promo.kind == "numeric"  # a CSV column without a sampled value reads as float: nothing says it is text
+    with pytest.raises(InputError) as e:
+        to_dask(src).compute(scheduler="sync")
+    assert f"column 'promo' has non-numeric values: 'spring' at line {n - 10 + 2}" in str(e.value)
+    assert ("(the rows sampled at the start of the input held no value in this column, so it was taken as numeric: "
+            "a text column must have values there, e.g. sort the rows or write the input as Parquet, which records "
+            "text columns as text; or --exclude 'promo')") in str(e.value)
 
 
 def test_missing_bucket(s3_endpoint):

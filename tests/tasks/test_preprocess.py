@@ -155,3 +155,31 @@ def test_bounded_reads_of_a_prepared_table(client, tmp_path):
     assert side["id"].tolist() == side2["id"].tolist() != side3["id"].tolist()
     assert side["id"].is_monotonic_increasing
     np.testing.assert_array_equal(x, all_x[side["id"].to_numpy()])
+
+
+def test_a_wide_table_is_prepared_without_pandas_performance_warnings(tmp_path):
+    """150 float32 columns (validation leaves a block per column): the split column's assign warned
+    "DataFrame is highly fragmented" on the user's terminal, twice per run."""
+    import warnings
+
+    import dask
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(50, 150)).astype("float32"), columns=[f"x{i}" for i in range(150)])
+    df.to_parquet(tmp_path / "wide.parquet", index=False)
+    src = inspect_table(str(tmp_path / "wide.parquet"), LoadConfig())
+    with warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        prep = prepare(src, PreprocessConfig(), run=None)
+    assert prep.n_rows == 50 and 0 < prep.n_val < 50
+
+
+def test_values_that_do_not_fit_the_fit_time_integer_or_boolean_dtype_are_found():
+    from tasks.preprocess import dtype_misfits
+    from tasks.schemas import infer_schema
+
+    fit = pd.DataFrame({"n": [1, 2, 3], "flag": [True, False, True], "x": [0.5, 1.5, 2.5]})
+    schema = infer_schema(fit, label=None, id_column=None, exclude=(), allow_nulls=True, source="t")
+    assert dtype_misfits(fit.astype("float64"), schema) == {}
+    later = pd.DataFrame({"n": [np.nan, 4.0, 4.5, 5.25], "flag": [1.0, 0.0, 2.0, 1.0], "x": [1.0, 2.0, 3.0, 4.0]})
+    assert dtype_misfits(later, schema) == {"n": 4.5, "flag": 2.0}

@@ -198,3 +198,46 @@ def test_null_ids_are_refused_as_ids_with_their_line(tmp_path, null_row):
         to_dask(src).compute(scheduler="sync")
     assert "impute" not in str(e.value)
     assert_raised(e.value, test_null_ids_are_refused_as_ids_with_their_line)
+
+
+@refusal("--exclude of a column that a --model reads (one of its features, or its id column)", 2, "configuration")
+def test_excluding_a_column_the_model_reads_is_refused(tmp_path):
+    """`--model M --apply-to X --exclude a` with `a` a feature of the model: the model read `a` all the same,
+    and nothing said so."""
+    from tasks.config import ConfigError
+
+    _frame().to_csv(tmp_path / "train.csv", index=False)
+    schema = inspect_table(str(tmp_path / "train.csv"), LoadConfig(id_column="id")).schema
+    for name, said in (("a", "--exclude 'a': the model was trained on that column and reads it from every table"),
+                       ("id", "--exclude 'id': it is the model's id column")):
+        with pytest.raises(ConfigError, match=re.escape(said)) as e:
+            inspect_table(str(tmp_path / "train.csv"), LoadConfig(exclude_columns=(name,)), schema=schema)
+        assert_raised(e.value, test_excluding_a_column_the_model_reads_is_refused)
+    # a column the model was trained without: excluded without a word
+    _frame().assign(notes="n").to_csv(tmp_path / "new.csv", index=False)
+    src = inspect_table(str(tmp_path / "new.csv"), LoadConfig(exclude_columns=("notes",)), schema=schema)
+    assert src.ignored == () and src.schema.feature_names == schema.feature_names
+
+
+@refusal("a CSV whose first data line has more values than the header names columns (a title line above the header)",
+         3, "table")
+def test_data_lines_wider_than_the_header(tmp_path):
+    """Data lines ending with a comma (the header not) made pandas read the first field as the index: ids became
+    the first feature's values, each feature its neighbour's, and the last one null ("column 'c' is entirely
+    null"; with --exclude c a run went through on shifted columns). A title line above the header was misread
+    the same way."""
+    df = _frame(30)
+    body = "\n".join(",".join(map(str, row)) + "," for row in df.values.tolist())
+    (tmp_path / "t.csv").write_text(",".join(df.columns) + "\n" + body + "\n")
+    got = to_dask(inspect_table(str(tmp_path / "t.csv"), LoadConfig(id_column="id"))).compute(scheduler="sync")
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), df, check_dtype=False)
+    df.to_csv(tmp_path / "titled.csv", index=False)
+    (tmp_path / "titled.csv").write_text("Sales report, December\n" + (tmp_path / "titled.csv").read_text())
+    with pytest.raises(InputError, match=r"titled\.csv: line 2 has 4 fields but the header names 2 column\(s\) \(a "
+                                         r"column without a name in the header, or a separator inside an unquoted"):
+        inspect_table(str(tmp_path / "titled.csv"), LoadConfig())
+    (tmp_path / "titled.csv").write_text("Sales report\n" + df.to_csv(index=False))
+    with pytest.raises(InputError, match=r"line 2 has 4 fields but the header names 1 column\(s\) \(a title line "
+                                         r"above the header\? remove it\)") as e:
+        inspect_table(str(tmp_path / "titled.csv"), LoadConfig())
+    assert_raised(e.value, test_data_lines_wider_than_the_header)
