@@ -114,3 +114,26 @@ def test_incomplete_runs_keep_the_run_id_whole_at_80_columns(monkeypatch):
     text = buf.getvalue()
     assert run_id in text and "interrupted" in text, text
     assert all(len(line) <= 80 for line in text.splitlines() if "│" in line), text
+
+
+def test_the_demo_table_keeps_metric_names_and_numbers_whole_at_80_columns():
+    """`make demo` on an 80-column terminal (or a pipe) folded "average_precision (↑)" into "average_precisio"
+    over "n (↑)" and "bd_rate_vs_jpeg_pct (↓)" likewise: the data and baseline columns wrap instead."""
+    import io
+
+    from rich.console import Console
+
+    from flows.cli.demo import summary_table
+
+    rows = [("detect", "breast_cancer", "average_precision (↑)", "0.776", "hbos 0.852"),
+            ("compress", "photos (held out)", "bd_rate_vs_jpeg_pct (↓)", "-20.392", ""),
+            ("index", "digit images", "precision_at_10 (↑)", "0.968", "raw_pixels 0.967")]
+    table = summary_table()
+    for r in rows:
+        table.add_row(*r)
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(table)
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    for _app, _data, metric, ours, _best in rows:
+        assert metric in text and ours in text, text
