@@ -73,8 +73,9 @@ def up_cmd(
     the Prefect API URL, the S3 endpoint, bucket and keys, the Dask scheduler and
     each process's pid and log. Progress goes to stderr. Exit code 2 when a port
     it needs is held by another program or set for two servers (refused before
-    anything starts, naming the option that moves it, as `aeflow serve` does);
-    6 when a component does not start (its name and log are printed).
+    anything starts, naming the option that moves it, as `aeflow serve` does), when one would move the port of a
+    component that runs, or when --project-dir or --file does not exist; 6 when a component does not start
+    (its name and log are printed).
     """
     from flows.platform.core import shell_exports, up
 
@@ -126,18 +127,28 @@ def status_cmd(
         _fail(e)
     if as_json:
         print(json.dumps(result, indent=2))
+    elif not result["components"]:  # after `down`: no empty table, one line
+        err.print(f"aeflow platform in {result['dir']}: nothing is running (state and data are kept; exit code 1); "
+                  f"`aeflow platform up --dir {result['dir']}` starts it again", highlight=False, soft_wrap=True)
     else:
         table = Table(title=f"aeflow platform in {result['dir']}", title_justify="left")
         for col in ("component", "pid", "state", "ports", "log"):
             table.add_column(col, overflow="fold")
         for c in result["components"]:
-            state = "[green]healthy[/]" if c["healthy"] else ("[yellow]running, not answering[/]" if c["alive"] else "[red]stopped[/]")
-            table.add_row(c["name"], str(c["pid"]), state, " ".join(f"{k}={v}" for k, v in c["ports"].items()), c["log"])
+            table.add_row(c["name"], str(c["pid"]), _state_word(c), " ".join(f"{k}={v}" for k, v in c["ports"].items()), c["log"])
         Console().print(table)
-        if not result["components"]:
-            err.print("nothing is running (state and data are kept; exit code 1); "
-                      f"`aeflow platform up --dir {result['dir']}` starts it again", highlight=False)
+        sick = [c for c in result["components"] if not c["healthy"]]
+        if sick:
+            names = ", ".join(f"{c['name']} ({'not answering' if c['alive'] else 'stopped'})" for c in sick)
+            err.print(f"not healthy: {names} (exit code 1); `aeflow platform up --dir {result['dir']}` starts what "
+                      "is stopped again", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if result["healthy"] else 1)
+
+
+def _state_word(c: dict) -> str:
+    if c["healthy"]:
+        return "[green]healthy[/]"
+    return "[yellow]running, not answering[/]" if c["alive"] else "[red]stopped[/]"
 
 
 @platform_app.command("down")

@@ -31,7 +31,7 @@ from flows.platform.procs import (
     stop,
 )
 from flows.platform.state import PORT_NAMES, PlatformState, locked
-from tasks.errors import PlatformError, PortInUse
+from tasks.errors import ConfigError, PlatformError, PortInUse
 
 DEFAULT_DIR = Path(".aeflow") / "platform"
 
@@ -297,7 +297,10 @@ def _allocate_ports(state: PlatformState, requested: dict[str, int | None]) -> N
         owner = _port_owner(name)
         rec = state.components.get(owner)
         if have and have != port and rec is not None and rec.alive:
-            raise PlatformError(f"{owner} already runs on port {have} in {state.dir}; run `aeflow platform down` first to move it to {port}")
+            option = CLIENT_PORTS[name][0] if name in CLIENT_PORTS else "the option"
+            raise ConfigError(f"{owner} already runs on port {have} in {state.dir}, so {option} {port} cannot move it "
+                              f"while it runs; run `aeflow platform down --dir {state.dir}` first (or drop {option}); "
+                              "nothing was changed")
         state.ports[name] = port
     given = {n: p for n, p in requested.items() if p}
     clients = {n: p for n, p in state.ports.items() if n in CLIENT_PORTS}
@@ -364,13 +367,17 @@ def up(
         state = PlatformState.load(directory)
         merged = {**DEFAULTS, **state.settings, **{k: v for k, v in (settings or {}).items() if v is not None}}
         project = (project_dir or Path(merged.get("project_dir") or _repo_root())).resolve()
+        if not project.is_dir():  # the workers start there: refused before anything starts, not after 12 s
+            given = "--project-dir" if project_dir is not None else f"the project directory an earlier `up` recorded in {directory}"
+            raise ConfigError(f"{given} {project} is not a directory (the workers start there and run "
+                              "`prefect deploy` from it); pass --project-dir with the aeflow checkout; nothing was started")
         merged["project_dir"] = str(project)
         if deploy_file is not None:
             merged["deploy_file"] = str(deploy_file.resolve())
         elif not merged.get("deploy_file") and (project / "prefect.yaml").exists():
             merged["deploy_file"] = str(project / "prefect.yaml")
-        if merged.get("deploy_file") and not Path(merged["deploy_file"]).exists():
-            raise PlatformError(f"deploy: the deployment file {merged['deploy_file']} does not exist (pass --file)")
+        if merged.get("deploy_file") and not Path(merged["deploy_file"]).is_file():
+            raise ConfigError(f"the deployment file {merged['deploy_file']} does not exist (pass --file); nothing was started")
         for key in ("workers", "dask_workers", "dask_threads"):
             if int(merged[key]) < 1:
                 raise PlatformError(f"--{key.replace('_', '-')} must be at least 1, got {merged[key]}")

@@ -396,3 +396,69 @@ def test_ctrl_c_of_up_says_what_it_left(tmp_path, monkeypatch):
     assert res.exit_code == 130, res.output
     text = " ".join(res.output.split())
     assert "interrupted: what this `up` had started is stopped again" in text and f"--dir {tmp_path}" in text, text
+
+
+def test_up_that_would_move_the_port_of_a_running_component_is_refused_as_a_setting(tmp_path):
+    """`up --prefect-port Q` on a platform whose server runs on P: exit 6 ("a component did not start") and a hint
+    without --dir (it named ./.aeflow/platform's down). A refused setting is exit 2, as the other port refusals."""
+    from flows.cli import app
+
+    p, q = free_ports(2)
+    server = spawn("prefect-server", [sys.executable, "-c", "import time; time.sleep(60)"], log=tmp_path / "s.log",
+                   env=dict(os.environ), ports={"prefect": p})
+    try:
+        PlatformState(dir=tmp_path / "p", ports={"prefect": p}, components={"prefect-server": server}).save()
+        res = CliRunner().invoke(app, ["platform", "up", "--dir", str(tmp_path / "p"), "--prefect-port", str(q),
+                                       "--project-dir", str(tmp_path)])
+        assert res.exit_code == 2, res.output
+        text = " ".join(res.output.split())
+        assert f"prefect-server already runs on port {p}" in text and f"--prefect-port {q} cannot move it" in text, text
+        assert f"`aeflow platform down --dir {tmp_path / 'p'}` first" in text, text
+        assert PlatformState.load(tmp_path / "p").ports == {"prefect": p}, "nothing was changed"
+    finally:
+        stop(server, grace=5)
+
+
+def test_up_with_a_project_dir_or_file_that_does_not_exist_refuses_before_anything_starts(tmp_path):
+    """--project-dir /nonexistent started PostgreSQL, SeaweedFS, Dask and the Prefect server (12 s), then the first
+    worker's Popen(cwd=...) raised FileNotFoundError: a traceback, exit 1, and the bad directory kept in the state."""
+    from flows.cli import app
+
+    runner = CliRunner()
+    directory = tmp_path / "new" / "p"
+    t0 = time.monotonic()
+    res = runner.invoke(app, ["platform", "up", "--dir", str(directory), "--project-dir", str(tmp_path / "nope")])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), "one message, no traceback"
+    text = " ".join(res.output.split())
+    assert f"--project-dir {tmp_path / 'nope'} is not a directory" in text and "nothing was started" in text, text
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "new").exists()
+    # a recorded project directory that has gone since (the checkout moved) says where it came from
+    PlatformState(dir=directory, settings={"project_dir": str(tmp_path / "moved")}).save()
+    res = runner.invoke(app, ["platform", "up", "--dir", str(directory)])
+    assert res.exit_code == 2, res.output
+    assert f"the project directory an earlier `up` recorded in {directory} {tmp_path / 'moved'} is not a directory" \
+        in " ".join(res.output.split()), res.output
+    # a --file that does not exist: a setting (2), not a component that did not start (6)
+    res = runner.invoke(app, ["platform", "up", "--dir", str(tmp_path / "q"), "--project-dir", str(tmp_path),
+                              "--file", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and f"the deployment file {tmp_path / 'nope.yaml'} does not exist" in res.output, res.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_status_names_what_is_not_healthy_and_how_to_repair_it(tmp_path):
+    """A killed worker showed as `stopped` in a folded table and exit 1, with no word on what to do; after `down`
+    status printed an empty table above its hint."""
+    from flows.cli import app
+
+    dead = spawn("prefect-worker-1", [sys.executable, "-c", "pass"], log=tmp_path / "w.log", env=dict(os.environ))
+    stop(dead, grace=5)
+    PlatformState(dir=tmp_path, components={"prefect-worker-1": dead}).save()
+    res = CliRunner().invoke(app, ["platform", "status", "--dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 1, res.output
+    text = " ".join(res.output.split())
+    assert "not healthy: prefect-worker-1 (stopped) (exit code 1)" in text, text
+    assert f"`aeflow platform up --dir {tmp_path}` starts what is stopped again" in text, text
+    PlatformState(dir=tmp_path).save()
+    res = CliRunner().invoke(app, ["platform", "status", "--dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "┏" not in res.output and "nothing is running" in res.output, res.output
