@@ -10,15 +10,16 @@ from rich.table import Table
 from flows.cli.common import err, execute, out
 
 
-def summary_table() -> Table:
+def summary_table(data_names: tuple[str, ...] = ()) -> Table:
     """The demo's closing table. Metric names and numbers stay whole on one line (at 80 columns
     "average_precision (↑)" was folded to "average_precisio" over "n (↑)"); the data and baseline
-    columns wrap at spaces instead."""
+    columns wrap at spaces instead, the data column never inside a word of ``data_names``."""
     summary = Table(title="aeflow demo: headline metrics (aeflow and the best baseline, on the same data)",
                     title_justify="left")
+    words = max((len(w) for name in data_names for w in name.split()), default=None)
     for col in ("app", "data", "metric", "aeflow", "best baseline"):
         summary.add_column(col, overflow="fold", justify="right" if col == "aeflow" else "left",
-                           no_wrap=col in ("app", "metric", "aeflow"))
+                           no_wrap=col in ("app", "metric", "aeflow"), min_width=words if col == "data" else None)
     return summary
 
 
@@ -29,10 +30,11 @@ def demo(
     """Build the sample data and run every application on it; print a summary with the run URIs."""
     from flows.demo import demo_jobs, headline_rows
 
-    summary = summary_table()
+    jobs = list(demo_jobs(output, quick))
+    summary = summary_table(tuple(job.data for job in jobs))
     run_uris: list[tuple[str, str, str]] = []
     failures = 0
-    for job in demo_jobs(output, quick):
+    for job in jobs:
         err.rule(f"{job.app} on {job.data}")
         try:
             result = execute(job.app, job.options, None, None)
