@@ -15,7 +15,7 @@ def summary_table(data_names: tuple[str, ...] = ()) -> Table:
     "average_precision (↑)" was folded to "average_precisio" over "n (↑)"); the data and baseline
     columns wrap at spaces instead, the data column never inside a word of ``data_names``."""
     summary = Table(title="aeflow demo: headline metrics (aeflow and the best baseline, on the same data)",
-                    title_justify="left")
+                    title_justify="left", pad_edge=False)  # the 2 columns that let it fit 80 wide, borders included
     words = max((len(w) for name in data_names for w in name.split()), default=None)
     for col in ("app", "data", "metric", "aeflow", "best baseline"):
         summary.add_column(col, overflow="fold", justify="right" if col == "aeflow" else "left",

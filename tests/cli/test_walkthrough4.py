@@ -129,6 +129,7 @@ def test_the_demo_table_keeps_metric_names_and_numbers_whole_at_80_columns():
     rows = [("detect", "breast_cancer", "average_precision (↑)", "0.776", "hbos 0.852"),
             ("impute", "wine", "rmse (↓)", "0.125", "iterative 0.138"),
             ("extract", "digits", "accuracy_10_per_class (↑)", "0.898", "raw 0.889"),
+            ("index", "digit images", "precision_at_10 (↑)", "0.968", "raw_pixels 0.967"),
             ("compress", "photos (held out)", "bd_rate_vs_jpeg_pct (↓)", "-20.392", ""),
             ("index", "digit images", "precision_at_10 (↑)", "0.968", "raw_pixels 0.967")]
     table = summary_table(tuple(r[1] for r in rows))
@@ -137,6 +138,8 @@ def test_the_demo_table_keeps_metric_names_and_numbers_whole_at_80_columns():
     buf = io.StringIO()
     Console(file=buf, width=80).print(table)
     text = buf.getvalue()
-    assert max(len(line) for line in text.splitlines()) <= 80, text
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, text
+    assert all(line.rstrip()[-1] in "┓┃┩│┤┘" for line in lines[1:] if line.strip()), text  # not cropped
     for _app, data, metric, ours, _best in rows:
         assert metric in text and ours in text and data.split()[0] in text, text
