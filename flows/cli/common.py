@@ -54,28 +54,58 @@ def quiet_prefect(quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _json_requested() -> bool:
+    """Whether the command being run was given ``--json`` (its parameter is ``as_json``)."""
+    try:  # typer 0.2x carries its own copy of click; older typers use click itself
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("as_json"))
+
+
+def _exit(code: int, kind: str, message: str) -> NoReturn:
+    """Exit with ``code``; a ``--json`` command also says why on stdout, as one JSON object.
+
+    A script that reads stdout found nothing there when a ``--json`` command failed (only the
+    exit code, and stderr meant for people): it gets ``{"error": ..., "kind": ..., "exit_code": ...}``.
+    """
+    if _json_requested():
+        import json
+
+        print(json.dumps({"error": message, "kind": kind, "exit_code": code}), flush=True)
+    raise typer.Exit(code)
+
+
 def fail(e: BaseException, operation: str = "run") -> NoReturn:
     """A user error as one line and its exit code; anything else is a bug, with its traceback (exit 1).
 
     An object-store outage that escaped the storage layer's own mapping is still one line
-    (exit 4); nothing printed here repeats a secret (:func:`tasks.redaction.redact`).
+    (exit 4); nothing printed here repeats a secret (:func:`tasks.redaction.redact`). With
+    ``--json`` the same message also goes to stdout as a JSON object (see :func:`_exit`).
     """
     from tasks.redaction import redact
     from tasks.storage import causes, storage_error
 
     if any(isinstance(x, KeyboardInterrupt) for x in causes(e)):
         # Ctrl-C: not an outage of whatever the interrupted step was talking to
-        err.print("[bold red]interrupted:[/] the run is incomplete; the same command again resumes it (training goes "
-                  "on from its last checkpoint when it had saved one, else starts over)", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        message = ("the run is incomplete; the same command again resumes it (training goes on from its last "
+                   "checkpoint when it had saved one, else starts over)")
+        err.print(f"[bold red]interrupted:[/] {message}", highlight=False, soft_wrap=True)
+        _exit(130, "interrupted", message)
     if not isinstance(e, AeflowError):
         e = storage_error(e, operation, "the object store") or e
     if isinstance(e, AeflowError):
-        err.print(f"[bold red]error:[/] {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code)
+        message = redact(str(e))
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        _exit(e.exit_code, _KINDS.get(e.exit_code, "error"), message)
     err.print("[bold red]aeflow failed with an unexpected error (a bug; please report it):[/]")
     err.print(redact("".join(traceback.format_exception(e))), highlight=False, markup=False)
-    raise typer.Exit(1)
+    _exit(1, "bug", redact(f"{type(e).__name__}: {e}"))
+
+
+# what each exit code means (the README's exit-code table), for --json error objects
+_KINDS = {2: "configuration", 3: "input", 4: "storage", 5: "model", 6: "platform"}
 
 
 def metrics_table(title: str, metrics: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> MetricsTables:

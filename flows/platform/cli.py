@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli.common import fail
 from tasks.errors import AeflowError
 
 platform_app = typer.Typer(
@@ -32,8 +33,9 @@ def _default_dir() -> Path:
 
 
 def _fail(e: AeflowError) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
-    raise typer.Exit(e.exit_code)
+    # the one way a CLI error is printed: escaped (a path with [brackets] stayed markup here and lost them),
+    # redacted, and with --json also a JSON object on stdout
+    fail(e, "platform")
 
 
 def _progress(quiet: bool):

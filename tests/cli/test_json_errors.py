@@ -1,0 +1,70 @@
+"""``--json`` commands that fail say why on stdout too, as one JSON object a script can read.
+
+Before, a failed ``--json`` command left stdout empty: a script that parsed it had only the exit
+code (and stderr, meant for people).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = [pytest.mark.cli]
+runner = CliRunner()
+
+
+def _error_object(res) -> dict:
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    assert lines, f"nothing on stdout; stderr: {res.stderr}"
+    payload = json.loads(lines[-1])
+    assert set(payload) == {"error", "kind", "exit_code"}
+    assert payload["exit_code"] == res.exit_code
+    return payload
+
+
+def test_run_json_bad_input_prints_an_error_object(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"a": [1.0, 2.0, None], "b": [1.0, 2.0, 3.0]}).to_csv(bad, index=False)
+    res = runner.invoke(app, ["run", "reduce", "--input", str(bad), "--output", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 3, res.output
+    payload = _error_object(res)
+    assert payload["kind"] == "input"
+    assert str(bad) in payload["error"] and "column 'a'" in payload["error"]
+    assert "column 'a'" in res.stderr  # people still read it on stderr
+
+
+def test_run_json_bad_setting_is_a_configuration_error_object(tmp_path):
+    res = runner.invoke(app, ["run", "reduce", "--input", str(tmp_path / "x.csv"), "--set", "train.epochs=-1",
+                              "--json"])
+    assert res.exit_code == 2, res.output
+    assert _error_object(res)["kind"] == "configuration"
+
+
+def test_runs_show_json_missing_run(tmp_path):
+    missing = str(tmp_path / "runs" / "reduce" / "nope")
+    res = runner.invoke(app, ["runs", "show", missing, "--json"])
+    assert res.exit_code == 4, res.output
+    payload = _error_object(res)
+    assert payload["kind"] == "storage" and missing in payload["error"]
+
+
+def test_without_json_stdout_stays_empty(tmp_path):
+    missing = str(tmp_path / "runs" / "reduce" / "nope")
+    res = runner.invoke(app, ["runs", "show", missing])
+    assert res.exit_code == 4
+    assert res.stdout.strip() == ""
+
+
+def test_platform_json_error_object_and_brackets_kept(tmp_path):
+    where = tmp_path / "no[bold]platform"
+    res = runner.invoke(app, ["platform", "status", "--dir", str(where), "--json"])
+    assert res.exit_code == 4, res.output
+    payload = _error_object(res)
+    assert str(where) in payload["error"]
+    # the message on stderr keeps the path whole ('[bold]' was taken as markup there and vanished)
+    assert "no[bold]platform" in res.stderr.replace("\n", "")
