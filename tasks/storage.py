@@ -76,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.config import DEFAULT_OUTPUT
 from tasks.errors import (
     AeflowError,
+    ConfigError,
     ModelMismatchError,
     StorageError,
     StorageUnavailable,
@@ -1040,11 +1041,14 @@ class ArtifactStore:
             raise StorageError(f"cannot find a free run id under {self.root_uri} for {base}")
         run = self.run(app, run_id)
         if run.is_complete:
-            raise StorageError(f"run {run.uri} already exists and is complete; choose another run id")
+            # the --run-id the user gave names a finished run: a setting to change (exit 2), not a storage fault
+            raise ConfigError(f"run {run.uri} already exists and is complete; choose another --run-id (its results "
+                              "are kept: a finished run is never overwritten)")
         if run.exists(RUN_MARKER):
             if run.read_json(RUN_MARKER).get("fingerprint") != fingerprint:
-                raise StorageError(
-                    f"run {run.uri} holds an interrupted run with a different input or config; choose another run id"
+                raise ConfigError(
+                    f"run {run.uri} holds an interrupted run with a different input or config; choose another "
+                    "--run-id (or run the same command as before to resume it)"
                 )
         if not run.claim():
             holder = run.claim_holder() or {}

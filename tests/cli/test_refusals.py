@@ -343,3 +343,24 @@ def test_a_short_csv_line_is_named_as_short_not_as_missing_values(tmp_path, shor
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=rf"column 'c' has null values \(use the impute application.*line {short_at + 1}"):
         to_dask(inspect_table(str(path), LoadConfig(id_column="id", blocksize_mb=1))).compute(scheduler="sync")
+
+
+# -- run ids -----------------------------------------------------------------------------------
+
+
+@refusal("--run-id of a run that is already complete (choose another; the finished run is kept as it was)", 2,
+         "configuration")
+def test_run_id_of_a_complete_run(prefect_server, dask_address, tmp_path):
+    """It was exit 4 (storage) though nothing is wrong with the store: the setting names a finished run."""
+    table, out = _table(tmp_path / "t.csv"), str(tmp_path / "out")
+    args = ["run", "reduce", "--input", table, "--output", out, "--epochs", "1", "--run-id", "nightly",
+            "--dask-address", dask_address]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    manifest = tmp_path / "out" / "runs" / "reduce" / "nightly" / "manifest.json"
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    again = runner.invoke(app, [*args, "--latent-dim", "3"])
+    assert_refused(again, test_run_id_of_a_complete_run, f"{os.path.dirname(manifest)} already exists and is complete",
+                   "choose another --run-id")
+    after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert after == before, "the finished run was touched"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tasks.errors import StorageError
+from tasks.errors import ConfigError, StorageError
 from tasks.storage import ArtifactStore, Manifest, open_run
 
 pytestmark = pytest.mark.tasks
@@ -53,8 +53,17 @@ def test_run_lifecycle(store):
 def test_complete_run_is_never_overwritten(store):
     run = store.start_run("reduce", "b" * 64, {}, run_id="fixed-id")
     run.write_manifest(_manifest(run))
-    with pytest.raises(StorageError, match="already exists and is complete"):
+    with pytest.raises(ConfigError, match="already exists and is complete"):
         store.start_run("reduce", "b" * 64, {}, run_id="fixed-id")
+
+
+def test_run_id_of_an_interrupted_run_with_other_settings_is_refused(store):
+    run = store.start_run("reduce", "b" * 64, {}, run_id="half-done")
+    run.write_bytes("embeddings.parquet", b"partial")
+    run.release()
+    with pytest.raises(ConfigError, match="holds an interrupted run with a different input or config; choose another"):
+        store.start_run("reduce", "c" * 64, {}, run_id="half-done")
+    assert run.read_bytes("embeddings.parquet") == b"partial", "the interrupted run's files were touched"
 
 
 def test_discard_removes_everything_without_checkpoint(store):
