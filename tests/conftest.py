@@ -48,6 +48,34 @@ def _no_default_flow_heartbeats():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_dask_scheduler():
+    """Each test starts with the dask scheduler setting it would have alone.
+
+    A distributed ``Client`` sets ``scheduler="dask.distributed"`` and restores the old value only when
+    it is the last live client to close; two clients whose lives overlap (a test's own and a run's)
+    leave it set to a closed cluster, and a later test computing "locally" then failed only in the full
+    suite. The CLI is one process per command, so only tests met it.
+    """
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    yield
+    if dask.config.get("scheduler", None) == before:
+        return
+    try:
+        from distributed.client import _get_global_client
+
+        live = _get_global_client() is not None
+    except ImportError:
+        live = False
+    if not live:
+        if before is None:
+            dask.config.config.pop("scheduler", None)
+        else:
+            dask.config.set(scheduler=before)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect API server (SQLite) for the whole session."""
