@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -433,6 +434,26 @@ def _parse_error(block: Block, e: BaseException) -> InputError:
         base = _lines_before(block)
         text = _PANDAS_LINE.sub(lambda m: f"line {base + int(m.group(1))}", text)
     return InputError(f"{block.uri}: cannot parse ({text})")
+
+
+def read_decimal_columns(block: Block, names: list[str]) -> dict[str, tuple[np.ndarray, pa.DataType]]:
+    """Of ``names``, the Parquet decimal columns of the block's file: {name: (its values as ``Decimal``
+    objects, exactly as stored, None where null; its Arrow type)}. Nothing for CSV or when none is decimal.
+
+    :func:`read_block` gives features as float64; an output that gives the input's own columns back
+    (impute) takes these instead, so that money stays money (no float rounding of 20-digit values).
+    """
+    if block.fmt != "parquet" or not names:
+        return {}
+    fs, path = url_to_fs(block.uri)
+    with storage_op("read", block.uri):
+        pf = pq.ParquetFile(fs.open(path, "rb"))
+        types = {f.name: f.type for f in pf.schema_arrow}
+        wanted = [n for n in names if n in types and pa.types.is_decimal(types[n])]
+        if not wanted:
+            return {}
+        table = pf.read_row_groups(list(block.row_groups), columns=wanted)
+    return {n: (np.array(table.column(n).to_pylist(), dtype=object), types[n]) for n in wanted}
 
 
 def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...]) -> pd.DataFrame:

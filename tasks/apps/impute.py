@@ -32,6 +32,7 @@ hidden cells, the evaluation's hidden cells and the baselines are all seeded by
 
 from __future__ import annotations
 
+import decimal
 import time
 import warnings
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pydantic import Field
 
@@ -50,7 +52,7 @@ from tasks.apps.kinds import TableContext
 from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
 from tasks.errors import InputError
-from tasks.load import read_block
+from tasks.load import read_block, read_decimal_columns
 from tasks.scaling import ScalingStats
 from tasks.schemas import ColumnSpec, TableSchema
 from tasks.train import train_model
@@ -263,6 +265,20 @@ def imputation_errors(
     }
 
 
+def _filled_decimals(col: np.ndarray, typ: pa.DataType, missing: np.ndarray, imputed: np.ndarray) -> pd.Series:
+    """A decimal column with its missing cells filled, rounded to its scale, in its own Arrow type (every
+    part of imputed.parquet alike); a filled value too wide for its precision widens it to 38 digits."""
+    step = decimal.Decimal(1).scaleb(-typ.scale)
+    col = col.copy()
+    col[missing] = [decimal.Decimal(repr(float(v))).quantize(step) for v in imputed[missing]]
+    try:
+        arr = pa.array(col, type=typ)
+    except (pa.ArrowInvalid, decimal.InvalidOperation):
+        typ = pa.decimal128(38, typ.scale)
+        arr = pa.array(col, type=typ)
+    return pd.Series(arr, dtype=pd.ArrowDtype(typ))
+
+
 def _restore_dtype(values: pd.Series, dtype: str | None) -> pd.Series:
     if not dtype:
         return values
@@ -336,9 +352,16 @@ class Impute(TableApp):
         if len(raw) != len(x):
             raise RuntimeError(f"partition {block.index} of {block.uri}: {len(raw)} rows read, {len(x)} prepared")
         values = fitted.stats.inverse(fill(x, reconstruct(fitted.model, x, ctx.device), groups))
+        decimals = read_decimal_columns(block, [g.spec.name for g in groups if g.spec.kind == "numeric"])
         for g in groups:
             name = g.spec.name
             missing = raw[name].isna().to_numpy()
+            if name in decimals:
+                # a Parquet decimal column (money, say) stays decimal: its observed values exactly as stored,
+                # the filled ones rounded to the column's scale (it came back as float64, 51.483409); in every
+                # part, those without a missing cell too
+                raw[name] = _filled_decimals(*decimals[name], missing, values[:, g.cols[0]])
+                continue
             if not missing.any():
                 continue
             if g.spec.kind == "numeric":
@@ -352,7 +375,8 @@ class Impute(TableApp):
                 raw[name] = col
         misfit = ctx.target.misfit  # fractions in a column read as integers at fit time: rounding would change them
         for name in raw.columns:
-            raw[name] = _restore_dtype(raw[name], "float64" if name in misfit else dtypes.get(name))
+            if name not in decimals:
+                raw[name] = _restore_dtype(raw[name], "float64" if name in misfit else dtypes.get(name))
         return raw
 
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
