@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli.common import fail
 from tasks.errors import AeflowError
 
 platform_app = typer.Typer(
@@ -34,7 +33,10 @@ def _default_dir() -> Path:
 
 def _fail(e: AeflowError) -> None:
     # the one way a CLI error is printed: escaped (a path with [brackets] stayed markup here and lost them),
-    # redacted, and with --json also a JSON object on stdout
+    # redacted, and with --json also a JSON object on stdout (imported here: flows.cli imports this module,
+    # and `python -m flows.platform`, which the platform's processes run, imports this one first)
+    from flows.cli.common import fail
+
     fail(e, "platform")
 
 
