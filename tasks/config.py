@@ -65,6 +65,10 @@ class LoadConfig(Frozen):
     @field_validator("exclude_columns", mode="before")
     @classmethod
     def _one_name_is_a_list_of_one(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            # YAML `exclude_columns:` and --set load.exclude_columns= (clearing a --config file's list) exclude
+            # nothing; they were refused, and excluded a column named '' ("not found", exit 3)
+            return ()
         return (v,) if isinstance(v, str) else v  # YAML `exclude_columns: notes`, --set load.exclude_columns=notes
 
     @model_validator(mode="after")
@@ -173,7 +177,9 @@ class TrainConfig(Frozen):
     )
     stream: Literal["auto", "on", "off"] = Field(
         "auto", description="Train from minibatches streamed from the prepared Parquet partitions (on), from the "
-        "training rows in memory (off), or stream when they take more than half of memory_mb (auto).",
+        "training rows in memory (off), or stream when they take more than half of memory_mb (auto). reduce and "
+        "extract stream; detect, impute and index fit a seeded sample of what fits memory_mb instead (on is auto, "
+        "off takes every row); denoise and compress use neither setting.",
     )
     memory_mb: int = Field(
         512, ge=1, description="Memory bound for training data: in-memory rows up to half of it (stream=auto); a "
@@ -296,12 +302,34 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key repeated in one mapping: PyYAML keeps the last one silently, so a second
+    ``train:`` block appended to a ``--show-config`` file dropped every setting of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge (<<: *base) may be overridden by the mapping's own keys
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} a second time (first at line {seen[key].line + 1}); give each key once",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError as e:
         raise ConfigError(f"config file {str(p)!r} does not exist") from e
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        reason = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read: {e.strerror or e}"
+        raise ConfigError(f"config file {str(p)!r} {reason}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
     if data is None:
@@ -346,6 +374,9 @@ def given_config(
     """What the user gave, nested and unvalidated: YAML file < options that are not None < ``--set`` items."""
     data: dict[str, Any] = read_config_file(file) if file else {}
     data.pop("app_name", None)
+    for name, field in RunConfig.model_fields.items():
+        if isinstance(field.default, BaseModel) and name in data and data[name] is None:
+            del data[name]  # `train:` with every key commented out: nothing given (it was refused as not a mapping)
     for key, value in (options or {}).items():
         if value is not None:
             _set_path(data, key, value)
@@ -377,7 +408,31 @@ def resolve_config(
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, cls)) from e
+        raise ConfigError(_another_apps_config(cls, data) or format_validation_error(e, cls)) from e
+
+
+def _another_apps_config(cls: type[RunConfig], data: dict[str, Any]) -> str:
+    """The message for a config of another application (``aeflow run detect --show-config`` given to reduce):
+    its ``app`` section's keys are all that application's, and two or more are not ``cls``'s; "" otherwise.
+    Without it, each of those keys was an "Extra inputs are not permitted" of its own, with no word of what
+    had happened."""
+    section = data.get("app")
+    own_cls = cls.model_fields["app"].annotation
+    if not isinstance(section, dict) or not section or not isinstance(own_cls, type):
+        return ""
+    unknown = sorted(set(section) - set(own_cls.model_fields))
+    if len(unknown) < 2:  # one stray key keeps its own message (and its "did you mean")
+        return ""
+    from tasks.apps import load_all
+
+    own = own_cls.name
+    others = [name for name, a in load_all().items()
+              if name != own and set(section) <= set(a.RunConfig.model_fields["app"].annotation.model_fields)]
+    if not others:
+        return ""
+    return (f"invalid configuration: the app section holds settings of {' or '.join(others)}, not of {own} "
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): a config written for "
+            f"`aeflow run {others[0]}`? (`aeflow run {own} --show-config` lists {own}'s)")
 
 
 def annotated_yaml(config: BaseModel) -> str:

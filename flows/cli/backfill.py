@@ -20,7 +20,8 @@ def backfill(
     input_template: Annotated[str | None, typer.Option(
         "--input-template", "-i",
         help="Input URI with date fields, e.g. data/{date}.csv or s3://b/{date}/ (fields: see README). "
-             "Optional with --via-deployment (the deployment's own input is used).")] = None,
+             "Optional with --via-deployment (the deployment's own input is used) or when --config/--set give "
+             "load.input with a date field.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Apply this run's model (URI, or 'latest') instead of training per date.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Dates running at once, in this process (not with --via-deployment: the server's workers decide).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Run dates that already have a complete run again.")] = False,
@@ -81,8 +82,6 @@ def backfill(
             raise typer.BadParameter(
                 f"--start {start} --end {end} is {len(dates):,} dates, more than --max-dates {max_dates:,}: "
                 "narrow the range, use --every, or raise --max-dates", param_hint="--end")
-        if input_template is None and not via_deployment:
-            raise typer.BadParameter("--input-template is required (unless --via-deployment)", param_hint="--input-template")
         if input_template is not None and not has_template(input_template):
             raise typer.BadParameter(
                 f"{input_template!r} has no date field such as {{date}}: every date would read the same data",
@@ -95,6 +94,23 @@ def backfill(
         elif model:
             options["model_run"] = model
         cfg = resolve_config(application.RunConfig, file=config, options=options, sets=set_)
+        if input_template is None and not via_deployment:
+            # the data each date reads may come with its date field from --config or --set (load.input, or
+            # with a model the data it is applied to): they were refused for want of -i
+            data = (cfg.load.apply_to or cfg.load.input) if cfg.model_run else cfg.load.input
+            if not (data and has_template(data)):
+                raise typer.BadParameter(
+                    "--input-template is required (unless --via-deployment, or --config/--set give "
+                    f"{'load.apply_to' if cfg.model_run else 'load.input'} with a date field such as {{date}})",
+                    param_hint="--input-template")
+        if cfg.run_id and len(dates) > 1:
+            # every date's run would take that one folder: the second date failed ("already exists and is
+            # complete") and so did every rerun that "redoes only the dates that failed"
+            raise typer.BadParameter(
+                f"run_id {cfg.run_id!r} names one run, and a backfill makes one per date: leave run_id unset "
+                "(each date's run is named by its time and fingerprint)", param_hint="--set run_id / --config")
+        if not via_deployment:  # a device this machine lacks (exit 2, as `aeflow run`), not one failure per date
+            application.device_for(cfg)
     except AeflowError as e:
         fail(e)
 

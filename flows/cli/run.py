@@ -110,7 +110,11 @@ def make_command(group: typer.Typer, application: Any) -> None:
                                      sets=kwargs.get("set_"))
             except AeflowError as e:
                 fail(e)
-            sys.stdout.write(annotated_yaml(cfg))
+            from tasks.execution import with_environment_defaults
+
+            # the output and scheduler the run would use ($AEFLOW_OUTPUT, $AEFLOW_DASK_ADDRESS): fed back with
+            # --config, a printed default ./artifacts would count as given and send the run past $AEFLOW_OUTPUT
+            sys.stdout.write(annotated_yaml(with_environment_defaults(cfg)))
             return
         quiet_prefect(kwargs.get("quiet") or kwargs.get("as_json"))
         try:
