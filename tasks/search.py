@@ -21,7 +21,13 @@ from tasks.apps.index import (
     deserialize_index,
     encode_images,
 )
-from tasks.errors import ConfigError, InputError, ModelMismatchError
+from tasks.errors import (
+    ConfigError,
+    InputError,
+    ModelMismatchError,
+    StorageError,
+    StorageUnavailable,
+)
 from tasks.images import decode_image
 from tasks.storage import MODEL_DIR, RunDir, open_run, storage_op, url_to_fs, write_uri
 
@@ -54,7 +60,20 @@ def open_index(uri: str, device: torch.device | None = None) -> LoadedIndex:
         raise ModelMismatchError(f"{uri} is a {run.app!r} run, not an index run (no {INDEX_DIR}/meta.json)")
     meta = run.read_json(f"{INDEX_DIR}/meta.json")
     model_uri = run.uri if run.exists(f"{MODEL_DIR}/config.json") else meta["model_run"]
-    fitted = Index().load(model_uri, device)
+    try:
+        fitted = Index().load(model_uri, device)
+    except StorageError as e:
+        if model_uri == run.uri or isinstance(e, StorageUnavailable):  # an outage is said as such, and retried
+            raise
+        # an index applied with --model: its model lives elsewhere, and a moved or deleted one was reported as
+        # "not a run URI" or as a run the user never named
+        raise StorageError(f"index {uri} was built with the model {model_uri}, which cannot be opened (moved or deleted "
+                           f"since?): {e}; put it back there, or rebuild the index with a model that exists") from e
+    if meta["image"].get("mode") == "keep":
+        # The collection's images all had one mode, the model's: a query of another mode is converted to it
+        # (kept as it is, a gray query was refused by an RGB index, and gray and RGB queries failed together).
+        channels = fitted.model.config.in_channels
+        meta = {**meta, "image": {**meta["image"], "mode": "gray" if channels == 1 else "rgb"}}
     if meta.get("model_weights") and fitted.weights_hash != meta["model_weights"]:
         raise ModelMismatchError(
             f"index {uri} was built with another model: its codes come from weights {meta['model_weights'][:19]}…, "
@@ -96,7 +115,7 @@ def search(loaded: LoadedIndex, queries: list[str], k: int = 10, device: torch.d
         arrays = [read_query(q, loaded.meta) for q in queries]
     x = np.stack(arrays)
     want = loaded.fitted.model.config.in_channels
-    if x.shape[1] != want:  # cannot happen with mode gray/rgb; "keep" indexes would need one mode
+    if x.shape[1] != want:  # cannot happen: queries decode to the index's mode (open_index resolves "keep")
         raise InputError(f"queries decode to {x.shape[1]} channels but the index's model takes {want}")
     codes = encode_images(loaded.fitted.model, x, device)
     if codes.shape[1] != loaded.meta["dim"]:
@@ -116,23 +135,39 @@ def expand_queries(queries: list[str], skip_bad: bool = False) -> tuple[list[str
     """Query images and folders of them (``aeflow search --query``) as the URIs of every image, and what was left out.
 
     A folder holding files that are not PNG/JPEG images is refused naming the first (as a run's input is),
-    or with ``skip_bad`` they are left out: the second list says which and why (``"uri: reason"``).
+    or with ``skip_bad`` they are left out (so is a query file that is not one): the second list says which
+    and why (``"uri: reason"``).
 
     Raises:
         InputError: a query that does not exist, is not a PNG/JPEG image, or a folder with other files.
     """
     from tasks.images import list_images, not_an_image, other_files_error
+    from tasks.inputs import find_files
     from tasks.storage import to_uri
 
     out: list[str] = []
     left_out: list[str] = []
     for q in queries:
-        fs, paths, others, _root = list_images(q, "query")
+        try:
+            fs, paths, others, _root = list_images(q, "query")
+        except InputError:
+            # A query file that is not a PNG/JPEG image (or a folder or glob of only such files) is refused
+            # like a folder holding one, and with skip_bad left out like one: it failed even with --skip-bad.
+            if not skip_bad:
+                raise
+            fs, found, _root = find_files(q, "query")
+            if not found:  # nothing there at all: not a bad file to leave out
+                raise
+            left_out += [f"{to_uri(fs, p)}: {not_an_image(p)}" for p in found]
+            continue
         others = [to_uri(fs, p) for p in others]
         if others and not skip_bad:
             raise other_files_error(others, "query", q, "pass --skip-bad to search the others")
         left_out += [f"{o}: {not_an_image(o)}" for o in others]
         out += [to_uri(fs, p) for p in paths]
+    if not out and left_out:  # --skip-bad left out every file
+        raise InputError(f"no query is a PNG/JPEG image: {left_out[0]}"
+                         + (f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else ""))
     return out, left_out
 
 

@@ -458,6 +458,9 @@ class Detect(TableApp):
         # A --threshold given when reusing a model overrides the fitted one; otherwise threshold_ stands.
         return float(cfg.threshold) if cfg.threshold is not None else float(fitted.state["threshold_"])
 
+    def output_columns(self, latent_dim: int) -> list[str]:
+        return ["score", "is_anomaly"]
+
     def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
         s = anomaly_scores(fitted.model, x, ctx.device)
         return pd.DataFrame({"score": s.astype("float64"), "is_anomaly": s > self.threshold(ctx, fitted)})

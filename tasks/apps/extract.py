@@ -177,6 +177,9 @@ class Extract(TableApp):
     def loss_fn(self, ctx: TableContext):
         return partial(masking_loss, hide=ctx.config.app.input_mask)  # the app's fit: the same objective as evaluate's
 
+    def output_columns(self, latent_dim: int) -> list[str]:
+        return self.code_columns(latent_dim, "f_")
+
     def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
         return self.code_frame(self.encode(fitted, x, ctx.device), "f_")
 

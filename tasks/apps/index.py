@@ -466,8 +466,22 @@ class Index(ImageApp):
         if config.load.size is None:
             update["size"] = int(state.get("image_size") or DEFAULT_IMAGE_SIZE)
         if config.load.mode is None:
-            update["mode"] = state.get("mode") or DEFAULT_MODE
+            mode = state.get("mode") or DEFAULT_MODE
+            if mode == "keep" and state.get("in_channels") in (1, 3):
+                # it learnt on images of one mode (keep refuses a mix): that one, so other images are converted to it
+                mode = "gray" if state["in_channels"] == 1 else "rgb"
+            update["mode"] = mode
         return config.model_copy(update={"load": config.load.model_copy(update=update)}) if update else config
+
+    def check_fitted(self, config: Any, fitted: Fitted) -> None:
+        """A --mode that gives other channels than the reused model takes: refused before any image is decoded
+        (it was refused by the first shard encoded, after every image had been read)."""
+        want, mode = fitted.model.config.in_channels, config.load.mode
+        if mode in ("gray", "rgb") and (1 if mode == "gray" else 3) != want:
+            raise ModelMismatchError(
+                f"the model of {fitted.source_run} takes {want}-channel images but --mode {mode} gives "
+                f"{1 if mode == 'gray' else 3} channels: leave --mode unset to use the mode it learnt on"
+            )
 
     def min_side(self, config, role: str, fitted: Fitted | None = None) -> int:
         if config.load.size is None:
@@ -574,11 +588,13 @@ class Index(ImageApp):
         # The metrics are named after app.k whatever the collection's size, so that runs compare and the
         # headlines find them; a collection of at most k images is searched for all of its other images.
         k = min(cfg.k, n - 1) if n > 1 else 1
-        if k < cfg.k:
+        if n == 1:  # it said "each query has 1 other to find" (and precision, which is not measured, at k=1)
+            ev.notes.append(f"recall_at_{cfg.k} is measured at k=1: the collection has 1 image, so the query is that "
+                            f"image and finds only itself (app.k={cfg.k})")
+        elif k < cfg.k:
             also = f" and precision_at_{cfg.k}" if imset.has_labels else ""
             ev.notes.append(f"recall_at_{cfg.k}{also} {'are' if also else 'is'} measured at k={k}: the collection has "
-                            f"{n} image{'s' if n != 1 else ''}, so each query has {k} other{'s' if k != 1 else ''} to "
-                            f"find (app.k={cfg.k})")
+                            f"{n} images, so each query has {k} other{'s' if k != 1 else ''} to find (app.k={cfg.k})")
         queries = codes.rows(q)
         exact_i, exact_qps = timed_exact_search(codes, queries, k)
         _, ann_i, qps = timed_search(index, queries, k)

@@ -49,6 +49,9 @@ class Reduce(TableApp):
     headlines = (("recon_mse", False), ("trustworthiness", True))
     cli_options = (("--latent-dim", "model.latent_dim", int, "Dimensions of the embedding."),)
 
+    def output_columns(self, latent_dim: int) -> list[str]:
+        return self.code_columns(latent_dim, "z_")
+
     def apply_part(self, ctx: TableContext, fitted: Fitted, index: int, x: np.ndarray, side: pd.DataFrame) -> pd.DataFrame:
         return self.code_frame(self.encode(fitted, x, ctx.device), "z_")
 

@@ -24,6 +24,7 @@ from models.dense import DenseAutoencoder, seeded
 from models.training import predict, reconstruction_loss
 from tasks.apps.base import Application, ApplyProgress, Fitted, on_worker
 from tasks.apps.kinds import TABLES, TableContext
+from tasks.errors import ConfigError
 from tasks.scaling import SPLIT_COL
 from tasks.storage import read_uri
 from tasks.streaming import training_streams, use_streaming
@@ -66,6 +67,23 @@ class TableApp(Application):
     carries_id: ClassVar[bool] = True  # insert the id column in front of each partition's output
 
     # -- data ----------------------------------------------------------------------------
+    def output_columns(self, latent_dim: int) -> list[str]:
+        """The columns :meth:`apply_part` writes for a model of this code width (the id column goes in front)."""
+        return []
+
+    def adopt(self, config: Any, fitted: Fitted | None) -> Any:
+        """Refuse, before anything is read or written, an id column named like one of the output's own columns
+        (reduce's ``z_0``, extract's ``f_0``, detect's ``score``): inserting it failed with a traceback after training."""
+        id_col = fitted.schema.id if fitted is not None and fitted.schema is not None else config.load.id_column
+        if id_col and self.carries_id:
+            width = fitted.model.config.latent_dim if fitted is not None else config.model.latent_dim
+            own = self.output_columns(width)
+            if id_col in own:
+                shown = ", ".join(own) if len(own) <= 4 else f"{own[0]}..{own[-1]}"
+                raise ConfigError(f"--id-column {id_col!r} is also the name of a column that {self.name} writes to "
+                                  f"{self.output}.parquet ({shown}): rename the id column in the input")
+        return config
+
     def check_data(self, ctx: TableContext) -> None:
         """Say what the run takes with a caveat (columns of apply data left out, ids on more than one row):
         in the log and in the run's notes (the result, report/summary.md, the manifest)."""
@@ -147,6 +165,10 @@ class TableApp(Application):
         return predict(lambda b: fitted.model(b).x_hat, x, device=device)
 
     @staticmethod
-    def code_frame(z: np.ndarray, prefix: str) -> pd.DataFrame:
+    def code_columns(width: int, prefix: str) -> list[str]:
+        return [f"{prefix}{i}" for i in range(width)]
+
+    @classmethod
+    def code_frame(cls, z: np.ndarray, prefix: str) -> pd.DataFrame:
         """Codes as float32 columns ``{prefix}0..{prefix}{k-1}``."""
-        return pd.DataFrame(z.astype("float32"), columns=[f"{prefix}{i}" for i in range(z.shape[1])])
+        return pd.DataFrame(z.astype("float32"), columns=cls.code_columns(z.shape[1], prefix))
