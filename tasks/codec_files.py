@@ -37,19 +37,26 @@ from tasks.codec import (
 )
 from tasks.errors import InputError, ModelMismatchError, StorageError
 from tasks.redaction import refuse_credentials
-from tasks.storage import is_local, join_uri, storage_op, url_to_fs, write_file
+from tasks.storage import bucket_exists, is_local, join_uri, storage_op, url_to_fs, write_file
 
 
 def check_output_path(uri: str, what: str, *, folder: bool) -> None:
     """Refuse, before any work, a local output that cannot be created: ``uri`` (a folder when
     ``folder``, else a file) is a file or a folder of the wrong kind, or a file is in the way of a
-    folder above it. Object stores have no such obstacles; nothing is created here.
+    folder above it. On an object store the obstacle is a bucket that does not exist (some stores,
+    SeaweedFS among them, would create it on the first write: a misspelt bucket would silently get the
+    outputs). Nothing is created here.
 
     Raises:
         StorageError: naming ``what`` (e.g. ``--output codes``) and the obstacle (exit 4).
     """
     fs, path = url_to_fs(uri)
     if not is_local(fs):
+        bucket = path.split("/")[0]
+        with storage_op("check", uri):
+            exists = bucket_exists(fs, bucket)
+        if not exists:
+            raise StorageError(f"cannot write {what}: bucket {bucket!r} does not exist")
         return
     path = os.path.abspath(path)
     if os.path.isdir(path) and not folder:

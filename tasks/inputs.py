@@ -41,7 +41,7 @@ def find_files(uri: str, role: str = "input") -> tuple[fsspec.AbstractFileSystem
     try:
         with storage_op("list", uri):  # an outage is a StorageUnavailable line, not bad input
             if any(ch in path for ch in "*?["):
-                found = [p for p in fs.glob(path) if fs.isfile(p)]
+                found = [p for p in fs.glob(path) if fs.isfile(p)] or None  # matches nothing: said as such
                 root = posixpath.dirname(path.replace(os.sep, "/").split("*")[0].split("?")[0].split("[")[0])
             elif fs.isdir(path):
                 found, root = [p for p in fs.find(path) if not fs.isdir(p)], path

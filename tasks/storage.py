@@ -137,7 +137,16 @@ def join_uri(base: str, rel: str) -> str:
 
 
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``fsspec.url_to_fs`` with errors that name the URI."""
+    """``fsspec.url_to_fs`` with errors that name the URI.
+
+    A URI holding credentials (``s3://KEY:SECRET@bucket``, ``?password=...``) is refused here, the one door
+    every URI goes through (also those that pass no config model: ``runs list/show``, ``search --index``,
+    ``compress --model``): s3fs would take ``KEY:SECRET@bucket`` for a bucket name and botocore's error
+    repeated it (:func:`~tasks.redaction.refuse_credentials`: exit 2, the secret masked).
+    """
+    from tasks.redaction import refuse_credentials
+
+    refuse_credentials(str(uri), "URI")
     try:
         return fsspec.core.url_to_fs(uri)
     except (ValueError, ImportError) as e:
@@ -464,9 +473,11 @@ def relative_note(uri: str) -> str:
 
 
 def nothing_at(fs: fsspec.AbstractFileSystem, path: str, uri: str, what: str) -> str:
-    """Why there is nothing at ``uri`` (``what`` names it, e.g. "input"): a missing bucket, or no such path."""
+    """Why there is nothing at ``uri`` (``what`` names it, e.g. "input"): a missing bucket, or no such path
+    (a glob: no file matches it)."""
+    missing = "matches no file" if any(ch in path for ch in "*?[") else "does not exist"
     if is_local(fs):
-        return f"{what} {uri} does not exist{relative_note(uri)}"
+        return f"{what} {uri} {missing}{relative_note(uri)}"
     bucket = path.split("/")[0]
     try:
         bucket_ok = bucket_exists(fs, bucket)
@@ -474,7 +485,7 @@ def nothing_at(fs: fsspec.AbstractFileSystem, path: str, uri: str, what: str) ->
         bucket_ok = True
     if not bucket_ok:
         return f"cannot read {what} {uri}: bucket {bucket!r} does not exist"
-    return f"{what} {uri} does not exist"
+    return f"{what} {uri} {missing}"
 
 
 def _bucket_missing(e: BaseException) -> bool:
