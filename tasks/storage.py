@@ -51,6 +51,7 @@ Durability rules (what a kill, a power loss or an outage can leave behind):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -148,9 +149,32 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
     refuse_credentials(str(uri), "URI")
     try:
-        return fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, **_s3_options(uri))
     except (ValueError, ImportError) as e:
         raise StorageError(f"cannot open {uri!r}: {e}") from e
+    if hasattr(fs, "retries") and "config_kwargs" in fs.storage_options:  # s3fs: a class setting, not an argument
+        fs.retries = min(fs.retries, (fsspec.config.conf.get("s3") or {}).get("retries", S3_RETRIES))
+    return fs, path
+
+
+# An S3 endpoint that accepts connections and never answers (a wrong port: another server, a black-holing
+# proxy) kept `aeflow runs list` silent for more than 400 s: botocore's 60 s read timeout times its 5 attempts
+# times s3fs' 5 retries is 25 minutes per call, before the task retries. These bound one call to ~2 minutes
+# (s3fs' 2 tries x botocore's 3 attempts — max_attempts counts retries — of at most 20 s of silence each: `runs
+# list` gave up after 186 s with 30 s, two calls of which timed out; s3fs' tries are its class setting,
+# lowered on the filesystems this module opens); a store that answers is not slowed. The user's own fsspec
+# configuration (~/.config/fsspec, FSSPEC_S3='{"config_kwargs": {...}, "retries": N}') wins over each of them.
+S3_RETRIES = 2
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 20, "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def _s3_options(uri: str) -> dict[str, Any]:
+    """Timeouts and botocore's retries for an ``s3://`` URI's filesystem (nothing for other protocols)."""
+    if fsspec.core.split_protocol(str(uri))[0] not in ("s3", "s3a"):
+        return {}
+    user = fsspec.config.conf.get("s3") or {}
+    # a copy: botocore rewrites the retries mapping it is given (max_attempts -> total_max_attempts)
+    return {"config_kwargs": copy.deepcopy({**S3_CONFIG, **(user.get("config_kwargs") or {})})}
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -168,3 +168,51 @@ def test_credentials_in_a_uri_are_refused_by_every_command(seaweed, tmp_path):
         line = _one_line(res)
         assert "remove it and give keys through the environment" in line and "***" in line, line
     assert not (tmp_path / "c").exists()
+
+
+def test_s3_filesystems_bound_their_timeouts_and_retries(monkeypatch):
+    """botocore's 60 s read timeout x 5 attempts x s3fs' 5 retries: 25 minutes of silence per call against an
+    endpoint that accepts connections and never answers. The filesystems aeflow opens bound each (the user's
+    fsspec configuration still wins)."""
+    import fsspec
+
+    from tasks.storage import S3_CONFIG, S3_RETRIES, url_to_fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y" * 8)
+    fs, _ = url_to_fs("s3://some-bucket/runs")
+    assert fs.retries == S3_RETRIES < 5
+    given = fs.storage_options["config_kwargs"]  # botocore rewrites its retries (max_attempts -> total_max_attempts)
+    assert given["read_timeout"] == S3_CONFIG["read_timeout"] < 60
+    assert given["connect_timeout"] == S3_CONFIG["connect_timeout"] and given["retries"]["mode"] == "standard"
+    assert given["retries"].get("max_attempts", given["retries"].get("total_max_attempts", 0) - 1) < 4
+    assert S3_CONFIG["retries"] == {"max_attempts": 2, "mode": "standard"}, "the module's defaults were rewritten"
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"read_timeout": 7}})
+    fs, _ = url_to_fs("s3://other-bucket/runs")
+    assert fs.storage_options["config_kwargs"]["read_timeout"] == 7
+    assert fs.storage_options["config_kwargs"]["connect_timeout"] == S3_CONFIG["connect_timeout"]
+    local, _ = url_to_fs(os.getcwd())
+    assert "config_kwargs" not in local.storage_options
+
+
+def test_an_endpoint_that_never_answers_is_an_outage_not_a_hang(tmp_path):
+    """A listener that accepts and never answers (a wrong port): one line, exit 4 (guard: the read timeout is
+    shortened through the user's fsspec configuration so that the test is quick)."""
+    import socket
+    import subprocess
+    import sys
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    port = server.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y" * 8, "FSSPEC_S3": '{"config_kwargs": {"read_timeout": 1}}'}
+    try:
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "aeflow"), "runs", "list", "--output",
+                              "s3://out/aeflow"], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        server.close()
+    assert res.returncode == 4, res.stderr
+    assert f"the object store at http://127.0.0.1:{port} is unreachable (timed out)" in res.stderr
+    assert "Traceback" not in res.stderr
