@@ -1212,6 +1212,12 @@ def open_model_source(uri: str) -> RunDir | ModelFolder:
             folder = False
         if folder and not fs.exists(f"{path}/{MANIFEST}"):
             return ModelFolder(fs, path)
+        parts = path.replace(os.sep, "/").split("/")
+        if len(parts) < 3 or parts[-3] != "runs":  # neither a run's URI nor a model folder: say which it is not
+            if not fs.exists(path):
+                raise StorageError(f"--model {uri}: no such run or model folder{relative_note(uri)}")
+            raise StorageError(f"--model {uri} is neither a run (.../runs/<app>/<run_id>) nor a model folder "
+                               "(it holds no config.json + weights.safetensors)")
     run = open_run(uri)
     run.manifest()  # a run whose manifest cannot be read is no complete run (runs list skips it too)
     return run

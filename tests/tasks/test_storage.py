@@ -106,6 +106,21 @@ def test_model_files_are_safetensors_and_json(store):
     assert "a.weight" in json.loads(raw[8 : 8 + header_len])
 
 
+def test_model_source_that_is_missing_or_not_a_model_says_so(tmp_path):
+    """--model of a folder that does not exist (moved, a typo) said "... is not a run URI (expected
+    .../runs/<app>/<run_id>)": about run URIs, when a model folder was meant."""
+    from tasks.storage import open_model_source
+
+    with pytest.raises(StorageError, match=r"--model .*gone/folder: no such run or model folder$"):
+        open_model_source(str(tmp_path / "gone" / "folder"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StorageError, match=r"is neither a run \(.../runs/<app>/<run_id>\) nor a model folder "
+                                           r"\(it holds no config.json \+ weights.safetensors\)"):
+        open_model_source(str(tmp_path / "empty"))
+    with pytest.raises(StorageError, match="run .* does not exist"):  # a run URI keeps the run's message
+        open_model_source(str(tmp_path / "runs" / "reduce" / "nope"))
+
+
 def test_open_run_errors(tmp_path):
     with pytest.raises(StorageError, match="not a run URI"):
         open_run(str(tmp_path))
