@@ -139,7 +139,7 @@ def backfill(
         except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
             progress.update(bar, visible=False)  # no empty bar left above the message
             progress.stop()
-            fail(e)
+            fail(e, "backfill")
         except AeflowError as e:  # a refusal before any date ran (no deployment, another app's, no server)
             progress.update(bar, visible=False)
             progress.stop()

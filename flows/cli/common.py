@@ -90,7 +90,9 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
     if any(isinstance(x, KeyboardInterrupt) for x in causes(e)):
         # Ctrl-C: not an outage of whatever the interrupted step was talking to
         message = ("the run is incomplete; the same command again resumes it (training goes on from its last "
-                   "checkpoint when it had saved one, else starts over)")
+                   "checkpoint when it had saved one, else starts over)") if operation != "backfill" else (
+                   "the backfill stopped before its dates ran (or while creating their flow runs: those created "
+                   "go on); the same command again runs every date without a complete run")
         err.print(f"[bold red]interrupted:[/] {message}", highlight=False, soft_wrap=True)
         _exit(130, "interrupted", message)
     if not isinstance(e, AeflowError):

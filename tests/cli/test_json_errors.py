@@ -68,3 +68,23 @@ def test_platform_json_error_object_and_brackets_kept(tmp_path):
     assert str(where) in payload["error"]
     # the message on stderr keeps the path whole ('[bold]' was taken as markup there and vanished)
     assert "no[bold]platform" in res.stderr.replace("\n", "")
+
+
+def test_ctrl_c_before_any_backfill_date_speaks_of_the_backfill(monkeypatch, tmp_path):
+    """It said aeflow run's "the run is incomplete ... training goes on from its last checkpoint": no run had
+    started. With --json the same words go to stdout as an 'interrupted' object."""
+    import flows.backfill
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.backfill, "run_in_process", interrupted)
+    args = ["backfill", "reduce", "-i", str(tmp_path / "{date}.csv"), "--start", "2026-11-01", "--end",
+            "2026-11-02", "--output", str(tmp_path / "out")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 130, res.output
+    said = " ".join(res.stderr.split())
+    assert "the backfill stopped before its dates ran" in said and "the run is incomplete" not in said, said
+    res = runner.invoke(app, [*args, "--json"])
+    payload = _error_object(res)
+    assert payload["kind"] == "interrupted" and payload["error"].startswith("the backfill stopped")
