@@ -131,6 +131,34 @@ def _check_outputs(output_dir: str, plan: list[tuple[str, str]], overwrite: bool
                            f"replace {'it' if one else 'them'})")
 
 
+def expand_globs(uris: list[str], role: str) -> list[str]:
+    """``uris`` with each glob (``s3://b/codes/*.aec``, or a quoted local one) replaced by the files it matches,
+    sorted. The shell expands an unquoted local glob; an object store's was taken as one file's name ("no such
+    file"). A name that exists as it is stays itself, whatever its characters (``img[1].png``).
+
+    Raises:
+        InputError: a glob that matches no file (naming a missing bucket as such).
+    """
+    from tasks.inputs import find_files
+    from tasks.storage import to_uri
+
+    out: list[str] = []
+    for uri in uris:
+        refuse_credentials(uri, "URI")
+        fs, path = url_to_fs(uri)
+        if not any(ch in path for ch in "*?["):
+            out.append(uri)
+            continue
+        with storage_op("list", uri):
+            literal = fs.exists(path)
+        if literal:
+            out.append(uri)
+            continue
+        fs, found, _root = find_files(uri, role)
+        out += [to_uri(fs, p) for p in found]
+    return out
+
+
 def _read_input(uri: str, expected: str) -> bytes:
     """The bytes of one input file (``expected``: what the command takes, for the message)."""
     fs, path = url_to_fs(uri)

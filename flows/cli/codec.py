@@ -13,7 +13,7 @@ from flows.cli.common import err, fail, out
 
 
 def compress(
-    images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG; local or s3://).", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG; local or s3://; a quoted glob such as 's3://b/photos/*.png' is expanded).", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="A compress run, or a model folder, whose codec to use.", show_default=False)],
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the .aec files (local or s3://).")] = ".",
     quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
@@ -25,7 +25,7 @@ def compress(
 
     Grayscale images are coded as L, colour as RGB (a palette, CMYK or 16-bit image is converted, and the
     line says so); images with transparency are refused (the codec has no alpha plane)."""
-    from tasks.codec_files import compress_files
+    from tasks.codec_files import compress_files, expand_globs
 
     @contextmanager
     def progress(uri: str) -> Iterator[Callable[[int, int], None] | None]:
@@ -46,6 +46,7 @@ def compress(
             yield lambda done, _total: bar.update(task_id, completed=done)
 
     try:
+        images = expand_globs(images, "image")  # 's3://b/photos/*.png' (a shell expands only local ones)
         with _working("coding", images, quiet=as_json or refine_steps > 0) as done:
             for r in compress_files(images, model, output_dir, quality, refine_steps, progress, overwrite):
                 if as_json:
@@ -82,16 +83,17 @@ def _working(verb: str, names: list[str], quiet: bool = False) -> Iterator[Calla
 
 
 def decompress(
-    files: Annotated[list[str], typer.Argument(help=".aec files to decode (local or s3://).", show_default=False)],
+    files: Annotated[list[str], typer.Argument(help=".aec files to decode (local or s3://; a quoted glob such as 's3://b/codes/*.aec' is expanded).", show_default=False)],
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the decoded PNGs (local or s3://).")] = ".",
     model: Annotated[str | None, typer.Option("--model", "-m", help="The compress run (or model folder) that made the files (default: found by the files' model identity under --root).", show_default=False)] = None,
     root: Annotated[str, typer.Option("--root", help="Artifact root searched for the model when --model is not given.")] = "./artifacts",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace PNGs that already exist in --output (default: refuse them by name and write nothing).")] = False,
 ) -> None:
     """Decode .aec files to PNG: OUTDIR/<name>.png. The model is checked against each file's identity."""
-    from tasks.codec_files import decompress_files
+    from tasks.codec_files import decompress_files, expand_globs
 
     try:
+        files = expand_globs(files, ".aec file")  # 's3://b/codes/*.aec' (a shell expands only local ones)
         with _working("decoding", files) as done:
             for r in decompress_files(files, output_dir, model, root, overwrite):
                 out.print(f"{r.input} -> {r.output}  ({r.width}x{r.height} {r.mode})", highlight=False)

@@ -1,4 +1,6 @@
-"""``--json`` commands that fail say why on stdout too, as one JSON object a script can read.
+"""CLI leftovers of the eleventh walkthrough: ``--json`` failures on stdout, Ctrl-C before a backfill, codec globs.
+
+``--json`` commands that fail say why on stdout too, as one JSON object a script can read.
 
 Before, a failed ``--json`` command left stdout empty: a script that parsed it had only the exit
 code (and stderr, meant for people).
@@ -88,3 +90,36 @@ def test_ctrl_c_before_any_backfill_date_speaks_of_the_backfill(monkeypatch, tmp
     res = runner.invoke(app, [*args, "--json"])
     payload = _error_object(res)
     assert payload["kind"] == "interrupted" and payload["error"].startswith("the backfill stopped")
+
+
+def test_codec_commands_expand_a_quoted_glob_and_keep_literal_names(tmp_path):
+    """An object store's glob ('s3://b/codes/*.aec': no shell expands it) was taken as one file's name and
+    refused ("no such file"); a quoted local glob is the same path through the command. A file whose name
+    merely looks like a glob (img[1].png) stays itself."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    codec = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "benchmarks", "weights", "codec")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "img[1].png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photos / name)
+    res = runner.invoke(app, ["compress", str(photos / "*.png"), "--model", codec, "-o", str(tmp_path / "codes"),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["a.aec", "b.aec", "img[1].aec"]
+    res = runner.invoke(app, ["compress", str(photos / "img[1].png"), "--model", codec, "-o",
+                              str(tmp_path / "one"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["img[1].aec"]
+    res = runner.invoke(app, ["decompress", str(tmp_path / "codes" / "*.aec"), "--model", codec, "-o",
+                              str(tmp_path / "decoded")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "decoded").iterdir()) == ["a.png", "b.png", "img[1].png"]
+    res = runner.invoke(app, ["decompress", str(tmp_path / "codes" / "*.webp"), "--model", codec, "-o",
+                              str(tmp_path / "none")])
+    assert res.exit_code == 3 and "matches no file" in res.stderr, res.output
