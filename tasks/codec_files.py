@@ -37,7 +37,14 @@ from tasks.codec import (
 )
 from tasks.errors import InputError, ModelMismatchError, StorageError
 from tasks.redaction import refuse_credentials
-from tasks.storage import bucket_exists, is_local, join_uri, storage_op, url_to_fs, write_file
+from tasks.storage import (
+    bucket_exists,
+    is_local,
+    join_uri,
+    storage_op,
+    url_to_fs,
+    write_file,
+)
 
 
 def check_output_path(uri: str, what: str, *, folder: bool) -> None:
