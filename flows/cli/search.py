@@ -47,13 +47,20 @@ def search(
             for line in left_out:
                 err.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
         hits, arrays = search_index(loaded, queries, k, arrays=arrays)
+        if not as_json:  # the results before the sheet: a sheet that fails to write (keys that may only read, an
+            _print_hits(queries, hits)  # outage) no longer takes the finished search's results with it
         if sheet:
             write_search_sheet(sheet, loaded, queries, arrays, hits)
     except AeflowError as e:
         fail(e)
-    if as_json:
+    if as_json:  # one JSON document on stdout: the list, or (failed) the error object
         print(json.dumps([{"query": q, "results": [h.__dict__ for h in row]} for q, row in zip(queries, hits, strict=True)]))
         return
+    if sheet:
+        out.print(f"contact sheet: {sheet}", highlight=False, soft_wrap=True)
+
+
+def _print_hits(queries: list[str], hits: list) -> None:
     for q, row in zip(queries, hits, strict=True):
         table = Table(title=f"nearest to {q}", title_justify="left")
         for col in ("rank", "distance", "label", "image"):
@@ -61,5 +68,3 @@ def search(
         for h in row:
             table.add_row(str(h.rank), f"{h.distance:.4g}", h.label, h.path)
         out.print(table)
-    if sheet:
-        out.print(f"contact sheet: {sheet}", highlight=False, soft_wrap=True)

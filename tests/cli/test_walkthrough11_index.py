@@ -198,3 +198,21 @@ def test_an_index_of_one_image_says_what_its_recall_measured(keep_index):
     assert not [n for n in notes if "1 other" in n], notes
     assert "recall_at_10 is measured at k=1: the collection has 1 image, so the query is that image and finds only " \
            "itself (app.k=10)" in notes, notes
+
+
+def test_a_sheet_that_fails_to_write_keeps_the_search_results(keep_index, tmp_path, monkeypatch):
+    """--sheet to a store the keys may only read: the whole search ran, then the sheet failed and the results
+    were never printed. Now the tables come first, then the one error line (exit 4)."""
+    import tasks.search
+    from tasks.errors import StorageError
+
+    def refused(sheet, *args, **kwargs):
+        raise StorageError(f"cannot write {sheet}: the object store refused access")
+
+    monkeypatch.setattr(tasks.search, "write_search_sheet", refused)
+    d, trained = keep_index
+    query = d / "rgb" / "0" / "0.png"
+    res = runner.invoke(app, ["search", "--index", trained, "--query", str(query), "--k", "2", "--sheet",
+                              str(tmp_path / "sheet.png")], terminal_width=200)
+    assert res.exit_code == 4, res.output
+    assert f"nearest to {query}" in res.stdout and "refused access" in res.stderr, res.output
