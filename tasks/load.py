@@ -31,7 +31,7 @@ from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.inputs import content_hash, find_files
 from tasks.prefect_utils import IO_TASK
-from tasks.schemas import TableSchema, infer_schema, validate_block
+from tasks.schemas import TableSchema, changed_as_numbers, infer_schema, validate_block
 from tasks.storage import (
     FileRecord,
     is_local,
@@ -272,6 +272,7 @@ def inspect_table(
     sample: pd.DataFrame | None = None
     fmt_seen: set[str] = set()
     excluded, seen_columns = set(load.exclude_columns), set()
+    id_column = schema.id if schema is not None else load.id_column
     for path in paths:
         furi = to_uri(fs, path)
         fmt = load.format if load.format != "auto" else _format_of(path)
@@ -294,12 +295,14 @@ def inspect_table(
                         _unnamed(cols, load, furi)
                     _one_column(cols, furi)
                     _wider_rows(fs, path, compression, cols, furi)
-                    if sample is None:
-                        with fs.open(path, "rb", compression=compression) as f:
-                            sample = pd.read_csv(f, nrows=SAMPLE_ROWS, index_col=False)
-                        if len(sample) == 0:
-                            raise InputError(f"{furi} has a header but no data rows")
-                        sample = _named(sample, cols, furi)
+                    if sample is None or (len(sample) < SAMPLE_ROWS and fmt_seen == {"csv"}):
+                        # The input's first rows, over as many files as it takes (as one file of them all would
+                        # be sampled): a short first file alone made a column of its text categorical, and the
+                        # numbers of the next files its "more than 100 distinct values".
+                        rows = _csv_sample(fs, path, compression, cols, furi,
+                                           SAMPLE_ROWS - (0 if sample is None else len(sample)), id_column)
+                        sample = rows if sample is None else pd.concat(
+                            [sample, rows[[c for c in sample.columns if c in rows.columns]]], ignore_index=True)
                     else:
                         with fs.open(path, "rb", compression=compression) as f:
                             f.readline()
@@ -369,6 +372,7 @@ def inspect_table(
         )
     else:
         schema.check_excluded(load.exclude_columns)
+        schema.check_id_column(load.id_column)
         extra = schema.check_compatible(columns, f"{role} {source_name}")
         schema = schema.with_ids_of(sample)
         if load.label_column:  # metrics against the label given now, also when the model was trained without one
@@ -376,6 +380,32 @@ def inspect_table(
         ignored = [c for c in extra if c not in load.exclude_columns and c != schema.label]  # excluded by the user: nothing to say
         schema = schema.with_nulls(allow_nulls)
     return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns), tuple(ignored))
+
+
+def _csv_sample(fs, path: str, compression: str | None, cols: list[str], uri: str, nrows: int,
+                id_column: str | None) -> pd.DataFrame:
+    """The first ``nrows`` rows of a CSV file, named by its header, its ids as :func:`_ids_as_written` says."""
+    with fs.open(path, "rb", compression=compression) as f:
+        rows = pd.read_csv(f, nrows=nrows, index_col=False)
+    if len(rows) == 0:
+        raise InputError(f"{uri} has a header but no data rows")
+    rows = _named(rows, cols, uri)
+    if id_column in cols:
+        with fs.open(path, "rb", compression=compression) as f:
+            text = pd.read_csv(f, nrows=nrows, index_col=False, usecols=[cols.index(id_column)], dtype=str)
+        rows[id_column] = _ids_as_written(rows[id_column], text.iloc[:, 0].set_axis(rows.index))
+    return rows
+
+
+def _ids_as_written(parsed: pd.Series, text: pd.Series) -> pd.Series:
+    """A CSV id column as pandas read it (numbers), or as written (``text``) when a number would change an id
+    (``00042`` became 42, and the outputs carried 42): the schema then records text ids (``id_dtype`` "str"),
+    and every block reads them as text (:func:`read_block`). In a sample of several files, text ids of one
+    make the column text (object)."""
+    if pd.api.types.is_numeric_dtype(parsed) and not pd.api.types.is_bool_dtype(parsed) \
+            and changed_as_numbers(text).any():
+        return text
+    return parsed
 
 
 def _named(df: pd.DataFrame, cols: list[str] | tuple[str, ...], uri: str) -> pd.DataFrame:
@@ -466,6 +496,11 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     :class:`~tasks.errors.StorageUnavailable`.
     """
     fs, path = url_to_fs(block.uri)
+    # A CSV's ids are read as written: kept as text when the sample's were (00042 was read as 42 in a block
+    # that held no other text), else checked that numbers do not change them (_ids_changed)
+    names = list(block.columns or file_columns)
+    ids = ({names.index(schema.id): str} if block.fmt == "csv" and schema.id in names
+           and schema.id_dtype in ("str", "int64") else None)  # float ids: 2.50 is 2.5, not another id
     try:
         # Mixed types within a column are the schema's to report (by line), not pandas' DtypeWarning's
         with storage_op("read", block.uri), warnings.catch_warnings():
@@ -473,15 +508,14 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
             if block.fmt == "csv":
                 if block.length is None:
                     with fs.open(path, "rb", compression=block.compression) as f:
-                        df = pd.read_csv(f, index_col=False)
+                        df = pd.read_csv(f, index_col=False, dtype=ids)
                 else:
                     with fs.open(path, "rb") as f:
                         data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
                     if block.offset == 0:
-                        df = pd.read_csv(io.BytesIO(data), index_col=False)
+                        df = pd.read_csv(io.BytesIO(data), index_col=False, dtype=ids)
                     else:
-                        df = pd.read_csv(io.BytesIO(data), header=None, names=list(block.columns or file_columns),
-                                         index_col=False)
+                        df = pd.read_csv(io.BytesIO(data), header=None, names=names, index_col=False, dtype=ids)
             else:
                 pf = pq.ParquetFile(fs.open(path, "rb"))
                 # not the columns a model was trained without, nor excluded ones (a later file may lack them)
@@ -501,6 +535,12 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     df.columns = [str(c) for c in df.columns]
     if list(df.columns) != list(file_columns) and set(df.columns) == set(file_columns):
         df = df[list(file_columns)]  # a file of the glob with the same columns in another order
+    if ids and schema.id_dtype != "str":
+        _ids_changed(df[schema.id].reset_index(drop=True), block, schema.id)
+        try:  # as pandas would have read them (validation's coercion of text is slower); else validation says why
+            df[schema.id] = df[schema.id].astype("int64")
+        except (ValueError, TypeError, OverflowError):
+            pass
     known = set(schema.columns)
     if not known.issuperset(df.columns):  # data a model is applied to: columns it was trained without are left out
         df = df[[c for c in df.columns if c in known]]
@@ -517,6 +557,22 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     # in the first file's order, whatever this file's (its --exclude'd columns may differ)
     keep = [c for c in file_columns if c in df.columns and c not in set(schema.excluded)]
     return df[keep + [c for c in df.columns if c not in keep and c not in set(schema.excluded)]]
+
+
+def _ids_changed(text: pd.Series, block: Block, name: str) -> None:
+    """Refuse ids that a number would change (``00042``) in a column read as numbers: the rows sampled at the
+    start of the input held none, so its ids are numbers, and 00042 would have been carried as 42."""
+    changed = changed_as_numbers(text)
+    if changed.any():
+        locate = _locate(block)
+        shown = [f"{v!r} at {locate(i)}" for i, v in text[changed].head(3).items()]
+        more = f" ({int(changed.sum())} rows)" if changed.sum() > 3 else ""
+        raise InputError(
+            f"{block.uri}: id column {name!r} has ids that would change as numbers: {', '.join(shown)}{more}; the "
+            f"ids in the rows sampled at the start of the input (the first {SAMPLE_ROWS}) are plain numbers, so the "
+            "column is read as numbers: to keep the ids as written, have such an id among the first rows (e.g. sort "
+            "the rows by id), or write the input as Parquet with the id column as text"
+        )
 
 
 def _short_line(block: Block, n_columns: int) -> tuple[int, int] | None:

@@ -126,6 +126,15 @@ class TableSchema:
             if name == self.id:
                 raise ConfigError(f"--exclude {name!r}: it is the model's id column, carried to every output")
 
+    def check_id_column(self, id_column: str | None) -> None:
+        """Refuse ``--id-column`` naming another column than this (fitted) schema's id column: it was ignored, and
+        the data's own id column was reported missing as if it were a feature."""
+        if id_column and self.id and id_column != self.id:
+            raise ConfigError(f"--id-column {id_column!r}: the model's id column is {self.id!r} (it was trained with "
+                              f"--id-column '{self.id}'), and --id-column cannot rename it: the data it is applied "
+                              f"to must have its ids in a column named {self.id!r} (rename {id_column!r} to "
+                              f"{self.id!r} in the data)")
+
     def check_compatible(self, columns: list[str], where: str) -> list[str]:
         """Raise if a table lacks columns this schema was fitted on; return the columns it has beyond them.
 
@@ -141,9 +150,10 @@ class TableSchema:
         if missing:
             names = self.feature_names  # a wide table's whole list buried the missing ones: the first 20
             expected = f"{names}" if len(names) <= 20 else f"{len(names)}: {str(names[:20])[:-1]}, …]"
+            id_note = f"{self.id!r} is the model's id column; " if self.id in missing else ""
             raise ModelMismatchError(
                 f"{where} does not have the columns the model was trained on: missing {missing}"
-                f" (expected features {expected})"
+                f" ({id_note}expected features {expected})"
                 + (f"; it has {extra}, which the model was trained without (renamed?)" if extra else "")
             )
         return extra
@@ -158,6 +168,36 @@ def _label_dtype(series: pd.Series) -> str:
 def _id_dtype(series: pd.Series) -> str:
     family = _dtype_family(series)
     return "str" if family == "float64" and series.isna().all() else family
+
+
+def _as_number(text: str) -> str | None:
+    """How a value read as a number is written back (``00042`` -> ``42``), or None when it is not a number."""
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        return repr(float(text))
+    except ValueError:
+        return None
+
+
+def changed_as_numbers(text: pd.Series) -> pd.Series:
+    """Which values of a column read as text (a CSV's ids, as written) a number would change: ``00042`` (42),
+    ``+5``, ``1e3`` (1000.0), ``1.50``: an account number or a zip code would change, ``042`` and ``42`` would be
+    one id. Nulls and values that are no number at all (validation's to report) are not."""
+    values = text.dropna().astype(str).str.strip()
+    # the common case first, cheaply: every id an integer as a number writes it (0, or -?[1-9][0-9]*)
+    values = values[~values.str.fullmatch(r"0|-?[1-9][0-9]*")]
+    if values.empty:
+        return pd.Series(False, index=text.index)
+    numbers = pd.to_numeric(values, errors="coerce")
+    if pd.api.types.is_integer_dtype(numbers):  # the common case (every value an integer), without a loop
+        changed = numbers.astype(str) != values
+    else:
+        written = values.map(_as_number)
+        changed = written.notna() & (written != values)
+    return changed.reindex(text.index, fill_value=False).astype(bool)
 
 
 def _is_boolean(series: pd.Series) -> bool:
