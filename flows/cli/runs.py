@@ -75,20 +75,41 @@ def runs_list(
         return
     if as_json:
         print(json.dumps([{"app": m.app, "run_id": m.run_id, "run_uri": m.run_uri, "created": m.created.isoformat(),
-                           "metrics": m.metrics} for m in manifests]))
+                           "input": _data_of(m), "metrics": m.metrics} for m in manifests]))
         return
     if not manifests:
         out.print(f"no complete runs under {output}" + (f" for {app_name}" if app_name else ""))
         return
-    table = Table(title=f"complete runs in {output} (URI: <root>/runs/<app>/<run id>)", title_justify="left")
-    table.add_column("app", no_wrap=True)
-    table.add_column("run id", no_wrap=True)
-    table.add_column("created (UTC)", no_wrap=True)
-    table.add_column("headline metric")
-    for m in manifests:
-        head = headline(m.app, m.metrics)
-        table.add_row(m.app, m.run_id, f"{m.created:%Y-%m-%d %H:%M}", f"{head[0]} {head[1]:.4g}" if head else "")
+    def table_of(with_data: bool) -> Table:
+        table = Table(title=f"complete runs in {output} (URI: <root>/runs/<app>/<run id>)", title_justify="left")
+        for col in ("app", "run id", "created (UTC)", *(["data"] if with_data else []), "headline metric"):
+            table.add_column(col, no_wrap=col != "headline metric")
+        for m in manifests:
+            head = headline(m.app, m.metrics)
+            table.add_row(m.app, m.run_id, f"{m.created:%Y-%m-%d %H:%M}", *([_data_of(m)] if with_data else []),
+                          f"{head[0]} {head[1]:.4g}" if head else "")
+        return table
+
+    # the data each run read (a backfill's day, say), when it fits whole beside the rest; else said how to see it
+    table = table_of(True)
+    if _natural_width(table) > out.width:
+        table = table_of(False)
+        out.print(table)
+        out.print("(the data each run read: a wider terminal, or --json)", highlight=False)
+        return
     out.print(table)
+
+
+def _natural_width(table: Table) -> int:
+    from rich.measure import Measurement
+
+    return Measurement.get(out, out.options.update_width(10**6), table).maximum
+
+
+def _data_of(m) -> str:
+    """What a run ran on, as given (a backfill's date resolved): which day of a backfill a run was, say."""
+    load = (m.config or {}).get("load") or {}
+    return str((load.get("apply_to") if m.model_run else None) or load.get("input") or load.get("apply_to") or "")
 
 
 def _print_incomplete(runs: list[dict], output: str, app_name: str | None, as_json: bool) -> None:

@@ -42,6 +42,14 @@ def test_runs_list_and_show(cli_run):
     assert [r["run_id"] for r in listed] == [payload["run_id"]]
     res = runner.invoke(app, ["runs", "list", "--output", out, "--app", "reduce"])
     assert payload["run_id"] in res.stdout
+    # the data each run read (which day of a backfill it was): in the JSON, and in the table when it fits whole
+    data = listed[0]["input"]
+    assert data.endswith(".csv"), listed
+    wide = runner.invoke(app, ["runs", "list", "--output", out], env={"COLUMNS": str(len(data) + 120)})
+    assert data in wide.stdout and "a wider terminal" not in wide.stdout, wide.stdout
+    narrow = runner.invoke(app, ["runs", "list", "--output", out], env={"COLUMNS": "80"})
+    assert payload["run_id"] in narrow.stdout and "(the data each run read: a wider terminal, or --json)" in narrow.stdout
+    assert all(len(line) <= 80 for line in narrow.stdout.splitlines() if "│" in line), narrow.stdout
     # the artifact root `aeflow run` writes to by default on a platform (AEFLOW_OUTPUT) is where list looks too
     res = runner.invoke(app, ["runs", "list", "--json"], env={"AEFLOW_OUTPUT": out})
     assert res.exit_code == 0 and [r["run_id"] for r in json.loads(res.stdout)] == [payload["run_id"]], res.output
