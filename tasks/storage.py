@@ -152,28 +152,25 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, path = fsspec.core.url_to_fs(uri, **_s3_options(uri))
     except (ValueError, ImportError) as e:
         raise StorageError(f"cannot open {uri!r}: {e}") from e
-    if hasattr(fs, "retries") and "config_kwargs" in fs.storage_options:  # s3fs: a class setting, not an argument
-        fs.retries = min(fs.retries, (fsspec.config.conf.get("s3") or {}).get("retries", S3_RETRIES))
     return fs, path
 
 
 # An S3 endpoint that accepts connections and never answers (a wrong port: another server, a black-holing
 # proxy) kept `aeflow runs list` silent for more than 400 s: botocore's 60 s read timeout times its 5 attempts
-# times s3fs' 5 retries is 25 minutes per call, before the task retries. These bound one call to ~2 minutes
-# (s3fs' 2 tries x botocore's 3 attempts — max_attempts counts retries — of at most 20 s of silence each: `runs
-# list` gave up after 186 s with 30 s, two calls of which timed out; s3fs' tries are its class setting,
-# lowered on the filesystems this module opens); a store that answers is not slowed. The user's own fsspec
-# configuration (~/.config/fsspec, FSSPEC_S3='{"config_kwargs": {...}, "retries": N}') wins over each of them.
-S3_RETRIES = 2
-S3_CONFIG = {"connect_timeout": 10, "read_timeout": 20, "retries": {"max_attempts": 2, "mode": "standard"}}
+# times s3fs' 5 retries is 25 minutes per call, before the task retries. A 10 s read timeout bounds that to
+# about 4 minutes; the retry counts stay as they were, so that a store restarting (connection refused, at once)
+# is still ridden out (fewer retries failed a run through a 25 s SeaweedFS restart that it had survived); a
+# store that answers is not slowed, and a slow answer is retried, not failed. The user's own fsspec
+# configuration (~/.config/fsspec, FSSPEC_S3='{"config_kwargs": {...}}') wins over each of them.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 10}
 
 
 def _s3_options(uri: str) -> dict[str, Any]:
-    """Timeouts and botocore's retries for an ``s3://`` URI's filesystem (nothing for other protocols)."""
+    """Timeouts for an ``s3://`` URI's filesystem (nothing for other protocols)."""
     if fsspec.core.split_protocol(str(uri))[0] not in ("s3", "s3a"):
         return {}
     user = fsspec.config.conf.get("s3") or {}
-    # a copy: botocore rewrites the retries mapping it is given (max_attempts -> total_max_attempts)
+    # a copy: botocore may rewrite what it is given (its retries mapping, when a user's config has one)
     return {"config_kwargs": copy.deepcopy({**S3_CONFIG, **(user.get("config_kwargs") or {})})}
 
 

@@ -170,23 +170,19 @@ def test_credentials_in_a_uri_are_refused_by_every_command(seaweed, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_s3_filesystems_bound_their_timeouts_and_retries(monkeypatch):
+def test_s3_filesystems_bound_their_timeouts(monkeypatch):
     """botocore's 60 s read timeout x 5 attempts x s3fs' 5 retries: 25 minutes of silence per call against an
-    endpoint that accepts connections and never answers. The filesystems aeflow opens bound each (the user's
-    fsspec configuration still wins)."""
+    endpoint that accepts connections and never answers. The filesystems aeflow opens bound the read timeout
+    (the retries stay: a restarting store is ridden out); the user's fsspec configuration still wins."""
     import fsspec
 
-    from tasks.storage import S3_CONFIG, S3_RETRIES, url_to_fs
+    from tasks.storage import S3_CONFIG, url_to_fs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y" * 8)
     fs, _ = url_to_fs("s3://some-bucket/runs")
-    assert fs.retries == S3_RETRIES < 5
-    given = fs.storage_options["config_kwargs"]  # botocore rewrites its retries (max_attempts -> total_max_attempts)
-    assert given["read_timeout"] == S3_CONFIG["read_timeout"] < 60
-    assert given["connect_timeout"] == S3_CONFIG["connect_timeout"] and given["retries"]["mode"] == "standard"
-    assert given["retries"].get("max_attempts", given["retries"].get("total_max_attempts", 0) - 1) < 4
-    assert S3_CONFIG["retries"] == {"max_attempts": 2, "mode": "standard"}, "the module's defaults were rewritten"
+    given = fs.storage_options["config_kwargs"]
+    assert given["read_timeout"] == S3_CONFIG["read_timeout"] <= 10 and given["connect_timeout"] <= 10
     monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"read_timeout": 7}})
     fs, _ = url_to_fs("s3://other-bucket/runs")
     assert fs.storage_options["config_kwargs"]["read_timeout"] == 7
