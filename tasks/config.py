@@ -83,7 +83,8 @@ class PreprocessConfig(Frozen):
     """Scaling and the train/validation split (computed on the Dask cluster)."""
 
     scaler: Literal["standard", "minmax", "none"] = Field("standard", description="Feature scaling fitted on training rows.")
-    val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of rows held out for validation and metrics.")
+    val_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of rows (images) held out for validation; reduce, impute and "
+                                "denoise also report their metrics on them.")
     split_seed: int = Field(0, ge=0, description="Seed of the deterministic train/validation split.")
     max_categories: int = Field(
         100, ge=1, description="Most distinct values a categorical column may have at fit time (one-hot width)."
@@ -197,7 +198,7 @@ class RunConfig(Frozen):
     """One run of one application. Subclassed per application with its ``app`` type."""
 
     app: AppConfig = AppConfig()
-    output: str = Field(DEFAULT_OUTPUT, description="Artifact root: a local folder or s3://bucket/prefix.")
+    output: str = Field(DEFAULT_OUTPUT, description="Artifact root: a local folder or s3://bucket/prefix (default: $AEFLOW_OUTPUT, else ./artifacts).")
     model_run: str | None = Field(
         None, description="Reuse the model of this run (its URI) instead of training: train once, apply daily."
     )
@@ -205,7 +206,7 @@ class RunConfig(Frozen):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Name the run: letters, digits, '.', '_' and '-', not 'latest' (default: time + fingerprint).",
     )
-    dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster).")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: $AEFLOW_DASK_ADDRESS, else a LocalCluster).")
     local_cluster: Literal["auto", "processes", "threads"] = Field(
         "auto", description="Without dask_address, the run's own LocalCluster: worker processes (parallel pandas work; "
         "each imports the libraries, ~10 s per run on 2 cores), worker threads in the run's process (up in a second), "

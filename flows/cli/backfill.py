@@ -31,7 +31,7 @@ def backfill(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Artifact root (default $AEFLOW_OUTPUT, else ./artifacts).")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column kept out of training.")] = None,
     id_column: Annotated[str | None, typer.Option("--id-column", help="Column carried through to every output.")] = None,
-    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler for every date (default: each date's run starts its own LocalCluster, "
+    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler for every date (default: the environment's, see above, else each date's run starts its own LocalCluster, "
                                                                         "or one shared cluster of worker processes when the setting local_cluster is processes, via --set).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
@@ -47,6 +47,10 @@ def backfill(
     further date, stops the running ones and exits 130 (run the same command
     again to resume); with --via-deployment it stops only the waiting: the flow
     runs created go on on the workers.
+
+    Not given, --output and --dask-address are $AEFLOW_OUTPUT and
+    $AEFLOW_DASK_ADDRESS when set (`aeflow platform up` prints them), as for
+    `aeflow run`.
     """
     from rich.progress import (
         BarColumn,

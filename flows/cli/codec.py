@@ -16,15 +16,17 @@ def compress(
     images: Annotated[list[str], typer.Argument(help="Images to compress (PNG/JPEG; local or s3://; a quoted glob such as 's3://b/photos/*.png' is expanded).", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="A compress run, or a model folder, whose codec to use.", show_default=False)],
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the .aec files (local or s3://).")] = ".",
-    quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 = lowest rate (default: the middle level).", show_default=False)] = None,
-    refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Optimise each image's latent for this many steps before coding (about 100: fewer bits and higher PSNR, a few hundred times slower encoding; decoding unchanged).")] = 0,
+    quality: Annotated[int | None, typer.Option("--quality", "-q", help="Quality level, 0 (lowest rate) to the codec's last (default: its middle level).", show_default=False)] = None,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Optimise each image's latent for this many steps before coding (about 100: fewer bits and higher PSNR, a few hundred times slower encoding; decoding unchanged). Factorized codecs only.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace .aec files that already exist in --output (default: refuse them by name and write nothing).")] = False,
 ) -> None:
     """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec.
 
-    Grayscale images are coded as L, colour as RGB (a palette, CMYK or 16-bit image is converted, and the
-    line says so); images with transparency are refused (the codec has no alpha plane)."""
+    Grayscale images are coded as L, colour as RGB (a palette, CMYK or 16-bit
+    image is converted, and the line says so); an image with an alpha channel
+    (even a fully opaque one) or a transparent colour is refused: the codec has
+    no alpha plane."""
     from tasks.codec_files import compress_files, expand_globs
 
     @contextmanager

@@ -23,7 +23,9 @@ COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = 
     ("input", ("--input", "-i"), "load.input", str, "Training data: CSV/Parquet file, folder or glob; local or s3://."),
     ("apply_to", ("--apply-to",), "load.apply_to", str, "Data to apply the model to (default: the input)."),
     ("model", ("--model", "-m"), "model_run", str,
-     "Reuse a trained model instead of training: a run's URI or a model folder (config.json + weights.safetensors)."),
+     ("Reuse a trained model instead of training: a run's URI, latest (the newest run of this app under --output "
+      "that trained one) or a model folder (config.json + weights.safetensors). Settings for training then do not "
+      "apply (extract's evaluation still trains with them).")),
     ("output", ("--output", "-o"), "output", str, "Artifact root: a folder or s3://bucket/prefix (default $AEFLOW_OUTPUT, else ./artifacts)."),
     ("label_column", ("--label-column",), "load.label_column", str, "Column kept out of training (reduce colours its plot by it; extract and detect score against it)."),
     ("id_column", ("--id-column",), "load.id_column", str, "Column carried through to every output table."),
@@ -31,13 +33,16 @@ COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = 
     ("file_format", ("--format",), "load.format", str, "csv, parquet or auto (by extension)."),
     ("hidden", ("--hidden",), "model.hidden", str, "Encoder widths, comma separated, e.g. 1500 or 256,128 (none: a linear autoencoder)."),
     ("epochs", ("--epochs",), "train.epochs", int, "Maximum epochs (early stopping usually ends sooner)."),
-    ("batch_size", ("--batch-size",), "train.batch_size", int, "Training batch size."),
+    ("batch_size", ("--batch-size",), "train.batch_size", int,
+     ("Training batch size (default: train.default_batch_size on CPU; on CUDA a multiple of it that fills the "
+      "device, --lr scaled with it).")),
     ("lr", ("--lr",), "train.lr", float, "Adam learning rate."),
     ("patience", ("--patience",), "train.patience", int, "Early-stopping patience in epochs."),
     ("seed", ("--seed",), "train.seed", int, "Random seed of initialisation, shuffling and corruption."),
     ("device", ("--device",), "train.device", str, "auto (cuda if present, else cpu), cpu, cuda, cuda:N."),
     ("val_fraction", ("--val-fraction",), "preprocess.val_fraction", float, "Share of rows held out for validation."),
-    ("dask_address", ("--dask-address",), "dask_address", str, "Existing Dask scheduler (default: a LocalCluster)."),
+    ("dask_address", ("--dask-address",), "dask_address", str,
+     "Existing Dask scheduler (default $AEFLOW_DASK_ADDRESS, else a LocalCluster)."),
     ("run_id", ("--run-id",), "run_id", str, "Name of the run directory (default: time + fingerprint)."),
 )
 

@@ -20,7 +20,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address of the server this command starts.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the server this command starts.")] = 4200,
     deployment: Annotated[list[str] | None, typer.Option("--deployment", "-d", help="Serve only this deployment (repeatable).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Most flow runs executing at once.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most flow runs executing at once (default: no limit).")] = None,
 ) -> None:
     """Start a Prefect server (SQLite) unless --api-url, register prefect.yaml's deployments, and run them.
 
@@ -28,9 +28,10 @@ def serve(
     deployment (named after the flow), so new applications are runnable at once.
 
     Open the UI at http://HOST:PORT, pick a deployment, press Run. Scheduled runs
-    execute here too. Ctrl-C stops the runner and the server this command started.
-    The server logs to PREFECT_HOME/server.log (appended). Exit code 2 when --port is
-    in use by another program, 4 when --api-url has no healthy Prefect server.
+    execute here too. Ctrl-C stops the runner and the server this command
+    started. The server logs to PREFECT_HOME/server.log (appended). Exit code 2
+    when --port is in use by another program, 4 when --api-url has no healthy
+    Prefect server.
     """
     from flows.deploy import (
         api_healthy,

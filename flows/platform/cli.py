@@ -75,11 +75,14 @@ def up_cmd(
 
     Prints `export` lines (use `eval "$(aeflow platform up)"`) or, with --json,
     the Prefect API URL, the S3 endpoint, bucket and keys, the Dask scheduler and
-    each process's pid and log. Progress goes to stderr. Exit code 2 when a port
-    it needs is held by another program or set for two servers (refused before
-    anything starts, naming the option that moves it, as `aeflow serve` does), when one would move the port of a
-    component that runs, or when --project-dir or --file does not exist; 6 when a component does not start
-    (its name and log are printed).
+    each process's pid and log. Progress goes to stderr. Options not given keep
+    the values of DIR's last `up` (the defaults below are a new DIR's).
+
+    Exit code 2 when a port it needs is held by another program or set for two
+    servers (refused before anything starts, naming the option that moves it,
+    as `aeflow serve` does), when one would move the port of a component that
+    runs, or when --project-dir or --file does not exist; 6 when a component
+    does not start (its name and log are printed).
     """
     from flows.platform.core import shell_exports, up
 
@@ -120,8 +123,9 @@ def status_cmd(
 ) -> None:
     """Show each component: pid, running, healthy, ports, log.
 
-    Exit code 0 when every component is healthy; 1 when any is not, or when nothing is
-    running (a stopped platform is not healthy); 4 when DIR holds no platform.
+    Exit code 0 when every component is healthy; 1 when any is not, or when
+    nothing is running (a stopped platform is not healthy); 4 when DIR holds no
+    platform.
     """
     from flows.platform.core import status
 

@@ -246,18 +246,24 @@ class CompressApp(ImageApp):
     # The common `aeflow run` options that apply (no table columns, no validation split option).
     common_options = ("input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed",
                       "device", "dask_address", "run_id")
+    option_help: ClassVar[dict[str, str]] = {
+        "device": "Training device: auto (cuda if present, else cpu), cpu, cuda, cuda:N; coding always runs on the CPU.",
+    }
     cli_options = (
-        ("--quality", "app.quality", int, "Quality level of the written codes (0 = lowest rate; default: middle)."),
+        ("--quality", "app.quality", int, ("Quality level of the written codes: 0 (lowest rate) to the codec's last, "
+                                           f"{len(CompressConfig.model_fields['lambdas'].default) - 1} with the "
+                                           "default app.lambdas (default: the middle level).")),
         ("--codec", "app.codec", str, "Codec to train: factorized or hyperprior."),
         ("--channels", "app.channels", int, "Hidden width of the codec's transforms."),
         ("--latent-channels", "app.latent_channels", int, "Latent width of the codec."),
-        ("--refine-steps", "app.refine_steps", int, "Latent refinement steps per image at encoding (0 = off; ~100: fewer bits, much slower)."),
+        ("--refine-steps", "app.refine_steps", int, "Latent refinement steps per image at encoding (0 = off; ~100: fewer bits, much slower; factorized codec only)."),
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
         ("--rd-images", "app.rd_images", int, "Images in the rate-distortion sweep: an even sample (default 16; 0 = all)."),
-        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have "
-                                               "transparency instead of failing (named in a warning and the run's "
-                                               "notes; listed in the manifest).")),
+        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have an "
+                                               "alpha channel (load.alpha=refuse, the default) instead of "
+                                               "failing (named in a warning and the run's notes; listed in the "
+                                               "manifest).")),
     )
 
     def device_for(self, config: RunConfig) -> torch.device:

@@ -227,7 +227,7 @@ class Denoise(ImageApp):
     cli_options = ImageApp.cli_options + (
         ("--clean-reference", "load.reference", str, "Clean images with the same relative paths as --apply-to: PSNR/SSIM and baselines."),
         ("--sigma", "app.sigma", float, "Gaussian noise sigma in 0..255 units (training, held-out evaluation)."),
-        ("--noise-sigma", "app.noise_sigma", float, "Sigma of the applied images' noise for NL-means/BM3D (default: estimated)."),
+        ("--noise-sigma", "app.noise_sigma", float, "Sigma of the applied images' noise for NL-means/BM3D, in 0..255 units (default: estimated)."),
         ("--patch-size", "app.patch_size", int, "Side of the random training patches."),
         ("--patches", "app.patches", int, "Number of training patches."),
     )

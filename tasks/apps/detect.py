@@ -54,7 +54,7 @@ import logging
 import time
 import warnings
 from functools import partial
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -420,10 +420,15 @@ class Detect(TableApp):
     RunConfig = DetectRunConfig
     output = "scores"
     headlines = (("roc_auc", True), ("average_precision", True))
+    # --epochs is no maximum here: a small table trains for more (min_step_epochs)
+    option_help: ClassVar[dict[str, str]] = {
+        "epochs": "Maximum epochs (early stopping usually ends sooner); a small table gets more, enough for "
+                  "app.min_steps optimiser steps.",
+    }
     cli_options = (
         ("--contamination", "app.contamination", float, "Expected share of anomalies in the training data, in (0, 0.5]."),
         ("--threshold", "app.threshold", float, "Fixed score threshold instead of the contamination percentile."),
-        ("--positive-label", "app.positive_label", str, "Label value that marks an anomaly (metrics only)."),
+        ("--positive-label", "app.positive_label", str, "Label value that marks an anomaly (metrics only; default 1)."),
         ("--latent-dim", "model.latent_dim", int, "Width of the autoencoder's code."),
     )
 

@@ -78,7 +78,7 @@ class ImageApp(Application):
         ("--skip-bad", "load.skip_bad", bool, "Leave out files that are not PNG/JPEG, do not decode or are smaller than "
          "the network needs instead of failing (named in a warning and the run's notes; listed with reasons in the "
          "manifest)."),
-        ("--mode", "load.mode", str, "gray, rgb or keep: keep leaves grayscale (L) and RGB images as they are and "
+        ("--mode", "load.mode", str, "gray, rgb or keep (default keep): keep leaves grayscale (L) and RGB images as they are and "
          "converts the rest (grayscale with alpha -> L; RGBA, CMYK, palette -> RGB; 16-bit -> 8-bit), counted in the "
          "run's notes; transparency is composited on white (--set load.alpha=refuse refuses it)."),
     )

@@ -262,7 +262,7 @@ class ImageData(DataKind):
     option_help = {
         "input": "Training images: a folder of PNG/JPEG, searched recursively (index: class subfolders name the labels "
                  "of its metrics); local or s3://.",
-        "val_fraction": "Share of the training images held out for validation and metrics.",
+        "val_fraction": "Share of the training images held out for validation (denoise also scores them).",
         "apply_to": "Images to apply the model to: a folder of PNG/JPEG, local or s3:// (default: the input).",
     }
 
