@@ -222,6 +222,9 @@ class RunConfig(Frozen):
 
     # Fields that change where or how fast a run happens but not what it computes.
     _NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("output", "run_id", "dask_address", "local_cluster", "skip_existing")
+    # Sections or keys ("section.key") the application never reads, and what sets that instead: a value other
+    # than the default is refused (it would change nothing but the fingerprint), --show-config leaves them out.
+    UNUSED: ClassVar[dict[str, str]] = {}
 
     @field_validator("run_id")
     @classmethod
@@ -249,6 +252,21 @@ class RunConfig(Frozen):
                 out[name] = {**default.model_dump(), **value}
         return out
 
+    @model_validator(mode="after")
+    def _unused_settings_left_at_default(self) -> RunConfig:
+        said = []
+        for path, instead in self.UNUSED.items():
+            section, *rest = path.split(".")
+            given, default = getattr(self, section), type(self).model_fields[section].default
+            for key in rest:
+                given, default = getattr(given, key), getattr(default, key)
+            if given != default:
+                changed = _changed_keys(given, default, path) if isinstance(default, BaseModel) else [f"{path}={given!r}"]
+                said.append(f"{', '.join(changed)} ({instead})")
+        if said:
+            raise ValueError(f"not used by {self.app_name}, leave out: {'; '.join(said)}")
+        return self
+
     @property
     def app_name(self) -> str:
         return type(self.app).name
@@ -261,6 +279,12 @@ class RunConfig(Frozen):
             cfg["train"].pop(key, None)
         blob = json.dumps({"app": self.app_name, "inputs": input_hashes, "config": cfg}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _changed_keys(given: BaseModel, default: BaseModel, path: str) -> list[str]:
+    """The dotted keys of ``given`` that differ from ``default`` (same model type), as ``section.key=value``."""
+    return [f"{path}.{k}={getattr(given, k)!r}" for k in type(default).model_fields
+            if getattr(given, k) != getattr(default, k)]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -441,16 +465,20 @@ def annotated_yaml(config: BaseModel) -> str:
     ``--config`` accept, and itself a valid ``--config`` file (values in JSON flow style, which YAML reads)."""
     import json
 
-    def lines(model: BaseModel, indent: int) -> list[str]:
+    unused = set(getattr(config, "UNUSED", ()))
+
+    def lines(model: BaseModel, indent: int, prefix: str = "") -> list[str]:
         out = []
         pad = " " * indent
         dumped = model.model_dump(mode="json")
         for name, field in type(model).model_fields.items():
+            if prefix + name in unused:  # settings the application never reads (RunConfig.UNUSED)
+                continue
             value = getattr(model, name)
             note = f"  # {' '.join(field.description.split())}" if field.description else ""
             if isinstance(value, BaseModel):
                 out.append(f"{pad}{name}:{note}")
-                out += lines(value, indent + 2)
+                out += lines(value, indent + 2, f"{prefix}{name}.")
             else:
                 out.append(f"{pad}{name}: {json.dumps(dumped[name], ensure_ascii=False)}{note}")
         return out

@@ -274,14 +274,15 @@ def decode_image_noting(
     change = None if kind in ("L", "RGB") else f"{kind}>{target_name}"
     # An alpha channel, or a PNG colour key (tRNS: one palette entry, gray level or RGB colour is transparent)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
-        if alpha == "refuse":
-            what = "an alpha channel" if img.mode in ("RGBA", "LA", "PA") else "a transparent colour (PNG tRNS)"
-            raise ValueError(f"image has {what} (mode {img.mode}); the codec stores L or RGB only")
-        # Composite transparency on white rather than letting convert() drop alpha to black.
         rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] == 255:
-            change = f"opaque-alpha>{target_name}"  # nothing to composite: the alpha channel is dropped
-        else:
+            # every pixel opaque (an RGBA export, an unused tRNS colour): the alpha channel is dropped, nothing lost
+            change = f"opaque-alpha>{target_name}"
+        elif alpha == "refuse":
+            what = "an alpha channel" if img.mode in ("RGBA", "LA", "PA") else "a transparent colour (PNG tRNS)"
+            raise ValueError(f"image has {what} (mode {img.mode}) and transparent pixels; the codec stores L or RGB "
+                             "only")
+        else:  # composite transparency on white rather than letting convert() drop alpha to black
             change = "alpha"
             rgba = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba)
         img = rgba

@@ -329,8 +329,13 @@ def inspect_table(
             _nested(pf, cols, {*load.exclude_columns, *(c for c in cols if c not in known)}, furi)
             if pf.metadata.num_rows == 0:
                 raise InputError(f"{furi} has a schema but no data rows")
-            if sample is None:
-                sample = pf.read_row_group(0, columns=cols).slice(0, SAMPLE_ROWS).to_pandas()
+            if sample is None or (len(sample) < SAMPLE_ROWS and fmt_seen == {"parquet"}):
+                # The input's first rows over as many row groups and files as it takes, as for CSV: a short
+                # first file (or row group) alone decided the columns' kinds, e.g. numeric for a text column
+                # whose few first values were null.
+                rows = _parquet_sample(pf, cols, SAMPLE_ROWS - (0 if sample is None else len(sample)), furi)
+                sample = rows if sample is None else pd.concat(
+                    [sample, rows[[c for c in sample.columns if c in rows.columns]]], ignore_index=True)
             group, group_bytes, row_offset, group_start = [], 0, 0, 0
             for rg in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(rg)
@@ -380,6 +385,19 @@ def inspect_table(
         ignored = [c for c in extra if c not in load.exclude_columns and c != schema.label]  # excluded by the user: nothing to say
         schema = schema.with_nulls(allow_nulls)
     return TableSource(uri, next(iter(fmt_seen)), tuple(files), tuple(blocks), schema, tuple(columns), tuple(ignored))
+
+
+def _parquet_sample(pf, cols: list[str], nrows: int, uri: str) -> pd.DataFrame:
+    """The first ``nrows`` rows of the Parquet file ``pf`` (as many row groups as they span)."""
+    parts, left = [], nrows
+    with storage_op("read", uri):
+        for rg in range(pf.num_row_groups):
+            if left <= 0:
+                break
+            table = pf.read_row_group(rg, columns=cols).slice(0, left)
+            parts.append(table)
+            left -= table.num_rows
+    return pa.concat_tables(parts).to_pandas()
 
 
 def _csv_sample(fs, path: str, compression: str | None, cols: list[str], uri: str, nrows: int,

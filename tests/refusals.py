@@ -39,6 +39,7 @@ MODULES = (
     "tests.flows.test_compress_flow",
     "tests.cli.test_walkthrough11_index",
     "tests.cli.test_walkthrough11_ids",
+    "tests.cli.test_walkthrough12",
 )
 KINDS = ("configuration", "table", "images", "codec files", "model", "storage")
 EXIT_MEANING = {2: "invalid configuration", 3: "invalid input data", 4: "storage", 5: "does not fit the model"}

@@ -88,7 +88,7 @@ def decompress(
     files: Annotated[list[str], typer.Argument(help=".aec files to decode (local or s3://; a quoted glob such as 's3://b/codes/*.aec' is expanded).", show_default=False)],
     output_dir: Annotated[str, typer.Option("--output", "-o", help="Folder for the decoded PNGs (local or s3://).")] = ".",
     model: Annotated[str | None, typer.Option("--model", "-m", help="The compress run (or model folder) that made the files (default: found by the files' model identity under --root).", show_default=False)] = None,
-    root: Annotated[str, typer.Option("--root", help="Artifact root searched for the model when --model is not given.")] = "./artifacts",
+    root: Annotated[str, typer.Option("--root", envvar="AEFLOW_OUTPUT", help="Artifact root searched for the model when --model is not given (default $AEFLOW_OUTPUT, where `aeflow run` writes, else ./artifacts).")] = "./artifacts",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace PNGs that already exist in --output (default: refuse them by name and write nothing).")] = False,
 ) -> None:
     """Decode .aec files to PNG: OUTDIR/<name>.png. The model is checked against each file's identity."""

@@ -7,7 +7,9 @@ images: folders) plus its own ``cli_options``; each option maps to one config pa
 from __future__ import annotations
 
 import inspect
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -134,13 +136,31 @@ def make_command(group: typer.Typer, application: Any) -> None:
     group.command(application.name, help=doc, no_args_is_help=True)(command)
 
 
-def _reflow(doc: str) -> str:
+def _reflow(doc: str, width: int | None = None) -> str:
     """The application's docstring as --help text: each plain paragraph joined into one line for the terminal
-    to wrap (its source line breaks stayed, leaving ragged lines of one or two words); a paragraph with a
-    list or indented lines is kept as written."""
-    paragraphs = doc.split("\n\n")
-    return "\n\n".join(p if any(line.startswith(("-", " ", "*")) for line in p.splitlines()[1:])
-                         else " ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+    to wrap (its source line breaks stayed, leaving ragged lines of one or two words); a list paragraph's items
+    wrapped here to the terminal's width with a hanging indent (the terminal would break an item's source lines
+    in the middle and leave stubs of one word at the margin)."""
+    if width is None:
+        # rich draws the help one column in from the edge and keeps the last one free
+        width = max(40, shutil.get_terminal_size((80, 24)).columns - 3)
+    out = []
+    for paragraph in doc.split("\n\n"):
+        lines = paragraph.splitlines()
+        if not any(line.startswith(("-", " ", "*")) for line in lines[1:]):
+            out.append(" ".join(line.strip() for line in lines))
+            continue
+        blocks: list[list[str]] = []
+        for line in lines:
+            if line.startswith(("- ", "* ")) or not blocks or not line.startswith(" "):
+                blocks.append([line.strip()])
+            else:
+                blocks[-1].append(line.strip())
+        out.append("\n".join(
+            textwrap.fill(" ".join(block), width=width, subsequent_indent="  " if block[0].startswith(("- ", "* ")) else "",
+                          break_long_words=False, break_on_hyphens=False)
+            for block in blocks))
+    return "\n\n".join(out)
 
 
 class _LazyRunGroup(TyperGroup):

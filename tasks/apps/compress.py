@@ -120,6 +120,12 @@ class CompressRunConfig(RunConfig):
     app: CompressConfig = CompressConfig()
     # CPU-friendly defaults: a variable-rate codec needs many steps; reuse a trained run with --model.
     train: TrainConfig = TrainConfig(epochs=20, default_batch_size=8, lr=5e-4, patience=5)
+    UNUSED: ClassVar[dict[str, str]] = {
+        "model": "the codec's architecture is app.codec, its rates app.lambdas",
+        "preprocess": "the codec trains on every input image: it has no validation split or scaling",
+        "train.stream": "the codec trains on crops drawn from every input image",
+        "train.memory_mb": "the codec trains on crops drawn from every input image",
+    }
 
     @model_validator(mode="after")
     def _quality_of_the_codec_to_train(self) -> CompressRunConfig:

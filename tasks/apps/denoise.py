@@ -101,6 +101,11 @@ class DenoiseRunConfig(ImageRunConfig):
     preprocess: PreprocessConfig = PreprocessConfig(val_fraction=0.2)
     # The training budget measured in benchmarks/RESULTS.md: 8,000 patches x 10 epochs (~20 min on one CPU core).
     train: TrainConfig = TrainConfig(epochs=10, default_batch_size=32, lr=2e-3, patience=5)
+    UNUSED: ClassVar[dict[str, str]] = {
+        **ImageRunConfig.UNUSED,
+        "train.stream": "denoise trains on patches drawn from every training image",
+        "train.memory_mb": "denoise trains on patches drawn from every training image",
+    }
 
 
 def _channels(imset: ImageSet, idx: np.ndarray) -> Iterator[np.ndarray]:

@@ -66,6 +66,10 @@ class ImageRunConfig(RunConfig):
 
     load: ImageLoadConfig = ImageLoadConfig()
     model: ConvModelConfig = ConvModelConfig()
+    UNUSED: ClassVar[dict[str, str]] = {
+        "preprocess.scaler": "pixels are scaled to [0, 1]",
+        "preprocess.max_categories": "images have no categorical columns",
+    }
 
 
 class ImageApp(Application):

@@ -499,6 +499,9 @@ class Index(ImageApp):
         half of ``train.memory_mb``, else a seeded sample of them that does (said in the run's notes;
         ``train.stream=off`` takes them all). Only the shards holding them are read."""
         cfg = ctx.config.train
+        if cfg.stream == "on":
+            ctx.notes.append("train.stream=on read as auto: index's fit needs its images at hand, so it does not "
+                             "stream (images beyond train.memory_mb are sampled; train.stream=off takes them all)")
         tr, va = ctx.split()
         c, h, w = image_shape(ctx.train)
         cap = max(2, int(cfg.memory_mb * 2**20 / 2 / (c * h * w)))

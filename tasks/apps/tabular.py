@@ -129,6 +129,9 @@ class TableApp(Application):
         ranking and references, impute's closed-form head). Rows that would not fit in ``train.memory_mb``
         are a seeded sample that does (said in the run's notes); ``train.stream=off`` takes them all."""
         prep, cfg = ctx.train, ctx.config.train
+        if cfg.stream == "on":
+            ctx.notes.append(f"train.stream=on read as auto: {self.name}'s fit needs its rows at hand, so it does not "
+                             "stream (rows beyond train.memory_mb are sampled; train.stream=off takes them all)")
         cap = int(cfg.memory_mb * 2**20 / 2 / (4 * max(len(prep.columns), 1)))
         if cfg.stream == "off" or prep.n_rows <= cap:
             train_x, val_x, _, _ = ctx.train_arrays

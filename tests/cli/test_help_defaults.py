@@ -99,3 +99,41 @@ def test_platform_up_help_states_the_platforms_defaults():
             if not _same(stated, value):
                 wrong.append(f"--{name}: help says default {stated!r}, DEFAULTS[{name!r}] is {value!r}")
     assert not wrong, "\n".join(wrong)
+
+
+def _list_stubs(lines: list[str]) -> list[str]:
+    items = [i for i, line in enumerate(lines) if line.startswith("- ")]
+    assert len(items) >= 3, "\n".join(lines)
+    stubs = []
+    for line in lines[items[0]:]:
+        if not line:
+            break
+        if not line.startswith(("- ", "  ")):
+            stubs.append(line)
+    return stubs
+
+
+def test_list_paragraphs_wrap_with_a_hanging_indent():
+    """`aeflow run detect --help` at 80 columns broke its list items' source lines in the middle: "many" alone
+    at the margin, then the next source line. Every line of a list item after its first now carries the
+    item's indent, and none is longer than the terminal."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = CliRunner().invoke(app, ["run", "detect", "--help"], env={"COLUMNS": "80"}).output
+    assert not _list_stubs([line[1:].rstrip() for line in out.splitlines()]), out  # rich draws one column in
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("width", [40, 57, 117])
+def test_reflow_wraps_list_items_to_the_width(width):
+    import sys
+
+    from flows.cli.run import _reflow
+
+    doc = _reflow(sys.modules[type(APPS["detect"]).__module__].__doc__.strip().replace("``", ""), width)
+    lines = doc.splitlines()
+    assert not _list_stubs(lines), doc
+    assert max(len(line) for line in lines if not line.startswith(("- ", "  "))) > width  # plain: the terminal's
+    assert max(len(line) for line in lines if line.startswith(("- ", "  "))) <= width

@@ -352,7 +352,8 @@ def test_refined_encoding_in_the_batch_job(prefect_server, dask_address, tmp_pat
 
 def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, dask_address, image_dir, tmp_path):
     """app.codec=hyperprior: the job trains a mean-scale hyperprior, writes version-2 .aec files that
-    decode to its decoded/ PNGs, and `aeflow decompress` finds the model by identity under --root."""
+    decode to its decoded/ PNGs, and `aeflow decompress` finds the model by identity under --root (default
+    $AEFLOW_OUTPUT)."""
     out = tmp_path / "out"
     cfg = resolve_config(CompressRunConfig, options={**TINY, "app.codec": "hyperprior", "load.input": str(image_dir),
                                                      "output": str(out), "app.rd_sweep": False,
@@ -371,6 +372,11 @@ def test_hyperprior_codec_through_the_batch_job_and_the_cli(prefect_server, dask
     assert res.exit_code == 0, res.output
     dec = np.asarray(Image.open(tmp_path / "dec" / "astro.png"))
     assert np.array_equal(dec, np.asarray(Image.open(os.path.join(result.run_uri, "decoded", "astro.png"))))
+    # without --root: $AEFLOW_OUTPUT, where `aeflow run` wrote the run (decompress searched ./artifacts)
+    res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
+                              "-o", str(tmp_path / "dec2")], env={"AEFLOW_OUTPUT": str(out)})
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "dec2" / "astro.png")), dec)
     res = runner.invoke(app, ["compress", str(image_dir / "astro.png"), "--model", result.run_uri, "--refine-steps", "5",
                               "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "latent refinement is implemented for the factorized codec only" in res.output

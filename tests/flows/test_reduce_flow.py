@@ -160,7 +160,8 @@ def test_s3_input_and_output(prefect_server, dask_address, s3fs_client, digits_f
 def test_training_rows_over_the_memory_bound_stream(prefect_server, dask_address, tmp_path):
     """train.stream=auto with a 1 MB bound: 4,000 x 50 float32 rows (~640 kB of training rows) exceed half of it, so reduce
     trains from the prepared partitions; detect, whose fit needs its rows at hand, fits a seeded sample
-    that fits the bound; both say so in their notes. With the bound raised, the same data trains in memory."""
+    that fits the bound; both say so in their notes (detect also that its train.stream=on was read as auto). With the
+    bound raised, the same data trains in memory."""
     rng = np.random.default_rng(0)
     df = pd.DataFrame(rng.normal(size=(4000, 50)).astype("float32"), columns=[f"c{i}" for i in range(50)])
     df.insert(0, "id", np.arange(4000))
@@ -176,11 +177,13 @@ def test_training_rows_over_the_memory_bound_stream(prefect_server, dask_address
     assert not any("streaming" in n for n in open_run(in_memory.run_uri).manifest().extra["notes"])
     from tasks.apps.detect import DetectRunConfig
 
-    cfg = resolve_config(DetectRunConfig, options={**base, "train.epochs": 1, "app.min_steps": 0})
+    # train.stream=on, which detect cannot do: read as auto, and the notes say so
+    cfg = resolve_config(DetectRunConfig, options={**base, "train.epochs": 1, "app.min_steps": 0, "train.stream": "on"})
     detected = FLOWS["detect"](config=cfg)
     notes = open_run(detected.run_uri).manifest().extra["notes"]
     sampled = [n for n in notes if "fits in memory: on a seeded sample" in n]
     assert sampled and "of the 4,000 training rows" in sampled[0], notes
+    assert any(n.startswith("train.stream=on read as auto: detect's fit needs its rows at hand") for n in notes), notes
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -70,6 +70,10 @@ def test_fit_takes_a_seeded_sample_of_the_images_when_they_exceed_memory_mb(tmp_
     assert _numbers(again[0]) == got_tr, "the sample is a function of the seed"
     assert _numbers(Index().training_images(_ctx(imset, memory_mb=1, seed=1))[0]) != got_tr
 
+    ctx = _ctx(imset, memory_mb=1, stream="on")  # index cannot stream: read as auto, said
+    assert _numbers(Index().training_images(ctx)[0]) == got_tr
+    assert ctx.notes[0].startswith("train.stream=on read as auto: index's fit needs its images at hand"), ctx.notes
+
     ctx = _ctx(imset, memory_mb=1, stream="off")
     x_tr, x_va = Index().training_images(ctx)
     assert _numbers(x_tr) == list(tr) and _numbers(x_va) == list(va) and not ctx.notes
