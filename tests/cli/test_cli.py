@@ -195,7 +195,7 @@ def test_top_level_help_imports_no_application_stack():
     assert res.exit_code == 0 and all(f" {name} " in res.stdout for name in load_all()), res.stdout
 
 
-@pytest.mark.parametrize("app_name", ["reduce", "compress"])
+@pytest.mark.parametrize("app_name", ["reduce", "index"])  # compress reads neither train.stream nor memory_mb
 def test_show_config_prints_every_key_with_its_meaning_and_is_a_config_file(app_name, tmp_path, monkeypatch):
     """The settings that matter at scale (train.stream, memory_mb, threads, ...) were only in the README: --show-config
     prints the resolved configuration, each key with its description, runs nothing, and reads back as --config."""
