@@ -164,15 +164,17 @@ def load_codec_run(run_uri: str) -> LoadedCodec:
 def find_codec_run(root: str, identity: bytes) -> LoadedCodec | None:
     """Search the complete ``compress`` runs under ``root`` for the codec with this identity."""
     store = ArtifactStore(root)
-    for manifest in reversed(store.list_runs("compress")):
-        run = store.run("compress", manifest.run_id)
+
+    def holds_it(run) -> bool:  # its model's config.json first: one small read, the manifest only for a match
         try:
             meta = run.read_json(f"{MODEL_DIR}/config.json")
         except (StorageError, json.JSONDecodeError):
-            continue
-        if meta.get("codec_id") == identity.hex():
-            return load_codec_run(run.uri)
-    return None
+            return False
+        return isinstance(meta, dict) and meta.get("codec_id") == identity.hex()
+
+    # the newest complete run that holds it (newest first, stopping there: see ArtifactStore.newest_run)
+    found = store.newest_run("compress", where=holds_it)
+    return load_codec_run(store.run("compress", found.run_id).uri) if found is not None else None
 
 
 def check_quality(codec: LoadedCodec, quality: int) -> int:

@@ -168,9 +168,9 @@ def latest_model_run(app: str, output: str) -> str:
     """URI of the newest complete run of ``app`` under ``output`` that trained its model."""
     from tasks.storage import ArtifactStore
 
-    for m in reversed(ArtifactStore(output).list_runs(app)):
-        if not m.model_run:
-            return m.run_uri
+    found = ArtifactStore(output).newest_run(app, lambda m: not m.model_run)  # newest first: see newest_run
+    if found is not None:
+        return found.run_uri
     raise StorageError(
         f"model_run is {LATEST!r} but {output!r} holds no complete {app} run that trained a model; "
         f"run a training of {app} that writes there first (`aeflow run {app} --output {output} ...`, or its "

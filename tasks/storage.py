@@ -35,7 +35,7 @@ Durability rules (what a kill, a power loss or an outage can leave behind):
   ``weights.safetensors`` (``"weights"``); loading refuses a mismatch
   (:class:`~tasks.errors.ModelMismatchError`) and warns when no hash is recorded.
 - **One worker per unfinished run.** A run folder is *claimed* before it is used: an
-  exclusive create of ``_claims/<generation>.json`` (``O_EXCL`` locally, a conditional
+  exclusive create of ``_claims/<generation>.json`` (locally a whole temporary file hard-linked to that name, a conditional
   ``If-None-Match: *`` PUT on S3) holding the owner's pid, host and a heartbeat refreshed
   every :data:`HEARTBEAT_S` seconds. A claim is stale when its heartbeat is older than
   :data:`STALE_AFTER_S`, or its process is gone (same host). A stale claim is taken over
@@ -64,7 +64,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -93,6 +94,11 @@ HEARTBEAT_S = 20.0
 """How often a process refreshes the heartbeat of the runs it has claimed."""
 STALE_AFTER_S = 120.0
 """A claim whose heartbeat is older than this is stale (its owner died on another host)."""
+_CONCURRENT_READS = 16
+"""Requests in flight at once when a listing reads many runs of an object store (one request each)."""
+_MTIME_SLACK = 3600.0
+"""Seconds by which a run's ``created`` may follow its folder's modification time (another host's clock, an
+NFS server's, a coarse file system) without :meth:`ArtifactStore.newest_run` missing it."""
 
 log = logging.getLogger("aeflow.storage")
 
@@ -456,6 +462,15 @@ def read_uri(uri: str) -> bytes:
         return fs.cat_file(path)
 
 
+def cat_small(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """A small file's bytes (a manifest, a marker, a config.json) in one request: s3fs asks an object's size
+    first (a HEAD) to fetch a large one in parallel parts, which doubles the requests, and so the latency, of
+    every small read; a listing reads one small file per run."""
+    if getattr(fs, "max_concurrency", 1) > 1:  # s3fs
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
 def write_uri(uri: str, data: bytes) -> str:
     """:func:`write_file` at a URI (Dask workers write partitions and shards with it)."""
     fs, path = url_to_fs(uri)
@@ -519,6 +534,20 @@ def new_run_id(fingerprint: str, now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{fingerprint[:8]}"
 
 
+# The shape of the ids :func:`new_run_id` gives (``start_run`` adds ``-2``, ``-3`` ... when the second is taken).
+_MADE_RUN_ID_RE = re.compile(r"^\d{8}T\d{6}Z-([0-9a-f]{8})(?:-\d+)?$")
+
+
+def _made_for(run_id: str) -> str | None:
+    """The fingerprint prefix in a run id of :func:`new_run_id`'s shape (None for another name: ``--run-id``)."""
+    m = _MADE_RUN_ID_RE.match(run_id)
+    return m[1] if m else None
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 # ---------------------------------------------------------------------------------------
 # Model files: one reader, verifying the recorded weights hash
 
@@ -574,6 +603,9 @@ def read_model_files(fs: fsspec.AbstractFileSystem, folder: str, uri: str) -> tu
 _HOST = socket.gethostname()
 _ACTIVE: dict[str, tuple[fsspec.AbstractFileSystem, str, dict[str, Any]]] = {}  # claim path -> (fs, path, record)
 _ACTIVE_LOCK = threading.Lock()
+# Held while a heartbeat is written: a claim given up waits for the write in flight, which otherwise landed after
+# the claim was removed and brought it back (a finished run's folder got a claim again, a discarded one reappeared).
+_BEAT_LOCK = threading.Lock()
 _HEARTBEAT: threading.Thread | None = None
 
 
@@ -610,14 +642,20 @@ def _heartbeat_loop() -> None:
     while True:
         time.sleep(HEARTBEAT_S)
         with _ACTIVE_LOCK:
-            claims = list(_ACTIVE.values())
-        for fs, path, record in claims:
-            record["heartbeat"] = time.time()
-            try:
-                with storage_op("refresh the claim", path):
-                    write_file(fs, path, json.dumps(record).encode())
-            except Exception as e:  # an outage: the run itself will report it
-                log.debug("heartbeat of %s failed: %s", path, e)
+            paths = list(_ACTIVE)
+        for path in paths:
+            with _BEAT_LOCK:
+                with _ACTIVE_LOCK:
+                    entry = _ACTIVE.get(path)
+                if entry is None:  # given up meanwhile
+                    continue
+                fs, _, record = entry
+                record["heartbeat"] = time.time()
+                try:
+                    with storage_op("refresh the claim", path):
+                        write_file(fs, path, json.dumps(record).encode())
+                except Exception as e:  # an outage: the run itself will report it
+                    log.debug("heartbeat of %s failed: %s", path, e)
 
 
 def _start_heartbeat() -> None:
@@ -644,15 +682,35 @@ def _precondition_failed(e: BaseException) -> bool:
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create ``path`` only if it does not exist; False if it does (someone else won)."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Whole before it has its name: written under a temporary name, then hard-linked to ``path`` (which
+        # fails when it exists). Created in place, a claim was empty for a moment: a process that read it then
+        # took it for no claim and created the next generation, and both resumed the same run.
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links (some FUSE mounts): created in place, as before
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(folder)
         return True
     try:
         # A conditional PUT (If-None-Match: *): AWS S3, MinIO and moto refuse it when the key exists.
@@ -714,10 +772,11 @@ class RunDir:
             raise StorageError(f"cannot write {self.uri_of(rel)}: {e}") from e
         return self.uri_of(rel)
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, *, small: bool = False) -> bytes:
+        """The file's bytes; ``small`` (a JSON file): one request on an object store (:func:`cat_small`)."""
         try:
             with storage_op("read", self.uri_of(rel)):
-                return self.fs.cat_file(self.path_of(rel))
+                return cat_small(self.fs, self.path_of(rel)) if small else self.fs.cat_file(self.path_of(rel))
         except FileNotFoundError as e:
             raise StorageError(f"{self.uri_of(rel)} does not exist") from e
 
@@ -725,7 +784,7 @@ class RunDir:
         return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        return json.loads(self.read_bytes(rel, small=True))
 
     def open(self, rel: str, mode: str = "rb"):
         """A file of the run. Written files (``"wb"``) appear only when closed without error
@@ -849,7 +908,7 @@ class RunDir:
             with storage_op("read the claim of", self.uri):
                 return json.loads(self.fs.cat_file(claims[-1][1]))
         except (FileNotFoundError, json.JSONDecodeError):
-            return None  # being written or removed right now: the exclusive create decides
+            return None  # removed right now (the run finished), or damaged: the exclusive create decides
 
     def claim_holder(self) -> dict[str, Any] | None:
         """The live claim on this run of another owner (pid, host, heartbeat), or None."""
@@ -885,7 +944,7 @@ class RunDir:
 
     def _forget_claim(self) -> None:
         prefix = self.path_of(CLAIMS_DIR)
-        with _ACTIVE_LOCK:
+        with _BEAT_LOCK, _ACTIVE_LOCK:
             for key in [k for k, (_, _, r) in _ACTIVE.items() if k.startswith(prefix) and r["owner"] == self.owner]:
                 del _ACTIVE[key]
 
@@ -936,7 +995,7 @@ class RunDir:
     def manifest(self) -> Manifest:
         if not self.is_complete:
             raise StorageError(f"{self.uri} is not a complete run (no manifest.json)")
-        data = self.read_bytes(MANIFEST)
+        data = self.read_bytes(MANIFEST, small=True)
         try:
             return Manifest.model_validate_json(data)
         except ValueError as e:  # pydantic's ValidationError (bad JSON too) is a ValueError
@@ -995,6 +1054,7 @@ class RunDir:
             if not self.exists():
                 return
             if not keep_checkpoint or not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
+                self._forget_claim()  # first: no heartbeat writes the claim back into the removed folder
                 with storage_op("remove", self.uri):
                     self.fs.rm(self.path, recursive=True)
                     self._remove_empty_parents()
@@ -1076,18 +1136,21 @@ class ArtifactStore:
             # the --run-id the user gave names a finished run: a setting to change (exit 2), not a storage fault
             raise ConfigError(f"run {run.uri} already exists and is complete; choose another --run-id (its results "
                               "are kept: a finished run is never overwritten)")
-        if run.exists(RUN_MARKER):
+        # a run id in use by a live process is the user's to change, like a complete one (exit 2); it was exit 4
+        # (storage), and one running with other settings was called "an interrupted run"
+        holder = run.claim_holder()
+        if holder is None and run.exists(RUN_MARKER):
             if run.read_json(RUN_MARKER).get("fingerprint") != fingerprint:
                 raise ConfigError(
                     f"run {run.uri} holds an interrupted run with a different input or config; choose another "
                     "--run-id (or run the same command as before to resume it)"
                 )
-        if not run.claim():
-            holder = run.claim_holder() or {}
+        if holder is not None or not run.claim():
+            holder = holder or run.claim_holder() or {}
             since = datetime.fromtimestamp(float(holder.get("started", 0)), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-            raise StorageError(
+            raise ConfigError(
                 f"run {run.uri} is being run by process {holder.get('pid')} on {holder.get('host')} (since {since}); "
-                "wait for it to finish or choose another run id"
+                "wait for it to finish or choose another --run-id"
             )
         if run.exists(RUN_MARKER):
             run.clear_partial()
@@ -1098,45 +1161,123 @@ class ArtifactStore:
     def _run_dirs(self, app: str | None = None) -> list[RunDir]:
         base = self._join("runs")
         with storage_op("list the runs in", self.root_uri):
-            if not self.fs.exists(base):
+            # A folder gone between a look and a read holds no run: the failed first run of the root (or of the
+            # app) took it, with the empty runs/<app> and runs/ (``_remove_empty_parents``). It was a traceback.
+            try:
+                if not self.fs.exists(base):
+                    return []
+                apps = [app] if app else sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+            except FileNotFoundError:
                 return []
-            apps = [app] if app else sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
             out = []
             for a in apps:
                 adir = self._join("runs", a)
-                if not self.fs.isdir(adir):
+                try:
+                    found = sorted(self.fs.ls(adir, detail=False)) if self.fs.isdir(adir) else []
+                except FileNotFoundError:
                     continue
-                for p in sorted(self.fs.ls(adir, detail=False)):
+                for p in found:
                     rid = posixpath.basename(p.rstrip("/").replace(os.sep, "/"))
                     if _RUN_ID_RE.match(rid):
                         out.append(self.run(a, rid))
         return out
 
+    def _map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``; on an object store several at once (each is a request, its latency the
+        cost), in order all the same. The first error raises, as in the loop, and what has not started is
+        dropped: in an outage the answer comes after the retries of the requests in flight, not of every run."""
+        if is_local(self.fs) or len(items) < 2:
+            return [fn(x) for x in items]
+        pool = ThreadPoolExecutor(min(_CONCURRENT_READS, len(items)), thread_name_prefix="aeflow-read")
+        try:
+            futures = [pool.submit(fn, x) for x in items]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_manifest(self, run: RunDir) -> Manifest | None:
+        """The run's manifest, or None when it has none (not complete) or it cannot be read (said in a warning).
+        One read: a missing ``manifest.json`` is the answer, not a prior existence check."""
+        path = run.path_of(MANIFEST)
+        try:
+            with storage_op("read", run.uri_of(MANIFEST)):
+                data = cat_small(self.fs, path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except StorageError:  # an outage, or no access: the listing cannot be answered
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. manifest.json is a folder: skip it, don't crash listing
+            log.warning("skipping %s: its manifest cannot be read (%s: %s)", run.uri, type(e).__name__, e)
+            return None
+        try:
+            return Manifest.model_validate_json(data)
+        except ValueError as e:  # pydantic's ValidationError (bad JSON too): a manifest from an incompatible version
+            log.warning("skipping %s: its manifest cannot be read (%s: its manifest.json cannot be read (%s): the run is "
+                        "damaged or was written by an incompatible aeflow)", run.uri, run.uri, _first_line(e))
+            return None
+
     def list_runs(self, app: str | None = None) -> list[Manifest]:
         """Complete runs (those with a manifest), oldest first."""
-        manifests = []
-        for run in self._run_dirs(app):
-            if run.is_complete:
-                try:
-                    manifests.append(run.manifest())
-                except StorageError as e:
-                    if e.transient:
-                        raise
-                    log.warning("skipping %s: its manifest cannot be read (%s)", run.uri, e)
-                    continue
-                except Exception as e:  # a manifest from an incompatible version: skip, don't crash listing
-                    log.warning("skipping %s: its manifest cannot be read (%s: %s)", run.uri, type(e).__name__, e)
-                    continue
+        manifests = [m for m in self._map(self._read_manifest, self._run_dirs(app)) if m is not None]
         return sorted(manifests, key=lambda m: (m.created, m.run_id))
 
+    def newest_run(self, app: str, accept: Callable[[Manifest], bool] | None = None, *,
+                   fingerprint: str | None = None, where: Callable[[RunDir], bool] | None = None) -> Manifest | None:
+        """The newest complete run of ``app`` that is accepted, in :meth:`list_runs`' order (``created``, then run
+        id): the first of ``reversed(list_runs(app))`` with ``fingerprint`` (when given), that ``where(run)``
+        accepts (a test of the run's files, made before its manifest is read) and that ``accept(manifest)``
+        accepts; None if there is none.
+
+        In a local folder without reading every manifest: a run's ``created`` (when it started) precedes the
+        last change of its folder (the manifest is written into it last), so folders are read newest change
+        first and the search stops at the first folder changed before the best run found so far started
+        (:data:`_MTIME_SLACK` allows for a file server's clock). An object store keeps no time for a folder:
+        there every manifest is read, one request each, several at once.
+        """
+        runs = self._run_dirs(app)
+        order: list[tuple[float | None, RunDir]] = [(None, run) for run in runs]
+        if is_local(self.fs):
+            order = []
+            for run in runs:
+                try:
+                    order.append((os.stat(run.path).st_mtime, run))
+                except OSError:  # gone meanwhile
+                    continue
+            order.sort(key=lambda t: (t[0], t[1].run_id), reverse=True)
+        batch = 1 if is_local(self.fs) else len(order)
+
+        def read(run: RunDir) -> Manifest | None:
+            if where is not None and not where(run):
+                return None
+            m = self._read_manifest(run)
+            if m is None or (fingerprint is not None and m.fingerprint != fingerprint) or (accept and not accept(m)):
+                return None
+            return m
+
+        best: Manifest | None = None
+        i = 0
+        while i < len(order):
+            changed = order[i][0]
+            if best is not None and changed is not None and changed + _MTIME_SLACK < _utc(best.created).timestamp():
+                break  # this folder and every one after it last changed before the best run found started
+            chunk = [run for _, run in order[i : i + batch]]
+            i += len(chunk)
+            for m in self._map(read, chunk):
+                if m is not None and (best is None or (m.created, m.run_id) > (best.created, best.run_id)):
+                    best = m
+        return best
+
     def find_complete(self, app: str, fingerprint: str) -> Manifest | None:
-        for m in reversed(self.list_runs(app)):
-            if m.fingerprint == fingerprint:
-                return m
-        return None
+        """The newest complete run of ``app`` with this fingerprint (``--skip-existing``), or None."""
+        return self.newest_run(app, fingerprint=fingerprint)
 
     def _incomplete(self, app: str, fingerprint: str) -> Iterator[RunDir]:
         for run in self._run_dirs(app):
+            # start_run named this folder after the fingerprint in its marker, another one: pass it over without a
+            # request (were it a --run-id of that shape holding this fingerprint, the run would start afresh)
+            made_for = _made_for(run.run_id)
+            if made_for is not None and made_for != fingerprint[:8]:
+                continue
             if not run.is_complete and run.exists(RUN_MARKER):
                 try:
                     if run.read_json(RUN_MARKER).get("fingerprint") == fingerprint:
@@ -1148,27 +1289,28 @@ class ArtifactStore:
                         raise
                     continue
 
+    def _incomplete_entry(self, run: RunDir) -> dict[str, Any] | None:
+        if run.is_complete or not run.exists(RUN_MARKER):
+            return None
+        try:
+            marker = run.read_json(RUN_MARKER)
+            ckpt = run.read_json(f"{CHECKPOINT_DIR}/meta.json") if run.exists(f"{CHECKPOINT_DIR}/meta.json") else None
+        except (json.JSONDecodeError, StorageError) as e:
+            if isinstance(e, StorageError) and e.transient:
+                raise
+            return None
+        holder = run.claim_holder()
+        return {
+            "app": run.app, "run_id": run.run_id, "run_uri": run.uri, "created": marker.get("created", ""),
+            "running": {k: holder.get(k) for k in ("pid", "host")} if holder else None,
+            "checkpoint": {k: ckpt.get(k) for k in ("epoch", "step", "finished")} if isinstance(ckpt, dict) else None,
+        }
+
     def incomplete_runs(self, app: str | None = None) -> list[dict[str, Any]]:
         """Runs without a manifest that hold a run marker (interrupted, or being run now), oldest first: app, run
         id and URI, when the first attempt started, the live claim (pid, host) if one holds it, and where training's
         checkpoint stands (epoch, step, finished), read from its ``meta.json`` alone."""
-        found = []
-        for run in self._run_dirs(app):
-            if run.is_complete or not run.exists(RUN_MARKER):
-                continue
-            try:
-                marker = run.read_json(RUN_MARKER)
-                ckpt = run.read_json(f"{CHECKPOINT_DIR}/meta.json") if run.exists(f"{CHECKPOINT_DIR}/meta.json") else None
-            except (json.JSONDecodeError, StorageError) as e:
-                if isinstance(e, StorageError) and e.transient:
-                    raise
-                continue
-            holder = run.claim_holder()
-            found.append({
-                "app": run.app, "run_id": run.run_id, "run_uri": run.uri, "created": marker.get("created", ""),
-                "running": {k: holder.get(k) for k in ("pid", "host")} if holder else None,
-                "checkpoint": {k: ckpt.get(k) for k in ("epoch", "step", "finished")} if isinstance(ckpt, dict) else None,
-            })
+        found = [r for r in self._map(self._incomplete_entry, self._run_dirs(app)) if r is not None]
         return sorted(found, key=lambda r: (str(r["created"]), r["run_id"]))
 
     def find_incomplete(self, app: str, fingerprint: str) -> RunDir | None:

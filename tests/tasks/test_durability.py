@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from tasks.errors import ModelMismatchError, StorageError
+from tasks.errors import ConfigError, ModelMismatchError, StorageError
 from tasks.storage import (
     ArtifactStore,
     CheckpointError,
@@ -279,7 +279,7 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_respected(store):
     run._forget_claim()
     fresh = store.start_run("reduce", fingerprint, {})
     assert fresh.run_id != run.run_id
-    with pytest.raises(StorageError, match=r"is being run by process 1 on elsewhere \(since .*\); wait for it"):
+    with pytest.raises(ConfigError, match=r"is being run by process 1 on elsewhere \(since .*\); wait for it"):
         store.start_run("reduce", fingerprint, {}, run_id=run.run_id)
     # ...until its heartbeat stops: then the next identical run resumes it.
     run.write_json("_claims/000002.json", {**live, "heartbeat": time.time() - 3600})
