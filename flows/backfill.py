@@ -148,9 +148,18 @@ def run_in_process(
     from prefect import tags
 
     from flows.pipeline import FLOWS
+    from tasks.execution import with_environment_defaults
+    from tasks.schedule import LATEST, latest_model_run
 
     flow_fn = FLOWS[app_name]
     config = config.model_copy(update={"skip_existing": not force})
+    if getattr(config, "model_run", None) == LATEST:
+        # One model for every date, chosen now: each date's run chose it as it started, so a training that
+        # finished meanwhile (the nightly one, a colleague's) gave the later dates another model than the first.
+        # None there: one refusal (exit 4) instead of the same failure for every date.
+        newest = latest_model_run(app_name, with_environment_defaults(config).output)
+        log.info("--model latest: %s for every date", newest)
+        config = config.model_copy(update={"model_run": newest})
     lock = threading.Lock()
     stop = threading.Event()
     running: dict[dt.date, int] = {}  # date -> thread ident, while its run is in progress

@@ -151,6 +151,7 @@ def run_app(config: RunConfig) -> RunResult:
         done = store.find_complete(app.name, fingerprint)
         if done is not None:
             log.info("skipping: %s already has a complete run with the same input and config", done.run_uri)
+            _remove_superseded(store, app.name, fingerprint, done.run_uri)
             publish_run_link(app.name, done.run_uri)
             return RunResult.from_manifest(done, skipped=True)
 
@@ -206,6 +207,30 @@ def run_app(config: RunConfig) -> RunResult:
             raise mapped from None
         raise
     return result
+
+
+def _remove_superseded(store: ArtifactStore, app_name: str, fingerprint: str, done_uri: str) -> None:
+    """Remove the interrupted runs of ``fingerprint`` that nobody works on, now that ``done_uri`` completed it.
+
+    Nothing would resume them: ``--skip-existing`` and backfills skip to the complete run (one run of two
+    overlapping backfills was interrupted, the other completed the date), and ``runs list --incomplete``
+    listed them as "resumed by the same command" for ever, their checkpoints kept. Best effort.
+    """
+    log = _logger()
+    seen: set[str] = set()
+    try:
+        while (run := store.find_incomplete(app_name, fingerprint)) is not None and run.run_id not in seen:
+            seen.add(run.run_id)
+            if not run.claim():
+                continue  # taken up meanwhile
+            if run.is_complete:  # finished between our look and our claim
+                run.release()
+                continue
+            log.info("removing %s: an interrupted run of the same input and config, which %s completed", run.uri,
+                     done_uri)
+            run.discard(keep_checkpoint=False)
+    except Exception as e:  # noqa: BLE001 - an outage: the skip stands, the leftover stays listed
+        log.warning("could not remove the interrupted runs that %s supersedes: %s", done_uri, e)
 
 
 def _first_attempt(run: RunDir, started: datetime) -> tuple[datetime, list[str]]:
