@@ -14,7 +14,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -156,9 +156,9 @@ def run_app(config: RunConfig) -> RunResult:
             return RunResult.from_manifest(done, skipped=True)
 
     run = store.start_run(app.name, fingerprint, config.model_dump(mode="json"), config.run_id)
-    log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
-    created, resumed_notes = _first_attempt(run, created)
-    try:
+    try:  # from the claim on: Ctrl-C or an error anywhere gives the run back (below), as start_run does until here
+        log.info("%s run %s -> %s", app.name, run.run_id, run.uri)
+        created, resumed_notes = _first_attempt(run, created)
         # One Dask client for the whole run: loading/preprocessing and apply run on its workers.
         input_bytes = sum(f.size for files in kind.records(inputs).values() for f in files)
         processes = local_processes(config.local_cluster, input_bytes)
@@ -196,6 +196,9 @@ def run_app(config: RunConfig) -> RunResult:
         result = _publish(app.name, run, config, created, fingerprint, kind.records(inputs), fitted, outputs,
                           evaluation, timings, device, kind.manifest_extra(ctx), "processes" if processes else "threads")
     except BaseException as e:
+        if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: the CLI names the run that the same command resumes
+            with suppress(Exception):
+                e.aeflow_run_uri = run.uri  # type: ignore[attr-defined]
         # A checkpoint is worth keeping for what may not recur (Ctrl-C, a crash, an outage); bad input or a bad
         # setting found after training recurs with the same command, and fixing it changes the fingerprint, so
         # its checkpoint would never be resumed: it was left listed as "interrupted" for ever.

@@ -933,14 +933,36 @@ class RunDir:
         owner = self.owner or uuid.uuid4().hex
         mine = {"owner": owner, "pid": os.getpid(), "host": _HOST, "generation": generation, "started": now,
                 "heartbeat": now}
-        with storage_op("claim", self.uri):
-            won = _create_exclusive(self.fs, path, json.dumps(mine).encode())
-        if won:
-            self.owner = owner
-            with _ACTIVE_LOCK:
-                _ACTIVE[path] = (self.fs, path, mine)
-            _start_heartbeat()
+        data = json.dumps(mine).encode()
+        try:
+            with storage_op("claim", self.uri):
+                won = _create_exclusive(self.fs, path, data)
+            if won:
+                self.owner = owner
+                with _ACTIVE_LOCK:
+                    _ACTIVE[path] = (self.fs, path, mine)
+                _start_heartbeat()
+        except BaseException:
+            # Ctrl-C or an error between the exclusive create and this attempt taking the run up: nobody would
+            # give that claim back, and a new run's folder was left holding only ``_claims/``
+            self._take_back_claim(path, data)
+            raise
         return won
+
+    def _take_back_claim(self, path: str, data: bytes) -> None:
+        """Remove the claim ``path`` if it is the one this attempt created (``data``), then the ``_claims``
+        folder and the run folder when that leaves them empty (a new run's). Best effort."""
+        with _BEAT_LOCK, _ACTIVE_LOCK:
+            _ACTIVE.pop(path, None)
+        try:
+            if self.fs.cat_file(path) == data:
+                self.fs.rm(path)
+            if is_local(self.fs):
+                for folder in (self.path_of(CLAIMS_DIR), self.path):
+                    os.rmdir(folder)  # only when empty
+                self._remove_empty_parents()
+        except Exception as e:  # noqa: BLE001 - not ours, not empty, or an outage: what is left is found stale
+            log.debug("claim %s not taken back: %s", path, e)
 
     def _forget_claim(self) -> None:
         prefix = self.path_of(CLAIMS_DIR)
@@ -982,11 +1004,27 @@ class RunDir:
         from tasks.redaction import redact_obj
 
         clean = Manifest.model_validate(redact_obj(manifest.model_dump(mode="json")))
-        self.remove(CHECKPOINT_DIR)
-        self.remove(RUN_MARKER)
+        # The manifest first, then what only an unfinished run needs: a kill at any point leaves the folder
+        # resumable (marker + checkpoint) or complete. The checkpoint and the marker went first, and a kill before
+        # the manifest left a folder that was neither (its training lost, listed nowhere).
         uri = self.write_bytes(MANIFEST, clean.model_dump_json(indent=2).encode())
-        self.release()
+        try:
+            self.drop_leftovers()
+        except Exception as e:  # noqa: BLE001 - an outage: the run is complete all the same
+            log.warning("%s is complete, but its checkpoint or in-progress marker could not be removed (%s); "
+                        "readers ignore them, and the next run of the same input and config removes them", self.uri, e)
         return uri
+
+    def drop_leftovers(self) -> None:
+        """Remove from a complete run what only an unfinished run needs: the checkpoint, the claims (this
+        attempt's, or a dead one's: a kill right after the manifest), and last the in-progress marker, so that
+        a complete run with a marker is one that may hold leftovers (:meth:`ArtifactStore._tidy_complete`)."""
+        try:
+            self.remove(CHECKPOINT_DIR)
+        finally:
+            self._forget_claim()  # whatever happens: no heartbeat keeps a finished run's claim alive
+        self.remove(CLAIMS_DIR)
+        self.remove(RUN_MARKER)
 
     @property
     def is_complete(self) -> bool:
@@ -1043,7 +1081,8 @@ class RunDir:
 
         The checkpoint and the fingerprint marker stay when a checkpoint exists,
         so the next run of the same (app, input, config) continues training
-        where this one stopped. No manifest is ever left, and the claim is released.
+        where this one stopped. No manifest is ever left, and the claim is released;
+        a run whose manifest was written before the failure is complete and stays so.
         ``keep_checkpoint=False`` (a failure the same command would meet again: bad
         input or configuration, whose fix changes the fingerprint) removes it all.
         Best effort: when the store itself fails (an outage), what is left has no
@@ -1052,6 +1091,13 @@ class RunDir:
         """
         try:
             if not self.exists():
+                return
+            if self.is_complete:  # interrupted after its manifest was written, while its leftovers went
+                try:
+                    self.drop_leftovers()
+                except Exception as e:  # noqa: BLE001 - the run is complete all the same
+                    log.warning("%s is complete, but its checkpoint or in-progress marker could not be removed (%s)",
+                                self.uri, e)
                 return
             if not keep_checkpoint or not self.exists(f"{CHECKPOINT_DIR}/meta.json"):
                 self._forget_claim()  # first: no heartbeat writes the claim back into the removed folder
@@ -1066,6 +1112,18 @@ class RunDir:
                         "ignore it, and the next run of the same command clears it", self.uri, e)
         finally:
             self._forget_claim()
+
+
+@contextlib.contextmanager
+def _given_back_on_error(run: RunDir) -> Iterator[None]:
+    """From a claim until the caller owns the run (``run_app``'s ``try``): an error or Ctrl-C gives the claim
+    back, keeping what resumes the run (:meth:`RunDir.discard`). Nothing did, and the run's folder kept a claim
+    of nobody's; a new run's held only ``_claims/`` (neither complete nor resumable, listed nowhere)."""
+    try:
+        yield
+    except BaseException:
+        run.discard(keep_checkpoint=True)
+        raise
 
 
 class ArtifactStore:
@@ -1119,16 +1177,18 @@ class ArtifactStore:
         if run_id is None:
             for run in self._incomplete(app, fingerprint):
                 if run.claim():
-                    if run.is_complete:  # finished between our look and our claim
-                        run.release()
-                        continue
-                    run.clear_partial()
+                    with _given_back_on_error(run):
+                        if run.is_complete:  # finished between our look and our claim
+                            run.release()
+                            continue
+                        run.clear_partial()
                     return run
             base = new_run_id(fingerprint)
             for n in range(1, 1000):
                 run = self.run(app, base if n == 1 else f"{base}-{n}")
                 if not run.exists() and run.claim():
-                    run.write_json(RUN_MARKER, {**marker, "run_id": run.run_id})
+                    with _given_back_on_error(run):
+                        run.write_json(RUN_MARKER, {**marker, "run_id": run.run_id})
                     return run
             raise StorageError(f"cannot find a free run id under {self.root_uri} for {base}")
         run = self.run(app, run_id)
@@ -1152,10 +1212,11 @@ class ArtifactStore:
                 f"run {run.uri} is being run by process {holder.get('pid')} on {holder.get('host')} (since {since}); "
                 "wait for it to finish or choose another --run-id"
             )
-        if run.exists(RUN_MARKER):
-            run.clear_partial()
-        else:
-            run.write_json(RUN_MARKER, {**marker, "run_id": run_id})
+        with _given_back_on_error(run):
+            if run.exists(RUN_MARKER):
+                run.clear_partial()
+            else:
+                run.write_json(RUN_MARKER, {**marker, "run_id": run_id})
         return run
 
     def _run_dirs(self, app: str | None = None) -> list[RunDir]:
@@ -1278,7 +1339,11 @@ class ArtifactStore:
             made_for = _made_for(run.run_id)
             if made_for is not None and made_for != fingerprint[:8]:
                 continue
-            if not run.is_complete and run.exists(RUN_MARKER):
+            if run.is_complete:
+                if made_for is not None:  # a run of this fingerprint (a --run-id's would cost a request per run)
+                    self._tidy_complete(run)
+                continue
+            if run.exists(RUN_MARKER):
                 try:
                     if run.read_json(RUN_MARKER).get("fingerprint") == fingerprint:
                         yield run
@@ -1288,6 +1353,17 @@ class ArtifactStore:
                     if e.transient:
                         raise
                     continue
+
+    @staticmethod
+    def _tidy_complete(run: RunDir) -> None:
+        """Remove the checkpoint and marker that a complete run still holds (its process was killed right after
+        writing the manifest), unless a live process is still finishing it. Readers ignore them meanwhile."""
+        try:
+            if run.exists(RUN_MARKER) and run.claim_holder() is None:
+                log.info("removing the checkpoint and in-progress marker left in %s, which is complete", run.uri)
+                run.drop_leftovers()
+        except Exception as e:  # noqa: BLE001 - best effort: another process tidied it, or an outage
+            log.debug("leftovers of %s not removed: %s", run.uri, e)
 
     def _incomplete_entry(self, run: RunDir) -> dict[str, Any] | None:
         if run.is_complete or not run.exists(RUN_MARKER):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -88,13 +93,18 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
     from tasks.storage import causes, storage_error
 
     if any(isinstance(x, KeyboardInterrupt) for x in causes(e)):
-        # Ctrl-C: not an outage of whatever the interrupted step was talking to
-        message = ("the run is incomplete; the same command again resumes it (training goes on from its last "
-                   "checkpoint when it had saved one, else starts over)") if operation != "backfill" else (
+        # Ctrl-C or SIGTERM: not an outage of whatever the interrupted step was talking to
+        terminated = any(isinstance(x, Terminated) for x in causes(e))
+        # run_app names the run it gave back on the interrupt (flows/pipeline.py)
+        uri = next((x.aeflow_run_uri for x in causes(e) if getattr(x, "aeflow_run_uri", None)), None)
+        message = (f"{f'run {redact(uri)}' if uri else 'the run'} is incomplete; the same command again resumes it "
+                   "(training goes on from its last checkpoint when it had saved one, else starts over)"
+                   ) if operation != "backfill" else (
                    "the backfill stopped before its dates ran (or while creating their flow runs: those created "
                    "go on); the same command again runs every date without a complete run")
-        err.print(f"[bold red]interrupted:[/] {message}", highlight=False, soft_wrap=True)
-        _exit(130, "interrupted", message)
+        word, code = ("terminated", 143) if terminated else ("interrupted", 130)
+        err.print(f"[bold red]{word}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        _exit(code, word, message)
     if not isinstance(e, AeflowError):
         e = storage_error(e, operation, "the object store") or e
     if isinstance(e, AeflowError):
@@ -104,6 +114,43 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
     err.print("[bold red]aeflow failed with an unexpected error (a bug; please report it):[/]")
     err.print(redact("".join(traceback.format_exception(e))), highlight=False, markup=False)
     _exit(1, "bug", redact(f"{type(e).__name__}: {e}"))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the command (``kill``, systemd, a container's stop): it unwinds as Ctrl-C does."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs: SIGTERM raises :class:`Terminated`, handled as Ctrl-C is (the run's claim given
+    back, its checkpoint kept, temporary servers stopped), then ``terminated: ...`` and exit 143.
+
+    SIGTERM's default action killed the process on the spot: no message, no cleanup, the claim left to go
+    stale. Inside a flow run Prefect's own handler turns SIGTERM into ``TerminationSignal`` (the run is given
+    back as for Ctrl-C), then delivers the signal again to the handler it found: this one. A second SIGTERM
+    kills at once. Only in the main thread (signals are the main thread's), and only for the command's
+    duration: nothing is installed at import time, and a flow-run process that a Prefect worker started
+    keeps Prefect's handling (a cancellation from the UI).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def terminate(signum: int, _frame: Any) -> None:
+        nonlocal raised
+        if raised:  # a second SIGTERM while unwinding: the default action, at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raised = True
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # what each exit code means (the README's exit-code table), for --json error objects

@@ -17,7 +17,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from flows.cli.common import execute, fail, print_result, quiet_prefect
+from flows.cli.common import execute, fail, print_result, quiet_prefect, sigterm_as_interrupt
 from tasks.errors import AeflowError
 
 # (parameter name, flag(s), config path, type, help). Every application gets those its data kind accepts.
@@ -124,10 +124,11 @@ def make_command(group: typer.Typer, application: Any) -> None:
             sys.stdout.write(annotated_yaml(with_environment_defaults(cfg)))
             return
         quiet_prefect(kwargs.get("quiet") or kwargs.get("as_json"))
-        try:
-            result = execute(application.name, options, kwargs.get("config"), kwargs.get("set_"))
-        except (AeflowError, Exception, KeyboardInterrupt) as e:
-            fail(e)
+        with sigterm_as_interrupt():  # `kill`, systemd, a container's stop: as Ctrl-C, exit 143
+            try:
+                result = execute(application.name, options, kwargs.get("config"), kwargs.get("set_"))
+            except (AeflowError, Exception, KeyboardInterrupt) as e:
+                fail(e)
         print_result(result, kwargs.get("as_json", False))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
