@@ -31,7 +31,7 @@ from tasks.config import LoadConfig
 from tasks.errors import InputError
 from tasks.inputs import content_hash, find_files
 from tasks.prefect_utils import IO_TASK
-from tasks.schemas import TableSchema, changed_as_numbers, infer_schema, validate_block
+from tasks.schemas import TableSchema, changed_as_numbers, infer_schema, validate_block, written_back
 from tasks.storage import (
     FileRecord,
     is_local,
@@ -270,6 +270,7 @@ def inspect_table(
     columns: list[str] | None = None
     first_uri = ""
     sample: pd.DataFrame | None = None
+    sample_ids: list[pd.Series] = []  # the CSV sample's ids as written, decided on together (_ids_as_written)
     fmt_seen: set[str] = set()
     excluded, seen_columns = set(load.exclude_columns), set()
     id_column = schema.id if schema is not None else load.id_column
@@ -299,8 +300,10 @@ def inspect_table(
                         # The input's first rows, over as many files as it takes (as one file of them all would
                         # be sampled): a short first file alone made a column of its text categorical, and the
                         # numbers of the next files its "more than 100 distinct values".
-                        rows = _csv_sample(fs, path, compression, cols, furi,
-                                           SAMPLE_ROWS - (0 if sample is None else len(sample)), id_column)
+                        rows, ids_text = _csv_sample(fs, path, compression, cols, furi,
+                                                     SAMPLE_ROWS - (0 if sample is None else len(sample)), id_column)
+                        if ids_text is not None:
+                            sample_ids.append(ids_text)
                         sample = rows if sample is None else pd.concat(
                             [sample, rows[[c for c in sample.columns if c in rows.columns]]], ignore_index=True)
                     else:
@@ -363,6 +366,9 @@ def inspect_table(
     if len(fmt_seen) > 1:
         raise InputError(f"{uri} mixes CSV and Parquet files; point it at one kind")
     assert columns is not None and sample is not None
+    if sample_ids and id_column in sample.columns and sum(map(len, sample_ids)) == len(sample):
+        # over the whole sample: a file of float ids (2.5) and one of integers (17, read as 17.0 beside them)
+        sample[id_column] = _ids_as_written(sample[id_column], pd.concat(sample_ids, ignore_index=True))
     source_name = first_uri if len(files) == 1 else f"{uri} ({len(files)} files)"
     ignored: list[str] = []
     if schema is None:
@@ -401,27 +407,28 @@ def _parquet_sample(pf, cols: list[str], nrows: int, uri: str) -> pd.DataFrame:
 
 
 def _csv_sample(fs, path: str, compression: str | None, cols: list[str], uri: str, nrows: int,
-                id_column: str | None) -> pd.DataFrame:
-    """The first ``nrows`` rows of a CSV file, named by its header, its ids as :func:`_ids_as_written` says."""
+                id_column: str | None) -> tuple[pd.DataFrame, pd.Series | None]:
+    """The first ``nrows`` rows of a CSV file, named by its header, and its ids as written (text; None without
+    an id column): the input's sample decides on them (:func:`_ids_as_written`)."""
     with fs.open(path, "rb", compression=compression) as f:
         rows = pd.read_csv(f, nrows=nrows, index_col=False)
     if len(rows) == 0:
         raise InputError(f"{uri} has a header but no data rows")
     rows = _named(rows, cols, uri)
-    if id_column in cols:
-        with fs.open(path, "rb", compression=compression) as f:
-            text = pd.read_csv(f, nrows=nrows, index_col=False, usecols=[cols.index(id_column)], dtype=str)
-        rows[id_column] = _ids_as_written(rows[id_column], text.iloc[:, 0].set_axis(rows.index))
-    return rows
+    if id_column not in cols:
+        return rows, None
+    with fs.open(path, "rb", compression=compression) as f:
+        text = pd.read_csv(f, nrows=nrows, index_col=False, usecols=[cols.index(id_column)], dtype=str)
+    return rows, text.iloc[:, 0].set_axis(rows.index)
 
 
 def _ids_as_written(parsed: pd.Series, text: pd.Series) -> pd.Series:
-    """A CSV id column as pandas read it (numbers), or as written (``text``) when a number would change an id
-    (``00042`` became 42, and the outputs carried 42): the schema then records text ids (``id_dtype`` "str"),
-    and every block reads them as text (:func:`read_block`). In a sample of several files, text ids of one
-    make the column text (object)."""
+    """A CSV id column as pandas read it (numbers), or as written (``text``) when a number would change an id as
+    the outputs write it back (``00042`` became 42, ``2.50`` 2.5, ``1e3`` 1000.0, and ``17`` among floats 17.0):
+    the schema then records text ids (``id_dtype`` "str"), and every block reads them as text
+    (:func:`read_block`). In a sample of several files, text ids of one make the column text (object)."""
     if pd.api.types.is_numeric_dtype(parsed) and not pd.api.types.is_bool_dtype(parsed) \
-            and changed_as_numbers(text).any():
+            and changed_as_numbers(text, "float64" if pd.api.types.is_float_dtype(parsed) else "int64").any():
         return text
     return parsed
 
@@ -515,10 +522,10 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     """
     fs, path = url_to_fs(block.uri)
     # A CSV's ids are read as written: kept as text when the sample's were (00042 was read as 42 in a block
-    # that held no other text), else checked that numbers do not change them (_ids_changed)
+    # that held no other text), else checked that numbers do not change them (_ids_changed: 00042, 2.50)
     names = list(block.columns or file_columns)
     ids = ({names.index(schema.id): str} if block.fmt == "csv" and schema.id in names
-           and schema.id_dtype in ("str", "int64") else None)  # float ids: 2.50 is 2.5, not another id
+           and schema.id_dtype in ("str", "int64", "float64") else None)
     try:
         # Mixed types within a column are the schema's to report (by line), not pandas' DtypeWarning's
         with storage_op("read", block.uri), warnings.catch_warnings():
@@ -554,9 +561,9 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     if list(df.columns) != list(file_columns) and set(df.columns) == set(file_columns):
         df = df[list(file_columns)]  # a file of the glob with the same columns in another order
     if ids and schema.id_dtype != "str":
-        _ids_changed(df[schema.id].reset_index(drop=True), block, schema.id)
+        _ids_changed(df[schema.id].reset_index(drop=True), block, schema.id, schema.id_dtype)
         try:  # as pandas would have read them (validation's coercion of text is slower); else validation says why
-            df[schema.id] = df[schema.id].astype("int64")
+            df[schema.id] = df[schema.id].astype(schema.id_dtype)
         except (ValueError, TypeError, OverflowError):
             pass
     known = set(schema.columns)
@@ -577,13 +584,15 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     return df[keep + [c for c in df.columns if c not in keep and c not in set(schema.excluded)]]
 
 
-def _ids_changed(text: pd.Series, block: Block, name: str) -> None:
-    """Refuse ids that a number would change (``00042``) in a column read as numbers: the rows sampled at the
-    start of the input held none, so its ids are numbers, and 00042 would have been carried as 42."""
-    changed = changed_as_numbers(text)
+def _ids_changed(text: pd.Series, block: Block, name: str, dtype: str = "int64") -> None:
+    """Refuse ids that a number would change (``00042``, ``2.50``) in a column read as numbers of ``dtype``: the
+    rows sampled at the start of the input held none, so its ids are numbers, and 00042 would have been carried
+    as 42, 2.50 as 2.5."""
+    changed = changed_as_numbers(text, dtype)
     if changed.any():
         locate = _locate(block)
-        shown = [f"{v!r} at {locate(i)}" for i, v in text[changed].head(3).items()]
+        shown = [f"{v!r} at {locate(i)} (as a number: {written_back(str(v).strip(), dtype)})"
+                 for i, v in text[changed].head(3).items()]
         more = f" ({int(changed.sum())} rows)" if changed.sum() > 3 else ""
         raise InputError(
             f"{block.uri}: id column {name!r} has ids that would change as numbers: {', '.join(shown)}{more}; the "

@@ -170,32 +170,46 @@ def _id_dtype(series: pd.Series) -> str:
     return "str" if family == "float64" and series.isna().all() else family
 
 
-def _as_number(text: str) -> str | None:
-    """How a value read as a number is written back (``00042`` -> ``42``), or None when it is not a number."""
-    try:
-        return str(int(text))
-    except ValueError:
-        pass
+def written_back(text: str, dtype: str = "int64") -> str | None:
+    """How a value read as a number of ``dtype`` is written back, or None when it is not a number: in a column of
+    integers ``00042`` -> ``42`` (``1e3`` -> ``1000.0``: a float among them); in one of floats as Python, pandas
+    and pyarrow write a float64 back (its shortest repr): ``2.50`` -> ``2.5``, ``17`` -> ``17.0``."""
+    if dtype != "float64":
+        try:
+            return str(int(text))
+        except ValueError:
+            pass
     try:
         return repr(float(text))
     except ValueError:
         return None
 
 
-def changed_as_numbers(text: pd.Series) -> pd.Series:
-    """Which values of a column read as text (a CSV's ids, as written) a number would change: ``00042`` (42),
-    ``+5``, ``1e3`` (1000.0), ``1.50``: an account number or a zip code would change, ``042`` and ``42`` would be
-    one id. Nulls and values that are no number at all (validation's to report) are not."""
+# A float written as its float64 is written back (repr), positionally (1e-4 <= |x| < 1e16) and with at most 15
+# digits (16 characters): every such text is its number's shortest repr, so it needs no parsing to be kept.
+_FLOAT_AS_WRITTEN = r"-?(?:(?:0|[1-9][0-9]*)\.0|[1-9][0-9]*\.[0-9]*[1-9]|0\.0{0,3}[1-9](?:[0-9]*[1-9])?)"
+
+
+def changed_as_numbers(text: pd.Series, dtype: str = "int64") -> pd.Series:
+    """Which values of a column read as text (a CSV's ids, as written) a number of ``dtype`` (``int64`` or
+    ``float64``, how the column would be read) would change, as the outputs write it back: ``00042`` (42), ``+5``,
+    ``1e3`` (1000.0), ``1.50``, and among floats ``17`` (17.0): an account number or a zip code would change,
+    ``042`` and ``42`` would be one id. Nulls and values that are no number at all (validation's to report) are
+    not."""
     values = text.dropna().astype(str).str.strip()
-    # the common case first, cheaply: every id an integer as a number writes it (0, or -?[1-9][0-9]*)
-    values = values[~values.str.fullmatch(r"0|-?[1-9][0-9]*")]
+    if dtype == "float64":
+        # the common case first, cheaply: every id a float as a float64 writes it back (2.5, 0.1, 17.0)
+        values = values[~(values.str.fullmatch(_FLOAT_AS_WRITTEN) & (values.str.len() <= 16))]
+    else:
+        # the common case first, cheaply: every id an integer as a number writes it (0, or -?[1-9][0-9]*)
+        values = values[~values.str.fullmatch(r"0|-?[1-9][0-9]*")]
     if values.empty:
         return pd.Series(False, index=text.index)
-    numbers = pd.to_numeric(values, errors="coerce")
-    if pd.api.types.is_integer_dtype(numbers):  # the common case (every value an integer), without a loop
+    numbers = pd.to_numeric(values, errors="coerce") if dtype != "float64" else None
+    if numbers is not None and pd.api.types.is_integer_dtype(numbers):  # every value an integer, without a loop
         changed = numbers.astype(str) != values
     else:
-        written = values.map(_as_number)
+        written = values.map(lambda v: written_back(v, dtype))
         changed = written.notna() & (written != values)
     return changed.reindex(text.index, fill_value=False).astype(bool)
 
