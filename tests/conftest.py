@@ -177,6 +177,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.s3)
         if "prefect_server" in names or item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.slow)
+    # The platform tier last: the tests that share `aeflow serve` (tests/e2e, package-scoped) then run
+    # together and its idle server and polling runner stop before the rest of the suite, not at its end.
+    items.sort(key=lambda item: "platform" in getattr(item, "fixturenames", ()))
 
 
 FAST_TRAIN = {"train.epochs": 6, "train.patience": 3, "train.batch_size": 64}

@@ -73,7 +73,7 @@ class Served:
                 if fr.state is not None and fr.state.is_final():
                     return fr
                 assert self.proc.poll() is None, f"aeflow serve exited early:\n{self.log_tail()}"
-                time.sleep(1.0)
+                time.sleep(0.3)
         pytest.fail(f"flow run {flow_run_id} not finished after {timeout:.0f}s (state {fr.state}):\n{self.log_tail()}")
 
 
@@ -126,7 +126,7 @@ def _stop(proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> bool:
     return clean
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def served(tmp_path_factory, dask_address, digits_frame):
     """``aeflow serve`` on a free port with its own PREFECT_HOME, data and artifact root in a temp dir."""
     from flows.deploy import api_healthy
@@ -271,7 +271,7 @@ class PlatformHandle:
                 fr = c.read_flow_run(flow_run_id)
                 if fr.state is not None and fr.state.is_final():
                     return fr
-                time.sleep(1.0)
+                time.sleep(0.3)
         pytest.fail(f"flow run {flow_run_id} not final after {timeout:.0f}s (state {fr.state if fr else None}):\n"
                     f"{self.worker_logs()}")
 
