@@ -108,7 +108,7 @@ def test_the_entropy_side_learns_from_the_rate_alone():
         assert torch.equal(full[k], alone[k]), k
     model.train()
     loss = make_rate_loss_fn(model)(model, y, torch.Generator().manual_seed(0))
-    assert math.isfinite(float(loss)) and float(loss) > 0
+    assert math.isfinite(float(loss.detach())) and float(loss.detach()) > 0
     loss.backward()
     grads = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.any())}
     assert {"h_a", "h_s", "z_priors", "log_hyper_gain"} <= grads and not grads & {"g_a", "g_s"}, grads
