@@ -163,6 +163,44 @@ def current_client() -> Any | None:
         return None
 
 
+def _settle(futures: Sequence[Any]) -> None:
+    """Wait until every one of ``futures`` has finished, failed or not (errors are the caller's to read).
+
+    A Dask compute raises on its first failed task while the others still run: a partition
+    that was mid-write would write its file after the failed run had cleared its folder.
+    Cancelling does not stop a task already running on a worker, so what is running is
+    waited for. Interruption (Ctrl-C, SIGTERM) is not waited for: that run stops now."""
+    from distributed import wait
+
+    with contextlib.suppress(Exception):
+        wait(list(futures))
+
+
+def compute_settled(*collections: Any) -> tuple[Any, ...]:
+    """``dask.compute(*collections)`` (one graph: shared inputs computed once) that raises only
+    after every task has finished, so no task of a failed compute writes afterwards.
+
+    On the run's Dask client the first failed result in input order is raised (the task's own
+    exception, e.g. an ``InputError``); without a client it is ``dask.compute`` itself (the local
+    schedulers run in this process and are done when it returns or raises)."""
+    client = current_client()
+    if client is None:
+        return dask.compute(*collections)
+    from distributed import Future
+
+    results = client.compute(list(collections))
+    futures = [f for f in results if isinstance(f, Future)]
+    try:
+        _settle(futures)
+        for f in futures:
+            if f.status == "error":
+                f.result()  # raises the task's exception
+        return tuple(client.gather(results))
+    finally:
+        for f in futures:
+            f.release()
+
+
 PROGRESS_TOPIC = "aeflow-progress"  # the Dask event topic of progress within an item (report_progress)
 PROGRESS_EVERY_S = 1.0  # an item sends its progress at most this often (what is logged is throttled again)
 _progress: ContextVar[dict[str, Any] | None] = ContextVar("aeflow_progress", default=None)
@@ -249,6 +287,9 @@ def run_parallel(fn: Callable[..., Any], items: Sequence[Any], *, on_done: Calla
             for future in as_completed(futures):
                 on_done(future.result())
         return client.gather(futures)
+    except Exception:
+        _settle(futures)  # the items still running finish (and write) before the caller cleans up
+        raise
     finally:
         if on_progress is not None:
             with contextlib.suppress(Exception):

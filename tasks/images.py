@@ -33,6 +33,7 @@ from prefect import task
 from pydantic import Field
 
 from tasks.config import Frozen
+from tasks.dask_client import compute_settled
 from tasks.errors import InputError
 from tasks.inputs import content_hash, find_files, relative_to
 from tasks.prefect_utils import IO_TASK
@@ -416,7 +417,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
         run.makedirs(prefix)
     jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha, min_side)
             for g, u in zip(groups, out_uris, strict=True)]
-    reports = dask.compute(*jobs)
+    reports = compute_settled(*jobs)
     bad: list[dict[str, str]] = []
     small: set[int] = set()  # which of bad are images too small for the network
     converted: dict[str, int] = {}

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import PreprocessConfig
+from tasks.dask_client import compute_settled
 from tasks.errors import InputError
 from tasks.load import TableSource, to_dask
 from tasks.prefect_utils import IO_TASK
@@ -217,7 +218,7 @@ def duplicate_ids(parts: list[Any], column: str) -> Any:
     """A delayed ``(ids on more than one row, rows they are on, the most repeated id, its rows)``, or ``()``
     when every id is unique, over the delayed (parsed, validated) partitions ``parts``.
 
-    Computed in the same ``dask.compute`` as the partitions' own tasks, it reads nothing again. Each
+    Computed in the same compute (``compute_settled``) as the partitions' own tasks, it reads nothing again. Each
     partition's ids are split by hash into up to :data:`ID_BUCKETS` parts and each bucket is counted on
     its own, so no one task holds every id. A hand-made shuffle: Dask's ``value_counts(split_out=True)``
     added 12-31% to the preprocessing of 2M rows (64 columns, 16 partitions); this stays within the
@@ -352,7 +353,7 @@ def prepare(
         for p, u in zip(parts, out_uris, strict=True)
     ]
     dups = duplicate_ids(parts, schema.id) if schema.id else ()
-    *moments, repeated = dask.compute(*tasks, dups)  # one pass: the id counts share the parsed partitions
+    *moments, repeated = compute_settled(*tasks, dups)  # one pass: the id counts share the parsed partitions
     misfit: dict[str, float] = {}
     for m in moments:  # the first value in input order
         for name, value in m.pop("misfit").items():

@@ -207,3 +207,38 @@ def test_progress_within_an_item_reaches_the_caller_from_the_workers(monkeypatch
     monkeypatch.setattr("tasks.dask_client.current_client", lambda: None)
     assert run_parallel(_tiles, [2], on_progress=local.append) == [2]
     assert [e["detail"] for e in local] == ["tile 1/2", "tile 2/2"]
+
+
+def _fail_fast_or_write_late(item: tuple[str, str]) -> str:
+    """Item ("fail", _) raises at once; ("write", path) sleeps, then writes its file (a partition mid-write)."""
+    import time
+    from pathlib import Path
+
+    kind, path = item
+    if kind == "fail":
+        raise ValueError("bad partition")
+    time.sleep(1.5)
+    Path(path).write_text("late")
+    return path
+
+
+def test_a_failed_compute_raises_only_after_its_other_tasks_have_written(tmp_path):
+    """Dask raises on the first failed task while the others still run: a partition mid-write wrote its
+    parquet after the failed run had cleared its folder (CI: a refused --apply-to run left
+    preprocessed-apply/part.00000.parquet behind). Every parallel stage now raises only once every task
+    has finished, so the cleanup after it finds everything that will ever be written."""
+    import dask
+
+    from tasks.dask_client import compute_settled, dask_client, run_parallel
+
+    late_a, late_b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    with dask_client(None, n_workers=2, processes=False):
+        with pytest.raises(ValueError, match="bad partition"):
+            compute_settled(dask.delayed(_fail_fast_or_write_late)(("write", str(late_a))),
+                            dask.delayed(_fail_fast_or_write_late)(("fail", "")))
+        assert late_a.exists(), "the failed compute raised while another task was still writing"
+        assert compute_settled(dask.delayed(_double)(2), ()) == (4, ()), "results in order, plain values as they are"
+
+        with pytest.raises(ValueError, match="bad partition"):
+            run_parallel(_fail_fast_or_write_late, [("write", str(late_b)), ("fail", "")], on_done=None)
+        assert late_b.exists(), "run_parallel raised while another item was still writing"
