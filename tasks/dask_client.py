@@ -181,11 +181,25 @@ def compute_settled(*collections: Any) -> tuple[Any, ...]:
     after every task has finished, so no task of a failed compute writes afterwards.
 
     On the run's Dask client the first failed result in input order is raised (the task's own
-    exception, e.g. an ``InputError``); without a client it is ``dask.compute`` itself (the local
-    schedulers run in this process and are done when it returns or raises)."""
+    exception, e.g. an ``InputError``). Without a client the tasks run on a thread pool of this
+    process (Dask's local threaded scheduler, which too raises while other threads still run),
+    shut down and waited for before the error leaves; a scheduler set in ``dask.config`` is used
+    as it is."""
     client = current_client()
     if client is None:
-        return dask.compute(*collections)
+        if dask.config.get("scheduler", None) is not None:
+            return dask.compute(*collections)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="aeflow-compute")
+        settle = True
+        try:
+            return dask.compute(*collections, scheduler="threads", pool=pool)
+        except BaseException as e:
+            settle = isinstance(e, Exception)  # Ctrl-C / SIGTERM: stop now, do not wait
+            raise
+        finally:
+            pool.shutdown(wait=settle, cancel_futures=True)
     from distributed import Future
 
     results = client.compute(list(collections))

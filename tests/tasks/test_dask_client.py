@@ -210,12 +210,14 @@ def test_progress_within_an_item_reaches_the_caller_from_the_workers(monkeypatch
 
 
 def _fail_fast_or_write_late(item: tuple[str, str]) -> str:
-    """Item ("fail", _) raises at once; ("write", path) sleeps, then writes its file (a partition mid-write)."""
+    """Item ("fail", _) raises soon (once the other has started); ("write", path) sleeps, then writes its
+    file (a partition mid-write)."""
     import time
     from pathlib import Path
 
     kind, path = item
     if kind == "fail":
+        time.sleep(0.3)
         raise ValueError("bad partition")
     time.sleep(1.5)
     Path(path).write_text("late")
@@ -231,7 +233,12 @@ def test_a_failed_compute_raises_only_after_its_other_tasks_have_written(tmp_pat
 
     from tasks.dask_client import compute_settled, dask_client, run_parallel
 
-    late_a, late_b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    late_a, late_b, late_c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    with pytest.raises(ValueError, match="bad partition"):  # no client: Dask's threads in this process
+        compute_settled(dask.delayed(_fail_fast_or_write_late)(("write", str(late_c))),
+                        dask.delayed(_fail_fast_or_write_late)(("fail", "")))
+    assert late_c.exists(), "the failed local compute raised while another thread was still writing"
+    assert compute_settled(dask.delayed(_double)(3)) == (6,)
     with dask_client(None, n_workers=2, processes=False):
         with pytest.raises(ValueError, match="bad partition"):
             compute_settled(dask.delayed(_fail_fast_or_write_late)(("write", str(late_a))),
