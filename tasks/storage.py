@@ -1105,8 +1105,10 @@ class RunDir:
                     self.fs.rm(self.path, recursive=True)
                     self._remove_empty_parents()
                 return
-            self.clear_partial()
-            self.release()
+            try:
+                self.clear_partial()
+            finally:
+                self.release()  # even when the outputs could not all go: the claim must not outlive the attempt
         except Exception as e:
             log.warning("could not remove what the failed run left in %s (%s); it has no manifest, so readers "
                         "ignore it, and the next run of the same command clears it", self.uri, e)

@@ -291,6 +291,26 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_respected(store):
     resumed.discard()
 
 
+def test_a_discard_that_cannot_clear_the_outputs_still_gives_the_claim_back(store, monkeypatch, caplog):
+    """discard released the claim only after clearing the outputs: a store failing in between left the
+    claim of an attempt that had ended, and the next run of the same command on another host waited
+    for its heartbeat to go stale."""
+    run = store.start_run("reduce", "7" * 64, {})
+    run.save_checkpoint({"w": torch.ones(2)}, {"epoch": 1})
+    run.write_bytes("embeddings/part.00000.parquet", b"partial")
+    assert run.exists("_claims/000001.json")
+
+    def outage() -> None:
+        raise StorageError("the store stopped answering")
+
+    monkeypatch.setattr(run, "clear_partial", outage)
+    with caplog.at_level(logging.WARNING):
+        run.discard()
+    assert not run.exists("_claims/000001.json"), "the claim outlived the discarded attempt"
+    assert "could not remove what the failed run left" in caplog.text
+    assert run._latest_claim() is None, "no claim left for the next run to wait on"
+
+
 # -- weights -----------------------------------------------------------------------------------
 
 
