@@ -6,7 +6,7 @@ already has a complete manifest for the same input and config is skipped, and
 a second backfill redoes only what failed (a failed, cancelled or crashed run
 leaves no manifest). ``force`` runs every date again. Dates run ``parallel`` at a
 time, each with its own LocalCluster unless one cluster is shared (``_shared_dask``).
-Ctrl-C starts no further date and interrupts the running ones.
+Ctrl-C (or SIGTERM, from the CLI) starts no further date and interrupts the running ones.
 
 Through a deployment, each date becomes a flow run of that deployment on the
 server (visible in the UI, tagged ``backfill``), created with an idempotency key
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.errors import AeflowError, ConfigError
+from tasks.errors import AeflowError, ConfigError, Terminated
 
 log = logging.getLogger("aeflow.backfill")
 
@@ -102,10 +102,11 @@ class BackfillInterrupted(KeyboardInterrupt):
     got no flow run.
     """
 
-    def __init__(self, outcomes: list[DateOutcome], detached: bool = False) -> None:
+    def __init__(self, outcomes: list[DateOutcome], detached: bool = False, terminated: bool = False) -> None:
         super().__init__("backfill interrupted")
         self.outcomes = outcomes
         self.detached = detached
+        self.terminated = terminated  # SIGTERM (exit 143), not Ctrl-C (130)
 
 
 def _raise_in_thread(ident: int, exc: type[BaseException]) -> None:
@@ -171,7 +172,7 @@ def run_in_process(
                 state = flow_fn(config=cfg, date=day, return_state=True)
         except BaseException as e:  # the flow engine re-raises a few things (e.g. bad parameters)
             if stop.is_set():
-                return DateOutcome(day, "interrupted", message="interrupted (Ctrl-C)")
+                return DateOutcome(day, "interrupted", message="interrupted (Ctrl-C or SIGTERM)")
             return DateOutcome(day, "failed", message=_message(e))
         run_id = str(state.state_details.flow_run_id) if state.state_details and state.state_details.flow_run_id else ""
         ids = {"flow_run_id": run_id, "flow_run_name": "" if stop.is_set() else _flow_run_name(run_id)}
@@ -179,7 +180,7 @@ def run_in_process(
             result = state.result()
             return DateOutcome(day, "skipped" if result.skipped else "completed", result.run_uri, **ids)
         if stop.is_set():
-            return DateOutcome(day, "interrupted", message="interrupted (Ctrl-C)", **ids)
+            return DateOutcome(day, "interrupted", message="interrupted (Ctrl-C or SIGTERM)", **ids)
         exc = state.result(raise_on_failure=False)
         msg = _message(exc) if isinstance(exc, BaseException) else (state.message or "")
         return DateOutcome(day, state.type.value.lower(), message=msg, **ids)
@@ -234,7 +235,7 @@ def run_in_process(
                 outcomes[outcome.date] = outcome
                 if on_done:
                     on_done(outcome)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as Terminated (the CLI's sigterm_as_interrupt)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, _exit_now)
             with lock:
@@ -250,7 +251,7 @@ def run_in_process(
                 o = results.get_nowait()
                 outcomes[o.date] = o
             final = [outcomes.get(d) or DateOutcome(d, "interrupted" if d in was_running else "not run") for d in dates]
-            raise BackfillInterrupted(final) from None
+            raise BackfillInterrupted(final, terminated=isinstance(e, Terminated)) from None
     return [outcomes.get(d) or DateOutcome(d, "failed", message="did not run (its worker thread ended)") for d in dates]
 
 
@@ -385,10 +386,10 @@ def _run_via_deployment(
         try:
             _create_and_wait(client, dep, dates, config_overrides, outcomes, app_name=app_name, force=force, wait=wait,
                              poll_s=poll_s, on_done=on_done, ui=ui)
-        except KeyboardInterrupt:  # stops this command only: the flow runs created go on on the workers
+        except KeyboardInterrupt as e:  # stops this command only: the flow runs created go on on the workers
             created = {o.date for o in outcomes}
             raise BackfillInterrupted([*outcomes, *(DateOutcome(d, "not run") for d in dates if d not in created)],
-                                      detached=True) from None
+                                      detached=True, terminated=isinstance(e, Terminated)) from None
     return outcomes
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the command (``kill``, systemd, a container's stop): it unwinds as Ctrl-C does
+    (``flows.cli.common.sigterm_as_interrupt``), then exits 143 instead of 130."""
+
+
 class AeflowError(Exception):
     """Base class of errors caused by the user's input or configuration."""
 

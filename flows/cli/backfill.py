@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flows.cli.common import err, fail, hide_user_error_tracebacks, out, quiet_prefect
+from flows.cli.common import err, fail, hide_user_error_tracebacks, out, quiet_prefect, sigterm_as_interrupt
 from tasks.errors import AeflowError
 
 
@@ -130,24 +130,25 @@ def backfill(
         def done(o: Any) -> None:
             progress.update(bar, advance=1, last=f"{o.date}: {o.status}")
 
-        interrupted, detached = False, False
-        try:
-            if via_deployment:
-                overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
-                outcomes = run_via_deployment(via_deployment, dates, overrides, app_name=app_name, force=force,
-                                              wait=wait, on_done=done)
-            else:
-                outcomes = run_in_process(app_name, dates, cfg, parallel=parallel, force=force, on_done=done)
-        except BackfillInterrupted as e:
-            interrupted, detached, outcomes = True, e.detached, e.outcomes
-        except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
-            progress.update(bar, visible=False)  # no empty bar left above the message
-            progress.stop()
-            fail(e, "backfill")
-        except AeflowError as e:  # a refusal before any date ran (no deployment, another app's, no server)
-            progress.update(bar, visible=False)
-            progress.stop()
-            fail(e)
+        interrupted, detached, terminated = False, False, False
+        with sigterm_as_interrupt():  # `kill`, systemd, a container's stop: as Ctrl-C, then exit 143
+            try:
+                if via_deployment:
+                    overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
+                    outcomes = run_via_deployment(via_deployment, dates, overrides, app_name=app_name, force=force,
+                                                  wait=wait, on_done=done)
+                else:
+                    outcomes = run_in_process(app_name, dates, cfg, parallel=parallel, force=force, on_done=done)
+            except BackfillInterrupted as e:
+                interrupted, detached, terminated, outcomes = True, e.detached, e.terminated, e.outcomes
+            except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
+                progress.update(bar, visible=False)  # no empty bar left above the message
+                progress.stop()
+                fail(e, "backfill")
+            except AeflowError as e:  # a refusal before any date ran (no deployment, another app's, no server)
+                progress.update(bar, visible=False)
+                progress.stop()
+                fail(e)
     if as_json:
         print(json.dumps([o.to_json() for o in outcomes]))
     else:
@@ -171,16 +172,16 @@ def backfill(
     if detached:
         going = sum(1 for o in outcomes if o.flow_run_id and o.status not in {"completed", "skipped"} and o.ok)
         never = sum(1 for o in outcomes if o.status == "not run")
-        err.print(f"[bold red]stopped waiting[/] (Ctrl-C): {going} flow run(s) listed above go on on the workers and "
+        err.print(f"[bold red]stopped waiting[/] ({'SIGTERM' if terminated else 'Ctrl-C'}): {going} flow run(s) listed above go on on the workers and "
                   f"finish without this command" + (f"; {never} date(s) got no flow run" if never else "")
                   + "; the same command again creates only the missing ones and waits for all (its runs are "
                   "idempotent per date)", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if terminated else 130)
     if interrupted:
         left = sum(1 for o in outcomes if o.status in {"interrupted", "not run"})
-        err.print(f"[bold red]interrupted:[/] {left} date(s) not done; run the same command again to resume them "
-                  "(complete dates are skipped)", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        err.print(f"[bold red]{'terminated' if terminated else 'interrupted'}:[/] {left} date(s) not done; run the "
+                  "same command again to resume them (complete dates are skipped)", highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if terminated else 130)
     code = exit_code(outcomes)
     if code:
         err.print("[bold red]some dates failed[/]; run the same command again to redo only those", highlight=False)

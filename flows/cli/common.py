@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tasks.errors import AeflowError
+from tasks.errors import AeflowError, Terminated
 
 out = Console()
 err = Console(stderr=True)
@@ -114,10 +114,6 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
     err.print("[bold red]aeflow failed with an unexpected error (a bug; please report it):[/]")
     err.print(redact("".join(traceback.format_exception(e))), highlight=False, markup=False)
     _exit(1, "bug", redact(f"{type(e).__name__}: {e}"))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM reached the command (``kill``, systemd, a container's stop): it unwinds as Ctrl-C does."""
 
 
 @contextmanager

@@ -70,7 +70,7 @@ _DRIVER = textwrap.dedent(
 )
 
 
-def _backfill_then_ctrl_c(tmp_path: Path, mode: str, signals: int) -> tuple[int, str, float]:
+def _backfill_then_ctrl_c(tmp_path: Path, mode: str, signals: int, sig: int = signal.SIGINT) -> tuple[int, str, float]:
     marks = tmp_path / "marks"
     marks.mkdir()
     (tmp_path / "driver.py").write_text(_DRIVER)
@@ -90,7 +90,7 @@ def _backfill_then_ctrl_c(tmp_path: Path, mode: str, signals: int) -> tuple[int,
         for i in range(signals):
             if i:
                 time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig)
         rest, _ = proc.communicate(timeout=15)  # the bug: every queued date ran first (60 s here)
         took = time.monotonic() - t0
     finally:
@@ -110,6 +110,18 @@ def test_ctrl_c_stops_an_in_process_backfill_promptly(tmp_path):
     text = " ".join(output.split())
     assert "interrupted: 3 date(s) not done; run the same command again" in text, output[-3000:]
     # the table so far: the running date interrupted, the queued ones not run
+    assert "2026-11-01 │ interrupted" in output and "2026-11-03 │ not run" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_sigterm_stops_an_in_process_backfill_as_ctrl_c_does_with_exit_143(tmp_path):
+    """`kill`, systemd or a container's stop: the default action ended the backfill on the spot (no table,
+    no message, the running date's claim left to go stale)."""
+    code, output, took = _backfill_then_ctrl_c(tmp_path, "plain", signals=1, sig=signal.SIGTERM)
+    assert code == 143, output[-3000:]
+    assert took < 10, f"{took:.1f} s from SIGTERM to exit"
+    text = " ".join(output.split())
+    assert "terminated: 3 date(s) not done; run the same command again" in text, output[-3000:]
     assert "2026-11-01 │ interrupted" in output and "2026-11-03 │ not run" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
 
