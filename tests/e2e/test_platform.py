@@ -26,7 +26,8 @@ from tests.e2e.conftest import DAILY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.platform, pytest.mark.slow]
 WORKERS = {"prefect-worker-1", "prefect-worker-2"}
-TRAIN_LONG = 80  # epochs of a run a fault interrupts: a checkpoint (to S3) each, ~0.1 s apiece: seconds of training in all
+TRAIN_LONG = 120  # epochs of a run a fault interrupts: a checkpoint (to S3) each, 0.04-0.1 s apiece: 5-12 s in all (at 80 a fast
+# host had trained 40 epochs between the first checkpoint seen and the kill: half of the run)
 DASK_WORKERS = {"dask-worker-1", "dask-worker-2"}
 
 
@@ -67,13 +68,13 @@ def _checkpoint_of(platform, input_uri: str) -> tuple[str, dict] | None:
     return run_dir, json.loads(fs.cat_file(meta))
 
 
-def _long_run_in_training(platform, key: str, frame) -> tuple[dict, object, str, dict]:
-    """Trigger a run of TRAIN_LONG epochs; return (config, flow run, run directory, checkpoint meta) mid-training."""
+def _long_run_in_training(platform, key: str, frame, epochs: int = TRAIN_LONG) -> tuple[dict, object, str, dict]:
+    """Trigger a run of ``epochs``; return (config, flow run, run directory, checkpoint meta) mid-training."""
     uri = platform.put_table(key, frame)
-    cfg = config(uri, epochs=TRAIN_LONG)
+    cfg = config(uri, epochs=epochs)
     fr = platform.trigger(cfg)
     run_dir, meta = _wait(lambda: _checkpoint_of(platform, uri), 300, "a training checkpoint on S3", platform, 0.2)
-    assert meta["epoch"] < TRAIN_LONG, "caught while training"
+    assert meta["epoch"] < epochs, "caught while training"
     return cfg, fr, run_dir, meta
 
 
@@ -424,7 +425,10 @@ def test_down_stops_every_process_and_port_and_up_reuses_the_data(platform, digi
     training slot, so every later training waited: found by the eighth walkthrough)."""
     from flows.platform.procs import listening_ports, port_open
 
-    _cfg, in_flight, run_dir, _meta = _long_run_in_training(platform, "data/down-mid-run/digits.csv", digits_frame)
+    # Never completed here, so it may be long: at 80 epochs a fast host finished training (in 2.9 s)
+    # while the test listed the processes and objects, before down (CI: its fit task COMPLETED, not ended by down).
+    _cfg, in_flight, run_dir, _meta = _long_run_in_training(platform, "data/down-mid-run/digits.csv", digits_frame,
+                                                             epochs=40 * TRAIN_LONG)
     state = platform.state()
     procs = [p for rec in state.components.values() for p in tree(rec)]
     ports = listening_ports(procs) | set(state.ports.values())
