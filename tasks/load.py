@@ -525,7 +525,7 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
     # that held no other text), else checked that numbers do not change them (_ids_changed: 00042, 2.50)
     names = list(block.columns or file_columns)
     ids = ({names.index(schema.id): str} if block.fmt == "csv" and schema.id in names
-           and schema.id_dtype in ("str", "int64", "float64") else None)
+           and schema.id_dtype in ("str", "int64", "uint64", "float64") else None)
     try:
         # Mixed types within a column are the schema's to report (by line), not pandas' DtypeWarning's
         with storage_op("read", block.uri), warnings.catch_warnings():

@@ -167,6 +167,10 @@ def _label_dtype(series: pd.Series) -> str:
 
 def _id_dtype(series: pd.Series) -> str:
     family = _dtype_family(series)
+    if family == "int64" and pd.api.types.is_unsigned_integer_dtype(series) and len(series.dropna()) \
+            and int(series.max()) > np.iinfo(np.int64).max:
+        # 64-bit hash ids past int64 (pandas reads a CSV's as uint64; a Parquet uint64 column): carried as they are
+        return "uint64"
     return "str" if family == "float64" and series.isna().all() else family
 
 

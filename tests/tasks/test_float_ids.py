@@ -135,3 +135,27 @@ def test_round_tripping_float_ids_stay_float64_from_csv_and_parquet(tmp_path):
     src = inspect_table(str(tmp_path / "t.parquet"), LoadConfig(id_column="id"))
     got = to_dask(src).compute(scheduler="sync")["id"]
     assert src.schema.id_dtype == "float64" and got.dtype == "float64" and got.tolist() == df["id"].tolist()
+
+
+def test_64_bit_hash_ids_past_int64_are_carried_as_uint64_from_csv_and_parquet(prefect_server, dask_address,
+                                                                                 tmp_path):
+    # 64-bit hash ids (>= 2**63) were refused: "column 'id' has values that are not int64: '10000000000000000000'"
+    big = [str(2**64 - 1 - 7 * i) for i in range(40)] + [str(2**63 + i) for i in range(40)]
+    csv = _write(tmp_path / "t.csv", big)
+    pq_path = tmp_path / "t.parquet"
+    pd.read_csv(csv, dtype={"id": "uint64"}).to_parquet(pq_path, index=False)
+    for path in (csv, str(pq_path)):
+        src = inspect_table(path, LoadConfig(id_column="id"))
+        got = to_dask(src).compute(scheduler="sync")["id"]
+        assert (src.schema.id_dtype, got.dtype, got.astype(str).tolist()) == ("uint64", "uint64", big)
+    code, out = _run("reduce", "--input", csv, "--id-column", "id", "--output", str(tmp_path / "out"),
+                     "--dask-address", dask_address)
+    assert code == 0, out
+    written = _out_ids(out, "embeddings")
+    assert written.dtype == "uint64" and written.astype(str).tolist() == big
+    # the model applied to the Parquet file: its ids as they are
+    code, out = _run("reduce", "--model", json.loads(out.strip().splitlines()[-1])["run_uri"], "--apply-to",
+                     str(pq_path), "--id-column", "id", "--output", str(tmp_path / "out"), "--dask-address",
+                     dask_address)
+    assert code == 0, out
+    assert _out_ids(out, "embeddings").astype(str).tolist() == big
