@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import lzma
 import re
 import warnings
 import zlib
@@ -41,7 +42,11 @@ from tasks.storage import (
     url_to_fs,
 )
 
-_EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".csv.bz2": "csv", ".csv.xz": "csv", ".parquet": "parquet",
+               ".pq": "parquet"}
+# Archives and codecs a table is not read from (a zip may hold many files): named by their extension
+_UNREAD = {".zip": "a zip archive", ".zst": "zstd-compressed", ".7z": "a 7z archive", ".tar": "a tar archive",
+           ".tgz": "a tar archive", ".rar": "a rar archive"}
 SAMPLE_ROWS = 2000
 
 
@@ -100,8 +105,14 @@ def list_table_files(uri: str, fmt: str = "auto", role: str = "input") -> tuple[
         typed = [p for p in paths if _format_of(p) is not None]
         unknown = [p for p in paths if _format_of(p) is None]
         if unknown and len(paths) == 1:
+            low = unknown[0].lower()
+            kind = next((what for ext, what in _UNREAD.items() if low.endswith(ext)), None)
+            if kind:
+                raise InputError(f"{to_uri(fs, unknown[0])} is {kind}, which is not read: extract the table, or "
+                                 "compress a CSV with gzip, bzip2 or xz (.csv.gz, .csv.bz2, .csv.xz)")
             raise InputError(
-                f"{to_uri(fs, unknown[0])}: unknown file type; use .csv, .csv.gz or .parquet, or pass --format"
+                f"{to_uri(fs, unknown[0])}: unknown file type; use .csv (also .csv.gz, .csv.bz2, .csv.xz) or "
+                ".parquet, or pass --format"
             )
     if not typed:
         raise InputError(f"no CSV or Parquet files found at {uri}{relative_note(uri) if is_local(fs) else ''}")
@@ -110,17 +121,27 @@ def list_table_files(uri: str, fmt: str = "auto", role: str = "input") -> tuple[
 
 _BOM = b"\xef\xbb\xbf"
 _PARQUET_MAGIC = b"PAR1"
-_GZIP_MAGIC = b"\x1f\x8b"
+# Compressed streams a CSV is read through, by their first bytes: fsspec's compression names
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+# ... and what is refused by its first bytes, whatever the file's name
+_UNREAD_MAGIC = {b"PK\x03\x04": "a zip archive", b"\x28\xb5\x2f\xfd": "zstd-compressed", b"7z\xbc\xaf": "a 7z archive"}
+_TRUNCATED = (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 def _sniff(fs, path: str, uri: str) -> str:
-    """What the first bytes say a file is: ``parquet``, ``gzip`` or ``text`` (by content, not by name)."""
+    """What the first bytes say a file is: ``parquet``, a compression (``gzip``, ``bz2``, ``xz``) or ``text`` (by
+    content, not by name); an archive or codec that is not read is refused here."""
     with storage_op("read", uri), fs.open(path, "rb") as f:
-        head = f.read(4)
-    if head == _PARQUET_MAGIC:
+        head = f.read(6)
+    if head[:4] == _PARQUET_MAGIC:
         return "parquet"
-    if head[:2] == _GZIP_MAGIC:
-        return "gzip"
+    for magic, name in _COMPRESSED.items():
+        if head.startswith(magic):
+            return name
+    for magic, what in _UNREAD_MAGIC.items():
+        if head.startswith(magic):
+            raise InputError(f"{uri} is {what}, which is not read: extract the table, or compress a CSV with gzip, "
+                             "bzip2 or xz (.csv.gz, .csv.bz2, .csv.xz)")
     return "text"
 
 
@@ -132,11 +153,11 @@ def _check_format(fmt: str, content: str, uri: str, by: str) -> str | None:
             "rename it to .parquet or pass --format parquet"
         )
     if fmt == "parquet" and content != "parquet":
-        what = "gzip-compressed data" if content == "gzip" else "no Parquet magic bytes; it looks like text, e.g. CSV"
+        what = f"{content}-compressed data" if content != "text" else "no Parquet magic bytes; it looks like text, e.g. CSV"
         raise InputError(
             f"{uri} is not a Parquet file ({what}), although {by} says Parquet: rename it or pass --format csv"
         )
-    return "gzip" if content == "gzip" else None
+    return None if content == "text" else content
 
 
 def _unique_columns(cols: list[str], uri: str) -> None:
@@ -313,8 +334,12 @@ def inspect_table(
                                 raise InputError(f"{furi} has a header but no data rows")
             except (pd.errors.ParserError, UnicodeDecodeError) as e:
                 raise InputError(f"{furi}: not a readable CSV file ({e})") from e
-            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            except _TRUNCATED as e:
                 raise InputError(f"{furi}: the file is truncated or corrupted ({type(e).__name__}: {e})") from e
+            except OSError as e:
+                if compression:  # bz2: "Invalid data stream"
+                    raise InputError(f"{furi}: the file is truncated or corrupted ({type(e).__name__}: {e})") from e
+                raise
             if compression or size <= blocksize:
                 spans = [(0, None)]
             else:
@@ -483,7 +508,7 @@ _PANDAS_LINE = re.compile(r"\bline (\d+)")
 def _parse_error(block: Block, e: BaseException) -> InputError:
     """A parse failure of a block as one message naming the file and, for CSV, the file's line."""
     text = f"{type(e).__name__}: {str(e).strip()}"  # pandas ends its tokenizer message with a newline
-    if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+    if isinstance(e, _TRUNCATED) or (block.compression and isinstance(e, OSError)):
         return InputError(f"{block.uri}: the file is truncated or corrupted ({text})")
     if block.fmt == "csv" and block.row_offset is None:  # pandas counts lines within the block
         base = _lines_before(block)
@@ -548,7 +573,7 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
                 df = pf.read_row_groups(list(block.row_groups), columns=wanted).to_pandas()
     except InputError:
         raise
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError, zlib.error) as e:
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, *_TRUNCATED) as e:
         err = _parse_error(block, e)
     else:
         err = None

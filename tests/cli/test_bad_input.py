@@ -146,6 +146,25 @@ def case_truncated_gzip_past_the_sample(d):
     return [str(d / "t.csv.gz")], "{d}/t.csv.gz: the file is truncated or corrupted (EOFError: Compressed file ended"
 
 
+@refusal("a truncated .csv.bz2 or .csv.xz (bzip2 and xz CSVs are read as .csv.gz ones are)", 3, "table")
+def case_truncated_bz2_past_the_sample(d):
+    import bz2
+
+    data = bz2.compress(_frame(20000).to_csv(index=False).encode())
+    (d / "t.csv.bz2").write_bytes(data[: int(len(data) * 0.8)])
+    return [str(d / "t.csv.bz2")], "{d}/t.csv.bz2: the file is truncated or corrupted (EOFError: Compressed file ended"
+
+
+@refusal("a zip archive or a zstd-compressed file, whatever its name (extract it, or compress with gzip, bzip2 or "
+         "xz)", 3, "table")
+def case_zip_archive(d):
+    import zipfile
+
+    with zipfile.ZipFile(d / "t.csv", "w") as z:  # named .csv: told by content
+        z.writestr("t.csv", _frame().to_csv(index=False))
+    return [str(d / "t.csv")], "{d}/t.csv is a zip archive, which is not read: extract the table, or compress a CSV"
+
+
 @refusal("a training table too small to train and validate on (e.g. one row; the message gives the minimum)", 3,
          "table")
 def case_single_row(d):

@@ -69,6 +69,47 @@ def test_large_csv_is_split_into_blocks_in_order(tmp_path):
     np.testing.assert_allclose(got[list("abcd")].to_numpy(), df[list("abcd")].to_numpy())
 
 
+@pytest.mark.parametrize("ext,compress", [(".csv.bz2", "bz2"), (".csv.xz", "lzma")])
+def test_bzip2_and_xz_compressed_csv_read_as_the_plain_csv(tmp_path, ext, compress):
+    # they were "unknown file type; ... or pass --format", and --format csv read the compressed bytes as text
+    import importlib
+
+    df = _frame(3000)
+    raw = df.to_csv(index=False).encode()
+    (tmp_path / "plain.csv").write_bytes(raw)
+    packed = importlib.import_module(compress).compress(raw)
+    (tmp_path / f"t{ext}").write_bytes(packed)
+    (tmp_path / "named.csv").write_bytes(packed)  # by content too, whatever the name says
+    want = to_dask(inspect_table(str(tmp_path / "plain.csv"), _load(id_column="id"))).compute(scheduler="sync")
+    for name in (f"t{ext}", "named.csv"):
+        src = inspect_table(str(tmp_path / name), _load(id_column="id"))
+        assert src.n_partitions == 1  # a compressed stream is not split by byte ranges
+        pd.testing.assert_frame_equal(to_dask(src).compute(scheduler="sync"), want)
+    # damaged past the rows sampled at the door: one message naming the file, when its block is read
+    (tmp_path / f"late{ext}").write_bytes(importlib.import_module(compress).compress(_frame(60_000).to_csv(
+        index=False).encode())[:-2000])
+    with pytest.raises(InputError, match=rf"late{ext}: the file is truncated or corrupted"):
+        src = inspect_table(str(tmp_path / f"late{ext}"), _load(id_column="id"))
+        to_dask(src).compute(scheduler="sync")
+
+
+@pytest.mark.parametrize("name", ["t.csv.zip", "t.csv", "t.zst"])
+def test_a_zip_or_zstd_file_is_refused_by_name(tmp_path, name):
+    import zipfile
+
+    path = tmp_path / name
+    if name.endswith(".zst"):
+        path.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 64)
+        what = "zstd-compressed"
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("t.csv", _frame().to_csv(index=False))
+        what = "a zip archive"
+    with pytest.raises(InputError) as e:
+        inspect_table(str(path), _load(id_column="id"))
+    assert f"{path} is {what}, which is not read: extract the table, or compress a CSV with gzip" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "mutate,needle",
     [
