@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import logging
 import lzma
 import re
 import warnings
@@ -41,6 +42,8 @@ from tasks.storage import (
     to_uri,
     url_to_fs,
 )
+
+log = logging.getLogger("aeflow.load")
 
 _EXTENSIONS = {".csv": "csv", ".csv.gz": "csv", ".csv.bz2": "csv", ".csv.xz": "csv", ".parquet": "parquet",
                ".pq": "parquet"}
@@ -71,6 +74,9 @@ class Block:
     row_offset: int | None = 0
     compression: str | None = None
     columns: tuple[str, ...] = ()  # a CSV file's own header, in its order (files of a glob may order them differently)
+    # A CSV byte range cut at a record's end (a file with line breaks in quoted fields): read as it is, where a plain
+    # range starts after the first newline at or after its offset and runs to the first one after its end
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,6 +313,7 @@ def inspect_table(
         by = "--format" if load.format != "auto" else "its name"
         compression = _check_format(fmt, _sniff(fs, path, furi), furi, by)
         if fmt == "csv":
+            breaks = False  # line breaks inside the quoted fields of this file's sampled rows
             try:
                 with storage_op("read", furi):
                     cols = _csv_header(fs, path, compression)
@@ -323,6 +330,7 @@ def inspect_table(
                         # numbers of the next files its "more than 100 distinct values".
                         rows, ids_text = _csv_sample(fs, path, compression, cols, furi,
                                                      SAMPLE_ROWS - (0 if sample is None else len(sample)), id_column)
+                        breaks = _has_line_breaks(rows)
                         if ids_text is not None:
                             sample_ids.append(ids_text)
                         sample = rows if sample is None else pd.concat(
@@ -340,14 +348,19 @@ def inspect_table(
                 if compression:  # bz2: "Invalid data stream"
                     raise InputError(f"{furi}: the file is truncated or corrupted ({type(e).__name__}: {e})") from e
                 raise
+            exact = False
             if compression or size <= blocksize:
                 spans = [(0, None)]
+            elif breaks:
+                # a newline inside a quoted field is no place to cut: the ranges end at records' ends (one pass)
+                _run_log().info("%s has line breaks inside quoted fields: its %d MB are cut into partitions at "
+                                "records' ends (one pass over the file)", furi, size >> 20)
+                spans, exact = _record_spans(fs, path, size, blocksize, furi), True
             else:
                 spans = [(o, min(blocksize, size - o)) for o in range(0, size, blocksize)]
             for j, (off, length) in enumerate(spans):
-                blocks.append(
-                    Block(furi, "csv", len(blocks), off, length, (), 0 if j == 0 else None, compression, tuple(cols))
-                )
+                blocks.append(Block(furi, "csv", len(blocks), off, length, (), 0 if j == 0 else None, compression,
+                                    tuple(cols), exact and length is not None))
         else:
             with storage_op("read", furi):
                 pf = _parquet_meta(fs, path, furi)
@@ -467,6 +480,56 @@ def _named(df: pd.DataFrame, cols: list[str] | tuple[str, ...], uri: str) -> pd.
     return df
 
 
+def _run_log() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (the run's log and the console), or this module's outside a run."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow/task run
+        return log
+
+
+def _has_line_breaks(rows: pd.DataFrame) -> bool:
+    """Whether a text value of a CSV's parsed rows holds a line break (a quoted field spanning lines)."""
+    for name in rows.columns:
+        if rows[name].dtype == object or isinstance(rows[name].dtype, pd.StringDtype):
+            if rows[name].dropna().astype(str).str.contains("[\r\n]", regex=True).any():
+                return True
+    return False
+
+
+def _record_spans(fs, path: str, size: int, blocksize: int, uri: str) -> list[tuple[int, int]]:
+    """Byte ranges of a CSV of about ``blocksize`` each, every one ending at a record's end: after a newline outside
+    quoted fields (an even number of ``"`` before it: an escaped quote is two). One pass over the file."""
+    spans: list[tuple[int, int]] = []
+    start, target, pos, odd = 0, blocksize, 0, 0
+    with storage_op("read", uri), fs.open(path, "rb") as f:
+        while data := f.read(1 << 24):
+            arr = np.frombuffer(data, dtype=np.uint8)
+            quotes = np.flatnonzero(arr == 34)
+            newlines = np.flatnonzero(arr == 10)
+            ends = newlines[(np.searchsorted(quotes, newlines) + odd) % 2 == 0] + pos + 1
+            while (k := int(np.searchsorted(ends, target))) < len(ends) and ends[k] < size:
+                spans.append((start, int(ends[k]) - start))
+                start = int(ends[k])
+                target = start + blocksize
+            odd = (odd + len(quotes)) % 2
+            pos += len(data)
+    spans.append((start, size - start))
+    return spans
+
+
+def _block_bytes(fs, path: str, block: Block) -> bytes:
+    """The bytes of a CSV byte-range block: exactly its range when cut at records' ends, else fsspec's
+    newline-delimited block."""
+    with fs.open(path, "rb") as f:
+        if block.exact:
+            f.seek(block.offset)
+            return f.read(block.length)
+        return fs_read_block(f, block.offset, block.length, delimiter=b"\n")
+
+
 def _lines_before(block: Block) -> int:
     """Lines of the file before the first line of a CSV byte-range block (header included).
 
@@ -483,7 +546,7 @@ def _lines_before(block: Block) -> int:
                 break
             n += chunk.count(b"\n")
             remaining -= len(chunk)
-    return n + 1
+    return n if block.exact else n + 1
 
 
 def _locate(block: Block):
@@ -513,7 +576,25 @@ def _parse_error(block: Block, e: BaseException) -> InputError:
     if block.fmt == "csv" and block.row_offset is None:  # pandas counts lines within the block
         base = _lines_before(block)
         text = _PANDAS_LINE.sub(lambda m: f"line {base + int(m.group(1))}", text)
-    return InputError(f"{block.uri}: cannot parse ({text})")
+    return InputError(f"{block.uri}: cannot parse ({text}){_quoted_break_hint(block)}")
+
+
+def _quoted_break_hint(block: Block) -> str:
+    """For a byte-range block of a CSV that holds quoted fields: what a line break inside one past the sampled rows
+    does (a cut in the middle of a record: "EOF inside string", or a line of one field), and what to do."""
+    if block.fmt != "csv" or block.length is None or block.exact:
+        return ""
+    fs, path = url_to_fs(block.uri)
+    try:
+        with storage_op("read", block.uri):
+            quoted = b'"' in _block_bytes(fs, path, block)
+    except Exception:  # noqa: BLE001 - a hint only
+        return ""
+    if not quoted:
+        return ""
+    return (f"; if a quoted field past the first {SAMPLE_ROWS} rows holds a line break, the file's partitions (byte "
+            f"ranges of load.blocksize_mb) cut that record: set load.blocksize_mb above the file's size to read it "
+            "in one piece, or have such a field among the first rows, which makes the partitions end at records' ends")
 
 
 def read_decimal_columns(block: Block, names: list[str]) -> dict[str, tuple[np.ndarray, pa.DataType]]:
@@ -560,8 +641,7 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
                     with fs.open(path, "rb", compression=block.compression) as f:
                         df = pd.read_csv(f, index_col=False, dtype=ids)
                 else:
-                    with fs.open(path, "rb") as f:
-                        data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
+                    data = _block_bytes(fs, path, block)
                     if block.offset == 0:
                         df = pd.read_csv(io.BytesIO(data), index_col=False, dtype=ids)
                     else:
@@ -603,7 +683,7 @@ def read_block(block: Block, schema: TableSchema, file_columns: tuple[str, ...])
         i, fields = short
         raise InputError(f"{block.uri}: {_locate(block)(i)} has {fields} field{'s' if fields != 1 else ''} but the "
                          f"header names {len(file_columns)} columns (a missing separator, or a line cut short?); "
-                         "pandas reads the missing fields as empty") from e
+                         f"pandas reads the missing fields as empty{_quoted_break_hint(block)}") from e
     # in the first file's order, whatever this file's (its --exclude'd columns may differ)
     keep = [c for c in file_columns if c in df.columns and c not in set(schema.excluded)]
     return df[keep + [c for c in df.columns if c not in keep and c not in set(schema.excluded)]]
@@ -641,8 +721,7 @@ def _short_line(block: Block, n_columns: int) -> tuple[int, int] | None:
             with fs.open(path, "rb", compression=block.compression) as f:
                 data = f.read()
         else:
-            with fs.open(path, "rb") as f:
-                data = fs_read_block(f, block.offset, block.length, delimiter=b"\n")
+            data = _block_bytes(fs, path, block)
     rows = (r for r in csv.reader(io.StringIO(data.decode("utf-8", errors="replace"))) if r)  # pandas skips blank lines
     if block.length is None or block.offset == 0:
         next(rows, None)  # the header

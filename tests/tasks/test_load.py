@@ -110,6 +110,47 @@ def test_a_zip_or_zstd_file_is_refused_by_name(tmp_path, name):
     assert f"{path} is {what}, which is not read: extract the table, or compress a CSV with gzip" in str(e.value)
 
 
+def _quoted_breaks(n: int, first: int, seed: int = 9) -> pd.DataFrame:
+    """Rows whose text field holds a line break (quoted by to_csv) from row ``first`` on, in every other row."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.normal(size=(n, 10)).round(5), columns=[f"v{i}" for i in range(10)])
+    df.insert(0, "id", np.arange(n))
+    text = rng.choice(["alpha beta", "gamma", 'delta, "q" x'], n).astype(object)
+    text[first::2] = [f"line one {i}\nline, two\r\n\"three\"" for i in range(first, n, 2)]
+    df["txt"] = text
+    return df
+
+
+def test_quoted_line_breaks_are_not_cut_by_the_partitions(tmp_path):
+    # a CSV over load.blocksize_mb with line breaks inside quoted fields was refused ("line 16439 has 1 field but
+    # the header names 12 columns"): its byte-range partitions started and ended inside records
+    df = _quoted_breaks(30_000, first=0)
+    path = tmp_path / "notes.csv"
+    df.to_csv(path, index=False)
+    assert path.stat().st_size > 3 << 20
+    src = inspect_table(str(path), _load(id_column="id", blocksize_mb=1))
+    assert src.n_partitions >= 3 and all(b.exact for b in src.blocks[:-1])
+    got = to_dask(src).compute(scheduler="sync").reset_index(drop=True)
+    assert got["id"].tolist() == list(range(30_000))
+    assert got["txt"].tolist() == df["txt"].tolist()
+    np.testing.assert_allclose(got[[f"v{i}" for i in range(10)]].to_numpy(), df[[f"v{i}" for i in range(10)]])
+
+
+def test_quoted_line_breaks_only_past_the_sample_are_named_with_what_to_do(tmp_path):
+    path = tmp_path / "late.csv"
+    _quoted_breaks(30_000, first=3000).to_csv(path, index=False)
+    src = inspect_table(str(path), _load(id_column="id", blocksize_mb=1))
+    assert src.n_partitions >= 3 and not any(b.exact for b in src.blocks)
+    with pytest.raises(InputError) as e:
+        to_dask(src).compute(scheduler="sync")
+    assert str(path) in str(e.value)
+    assert "if a quoted field past the first 2000 rows holds a line break" in str(e.value)
+    assert "set load.blocksize_mb above the file's size" in str(e.value)
+    # as the message says: in one piece, it reads
+    src = inspect_table(str(path), _load(id_column="id", blocksize_mb=8))
+    assert to_dask(src).compute(scheduler="sync")["id"].tolist() == list(range(30_000))
+
+
 @pytest.mark.parametrize(
     "mutate,needle",
     [
