@@ -298,6 +298,8 @@ def inspect_table(
     first_uri = ""
     sample: pd.DataFrame | None = None
     sample_ids: list[pd.Series] = []  # the CSV sample's ids as written, decided on together (_ids_as_written)
+    # CSV columns of numbers with nulls (read as float64): whether every sampled file wrote their values as integers
+    int_columns: dict[str, bool] = {}
     fmt_seen: set[str] = set()
     excluded, seen_columns = set(load.exclude_columns), set()
     id_column = schema.id if schema is not None else load.id_column
@@ -331,6 +333,8 @@ def inspect_table(
                         rows, ids_text = _csv_sample(fs, path, compression, cols, furi,
                                                      SAMPLE_ROWS - (0 if sample is None else len(sample)), id_column)
                         breaks = _has_line_breaks(rows)
+                        for name, whole in _integers_as_written(fs, path, compression, cols, rows).items():
+                            int_columns[name] = int_columns.get(name, True) and whole
                         if ids_text is not None:
                             sample_ids.append(ids_text)
                         sample = rows if sample is None else pd.concat(
@@ -419,6 +423,11 @@ def inspect_table(
             allow_nulls=allow_nulls,
             source=source_name,
         )
+        integers = [c for c, whole in int_columns.items() if whole and schema.extra["dtypes"].get(c) == "float64"]
+        if integers:
+            # a CSV column of integers with empty cells, as written ("8", "", "9"): pandas reads it as float64, and
+            # impute gave it back with filled cells of 12.01 where the same column from Parquet (Int64) is rounded
+            schema.extra["dtypes"].update(dict.fromkeys(integers, "Int64"))
     else:
         schema.check_excluded(load.exclude_columns)
         schema.check_id_column(load.id_column)
@@ -458,6 +467,20 @@ def _csv_sample(fs, path: str, compression: str | None, cols: list[str], uri: st
     with fs.open(path, "rb", compression=compression) as f:
         text = pd.read_csv(f, nrows=nrows, index_col=False, usecols=[cols.index(id_column)], dtype=str)
     return rows, text.iloc[:, 0].set_axis(rows.index)
+
+
+def _integers_as_written(fs, path: str, compression: str | None, cols: list[str],
+                         rows: pd.DataFrame) -> dict[str, bool]:
+    """Of a CSV's sampled ``rows``, the columns read as float64 because of empty cells: {name: whether every sampled
+    value was written as an integer (pandas' nullable parsing reads the column as Int64)}."""
+    holes = [c for c in rows.columns if rows[c].dtype == "float64" and rows[c].isna().any() and rows[c].notna().any()]
+    if not holes:
+        return {}
+    with fs.open(path, "rb", compression=compression) as f:
+        typed = pd.read_csv(f, nrows=len(rows), index_col=False, usecols=[cols.index(c) for c in holes],
+                            dtype_backend="numpy_nullable")
+    typed.columns = [cols[i] for i in sorted(cols.index(c) for c in holes)]
+    return {c: pd.api.types.is_integer_dtype(typed[c]) for c in holes}
 
 
 def _ids_as_written(parsed: pd.Series, text: pd.Series) -> pd.Series:

@@ -156,6 +156,36 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
 # impute
 
 
+def test_impute_rounds_a_csv_column_of_integers_with_empty_cells(prefect_server, dask_address, tmp_path):
+    # pandas reads "8", "", "9" as float64: impute filled it with 12.01 and 10.89 where the same column from
+    # Parquet (Int64) was rounded, though README and --help say integer columns are rounded
+    rng = np.random.default_rng(3)
+    n = 2600
+    z = rng.normal(size=n)
+    df = pd.DataFrame({"id": np.arange(n), "a": z, "count": np.round(z * 3 + 10).astype(int),
+                       "ratio": np.round(z * 3 + 10).astype(int) + 0.5, "late": np.round(z * 2).astype(int),
+                       "b": 2 * z + rng.normal(size=n) * 0.1})
+    holes = df.astype({c: object for c in ("count", "ratio", "late")})  # written as they are: 8, 10.5, empty
+    for col in ("count", "ratio", "late"):
+        holes.loc[rng.random(n) < 0.2, col] = np.nan
+    holes.loc[2500, "late"] = 7.25  # a fraction past the sampled rows: that column is given back as float64
+    path = tmp_path / "holes.csv"
+    holes.to_csv(path, index=False)
+    holes = pd.read_csv(path)
+    assert ".0," not in path.read_text(), "integers are written as integers"
+    res = run("impute", **{"load.input": str(path), "load.id_column": "id", "output": str(tmp_path / "art"),
+                           "dask_address": dask_address, "app.members": 1, "app.extra_trees": False})
+    out = pd.read_parquet(res.outputs["imputed"])
+    assert str(out["count"].dtype) == "Int64" and not out["count"].isna().any()
+    seen = holes["count"].notna()
+    assert (out.loc[seen, "count"] == holes.loc[seen, "count"]).all()
+    assert out.loc[~seen, "count"].between(df["count"].min() - 3, df["count"].max() + 3).all()
+    # written with fractions (10.5): float64, filled as such
+    assert str(out["ratio"].dtype) == "float64" and (out.loc[holes["ratio"].isna(), "ratio"] % 1 != 0).any()
+    assert str(out["late"].dtype) == "float64" and out.loc[2500, "late"] == 7.25
+    assert any("late" in n and "float64" in n for n in res.notes), res.notes
+
+
 def test_impute_fills_only_missing_cells_with_the_input_dtypes(prefect_server, dask_address, data, tmp_path):
     d, full = data
     df = full.drop(columns=["label"])
