@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from models.dense import DenseAutoencoder, seeded
 from models.detector import DetectorConfig, KnnAutoencoderDetector
 from models.training import predict
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import FIT_ONLY, Evaluation, Fitted, register
 from tasks.apps.kinds import TableContext
 from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -420,6 +420,11 @@ class Detect(TableApp):
     RunConfig = DetectRunConfig
     output = "scores"
     headlines = (("roc_auc", True), ("average_precision", True))
+    # A reused detector keeps what its fit fixed: the score's parts and weights, its references and threshold_ (from
+    # its contamination); --threshold, --positive-label and app.bins still apply.
+    fit_only = FIT_ONLY + tuple(f"app.{k}" for k in (
+        "contamination", "robust", "knn_k", "knn_weight", "input_weight", "input_p", "center_weight", "tail_weight",
+        "tail_min_agreement", "recon_weight", "scaling", "max_reference", "min_steps"))
     # --epochs is no maximum here: a small table trains for more (min_step_epochs)
     option_help: ClassVar[dict[str, str]] = {
         "epochs": "Maximum epochs (early stopping usually ends sooner); a small table gets more, enough for "

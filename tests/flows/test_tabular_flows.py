@@ -135,14 +135,16 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
     with open(res.outputs["histogram"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    again = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"),
+    again = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"), "app.contamination": 0.3,
                              "output": str(d / "artifacts"), "dask_address": dask_address})
     s2 = pd.read_parquet(again.outputs["scores"])
     np.testing.assert_allclose(s2["score"], scores["score"], rtol=1e-6)
     assert (s2["is_anomaly"] == scores["is_anomaly"]).all(), "the fitted threshold_ travels with the model"
-    # the training settings given with --model did nothing: the run says which (FAST's train.epochs=8 ...)
+    # the settings given with --model that did nothing: the run says which (FAST's train.epochs=8; --contamination,
+    # which fixes threshold_ at fit time, went unsaid)
     unused = [n for n in again.notes if n.startswith("settings for training a model do not apply with --model")]
-    assert unused and "train.epochs=8" in unused[0] and "model." not in unused[0], again.notes
+    assert unused and "train.epochs=8" in unused[0] and "app.contamination=0.3" in unused[0], again.notes
+    assert "model." not in unused[0], again.notes
 
     assert not any("is --positive-label the normal class" in n for n in res.notes)
     # (--positive-label "0" here names the normal rows: the notes say so)
