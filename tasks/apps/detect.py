@@ -490,8 +490,9 @@ class Detect(TableApp):
         if isinstance(fitted.model, KnnAutoencoderDetector):
             ev.notes.append(score_description(fitted.model))
         label = ctx.schema.label
-        if not label or label not in side.columns:
-            ev.notes.append("no label column: ROC-AUC and average precision not evaluated")
+        missing = self.no_label_note(ctx, "ROC-AUC and average precision not evaluated")
+        if missing or label not in side.columns:
+            ev.notes.append(missing or "no label column: ROC-AUC and average precision not evaluated")
             return ev
         known = side[label].notna().to_numpy()
         if not known.all():

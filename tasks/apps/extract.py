@@ -189,9 +189,9 @@ class Extract(TableApp):
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         label = ctx.schema.label
-        prep = ctx.target
-        if not label or prep.label_column is None:
-            ev.notes.append("no label column: downstream accuracy not evaluated")
+        missing = self.no_label_note(ctx, "downstream accuracy not evaluated")
+        if missing:
+            ev.notes.append(missing)
             return ev
         # The evaluation trains one encoder per fold: on a seeded sample of at most cv_max_rows rows.
         x, side, total = ctx.sample("target", "all", cfg.cv_max_rows, ctx.config.train.seed)

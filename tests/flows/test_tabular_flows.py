@@ -109,6 +109,20 @@ def test_extract_features_metrics_and_reuse(prefect_server, dask_address, data, 
     np.testing.assert_allclose(b.set_index("id").loc[feats["id"]].to_numpy(), feats.set_index("id").to_numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("app, not_evaluated", [("extract", "downstream accuracy not evaluated"),
+                                                 ("detect", "ROC-AUC and average precision not evaluated")])
+def test_a_label_not_in_the_apply_to_data_is_said_so(prefect_server, dask_address, data, tmp_path, app, not_evaluated):
+    """Trained on an input with the label, applied to data without it: the notes said "no label column"."""
+    d, df = data
+    nolabel = tmp_path / "new_nolabel.parquet"
+    df.drop(columns=["label"]).to_parquet(nolabel, index=False)
+    res = run(app, **_common(d, dask_address, **{"load.apply_to": str(nolabel), "model.latent_dim": 3},
+                             **({"app.min_steps": 0} if app == "detect" else {})))
+    assert len(pd.read_parquet(res.outputs["features" if app == "extract" else "scores"])) == len(df)
+    assert not any(n.startswith("no label column") for n in res.notes), res.notes
+    assert f"label column 'label' is not in the --apply-to data ({nolabel}): {not_evaluated}" in res.notes, res.notes
+
+
 # ---------------------------------------------------------------------------------------
 # detect
 
