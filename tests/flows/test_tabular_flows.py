@@ -127,6 +127,18 @@ def test_a_label_not_in_the_apply_to_data_is_said_so(prefect_server, dask_addres
 # detect
 
 
+def test_detect_notes_list_only_the_baselines_that_ran(prefect_server, dask_address, tmp_path):
+    """On 14 rows pyod's AutoEncoder is skipped (it needs 64): the notes listed it among the baselines all the same."""
+    path = tmp_path / "small.csv"
+    mixed_frame(14, anomalies=3).to_csv(path, index=False)
+    res = run("detect", **{"load.input": str(path), "load.id_column": "id", "load.label_column": "label",
+                           "app.min_steps": 0, "output": str(tmp_path / "art"), "dask_address": dask_address})
+    assert set(res.baselines) == set(BASELINES) - {"pyod_autoencoder"}, res.baselines
+    [said] = [n for n in res.notes if n.startswith("anomalies: label 'label'")]
+    assert "pyod's ECOD, COPOD and HBOS with their default settings" in said, said
+    assert said.endswith("; not run: pyod's AutoEncoder (14 rows to fit on, it needs at least 64)"), said
+
+
 def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_address, data):
     d, df = data
     res = run("detect", **_common(d, dask_address, **{"app.contamination": 0.1}))
