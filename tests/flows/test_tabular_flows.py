@@ -121,6 +121,11 @@ def test_a_label_not_in_the_apply_to_data_is_said_so(prefect_server, dask_addres
     assert len(pd.read_parquet(res.outputs["features" if app == "extract" else "scores"])) == len(df)
     assert not any(n.startswith("no label column") for n in res.notes), res.notes
     assert f"label column 'label' is not in the --apply-to data ({nolabel}): {not_evaluated}" in res.notes, res.notes
+    # and every folder the run wrote is in the README's "What a run writes" (preprocessed-apply/ was not)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    listed = readme[readme.index("## What a run writes"):].split("```")[1]
+    for name in os.listdir(res.run_uri):
+        assert (f"{name}/" if os.path.isdir(os.path.join(res.run_uri, name)) else name) in listed, name
 
 
 # ---------------------------------------------------------------------------------------
