@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -103,18 +103,20 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - t0, 4)
 
 
-# TrainConfig fields that only shape training (the seed and the device also serve apply and evaluation)
-TRAINING_ONLY = ("epochs", "batch_size", "default_batch_size", "lr", "weight_decay", "patience", "compile",
-                 "checkpoint_seconds", "stream", "memory_mb")
-
-
-def unused_with_model(config: RunConfig, defaults: RunConfig) -> list[str]:
-    """The model and training settings of ``config`` that differ from the application's ``defaults``:
-    with ``--model`` they do nothing (``model.latent_dim=7``, ``train.epochs=50``), which the run says."""
+def unused_with_model(config: RunConfig, defaults: RunConfig, fit_only: Iterable[str]) -> list[str]:
+    """The settings of ``config`` named in ``fit_only`` (``Application.fit_only``: sections or ``section.key``)
+    that differ from the application's ``defaults``: with ``--model`` they do nothing (``model.latent_dim=7``,
+    ``train.epochs=50``, detect's ``app.contamination=0.3``), which the run says."""
     out = []
-    for section, keys in (("model", None), ("train", TRAINING_ONLY)):
-        given, default = getattr(config, section).model_dump(), getattr(defaults, section).model_dump()
-        out += [f"{section}.{k}={v}" for k, v in given.items() if (keys is None or k in keys) and v != default.get(k)]
+    for path in fit_only:
+        given, default = config, defaults
+        for key in path.split("."):
+            given, default = getattr(given, key), getattr(default, key)
+        if isinstance(default, BaseModel):
+            d = default.model_dump()
+            out += [f"{path}.{k}={v}" for k, v in given.model_dump().items() if v != d.get(k)]
+        elif given != default:
+            out.append(f"{path}={given}")
     return out
 
 
@@ -165,8 +167,8 @@ def run_app(config: RunConfig) -> RunResult:
         with dask_client(config.dask_address, processes=processes):
             with _stage(timings, kind.load_stage):
                 ctx = kind.load(app, config, run, inputs, fitted, device)
-            if config.model_run and not app.trains_in_evaluation:
-                unused = unused_with_model(config, app.RunConfig())
+            if config.model_run:
+                unused = unused_with_model(config, app.RunConfig(), app.fit_only)
                 if unused:
                     note = (f"settings for training a model do not apply with --model (its model was used as saved): "
                             f"{', '.join(unused)}")

@@ -73,6 +73,9 @@ class LoadConfig(Frozen):
 
     @model_validator(mode="after")
     def _roles_are_distinct(self) -> LoadConfig:
+        # Decided from the settings alone, before any data is read (exit 2, as the other contradictions)
+        if self.label_column is not None and self.label_column == self.id_column:
+            raise ValueError(f"{self.label_column!r} is both the label_column and the id_column; a column has one role")
         for role, col in (("id_column", self.id_column), ("label_column", self.label_column)):
             if col is not None and col in self.exclude_columns:
                 raise ValueError(f"{col!r} is the {role} and also in exclude_columns; a column has one role")

@@ -385,7 +385,8 @@ def infer_schema(
                                  + f" (in a --config file: exclude_columns: [{', '.join(parts)}])")
             raise InputError(f"excluded column {name!r} not found in {source}{_column_hint(name, columns)}")
     if label is not None and label == id_column:
-        raise InputError(f"column {label!r} cannot be both the label and the id column")
+        # LoadConfig refuses this first (exit 2); a caller that builds no config is refused alike
+        raise ConfigError(f"column {label!r} cannot be both the label and the id column")
     roles = {label, id_column, *exclude} - {None}
     features = tuple(ColumnSpec(c, _feature_kind(sample[c], c, source)) for c in columns if c not in roles)
     if not features:

@@ -818,6 +818,13 @@ class RunDir:
     def load_model_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (config.json contents, state dict), the weights verified against their recorded hash."""
         if not self.exists(f"{MODEL_DIR}/config.json"):
+            try:
+                used = self.manifest().model_run  # a run that applied another run's model saves none of its own
+            except Exception:  # noqa: BLE001 - no readable manifest: the plain message
+                used = None
+            if used:
+                raise StorageError(f"{self.uri} has no saved model: that run applied the model of {used} (it was "
+                                   f"given --model); pass --model {used}")
             raise StorageError(f"{self.uri} has no saved model (model/config.json is missing)")
         return read_model_files(self.fs, self.path_of(MODEL_DIR).replace(os.sep, "/"), self.uri_of(MODEL_DIR))
 

@@ -26,8 +26,9 @@ COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = 
     ("apply_to", ("--apply-to",), "load.apply_to", str, "Data to apply the model to (default: the input)."),
     ("model", ("--model", "-m"), "model_run", str,
      ("Reuse a trained model instead of training: a run's URI, latest (the newest run of this app under --output "
-      "that trained one) or a model folder (config.json + weights.safetensors). Settings for training then do not "
-      "apply (extract's evaluation still trains with them).")),
+      "that trained one) or a model folder (config.json + weights.safetensors). Settings that only shape a fit "
+      "(e.g. --epochs, --latent-dim, detect's --contamination) then do not apply, and the run's notes name those "
+      "given (extract's evaluation still trains with the model and training settings).")),
     ("output", ("--output", "-o"), "output", str, "Artifact root: a folder or s3://bucket/prefix (default $AEFLOW_OUTPUT, else ./artifacts)."),
     ("label_column", ("--label-column",), "load.label_column", str, "Column kept out of training (reduce colours its plot by it; extract and detect score against it)."),
     ("id_column", ("--id-column",), "load.id_column", str, "Column carried through to every output table."),

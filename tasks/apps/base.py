@@ -54,6 +54,13 @@ APP_MODULES = ("reduce", "extract", "detect", "impute", "denoise", "index", "com
 _REGISTRY: dict[str, Application] = {}
 
 
+FIT_ONLY = ("model", "preprocess", *(f"train.{k}" for k in (
+    "epochs", "batch_size", "default_batch_size", "lr", "weight_decay", "patience", "compile", "checkpoint_seconds",
+    "stream", "memory_mb")))
+"""The settings no application reads when it reuses a model (``--model``): the architecture, the preprocessing (its
+scaling and categories are the model's) and the keys that only shape training (``train.seed`` and ``train.device``
+also serve apply and evaluation). :attr:`Application.fit_only` by default."""
+
 CliOption = tuple[str, str, type, str]
 """An app's own ``aeflow run APP`` option: (flag, config path, type, help)."""
 
@@ -125,9 +132,11 @@ class Application(ABC):
     headlines: ClassVar[tuple[tuple[str, bool], ...]] = ()
     # Save a reused (--model) model into the run as well, so the run is self-contained.
     self_contained: ClassVar[bool] = False
-    # Evaluation trains models of its own from the model and train settings (extract's cross-validated
-    # encoders), so with --model those settings still apply (otherwise the run notes them as unused).
-    trains_in_evaluation: ClassVar[bool] = False
+    # The settings ("section" or "section.key") that only shape the fit: with --model the reused model stands for
+    # them, and the run's notes and log name any given (flows/pipeline.py: unused_with_model). An app adds its
+    # own app.* fit settings (detect's contamination) and leaves out what its apply or evaluation reads
+    # (extract's evaluation trains encoders with the model and train settings).
+    fit_only: ClassVar[tuple[str, ...]] = FIT_ONLY
 
     # -- the stages ---------------------------------------------------------------------
     @abstractmethod

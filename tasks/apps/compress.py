@@ -22,7 +22,7 @@ from models.codec_train import make_loss_fn
 from models.dense import seeded
 from models.image_ops import rgb_patches_streamed
 from models.metrics import bd_rate
-from tasks.apps.base import ApplyProgress, Evaluation, Fitted, on_worker, register
+from tasks.apps.base import FIT_ONLY, ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
 from tasks.apps.kinds import ImageContext
 from tasks.codec import (
@@ -249,6 +249,9 @@ class CompressApp(ImageApp):
     model_kinds = ("codec", "hyperprior")
     self_contained = True  # a run's files decode with the codec saved in the run itself
     headlines = (("psnr", True), ("bd_rate_vs_jpeg_pct", False), ("bd_rate_vs_webp_pct", False))
+    # the codec to train (a reused one has its own; --quality and --refine-steps are checked against it)
+    fit_only = FIT_ONLY + tuple(f"app.{k}" for k in ("codec", "channels", "latent_channels", "lambdas", "patch_size",
+                                                      "patches"))
     # The common `aeflow run` options that apply (no table columns, no validation split option).
     common_options = ("input", "apply_to", "model", "output", "epochs", "batch_size", "lr", "patience", "seed",
                       "device", "dask_address", "run_id")

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from models.dense import seeded
 from models.image_ops import random_patches_streamed, tiled_apply
 from models.noise import NOISE_KINDS, DenoisingLoss, NoiseConfig
-from tasks.apps.base import ApplyProgress, Evaluation, Fitted, on_worker, register
+from tasks.apps.base import FIT_ONLY, ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
@@ -223,6 +223,9 @@ class Denoise(ImageApp):
     Config = Config
     RunConfig = DenoiseRunConfig
     headlines = (("psnr", True), ("ssim", True))
+    # the training noise and patches (with --model there are no held-out images to add --sigma's noise to)
+    fit_only = FIT_ONLY + tuple(f"app.{k}" for k in ("noise", "sigma", "sigma_max", "salt_pepper", "mask", "patch_size",
+                                                      "patches"))
     # A training run denoises nothing unless --apply-to names images (its input is clean); not "default: the input"
     option_help: ClassVar[dict[str, str]] = {
         "apply_to": ("Noisy images to denoise (a folder of PNG/JPEG, local or s3://): denoised/<relative path> in the "

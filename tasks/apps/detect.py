@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from models.dense import DenseAutoencoder, seeded
 from models.detector import DetectorConfig, KnnAutoencoderDetector
 from models.training import predict
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import FIT_ONLY, Evaluation, Fitted, register
 from tasks.apps.kinds import TableContext
 from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -344,13 +344,14 @@ BASELINES = ("isolation_forest", "pca", "ecod", "copod", "hbos", "pyod_autoencod
 
 def baseline_scores(
     fit_x: np.ndarray, x: np.ndarray, *, k: int, contamination: float, seed: int,
-    seconds: dict[str, float] | None = None,
+    seconds: dict[str, float] | None = None, skipped: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Scores (higher = more anomalous) of the detectors a user would otherwise pick, fitted on
     ``fit_x``, scoring ``x``: IsolationForest, PCA reconstruction error, and pyod's ECOD, COPOD,
     HBOS and AutoEncoder, each with its default settings. A baseline that fails is logged and
     left out (it must never fail the run it is compared in). ``seconds``, when given, receives
-    each baseline's fit + scoring time."""
+    each baseline's fit + scoring time; ``skipped`` why each baseline left out was."""
+    skipped = {} if skipped is None else skipped
     from pyod.models.copod import COPOD
     from pyod.models.ecod import ECOD
     from pyod.models.hbos import HBOS
@@ -375,6 +376,7 @@ def baseline_scores(
                 out[name] = np.asarray(score(), dtype="float64")
         except Exception as e:  # a baseline must never fail the run it is compared in
             _log().warning("%s baseline skipped: %s: %s", name, type(e).__name__, e)
+            skipped[name] = f"{type(e).__name__}: {e}"
             continue
         took = time.perf_counter() - t0
         _log().info("detect: baseline %s fitted on %s rows, scored %s rows in %.1f s", name, f"{len(fit_x):,}",
@@ -384,6 +386,7 @@ def baseline_scores(
     if len(fit_x) < PYOD_MIN_ROWS:
         # pyod drops the ragged last batch of 32: with fewer rows it trains on nothing and fails.
         _log().warning("pyod AutoEncoder baseline skipped: %d rows, it needs at least %d", len(fit_x), PYOD_MIN_ROWS)
+        skipped["pyod_autoencoder"] = f"{len(fit_x)} rows to fit on, it needs at least {PYOD_MIN_ROWS}"
         return out
     torch_state = torch.random.get_rng_state()
     t0 = time.perf_counter()
@@ -400,8 +403,31 @@ def baseline_scores(
             seconds["pyod_autoencoder"] = took
     except Exception as e:  # a baseline must never fail the run it is compared in
         _log().warning("pyod AutoEncoder baseline skipped: %s: %s", type(e).__name__, e)
+        skipped["pyod_autoencoder"] = f"{type(e).__name__}: {e}"
     finally:
         torch.random.set_rng_state(torch_state)
+    return out
+
+
+#: The pyod baselines, as the run's notes name them (each with its default settings, as IsolationForest).
+PYOD_NAMES = {"ecod": "ECOD", "copod": "COPOD", "hbos": "HBOS", "pyod_autoencoder": "AutoEncoder"}
+
+
+def baselines_note(ran: list[str], skipped: dict[str, str]) -> str:
+    """The notes' words on the baselines: those that ran with their default settings (PCA takes k = the code width),
+    and those left out and why (a 14-row table's notes listed pyod's AutoEncoder, which had been skipped)."""
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+    parts = ["IsolationForest"] if "isolation_forest" in ran else []
+    pyod = [name for b, name in PYOD_NAMES.items() if b in ran]
+    if pyod:
+        parts.append(f"pyod's {listed(pyod)}")
+    out = f"; {' and '.join(parts)} with their default settings" if parts else ""
+    if skipped:
+        who = {"isolation_forest": "IsolationForest", "pca": "PCA", **{b: f"pyod's {n}" for b, n in PYOD_NAMES.items()}}
+        out += "; not run: " + "; ".join(f"{who.get(b, b)} ({why})" for b, why in skipped.items())
     return out
 
 
@@ -420,6 +446,11 @@ class Detect(TableApp):
     RunConfig = DetectRunConfig
     output = "scores"
     headlines = (("roc_auc", True), ("average_precision", True))
+    # A reused detector keeps what its fit fixed: the score's parts and weights, its references and threshold_ (from
+    # its contamination); --threshold, --positive-label and app.bins still apply.
+    fit_only = FIT_ONLY + tuple(f"app.{k}" for k in (
+        "contamination", "robust", "knn_k", "knn_weight", "input_weight", "input_p", "center_weight", "tail_weight",
+        "tail_min_agreement", "recon_weight", "scaling", "max_reference", "min_steps"))
     # --epochs is no maximum here: a small table trains for more (min_step_epochs)
     option_help: ClassVar[dict[str, str]] = {
         "epochs": "Maximum epochs (early stopping usually ends sooner); a small table gets more, enough for "
@@ -485,8 +516,9 @@ class Detect(TableApp):
         if isinstance(fitted.model, KnnAutoencoderDetector):
             ev.notes.append(score_description(fitted.model))
         label = ctx.schema.label
-        if not label or label not in side.columns:
-            ev.notes.append("no label column: ROC-AUC and average precision not evaluated")
+        missing = self.no_label_note(ctx, "ROC-AUC and average precision not evaluated")
+        if missing or label not in side.columns:
+            ev.notes.append(missing or "no label column: ROC-AUC and average precision not evaluated")
             return ev
         known = side[label].notna().to_numpy()
         if not known.all():
@@ -516,11 +548,12 @@ class Detect(TableApp):
             where = "fitted on the input, scoring the applied data" if ctx.target is not ctx.train else "fitted and scored on the input"
         else:
             fit_x, where = x, "fitted and scored on the applied data (the model was reused)"
+        skipped: dict[str, str] = {}
         for name, s in baseline_scores(fit_x, x, k=fitted.model.config.latent_dim, contamination=cfg.contamination,
-                                       seed=ctx.config.train.seed).items():
+                                       seed=ctx.config.train.seed, skipped=skipped).items():
             ev.baselines[name] = ranking_metrics(y, s[known])
-        ev.notes.append(f"anomalies: label {label!r} == {cfg.positive_label!r}; baselines {where}; IsolationForest and "
-                        "pyod's ECOD, COPOD, HBOS and AutoEncoder with their default settings")
+        ev.notes.append(f"anomalies: label {label!r} == {cfg.positive_label!r}; baselines {where}"
+                        + baselines_note(list(ev.baselines), skipped))
         return ev
 
     def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:

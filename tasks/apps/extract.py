@@ -168,7 +168,9 @@ class Extract(TableApp):
     RunConfig = ExtractRunConfig
     output = "features"
     headlines = (("accuracy", True), ("accuracy_10_per_class", True))
-    trains_in_evaluation = True  # the cross-validated encoders of the evaluation use the model/train settings
+    # The evaluation's cross-validated encoders train with the model and train settings, so with --model those
+    # still apply, except the code's width (the reused model's), and what only a run's own fit reads.
+    fit_only = ("preprocess", "model.latent_dim", "train.checkpoint_seconds", "train.stream", "train.memory_mb")
     cli_options = (
         ("--latent-dim", "model.latent_dim", int, "Number of extracted features k (f_0..f_{k-1})."),
         ("--cv-folds", "app.cv_folds", int, "Stratified folds of the downstream-accuracy evaluation."),
@@ -187,9 +189,9 @@ class Extract(TableApp):
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
         label = ctx.schema.label
-        prep = ctx.target
-        if not label or prep.label_column is None:
-            ev.notes.append("no label column: downstream accuracy not evaluated")
+        missing = self.no_label_note(ctx, "downstream accuracy not evaluated")
+        if missing:
+            ev.notes.append(missing)
             return ev
         # The evaluation trains one encoder per fold: on a seeded sample of at most cv_max_rows rows.
         x, side, total = ctx.sample("target", "all", cfg.cv_max_rows, ctx.config.train.seed)

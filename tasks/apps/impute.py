@@ -47,7 +47,7 @@ from pydantic import Field
 
 from models.dense import ImputerConfig, MaskedImputer, imputer_loss, seeded
 from models.training import predict
-from tasks.apps.base import Evaluation, Fitted, register
+from tasks.apps.base import FIT_ONLY, Evaluation, Fitted, register
 from tasks.apps.kinds import TableContext
 from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
@@ -306,6 +306,7 @@ class Impute(TableApp):
     output = "imputed"
     carries_id = False  # the input's own columns, the id among them
     headlines = (("rmse", False), ("accuracy", True))
+    fit_only = FIT_ONLY + ("app.mask_fraction", "app.members", "app.passes", "app.head_alpha")  # the model's own
     cli_options = (
         ("--mask-fraction", "app.mask_fraction", float, "Share of observed cells hidden in each training batch."),
         ("--eval-fraction", "app.eval_fraction", float, "Share of observed cells hidden for the evaluation (MCAR)."),

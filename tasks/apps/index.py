@@ -35,7 +35,7 @@ from pydantic import Field
 from models.conv import latent_noise_loss
 from models.dense import seeded
 from models.training import predict
-from tasks.apps.base import ApplyProgress, Evaluation, Fitted, on_worker, register
+from tasks.apps.base import FIT_ONLY, ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ConvModelConfig, ImageApp, ImageRunConfig
 from tasks.apps.kinds import ImageContext
 from tasks.config import AppConfig, PreprocessConfig, TrainConfig
@@ -446,6 +446,7 @@ class Index(ImageApp):
     Config = Config
     RunConfig = IndexRunConfig
     headlines = (("precision_at_*", True), ("recall_at_*", True))  # named after app.k
+    fit_only = FIT_ONLY + ("app.latent_noise",)  # the ANN index is built in every run, the autoencoder reused
     cli_options = tuple(o for o in ImageApp.cli_options if o[0] != "--mode") + (
         ("--mode", "load.mode", str, f"gray, rgb or keep (default: {DEFAULT_MODE} when training; with --model, the "
          "mode that model learnt on)."),

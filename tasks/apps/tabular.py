@@ -95,6 +95,19 @@ class TableApp(Application):
                 run_logger().warning("%s", w)
                 ctx.notes.append(f"warning: {w}")
 
+    @staticmethod
+    def no_label_note(ctx: TableContext, not_evaluated: str) -> str | None:
+        """The note saying why the metrics that need a label are ``not_evaluated``, or None when the data scored
+        has the label column: none was given, or the one given (or the model's) is not in the data applied to
+        (a training input that has it, --apply-to data that does not: "no label column" said the wrong thing)."""
+        label = ctx.schema.label
+        if not label:
+            return f"no label column: {not_evaluated}"
+        if ctx.target.label_column is not None:
+            return None
+        role = "--apply-to" if ctx.config.load.apply_to else "--input"
+        return f"label column {label!r} is not in the {role} data ({ctx.target.source_uri}): {not_evaluated}"
+
     # -- fit -----------------------------------------------------------------------------
     def build_model(self, ctx: TableContext) -> nn.Module:
         return DenseAutoencoder(ctx.config.model.dense(len(ctx.train.columns)))

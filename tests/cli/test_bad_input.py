@@ -233,6 +233,26 @@ def test_model_that_does_not_exist(prefect_server, tmp_path):
     assert_refused(res, test_model_that_does_not_exist, "does not exist")
 
 
+@refusal("a --model run that itself applied another run's model (it saved none: the message names the run to pass)", 4,
+         "storage")
+def test_model_of_a_run_that_applied_another_runs_model(prefect_server, dask_address, tmp_path):
+    """It said only "has no saved model (model/config.json is missing)", though the manifest names the model used."""
+    data = _write(tmp_path / "t.csv", _frame())
+    out = str(tmp_path / "artifacts")
+    common = ["--output", out, "--dask-address", dask_address, "--json"]
+    res = runner.invoke(app, ["run", "reduce", "--input", data, "--id-column", "id", *common, *FAST])
+    assert res.exit_code == 0, res.output
+    trained = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    res = runner.invoke(app, ["run", "reduce", "--model", trained, "--apply-to", data, *common])
+    assert res.exit_code == 0, res.output
+    applied = json.loads(res.stdout.strip().splitlines()[-1])["run_uri"]
+    res = runner.invoke(app, ["run", "reduce", "--model", applied, "--apply-to", data, "--output", out,
+                              "--dask-address", dask_address])
+    assert_refused(res, test_model_of_a_run_that_applied_another_runs_model,
+                   f"{applied} has no saved model: that run applied the model of {trained} (it was given --model); "
+                   f"pass --model {trained}")
+
+
 def test_a_failed_first_run_leaves_no_empty_folders(prefect_server, dask_address, tmp_path):
     """The run's directory was removed, but `runs/reduce/` stayed behind, empty, in a new output folder."""
     df = _frame(400).astype(object)

@@ -137,3 +137,16 @@ def test_reflow_wraps_list_items_to_the_width(width):
     assert not _list_stubs(lines), doc
     assert max(len(line) for line in lines if not line.startswith(("- ", "  "))) > width  # plain: the terminal's
     assert max(len(line) for line in lines if line.startswith(("- ", "  "))) <= width
+
+
+def test_readme_epochs_says_that_detect_trains_a_small_table_for_more():
+    """detect's --help and its notes say a small table trains for more epochs than --epochs (app.min_steps); the
+    README's --epochs did not."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    common = " ".join(readme[readme.index("Common options of `aeflow run APP`"):readme.index("Application options")].split())
+    said = common[common.index("`--epochs` (the most"):]
+    said = said[:said.index(")")]
+    assert f"`app.min_steps` = {APPS['detect'].Config().min_steps} optimiser steps" in said, said
+    assert "app.min_steps" in APPS["detect"].option_help["epochs"]

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from flows.cli import COMMON_OPTIONS, build_app
 from flows.cli.run import option_specs
-from flows.pipeline import FLOWS
+from flows.pipeline import FLOWS, unused_with_model
 from tasks.apps.base import (
     APP_MODULES,
     Application,
@@ -121,6 +121,42 @@ def test_config_and_cli_wiring(name):
         assert (flags[0] in res.output) == (accepted is None or _n in accepted), flags[0]
     for flag, *_ in application.cli_options:
         assert flag in res.output
+    for path in application.fit_only:  # each names a setting of the app's config (a misspelt one never matches)
+        node = application.RunConfig()
+        for key in path.split("."):
+            assert key in type(node).model_fields, f"{name}.fit_only: {path!r} is no setting"
+            node = getattr(node, key)
+
+
+# Settings given with --model: (those the reused model stands for, named in the run's notes and log; those its
+# apply, evaluation or report still read, not named). detect's --contamination (its threshold_ is fixed at fit
+# time) went unnamed beside --latent-dim, and so did every application's fit-time app.* settings.
+WITH_MODEL: dict[str, tuple[dict, dict]] = {
+    "detect": ({"app.contamination": 0.3, "app.knn_k": 5, "app.robust": False, "app.min_steps": 10,
+                "model.latent_dim": 3, "train.epochs": 3, "preprocess.scaler": "minmax"},
+               {"app.threshold": 2.0, "app.positive_label": "0", "app.bins": 20, "train.seed": 3}),
+    "impute": ({"app.members": 2, "app.mask_fraction": 0.5, "app.passes": 1, "app.head_alpha": 0.0},
+               {"app.eval_fraction": 0.3, "app.extra_trees": False, "app.knn_neighbors": 3}),
+    # extract's evaluation trains encoders with the model and train settings, of the reused model's width
+    "extract": ({"model.latent_dim": 3, "preprocess.val_fraction": 0.3, "train.memory_mb": 64},
+                {"model.hidden": [16], "train.epochs": 3, "app.cv_folds": 3, "app.input_mask": 0.2}),
+    "reduce": ({"model.latent_dim": 3, "train.lr": 0.01}, {"app.trust_sample": 50, "app.plot_points": 200}),
+    "denoise": ({"app.sigma": 10.0, "app.patches": 64, "app.noise": ["gaussian", "mask"], "preprocess.val_fraction": 0.3},
+                {"app.noise_sigma": 10.0, "app.tile": 64, "app.eval_images": 2}),
+    "index": ({"app.latent_noise": 0.0, "model.latent_channels": 4},
+              {"app.k": 5, "app.index": "exact", "app.eval_queries": 10, "load.size": 16}),
+    "compress": ({"app.lambdas": [0.01, 0.1], "app.codec": "hyperprior", "app.patches": 16},
+                 {"app.quality": 1, "app.rd_images": 2, "app.jpeg_qualities": [50]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WITH_MODEL))
+def test_settings_a_reused_model_stands_for_are_named(name):
+    application = load_all()[name]
+    ignored, applied = WITH_MODEL[name]
+    cfg = resolve_config(application.RunConfig, options={"model_run": "runs/x/y", **ignored, **applied})
+    named = unused_with_model(cfg, application.RunConfig(), application.fit_only)
+    assert sorted(n.split("=")[0] for n in named) == sorted(ignored), named
 
 
 # ---------------------------------------------------------------------------------------

@@ -109,8 +109,39 @@ def test_extract_features_metrics_and_reuse(prefect_server, dask_address, data, 
     np.testing.assert_allclose(b.set_index("id").loc[feats["id"]].to_numpy(), feats.set_index("id").to_numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("app, not_evaluated", [("extract", "downstream accuracy not evaluated"),
+                                                 ("detect", "ROC-AUC and average precision not evaluated")])
+def test_a_label_not_in_the_apply_to_data_is_said_so(prefect_server, dask_address, data, tmp_path, app, not_evaluated):
+    """Trained on an input with the label, applied to data without it: the notes said "no label column"."""
+    d, df = data
+    nolabel = tmp_path / "new_nolabel.parquet"
+    df.drop(columns=["label"]).to_parquet(nolabel, index=False)
+    res = run(app, **_common(d, dask_address, **{"load.apply_to": str(nolabel), "model.latent_dim": 3},
+                             **({"app.min_steps": 0} if app == "detect" else {})))
+    assert len(pd.read_parquet(res.outputs["features" if app == "extract" else "scores"])) == len(df)
+    assert not any(n.startswith("no label column") for n in res.notes), res.notes
+    assert f"label column 'label' is not in the --apply-to data ({nolabel}): {not_evaluated}" in res.notes, res.notes
+    # and every folder the run wrote is in the README's "What a run writes" (preprocessed-apply/ was not)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    listed = readme[readme.index("## What a run writes"):].split("```")[1]
+    for name in os.listdir(res.run_uri):
+        assert (f"{name}/" if os.path.isdir(os.path.join(res.run_uri, name)) else name) in listed, name
+
+
 # ---------------------------------------------------------------------------------------
 # detect
+
+
+def test_detect_notes_list_only_the_baselines_that_ran(prefect_server, dask_address, tmp_path):
+    """On 14 rows pyod's AutoEncoder is skipped (it needs 64): the notes listed it among the baselines all the same."""
+    path = tmp_path / "small.csv"
+    mixed_frame(14, anomalies=3).to_csv(path, index=False)
+    res = run("detect", **{"load.input": str(path), "load.id_column": "id", "load.label_column": "label",
+                           "app.min_steps": 0, "output": str(tmp_path / "art"), "dask_address": dask_address})
+    assert set(res.baselines) == set(BASELINES) - {"pyod_autoencoder"}, res.baselines
+    [said] = [n for n in res.notes if n.startswith("anomalies: label 'label'")]
+    assert "pyod's ECOD, COPOD and HBOS with their default settings" in said, said
+    assert said.endswith("; not run: pyod's AutoEncoder (14 rows to fit on, it needs at least 64)"), said
 
 
 def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_address, data):
@@ -135,14 +166,16 @@ def test_detect_threshold_semantics_baselines_and_reuse(prefect_server, dask_add
     with open(res.outputs["histogram"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    again = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"),
+    again = run("detect", **{"model_run": res.run_uri, "load.apply_to": str(d / "mixed.csv"), "app.contamination": 0.3,
                              "output": str(d / "artifacts"), "dask_address": dask_address})
     s2 = pd.read_parquet(again.outputs["scores"])
     np.testing.assert_allclose(s2["score"], scores["score"], rtol=1e-6)
     assert (s2["is_anomaly"] == scores["is_anomaly"]).all(), "the fitted threshold_ travels with the model"
-    # the training settings given with --model did nothing: the run says which (FAST's train.epochs=8 ...)
+    # the settings given with --model that did nothing: the run says which (FAST's train.epochs=8; --contamination,
+    # which fixes threshold_ at fit time, went unsaid)
     unused = [n for n in again.notes if n.startswith("settings for training a model do not apply with --model")]
-    assert unused and "train.epochs=8" in unused[0] and "model." not in unused[0], again.notes
+    assert unused and "train.epochs=8" in unused[0] and "app.contamination=0.3" in unused[0], again.notes
+    assert "model." not in unused[0], again.notes
 
     assert not any("is --positive-label the normal class" in n for n in res.notes)
     # (--positive-label "0" here names the normal rows: the notes say so)

@@ -220,8 +220,9 @@ def test_unknown_columns_and_role_errors(tmp_path):
         inspect_table(str(path), _load(label_column="nope"))
     with pytest.raises(InputError, match="id column 'ident' not found"):
         inspect_table(str(path), _load(id_column="ident"))
-    with pytest.raises(InputError, match="both the label and the id"):
-        inspect_table(str(path), _load(label_column="id", id_column="id"))
+    # one column as label and id: the settings contradict each other, refused before any file is read (exit 2)
+    with pytest.raises(ValueError, match="'id' is both the label_column and the id_column"):
+        _load(label_column="id", id_column="id")
 
 
 def test_folder_with_different_columns(tmp_path):

@@ -37,8 +37,10 @@ def test_detect_baselines_hold_every_peer_with_sane_rankings_and_times():
 
 def test_detect_baselines_leave_out_a_peer_that_fails_and_keep_the_rest():
     x, _ = shifted_rows(n=40)  # under pyod AutoEncoder's minimum
-    scores = detect.baseline_scores(x, x, k=3, contamination=0.1, seed=0)
+    skipped: dict[str, str] = {}
+    scores = detect.baseline_scores(x, x, k=3, contamination=0.1, seed=0, skipped=skipped)
     assert set(scores) == set(detect.BASELINES) - {"pyod_autoencoder"}
+    assert skipped == {"pyod_autoencoder": "40 rows to fit on, it needs at least 64"}, "the run's notes say why"
 
 
 def _detector_scores(x: np.ndarray) -> np.ndarray:

@@ -107,12 +107,16 @@ def test_a_validation_value_far_outside_the_training_rows_is_found():
 @pytest.mark.parametrize("app, options, needle", [
     ("reduce", {"train.seed": -5}, "train.seed"),
     ("reduce", {"load.id_column": "id", "load.exclude_columns": ["id"]}, "'id' is the id_column and also in exclude_columns"),
+    # it was exit 3 (input), found once the data had been read, beside --exclude's exit 2 for the same contradiction
+    ("detect", {"load.label_column": "label", "load.id_column": "label"},
+     "'label' is both the label_column and the id_column"),
     ("reduce", {"run_id": "../escape"}, "run_id"),
     ("reduce", {"run_id": "latest"}, "'latest' is what --model latest means"),
     ("reduce", {"model.hidden": "64,x"}, "hidden expects comma-separated integers"),
     ("detect", {"app.threshold": "nan"}, "app.threshold"),
 ])
-@refusal("settings that contradict each other or are not values (--exclude of the --id-column, a negative --seed, "
+@refusal("settings that contradict each other or are not values (--exclude of the --id-column, one column as "
+         "--label-column and --id-column, a negative --seed, "
          "a --run-id that is not a name, --threshold nan)", 2, "configuration")
 def test_settings_refused_before_any_work(app, options, needle):
     with pytest.raises(ConfigError, match=needle) as e:
