@@ -21,7 +21,7 @@ from models.codec import CodecBase
 from models.codec_train import make_loss_fn
 from models.dense import seeded
 from models.image_ops import rgb_patches_streamed
-from models.metrics import bd_rate
+from models.metrics import PSNR_MAX_DB, bd_rate_why
 from tasks.apps.base import ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
 from tasks.apps.kinds import ImageContext
@@ -412,7 +412,8 @@ class CompressApp(ImageApp):
         notes = [
             f"metrics on the {len(per_image)} coded images; {trained_on}.",
             "bpp is measured from the .aec file sizes (header and checksum included); "
-            "PSNR on 0..255 pixels, MS-SSIM in [0, 1], means over images.",
+            f"PSNR on 0..255 pixels, at most {PSNR_MAX_DB:g} dB per image (an image coded without loss scores "
+            f"{PSNR_MAX_DB:g}, for aeflow and the baselines alike), MS-SSIM in [0, 1], means over images.",
         ]
         rd_rows: list[dict[str, Any]] = []
         if a.rd_sweep:
@@ -448,8 +449,10 @@ class CompressApp(ImageApp):
             ours = curves[curves.codec == "aeflow"].sort_values("bpp")
             for fmt in ("jpeg", "webp"):
                 base = curves[curves.codec == fmt].sort_values("bpp")
-                metrics[f"bd_rate_vs_{fmt}_pct"] = bd_rate(base.bpp, base.psnr, ours.bpp, ours.psnr)
-                metrics[f"bd_rate_msssim_vs_{fmt}_pct"] = bd_rate(base.bpp, base.ms_ssim, ours.bpp, ours.ms_ssim)
+                for name, quality in ((f"bd_rate_vs_{fmt}_pct", "psnr"), (f"bd_rate_msssim_vs_{fmt}_pct", "ms_ssim")):
+                    metrics[name], why = bd_rate_why(base.bpp, base[quality], ours.bpp, ours[quality])
+                    if why:
+                        notes.append(f"{name} None: {why}.")
                 # The baseline at the same rate as ours (interpolated along its curve): equal-bpp quality.
                 baselines[fmt], note = equal_rate_baseline(fmt, float(metrics["bpp"]), base)
                 if note:
@@ -458,7 +461,8 @@ class CompressApp(ImageApp):
                          f"curves over the {rd['image'].nunique()} swept image(s); aeflow's: means over the "
                          f"{len(per_image)} coded images.")
             notes.append("BD-rate: negative means aeflow needs fewer bits than the baseline at equal PSNR "
-                         "(or MS-SSIM), over the PSNR range both curves cover; None when they do not overlap.")
+                         "(or MS-SSIM), over the PSNR range both curves cover; None when it cannot be computed "
+                         "(a note above says why).")
             with ctx.run.open("rd.parquet", "wb") as f:
                 rd.to_parquet(f, index=False)
         ctx.cache["rd"] = rd

@@ -392,3 +392,47 @@ def test_quality_beyond_the_levels_of_the_codec_to_train_is_refused_before_train
     assert resolve_config(CompressRunConfig, options={"app.quality": 6}).app.quality == 6
     # with a model to reuse, the model's levels decide (checked when it is loaded)
     assert resolve_config(CompressRunConfig, options={"app.quality": 9, "model_run": "m"}).app.quality == 9
+
+
+BENCHMARK_CODEC = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
+
+
+def test_a_1x1_image_is_coded_and_its_bd_rate_is_none_with_a_note(prefect_server, dask_address, tmp_path):
+    """A 1x1 image (any size works): JPEG and WebP reproduce its pixel exactly at most qualities, so the sweep's
+    curves held infinite PSNRs and the BD-rate's polyfit crashed the run (LinAlgError: SVD did not converge)."""
+    d = tmp_path / "one1"
+    d.mkdir()
+    (d / "dot.png").write_bytes(_png(np.zeros((1, 1, 3), np.uint8)))  # a black pixel: both BD-rates crashed
+    cfg = resolve_config(CompressRunConfig, options={"model_run": BENCHMARK_CODEC, "load.apply_to": str(d),
+                                                     "output": str(tmp_path / "out"), "dask_address": dask_address})
+    state = FLOWS["compress"](config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    m = open_run(state.result().run_uri).manifest()
+    rd = pd.read_parquet(state.result().outputs["rd"])
+    assert rd["psnr"].max() == 100.0, "lossless baseline points score the cap"
+    assert m.metrics["bd_rate_vs_jpeg_pct"] is None and m.metrics["bd_rate_vs_webp_pct"] is None
+    assert any(n.startswith("bd_rate_vs_webp_pct None: ") for n in m.extra["notes"]), m.extra["notes"]
+
+
+def test_a_flat_image_does_not_void_the_comparison_with_the_baselines(prefect_server, dask_address, tmp_path):
+    """A flat grey and a white image next to a photograph: JPEG/WebP code the flat ones without loss; their PSNR
+    was infinite, so the baselines' means were too (null in JSON) and no verdict was drawn. Capped at 100 dB for
+    every codec, the means are finite and compared."""
+    d = tmp_path / "flat"
+    d.mkdir()
+    (d / "grey.png").write_bytes(_png(np.full((64, 64), 128, np.uint8)))
+    (d / "white.png").write_bytes(_png(np.full((64, 64), 255, np.uint8)))
+    (d / "photo.png").write_bytes(_png(skimage.data.astronaut()[100:164, 100:164]))
+    cfg = resolve_config(CompressRunConfig, options={"model_run": BENCHMARK_CODEC, "load.apply_to": str(d),
+                                                     "output": str(tmp_path / "out"), "dask_address": dask_address})
+    result = FLOWS["compress"](config=cfg)
+    m = open_run(result.run_uri).manifest()
+    rd = pd.read_parquet(result.outputs["rd"])
+    assert np.isfinite(rd["psnr"]).all() and rd["psnr"].max() == 100.0
+    assert np.isfinite(m.metrics["psnr"])
+    compared = [b["psnr"] for b in m.baselines.values() if b["psnr"] is not None]
+    assert compared and all(np.isfinite(compared)), m.baselines
+    with open(os.path.join(result.run_uri, "report/summary.md")) as f:
+        md = f.read()
+    assert "- psnr (higher is better): aeflow " in md and "No headline metric could be compared" not in md, md
+    assert "at most 100 dB per image (an image coded without loss scores 100, for aeflow and the baselines alike)" in md
