@@ -436,3 +436,30 @@ def test_a_flat_image_does_not_void_the_comparison_with_the_baselines(prefect_se
         md = f.read()
     assert "- psnr (higher is better): aeflow " in md and "No headline metric could be compared" not in md, md
     assert "at most 100 dB per image (an image coded without loss scores 100, for aeflow and the baselines alike)" in md
+
+
+def test_with_a_sampled_sweep_the_verdict_compares_the_same_images(prefect_server, dask_address, tmp_path):
+    """--rd-images below the image count: JPEG/WebP are measured on the swept images only, and the verdict
+    compared aeflow's mean over all images with them. Now aeflow's side is its sweep point at --quality on the same
+    images, the baselines are interpolated at that point's rate, and the line says which images."""
+    d = tmp_path / "three"
+    d.mkdir()
+    for k, (y, x) in enumerate([(0, 0), (100, 120), (200, 250)]):
+        (d / f"p{k}.png").write_bytes(_png(skimage.data.astronaut()[y:y + 48, x:x + 64]))
+    cfg = resolve_config(CompressRunConfig, options={"model_run": BENCHMARK_CODEC, "load.apply_to": str(d),
+                                                     "output": str(tmp_path / "out"), "app.rd_images": 2,
+                                                     "dask_address": dask_address})
+    result = FLOWS["compress"](config=cfg)
+    m = open_run(result.run_uri).manifest()
+    rd = pd.read_parquet(result.outputs["rd"])
+    ours = rd[(rd.codec == "aeflow") & (rd.setting == m.metrics["quality"])]
+    assert ours["image"].nunique() == 2
+    psnr_swept, bpp_swept = float(ours.psnr.mean()), float(ours.bpp.mean())
+    assert abs(psnr_swept - m.metrics["psnr"]) > 1e-3, "the sample's mean differs from the mean over all images"
+    for fmt, b in m.baselines.items():
+        if b["bpp"] is not None:
+            assert b["bpp"] == pytest.approx(bpp_swept), f"{fmt} at aeflow's rate on the same images"
+    with open(os.path.join(result.run_uri, "report/summary.md")) as f:
+        md = f.read()
+    assert (f"- psnr (higher is better): aeflow {psnr_swept:.4g} on the 2 swept images, the baselines' "
+            f"({m.metrics['psnr']:.4g} over all 3) vs best baseline ") in md, md
