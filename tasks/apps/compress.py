@@ -266,8 +266,9 @@ class CompressApp(ImageApp):
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
         ("--rd-images", "app.rd_images", int, "Images in the rate-distortion sweep: an even sample (default 16; 0 = all)."),
-        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have an "
-                                               "alpha channel (load.alpha=refuse, the default) instead of "
+        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have "
+                                               "transparent pixels (load.alpha=refuse, the default; a fully "
+                                               "opaque alpha channel is dropped and the image kept) instead of "
                                                "failing (named in a warning and the run's notes; listed in the "
                                                "manifest).")),
     )
@@ -301,6 +302,13 @@ class CompressApp(ImageApp):
         """A ``load.size`` resizes every image: below the codec's downsampling (16, the hyperprior 64) every
         image would be mostly padding (3 px: 145 bits per pixel, PSNR 4.7 dB)."""
         return self.factor(config, fitted), self.too_small_for(config, role, fitted)
+
+    def size_setting_refusal(self, setting: str, size: int, role: str, need: int, why: str) -> str:
+        # Images of any size are coded (1x1 too): the minimum is not the codec's but that of a resize worth
+        # making; it said "input images need at least 64x64", which unresized images do not.
+        return (f"{setting} {size}: images resized to {size}x{size} would be mostly padding for {why} (it codes "
+                f"blocks of {need}x{need}), so {setting} must be at least {need}; without it, images of any size "
+                f"are coded at their own size")
 
     @staticmethod
     def factor(config: RunConfig, fitted: Fitted | None = None) -> int:
