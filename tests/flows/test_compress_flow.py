@@ -252,9 +252,17 @@ def test_cli_rejects_bad_files(trained, tmp_path, case):
 
 def test_cli_decompress_without_known_model(trained, tmp_path):
     result, _ = trained
+    (tmp_path / "empty-root").mkdir()
     res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
                               "--root", str(tmp_path / "empty-root"), "-o", str(tmp_path)])
     assert res.exit_code == 5 and "pass --model with the run or the model folder" in res.output
+    # a root that does not exist is said as such (it said "no compress run under nonexistent_root holds ...",
+    # exit 5), with the exit code of `aeflow runs list` for it: 4 (storage)
+    res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
+                              "--root", str(tmp_path / "nonexistent_root"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 4, res.output
+    assert f"no artifact root at {tmp_path / 'nonexistent_root'} (nothing has run there)" in res.output, res.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_images_fail_before_any_work(prefect_server, tmp_path):
