@@ -260,7 +260,8 @@ def _publish(app_name, run: RunDir, config: RunConfig, created, fingerprint, inp
     """Summary, Prefect artifacts, then the manifest (last)."""
     uris = {name: run.uri_of(rel) for name, rel in outputs.items()}
     rows = metrics_rows(evaluation.metrics, evaluation.baselines)
-    summary = markdown_summary(app_name, run.uri, evaluation.metrics, evaluation.baselines, uris, evaluation.notes, timings)
+    summary = markdown_summary(app_name, run.uri, evaluation.metrics, evaluation.baselines, uris, evaluation.notes, timings,
+                               compared=evaluation.compared)
     run.write_bytes("report/summary.md", summary.encode())
     outputs["summary"] = "report/summary.md"
     uris["summary"] = run.uri_of("report/summary.md")

@@ -4,12 +4,15 @@ Images are float tensors (B, C, H, W) in [0, 1] or uint8 numpy arrays (H, W[, C]
 MS-SSIM uses the standard 11x11 Gaussian window (σ = 1.5) and the five scale
 weights of the paper; images too small for five scales use as many as fit, with
 the weights renormalised (noted, so small-image numbers are not compared with
-published ones).
+published ones). PSNR is capped at :data:`PSNR_MAX_DB` (an image coded without
+loss, e.g. a flat or a 1x1 image that JPEG reproduces exactly, would otherwise
+score infinity and make every mean over images infinite).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -18,6 +21,9 @@ from torch import Tensor
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 _K1, _K2 = 0.01, 0.03
+# The cap of psnr(): the usual remedy for lossless images (their MSE is 0), applied to every codec alike.
+# 100 dB is an error of 0.0026 in 0..255 units, far above what lossy coding of a photograph reaches (30-50 dB).
+PSNR_MAX_DB = 100.0
 
 
 def to_tensor(img: np.ndarray | Tensor) -> Tensor:
@@ -32,10 +38,10 @@ def to_tensor(img: np.ndarray | Tensor) -> Tensor:
 
 
 def psnr(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
-    """PSNR in dB of two images on the 0..255 scale (∞ when identical)."""
+    """PSNR in dB of two images on the 0..255 scale, at most :data:`PSNR_MAX_DB` (100 dB, also when identical)."""
     ta, tb = to_tensor(a).double(), to_tensor(b).double()
     mse = float(((ta - tb) ** 2).mean()) * 255.0**2
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return PSNR_MAX_DB if mse == 0 else min(PSNR_MAX_DB, 10 * math.log10(255.0**2 / mse))
 
 
 def _gaussian(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> Tensor:
@@ -102,19 +108,46 @@ def ms_ssim(a: np.ndarray | Tensor, b: np.ndarray | Tensor, win_size: int = 11) 
 def bd_rate(rate_a: list[float], psnr_a: list[float], rate_b: list[float], psnr_b: list[float]) -> float | None:
     """Bjøntegaard delta rate of curve B relative to curve A, in percent (negative: B needs fewer bits).
 
-    Cubic fit of log-rate as a function of PSNR, integrated over the overlapping
-    PSNR interval (VCEG-M33). Returns None when the curves do not overlap or have
-    fewer than 4 points each (too few for the cubic).
+    Cubic fit of log-rate as a function of PSNR (or any quality), integrated over the overlapping
+    quality interval (VCEG-M33). Returns None when it cannot be computed: :func:`bd_rate_why` says why.
     """
-    ra, pa = np.log(np.asarray(rate_a, float)), np.asarray(psnr_a, float)
-    rb, pb = np.log(np.asarray(rate_b, float)), np.asarray(psnr_b, float)
-    if len(pa) < 4 or len(pb) < 4:
-        return None
+    return bd_rate_why(rate_a, psnr_a, rate_b, psnr_b)[0]
+
+
+def bd_rate_why(rate_a: list[float], psnr_a: list[float], rate_b: list[float],
+                psnr_b: list[float]) -> tuple[float | None, str | None]:
+    """:func:`bd_rate` and, when it is None, why (a phrase to put after "BD-rate None: ").
+
+    Points with a non-finite or non-positive rate or a non-finite quality are left out (an infinite
+    PSNR would reach LAPACK as inf: polyfit then fails with "SVD did not converge" after LAPACK printed
+    an error on stdout). A cubic needs 4 distinct quality values per curve (tiny images reach few:
+    JPEG's qualities can all give the same pixels), and the curves must overlap.
+    """
+    curves = []
+    for name, rate, quality in (("the baseline's", rate_a, psnr_a), ("aeflow's", rate_b, psnr_b)):
+        r, q = np.asarray(rate, float), np.asarray(quality, float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok = np.isfinite(r) & np.isfinite(q) & (r > 0)
+        r, q = r[ok], q[ok]
+        distinct = len(np.unique(q))
+        if distinct < 4:
+            return None, (f"{name} rate-distortion curve has {distinct} distinct quality value(s) (finite points), "
+                          "fewer than the 4 a cubic fit needs")
+        curves.append((np.log(r), q))
+    (ra, pa), (rb, pb) = curves
     lo, hi = max(pa.min(), pb.min()), min(pa.max(), pb.max())
     if not hi > lo:
-        return None
-    fa, fb = np.polyfit(pa, ra, 3), np.polyfit(pb, rb, 3)
+        return None, "the two curves do not overlap in quality"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", np.exceptions.RankWarning)
+            fa, fb = np.polyfit(pa, ra, 3), np.polyfit(pb, rb, 3)
+    except (np.linalg.LinAlgError, np.exceptions.RankWarning) as e:
+        return None, f"the cubic fit failed ({e})"
     ia, ib = np.polyint(fa), np.polyint(fb)
     avg_a = (np.polyval(ia, hi) - np.polyval(ia, lo)) / (hi - lo)
     avg_b = (np.polyval(ib, hi) - np.polyval(ib, lo)) / (hi - lo)
-    return float((np.exp(avg_b - avg_a) - 1) * 100)
+    value = float((np.exp(avg_b - avg_a) - 1) * 100)
+    if not math.isfinite(value):
+        return None, "the fitted curves give a non-finite average rate difference"
+    return value, None

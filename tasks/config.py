@@ -384,8 +384,11 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel] | None = No
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
         got = err.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {redact(repr(got))})"
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        shown = redact(repr(got))
+        # a validator's own message may already name the value ("..., got 50"): not "(got 50)" again
+        said = any(f"got {v}" in msg for v in (shown, redact(str(got))))
+        got_s = "" if isinstance(got, dict) or said else f" (got {shown})"
         if err["type"] == "extra_forbidden" and err["loc"]:
             close = difflib.get_close_matches(str(err["loc"][-1]), _keys_at(cls, err["loc"][:-1]), n=2, cutoff=0.7)
             section = ".".join(str(x) for x in err["loc"][:-1])

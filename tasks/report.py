@@ -123,12 +123,18 @@ def _number(v: Any) -> bool:
 
 
 def verdict_lines(
-    metrics: dict[str, Any], baselines: dict[str, dict[str, Any]], headlines: tuple[tuple[str, bool], ...]
+    metrics: dict[str, Any], baselines: dict[str, dict[str, Any]], headlines: tuple[tuple[str, bool], ...],
+    compared: dict[str, tuple[float, str]] | None = None,
 ) -> list[str]:
-    """One line per headline metric the run reported: its direction, ours, the best baseline and who wins."""
+    """One line per headline metric the run reported: its direction, ours, the best baseline and who wins.
+
+    ``compared`` gives, per metric, ours on the data the baselines were measured on and a phrase naming that
+    data, when it is not the data of ``metrics``: that value is compared (like with like), the phrase said."""
     lines = []
     for metric, higher in headlines:
-        ours = metrics.get(metric)
+        ours, where = metrics.get(metric), ""
+        if compared and metric in compared and _number(compared[metric][0]):
+            ours, where = compared[metric][0], f" {compared[metric][1]}"
         if not _number(ours):
             continue
         direction = "higher is better" if higher else "lower is better"
@@ -144,7 +150,7 @@ def verdict_lines(
             result = "a tie"
         else:
             result = "aeflow wins" if (ours > best) == higher else "aeflow loses"
-        lines.append(f"- {metric} ({direction}): aeflow {_fmt(ours)} {against}: {result}")
+        lines.append(f"- {metric} ({direction}): aeflow {_fmt(ours)}{where} {against}: {result}")
     return lines
 
 
@@ -167,6 +173,7 @@ def markdown_summary(
     notes: list[str],
     timings: dict[str, float],
     headlines: tuple[tuple[str, bool], ...] | None = None,
+    compared: dict[str, tuple[float, str]] | None = None,
 ) -> str:
     rows = metrics_rows(metrics, baselines)
     lines = [f"# aeflow {app}", "", f"Run: `{run_uri}`", ""]
@@ -176,7 +183,7 @@ def markdown_summary(
         lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
         lines.append("")
     heads = _headlines(app, metrics) if headlines is None else headlines
-    verdicts = verdict_lines(metrics, baselines, heads)
+    verdicts = verdict_lines(metrics, baselines, heads, compared)
     if verdicts:
         lines += ["## Against the baselines", ""] + verdicts + [""]
     elif baselines and any(metric in metrics for metric, _ in heads):

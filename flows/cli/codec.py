@@ -24,9 +24,10 @@ def compress(
     """Compress images into .aec files with a trained codec: OUTDIR/<name>.aec.
 
     Grayscale images are coded as L, colour as RGB (a palette, CMYK or 16-bit
-    image is converted, and the line says so); an image with an alpha channel
-    (even a fully opaque one) or a transparent colour is refused: the codec has
-    no alpha plane."""
+    image is converted, and the line says so); an image with transparent pixels
+    (an alpha channel below 255 or a transparent colour) is refused: the codec
+    has no alpha plane. A fully opaque alpha channel is dropped (nothing is lost)
+    and the image coded as RGB or L."""
     from tasks.codec_files import compress_files, expand_globs
 
     @contextmanager

@@ -72,6 +72,10 @@ class Evaluation:
     metrics: dict[str, float | int | None] = field(default_factory=dict)
     baselines: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Ours on the data the baselines were measured on, per headline metric, when that is not the data of
+    # ``metrics`` (compress's sweep of a sample of the images), with a phrase naming that data: the verdict
+    # then compares like with like.
+    compared: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from models.codec import CodecBase
 from models.codec_train import make_loss_fn
 from models.dense import seeded
 from models.image_ops import rgb_patches_streamed
-from models.metrics import bd_rate
+from models.metrics import PSNR_MAX_DB, bd_rate_why
 from tasks.apps.base import FIT_ONLY, ApplyProgress, Evaluation, Fitted, on_worker, register
 from tasks.apps.images_base import ImageApp
 from tasks.apps.kinds import ImageContext
@@ -269,8 +269,9 @@ class CompressApp(ImageApp):
         ("--patch-size", "app.patch_size", int, "Training crop size (multiple of 16)."),
         ("--patches", "app.patches", int, "Random training crops per epoch."),
         ("--rd-images", "app.rd_images", int, "Images in the rate-distortion sweep: an even sample (default 16; 0 = all)."),
-        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have an "
-                                               "alpha channel (load.alpha=refuse, the default) instead of "
+        ("--skip-bad", "load.skip_bad", bool, ("Leave out files that are not PNG/JPEG, do not decode or have "
+                                               "transparent pixels (load.alpha=refuse, the default; a fully "
+                                               "opaque alpha channel is dropped and the image kept) instead of "
                                                "failing (named in a warning and the run's notes; listed in the "
                                                "manifest).")),
     )
@@ -304,6 +305,13 @@ class CompressApp(ImageApp):
         """A ``load.size`` resizes every image: below the codec's downsampling (16, the hyperprior 64) every
         image would be mostly padding (3 px: 145 bits per pixel, PSNR 4.7 dB)."""
         return self.factor(config, fitted), self.too_small_for(config, role, fitted)
+
+    def size_setting_refusal(self, setting: str, size: int, role: str, need: int, why: str) -> str:
+        # Images of any size are coded (1x1 too): the minimum is not the codec's but that of a resize worth
+        # making; it said "input images need at least 64x64", which unresized images do not.
+        return (f"{setting} {size}: images resized to {size}x{size} would be mostly padding for {why} (it codes "
+                f"blocks of {need}x{need}), so {setting} must be at least {need}; without it, images of any size "
+                f"are coded at their own size")
 
     @staticmethod
     def factor(config: RunConfig, fitted: Fitted | None = None) -> int:
@@ -415,7 +423,8 @@ class CompressApp(ImageApp):
         notes = [
             f"metrics on the {len(per_image)} coded images; {trained_on}.",
             "bpp is measured from the .aec file sizes (header and checksum included); "
-            "PSNR on 0..255 pixels, MS-SSIM in [0, 1], means over images.",
+            f"PSNR on 0..255 pixels, at most {PSNR_MAX_DB:g} dB per image (an image coded without loss scores "
+            f"{PSNR_MAX_DB:g}, for aeflow and the baselines alike), MS-SSIM in [0, 1], means over images.",
         ]
         rd_rows: list[dict[str, Any]] = []
         if a.rd_sweep:
@@ -446,26 +455,44 @@ class CompressApp(ImageApp):
                              f"{len(picks)} of the {len(target)} images (app.rd_images; 0: all).")
         rd = pd.DataFrame(rd_rows, columns=["codec", "setting", "image", "bpp", "psnr", "ms_ssim"])
         baselines: dict[str, dict[str, float | int | None]] = {}
+        compared: dict[str, tuple[float, str]] = {}
         if len(rd):
             curves = rd.groupby(["codec", "setting"], as_index=False)[["bpp", "psnr", "ms_ssim"]].mean()
             ours = curves[curves.codec == "aeflow"].sort_values("bpp")
+            # The baselines are measured on the swept images only: when those are a sample, aeflow is compared on
+            # them too (its sweep point at --quality, the same codes), not by its means over every coded image.
+            swept, rate = rd["image"].nunique(), float(metrics["bpp"])
+            if swept < len(per_image):
+                point = ours[ours.setting == metrics["quality"]].iloc[0]
+                rate = float(point.bpp)
+                compared["psnr"] = (float(point.psnr), f"on the {swept} swept images, the baselines' "
+                                                       f"({float(metrics['psnr']):.4g} over all {len(per_image)})")
             for fmt in ("jpeg", "webp"):
                 base = curves[curves.codec == fmt].sort_values("bpp")
-                metrics[f"bd_rate_vs_{fmt}_pct"] = bd_rate(base.bpp, base.psnr, ours.bpp, ours.psnr)
-                metrics[f"bd_rate_msssim_vs_{fmt}_pct"] = bd_rate(base.bpp, base.ms_ssim, ours.bpp, ours.ms_ssim)
+                for name, quality in ((f"bd_rate_vs_{fmt}_pct", "psnr"), (f"bd_rate_msssim_vs_{fmt}_pct", "ms_ssim")):
+                    metrics[name], why = bd_rate_why(base.bpp, base[quality], ours.bpp, ours[quality])
+                    if why:
+                        notes.append(f"{name} None: {why}.")
                 # The baseline at the same rate as ours (interpolated along its curve): equal-bpp quality.
-                baselines[fmt], note = equal_rate_baseline(fmt, float(metrics["bpp"]), base)
+                baselines[fmt], note = equal_rate_baseline(fmt, rate, base)
                 if note:
                     notes.append(note)
-            notes.append(f"jpeg/webp psnr and ms_ssim: at aeflow's bpp, interpolated along their mean rate-distortion "
-                         f"curves over the {rd['image'].nunique()} swept image(s); aeflow's: means over the "
-                         f"{len(per_image)} coded images.")
+            if swept < len(per_image):
+                notes.append(f"jpeg/webp psnr and ms_ssim: at aeflow's {rate:.4g} bpp on the {swept} swept images "
+                             f"(its mean bpp there at quality {metrics['quality']}), interpolated along their mean "
+                             f"rate-distortion curves over those images; the verdict compares aeflow's PSNR on the "
+                             f"same {swept} images, not its mean over the {len(per_image)} coded ones.")
+            else:
+                notes.append(f"jpeg/webp psnr and ms_ssim: at aeflow's bpp, interpolated along their mean "
+                             f"rate-distortion curves over the {swept} swept image(s); aeflow's: means over the "
+                             f"{len(per_image)} coded images.")
             notes.append("BD-rate: negative means aeflow needs fewer bits than the baseline at equal PSNR "
-                         "(or MS-SSIM), over the PSNR range both curves cover; None when they do not overlap.")
+                         "(or MS-SSIM), over the PSNR range both curves cover; None when it cannot be computed "
+                         "(a note above says why).")
             with ctx.run.open("rd.parquet", "wb") as f:
                 rd.to_parquet(f, index=False)
         ctx.cache["rd"] = rd
-        return Evaluation(metrics=metrics, baselines=baselines, notes=notes)
+        return Evaluation(metrics=metrics, baselines=baselines, notes=notes, compared=compared)
 
     # -- report --------------------------------------------------------------------------------
     def report(self, ctx: ImageContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:

@@ -141,5 +141,9 @@ class ImageApp(Application):
         for role in roles:
             need, why = self.size_setting_minimum(config, role, fitted)
             if size < need:
-                raise ConfigError(f"{setting} {size}: images resized to {size}x{size} are too small for {why}; "
-                                  f"{role} images need at least {need}x{need}, so {setting} must be at least {need}")
+                raise ConfigError(self.size_setting_refusal(setting, size, role, need, why))
+
+    def size_setting_refusal(self, setting: str, size: int, role: str, need: int, why: str) -> str:
+        """The message refusing ``load.size`` ``size`` below ``need`` (:meth:`size_setting_minimum`)."""
+        return (f"{setting} {size}: images resized to {size}x{size} are too small for {why}; "
+                f"{role} images need at least {need}x{need}, so {setting} must be at least {need}")

@@ -221,10 +221,14 @@ def test_search_with_a_non_index_run_and_a_corrupt_query(two_runs, tmp_path):
      ("load.size 3: images resized to 3x3 are too small for the network's 16x16 training patches (--patch-size); "
       "input images need at least 16x16, so load.size must be at least 16")),
     ("compress", ["--set", "load.size=8", *FAST_CODEC],
-     ("load.size 8: images resized to 8x8 are too small for the factorized codec, which downsamples images by 16; "
-      "input images need at least 16x16, so load.size must be at least 16")),
+     ("load.size 8: images resized to 8x8 would be mostly padding for the factorized codec, which downsamples "
+      "images by 16 (it codes blocks of 16x16), so load.size must be at least 16; without it, images of any size "
+      "are coded at their own size")),
+    # not "input images need at least 64x64": unresized, the hyperprior codes 1x1 and 7x5 images
     ("compress", ["--set", "load.size=32", "--codec", "hyperprior", *FAST_CODEC],
-     "load.size 32: images resized to 32x32 are too small for the hyperprior codec, which downsamples images by 64"),
+     ("load.size 32: images resized to 32x32 would be mostly padding for the hyperprior codec, which downsamples "
+      "images by 64 (it codes blocks of 64x64), so load.size must be at least 64; without it, images of any size "
+      "are coded at their own size")),
     ("index", ["--image-size", "1", "--epochs", "1"],
      ("--image-size (load.size) 1: images resized to 1x1 are too small for the network, which downsamples by 2; "
       "input images need at least 2x2, so --image-size (load.size) must be at least 2")),

@@ -311,3 +311,27 @@ def test_run_help_reflows_the_application_text():
     res = runner.invoke(app, ["run", "detect", "--help"], terminal_width=200)
     items = [line.strip(" │") for line in res.output.splitlines() if line.strip(" │").startswith("- ")]
     assert len(items) >= 4 and items[0].startswith("- input_weight (8)"), items
+
+
+def test_compress_help_says_a_fully_opaque_alpha_channel_is_kept():
+    """`aeflow compress --help` said an image with an alpha channel "(even a fully opaque one)" is refused, and
+    `run compress --help` that --skip-bad leaves such files out; a fully opaque RGBA/LA image is coded as RGB/L."""
+    for args in (["compress", "--help"], ["run", "compress", "--help"]):
+        res = runner.invoke(app, args, terminal_width=200)
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.replace("│", " ").split())
+        assert "even a fully opaque" not in text and "have an alpha channel" not in text, text
+        assert "fully opaque alpha channel is dropped" in text, text
+
+
+def test_a_validator_message_that_names_the_value_does_not_repeat_it():
+    """--patch-size 50 said "must be a multiple of 16, got 50 (got 50)"."""
+    from tasks.apps.compress import CompressRunConfig
+    from tasks.config import resolve_config
+
+    with pytest.raises(ConfigError) as e:
+        resolve_config(CompressRunConfig, options={"app.patch_size": 50})
+    assert str(e.value).endswith("app.patch_size: patch_size must be a multiple of 16, got 50"), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        resolve_config(CompressRunConfig, options={"app.patch_size": 8})
+    assert "(got 8)" in str(e.value), "pydantic's own messages still name the value"

@@ -252,9 +252,17 @@ def test_cli_rejects_bad_files(trained, tmp_path, case):
 
 def test_cli_decompress_without_known_model(trained, tmp_path):
     result, _ = trained
+    (tmp_path / "empty-root").mkdir()
     res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
                               "--root", str(tmp_path / "empty-root"), "-o", str(tmp_path)])
     assert res.exit_code == 5 and "pass --model with the run or the model folder" in res.output
+    # a root that does not exist is said as such (it said "no compress run under nonexistent_root holds ...",
+    # exit 5), with the exit code of `aeflow runs list` for it: 4 (storage)
+    res = runner.invoke(app, ["decompress", os.path.join(result.run_uri, "codes", "astro.png.aec"),
+                              "--root", str(tmp_path / "nonexistent_root"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 4, res.output
+    assert f"no artifact root at {tmp_path / 'nonexistent_root'} (nothing has run there)" in res.output, res.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_images_fail_before_any_work(prefect_server, tmp_path):
@@ -392,3 +400,74 @@ def test_quality_beyond_the_levels_of_the_codec_to_train_is_refused_before_train
     assert resolve_config(CompressRunConfig, options={"app.quality": 6}).app.quality == 6
     # with a model to reuse, the model's levels decide (checked when it is loaded)
     assert resolve_config(CompressRunConfig, options={"app.quality": 9, "model_run": "m"}).app.quality == 9
+
+
+BENCHMARK_CODEC = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "weights", "codec")
+
+
+def test_a_1x1_image_is_coded_and_its_bd_rate_is_none_with_a_note(prefect_server, dask_address, tmp_path):
+    """A 1x1 image (any size works): JPEG and WebP reproduce its pixel exactly at most qualities, so the sweep's
+    curves held infinite PSNRs and the BD-rate's polyfit crashed the run (LinAlgError: SVD did not converge)."""
+    d = tmp_path / "one1"
+    d.mkdir()
+    (d / "dot.png").write_bytes(_png(np.zeros((1, 1, 3), np.uint8)))  # a black pixel: both BD-rates crashed
+    cfg = resolve_config(CompressRunConfig, options={"model_run": BENCHMARK_CODEC, "load.apply_to": str(d),
+                                                     "output": str(tmp_path / "out"), "dask_address": dask_address})
+    state = FLOWS["compress"](config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    m = open_run(state.result().run_uri).manifest()
+    rd = pd.read_parquet(state.result().outputs["rd"])
+    assert rd["psnr"].max() == 100.0, "lossless baseline points score the cap"
+    assert m.metrics["bd_rate_vs_jpeg_pct"] is None and m.metrics["bd_rate_vs_webp_pct"] is None
+    assert any(n.startswith("bd_rate_vs_webp_pct None: ") for n in m.extra["notes"]), m.extra["notes"]
+
+
+def test_a_flat_image_does_not_void_the_comparison_with_the_baselines(prefect_server, dask_address, tmp_path):
+    """A flat grey and a white image next to a photograph: JPEG/WebP code the flat ones without loss; their PSNR
+    was infinite, so the baselines' means were too (null in JSON) and no verdict was drawn. Capped at 100 dB for
+    every codec, the means are finite and compared."""
+    d = tmp_path / "flat"
+    d.mkdir()
+    (d / "grey.png").write_bytes(_png(np.full((64, 64), 128, np.uint8)))
+    (d / "white.png").write_bytes(_png(np.full((64, 64), 255, np.uint8)))
+    (d / "photo.png").write_bytes(_png(skimage.data.astronaut()[100:164, 100:164]))
+    cfg = resolve_config(CompressRunConfig, options={"model_run": BENCHMARK_CODEC, "load.apply_to": str(d),
+                                                     "output": str(tmp_path / "out"), "dask_address": dask_address})
+    result = FLOWS["compress"](config=cfg)
+    m = open_run(result.run_uri).manifest()
+    rd = pd.read_parquet(result.outputs["rd"])
+    assert np.isfinite(rd["psnr"]).all() and rd["psnr"].max() == 100.0
+    assert np.isfinite(m.metrics["psnr"])
+    compared = [b["psnr"] for b in m.baselines.values() if b["psnr"] is not None]
+    assert compared and all(np.isfinite(compared)), m.baselines
+    with open(os.path.join(result.run_uri, "report/summary.md")) as f:
+        md = f.read()
+    assert "- psnr (higher is better): aeflow " in md and "No headline metric could be compared" not in md, md
+    assert "at most 100 dB per image (an image coded without loss scores 100, for aeflow and the baselines alike)" in md
+
+
+def test_with_a_sampled_sweep_the_verdict_compares_the_same_images(prefect_server, dask_address, tmp_path):
+    """--rd-images below the image count: JPEG/WebP are measured on the swept images only, and the verdict
+    compared aeflow's mean over all images with them. Now aeflow's side is its sweep point at --quality on the same
+    images, the baselines are interpolated at that point's rate, and the line says which images."""
+    d = tmp_path / "three"
+    d.mkdir()
+    for k, (y, x) in enumerate([(0, 0), (100, 120), (200, 250)]):
+        (d / f"p{k}.png").write_bytes(_png(skimage.data.astronaut()[y:y + 48, x:x + 64]))
+    cfg = resolve_config(CompressRunConfig, options={"model_run": BENCHMARK_CODEC, "load.apply_to": str(d),
+                                                     "output": str(tmp_path / "out"), "app.rd_images": 2,
+                                                     "dask_address": dask_address})
+    result = FLOWS["compress"](config=cfg)
+    m = open_run(result.run_uri).manifest()
+    rd = pd.read_parquet(result.outputs["rd"])
+    ours = rd[(rd.codec == "aeflow") & (rd.setting == m.metrics["quality"])]
+    assert ours["image"].nunique() == 2
+    psnr_swept, bpp_swept = float(ours.psnr.mean()), float(ours.bpp.mean())
+    assert abs(psnr_swept - m.metrics["psnr"]) > 1e-3, "the sample's mean differs from the mean over all images"
+    for fmt, b in m.baselines.items():
+        if b["bpp"] is not None:
+            assert b["bpp"] == pytest.approx(bpp_swept), f"{fmt} at aeflow's rate on the same images"
+    with open(os.path.join(result.run_uri, "report/summary.md")) as f:
+        md = f.read()
+    assert (f"- psnr (higher is better): aeflow {psnr_swept:.4g} on the 2 swept images, the baselines' "
+            f"({m.metrics['psnr']:.4g} over all 3) vs best baseline ") in md, md

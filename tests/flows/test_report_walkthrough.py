@@ -85,6 +85,18 @@ def test_bd_rate_is_judged_against_break_even():
     assert "- psnr (higher is better): aeflow 30 vs best baseline jpeg 31: aeflow loses" in md
 
 
+def test_the_verdict_compares_ours_on_the_baselines_images_and_says_so():
+    """compress with --rd-images below the image count: JPEG/WebP are measured on the swept sample only; the verdict
+    compared aeflow's mean over every image with them ("aeflow 42.19 vs webp 49.96")."""
+    compared = {"psnr": (50.5, "on the 2 swept images, the baselines' (42.19 over all 40)")}
+    md = report.markdown_summary("compress", "/r", {"psnr": 42.19}, {"webp": {"psnr": 49.96}}, {}, [], {},
+                                 compared=compared)
+    assert ("- psnr (higher is better): aeflow 50.5 on the 2 swept images, the baselines' (42.19 over all 40) "
+            "vs best baseline webp 49.96: aeflow wins") in md
+    assert "- psnr (higher is better): aeflow 42.19 vs best baseline webp 49.96" in report.markdown_summary(
+        "compress", "/r", {"psnr": 42.19}, {"webp": {"psnr": 49.96}}, {}, [], {})
+
+
 def test_training_curve_has_whole_epochs_and_plain_loss_ticks(figures):
     history = [{"epoch": e, "train_loss": 1.40 + 0.01 * e, "val_loss": 1.56 - 0.01 * e} for e in (1, 2, 3)]
     assert report.training_curve(_Run(), history) == "report/training.png"

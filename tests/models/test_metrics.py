@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.metrics_speed import direct_ms_ssim
-from models.metrics import ms_ssim, psnr
+from models.metrics import PSNR_MAX_DB, bd_rate, bd_rate_why, ms_ssim, psnr
 
 
 def _pair(shape, seed=0, noise=20):
@@ -43,7 +43,37 @@ def test_single_scale_equals_scikit_image_ssim():
 def test_identical_images_score_one_and_more_noise_scores_lower():
     a, b = _pair((128, 160, 3), noise=8)
     _, c = _pair((128, 160, 3), noise=40)
-    assert ms_ssim(a, a) == pytest.approx(1.0, abs=1e-6) and psnr(a, a) == math.inf
+    assert ms_ssim(a, a) == pytest.approx(1.0, abs=1e-6) and psnr(a, a) == PSNR_MAX_DB
     assert 1.0 > ms_ssim(a, b) > ms_ssim(a, c)
     with pytest.raises(ValueError, match="differ in shape"):
         ms_ssim(a, a[:, :-1])
+
+
+def test_psnr_is_capped_at_100_db_for_lossless_images():
+    """A flat image JPEG reproduces exactly (MSE 0) scores 100 dB, not infinity that voids every mean over images;
+    a tiny error on a large image is capped likewise, and ordinary values are untouched."""
+    flat = np.full((64, 64), 128, np.uint8)
+    assert PSNR_MAX_DB == 100.0 and psnr(flat, flat) == 100.0
+    big = np.zeros((1000, 1000, 3), np.uint8)
+    off = big.copy()
+    off[0, 0, 0] = 1  # 10·log10(255²·3e6) = 112.9 dB uncapped
+    assert psnr(big, off) == 100.0
+    a, b = _pair((40, 64, 3))
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / mse)) and psnr(a, b) < 40
+
+
+def test_bd_rate_with_lossless_and_repeated_points_is_none_or_a_number_without_lapack_noise(capfd):
+    """A 1x1 image JPEG/WebP code without loss at most qualities: infinite PSNRs (and equal rates) in the curves
+    made polyfit raise LinAlgError after LAPACK printed "On entry to DLASCL" on stdout (before --json output)."""
+    rate, quality = [0.2, 0.4, 0.8, 1.6, 3.2], [30.0, 33.0, 36.0, 39.0, 42.0]
+    inf = math.inf
+    assert bd_rate([2288, 2288, 2296, 2296], [23.4, inf, inf, inf], rate, quality) is None
+    value, why = bd_rate_why([448, 464, 464, 480], [38.8, inf, inf, inf], rate, quality)
+    assert value is None and "1 distinct quality value(s)" in why and "the baseline's" in why
+    # non-finite points are left out, the rest still fit: the same result as without them
+    with_inf = bd_rate(rate + [3.3, 0.0, math.nan], quality + [inf, 44.0, 45.0], [r * 0.8 for r in rate], quality)
+    assert with_inf == pytest.approx(bd_rate(rate, quality, [r * 0.8 for r in rate], quality)) == pytest.approx(-20.0)
+    value, why = bd_rate_why(rate, quality, rate, [q + 50 for q in quality])
+    assert value is None and why == "the two curves do not overlap in quality"
+    assert capfd.readouterr().out == "", "nothing printed on stdout (it would corrupt --json)"
