@@ -42,7 +42,7 @@ from tasks.report import (
     publish_artifacts,
     publish_run_link,
 )
-from tasks.storage import ArtifactStore, Manifest, RunDir, storage_error
+from tasks.storage import CHECKPOINT_DIR, ArtifactStore, Manifest, RunDir, storage_error
 
 VERSIONED = ("aeflow", "torch", "prefect", "dask", "distributed", "pandas", "numpy", "scikit-learn", "pandera", "s3fs", "pyarrow")
 
@@ -205,6 +205,9 @@ def run_app(config: RunConfig) -> RunResult:
         # setting found after training recurs with the same command, and fixing it changes the fingerprint, so
         # its checkpoint would never be resumed: it was left listed as "interrupted" for ever.
         run.discard(keep_checkpoint=not (isinstance(e, AeflowError) and not e.transient and e.exit_code in (2, 3, 5)))
+        if not isinstance(e, Exception):  # whether anything is left to resume: without a checkpoint, nothing is
+            with suppress(Exception):
+                e.aeflow_run_kept = run.exists(f"{CHECKPOINT_DIR}/meta.json")  # type: ignore[attr-defined]
         # An outage that surfaced outside the storage layer's own mapping is still one line (exit 4).
         mapped = storage_error(e, f"finish the {next(reversed(timings), 'load')} stage of", run.uri) \
             if isinstance(e, Exception) else None

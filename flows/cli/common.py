@@ -97,9 +97,14 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
         terminated = any(isinstance(x, Terminated) for x in causes(e))
         # run_app names the run it gave back on the interrupt (flows/pipeline.py)
         uri = next((x.aeflow_run_uri for x in causes(e) if getattr(x, "aeflow_run_uri", None)), None)
-        message = (f"{f'run {redact(uri)}' if uri else 'the run'} is incomplete; the same command again resumes it "
-                   "(training goes on from its last checkpoint when it had saved one, else starts over)"
-                   ) if operation != "backfill" else (
+        kept = next((x.aeflow_run_kept for x in causes(e) if hasattr(x, "aeflow_run_kept")), None)
+        if uri and kept is False:  # stopped before its first checkpoint: its folder was removed
+            message = (f"run {redact(uri)} stopped before its first checkpoint and was removed: nothing to resume; "
+                       "the same command again starts over")
+        else:
+            message = (f"{f'run {redact(uri)}' if uri else 'the run'} is incomplete; the same command again resumes "
+                       "it (training goes on from its last checkpoint when it had saved one, else starts over)")
+        message = message if operation != "backfill" else (
                    "the backfill stopped before its dates ran (or while creating their flow runs: those created "
                    "go on); the same command again runs every date without a complete run")
         word, code = ("terminated", 143) if terminated else ("interrupted", 130)

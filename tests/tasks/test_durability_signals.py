@@ -189,6 +189,42 @@ def test_ctrl_c_before_run_app_owns_the_run_leaves_no_claimed_folder(tmp_path, m
     assert _leftovers(root) == [] and not (root / "runs").exists(), list(os.walk(root))
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_the_run_was_removed(tmp_path, monkeypatch, capsys):
+    """The CLI said "run X is incomplete; the same command again resumes it" of a run whose folder the interrupt
+    had removed (no checkpoint yet): nothing there to resume, and `runs list --incomplete` showed nothing."""
+    import typer
+
+    import flows.pipeline
+    import tasks.load
+    from flows.cli.common import fail
+    from tasks.apps import get_app
+    from tasks.config import resolve_config
+
+    pd.DataFrame({"id": range(40), **{f"f{i}": [float((j * (i + 3)) % 7) for j in range(40)] for i in range(4)}}) \
+        .to_csv(tmp_path / "t.csv", index=False)
+    monkeypatch.setattr(tasks.load, "inspect_input", tasks.load.inspect_input.fn)
+    monkeypatch.setattr(flows.pipeline, "_first_attempt", _interrupt)
+    root = tmp_path / "artifacts"
+    config = resolve_config(get_app("reduce").RunConfig, options={
+        "load.input": str(tmp_path / "t.csv"), "load.id_column": "id", "output": str(root)})
+    with pytest.raises(KeyboardInterrupt) as info:
+        flows.pipeline.run_app(config)
+    uri = info.value.aeflow_run_uri
+    assert not os.path.exists(uri) and info.value.aeflow_run_kept is False
+    with pytest.raises(typer.Exit) as exit_:
+        fail(info.value)
+    said = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.exit_code == 130
+    assert said == (f"interrupted: run {uri} stopped before its first checkpoint and was removed: nothing to resume; "
+                    "the same command again starts over"), said
+    # a run that kept its checkpoint is still said to be resumable
+    e = KeyboardInterrupt()
+    e.aeflow_run_uri, e.aeflow_run_kept = uri, True
+    with pytest.raises(typer.Exit):
+        fail(e)
+    assert f"run {uri} is incomplete; the same command again resumes it" in " ".join(capsys.readouterr().err.split())
+
+
 # -- 3. SIGTERM to `aeflow run` ----------------------------------------------------------------------------
 
 
