@@ -296,17 +296,18 @@ def decompress_files(files: list[str], output_dir: str, model: str | None = None
     if model:
         given = load_codec_run(model)
         codecs[given.identity] = given
-    else:  # the codec is looked for under root: one that does not exist is said as such (as `aeflow runs list`)
-        fs, path = url_to_fs(root)
-        if is_local(fs) and not fs.exists(path):
-            raise StorageError(f"no artifact root at {root} (nothing has run there) to find the files' codec in; "
-                               "--root names one, or pass --model with the run or the model folder that made them")
 
     def codec_of(uri: str, header: AecFile) -> LoadedCodec:
         codec = codecs.get(header.model_id)
         if codec is None and model:
             codec = next(iter(codecs.values()))  # decode_aec names both identities
         if codec is None:
+            # looked for under root (after the file's header is read: a bad file is said first): one that does not
+            # exist is said as such, as by `aeflow runs list`
+            fs, path = url_to_fs(root)
+            if is_local(fs) and not fs.exists(path):
+                raise StorageError(f"no artifact root at {root} (nothing has run there) to find the files' codec in; "
+                                   "--root names one, or pass --model with the run or the model folder that made them")
             codec = find_codec_run(root, header.model_id)
             if codec is None:
                 raise ModelMismatchError(

@@ -334,6 +334,11 @@ class Denoise(ImageApp):
     def evaluate(self, ctx: ImageContext, fitted: Fitted) -> Evaluation:
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         ev = Evaluation()
+        size, fit = ctx.config.load.size, ctx.config.load.fit
+        if size:  # the outputs are not at the files' own sizes: said, as the README's "same size" assumes
+            ev.notes.append(f"load.size {size}: every image was {'resized' if fit == 'resize' else 'cropped at its centre'}"
+                            f" to {size}x{size} before denoising, so denoised/ holds them at that size, not at the "
+                            "files' own (leave load.size unset to denoise each image at its own size)")
         pairs, sigma, where = self._pairs(ctx, cfg)
         if not pairs:
             ev.notes.append(where)

@@ -113,6 +113,22 @@ def test_denoise_apply_mirrors_inputs_and_improves_psnr(denoise_model, photos, d
                for n in few.notes), few.notes
 
 
+def test_denoise_with_load_size_says_the_outputs_are_at_that_size(denoise_model, photos, dask_address):
+    # every denoised file came out at load.size x load.size and nothing said so (the README: "same size")
+    result, out = denoise_model
+    root, rels = photos
+    cfg = resolve_config(DenoiseRunConfig, options={
+        "model_run": result.run_uri, "load.apply_to": str(root / "noisy"), "output": out,
+        "dask_address": dask_address, "load.size": 64, "app.baselines": ["tv"]})
+    applied = FLOWS["denoise"](config=cfg)
+    sizes = {Image.open(os.path.join(applied.run_uri, "denoised", rel)).size for rel in rels}
+    assert sizes == {(64, 64)} and {Image.open(root / "noisy" / rel).size for rel in rels} != {(64, 64)}
+    assert any(n.startswith("load.size 64: every image was resized to 64x64 before denoising, so denoised/ holds them "
+                            "at that size") for n in applied.notes), applied.notes
+    plain = FLOWS["denoise"](config=cfg.model_copy(update={"load": cfg.load.model_copy(update={"size": None})}))
+    assert not any(n.startswith("load.size") for n in plain.notes), plain.notes
+
+
 def _bad_reference(root, rels, ref, case: str):
     """A copy of the clean images at ``ref`` with its first image missing or (``resized``) 16 px wider."""
     import shutil
