@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.codec_data import (
     HELDOUT_IMAGES,
     TRAIN_IMAGES,  # noqa: F401  (re-exported: tests, quality_compress)
+    colour_augment,
     load_images_file,
     load_skimage,
     pyramid,
@@ -187,8 +188,9 @@ def load_state(folder: str) -> tuple[dict[str, torch.Tensor], dict] | None:
 class Batches:
     """Seeded crops of the training images (batch ``i`` depends only on seed and ``i``), prepared in a thread."""
 
-    def __init__(self, images: list[np.ndarray], batch: int, patch: int, seed: int, start: int, pin: bool) -> None:
-        self.images, self.batch, self.patch, self.seed, self.pin = images, batch, patch, seed, pin
+    def __init__(self, images: list[np.ndarray], batch: int, patch: int, seed: int, start: int, pin: bool,
+                 colour: float = 0.0) -> None:
+        self.images, self.batch, self.patch, self.seed, self.pin, self.colour = images, batch, patch, seed, pin, colour
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.step = start
         self.stop = False
@@ -198,7 +200,8 @@ class Batches:
     def _run(self) -> None:
         step = self.step
         while not self.stop:
-            b = torch.from_numpy(rgb_patches(self.images, self.batch, self.patch, seed=self.seed * 1_000_003 + step))
+            crops = rgb_patches(self.images, self.batch, self.patch, seed=self.seed * 1_000_003 + step)
+            b = torch.from_numpy(colour_augment(crops, self.colour, seed=self.seed * 1_000_003 + step + 1))
             self.q.put(b.pin_memory() if self.pin else b)
             step += 1
 
@@ -368,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
                          "images, computed once. The transforms and gains stay as they are, so the distortion does not "
                          "move and the rate is what drops; a step costs a small fraction of a full one (CPU-friendly)")
     ap.add_argument("--scales", default="1", help="scale pyramid of the training images, e.g. 1,0.7,0.5")
+    ap.add_argument("--colour-aug", type=float, default=0.0,
+                    help="share of crops with their channels permuted and saturation raised (1-3x): saturated colours "
+                         "the training photographs lack (0: none, as the committed codecs were trained)")
     ap.add_argument("--save-every", type=float, default=60.0, help="seconds")
     ap.add_argument("--weights-dtype", choices=("auto", "float32", "float16"), default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -423,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     run = {"device": str(dev), "minutes": args.minutes, "batch": args.batch, "patch": args.patch, "lr": args.lr,
            "hyper_lr": args.hyper_lr, "decay_at": args.decay_at, "hyper_only": args.hyper_only, "scales": list(scales), "start_step": step,
            **({"channels_last": True} if args.channels_last else {}), **({"bf16_transforms": True} if args.bf16_transforms else {}),
-           **({"entropy_only": True} if args.entropy_only else {})}
+           **({"entropy_only": True} if args.entropy_only else {}),
+           **({"colour_aug": args.colour_aug} if args.colour_aug and not args.entropy_only else {})}
     lineage = [t.lineage() for t in sources]
     if args.entropy_only:
         t_lat = time.time()
@@ -431,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"latents of {len(images)} images and their mirror images in {time.time() - t_lat:.0f} s "
               f"({len(batches.latents)} of them at least {batches.size} x {batches.size})", flush=True)
     else:
-        batches = Batches(images, args.batch, args.patch, args.seed, step, pin=dev.type == "cuda")
+        batches = Batches(images, args.batch, args.patch, args.seed, step, pin=dev.type == "cuda",
+                          colour=args.colour_aug)
     t0 = time.time()
     t_end, t_decay, t_save = t0 + args.minutes * 60, t0 + args.decay_at * args.minutes * 60, t0 + args.save_every
     recent: list[torch.Tensor] = []
