@@ -169,28 +169,9 @@ def test_ctrl_c_while_an_interrupted_run_is_taken_up_keeps_it_resumable(tmp_path
     again.discard()
 
 
-def test_ctrl_c_before_run_app_owns_the_run_leaves_no_claimed_folder(tmp_path, monkeypatch):
-    """run_app claimed the run (start_run), then said which run it is: Ctrl-C there left the folder claimed."""
-    import flows.pipeline
-    import tasks.load
-    from tasks.apps import get_app
-    from tasks.config import resolve_config
-
-    pd.DataFrame({"id": range(40), **{f"f{i}": [float((j * (i + 3)) % 7) for j in range(40)] for i in range(4)}}) \
-        .to_csv(tmp_path / "t.csv", index=False)
-    # no Prefect task run (and so no API server) is needed to reach that point
-    monkeypatch.setattr(tasks.load, "inspect_input", tasks.load.inspect_input.fn)
-    monkeypatch.setattr(flows.pipeline, "_first_attempt", _interrupt)
-    root = tmp_path / "artifacts"
-    config = resolve_config(get_app("reduce").RunConfig, options={
-        "load.input": str(tmp_path / "t.csv"), "load.id_column": "id", "output": str(root)})
-    with pytest.raises(KeyboardInterrupt):
-        flows.pipeline.run_app(config)
-    assert _leftovers(root) == [] and not (root / "runs").exists(), list(os.walk(root))
-
-
-def test_ctrl_c_before_the_first_checkpoint_says_the_run_was_removed(tmp_path, monkeypatch, capsys):
-    """The CLI said "run X is incomplete; the same command again resumes it" of a run whose folder the interrupt
+def test_ctrl_c_before_run_app_owns_the_run_leaves_no_claimed_folder_and_says_so(tmp_path, monkeypatch, capsys):
+    """run_app claimed the run (start_run), then said which run it is: Ctrl-C there left the folder claimed.
+    And the CLI said "run X is incomplete; the same command again resumes it" of a run whose folder the interrupt
     had removed (no checkpoint yet): nothing there to resume, and `runs list --incomplete` showed nothing."""
     import typer
 
@@ -202,6 +183,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_the_run_was_removed(tmp_path, m
 
     pd.DataFrame({"id": range(40), **{f"f{i}": [float((j * (i + 3)) % 7) for j in range(40)] for i in range(4)}}) \
         .to_csv(tmp_path / "t.csv", index=False)
+    # no Prefect task run (and so no API server) is needed to reach that point
     monkeypatch.setattr(tasks.load, "inspect_input", tasks.load.inspect_input.fn)
     monkeypatch.setattr(flows.pipeline, "_first_attempt", _interrupt)
     root = tmp_path / "artifacts"
@@ -209,6 +191,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_the_run_was_removed(tmp_path, m
         "load.input": str(tmp_path / "t.csv"), "load.id_column": "id", "output": str(root)})
     with pytest.raises(KeyboardInterrupt) as info:
         flows.pipeline.run_app(config)
+    assert _leftovers(root) == [] and not (root / "runs").exists(), list(os.walk(root))
     uri = info.value.aeflow_run_uri
     assert not os.path.exists(uri) and info.value.aeflow_run_kept is False
     with pytest.raises(typer.Exit) as exit_:
