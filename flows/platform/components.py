@@ -301,6 +301,11 @@ def start_prefect_server(state: PlatformState) -> ProcRecord:
     # How long a task waiting for a tag concurrency slot (`training`) sleeps before asking again
     # (Prefect's default is 30 s); a free GPU should not idle that long.
     env.setdefault("PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", "5")
+    # The leases of held concurrency slots (a running `fit` holds the `training` tag's) on disk under PREFECT_HOME,
+    # not in the server's memory: a server restarted under a training (down mid-run, then up) forgot the lease of the
+    # slot the training held while the database still counted it taken, and every later training waited for ever.
+    # Kept, the lease expires (its holder renews it every 60 s) and the server's repossessor frees the slot.
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
     Layout(state.dir).prefect_home.mkdir(parents=True, exist_ok=True)
     port = state.ports["prefect"]
     return spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],

@@ -212,8 +212,9 @@ class Watchdog:
                 new_state = Crashed(message=f"{why} Marked crashed by the aeflow platform watchdog; running it again "
                                             "resumes from its training checkpoint.")
             result = c.set_flow_run_state(fr.id, new_state, force=True)
-            log(f"flow run {fr.name} ({fr.id}), {was} since before this watchdog started, process gone -> "
-                f"{result.status.value}")
+            # the state set, not the API's answer (the log said "-> ACCEPT")
+            said = new_state.type.value if result.status.value == "ACCEPT" else f"not set ({result.status.value})"
+            log(f"flow run {fr.name} ({fr.id}), {was} since before this watchdog started, process gone -> {said}")
             self.logged[fr.id] = time.time()
             self.free_tasks_of(c, c.read_flow_run(fr.id))
 
@@ -227,7 +228,8 @@ class Watchdog:
         msg = (f"The flow run's process (pid {t.pid}, started by {t.worker}) is gone without reporting a final "
                f"state: its worker or machine was killed. Marked crashed by the aeflow platform watchdog.")
         result = c.set_flow_run_state(flow_run_id, Crashed(message=msg), force=False)
-        log(f"flow run {fr.name} ({flow_run_id}): process {t.pid} of {t.worker} is gone -> {result.status.value}")
+        said = "CRASHED" if result.status.value == "ACCEPT" else f"not set ({result.status.value}: reported first)"
+        log(f"flow run {fr.name} ({flow_run_id}): process {t.pid} of {t.worker} is gone -> {said}")
         if result.status.value == "ACCEPT":  # else another reported first: logged as such (note_crash)
             self.logged[flow_run_id] = time.time()
         self.tracked.pop(flow_run_id, None)

@@ -479,6 +479,17 @@ def test_down_stops_every_process_and_port_and_up_reuses_the_data(platform, digi
         return fit if fit.state.type.value in ("CRASHED", "FAILED", "CANCELLED") else None
 
     _wait(fit_ended, 60, "its fit task ended (the training slot free again)", platform, 0.5)
+
+
+    def slot_free():
+        # the server's own count: the fit task's lease was held in the server's memory, so the restarted server
+        # kept the slot taken for ever (every later training waited; found by the 2026-12-02 walkthrough). Its
+        # lease, on disk now, expires within 60 s and the server's repossessor (every 15 s) gives the slot back.
+        with platform.client() as c:
+            limit = c.read_global_concurrency_limit_by_name("tag:training")
+        return limit if limit.active_slots == 0 else None
+
+    _wait(slot_free, 150, "the training slot free again after up (tag:training active_slots 0)", platform, 2)
     platform.fs.invalidate_cache()
     assert platform.fs.exists(f"{training}checkpoint/meta.json"), "the stopped run keeps its checkpoint (a rerun resumes)"
     assert not platform.fs.exists(f"{training}manifest.json"), "and is not complete"

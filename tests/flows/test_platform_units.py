@@ -286,7 +286,7 @@ def test_a_failed_up_names_the_component_and_stops_what_it_started(tmp_path):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_watchdog_ends_runs_a_stopped_platform_left_running(prefect_server):
+def test_watchdog_ends_runs_a_stopped_platform_left_running(prefect_server, capsys):
     """Rule 3: after `down` mid-run (or a reboot) and `up`, a flow run still RUNNING or CANCELLING from before the
     watchdog started, whose process is gone, is crashed (cancelled) and its task runs freed (the `fit` task kept
     the training slot: every later training waited); one whose process still runs is left alone."""
@@ -332,6 +332,12 @@ def test_watchdog_ends_runs_a_stopped_platform_left_running(prefect_server):
         assert states["cancelling"].type.value == "CANCELLED"
         assert states["alive"].type.value == "RUNNING", "its process still runs (this one)"
         assert c.read_task_run(tr.id).state.type.value == "CRASHED", "its task run is freed"
+        said = capsys.readouterr()
+        said = said.out + said.err
+        # the log names the state it set (it printed the API's answer: "-> ACCEPT")
+        assert "RUNNING since before this watchdog started, process gone -> CRASHED" in said, said
+        assert "CANCELLING since before this watchdog started, process gone -> CANCELLED" in said, said
+        assert "-> ACCEPT" not in said
 
 
 def test_watchdog_logs_every_crash_also_the_ones_a_worker_reported(prefect_server, capsys):
