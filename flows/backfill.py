@@ -334,8 +334,10 @@ def run_via_deployment(
     wait: bool = False,
     poll_s: float = 2.0,
     on_done: Callable[[DateOutcome], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> list[DateOutcome]:
-    """Create one flow run of the deployment per date (tagged ``backfill``); optionally wait for them.
+    """Create one flow run of the deployment per date (tagged ``backfill``); optionally wait for them,
+    telling ``on_wait`` after each look what the unfinished ones do (:func:`waiting_summary`).
 
     Raises:
         ServerUnreachable: no healthy Prefect server at PREFECT_API_URL (before creating anything).
@@ -351,7 +353,7 @@ def run_via_deployment(
         raise ServerUnreachable(f"no healthy Prefect server at {api_url} (PREFECT_API_URL)")
     try:
         return _run_via_deployment(deployment_name, dates, config_overrides, app_name=app_name, force=force,
-                                   wait=wait, poll_s=poll_s, on_done=on_done)
+                                   wait=wait, poll_s=poll_s, on_done=on_done, on_wait=on_wait)
     except httpx.TransportError as e:  # the server went away mid-way
         raise ServerUnreachable(f"the Prefect server at {api_url or '(ephemeral)'} became unreachable: {e}") from e
 
@@ -374,6 +376,7 @@ def _run_via_deployment(
     wait: bool,
     poll_s: float,
     on_done: Callable[[DateOutcome], None] | None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> list[DateOutcome]:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_UI_URL
@@ -385,7 +388,7 @@ def _run_via_deployment(
         check_deployment_app(client, dep, app_name)
         try:
             _create_and_wait(client, dep, dates, config_overrides, outcomes, app_name=app_name, force=force, wait=wait,
-                             poll_s=poll_s, on_done=on_done, ui=ui)
+                             poll_s=poll_s, on_done=on_done, on_wait=on_wait, ui=ui)
         except KeyboardInterrupt as e:  # stops this command only: the flow runs created go on on the workers
             created = {o.date for o in outcomes}
             raise BackfillInterrupted([*outcomes, *(DateOutcome(d, "not run") for d in dates if d not in created)],
@@ -395,7 +398,8 @@ def _run_via_deployment(
 
 def _create_and_wait(client: Any, dep: Any, dates: list[dt.date], config_overrides: dict[str, Any],
                      outcomes: list[DateOutcome], *, app_name: str, force: bool, wait: bool, poll_s: float,
-                     on_done: Callable[[DateOutcome], None] | None, ui: str) -> None:
+                     on_done: Callable[[DateOutcome], None] | None, ui: str,
+                     on_wait: Callable[[str], None] | None = None) -> None:
     """The body of :func:`_run_via_deployment`: ``outcomes`` grows as flow runs are created (and, with
     ``wait``, their states are read until final)."""
     base_cfg = (dep.parameters or {}).get("config") or {}
@@ -459,6 +463,41 @@ def _create_and_wait(client: Any, dep: Any, dates: list[dt.date], config_overrid
                     del pending[frid]
                     if on_done:
                         on_done(o)
+            if on_wait and pending:
+                on_wait(waiting_summary(client, [o.status for o in pending.values()], list(pending)))
+
+
+def waiting_summary(client: Any, states: list[str], flow_run_ids: list[str]) -> str:
+    """What the unfinished flow runs of a backfill do, for its progress line: "2 running, 1 waiting for a
+    'training' slot, 1 scheduled". A run whose fit task waits for the ``training`` tag's slot is counted as
+    waiting (Prefect shows it RUNNING, and its wait was silent); best effort, the states alone otherwise."""
+    from uuid import UUID
+
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+        TaskRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    counts: dict[str, int] = {}
+    for st in states:
+        counts[st] = counts.get(st, 0) + 1
+    if counts.get("running"):
+        try:
+            fits = client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[UUID(i) for i in flow_run_ids]),
+                tags=TaskRunFilterTags(all_=["training"]),
+                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.PENDING]))))
+            slot = len({f.flow_run_id for f in fits})
+        except Exception:  # noqa: BLE001 - a progress line never fails the backfill
+            slot = 0
+        if slot:
+            counts["running"] -= slot
+            counts = {"running": counts.pop("running"), "waiting for a 'training' slot": slot, **counts}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 
 def run_folder(client: Any, flow_run_id: str, app_name: str) -> str:

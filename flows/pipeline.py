@@ -26,7 +26,9 @@ from tasks.apps import (
     Evaluation,
     apply_task,
     evaluate_task,
+    fit_started,
     fit_task,
+    forget_fit_started,
     get_app,
     load_all,
     report_task,
@@ -35,6 +37,7 @@ from tasks.config import RunConfig
 from tasks.dask_client import dask_client, local_processes
 from tasks.errors import AeflowError
 from tasks.execution import execution_info
+from tasks.prefect_utils import report_slot_wait
 from tasks.redaction import install_log_redaction, redact
 from tasks.report import (
     markdown_summary,
@@ -176,8 +179,11 @@ def run_app(config: RunConfig) -> RunResult:
                     ctx.notes.append(note)
             app.check_data(ctx)
             if fitted is None:
-                with _stage(timings, "train"):
-                    fitted = fit_task(app, ctx)
+                with _stage(timings, "train"), report_slot_wait("training", fit_started(run.run_id), log):
+                    try:
+                        fitted = fit_task(app, ctx)
+                    finally:
+                        forget_fit_started(run.run_id)
             elif app.self_contained:
                 app.save(run, fitted)
             with _stage(timings, "apply"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -68,3 +69,79 @@ def no_default_flow_heartbeats() -> Iterator[None]:
         return
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+@contextmanager
+def report_slot_wait(tag: str, started: Any, log: Any, first_s: float = 10.0, every_s: float = 60.0) -> Iterator[None]:
+    """Say in the run's log while a task tagged ``tag`` waits for the tag's concurrency slot.
+
+    Prefect's task engine waits for a free slot of ``tag:{tag}`` (the platform's ``training``
+    limit: one training at a time per GPU) silently, so a run behind another training looked
+    hung: its log and ``aeflow backfill --wait`` said nothing for as long as the other trained.
+    While ``started`` (a :class:`threading.Event` the task's body sets) is unset, a thread asks
+    the API after ``first_s`` and then every ``every_s`` seconds and, when the tag's limit is
+    full, logs how many slots are taken and by which task runs. Nothing is logged when the task
+    starts at once or the API has no such limit; the watcher never fails the run.
+    """
+    import threading
+
+    stop = threading.Event()
+    t0 = time.monotonic()
+    said = threading.Event()
+
+    def watch() -> None:
+        delay = first_s
+        while not stop.wait(delay) and not started.is_set():
+            delay = every_s
+            try:
+                line = _slot_wait_line(tag)
+            except Exception:  # noqa: BLE001 - the API or the limit went away: nothing to say, the engine still waits
+                return
+            if line is None:
+                return
+            if line:
+                log.info("waiting %.0f s so far for a %r slot: %s; the run goes on when one is free",
+                         time.monotonic() - t0, tag, line)
+                said.set()
+
+    thread = threading.Thread(target=watch, name=f"aeflow-{tag}-slot-wait", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        if said.is_set() and started.is_set():
+            log.info("got a %r slot after %.0f s", tag, time.monotonic() - t0)
+
+
+def _slot_wait_line(tag: str) -> str | None:
+    """What takes the tag's slots ("1 of 1 taken, by fit-detect of flow run detect-..."); "" when one is free
+    (the engine takes it at its next try); None when the API has no limit for the tag."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+        TaskRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
+        except ObjectNotFound:
+            return None
+        if not limit.active or limit.active_slots < limit.limit:
+            return ""
+        holders = client.read_task_runs(task_run_filter=TaskRunFilter(
+            tags=TaskRunFilterTags(all_=[tag]),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))), limit=5)
+        flow_ids = {tr.flow_run_id for tr in holders if tr.flow_run_id}
+        names = {fr.id: fr.name for fr in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_ids))))} if flow_ids else {}
+    by = ", ".join(f"{tr.name} of flow run {names.get(tr.flow_run_id, tr.flow_run_id)}" for tr in holders)
+    return f"{limit.active_slots} of {limit.limit} taken" + (f", by {by}" if by else "")

@@ -127,8 +127,14 @@ def backfill(
     with progress:
         bar = progress.add_task("dates", total=len(dates), last="")
 
+        last_done = [""]
+
         def done(o: Any) -> None:
-            progress.update(bar, advance=1, last=f"{o.date}: {o.status}")
+            last_done[0] = f"{o.date}: {o.status}"
+            progress.update(bar, advance=1, last=last_done[0])
+
+        def waiting(summary: str) -> None:  # --wait: what the unfinished flow runs do, beside the last finished
+            progress.update(bar, last="; ".join(x for x in (last_done[0], f"left: {summary}") if x))
 
         interrupted, detached, terminated = False, False, False
         with sigterm_as_interrupt():  # `kill`, systemd, a container's stop: as Ctrl-C, then exit 143
@@ -136,7 +142,7 @@ def backfill(
                 if via_deployment:
                     overrides = explicit_overrides(config, options, set_)  # validated above as `cfg`
                     outcomes = run_via_deployment(via_deployment, dates, overrides, app_name=app_name, force=force,
-                                                  wait=wait, on_done=done)
+                                                  wait=wait, on_done=done, on_wait=waiting)
                 else:
                     outcomes = run_in_process(app_name, dates, cfg, parallel=parallel, force=force, on_done=done)
             except BackfillInterrupted as e:

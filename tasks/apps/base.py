@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -377,9 +378,24 @@ def get_app(name: str) -> Application:
 # Prefect tasks: the stages every application goes through.
 
 
+_FIT_STARTED: dict[str, threading.Event] = {}
+
+
+def fit_started(run_id: str) -> threading.Event:
+    """Set when the fit task of run ``run_id`` begins, that is after any wait for a ``training`` slot
+    (:func:`tasks.prefect_utils.report_slot_wait`); :func:`forget_fit_started` drops it."""
+    return _FIT_STARTED.setdefault(run_id, threading.Event())
+
+
+def forget_fit_started(run_id: str) -> None:
+    _FIT_STARTED.pop(run_id, None)
+
+
 @task(name="fit", task_run_name="fit-{app.name}", tags=["training"], **COMPUTE_TASK)
 def fit_task(app: Application, ctx: Context) -> Fitted:
     """Train the application's model (tagged ``training`` for concurrency limits) and save it."""
+    if (started := _FIT_STARTED.get(ctx.run.run_id)) is not None:
+        started.set()
     fitted = app.fit(ctx)
     app.save(ctx.run, fitted)
     return fitted

@@ -69,3 +69,31 @@ def test_backfill_through_a_deployment_overrides_only_what_was_given(tmp_path):
         "model": {"latent_dim": 2, "hidden": [32]},
         "train": {"epochs": 3, "patience": 5, "batch_size": 32},
     }
+
+
+def test_backfill_wait_says_which_runs_wait_for_the_training_slot(prefect_server):
+    """`backfill --via-deployment --wait`'s progress line: a run whose fit task waits for the `training` slot is
+    RUNNING to Prefect; it is counted as waiting for the slot (the wait was silent: the eighth walkthrough)."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending, Running
+
+    from flows.backfill import waiting_summary
+
+    @flow(name="slot-summary")
+    def f():
+        pass
+
+    @task(name="fit", tags=["training"])
+    def fit():
+        pass
+
+    with get_client(sync_client=True) as c:
+        waiting, training = (c.create_flow_run(f, state=Running()) for _ in range(2))
+        c.create_task_run(fit, waiting.id, "fit-0", state=Pending())  # waits for the slot
+        c.create_task_run(fit, training.id, "fit-0", state=Running())  # trains
+        ids = [str(waiting.id), str(training.id)]
+        assert waiting_summary(c, ["running", "running", "scheduled"], ids) == \
+            "1 running, 1 waiting for a 'training' slot, 1 scheduled"
+        assert waiting_summary(c, ["running"], ids[1:]) == "1 running"
+        assert waiting_summary(c, ["scheduled", "pending"], []) == "1 scheduled, 1 pending"

@@ -280,6 +280,13 @@ def test_a_dask_worker_killed_mid_preprocessing_loses_nothing(platform, digits_f
         client.wait_for_workers(2, timeout=60)
 
 
+def _log_messages(platform, flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with platform.client() as c:
+        return [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
 def test_backfill_via_deployment_runs_on_both_workers_one_training_at_a_time(platform, digits_frame):
     """Three dates at once on two workers, while the `training` slot is taken: both runs wait, then train in turn."""
     import time
@@ -315,6 +322,9 @@ def test_backfill_via_deployment_runs_on_both_workers_one_training_at_a_time(pla
         with platform.client() as c:
             still = [c.read_task_run(t.id).state.type.value for t in waiting]
         assert still == ["PENDING"] * len(waiting), still
+        # and say so in their logs (the UI's and `prefect flow-run logs`), not silently (the eighth walkthrough)
+        _wait(lambda: all(any("for a 'training' slot: 1 of 1 taken" in m for m in _log_messages(platform, t.flow_run_id))
+                          for t in waiting), 90, "the waiting runs' logs say they wait for the training slot", platform, 1.0)
     finally:
         with platform.client() as c:
             c.release_concurrency_slots_with_lease(lease)
@@ -327,6 +337,8 @@ def test_backfill_via_deployment_runs_on_both_workers_one_training_at_a_time(pla
     for a, b in zip(fits, fits[1:], strict=False):
         assert a.end_time <= b.start_time, f"two trainings overlapped: {a.name} {a.start_time}-{a.end_time}, {b.start_time}"
     assert all(_ts(t.start_time) >= released - 1 for t in fits), "no training started while the slot was taken"
+    for t in waiting:
+        assert any(m.startswith("got a 'training' slot after") for m in _log_messages(platform, t.flow_run_id))
     manifests = [platform.manifest_of(r.id) for r in runs]
     workers_of_waiting = {m["extra"]["execution"]["prefect"]["worker"] for m in manifests
                           if m["extra"]["prefect"]["flow_run_id"] in {str(t.flow_run_id) for t in waiting}}
