@@ -64,6 +64,8 @@ def build_app() -> typer.Typer:
 
 app = build_app()
 
+EPHEMERAL_STARTUP_TIMEOUT_S = 180  # seconds the temporary Prefect server may take to start (see main)
+
 __all__ = ["COMMON_OPTIONS", "app", "build_app", "main"]
 
 
@@ -73,6 +75,10 @@ def main() -> None:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect's temporary API server (no PREFECT_API_URL) must answer within 20 s, Prefect's default: on a
+    # busy machine (load 4-10, two cores) its start-up took longer and every command failed with a
+    # traceback. A slow start is not a failure; one that never answers still fails, after this long.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     guard_prefect_ephemeral_server()  # a killed CLI leaves no temporary Prefect server behind
     install_log_redaction()
     if not sys.argv[1:] or "--help" in sys.argv[1:]:

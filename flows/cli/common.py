@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import traceback
@@ -111,7 +112,7 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
         err.print(f"[bold red]{word}:[/] {escape(message)}", highlight=False, soft_wrap=True)
         _exit(code, word, message)
     if not isinstance(e, AeflowError):
-        e = storage_error(e, operation, "the object store") or e
+        e = ephemeral_server_error(e) or storage_error(e, operation, "the object store") or e
     if isinstance(e, AeflowError):
         message = redact(str(e))
         err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -119,6 +120,29 @@ def fail(e: BaseException, operation: str = "run") -> NoReturn:
     err.print("[bold red]aeflow failed with an unexpected error (a bug; please report it):[/]")
     err.print(redact("".join(traceback.format_exception(e))), highlight=False, markup=False)
     _exit(1, "bug", redact(f"{type(e).__name__}: {e}"))
+
+
+def ephemeral_server_error(e: BaseException) -> AeflowError | None:
+    """Prefect's temporary API server (no ``PREFECT_API_URL``) did not answer in time: one line, exit 4.
+
+    Prefect raises a bare ``RuntimeError`` ("Timed out while attempting to connect to ephemeral Prefect API
+    server", with the server's output); it was printed as a bug, with a traceback. The setting that waits
+    longer and the alternative (a running server) are named.
+    """
+    from flows.backfill import ServerUnreachable
+    from tasks.storage import causes
+
+    marker = "Timed out while attempting to connect to ephemeral Prefect API server"
+    found = next((x for x in causes(e) if isinstance(x, RuntimeError) and marker in str(x)), None)
+    if found is None:
+        return None
+    waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+    exited = re.search(r"process exited with code (-?\d+)", str(found))
+    why = f"it exited with code {exited.group(1)}" if exited else "this machine may be too busy"
+    return ServerUnreachable(
+        f"Prefect's temporary API server (started because PREFECT_API_URL is unset) did not answer within "
+        f"{waited} s ({why}): set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or point "
+        "PREFECT_API_URL at a running Prefect server (`aeflow platform up` starts one)")
 
 
 @contextmanager

@@ -161,3 +161,51 @@ def test_retries_retry_an_outage_but_never_bad_input(prefect_server):
     assert read == "read" and calls["outage"] == 3, "an outage is retried"
     assert isinstance(bad_error, InputError) and calls["bad"] == 1, "bad input is never retried"
     assert isinstance(outage, StorageUnavailable), "after the retries, the error is the one line"
+
+
+@refusal("Prefect's temporary API server (no PREFECT_API_URL) not answering within "
+         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (aeflow's default 180 s; Prefect's 20 s failed on a "
+         "busy machine); the message names the setting and `aeflow platform up`", 4, "storage")
+def test_a_temporary_prefect_server_that_does_not_start_in_time_is_one_line(tmp_path):
+    """It was a RuntimeError with a traceback, exit 1, "a bug" (two walkthroughs met it at load 4-10). A timeout
+    of 0 s makes Prefect give up before its server could answer: the same path, for real, at once."""
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    aeflow = os.path.join(os.path.dirname(sys.executable), "aeflow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    data = _table(tmp_path)
+    for args in (["run", "reduce", "-i", data, "-o", str(tmp_path / "out"), "--json", *FAST],
+                 ["backfill", "reduce", "-i", str(tmp_path / "{date}.csv"), "--start", "2026-01-01", "--end",
+                  "2026-01-02", "-o", str(tmp_path / "out"), "--json"]):
+        p = subprocess.run([aeflow, *args], env=env, capture_output=True, text=True, timeout=300)
+        res = SimpleNamespace(exit_code=p.returncode, stderr=p.stderr, output=p.stdout + p.stderr)
+        assert_refused(res, test_a_temporary_prefect_server_that_does_not_start_in_time_is_one_line,
+                       "Prefect's temporary API server (started because PREFECT_API_URL is unset) did not answer "
+                       "within 0 s", "set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher",
+                       "`aeflow platform up` starts one")
+        assert json.loads(p.stdout) == {"error": json.loads(p.stdout)["error"], "kind": "storage", "exit_code": 4}
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_gives_prefects_temporary_server_three_minutes_unless_told(monkeypatch):
+    """main() sets the start-up timeout only where the environment does not: a user's own value is kept."""
+    import os
+    import sys
+
+    from flows.cli import EPHEMERAL_STARTUP_TIMEOUT_S, main
+
+    key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    monkeypatch.setattr(sys, "argv", ["aeflow", "--help"])
+    for given, expected in ((None, str(EPHEMERAL_STARTUP_TIMEOUT_S)), ("45", "45")):
+        if given is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, given)
+        with pytest.raises(SystemExit):
+            main()
+        assert os.environ[key] == expected
+    assert EPHEMERAL_STARTUP_TIMEOUT_S >= 120
