@@ -84,9 +84,14 @@ def parse_date(value: str | dt.date | dt.datetime) -> dt.date:
         return value.date()
     if isinstance(value, dt.date):
         return value
+    text = str(value).strip()
     try:
-        return dt.date.fromisoformat(str(value).strip())
+        return dt.date.fromisoformat(text)
     except ValueError as e:
+        import re
+
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):  # the right shape, not a day of the calendar
+            raise ConfigError(f"invalid date {value!r}: not a day of the calendar ({e})") from e
         raise ConfigError(f"invalid date {value!r}: expected YYYY-MM-DD") from e
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from flows.cli.common import err, fail, hide_user_error_tracebacks, out, quiet_prefect, sigterm_as_interrupt
-from tasks.errors import AeflowError
+from tasks.errors import AeflowError, ConfigError
 
 
 def backfill(
@@ -75,22 +75,20 @@ def backfill(
     try:
         application = get_app(app_name)  # an unknown APP: ConfigError, exit 2 (as `aeflow run nope`)
         if wait and not via_deployment:
-            raise typer.BadParameter("--wait only applies with --via-deployment (an in-process backfill always "
-                                     "waits for its dates)", param_hint="--wait")
+            raise ConfigError("--wait only applies with --via-deployment (an in-process backfill always "
+                              "waits for its dates)")
         if parallel != 1 and via_deployment:
-            raise typer.BadParameter("--parallel only applies in process; with --via-deployment the server's workers "
-                                     "(and the deployment's concurrency limit) decide how many dates run at once",
-                                     param_hint="--parallel")
+            raise ConfigError("--parallel only applies in process; with --via-deployment the server's workers "
+                              "(and the deployment's concurrency limit) decide how many dates run at once")
         dates = date_range(parse_date(start), parse_date(end), every)
         if len(dates) > max_dates:
-            raise typer.BadParameter(
+            raise ConfigError(
                 f"--start {start} --end {end} is {len(dates):,} dates, more than --max-dates {max_dates:,}: "
-                "narrow the range, use --every, or raise --max-dates", param_hint="--end")
+                "narrow the range, use --every, or raise --max-dates")
         if input_template is not None and not has_template(input_template):
-            raise typer.BadParameter(
-                f"{input_template!r} has no date field such as {{date}}: every date would read the same data",
-                param_hint="--input-template",
-            )
+            raise ConfigError(
+                f"--input-template {input_template!r} has no date field such as {{date}}: every date would read "
+                "the same data")
         options: dict[str, Any] = {"output": output, "load.label_column": label_column, "load.id_column": id_column,
                                    "dask_address": dask_address}
         if input_template is not None:
@@ -103,16 +101,15 @@ def backfill(
             # with a model the data it is applied to): they were refused for want of -i
             data = (cfg.load.apply_to or cfg.load.input) if cfg.model_run else cfg.load.input
             if not (data and has_template(data)):
-                raise typer.BadParameter(
+                raise ConfigError(
                     "--input-template is required (unless --via-deployment, or --config/--set give "
-                    f"{'load.apply_to' if cfg.model_run else 'load.input'} with a date field such as {{date}})",
-                    param_hint="--input-template")
+                    f"{'load.apply_to' if cfg.model_run else 'load.input'} with a date field such as {{date}})")
         if cfg.run_id and len(dates) > 1:
             # every date's run would take that one folder: the second date failed ("already exists and is
             # complete") and so did every rerun that "redoes only the dates that failed"
-            raise typer.BadParameter(
+            raise ConfigError(
                 f"run_id {cfg.run_id!r} names one run, and a backfill makes one per date: leave run_id unset "
-                "(each date's run is named by its time and fingerprint)", param_hint="--set run_id / --config")
+                "(each date's run is named by its time and fingerprint)")
         if not via_deployment:  # a device this machine lacks (exit 2, as `aeflow run`), not one failure per date
             application.device_for(cfg)
     except AeflowError as e:
@@ -151,8 +148,8 @@ def backfill(
                 progress.update(bar, visible=False)  # no empty bar left above the message
                 progress.stop()
                 fail(e, "backfill")
-            except AeflowError as e:  # a refusal before any date ran (no deployment, another app's, no server)
-                progress.update(bar, visible=False)
+            except Exception as e:  # a refusal before any date ran (no deployment, another app's, no server; the
+                progress.update(bar, visible=False)  # temporary Prefect server did not start): one line
                 progress.stop()
                 fail(e)
     if as_json:

@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from flows.cli.common import execute, fail, print_result, quiet_prefect, sigterm_as_interrupt
-from tasks.errors import AeflowError
+from tasks.errors import AeflowError, ConfigError
 
 # (parameter name, flag(s), config path, type, help). Every application gets those its data kind accepts.
 COMMON_OPTIONS: tuple[tuple[str, tuple[str, ...], str | None, Any, str], ...] = (
@@ -89,7 +89,7 @@ def options_from(specs: list[tuple[str, tuple[str, ...], str, Any, str]], kwargs
             try:
                 value = list(parse_widths(str(value)))
             except ValueError as e:
-                raise typer.BadParameter(str(e).replace("hidden", "--hidden", 1)) from e
+                raise ConfigError(str(e).replace("hidden", "--hidden", 1)) from e
         options[path] = value
     if kwargs.get("skip_existing"):
         options["skip_existing"] = True
@@ -109,7 +109,10 @@ def make_command(group: typer.Typer, application: Any) -> None:
     ]
 
     def command(**kwargs: Any) -> None:
-        options = options_from(specs, kwargs)
+        try:
+            options = options_from(specs, kwargs)
+        except AeflowError as e:  # one `error:` line (and --json's object), not typer's usage box
+            fail(e)
         if kwargs.get("show_config"):
             from tasks.config import annotated_yaml, resolve_config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -17,7 +19,7 @@ runner = CliRunner()
         (["reduce", "-i", "raw/day.csv", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "has no date field"),
         (["reduce", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "--input-template is required"),
         (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-05", "--end", "2026-11-02"], 2, "is before start date"),
-        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-31", "--end", "2026-12-02"], 2, "invalid date '2026-11-31'"),
+        (["reduce", "-i", "raw/{date}.csv", "--start", "2026-11-31", "--end", "2026-12-02"], 2, "invalid date '2026-11-31': not a day of the calendar"),
         # an unknown application is a bad argument, exit 2 as `aeflow run nope` (it was 5, "does not fit the model")
         (["nope", "-i", "raw/{date}.csv", "--start", "2026-11-01", "--end", "2026-11-02"], 2, "unknown application 'nope'"),
         # options that would do nothing are refused (they were silently ignored)
@@ -38,6 +40,13 @@ def test_backfill_rejects_bad_arguments(args, code, message):
     res = runner.invoke(app, ["backfill", *args])
     assert res.exit_code == code, res.output
     assert message in " ".join(res.output.replace("│", " ").split()), res.output
+    # one `error:` line, not typer's usage box; with --json also the error object on stdout (the refusals of
+    # --wait, --parallel, --max-dates, a template without a date field printed no JSON: the 12th walkthrough)
+    assert res.stderr.count("error:") == 1 and "Usage:" not in res.output, res.output
+    res = runner.invoke(app, ["backfill", *args, "--json"])
+    assert res.exit_code == code, res.output
+    got = json.loads(res.stdout)
+    assert got["exit_code"] == code and got["kind"] == "configuration" and message in got["error"], res.stdout
 
 
 def test_backfill_help_says_each_date_has_its_own_local_cluster():

@@ -95,6 +95,7 @@ def test_an_empty_hidden_width_is_refused_and_none_is_a_linear_autoencoder(tmp_p
         res = runner.invoke(app, ["run", "reduce", "-i", str(data), "-o", str(tmp_path / "o"), "--hidden", bad])
         assert res.exit_code == 2, res.output
         assert "--hidden" in res.output and "has an empty width" in " ".join(res.output.split()), res.output
+        assert res.stderr.count("error:") == 1 and "Usage:" not in res.output, res.output  # not typer's usage box
     assert not (tmp_path / "o").exists()
 
 
