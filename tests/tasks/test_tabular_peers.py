@@ -80,6 +80,22 @@ def test_impute_fit_is_reproducible_whatever_the_global_rng_state():
     np.testing.assert_array_equal(imputed(), first)
 
 
+def test_impute_head_never_sees_the_validation_rows(monkeypatch):
+    """The run's evaluation hides cells of the validation rows; a head fitted on them (it was, on training and
+    validation rows) knew their true values, and its RMSE there was 4-8% lower than on rows it never saw."""
+    from models.dense import MaskedImputer
+
+    seen: list[np.ndarray] = []
+    fit_head = MaskedImputer.fit_head
+    monkeypatch.setattr(MaskedImputer, "fit_head", lambda self, x, *a, **k: (seen.append(np.asarray(x)),
+                                                                              fit_head(self, x, *a, **k))[1])
+    _, holed, _, _ = _holes()
+    impute.fit_imputer(holed[:100], holed[100:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN,
+                       mask_fraction=0.25, members=1)
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], holed[:100])
+
+
 def test_the_long_steps_after_training_say_what_they_do(caplog):
     """impute's head fit and detect's scoring ran for minutes on a big table without a line in the log."""
     import logging
@@ -93,7 +109,8 @@ def test_the_long_steps_after_training_say_what_they_do(caplog):
         x = np.nan_to_num(holed)
         detect.fit_detector(x[:100], x[100:], ModelConfig(latent_dim=2, hidden=(8,)), TINY_TRAIN, contamination=0.1,
                             min_steps=1)
-    assert f"impute: fitting the per-column linear head on {len(holed)} rows" in caplog.text
+    # on the training rows only: the evaluation hides cells of the validation rows (holed[100:])
+    assert "impute: fitting the per-column linear head on 100 training rows" in caplog.text
     assert f"detect: scoring {len(holed)} rows to fix the score's scales" in caplog.text
 
 
