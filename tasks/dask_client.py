@@ -176,7 +176,43 @@ def _settle(futures: Sequence[Any]) -> None:
         wait(list(futures))
 
 
-def compute_settled(*collections: Any) -> tuple[Any, ...]:
+PROGRESS_LOG_FIRST_S, PROGRESS_LOG_EVERY_S = 30.0, 60.0  # compute_settled's progress lines: the first, then
+
+
+@contextlib.contextmanager
+def _log_done_parts(futures: Sequence[Any], label: str, first_s: float, every_s: float,
+                    unit: str = "partitions") -> Iterator[None]:
+    """While the body runs: after ``first_s`` and then every ``every_s`` seconds, one line in the run's log
+    saying how many of ``futures`` (one per partition) are done. Nothing for a compute that ends sooner."""
+    import threading
+
+    from tasks.train import run_logger
+
+    run_log = run_logger()  # here: a Prefect run's logger is found from this thread's context, not the watcher's
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def watch() -> None:
+        delay = first_s
+        while not stop.wait(delay):
+            delay = every_s
+            with contextlib.suppress(Exception):  # progress is a nicety; never fail the work for it
+                done = sum(1 for f in futures if f.done())
+                run_log.info("%s: %s of %s %s done after %.0f s", label, f"{done:,}", f"{len(futures):,}", unit,
+                             time.monotonic() - t0)
+
+    thread = threading.Thread(target=watch, name="aeflow-compute-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def compute_settled(*collections: Any, progress: str | None = None, progress_parts: int | None = None,
+                    unit: str = "partitions", first_s: float | None = None,
+                    every_s: float | None = None) -> tuple[Any, ...]:
     """``dask.compute(*collections)`` (one graph: shared inputs computed once) that raises only
     after every task has finished, so no task of a failed compute writes afterwards.
 
@@ -184,7 +220,12 @@ def compute_settled(*collections: Any) -> tuple[Any, ...]:
     exception, e.g. an ``InputError``). Without a client the tasks run on a thread pool of this
     process (Dask's local threaded scheduler, which too raises while other threads still run),
     shut down and waited for before the error leaves; a scheduler set in ``dask.config`` is used
-    as it is."""
+    as it is.
+
+    ``progress``: on the client, a compute that takes longer than ``first_s`` (default
+    ``PROGRESS_LOG_FIRST_S``) says in the run's log how many partitions are done (the first
+    ``progress_parts`` collections, default all, one per partition), then every ``every_s`` seconds
+    (``PROGRESS_LOG_EVERY_S``): a pass over a large file was minutes without a line."""
     client = current_client()
     if client is None:
         if dask.config.get("scheduler", None) is not None:
@@ -205,7 +246,12 @@ def compute_settled(*collections: Any) -> tuple[Any, ...]:
     results = client.compute(list(collections))
     futures = [f for f in results if isinstance(f, Future)]
     try:
-        _settle(futures)
+        if progress:
+            first, every = first_s or PROGRESS_LOG_FIRST_S, every_s or PROGRESS_LOG_EVERY_S
+            with _log_done_parts(futures[:progress_parts], progress, first, every, unit):
+                _settle(futures)
+        else:
+            _settle(futures)
         for f in futures:
             if f.status == "error":
                 f.result()  # raises the task's exception

@@ -417,7 +417,7 @@ def load_images(source: ImageSource, load: ImageLoadConfig, *, run: RunDir | Non
         run.makedirs(prefix)
     jobs = [dask.delayed(_decode_shard)(g, load.mode, load.size, load.fit, u, load.alpha, min_side)
             for g, u in zip(groups, out_uris, strict=True)]
-    reports = compute_settled(*jobs)
+    reports = compute_settled(*jobs, progress=f"decoding {len(uris):,} images ({source.uri})", unit="shards")
     bad: list[dict[str, str]] = []
     small: set[int] = set()  # which of bad are images too small for the network
     converted: dict[str, int] = {}

@@ -130,7 +130,9 @@ def collect_categories(source: TableSource, max_categories: int = 100) -> TableS
     if not columns:
         return source
     parts = to_dask(source).to_delayed()
-    found = dask.compute(*[dask.delayed(_partition_categories)(p, columns, max_categories) for p in parts])
+    found = compute_settled(*[dask.delayed(_partition_categories)(p, columns, max_categories) for p in parts],
+                            progress=f"{source.uri}: categories of {', '.join(columns[:3])}"
+                                     + (f" and {len(columns) - 3} more" if len(columns) > 3 else ""))
     merged: dict[str, tuple[str, ...]] = {}
     for c in columns:
         values = sorted(set().union(*(f[c] for f in found)))
@@ -353,7 +355,10 @@ def prepare(
         for p, u in zip(parts, out_uris, strict=True)
     ]
     dups = duplicate_ids(parts, schema.id) if schema.id else ()
-    *moments, repeated = compute_settled(*tasks, dups)  # one pass: the id counts share the parsed partitions
+    # one pass: the id counts share the parsed partitions
+    *moments, repeated = compute_settled(*tasks, dups, progress=f"{source.uri}: validating, "
+                                         + ("splitting, " if split else "") + "encoding" + (" and writing" if run else ""),
+                                         progress_parts=len(tasks))
     misfit: dict[str, float] = {}
     for m in moments:  # the first value in input order
         for name, value in m.pop("misfit").items():

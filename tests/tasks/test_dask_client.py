@@ -249,3 +249,34 @@ def test_a_failed_compute_raises_only_after_its_other_tasks_have_written(tmp_pat
         with pytest.raises(ValueError, match="bad partition"):
             run_parallel(_fail_fast_or_write_late, [("write", str(late_b)), ("fail", "")], on_done=None)
         assert late_b.exists(), "run_parallel raised while another item was still writing"
+
+
+def _sleep_then(x: float) -> float:
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def test_a_long_compute_says_how_many_partitions_are_done(caplog):
+    """A pass over a large file (categories, validation and encoding) ran for minutes without a line in the
+    run's log (the twelfth walkthrough: ~5 min on 1.36 GB); with ``progress`` it says how far it is, and a
+    compute that ends before the first line says nothing."""
+    import logging
+    import re
+
+    import dask
+
+    from tasks.dask_client import compute_settled, dask_client
+
+    with dask_client(None, n_workers=1, processes=False), caplog.at_level(logging.INFO):
+        got = compute_settled(*[dask.delayed(_sleep_then)(0.4) for _ in range(4)], dask.delayed(_double)(1),
+                              progress="t.csv: encoding", progress_parts=4, first_s=0.5, every_s=0.5)
+        assert got == (0.4, 0.4, 0.4, 0.4, 2)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("t.csv: encoding")]
+        assert lines, caplog.text
+        done = [int(re.match(r"t.csv: encoding: (\d) of 4 partitions done after \d+ s$", m).group(1)) for m in lines]
+        assert done == sorted(done) and 0 < done[0] < 4, lines
+        caplog.clear()
+        compute_settled(dask.delayed(_double)(2), progress="quick", first_s=5)
+        assert "quick" not in caplog.text

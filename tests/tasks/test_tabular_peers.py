@@ -112,6 +112,11 @@ def test_the_long_steps_after_training_say_what_they_do(caplog):
     # on the training rows only: the evaluation hides cells of the validation rows (holed[100:])
     assert "impute: fitting the per-column linear head on 100 training rows" in caplog.text
     assert f"detect: scoring {len(holed)} rows to fix the score's scales" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # impute's baselines, minutes together on a big table: each says it ended
+        impute.baseline_imputations(holed[:100], holed[100:], impute.numeric_groups(4), k=3)
+    for name in ("mean_mode", "knn", "iterative"):
+        assert f"impute evaluation: {name} baseline fitted on 100 rows, imputed 20 in " in caplog.text, caplog.text
 
 
 def test_impute_extra_trees_baseline_beats_the_mean_and_honours_its_row_cap():
