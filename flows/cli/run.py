@@ -55,7 +55,8 @@ _FIXED = (
     ("set_", list[str] | None, None, typer.Option("--set", help="Override any config key: --set train.lr=3e-4 (repeatable).")),
     ("skip_existing", bool, False,
      typer.Option("--skip-existing", help="Do nothing if a complete run with the same input and config exists.")),
-    ("as_json", bool, False, typer.Option("--json", help="Print one JSON object (run_uri, outputs, metrics) on stdout.")),
+    ("as_json", bool, False, typer.Option("--json", help="Print one JSON object (run_uri, outputs, metrics) on stdout; "
+                                                      "stderr as with --quiet (no progress: only warnings and errors).")),
     ("quiet", bool, False, typer.Option("--quiet", "-q", help="Only warnings and the result.")),
     ("show_config", bool, False,
      typer.Option("--show-config", help="Print the resolved configuration (every key --set and --config take, its value "
