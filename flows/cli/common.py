@@ -265,6 +265,12 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
 
     application = get_app(app_name)
     cfg = resolve_config(application.RunConfig, file=config_file, options=options, sets=sets)
+    # Refusals that need neither the data nor Prefect, here: inside the flow they came after Prefect's temporary
+    # server had started (8 s, minutes on a busy machine) — a device this machine lacks, an id column named like
+    # an output column. The flow checks them again (deployments and backfills reach it without this).
+    application.device_for(cfg)
+    if not cfg.model_run:
+        application.adopt(cfg, None)
     hide_user_error_tracebacks()
     install_log_redaction()
     state = FLOWS[app_name](config=cfg, return_state=True)

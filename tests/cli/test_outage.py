@@ -191,6 +191,26 @@ def test_a_temporary_prefect_server_that_does_not_start_in_time_is_one_line(tmp_
         assert not (tmp_path / "out").exists()
 
 
+def test_settings_refused_without_the_data_are_refused_before_prefect_starts(tmp_path):
+    """A device this machine lacks and an id column named like an output column were refused inside the flow,
+    after Prefect's temporary server had started (8 s; minutes under load). With a server that cannot start
+    (a 0 s timeout), the refusal itself is what the user gets: it came first."""
+    import os
+    import subprocess
+    import sys
+
+    aeflow = os.path.join(os.path.dirname(sys.executable), "aeflow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    data = _table(tmp_path)
+    for extra, message in ((["--device", "tpu"], "'tpu' is not a device"),
+                           (["--id-column", "z_0"], "--id-column 'z_0' is also the name of a column that reduce writes")):
+        p = subprocess.run([aeflow, "run", "reduce", "-i", data, "-o", str(tmp_path / "out"), *extra], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+        assert "temporary" not in p.stderr, p.stderr
+
+
 def test_the_cli_gives_prefects_temporary_server_three_minutes_unless_told(monkeypatch):
     """main() sets the start-up timeout only where the environment does not: a user's own value is kept."""
     import os
