@@ -179,35 +179,22 @@ def _settle(futures: Sequence[Any]) -> None:
 PROGRESS_LOG_FIRST_S, PROGRESS_LOG_EVERY_S = 30.0, 60.0  # compute_settled's progress lines: the first, then
 
 
-@contextlib.contextmanager
 def _log_done_parts(futures: Sequence[Any], label: str, first_s: float, every_s: float,
-                    unit: str = "partitions") -> Iterator[None]:
+                    unit: str = "partitions") -> contextlib.AbstractContextManager[None]:
     """While the body runs: after ``first_s`` and then every ``every_s`` seconds, one line in the run's log
     saying how many of ``futures`` (one per partition) are done. Nothing for a compute that ends sooner."""
-    import threading
-
-    from tasks.train import run_logger
+    from tasks.train import periodically, run_logger
 
     run_log = run_logger()  # here: a Prefect run's logger is found from this thread's context, not the watcher's
-    stop = threading.Event()
     t0 = time.monotonic()
 
-    def watch() -> None:
-        delay = first_s
-        while not stop.wait(delay):
-            delay = every_s
-            with contextlib.suppress(Exception):  # progress is a nicety; never fail the work for it
-                done = sum(1 for f in futures if f.done())
-                run_log.info("%s: %s of %s %s done after %.0f s", label, f"{done:,}", f"{len(futures):,}", unit,
-                             time.monotonic() - t0)
+    def say() -> None:
+        with contextlib.suppress(Exception):  # progress is a nicety; never fail the work for it
+            done = sum(1 for f in futures if f.done())
+            run_log.info("%s: %s of %s %s done after %.0f s", label, f"{done:,}", f"{len(futures):,}", unit,
+                         time.monotonic() - t0)
 
-    thread = threading.Thread(target=watch, name="aeflow-compute-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    return periodically(say, first_s, every_s, "aeflow-compute-progress")
 
 
 def compute_settled(*collections: Any, progress: str | None = None, progress_parts: int | None = None,

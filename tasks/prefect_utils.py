@@ -85,32 +85,30 @@ def report_slot_wait(tag: str, started: Any, log: Any, first_s: float = 10.0, ev
     """
     import threading
 
-    stop = threading.Event()
+    from tasks.train import periodically
+
     t0 = time.monotonic()
     said = threading.Event()
 
-    def watch() -> None:
-        delay = first_s
-        while not stop.wait(delay) and not started.is_set():
-            delay = every_s
-            try:
-                line = _slot_wait_line(tag)
-            except Exception:  # noqa: BLE001 - the API or the limit went away: nothing to say, the engine still waits
-                return
-            if line is None:
-                return
-            if line:
-                log.info("waiting %.0f s so far for a %r slot: %s; the run goes on when one is free",
-                         time.monotonic() - t0, tag, line)
-                said.set()
+    def look() -> bool:
+        if started.is_set():
+            return False
+        try:
+            line = _slot_wait_line(tag)
+        except Exception:  # noqa: BLE001 - the API or the limit went away: nothing to say, the engine still waits
+            return False
+        if line is None:
+            return False
+        if line:
+            log.info("waiting %.0f s so far for a %r slot: %s; the run goes on when one is free",
+                     time.monotonic() - t0, tag, line)
+            said.set()
+        return True
 
-    thread = threading.Thread(target=watch, name=f"aeflow-{tag}-slot-wait", daemon=True)
-    thread.start()
     try:
-        yield
+        with periodically(look, first_s, every_s, f"aeflow-{tag}-slot-wait"):
+            yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
         if said.is_set() and started.is_set():
             log.info("got a %r slot after %.0f s", tag, time.monotonic() - t0)
 

@@ -10,11 +10,12 @@ terminal, and a Prefect progress artifact. The data is arrays in memory or a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,30 @@ def resolve_device(preference: str) -> torch.device:
             f"train.device: {preference!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
     return device
+
+
+@contextlib.contextmanager
+def periodically(fn: Callable[[], bool | None], first_s: float, every_s: float, name: str) -> Iterator[None]:
+    """While the body runs, ``fn()`` in a thread after ``first_s`` and then every ``every_s`` seconds, until
+    the body ends or ``fn`` returns False: the progress lines of work that is otherwise silent."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        delay = first_s
+        while not stop.wait(delay):
+            delay = every_s
+            if fn() is False:
+                return
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
