@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import logging
 import os
 import runpy
 import signal
@@ -137,6 +138,24 @@ class _GuardOnImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+class _FirstLineOfServerNotice(logging.Filter):
+    """Prefect's "Starting temporary server on http://127.0.0.1:PORT" goes on with "See https://www.prefect.io/docs/...
+    for more information on running a dedicated Prefect server": on every run's stderr, for aeflow's users advice
+    that the README gives them in aeflow's terms (``aeflow platform up``). The first line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server on") and "\n" in record.msg:
+            record.msg = record.msg.split("\n", 1)[0]
+        return True
+
+
+def shorten_prefect_server_notice() -> None:
+    """Keep only the first line of Prefect's notice that it starts a temporary server (see the filter)."""
+    lg = logging.getLogger("prefect")
+    if not any(isinstance(f, _FirstLineOfServerNotice) for f in lg.filters):
+        lg.addFilter(_FirstLineOfServerNotice())
 
 
 def guard_prefect_ephemeral_server() -> None:

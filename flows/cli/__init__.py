@@ -70,7 +70,7 @@ __all__ = ["COMMON_OPTIONS", "app", "build_app", "main"]
 
 
 def main() -> None:
-    from flows.lifeline import guard_prefect_ephemeral_server
+    from flows.lifeline import guard_prefect_ephemeral_server, shorten_prefect_server_notice
     from tasks.redaction import install_log_redaction
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -80,6 +80,7 @@ def main() -> None:
     # traceback. A slow start is not a failure; one that never answers still fails, after this long.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     guard_prefect_ephemeral_server()  # a killed CLI leaves no temporary Prefect server behind
+    shorten_prefect_server_notice()
     install_log_redaction()
     if not sys.argv[1:] or "--help" in sys.argv[1:]:
         app()  # help runs no flow: not worth importing Prefect (a second) for its settings

@@ -143,3 +143,22 @@ def test_sigkilled_ephemeral_mode_leaves_no_orphan_and_the_next_run_works(tmp_pa
     second = subprocess.run([sys.executable, "-c", ENTERS_EPHEMERAL_MODE, "0"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and second.stdout.split() == ["inside", "done"], second.stderr[-2000:]
+
+
+def test_prefects_temporary_server_notice_keeps_its_first_line(caplog):
+    """"Starting temporary server on ..." went on with Prefect's advice to run a dedicated server, on every run's
+    stderr; the first line stays, other records of the logger are untouched."""
+    import logging
+
+    from flows.lifeline import shorten_prefect_server_notice
+
+    shorten_prefect_server_notice()
+    shorten_prefect_server_notice()  # once only
+    lg = logging.getLogger("prefect")
+    with caplog.at_level(logging.INFO, logger="prefect"):
+        lg.info("Starting temporary server on http://127.0.0.1:8301\nSee https://www.prefect.io/docs/v3/concepts/"
+                "server#how-to-guides for more information on running a dedicated Prefect server.")
+        lg.info("something else\nwith two lines")
+    assert [r.getMessage() for r in caplog.records if r.name == "prefect"] == [
+        "Starting temporary server on http://127.0.0.1:8301", "something else\nwith two lines"]
+    assert sum(type(f).__name__ == "_FirstLineOfServerNotice" for f in lg.filters) == 1
