@@ -118,9 +118,11 @@ class ModelConfig(Frozen):
 
     latent_dim: int = Field(8, ge=1, le=4096, description="Width of the code z.")
     hidden: tuple[int, ...] = Field((256, 128), description="Encoder widths from input to code; the decoder mirrors them.")
-    activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu", "elu"] = "gelu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    batch_norm: bool = False
+    activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu", "elu"] = Field(
+        "gelu", description="Nonlinearity after every hidden layer (relu, gelu, silu, tanh, leaky_relu, elu); the code "
+        "layer and the output are linear.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after every hidden layer while training (0: none).")
+    batch_norm: bool = Field(False, description="Batch normalisation before every hidden layer's nonlinearity.")
 
     @field_validator("hidden", mode="before")
     @classmethod
@@ -161,8 +163,8 @@ class TrainConfig(Frozen):
         256, ge=1, description="The batch the application's lr is tuned for: used when batch_size is unset on CPU, "
         "and the smallest automatic batch on CUDA.",
     )
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, description="Adam's learning rate at default_batch_size.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam's L2 penalty on the weights (0: none).")
     patience: int = Field(15, ge=1, description="Epochs without validation improvement before stopping.")
     seed: int = Field(0, ge=0, lt=2**32 - 2, description="Seed of the initial weights, batches and sampled metrics.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")

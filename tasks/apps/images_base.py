@@ -11,7 +11,7 @@ below it is refused before any image is read, and smaller decoded images are ref
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -32,8 +32,9 @@ class ConvModelConfig(Frozen):
     blocks: int = Field(1, ge=1, le=8, description="3x3 convolutions per level.")
     skip: bool = Field(False, description="U-Net skip connections (restoration); off when the code must carry the image.")
     residual: bool = Field(False, description="Predict a correction added to the input.")
-    activation: str = "relu"
-    norm: bool = False
+    activation: Literal["relu", "gelu", "silu", "leaky_relu", "elu"] = Field(
+        "relu", description="Nonlinearity after every convolution (relu, gelu, silu, leaky_relu, elu).")
+    norm: bool = Field(False, description="GroupNorm after every convolution, before its nonlinearity.")
 
     @field_validator("channels")
     @classmethod

@@ -82,6 +82,9 @@ def test_settings_an_application_never_reads_are_refused(tmp_path):
         shown = annotated_yaml(application.RunConfig())
         (tmp_path / f"{name}.yaml").write_text(shown)
         assert resolve_config(application.RunConfig, file=tmp_path / f"{name}.yaml") == application.RunConfig()
+        # every key says what it is (model.activation, dropout, batch_norm, train.lr had no comment)
+        bare = [line.strip() for line in shown.splitlines() if "  # " not in line and not line.endswith(":")]
+        assert not bare, f"{name} --show-config: keys without a description: {bare}"
         read = yaml.safe_load(shown)
         for path in application.RunConfig.UNUSED:
             section, *key = path.split(".")
@@ -117,3 +120,22 @@ def test_a_parquet_inputs_schema_sample_spans_its_first_files(tmp_path):
     assert kinds(str(tmp_path / "whole.parquet")) == {"x": "numeric", "size": "numeric"}
     assert kinds(str(tmp_path / "groups.parquet")) == kinds(str(tmp_path / "whole.parquet")), "row groups"
     assert kinds(str(tmp_path / "in")) == kinds(str(tmp_path / "whole.parquet")), "files"
+
+
+def test_the_activation_settings_name_exactly_what_the_models_build():
+    """The image applications' model.activation was a free string: `--set model.activation=tanh` (a dense
+    activation, not a convolutional one) passed the configuration and failed only when the model was built,
+    after the images were read. Both settings now list what their model builds, and are refused up front."""
+    import typing
+
+    import models.conv
+    import models.dense
+    from tasks.apps import load_all
+    from tasks.config import ModelConfig, resolve_config
+    from tasks.errors import ConfigError
+    from tasks.apps.images_base import ConvModelConfig
+
+    assert set(typing.get_args(ModelConfig.model_fields["activation"].annotation)) == set(models.dense.ACTIVATIONS)
+    assert set(typing.get_args(ConvModelConfig.model_fields["activation"].annotation)) == set(models.conv.ACTIVATIONS)
+    with pytest.raises(ConfigError, match=r"model\.activation: Input should be 'relu'.*\(got 'tanh'\)"):
+        resolve_config(load_all()["denoise"].RunConfig, sets=["model.activation=tanh"])
