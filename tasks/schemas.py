@@ -447,7 +447,7 @@ def pandera_schema(ts: TableSchema, columns_present: list[str] | None = None) ->
 
 
 _CHECK_WORDS = {
-    "not_nullable": "null values (use the impute application for data with missing values)",
+    "not_nullable": "null values",
     "finite": "infinite values",
     "float32_range": "values beyond the range of the 32-bit floats the models compute in (±3.4e38)",
     "column_in_dataframe": "is missing",
@@ -460,6 +460,10 @@ def _describe_check(check: str) -> str:
         target = check[len("coerce_dtype(") :].strip("()'\"")
         return "non-numeric values" if target == "float64" else f"values that are not {target}"
     return _CHECK_WORDS.get(check, f"values failing {check}")
+
+
+_MOST_PARTS = 6
+"""Most column entries one refusal lists in full (a 14-column table with nulls everywhere was ~2,000 chars)."""
 
 
 def summarise_schema_errors(
@@ -491,11 +495,14 @@ def summarise_schema_errors(
     # Values that cannot be coerced also fail every later check of that column (dtype, finite):
     # report the coercion alone.
     fc = fc[~(~fc["check"].astype(str).str.startswith("coerce_dtype") & fc["column"].astype(str).isin(coerced))]
-    parts = []
+    parts: list[str] = []
+    named: list[str] = []  # the column of each entry of parts
+    nulls = False
     for (column, check), grp in fc.groupby([fc["column"].astype(str), fc["check"].astype(str)], sort=False):
         if check == "column_in_schema":
             column = str(grp["failure_case"].iloc[0])
         what = _describe_check(check)
+        named.append(column)
         if check in ("column_in_dataframe", "column_in_schema"):
             parts.append(f"column {column!r} {what}")
             continue
@@ -522,7 +529,13 @@ def summarise_schema_errors(
                    "numeric: a text column must have values there, e.g. sort the rows or write the input as Parquet, "
                    f"which records text columns as text; or --exclude '{column}')")
         parts.append(f"column {column!r} has {what}: {', '.join(examples)}{more}{why}")
-    return f"{source}: " + "; ".join(parts)
+        nulls |= check == "not_nullable"
+    if len(parts) > _MOST_PARTS:  # a wide table with nulls everywhere: the first columns, then the others' names
+        rest = list(dict.fromkeys(named[_MOST_PARTS - 1:]))
+        shown = ", ".join(repr(c) for c in rest[:10]) + (", ..." if len(rest) > 10 else "")
+        parts = parts[:_MOST_PARTS - 1] + [f"and {len(parts) - _MOST_PARTS + 1} more (columns {shown})"]
+    hint = " (use the impute application for data with missing values)" if nulls else ""
+    return f"{source}: " + "; ".join(parts) + hint
 
 
 def validate_block(df: pd.DataFrame, ts: TableSchema, *, source: str, locate: Any = None) -> pd.DataFrame:

@@ -421,7 +421,7 @@ class CompressApp(ImageApp):
         else:
             trained_on = "the codec was trained in this run on --input's images, not these"
         notes = [
-            f"metrics on the {len(per_image)} coded images; {trained_on}.",
+            f"metrics on the {len(per_image)} coded image{'s' if len(per_image) != 1 else ''}; {trained_on}.",
             "bpp is measured from the .aec file sizes (header and checksum included); "
             f"PSNR on 0..255 pixels, at most {PSNR_MAX_DB:g} dB per image (an image coded without loss scores "
             f"{PSNR_MAX_DB:g}, for aeflow and the baselines alike), MS-SSIM in [0, 1], means over images.",
@@ -485,7 +485,7 @@ class CompressApp(ImageApp):
             else:
                 notes.append(f"jpeg/webp psnr and ms_ssim: at aeflow's bpp, interpolated along their mean "
                              f"rate-distortion curves over the {swept} swept image(s); aeflow's: means over the "
-                             f"{len(per_image)} coded images.")
+                             f"{len(per_image)} coded image{'s' if len(per_image) != 1 else ''}.")
             notes.append("BD-rate: negative means aeflow needs fewer bits than the baseline at equal PSNR "
                          "(or MS-SSIM), over the PSNR range both curves cover; None when it cannot be computed "
                          "(a note above says why).")

@@ -315,7 +315,7 @@ class Denoise(ImageApp):
 
                 sigma = float(np.mean([np.mean(estimate_sigma(n, channel_axis=0)) for _, n, _ in pairs]))
             of = (f"{len(pairs)} of the {total} applied images (a seeded sample: app.eval_images={cfg.eval_images})"
-                  if total > len(pairs) else f"{len(pairs)} applied images")
+                  if total > len(pairs) else f"{len(pairs)} applied image{'s' if len(pairs) != 1 else ''}")
             return pairs, sigma, f"{of} against the clean reference"
         if ctx.train is None:
             return [], 0.0, "no clean reference (pass --clean-reference DIR to score the denoised images)"

@@ -341,7 +341,7 @@ def test_a_short_csv_line_is_named_as_short_not_as_missing_values(tmp_path, shor
     # A real missing value (an empty field, all fields there) is still reported as one.
     lines[short_at] = lines[short_at] + ",,"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(InputError, match=rf"column 'c' has null values \(use the impute application.*line {short_at + 1}"):
+    with pytest.raises(InputError, match=rf"column 'c' has null values: null at line {short_at + 1}.*\(use the impute application"):
         to_dask(inspect_table(str(path), LoadConfig(id_column="id", blocksize_mb=1))).compute(scheduler="sync")
 
 

@@ -32,7 +32,8 @@ def test_nulls_are_refused_outside_impute(name, prefect_server, dask_address, tm
     df.to_csv(tmp_path / "t.csv", index=False)
     res = _invoke(["run", name, "--input", str(tmp_path / "t.csv"), "--output", str(tmp_path / "o")], dask_address)
     assert res.exit_code == test_nulls_are_refused_outside_impute.refusal.exit_code, res.output
-    assert f"{tmp_path}/t.csv: column 'b' has null values (use the impute application" in res.stderr
+    assert f"{tmp_path}/t.csv: column 'b' has null values: null at line 6, null at line 11 (use the impute " \
+        "application for data with missing values)" in res.stderr
     assert "Traceback" not in res.output
     assert files_under(tmp_path / "o") == []
 

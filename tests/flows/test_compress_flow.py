@@ -420,6 +420,7 @@ def test_a_1x1_image_is_coded_and_its_bd_rate_is_none_with_a_note(prefect_server
     assert rd["psnr"].max() == 100.0, "lossless baseline points score the cap"
     assert m.metrics["bd_rate_vs_jpeg_pct"] is None and m.metrics["bd_rate_vs_webp_pct"] is None
     assert any(n.startswith("bd_rate_vs_webp_pct None: ") for n in m.extra["notes"]), m.extra["notes"]
+    assert any(n.startswith("metrics on the 1 coded image; ") for n in m.extra["notes"]), m.extra["notes"]
 
 
 def test_a_flat_image_does_not_void_the_comparison_with_the_baselines(prefect_server, dask_address, tmp_path):

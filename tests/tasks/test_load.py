@@ -170,6 +170,30 @@ def test_bad_values_name_file_column_and_value(tmp_path, mutate, needle):
     assert needle in str(e.value)
 
 
+def test_nulls_in_every_column_of_a_wide_table_are_one_short_message(tmp_path):
+    """14 columns with nulls were ~2,000 characters, "(use the impute application ...)" once per column: the hint
+    now comes once, and past 6 entries the rest are named, not spelled out."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(40, 14)), columns=[f"c{i}" for i in range(14)])
+    for i in range(14):
+        df.loc[[i, i + 20], f"c{i}"] = np.nan
+    path = tmp_path / "wide.csv"
+    df.to_csv(path, index=False)
+    src = inspect_table(str(path), _load())
+    with pytest.raises(InputError) as e:
+        read_block(src.blocks[0], src.schema, src.columns)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: column 'c0' has null values: null at line 2, null at line 22; "), msg
+    assert msg.count("use the impute application") == 1 and msg.endswith("for data with missing values)"), msg
+    assert "column 'c4' has null values: null at line 6, null at line 26; and 9 more (columns 'c5', 'c6'" in msg, msg
+    assert "'c13')" in msg and "column 'c5'" not in msg and len(msg) < 600, (len(msg), msg)
+    # one column: its values and the hint, as before
+    df.iloc[:, :13].fillna(0).assign(c13=df["c13"]).to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"column 'c13' has null values: null at line 15, null at line 35 \(use the "
+                                         r"impute application for data with missing values\)$"):
+        read_block(*(lambda s: (s.blocks[0], s.schema, s.columns))(inspect_table(str(path), _load())))
+
+
 def test_nulls_allowed_when_the_app_allows_them(tmp_path):
     path = tmp_path / "nulls.csv"
     _frame().assign(d=lambda d: np.where(d.index % 5 == 0, np.nan, d["d"])).to_csv(path, index=False)
