@@ -321,7 +321,8 @@ class Denoise(ImageApp):
             return [], 0.0, "no clean reference (pass --clean-reference DIR to score the denoised images)"
         tr_idx, va_idx = ctx.split()
         idx = va_idx if len(va_idx) else tr_idx
-        where = "held-out" if len(va_idx) else "training (no held-out images: val_fraction too small)"
+        where = ("held-out" if len(va_idx) else
+                 f"training (no held-out images: preprocess.val_fraction={ctx.config.preprocess.val_fraction:g})")
         rng = np.random.default_rng(ctx.config.train.seed + 12345)
         sigma = cfg.sigma / 255.0
         pairs = []

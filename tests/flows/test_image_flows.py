@@ -468,3 +468,27 @@ def test_denoise_apply_says_how_far_it_is_within_one_large_image(monkeypatch, tm
     assert re.fullmatch(r"denoise apply: 0/1 images, 0\.0 of 0\.0 MP, [\d.]+ MP/s, about \d+ s left "
                         r"\(denoised tile 1/20 of photo\.png\)", tiles[0]), tiles
     assert tiles[-1].endswith("(denoised tile 20/20 of photo.png)"), tiles
+
+
+def test_a_few_training_images_always_hold_one_out_when_val_fraction_is_set():
+    """Five images at val_fraction 0.2 each hash above 0.2 a third of the time: none was held out, and
+    denoise's "held-out" PSNR was on training images (said only in a note). One is held out now, the
+    same one each time; val_fraction=0 still holds none out, and a large set keeps its hashed split."""
+    from types import SimpleNamespace
+
+    from tasks.apps.denoise import DenoiseRunConfig
+    from tasks.apps.kinds import ImageContext
+    from tasks.config import PreprocessConfig
+
+    def split(rels, fraction, seed=0):
+        cfg = DenoiseRunConfig(preprocess=PreprocessConfig(val_fraction=fraction, split_seed=seed))
+        return ImageContext(config=cfg, run=None, train=SimpleNamespace(rel=rels)).split()
+
+    for seed in range(30):  # about 10 of these 30 sets hash every image above 0.2
+        rels = [f"img{seed}_{i}.png" for i in range(5)]
+        tr, va = split(rels, 0.2)
+        assert len(va) >= 1 and len(tr) >= 1 and sorted([*tr, *va]) == list(range(5)), (seed, tr, va)
+        assert np.array_equal(va, np.sort(4 - split(rels[::-1], 0.2)[1]))  # by path, not by position
+    assert len(split([f"a{i}.png" for i in range(5)], 0.0)[1]) == 0
+    tr, va = split([f"a{i}.png" for i in range(2000)], 0.2)
+    assert 300 < len(va) < 500 and len(tr) + len(va) == 2000
