@@ -70,11 +70,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "gpu": dict(features=3000, hidden=1500, latent=200, rows=262_144, val_rows=16_384, batches=(4096, 32768),
                 host_rows=65_536, conv_patches=4096, conv_patch=48, codec_patches=1024, codec_patch=64,
                 check_rows=65_536, check_epochs=30, measure_epochs=2, min_epochs=3, peak_n=8192,
-                codec_train_patch=256, codec_train_steps=15),
+                codec_train_patch=256, codec_train_steps=15, codec_warmup=3, profile_steps=5),
     "cpu": dict(features=96, hidden=48, latent=8, rows=2048, val_rows=256, batches=(256, 512),
                 host_rows=1024, conv_patches=64, conv_patch=16, codec_patches=16, codec_patch=16,
                 check_rows=1024, check_epochs=2, measure_epochs=1, min_epochs=2, peak_n=512,
-                codec_train_patch=32, codec_train_steps=2),
+                codec_train_patch=16, codec_train_steps=2, codec_warmup=1, profile_steps=2),
 }
 # Rough cost of one torch.compile (s) on a fresh machine, to skip compiled rows that would overrun.
 COMPILE_COST_S = 50.0
@@ -324,7 +324,7 @@ def codec_train_speed(bench: Bench, sz: dict[str, Any], device: torch.device) ->
         with torch.no_grad():
             loss0 = float(loss_fn(model, xb, torch.Generator().manual_seed(0)))
         first_loss.setdefault(batch, loss0)
-        for _ in range(3):  # cuDNN picks its algorithms
+        for _ in range(sz["codec_warmup"]):  # cuDNN picks its algorithms
             step()
         _sync(device)
         t = time.perf_counter()
@@ -348,12 +348,13 @@ def codec_train_speed(bench: Bench, sz: dict[str, Any], device: torch.device) ->
             from torch.profiler import profile as torch_profile
 
             _, step = setup(16, False, False)
-            for _ in range(3):
+            for _ in range(sz["codec_warmup"]):
                 step()
             _sync(device)
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            n = sz["profile_steps"]
             with torch_profile(activities=acts) as prof:
-                for _ in range(5):
+                for _ in range(n):
                     step()
                 _sync(device)
             ev = prof.key_averages()
@@ -361,12 +362,12 @@ def codec_train_speed(bench: Bench, sz: dict[str, Any], device: torch.device) ->
             syncs = {e.key: e.count for e in ev if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item"}
             return {"profile_device": ev.table(sort_by=key, row_limit=18, max_name_column_width=60),
                     "profile_host": ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60),
-                    "ops_per_step": sum(e.count for e in ev) / 5, "sync_calls_5_steps": syncs}
+                    "ops_per_step": sum(e.count for e in ev) / n, "sync_calls": syncs, "steps": n}
 
-        prof = bench.row(f"hyperprior training step {patch}px, profile of the recipe (5 steps)", profile, needs_s=10,
+        prof = bench.row(f"hyperprior training step {patch}px, profile of the recipe ({sz['profile_steps']} steps)", profile, needs_s=10,
                          model="hyperprior train step", loop="profile")
         bench.extra["codec_profile"] = {k: prof.get(k) for k in ("profile_device", "profile_host", "ops_per_step",
-                                                                  "sync_calls_5_steps", "error")}
+                                                                  "sync_calls", "steps", "error")}
     finally:
         bench.extra["codec_speed"] = rows
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
@@ -607,7 +608,7 @@ def markdown(result: dict[str, Any]) -> str:
     prof = result.get("codec_profile") or {}
     if prof.get("profile_device"):
         lines += ["", (f"Profile of the recipe's step ({prof['ops_per_step']:.0f} profiler events per step; "
-                       f"synchronising calls in 5 steps: {prof['sync_calls_5_steps']}):"), "", "```",
+                       f"synchronising calls in {prof['steps']} steps: {prof['sync_calls']}):"), "", "```",
                   prof["profile_device"].rstrip(), "```"]
     g = result["goals"]
     lines += ["", "Goals (issue 16):"]
