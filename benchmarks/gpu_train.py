@@ -4,7 +4,7 @@ Imports only torch, numpy, safetensors and ``models/`` (no Prefect, Dask or pand
 on a bare GPU machine from the repository root:
 
     python -m benchmarks.gpu_train --out OUT_DIR            # CUDA: ~2 min on an H200
-    python -m benchmarks.gpu_train --out OUT_DIR --cpu-smoke  # CPU, tiny sizes, < 20 s
+    python -m benchmarks.gpu_train --out OUT_DIR --cpu-smoke  # CPU, tiny sizes, ~25 s on 2 cores
 
 Measured, in order of importance (each row in its own try: a failure is recorded and the rest
 still runs; rows that would end past ``--budget-s`` are skipped and say so):
@@ -634,7 +634,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="gpu_train_out", help="folder for gpu_train.json and gpu_train.md")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (CI smoke test, < 20 s)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (CI smoke test, ~25 s on 2 cores)")
     ap.add_argument("--budget-s", type=float, default=110.0, help="skip the remaining rows that would end past this many seconds")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
