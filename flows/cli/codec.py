@@ -91,15 +91,19 @@ def decompress(
     model: Annotated[str | None, typer.Option("--model", "-m", help="The compress run (or model folder) that made the files (default: found by the files' model identity under --root).", show_default=False)] = None,
     root: Annotated[str, typer.Option("--root", envvar="AEFLOW_OUTPUT", help="Artifact root searched for the model when --model is not given (default $AEFLOW_OUTPUT, where `aeflow run` writes, else ./artifacts).")] = "./artifacts",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace PNGs that already exist in --output (default: refuse them by name and write nothing).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout (input, output, width, height, mode).")] = False,
 ) -> None:
     """Decode .aec files to PNG: OUTDIR/<name>.png. The model is checked against each file's identity."""
     from tasks.codec_files import decompress_files, expand_globs
 
     try:
         files = expand_globs(files, ".aec file")  # 's3://b/codes/*.aec' (a shell expands only local ones)
-        with _working("decoding", files) as done:
+        with _working("decoding", files, quiet=as_json) as done:
             for r in decompress_files(files, output_dir, model, root, overwrite):
-                out.print(f"{r.input} -> {r.output}  ({r.width}x{r.height} {r.mode})", highlight=False)
+                if as_json:
+                    print(json.dumps(r.__dict__))
+                else:
+                    out.print(f"{r.input} -> {r.output}  ({r.width}x{r.height} {r.mode})", highlight=False)
                 done()
     except Exception as e:  # user errors and outages: one line; anything else: a bug, with its traceback
         fail(e, "decompress")

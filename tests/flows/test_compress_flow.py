@@ -287,8 +287,15 @@ def test_cli_with_the_committed_benchmark_codec(tmp_path):
     src.write_bytes(_png(skimage.data.chelsea()[:96, :120]))
     res = runner.invoke(app, ["compress", str(src), "--model", folder, "--quality", "2", "-o", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["decompress", str(tmp_path / "c" / "cat.aec"), "--model", folder, "-o", str(tmp_path / "d")])
+    res = runner.invoke(app, ["decompress", str(tmp_path / "c" / "cat.aec"), "--model", folder, "-o", str(tmp_path / "d"),
+                              "--json"])
     assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"input": str(tmp_path / "c" / "cat.aec"), "output": str(tmp_path / "d" / "cat.png"),
+                                      "width": 120, "height": 96, "mode": "RGB"}, res.stdout
+    res = runner.invoke(app, ["decompress", str(tmp_path / "c" / "cat.aec"), "--model", folder, "-o", str(tmp_path / "d"),
+                              "--json"])  # a refusal is a JSON object too
+    assert res.exit_code == 4 and json.loads(res.stdout)["exit_code"] == 4 and "already exists" in \
+        json.loads(res.stdout)["error"], res.stdout
     dec = np.asarray(Image.open(tmp_path / "d" / "cat.png"))
     assert dec.shape == (96, 120, 3)
     from models.metrics import psnr
