@@ -143,12 +143,14 @@ class _GuardOnImport(importlib.abc.MetaPathFinder):
 class _FirstLineOfServerNotice(logging.Filter):
     """Prefect's "Starting temporary server on http://127.0.0.1:PORT" goes on with "See https://www.prefect.io/docs/...
     for more information on running a dedicated Prefect server": on every run's stderr, for aeflow's users advice
-    that the README gives them in aeflow's terms (``aeflow platform up``). The first line stays."""
+    that the README gives them in aeflow's terms (``aeflow platform up``). The first line stays. Its "Stopping
+    temporary server on ..." at exit is dropped: it came after the run's result or error, so a refusal's
+    ``error:`` line was not the last line of stderr."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server on") and "\n" in record.msg:
             record.msg = record.msg.split("\n", 1)[0]
-        return True
+        return not (isinstance(record.msg, str) and record.msg.startswith("Stopping temporary server on"))
 
 
 def shorten_prefect_server_notice() -> None:

@@ -159,6 +159,7 @@ def test_prefects_temporary_server_notice_keeps_its_first_line(caplog):
         lg.info("Starting temporary server on http://127.0.0.1:8301\nSee https://www.prefect.io/docs/v3/concepts/"
                 "server#how-to-guides for more information on running a dedicated Prefect server.")
         lg.info("something else\nwith two lines")
+        lg.info("Stopping temporary server on http://127.0.0.1:8301")  # at exit, after the error line: dropped
     assert [r.getMessage() for r in caplog.records if r.name == "prefect"] == [
         "Starting temporary server on http://127.0.0.1:8301", "something else\nwith two lines"]
     assert sum(type(f).__name__ == "_FirstLineOfServerNotice" for f in lg.filters) == 1
