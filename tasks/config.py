@@ -214,7 +214,7 @@ class RunConfig(Frozen):
     dask_address: str | None = Field(None, description="Existing Dask scheduler, e.g. tcp://host:8786 (default: $AEFLOW_DASK_ADDRESS, else a LocalCluster).")
     local_cluster: Literal["auto", "processes", "threads"] = Field(
         "auto", description="Without dask_address, the run's own LocalCluster: worker processes (parallel pandas work; "
-        "each imports the libraries, ~10 s per run on 2 cores), worker threads in the run's process (up in a second), "
+        "each imports the libraries, ~10-15 s per run on 2 cores), worker threads in the run's process (up in a second), "
         "or auto: threads when the inputs total at most 256 MB, processes beyond.",
     )
     skip_existing: bool = Field(

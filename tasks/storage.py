@@ -1282,8 +1282,8 @@ class ArtifactStore:
         try:
             return Manifest.model_validate_json(data)
         except ValueError as e:  # pydantic's ValidationError (bad JSON too): a manifest from an incompatible version
-            log.warning("skipping %s: its manifest cannot be read (%s: its manifest.json cannot be read (%s): the run is "
-                        "damaged or was written by an incompatible aeflow)", run.uri, run.uri, _first_line(e))
+            log.warning("skipping %s: its manifest.json cannot be read (%s): the run is damaged or was written by an "
+                        "incompatible aeflow", run.uri, _first_line(e))
             return None
 
     def list_runs(self, app: str | None = None) -> list[Manifest]:

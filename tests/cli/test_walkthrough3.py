@@ -4,6 +4,7 @@ documented exit code where they crashed, printed a traceback, or said nothing.""
 from __future__ import annotations
 
 import json
+import logging
 
 import botocore.exceptions
 import pytest
@@ -48,7 +49,7 @@ def _damaged_run(root, text: str) -> str:
 @pytest.mark.parametrize("text", ["{not json", "", json.dumps({"app": "reduce"})], ids=["bad-json", "empty", "fields"])
 @refusal("a run whose manifest.json cannot be read (damaged, or written by an incompatible aeflow), "
          "in runs show and as --model", 4, "storage")
-def test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model(tmp_path, text):
+def test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model(tmp_path, text, caplog):
     run = _damaged_run(tmp_path, text)
     res = runner.invoke(app, ["runs", "show", run])
     assert_refused(res, test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model,
@@ -56,6 +57,13 @@ def test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model(tmp_path, text
     with pytest.raises(StorageError, match="manifest.json cannot be read") as e:
         open_model_source(run)  # --model of that run: it is not a complete run (runs list skips it too)
     assert_raised(e.value, test_a_damaged_manifest_is_one_line_in_runs_show_and_no_model)
+    # runs list skips it with one warning that names it once (the path and "cannot be read" were said twice)
+    with caplog.at_level(logging.WARNING, logger="aeflow.storage"):
+        res = runner.invoke(app, ["runs", "list", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    [warning] = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert warning.startswith(f"skipping {run}: its manifest.json cannot be read (") and warning.count(run) == 1 and \
+        warning.count("cannot be read") == 1 and warning.endswith("damaged or was written by an incompatible aeflow"), warning
 
 
 @refusal("aeflow runs list on a bucket that does not exist (it said 'no complete runs', exit 0)", 4, "storage")
