@@ -150,7 +150,7 @@ def run_in_process(
 
     from flows.pipeline import FLOWS
     from tasks.execution import with_environment_defaults
-    from tasks.schedule import LATEST, latest_model_run
+    from tasks.schedule import LATEST, has_template, latest_model_run
 
     flow_fn = FLOWS[app_name]
     config = config.model_copy(update={"skip_existing": not force})
@@ -161,6 +161,13 @@ def run_in_process(
         newest = latest_model_run(app_name, with_environment_defaults(config).output)
         log.info("--model latest: %s for every date", newest)
         config = config.model_copy(update={"model_run": newest})
+    output = with_environment_defaults(config).output
+    if not has_template(output):
+        # An output bucket that does not exist (or a store that refuses us) failed every date alike, each with
+        # "run the same command again" advice that cannot help: one refusal (exit 4) before any date runs.
+        from tasks.storage import ArtifactStore
+
+        ArtifactStore(output).check_writable()
     lock = threading.Lock()
     stop = threading.Event()
     running: dict[dt.date, int] = {}  # date -> thread ident, while its run is in progress

@@ -145,12 +145,10 @@ def backfill(
             except BackfillInterrupted as e:
                 interrupted, detached, terminated, outcomes = True, e.detached, e.terminated, e.outcomes
             except KeyboardInterrupt as e:  # before any date started, or while creating flow runs
-                progress.update(bar, visible=False)  # no empty bar left above the message
-                progress.stop()
+                _drop_bar(progress, bar)
                 fail(e, "backfill")
             except Exception as e:  # a refusal before any date ran (no deployment, another app's, no server; the
-                progress.update(bar, visible=False)  # temporary Prefect server did not start): one line
-                progress.stop()
+                _drop_bar(progress, bar)  # temporary Prefect server did not start): one line
                 fail(e)
     if as_json:
         print(json.dumps([o.to_json() for o in outcomes]))
@@ -189,3 +187,16 @@ def backfill(
     if code:
         err.print("[bold red]some dates failed[/]; run the same command again to redo only those", highlight=False)
     raise typer.Exit(code)
+
+
+def _drop_bar(progress: Progress, bar: Any) -> None:
+    """Stop the backfill's bar without leaving it, or a blank line, around the refusal printed next.
+
+    Hidden, then stopped (as a transient display when stderr is not a terminal: its empty last frame
+    is not printed), and not stopped again as the ``with`` block exits: rich's Progress.stop prints an
+    empty line when stderr is not a terminal, so the one-line refusal came between two blank lines.
+    """
+    progress.update(bar, visible=False)
+    progress.live.transient = not progress.console.is_terminal
+    progress.live.stop()
+    progress.stop = progress.live.stop  # type: ignore[method-assign]  # the ``with`` block's exit: nothing more

@@ -45,7 +45,8 @@ def _progress(quiet: bool):
         if quiet:
             return
         colour = {"started": "green", "running": "cyan", "stopped": "yellow", "deployed": "green"}.get(e.action, "white")
-        err.print(f"[{colour}]{e.action:>9}[/] {e.component}  {e.detail}", highlight=False)
+        # soft_wrap: one line each, also in a captured log (80 columns there: a log path was cut in two)
+        err.print(f"[{colour}]{e.action:>9}[/] {e.component}  {e.detail}", highlight=False, soft_wrap=True)
 
     return emit
 
@@ -171,4 +172,8 @@ def down_cmd(directory: DirOption = None) -> None:  # type: ignore[assignment]
         stopped = down(directory or _default_dir(), emit=_progress(False))
     except AeflowError as e:
         _fail(e)
-    err.print(f"stopped {len(stopped)} process(es); data and logs are kept", highlight=False)
+    if stopped:
+        err.print(f"stopped {len(stopped)} process{'es' if len(stopped) != 1 else ''}; data and logs are kept",
+                  highlight=False)
+    else:
+        err.print("nothing was running (stopped 0 processes); data and logs are kept", highlight=False)

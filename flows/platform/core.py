@@ -205,7 +205,9 @@ class _Up:
             self.record(C.start_watchdog(st))
         if deploying.result():
             st.timings["deploy"] = round(deploying.seconds, 2)
-            self.emit(Event("deployments", "deployed", f"of {st.settings['deploy_file']} ({st.timings['deploy']:.1f}s)"))
+            names = C.deployment_names(Path(st.settings["deploy_file"]))
+            self.emit(Event(f"{len(names)} deployment{'s' if len(names) != 1 else ''}", "deployed",
+                            f"from {st.settings['deploy_file']} ({st.timings['deploy']:.1f}s)"))
         for name in need_workers:
             since = self.spawned_at[name]
 

@@ -207,6 +207,17 @@ def test_backfill_model_latest_without_a_trained_model_is_one_refusal(tmp_path):
     assert_refused(res, test_backfill_model_latest_without_a_trained_model_is_one_refusal,
                    "holds no complete reduce run that trained a model")
     assert "2026-11-01" not in res.output, "no date ran"
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, f"one line, no blank ones: {res.stderr!r}"
+
+
+@refusal("aeflow backfill --output in a bucket that does not exist (refused before any date runs; every date failed "
+         "alike, each advised to run the same command again)", 4, "storage")
+def test_backfill_output_bucket_that_does_not_exist_is_one_refusal(tmp_path, s3_endpoint):
+    res = runner.invoke(app, ["backfill", "reduce", "-i", str(tmp_path / "{date}.parquet"), "-o",
+                              "s3://no-such-backfill-bucket/aeflow", "--start", "2026-11-01", "--end", "2026-11-03"])
+    assert_refused(res, test_backfill_output_bucket_that_does_not_exist_is_one_refusal,
+                   "bucket 'no-such-backfill-bucket' does not exist")
+    assert "2026-11-01" not in res.output and "run the same command again" not in res.output, res.output
 
 
 def test_listing_while_a_failed_first_run_removes_the_runs_folder(tmp_path, monkeypatch):

@@ -234,7 +234,7 @@ def test_status_of_a_stopped_platform_is_not_healthy(tmp_path):
     res = runner.invoke(app, ["platform", "status", "--json"], env={"AEFLOW_PLATFORM_DIR": str(tmp_path)})
     assert res.exit_code == 1 and json.loads(res.stdout)["dir"] == str(tmp_path), res.output
     res = runner.invoke(app, ["platform", "down"], env={"AEFLOW_PLATFORM_DIR": str(tmp_path)})
-    assert res.exit_code == 0 and "stopped 0 process(es)" in res.output, res.output
+    assert res.exit_code == 0 and "nothing was running (stopped 0 processes)" in res.output, res.output
     res = runner.invoke(app, ["platform", "status", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert "or when nothing is running" in " ".join(res.output.replace("│", " ").split()), res.output
 
@@ -468,3 +468,16 @@ def test_status_names_what_is_not_healthy_and_how_to_repair_it(tmp_path):
     PlatformState(dir=tmp_path).save()
     res = CliRunner().invoke(app, ["platform", "status", "--dir", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 1 and "┏" not in res.output and "nothing is running" in res.output, res.output
+
+
+def test_up_progress_lines_stay_whole_in_a_captured_log(capsys, monkeypatch):
+    # `aeflow platform up 2> up.log`: rich wraps at 80 columns off a terminal, which cut a log path in two
+    from flows.platform.cli import _progress
+    from flows.platform.core import Event
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    log = "/tmp/" + "a-rather-long-platform-directory/" * 4 + "logs/dask-scheduler.log"
+    _progress(False)(Event("dask-scheduler", "starting", f"pid 5370, log {log}"))
+    _progress(True)(Event("dask-scheduler", "started", "quiet: nothing printed"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(log) and "starting dask-scheduler" in lines[0], lines
