@@ -33,6 +33,9 @@ def backfill(
     id_column: Annotated[str | None, typer.Option("--id-column", help="Column carried through to every output.")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Existing Dask scheduler for every date (default: the environment's, see above, else each date's run starts its own LocalCluster, "
                                                                         "or one shared cluster of worker processes when the setting local_cluster is processes, via --set).")] = None,
+    run_id: Annotated[str | None, typer.Option(
+        "--run-id", help="Name of the run directory, as for `aeflow run`: only for a backfill of one date (each "
+                         "date's run is otherwise named by its time and fingerprint).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the same nesting as the config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.epochs=20 (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of date, status, run_uri, message (and, via a deployment, flow_run_id, flow_run_name, flow_run_url).")] = False,
@@ -90,7 +93,7 @@ def backfill(
                 f"--input-template {input_template!r} has no date field such as {{date}}: every date would read "
                 "the same data")
         options: dict[str, Any] = {"output": output, "load.label_column": label_column, "load.id_column": id_column,
-                                   "dask_address": dask_address}
+                                   "dask_address": dask_address, "run_id": run_id}
         if input_template is not None:
             options.update(date_options(input_template, model))
         elif model:

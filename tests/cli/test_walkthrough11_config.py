@@ -96,7 +96,7 @@ def test_show_config_prints_the_output_a_run_would_use_and_reads_back_the_same(t
     assert yaml.safe_load(show("reduce", "-o", str(tmp_path / "mine"), env=env).output)["output"] == str(tmp_path / "mine")
 
 
-@pytest.mark.parametrize("how", ["set", "config"])
+@pytest.mark.parametrize("how", ["set", "config", "option"])
 def test_a_backfill_refuses_one_run_id_for_many_dates(tmp_path, monkeypatch, how):
     """`--set run_id=myrun` (or run_id in the --config file) over two dates: the first date's run took the
     folder, the second failed "already exists and is complete; choose another --run-id", and the same command
@@ -105,7 +105,7 @@ def test_a_backfill_refuses_one_run_id_for_many_dates(tmp_path, monkeypatch, how
 
     ran = []
     monkeypatch.setattr(flows.backfill, "run_in_process", lambda *a, **k: ran.append(a) or [])
-    given = ["--set", "run_id=myrun"]
+    given = ["--set", "run_id=myrun"] if how == "set" else ["--run-id", "myrun"]  # `aeflow run`'s option, too
     if how == "config":
         (tmp_path / "app.yaml").write_text("run_id: myrun\ntrain: {epochs: 1}\n")
         given = ["--config", str(tmp_path / "app.yaml")]
@@ -114,6 +114,18 @@ def test_a_backfill_refuses_one_run_id_for_many_dates(tmp_path, monkeypatch, how
     assert res.exit_code == 2, res.output
     assert "run_id 'myrun' names one run, and a backfill makes one per date" in text(res), res.output
     assert ran == []
+
+
+def test_a_backfill_of_one_date_takes_run_id(tmp_path, monkeypatch):
+    """`aeflow backfill ... --run-id x` was "No such option: --run-id (Possible options: --end)"."""
+    import flows.backfill
+
+    ran = []
+    monkeypatch.setattr(flows.backfill, "run_in_process", lambda app_name, dates, cfg, **k: ran.append(cfg) or [])
+    res = runner.invoke(app, ["backfill", "reduce", "-i", str(tmp_path / "{date}.csv"), "--start", "2026-11-01",
+                              "--end", "2026-11-01", "--run-id", "redo-nov-1"], env={"COLUMNS": "300", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    assert [c.run_id for c in ran] == ["redo-nov-1"]
 
 
 def test_clearing_exclude_columns_excludes_nothing(tmp_path):
