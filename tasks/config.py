@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -351,6 +352,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads on/off/yes/no as booleans: `stream: off` in a config file reached the setting as False
+# and was refused as "Input should be 'auto', 'on' or 'off' (got False)". In a config file, as in YAML 1.2 and
+# as for --set, only true/false are booleans; a boolean setting still reads the words on/off/yes/no (pydantic).
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its text spans lines and names "<unicode string>")."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = [e.context] if e.context and e.problem else []  # ("while parsing a flow sequence")
+        if mark is not None:
+            where.append(f"line {mark.line + 1}, column {mark.column + 1}")
+        # not "context: problem": "while scanning for the next token: found ..." read as a secret to redact
+        return (e.problem or e.context or "invalid") + (f" ({', '.join(where)})" if where else "")
+    return " ".join(str(e).split())
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
@@ -361,7 +385,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         reason = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read: {e.strerror or e}"
         raise ConfigError(f"config file {str(p)!r} {reason}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -376,6 +400,18 @@ def _keys_at(cls: type[BaseModel] | None, loc: tuple) -> list[str]:
         inner = field.annotation if field is not None else None
         cls = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
     return list(cls.model_fields) if cls is not None else []
+
+
+def _every_key(cls: type[BaseModel] | None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config class ``cls``, sections' keys included (model.latent_dim...)."""
+    out: list[str] = []
+    for name, field in (cls.model_fields.items() if cls is not None else ()):
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            out += _every_key(inner, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
 
 
 def format_validation_error(e: ValidationError, cls: type[BaseModel] | None = None) -> str:
@@ -394,7 +430,10 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel] | None = No
         if err["type"] == "extra_forbidden" and err["loc"]:
             close = difflib.get_close_matches(str(err["loc"][-1]), _keys_at(cls, err["loc"][:-1]), n=2, cutoff=0.7)
             section = ".".join(str(x) for x in err["loc"][:-1])
-            msg += f" (did you mean {' or '.join(repr('.'.join(filter(None, (section, c)))) for c in close)}?)" if close else ""
+            # a key of another section (latent_dim under train: or at the top): where it belongs
+            elsewhere = [] if close else [k for k in _every_key(cls) if k.rsplit(".", 1)[-1] == str(err["loc"][-1])]
+            close = [".".join(filter(None, (section, c))) for c in close] + elsewhere
+            msg += f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
     return "invalid configuration: " + "; ".join(parts)
 

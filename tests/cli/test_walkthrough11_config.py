@@ -181,3 +181,43 @@ def test_a_backfill_takes_its_date_template_from_the_config(tmp_path, monkeypatc
     res = runner.invoke(app, ["backfill", "reduce", "--start", "2026-11-01", "--end", "2026-11-02", *given],
                         env={"COLUMNS": "300", "NO_COLOR": "1"})
     assert res.exit_code == 2 and "--input-template is required" in text(res), res.output
+
+
+def test_on_and_off_in_a_config_file_are_the_words_as_the_readme_writes_them(tmp_path):
+    """`stream: off` in a --config file (the README writes `stream` (auto|on|off) unquoted) was refused: YAML 1.1
+    read off as false, "train.stream: Input should be 'auto', 'on' or 'off' (got False)". Boolean settings still
+    read yes/on/true."""
+    path = tmp_path / "app.yaml"
+    path.write_text("train:\n  stream: off\n  compile: on\nmodel:\n  batch_norm: yes\nskip_existing: True\n")
+    res = show("reduce", "--config", str(path))
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.output)
+    assert (shown["train"]["stream"], shown["train"]["compile"]) == ("off", "on"), res.output
+    assert shown["model"]["batch_norm"] is True and shown["skip_existing"] is True, res.output
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ("train:\n  epochs: [5\n", "expected ',' or ']', but got '<stream end>' (while parsing a flow sequence, line 3"),
+    ("train:\n\tepochs: 5\n", "found character '\\t' that cannot start any token (while scanning for the next token, "
+                              "line 2, column 1)"),
+])
+def test_a_config_file_that_is_not_yaml_is_one_line_naming_where(tmp_path, body, said):
+    """PyYAML's message spans lines and names "<unicode string>" where the file is; and "token: found ..."
+    was taken for a secret and printed as "token: *** character"."""
+    path = tmp_path / "app.yaml"
+    path.write_text(body)
+    res = show("reduce", "--config", str(path))
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and "<unicode string>" not in res.stderr, res.stderr
+    assert f"config file {str(path)!r} is not valid YAML: {said}" in res.stderr, res.stderr
+
+
+def test_a_key_in_the_wrong_section_is_pointed_to_its_section(tmp_path):
+    path = tmp_path / "app.yaml"
+    path.write_text("latent_dim: 4\ntrain:\n  latent_dim: 4\n")
+    res = show("reduce", "--config", str(path))
+    assert res.exit_code == 2, res.output
+    assert text(res).count("(did you mean 'model.latent_dim'?)") == 2, res.output
+    res = runner.invoke(app, ["run", "detect", "--set", "contamination=0.1", "--show-config"],
+                        env={"COLUMNS": "300", "NO_COLOR": "1"})
+    assert res.exit_code == 2 and "(did you mean 'app.contamination'?)" in text(res), res.output
