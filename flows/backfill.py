@@ -164,10 +164,13 @@ def run_in_process(
     output = with_environment_defaults(config).output
     if not has_template(output):
         # An output bucket that does not exist (or a store that refuses us) failed every date alike, each with
-        # "run the same command again" advice that cannot help: one refusal (exit 4) before any date runs.
-        from tasks.storage import ArtifactStore
+        # "run the same command again" advice that cannot help: one refusal (exit 4) before any date runs. Not
+        # for a local folder: checking creates it, and a backfill refused later (no Prefect server) left it.
+        from tasks.storage import ArtifactStore, is_local
 
-        ArtifactStore(output).check_writable()
+        store = ArtifactStore(output)
+        if not is_local(store.fs):
+            store.check_writable()
     lock = threading.Lock()
     stop = threading.Event()
     running: dict[dt.date, int] = {}  # date -> thread ident, while its run is in progress
