@@ -59,6 +59,24 @@ def find_files(uri: str, role: str = "input") -> tuple[fsspec.AbstractFileSystem
     return fs, sorted(p for p in found if not _hidden(relative_to(p, root))), root
 
 
+def refuse_missing_local(uri: str, role: str = "input") -> None:
+    """Raise :func:`find_files`'s refusal for a local ``uri`` with nothing there, without listing a folder.
+
+    The CLI calls it before Prefect's temporary server starts (a missing file was refused only after it, 5 s
+    and more later); an object store's URI is left to the run, which tells an outage from a missing object.
+    """
+    fs, path = url_to_fs(uri)
+    if not is_local(fs):
+        return
+    path = os.path.abspath(path)
+    if any(ch in path for ch in "*?["):
+        if any(fs.isfile(p) for p in fs.glob(path)):
+            return
+    elif fs.exists(path):
+        return
+    raise InputError(nothing_at(fs, path, uri, role))
+
+
 def relative_to(path: str, root: str) -> str:
     """``path`` below ``root`` as a POSIX relative path (its basename when it is not below)."""
     p = path.replace(os.sep, "/")

@@ -6,22 +6,30 @@ import io
 import logging
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from tasks.storage import RunDir
 
 log = logging.getLogger("aeflow.report")
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display: plots are written, never shown).
+
+    Imported on first use, not with this module: ``aeflow run APP --help`` and a refused
+    configuration need no plotting library (0.3 s of every CLI start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(run: RunDir, rel: str, fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     run.write_bytes(rel, buf.getvalue())
     return rel
 
@@ -32,6 +40,9 @@ def training_curve(run: RunDir, history: list[Any], rel: str = "report/training.
     epochs = [h.epoch if hasattr(h, "epoch") else h["epoch"] for h in history]
     tr = [h.train_loss if hasattr(h, "train_loss") else h["train_loss"] for h in history]
     va = [h.val_loss if hasattr(h, "val_loss") else h["val_loss"] for h in history]
+    plt = pyplot()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     marker = "o" if len(epochs) < 3 else None  # one or two epochs: a line of one point is invisible
     ax.plot(epochs, tr, label="train", marker=marker)
@@ -75,6 +86,7 @@ def scatter_2d(
         idx = np.random.default_rng(seed).choice(len(z), max_points, replace=False)
         z = z[idx]
         labels = labels[idx] if labels is not None else None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     if labels is not None:
         uniq = list(dict.fromkeys(labels.tolist()))

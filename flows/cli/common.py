@@ -261,16 +261,22 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
     from flows.pipeline import FLOWS
     from tasks.apps import get_app
     from tasks.config import resolve_config
+    from tasks.inputs import refuse_missing_local
     from tasks.redaction import install_log_redaction
 
     application = get_app(app_name)
     cfg = resolve_config(application.RunConfig, file=config_file, options=options, sets=sets)
     # Refusals that need neither the data nor Prefect, here: inside the flow they came after Prefect's temporary
     # server had started (8 s, minutes on a busy machine) — a device this machine lacks, an id column named like
-    # an output column. The flow checks them again (deployments and backfills reach it without this).
+    # an output column, a local input that is not there (with --model the flow says first what is wrong with the
+    # model). The flow checks them again (deployments and backfills reach it without this).
     application.device_for(cfg)
     if not cfg.model_run:
         application.adopt(cfg, None)
+        load = cfg.load
+        for role, uri in (("input", load.input), ("apply-to", load.apply_to), ("reference", getattr(load, "reference", None))):
+            if uri:
+                refuse_missing_local(uri, role)
     hide_user_error_tracebacks()
     install_log_redaction()
     state = FLOWS[app_name](config=cfg, return_state=True)

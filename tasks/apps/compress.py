@@ -496,8 +496,9 @@ class CompressApp(ImageApp):
 
     # -- report --------------------------------------------------------------------------------
     def report(self, ctx: ImageContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
-        from tasks.report import plt, save_figure
+        from tasks.report import pyplot, save_figure
 
+        plt = pyplot()
         outputs = super().report(ctx, fitted, evaluation)
         rd: pd.DataFrame = ctx.cache.get("rd", pd.DataFrame())
         if len(rd):

@@ -45,7 +45,7 @@ from tasks.images import (
     shard_images,
     shard_rels,
 )
-from tasks.report import save_figure
+from tasks.report import pyplot, save_figure
 from tasks.train import train_model
 
 BASELINES = ("tv", "wavelet", "nl_means", "bm3d")
@@ -407,7 +407,7 @@ def _crop(a: np.ndarray, size: int = 256) -> np.ndarray:
 
 
 def _side_by_side(ctx, pairs, outputs, best, rows, n: int) -> str:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = min(n, len(pairs))
     cols = [("noisy", None), ("aeflow", "ours")] + ([(best, best)] if best else []) + [("clean", None)]

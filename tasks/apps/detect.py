@@ -60,9 +60,6 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from sklearn.decomposition import PCA
-from sklearn.ensemble import IsolationForest
-from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
 from models.dense import DenseAutoencoder, seeded
@@ -72,7 +69,7 @@ from tasks.apps.base import FIT_ONLY, Evaluation, Fitted, register
 from tasks.apps.kinds import TableContext
 from tasks.apps.tabular import TableApp
 from tasks.config import AppConfig, ModelConfig, RunConfig, TrainConfig
-from tasks.report import save_figure
+from tasks.report import pyplot, save_figure
 from tasks.train import train_model
 
 log = logging.getLogger("aeflow.detect")
@@ -353,6 +350,8 @@ def baseline_scores(
     each baseline's fit + scoring time; ``skipped`` why each baseline left out was."""
     skipped = {} if skipped is None else skipped
     from pyod.models.copod import COPOD
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import IsolationForest
     from pyod.models.ecod import ECOD
     from pyod.models.hbos import HBOS
 
@@ -432,6 +431,8 @@ def baselines_note(ran: list[str], skipped: dict[str, str]) -> str:
 
 
 def ranking_metrics(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     return {"roc_auc": float(roc_auc_score(y, scores)), "average_precision": float(average_precision_score(y, scores))}
 
 
@@ -557,7 +558,7 @@ class Detect(TableApp):
         return ev
 
     def report(self, ctx: TableContext, fitted: Fitted, evaluation: Evaluation) -> dict[str, str]:
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         if "detect_eval_scores" in ctx.cache:  # evaluate's sample and scores (the same seeded sample)

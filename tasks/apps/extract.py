@@ -23,11 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from sklearn.decomposition import PCA
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from sklearn.preprocessing import StandardScaler
 
 from models.dense import DenseAutoencoder, seeded
 from models.training import predict
@@ -104,6 +99,10 @@ def _few(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, max_iter: int) -> float:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(f_train)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -136,6 +135,9 @@ def downstream_accuracy(
     Returns:
         ``{"raw"|"pca"|"ae": {"accuracy": ..., "accuracy_10_per_class": ..., ...}}`` (fold means).
     """
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import StratifiedKFold
+
     k = model_cfg.latent_dim
     encoder_fn = encoder_fn or (lambda xt, s: train_encoder(xt, model_cfg, train_cfg, seed=s, input_mask=input_mask))
     skf = StratifiedKFold(n_splits=folds, shuffle=shuffle, random_state=seed if shuffle else None)

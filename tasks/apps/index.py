@@ -713,7 +713,9 @@ def index_kind(index: Any) -> str:
 def contact_sheet(queries: list[np.ndarray], results: list[list[np.ndarray]], distances: np.ndarray,
                   query_names: list[str], result_names: list[list[str]]) -> bytes:
     """A PNG: one row per query, the query then its results with distances."""
-    import matplotlib.pyplot as plt
+    from tasks.report import pyplot
+
+    plt = pyplot()
 
     rows, cols = len(queries), 1 + max((len(r) for r in results), default=0)
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)

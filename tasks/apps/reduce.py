@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from sklearn.decomposition import PCA
-from sklearn.manifold import trustworthiness
 
 from tasks.apps.base import Evaluation, Fitted, register
 from tasks.apps.kinds import TableContext
@@ -58,6 +56,9 @@ class Reduce(TableApp):
     def evaluate(self, ctx: TableContext, fitted: Fitted) -> Evaluation:
         """Reconstruction MSE over every held-out row (one partition at a time), trustworthiness on a
         seeded sample of ``trust_sample`` of them, PCA fitted on at most ``PCA_FIT_ROWS`` training rows."""
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import trustworthiness
+
         cfg: Config = ctx.config.app  # type: ignore[assignment]
         k, seed = fitted.model.config.latent_dim, ctx.config.train.seed
         ev = Evaluation()
@@ -110,6 +111,8 @@ class Reduce(TableApp):
             z = np.column_stack([z[:, 0], np.zeros(len(z))])
             title, axes = "Embedding (z_0)", ("z_0", "")
         elif z.shape[1] > 2:
+            from sklearn.decomposition import PCA
+
             z = PCA(n_components=2, random_state=0).fit_transform(z)
             title = f"Embedding ({fitted.model.config.latent_dim}-D, projected to 2-D by PCA)"
             axes = ("PC 1 of the code", "PC 2 of the code")

@@ -195,6 +195,30 @@ def test_top_level_help_imports_no_application_stack():
     assert res.exit_code == 0 and all(f" {name} " in res.stdout for name in load_all()), res.stdout
 
 
+def test_run_help_and_refusals_import_no_baseline_or_plotting_library(tmp_path):
+    """`aeflow run APP --help` and a refusal before the run need neither scikit-learn (the baselines, 1.0 s of
+    imports) nor matplotlib (the plots, 0.3 s): they are imported where evaluate and report use them. A missing
+    local input is refused before Prefect's temporary server starts (it was refused inside the flow, 9 s later)."""
+    import subprocess
+    import sys
+
+    from tasks.apps import load_all
+
+    missing = tmp_path / "missing.csv"
+    probe = ("import sys\nfrom flows.cli import main\n"
+             f"for args in {[['run', name, '--help'] for name in load_all()]!r} + [['run', 'detect', '-i', {str(missing)!r}]]:\n"
+             "    sys.argv = ['aeflow', *args]\n"
+             "    try:\n        main()\n    except SystemExit as e:\n        print('exit', e.code)\n"
+             "print(sorted(m for m in ('sklearn', 'matplotlib', 'pyod', 'tasks.apps.base', 'prefect.server.api.server')"
+             " if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = res.stdout.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("exit ")] == ["exit 0"] * len(load_all()) + ["exit 3"], res.stdout[-2000:]
+    assert f"input {missing} does not exist" in res.stderr, res.stderr[-2000:]
+    assert lines[-1] == "['tasks.apps.base']", "the applications load, and nothing of the baselines, plots or server"
+    assert not (tmp_path / "artifacts").exists()
+
+
 @pytest.mark.parametrize("app_name", ["reduce", "index"])  # compress reads neither train.stream nor memory_mb
 def test_show_config_prints_every_key_with_its_meaning_and_is_a_config_file(app_name, tmp_path, monkeypatch):
     """The settings that matter at scale (train.stream, memory_mb, threads, ...) were only in the README: --show-config
