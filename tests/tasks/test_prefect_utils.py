@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from prefect.settings import (
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -43,6 +45,9 @@ def test_the_aeflow_console_script_runs_its_commands_without_default_heartbeats(
     seen = []
     for var in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):  # asked for: kept (other tests)
         monkeypatch.delenv(var, raising=False)
+    # a command (main runs --help, and no arguments, without touching Prefect's settings): not pytest's own argv,
+    # which under pytest-xdist is empty and failed this test
+    monkeypatch.setattr(sys, "argv", ["aeflow", "runs", "list"])
     monkeypatch.setattr(flows.cli, "app", lambda: seen.append(_freq()))
     monkeypatch.setattr(flows.lifeline, "guard_prefect_ephemeral_server", lambda: None)
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: PREFECT_DEFAULT_HEARTBEAT_S}):
