@@ -211,6 +211,7 @@ def run_app(config: RunConfig) -> RunResult:
         # setting found after training recurs with the same command, and fixing it changes the fingerprint, so
         # its checkpoint would never be resumed: it was left listed as "interrupted" for ever.
         run.discard(keep_checkpoint=not (isinstance(e, AeflowError) and not e.transient and e.exit_code in (2, 3, 5)))
+        store.remove_created_if_empty()
         if not isinstance(e, Exception):  # whether anything is left to resume: without a checkpoint, nothing is
             with suppress(Exception):
                 e.aeflow_run_kept = run.exists(f"{CHECKPOINT_DIR}/meta.json")  # type: ignore[attr-defined]

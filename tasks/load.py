@@ -38,6 +38,7 @@ from tasks.storage import (
     FileRecord,
     is_local,
     relative_note,
+    shown_uri,
     storage_op,
     to_uri,
     url_to_fs,
@@ -91,6 +92,11 @@ class TableSource:
     columns: tuple[str, ...]
     # Columns of data a model is applied to that it was trained without: not read (said in the run's notes).
     ignored: tuple[str, ...] = ()
+
+    @property
+    def shown(self) -> str:
+        """The input's URI as messages show it (a local path absolute: README, "Bad input")."""
+        return shown_uri(self.uri)
 
     @property
     def n_partitions(self) -> int:
@@ -406,12 +412,12 @@ def inspect_table(
             )
         files.append(FileRecord(path=furi, size=size, hash=content_hash(fs, path, info)))
     if len(fmt_seen) > 1:
-        raise InputError(f"{uri} mixes CSV and Parquet files; point it at one kind")
+        raise InputError(f"{shown_uri(uri)} mixes CSV and Parquet files; point it at one kind")
     assert columns is not None and sample is not None
     if sample_ids and id_column in sample.columns and sum(map(len, sample_ids)) == len(sample):
         # over the whole sample: a file of float ids (2.5) and one of integers (17, read as 17.0 beside them)
         sample[id_column] = _ids_as_written(sample[id_column], pd.concat(sample_ids, ignore_index=True))
-    source_name = first_uri if len(files) == 1 else f"{uri} ({len(files)} files)"
+    source_name = first_uri if len(files) == 1 else f"{shown_uri(uri)} ({len(files)} files)"
     ignored: list[str] = []
     if schema is None:
         schema = infer_schema(

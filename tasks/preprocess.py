@@ -131,19 +131,19 @@ def collect_categories(source: TableSource, max_categories: int = 100) -> TableS
         return source
     parts = to_dask(source).to_delayed()
     found = compute_settled(*[dask.delayed(_partition_categories)(p, columns, max_categories) for p in parts],
-                            progress=f"{source.uri}: categories of {', '.join(columns[:3])}"
+                            progress=f"{source.shown}: categories of {', '.join(columns[:3])}"
                                      + (f" and {len(columns) - 3} more" if len(columns) > 3 else ""))
     merged: dict[str, tuple[str, ...]] = {}
     for c in columns:
         values = sorted(set().union(*(f[c] for f in found)))
         if len(values) > max_categories:
             raise InputError(
-                f"{source.uri}: categorical column {c!r} has more than {max_categories} distinct values "
+                f"{source.shown}: categorical column {c!r} has more than {max_categories} distinct values "
                 f"(e.g. {values[:3]}); pass it as --id-column, --exclude it, or raise "
                 f"--set preprocess.max_categories=N"
             )
         if not values:
-            raise InputError(f"{source.uri}: categorical column {c!r} is entirely null: there is no value to learn "
+            raise InputError(f"{source.shown}: categorical column {c!r} is entirely null: there is no value to learn "
                              f"it from; --exclude '{c}'")
         merged[c] = tuple(values)
     from tasks.load import with_schema
@@ -356,7 +356,7 @@ def prepare(
     ]
     dups = duplicate_ids(parts, schema.id) if schema.id else ()
     # one pass: the id counts share the parsed partitions
-    *moments, repeated = compute_settled(*tasks, dups, progress=f"{source.uri}: validating, "
+    *moments, repeated = compute_settled(*tasks, dups, progress=f"{source.shown}: validating, "
                                          + ("splitting, " if split else "") + "encoding" + (" and writing" if run else ""),
                                          progress_parts=len(tasks))
     misfit: dict[str, float] = {}
@@ -365,23 +365,23 @@ def prepare(
             misfit.setdefault(name, value)
     mom = merge_moments(moments)
     if mom["rows"] == 0:
-        raise InputError(f"{source.uri}: no data rows")
+        raise InputError(f"{source.shown}: no data rows")
     onehot = ["=" in c and c not in schema.feature_names for c in columns]
     if stats is None:
-        check_training_rows(source.uri, int(mom["rows"]), int(mom["val_rows"]), cfg.val_fraction if split else 0.0)
+        check_training_rows(source.shown, int(mom["rows"]), int(mom["val_rows"]), cfg.val_fraction if split else 0.0)
         stats = ScalingStats.from_moments(columns, mom, cfg.scaler, onehot)
         far = stats.extremes(mom["lo_all"], mom["hi_all"])
         if far:
             name, value, z = far[0]
             unit = "standard deviations" if cfg.scaler == "standard" else "ranges"
             raise InputError(
-                f"{source.uri}: column {name!r} has the value {value:.6g}, {abs(z):.3g} {unit} of the training rows "
+                f"{source.shown}: column {name!r} has the value {value:.6g}, {abs(z):.3g} {unit} of the training rows "
                 f"from their {'mean' if cfg.scaler == 'standard' else 'minimum'}: the autoencoder cannot learn from "
                 f"it (its squared error overflows); a placeholder or an error? Remove those rows, or --exclude the column"
                 + (f" (also {', '.join(repr(f[0]) for f in far[1:4])})" if len(far) > 1 else "")
             )
     prepared = PreparedTable(
-        source_uri=source.uri,
+        source_uri=source.shown,
         parts=tuple(u for u in out_uris if u),
         columns=tuple(columns),
         stats=stats,

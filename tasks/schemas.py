@@ -263,6 +263,17 @@ def _is_categorical(series: pd.Series) -> bool:
 _ISO_DATE = r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
 _ISO_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d+)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?"
 _ISO_DATETIME = re.compile(rf"{_ISO_DATE}(?:[T ]{_ISO_TIME})?|{_ISO_TIME}")
+# Dates as spreadsheets and locales write them: 01/31/2026 and 31/01/26 (either order: each part a day or a month),
+# 31.01.2026, 01-31-2026, 2026/01/31, and with a month's name (31 Jan 2026, 31-Jan-26, January 31, 2026); a time may
+# follow (01/31/2026 14:30, 2:30 PM). A year is four digits, or two after a slash: 1.2.10 is a version, not a date.
+_DM = r"(?:0?[1-9]|[12]\d|3[01])"
+_MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+_LOCAL_TIME = r"(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d+)?)?(?:\s?[ap]\.?m\.?)?"
+_LOCAL_DATE = re.compile(
+    rf"(?:{_DM}/{_DM}/(?:\d{{4}}|\d{{2}})|{_DM}\.{_DM}\.\d{{4}}|{_DM}-{_DM}-\d{{4}}|\d{{4}}/{_DM}/{_DM}"
+    rf"|{_DM}[ -]{_MONTH}[ ,-]\s?(?:\d{{4}}|\d{{2}})|{_MONTH} {_DM},? \d{{4}})(?:,?[ T]{_LOCAL_TIME})?",
+    re.IGNORECASE,
+)
 # Digits in groups of three after a separator (1,257.30; 1.257,30; 1 257; 1'257), or one decimal comma (3,5).
 _SEPARATED_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:([,. '\u00a0\u202f])\d{3})(?:\1\d{3})*(?:[.,]\d+)?|\d+,\d+)")
 
@@ -281,7 +292,7 @@ def _text(values: pd.Series) -> pd.Series:
 
 def _refuse_dates(series: pd.Series, name: str, source: str) -> None:
     """A column of dates or times (a Parquet timestamp, date or time type, or CSV text of which every
-    sampled value is an ISO date/time) is not a feature: one-hot encoding its values says nothing a
+    sampled value is an ISO date/time, or every one a date as locales write them: ``_LOCAL_DATE``) is not a feature: one-hot encoding its values says nothing a
     model can use, and a new date is always an unseen category."""
     values = series.dropna()
     if len(values) == 0:
@@ -296,7 +307,8 @@ def _refuse_dates(series: pd.Series, name: str, source: str) -> None:
         series.dtype == object and values.map(lambda v: isinstance(v, (datetime.date, datetime.time))).all()
     )
     if not dated and not pd.api.types.is_bool_dtype(series) and not pd.api.types.is_numeric_dtype(series):
-        dated = bool(_text(values).str.fullmatch(_ISO_DATETIME).all())
+        text = _text(values)
+        dated = bool(text.str.fullmatch(_ISO_DATETIME).all() or text.str.fullmatch(_LOCAL_DATE).all())
     if dated:
         raise InputError(
             f"{source}: column {name!r} holds dates/times (e.g. {str(first)!r}); dates and times are not used as "

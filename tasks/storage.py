@@ -500,6 +500,14 @@ def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
     return True
 
 
+def shown_uri(uri: str) -> str:
+    """A URI as messages show it: a local path absolute (against this process's working directory), as the
+    messages about one of its files show that file; an object store's URI as given."""
+    if "://" in str(uri) or os.path.isabs(str(uri)):
+        return str(uri)
+    return os.path.abspath(str(uri))
+
+
 def relative_note(uri: str) -> str:
     """For a message about a local path given relative: where it was looked for (the process's working
     directory, on this host: on a worker that is the project directory of *its* machine, not the object store)."""
@@ -1142,9 +1150,20 @@ class ArtifactStore:
         self.root_uri = root
         self.fs, path = url_to_fs(root)
         self.root = os.path.abspath(path) if is_local(self.fs) else path.rstrip("/")
+        self._created: list[str] = []  # the local folders check_writable made, the root first
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_uri!r})"
+
+    def remove_created_if_empty(self) -> None:
+        """Remove the output folder (and the parents) that :meth:`check_writable` created, when a failed run
+        left them empty: a run refused by its data left an empty ``-o`` folder behind. Best effort."""
+        for folder in self._created:
+            try:
+                os.rmdir(folder)  # only when empty: another run's files keep it
+            except OSError:
+                return
+        self._created = []
 
     def _join(self, *parts: str) -> str:
         return os.path.join(self.root, *parts) if is_local(self.fs) else posixpath.join(self.root, *parts)
@@ -1157,8 +1176,13 @@ class ArtifactStore:
     def check_writable(self) -> None:
         """Fail early (before any work) when the root cannot be written, e.g. a missing bucket."""
         if is_local(self.fs):
+            missing, folder = [], self.root
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+                missing.append(folder)
+                folder = os.path.dirname(folder)
             try:
                 os.makedirs(self.root, exist_ok=True)
+                self._created = missing
             except OSError as e:
                 raise StorageError(f"cannot create artifact root {self.root_uri!r}: {e}") from e
             return

@@ -56,14 +56,19 @@ def test_categories_come_from_the_whole_input(tmp_path, dask_address):
     assert encoded_columns(src.schema) == ["x", "color=blue", "color=green", "color=red", "code"]
 
 
-def test_too_many_categories_is_a_clear_error(tmp_path, dask_address):
+def test_too_many_categories_is_a_clear_error(tmp_path, dask_address, monkeypatch):
+    """...naming the file by its absolute path when it was given relative (it said `t.csv: categorical ...`, where
+    the messages about one of its lines say `/abs/t.csv: ...`)."""
     from distributed import Client
 
     df = _mixed().assign(color=[f"c{i}" for i in range(40)])
     df.to_csv(tmp_path / "t.csv", index=False)
-    src = inspect_table(str(tmp_path / "t.csv"), LoadConfig())
-    with Client(dask_address), pytest.raises(InputError, match="categorical column 'color' has more than 10 distinct values"):
+    monkeypatch.chdir(tmp_path)
+    src = inspect_table("t.csv", LoadConfig())
+    assert src.uri == "t.csv" and src.shown == str(tmp_path / "t.csv"), "the input as given; shown absolute"
+    with Client(dask_address), pytest.raises(InputError) as e:
         collect_categories(src, max_categories=10)
+    assert str(e.value).startswith(f"{tmp_path / 't.csv'}: categorical column 'color' has more than 10 distinct values")
 
 
 def test_unseen_category_encodes_as_zeros_and_is_counted():

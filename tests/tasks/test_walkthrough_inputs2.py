@@ -57,8 +57,16 @@ def _days(n, every="D"):
     ("csv", lambda n: _days(n).strftime("%Y-%m-%d"), "2024-01-01"),  # few values: one-hot encoded before
     ("csv", lambda n: (pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(n) * 37, unit="min"))
      .strftime("%Y-%m-%dT%H:%M:%SZ"), "2024-01-01T00:00:00Z"),  # one value per row: 'too many categories' before
-], ids=["parquet-timestamp", "parquet-date", "csv-dates", "csv-datetimes"])
-@refusal("a feature column of dates or times (Parquet timestamp/date/time, or ISO dates/times in CSV text)", 3, "table")
+    # as spreadsheets and locales write them: one-hot encoded as categories (one per row) without a word before
+    ("csv", lambda n: _days(n).strftime("%m/%d/%Y"), "01/01/2024"),
+    ("csv", lambda n: (pd.Timestamp("2024-01-28") + pd.to_timedelta(np.arange(n), unit="D")).strftime("%d.%m.%Y %H:%M"),
+     "28.01.2024 00:00"),
+    ("csv", lambda n: (pd.Timestamp("2024-01-28") + pd.to_timedelta(np.arange(n), unit="D")).strftime("%d-%b-%y"),
+     "28-Jan-24"),
+], ids=["parquet-timestamp", "parquet-date", "csv-dates", "csv-datetimes", "csv-us-dates", "csv-dotted-dates",
+        "csv-month-names"])
+@refusal("a feature column of dates or times (Parquet timestamp/date/time; in CSV text ISO dates/times, or dates as "
+         "locales write them: 01/31/2026, 31.01.2026 14:30, 31-Jan-26)", 3, "table")
 def test_dates_and_times_are_refused_by_name(tmp_path, fmt, when, shown):
     df = _frame().assign(when=lambda d: when(len(d)))
     path = tmp_path / f"t.{fmt}"
@@ -74,9 +82,12 @@ def test_dates_and_times_are_refused_by_name(tmp_path, fmt, when, shown):
 def test_codes_and_numbers_that_are_not_dates_keep_their_kind():
     df = _frame(6).assign(code=["A1", "B2", "A1", "C3", "B2", "A1"], year=[2024, 2025] * 3,
                           month=["2024-01", "2024-02"] * 3,  # a year-month is a plain category here
-                          mixed=["2024-01-05", "soon", "2024-01-06", "later", "2024-01-05", "soon"])
+                          mixed=["2024-01-05", "soon", "2024-01-06", "later", "2024-01-05", "soon"],
+                          version=["1.2.10", "1.2.3", "2.0.1"] * 2, share=["3/4", "1/2", "2/3"] * 2,  # not dates either
+                          us_mixed=["01/05/2024", "n/a", "01/06/2024"] * 2)
     assert _kinds(df, id_column="id") == {"a": "numeric", "b": "numeric", "c": "numeric", "code": "categorical",
-                                          "year": "numeric", "month": "categorical", "mixed": "categorical"}
+                                          "year": "numeric", "month": "categorical", "mixed": "categorical",
+                                          "version": "categorical", "share": "categorical", "us_mixed": "categorical"}
 
 
 @refusal("a text column of numbers written with thousands separators or a decimal comma ('1,257.30')", 3, "table")
