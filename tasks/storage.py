@@ -1080,7 +1080,8 @@ class RunDir:
 
     def _remove_empty_parents(self) -> None:
         """``runs/<app>`` and ``runs`` of a local store when the removed run left them empty (a failed
-        first run left the folders behind); the output folder itself stays. Object stores have no folders."""
+        first run left the folders behind); the output folder is the store's to remove
+        (:meth:`ArtifactStore.remove_created_if_empty`: only when that run created it). Object stores have no folders."""
         if not is_local(self.fs):
             return
         parent = os.path.dirname(os.path.abspath(self.path))
