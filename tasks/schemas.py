@@ -292,8 +292,9 @@ def _text(values: pd.Series) -> pd.Series:
 
 def _refuse_dates(series: pd.Series, name: str, source: str) -> None:
     """A column of dates or times (a Parquet timestamp, date or time type, or CSV text of which every
-    sampled value is an ISO date/time, or every one a date as locales write them: ``_LOCAL_DATE``) is not a feature: one-hot encoding its values says nothing a
-    model can use, and a new date is always an unseen category."""
+    sampled value is an ISO date/time, or every one a date as locales write them: ``_LOCAL_DATE``) is
+    not a feature: one-hot encoding its values says nothing a model can use, and a new date is always
+    an unseen category."""
     values = series.dropna()
     if len(values) == 0:
         return

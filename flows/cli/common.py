@@ -274,7 +274,8 @@ def execute(app_name: str, options: dict[str, Any], config_file: Path | None, se
     if not cfg.model_run:
         application.adopt(cfg, None)
         load = cfg.load
-        for role, uri in (("input", load.input), ("apply-to", load.apply_to), ("reference", getattr(load, "reference", None))):
+        roles = (("input", load.input), ("apply-to", load.apply_to), ("reference", getattr(load, "reference", None)))
+        for role, uri in roles:
             if uri:
                 refuse_missing_local(uri, role)
     hide_user_error_tracebacks()
