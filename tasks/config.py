@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -32,7 +33,9 @@ DEFAULT_OUTPUT = "./artifacts"
 
 class Frozen(BaseModel):
     # coerce_numbers_to_str: `--set app.positive_label=0` (YAML reads 0 as a number) is the label "0"
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
+    # allow_inf_nan=False: `--lr inf` passed (inf > 0) and the run failed in training, reported as a bug
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -133,6 +136,8 @@ class ModelConfig(Frozen):
             return (v,)
         if isinstance(v, str):
             return parse_widths(v)
+        if v is None:  # `--set model.hidden=null`, `hidden: ~`: none, as `--hidden none`
+            return ()
         return v
 
     @field_validator("hidden")
@@ -232,6 +237,14 @@ class RunConfig(Frozen):
     # than the default is refused (it would change nothing but the fingerprint), --show-config leaves them out.
     UNUSED: ClassVar[dict[str, str]] = {}
 
+    @field_validator("output")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty (an unset variable?): give a folder or s3://bucket/prefix, or leave it out for "
+                             "$AEFLOW_OUTPUT, else ./artifacts")
+        return v
+
     @field_validator("run_id")
     @classmethod
     def _not_latest(cls, v: str | None) -> str | None:
@@ -314,6 +327,26 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+def _yaml_scalar_as_given(raw: str, value: Any) -> Any:
+    """A ``--set`` value that YAML 1.1 read as a number or a date in a form other than the number's own (``007``,
+    ``12:30`` = 750, ``0x1F``, ``1_000``, ``2024-01-01``): the text as given. ``--set load.id_column=007`` became the
+    column "7" where ``--id-column 007`` is "007"; a numeric setting still reads such text as pydantic does."""
+    import datetime
+
+    text = raw.strip()
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return text
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and text != str(value):
+        # 1.50, 1.0e-3, +5 are the number as written (and .inf, refused by name as not finite): kept a number
+        if _PLAIN_NUMBER.fullmatch(text) or (isinstance(value, float) and not math.isfinite(value)):
+            return value
+        return text
+    return value
+
+
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][+-]?\d+)?|[+-]?\.\d+(?:[eE][+-]?\d+)?")
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """Parse one ``--set key.path=value``; the value is read as YAML (numbers, lists, null)."""
     if "=" not in item:
@@ -330,7 +363,7 @@ def parse_set(item: str) -> tuple[str, Any]:
         # YAML 1.1 reads on/off/yes/no as booleans; keep the word (train.stream=off is the setting
         # "off"), and pydantic still reads it as a boolean for a boolean setting.
         value = raw.strip()
-    return key, value
+    return key, _yaml_scalar_as_given(raw, value)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -449,6 +482,10 @@ def given_config(
     for name, field in RunConfig.model_fields.items():
         if isinstance(field.default, BaseModel) and name in data and data[name] is None:
             del data[name]  # `train:` with every key commented out: nothing given (it was refused as not a mapping)
+        elif isinstance(field.default, BaseModel) and name in data and not isinstance(data[name], dict):
+            # `train: 5`: said of the file here; an option setting train.epochs blamed a --set that was never given
+            raise ConfigError(f"config file {str(file)!r}: {name!r} must be a section ({name}: followed by indented "
+                              f"'key: value' lines), got {redact(repr(data[name]))}")
     for key, value in (options or {}).items():
         if value is not None:
             _set_path(data, key, value)

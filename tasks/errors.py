@@ -46,6 +46,11 @@ class ConfigError(AeflowError):
     exit_code = 2
 
 
+class TrainingDiverged(ConfigError):
+    """Training's loss became NaN or infinite (a learning rate too high for the model and data): a setting to
+    change, not a bug (it was reported as one, with Prefect's tracebacks)."""
+
+
 class PortInUse(ConfigError):
     """A port that a server of aeflow's is to listen on is held by another program.
 

@@ -53,6 +53,11 @@ def template_fields(day: dt.date) -> dict[str, Any]:
     }
 
 
+# strftime's directives (Python's and the C library's), with the C library's flags (%-d): the letters after %
+_DIRECTIVE_RE = re.compile(r"%[-_0^#]?(.)")
+_STRFTIME_LETTERS = set("aAwdbBmyYHIpMSfzZjUWcxXGuV%eCDFghnrRtTklsP:")
+
+
 def has_template(value: str) -> bool:
     """Whether ``value`` holds at least one date field."""
     return bool(_FIELD_RE.search(value))
@@ -70,6 +75,11 @@ def render(template: str, day: dt.date) -> str:
 
     def fill(m: re.Match[str]) -> str:
         value, spec = values[m.group(1)], m.group(2)
+        if spec and isinstance(value, dt.date):
+            unknown = [d for d in _DIRECTIVE_RE.findall(spec) if d not in _STRFTIME_LETTERS]
+            if unknown:  # the C library writes an unknown %Q as it is: every date read the same literal path
+                raise ConfigError(f"template {template!r}: bad format {m.group(0)!r}: %{unknown[0]} is no strftime "
+                                  "directive (e.g. %Y, %m, %d)")
         try:
             return format(value, spec) if spec else str(value)
         except (ValueError, TypeError) as e:

@@ -500,6 +500,13 @@ def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
     return True
 
 
+def refuse_empty_root(root: str, option: str = "--output") -> None:
+    """An empty artifact root (``-o "$OUT"`` with OUT unset) wrote runs into the working directory."""
+    if not str(root).strip():
+        raise ConfigError(f"{option} is empty (an unset variable?): give a folder or s3://bucket/prefix, or leave "
+                          f"it out for $AEFLOW_OUTPUT, else ./artifacts")
+
+
 def shown_uri(uri: str) -> str:
     """A URI as messages show it: a local path absolute (against this process's working directory), as the
     messages about one of its files show that file; an object store's URI as given."""
@@ -1148,6 +1155,7 @@ class ArtifactStore:
     """Runs under one root (local folder or ``s3://bucket/prefix``)."""
 
     def __init__(self, root: str = DEFAULT_OUTPUT) -> None:
+        refuse_empty_root(root)
         self.root_uri = root
         self.fs, path = url_to_fs(root)
         self.root = os.path.abspath(path) if is_local(self.fs) else path.rstrip("/")

@@ -41,7 +41,7 @@ from models.training import (
     select_device,
 )
 from tasks.config import TrainConfig
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, TrainingDiverged
 from tasks.storage import CHECKPOINT_DIR, CheckpointError, RunDir
 
 log = logging.getLogger("aeflow.train")
@@ -293,6 +293,9 @@ def train_model(
                 on_batch=on_batch,
                 on_checkpoint=on_checkpoint if run is not None else None,
             )
+    except FloatingPointError as e:  # models.training.fit's divergence (pure torch: no aeflow errors there)
+        raise TrainingDiverged(f"{label}: training diverged: {e} (train.lr = {cfg.lr:g}: e.g. --lr {cfg.lr / 10:g})") \
+            from None
     finally:
         torch.set_num_threads(threads)
     ui.update(100.0)

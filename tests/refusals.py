@@ -42,6 +42,7 @@ MODULES = (
     "tests.cli.test_walkthrough12",
     "tests.cli.test_walkthrough12_concurrency",
     "tests.tasks.test_float_ids",
+    "tests.tasks.test_config_messages",
 )
 KINDS = ("configuration", "table", "images", "codec files", "model", "storage")
 EXIT_MEANING = {2: "invalid configuration", 3: "invalid input data", 4: "storage", 5: "does not fit the model"}

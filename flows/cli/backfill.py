@@ -73,7 +73,7 @@ def backfill(
     )
     from tasks.apps import get_app
     from tasks.config import resolve_config
-    from tasks.schedule import date_range, has_template, parse_date
+    from tasks.schedule import date_range, has_template, parse_date, render
 
     try:
         application = get_app(app_name)  # an unknown APP: ConfigError, exit 2 (as `aeflow run nope`)
@@ -92,6 +92,8 @@ def backfill(
             raise ConfigError(
                 f"--input-template {input_template!r} has no date field such as {{date}}: every date would read "
                 "the same data")
+        if input_template is not None:
+            render(input_template, dates[0])  # a bad format (%Q) refused here, not by every date in turn
         options: dict[str, Any] = {"output": output, "load.label_column": label_column, "load.id_column": id_column,
                                    "dask_address": dask_address, "run_id": run_id}
         if input_template is not None:
@@ -107,6 +109,7 @@ def backfill(
                 raise ConfigError(
                     "--input-template is required (unless --via-deployment, or --config/--set give "
                     f"{'load.apply_to' if cfg.model_run else 'load.input'} with a date field such as {{date}})")
+            render(data, dates[0])
         if cfg.run_id and len(dates) > 1:
             # every date's run would take that one folder: the second date failed ("already exists and is
             # complete") and so did every rerun that "redoes only the dates that failed"

@@ -60,7 +60,8 @@ _FIXED = (
     ("quiet", bool, False, typer.Option("--quiet", "-q", help="Only warnings and the result.")),
     ("show_config", bool, False,
      typer.Option("--show-config", help="Print the resolved configuration (every key --set and --config take, its value "
-                  "and what it means) as YAML, usable as a --config file, and exit without running.")),
+                  "and what it means) as YAML, usable as a --config file, and exit without running; with --json, as one "
+                  "JSON object (also a --config file).")),
 )
 
 
@@ -126,7 +127,13 @@ def make_command(group: typer.Typer, application: Any) -> None:
 
             # the output and scheduler the run would use ($AEFLOW_OUTPUT, $AEFLOW_DASK_ADDRESS): fed back with
             # --config, a printed default ./artifacts would count as given and send the run past $AEFLOW_OUTPUT
-            sys.stdout.write(annotated_yaml(with_environment_defaults(cfg)))
+            shown = with_environment_defaults(cfg)
+            if kwargs.get("as_json"):  # --json's one JSON object (YAML was printed: a script's json.load failed)
+                import json
+
+                sys.stdout.write(json.dumps(shown.model_dump(mode="json", exclude={"app_name"}), indent=2) + "\n")
+                return
+            sys.stdout.write(annotated_yaml(shown))
             return
         quiet_prefect(kwargs.get("quiet") or kwargs.get("as_json"))
         with sigterm_as_interrupt():  # `kill`, systemd, a container's stop: as Ctrl-C, exit 143

@@ -47,6 +47,7 @@ def runs_list(
         ArtifactStore,
         bucket_exists,
         is_local,
+        refuse_empty_root,
         storage_op,
         url_to_fs,
     )
@@ -54,9 +55,13 @@ def runs_list(
     try:
         if app_name is not None and app_name not in (apps := load_all()):
             raise ConfigError(f"--app {app_name!r} is no application; one of: {', '.join(sorted(apps))}")
+        refuse_empty_root(output)
         fs, path = url_to_fs(output)
         if is_local(fs) and not fs.exists(path):
             raise StorageError(f"no artifact root at {output} (nothing has run there); --output names one")
+        if is_local(fs) and not fs.isdir(path):
+            raise StorageError(f"{output} is a file, not an artifact root (a folder that runs write to); --output "
+                               "names one")
         if not is_local(fs):
             bucket = path.split("/")[0]
             with storage_op("list", output):
@@ -113,8 +118,8 @@ def _data_of(m) -> str:
 
 
 def _print_incomplete(runs: list[dict], output: str, app_name: str | None, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(runs))
+    if as_json:  # with the table's state (it was only "running": null for an interrupted run)
+        print(json.dumps([{**r, "state": "running" if r["running"] else "interrupted"} for r in runs]))
         return
     if not runs:
         out.print(f"no incomplete runs under {output}" + (f" for {app_name}" if app_name else ""))

@@ -262,7 +262,8 @@ def test_runs_list_incomplete_shows_interrupted_and_running_runs(tmp_path, monke
     rows = {r["run_id"]: r for r in json.loads(res.stdout)}
     assert set(rows) == {interrupted.run_id, running.run_id}
     assert rows[interrupted.run_id]["checkpoint"] == {"epoch": 3, "step": 120, "finished": False}
-    assert rows[interrupted.run_id]["running"] is None
+    assert rows[interrupted.run_id]["running"] is None and rows[interrupted.run_id]["state"] == "interrupted"
+    assert rows[running.run_id]["state"] == "running", "the table's state, in the JSON too"
     assert rows[running.run_id]["checkpoint"] is None and other_owner.claim_holder() is not None
     assert rows[running.run_id]["running"]["pid"] == os.getpid(), "claimed by a live process: running"
     import io
@@ -283,3 +284,24 @@ def test_runs_list_incomplete_shows_interrupted_and_running_runs(tmp_path, monke
     running.release()
     only = runner.invoke(app, ["runs", "list", "-o", out, "--incomplete", "--app", "reduce", "--json"])
     assert [r["run_id"] for r in json.loads(only.stdout)] == [interrupted.run_id]
+
+
+def test_show_config_with_json_is_one_json_object_and_a_config_file(tmp_path, monkeypatch):
+    """`--show-config --json` printed YAML (a script's json.load failed)."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["run", "reduce", "-i", "x.csv", "--epochs", "3", "--show-config", "--json"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout)
+    assert shown["train"]["epochs"] == 3 and shown["load"]["input"] == "x.csv" and "app_name" not in shown
+    (tmp_path / "c.json").write_text(res.stdout)
+    again = runner.invoke(app, ["run", "reduce", "--config", "c.json", "--show-config", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout) == shown, again.output
+
+
+def test_runs_list_refuses_an_empty_output_and_a_file(tmp_path):
+    """`runs list -o ''` listed the working directory and `-o file.csv` said "no complete runs", exit 0."""
+    (tmp_path / "w.csv").write_text("a\n1\n")
+    res = runner.invoke(app, ["runs", "list", "-o", ""])
+    assert res.exit_code == 2 and "--output is empty (an unset variable?)" in res.stderr, res.output
+    res = runner.invoke(app, ["runs", "list", "-o", str(tmp_path / "w.csv")])
+    assert res.exit_code == 4 and "is a file, not an artifact root" in res.stderr, res.output

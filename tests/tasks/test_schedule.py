@@ -32,6 +32,14 @@ def test_render(template, expected):
     assert render(template, DAY) == expected
 
 
+def test_render_refuses_a_format_that_is_no_strftime_directive():
+    """The C library writes an unknown %Q as it is: a backfill of data/{date:%Q}/*.csv read the same literal
+    path on every date (each failed "matches no file"), where a template without a date field is refused."""
+    assert render("d/{date:%-d.%m.%Y}/{yesterday:%A %j %%}", DAY) == "d/1.11.2026/Saturday 304 %"
+    with pytest.raises(ConfigError, match=r"bad format '\{date:%Q\}': %Q is no strftime directive"):
+        render("data/{date:%Q}/*.csv", DAY)
+
+
 def test_has_template():
     assert has_template("x/{date}") and has_template("x/{yesterday:%Y}")
     assert not has_template("x/{other}/y.csv")
